@@ -1,0 +1,69 @@
+//! Two classes of error (STYLE.md §4): *fatal* stops the daemon or the command (bad config,
+//! unwritable output, internal failure); *bad input* skips one checkpoint (truncated, bad header,
+//! shape mismatch, NaN...). Every error names the file it is about.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint (or other input file) is unusable. The daemon quarantines it; the CLI exits 2.
+    #[error("{}: {msg}", path.display())]
+    BadInput { path: PathBuf, msg: String },
+    /// The command line is wrong. Exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// The configuration file is wrong. Exit 78 (EX_CONFIG).
+    #[error("{}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    /// An I/O failure on a path we own (output dir, state files). Fatal, exit 1.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else that is our fault or the environment's. Exit 1.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn bad_input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::BadInput { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    pub fn config(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Config { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+
+    /// True for errors about one input: skip (quarantine) it and keep running.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Error::BadInput { .. })
+    }
+
+    /// Process exit code for the CLI: 2 bad input or usage, 78 config, 1 internal.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::BadInput { .. } | Error::Usage(_) => 2,
+            Error::Config { .. } => 78,
+            Error::Io { .. } | Error::Internal(_) => 1,
+        }
+    }
+}
+
+/// Attach a path to I/O results: `fs::read(p).with_path(p)?`.
+pub trait WithPath<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> WithPath<T> for std::io::Result<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,14 @@
+//! sewa — Selective Weight Averaging beside a training job.
+//!
+//! The data path, in reading order: `watch` → `window` → `select` → `average` → `publish`.
+//! `checkpoint` owns file formats; `objective` owns the differentiable loss used by selectors.
+#![deny(unsafe_code)]
+
+pub mod average;
+pub mod checkpoint;
+pub mod error;
+pub mod objective;
+pub mod publish;
+pub mod select;
+
+pub use error::{Error, Result};
