@@ -6,9 +6,11 @@
 
 pub mod average;
 pub mod checkpoint;
+pub mod demo;
 pub mod error;
 pub mod objective;
 pub mod publish;
+pub mod report;
 pub mod select;
 
 pub use error::{Error, Result};

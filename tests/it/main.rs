@@ -1,0 +1,3 @@
+//! One integration-test target; topic modules below.
+mod objective;
+mod sewa;
