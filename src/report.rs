@@ -82,11 +82,16 @@ pub fn draw(w: &Window, out: &Path) -> Result<()> {
     let root = SVGBackend::new(out, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(out, e))?;
     let (top, bottom) = root.split_vertically(280);
-    let probs = w.probabilities.clone().unwrap_or_else(|| {
-        w.chosen.iter().map(|c| if *c { 1.0 } else { 0.0 }).collect()
-    });
+    let probs = w
+        .probabilities
+        .clone()
+        .unwrap_or_else(|| w.chosen.iter().map(|c| if *c { 1.0 } else { 0.0 }).collect());
     let title = match w.loss {
-        Some(l) => format!("{}: chosen {} of {n}, loss {l:.4}", w.method, w.chosen.iter().filter(|c| **c).count()),
+        Some(l) => format!(
+            "{}: chosen {} of {n}, loss {l:.4}",
+            w.method,
+            w.chosen.iter().filter(|c| **c).count()
+        ),
         None => format!("{}: window of {n}", w.method),
     };
     let mut chart = ChartBuilder::on(&top)

@@ -56,9 +56,15 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
     let spec = task::TaskSpec { seed: args.seed, ..Default::default() };
     let data = spec.generate();
     let sel_path = dir.join("selection.safetensors");
-    write_dataset(&sel_path, &data.selection.x, spec.features, Targets::Classes(&data.selection.y))?;
+    write_dataset(
+        &sel_path,
+        &data.selection.x,
+        spec.features,
+        Targets::Classes(&data.selection.y),
+    )?;
     let t0 = Instant::now();
-    let written = spec.train(&data, &ckpt_dir, |p| tracing::debug!(path = %p.display(), "saved"))?;
+    let written =
+        spec.train(&data, &ckpt_dir, |p| tracing::debug!(path = %p.display(), "saved"))?;
     eprintln!(
         "trained {} steps, wrote {} checkpoints to {} in {:.1}s",
         spec.steps,
@@ -86,7 +92,8 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
     let published = table::publish_sewa(&members, &sewa, &dir)?;
     println!("published SeWA average: {}", published.display());
     if let Some(p) = &args.json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::Internal(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(p, text).with_path(p)?;
     }
     Ok(rows)

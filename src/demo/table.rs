@@ -83,7 +83,15 @@ pub fn rows(
         let (loss, acc) = scorer.score(&blend, obj, &w)?;
         let steps = steps(members, &w);
         let size = steps.len() as f64;
-        rows.push(Row { method: name, size, steps, heldout_loss: loss, test_accuracy: acc, wall_seconds: 0.0, oracle_calls: 0.0 });
+        rows.push(Row {
+            method: name,
+            size,
+            steps,
+            heldout_loss: loss,
+            test_accuracy: acc,
+            wall_seconds: 0.0,
+            oracle_calls: 0.0,
+        });
     }
     rows.push(random_mean(members, obj, scorer, k, cfg, &blend)?);
     let mut sewa = None;
@@ -153,7 +161,8 @@ pub fn render(rows: &[Row], window: usize, k: usize) -> String {
     );
     for r in rows {
         let steps: Vec<String> = r.steps.iter().map(|s| s.to_string()).collect();
-        let steps = if steps.len() > 8 { format!("{} steps", steps.len()) } else { steps.join(",") };
+        let steps =
+            if steps.len() > 8 { format!("{} steps", steps.len()) } else { steps.join(",") };
         s.push_str(&format!(
             "{:<22} {:>5} {:>13.5} {:>8.2}% {:>10.3} {:>8}  {}\n",
             r.method,

@@ -94,7 +94,12 @@ impl TaskSpec {
 
     /// Train on `task.train`, writing `step_NNNNNN.safetensors` into `dir` every `save_every`
     /// steps. `on_save` sees each written path (the demo logs progress with it).
-    pub fn train(&self, task: &Task, dir: &Path, mut on_save: impl FnMut(&Path)) -> Result<Vec<PathBuf>> {
+    pub fn train(
+        &self,
+        task: &Task,
+        dir: &Path,
+        mut on_save: impl FnMut(&Path),
+    ) -> Result<Vec<PathBuf>> {
         let c = |e: candle_core::Error| Error::Internal(format!("demo training: {e}"));
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed);
@@ -115,6 +120,7 @@ impl TaskSpec {
             })
             .collect::<candle_core::Result<Vec<Var>>>()
             .map_err(c)?;
+        let names: Vec<&str> = shapes.iter().map(|s| s.0).collect();
         let n = task.train.y.len();
         let x = Tensor::from_slice(&task.train.x, (n, self.features), &dev).map_err(c)?;
         let y: Vec<u32> = task.train.y.iter().map(|v| *v as u32).collect();
@@ -130,7 +136,7 @@ impl TaskSpec {
             opt.backward_step(&loss).map_err(c)?;
             if step % self.save_every == 0 {
                 let path = dir.join(format!("step_{step:06}.safetensors"));
-                save(&path, step, &shapes.map(|s| s.0), &vars)?;
+                save(&path, step, &names, &vars)?;
                 on_save(&path);
                 written.push(path);
             }

@@ -35,7 +35,8 @@ impl Dataset {
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::bad_input(path, format!("not a safetensors file: {e}")))?;
         let bad = |msg: String| Error::bad_input(path, msg);
-        let x = st.tensor("inputs").map_err(|_| bad("missing tensor `inputs` (f32 [N, D])".into()))?;
+        let x =
+            st.tensor("inputs").map_err(|_| bad("missing tensor `inputs` (f32 [N, D])".into()))?;
         if x.dtype() != Dtype::F32 || x.shape().len() != 2 {
             return Err(bad(format!(
                 "`inputs` must be f32 [N, D], found {:?} {:?}",
@@ -131,7 +132,9 @@ pub fn write_dataset(path: &Path, inputs: &[f32], features: usize, targets: Targ
     let rows = inputs.len() / features.max(1);
     let x: Vec<u8> = inputs.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (t, dtype, shape): (Vec<u8>, Dtype, Vec<usize>) = match targets {
-        Targets::Classes(c) => (c.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::I64, vec![rows]),
+        Targets::Classes(c) => {
+            (c.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::I64, vec![rows])
+        }
         Targets::Values(v, cols) => {
             (v.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32, vec![rows, cols])
         }

@@ -127,7 +127,12 @@ pub struct MlpObjective {
 }
 
 impl MlpObjective {
-    pub fn new(data: Dataset, activation: Activation, loss: LossKind, batch: Option<usize>) -> Self {
+    pub fn new(
+        data: Dataset,
+        activation: Activation,
+        loss: LossKind,
+        batch: Option<usize>,
+    ) -> Self {
         let batch = batch.unwrap_or(usize::MAX).min(data.rows()).max(1);
         MlpObjective { data, activation, loss, batch, device: Device::Cpu }
     }
@@ -169,7 +174,13 @@ impl MlpObjective {
     }
 
     /// Forward pass over rows `[start, start+len)`; returns the chunk's mean loss.
-    fn chunk_loss(&self, ws: &[Tensor], layers: &[Layer], start: usize, len: usize) -> Result<Tensor> {
+    fn chunk_loss(
+        &self,
+        ws: &[Tensor],
+        layers: &[Layer],
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
         let c = |e: candle_core::Error| Error::Internal(format!("candle: {e}"));
         let x = self.data.inputs.narrow(0, start, len).map_err(c)?;
         let x = forward(ws, layers, self.activation, &x).map_err(c)?;

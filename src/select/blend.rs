@@ -20,7 +20,8 @@ impl<'a> Blend<'a> {
         let layout: Vec<TensorMeta> =
             first.tensors().iter().filter(|t| t.dtype.is_float()).cloned().collect();
         for m in &members[1..] {
-            let other: Vec<&TensorMeta> = m.tensors().iter().filter(|t| t.dtype.is_float()).collect();
+            let other: Vec<&TensorMeta> =
+                m.tensors().iter().filter(|t| t.dtype.is_float()).collect();
             let same = other.len() == layout.len()
                 && other.iter().zip(&layout).all(|(a, b)| a.name == b.name && a.shape == b.shape);
             if !same {
@@ -131,7 +132,8 @@ mod tests {
 
     fn ck(name: &str, vals: &[f32]) -> Checkpoint {
         let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let bf: Vec<u8> = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let bf: Vec<u8> =
+            vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
         let int = vec![7u8; 8];
         Checkpoint::from_memory(
             name,

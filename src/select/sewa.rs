@@ -136,10 +136,8 @@ fn initial_theta(keys: &[String], k: usize, warm: Option<&SewaState>) -> (Vec<f6
     let n = keys.len();
     let flat = ((k as f64 / n as f64) / (1.0 - k as f64 / n as f64)).ln();
     let Some(w) = warm else { return (vec![flat; n], false) };
-    let old: Vec<Option<f64>> = keys
-        .iter()
-        .map(|key| w.keys.iter().position(|o| o == key).map(|j| w.theta[j]))
-        .collect();
+    let old: Vec<Option<f64>> =
+        keys.iter().map(|key| w.keys.iter().position(|o| o == key).map(|j| w.theta[j])).collect();
     let kept: Vec<f64> = old.iter().flatten().copied().collect();
     if kept.is_empty() {
         return (vec![flat; n], false);
@@ -270,7 +268,13 @@ pub fn run(
         )));
     }
     let (mut theta, is_warm) = initial_theta(keys, k, warm);
-    let iters = if k >= n { 0 } else if is_warm { cfg.warm_iterations } else { cfg.iterations };
+    let iters = if k >= n {
+        0
+    } else if is_warm {
+        cfg.warm_iterations
+    } else {
+        cfg.iterations
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut adam = Adam::new(n, cfg.lr);
     let mut trace = Vec::with_capacity(iters);
@@ -316,8 +320,12 @@ fn polish(
     cfg: &SewaConfig,
     use_grad: bool,
 ) -> Result<(Vec<usize>, f64, f64, usize)> {
-    let mut eval = |o: &mut Oracle, s: &[usize]| -> Result<(f64, Vec<f64>)> {
-        if use_grad { o.subset_with_mask_grad(s) } else { Ok((o.subset(s)?, probs.iter().map(|p| -p).collect())) }
+    let eval = |o: &mut Oracle, s: &[usize]| -> Result<(f64, Vec<f64>)> {
+        if use_grad {
+            o.subset_with_mask_grad(s)
+        } else {
+            Ok((o.subset(s)?, probs.iter().map(|p| -p).collect()))
+        }
     };
     let (mut loss, mut score) = eval(oracle, &set)?;
     let start_loss = loss;
@@ -334,7 +342,8 @@ fn polish(
         pairs.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
         let mut moved = false;
         for &(_, out, inn) in pairs.iter().take(cfg.polish_tries) {
-            let mut cand: Vec<usize> = set.iter().map(|&i| if i == out { inn } else { i }).collect();
+            let mut cand: Vec<usize> =
+                set.iter().map(|&i| if i == out { inn } else { i }).collect();
             cand.sort_unstable();
             let (l, sc) = eval(oracle, &cand)?;
             if l < loss {
@@ -363,7 +372,10 @@ mod tests {
 
     #[test]
     fn warm_start_keeps_survivors_and_seeds_newcomers_at_mean() {
-        let old = SewaState { keys: vec!["a".into(), "b".into(), "c".into()], theta: vec![2.0, -2.0, 0.0] };
+        let old = SewaState {
+            keys: vec!["a".into(), "b".into(), "c".into()],
+            theta: vec![2.0, -2.0, 0.0],
+        };
         let keys: Vec<String> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
         let (th, warm) = initial_theta(&keys, 1, Some(&old));
         assert!(warm);

@@ -5,9 +5,14 @@ use std::path::Path;
 
 use sewa::checkpoint::{Checkpoint, DType};
 use sewa::objective::data::{Targets, write_dataset};
-use sewa::objective::{Activation, LossKind, NamedTensor, Objective, ObjectiveConfig, Params};
+use sewa::objective::{Activation, LossKind, NamedTensor, ObjectiveConfig, Params};
 
-fn cfg(data: &Path, activation: Activation, loss: LossKind, batch: Option<usize>) -> ObjectiveConfig {
+fn cfg(
+    data: &Path,
+    activation: Activation,
+    loss: LossKind,
+    batch: Option<usize>,
+) -> ObjectiveConfig {
     ObjectiveConfig {
         kind: Default::default(),
         model: Default::default(),
@@ -19,7 +24,7 @@ fn cfg(data: &Path, activation: Activation, loss: LossKind, batch: Option<usize>
 }
 
 fn wave(n: usize, phase: f32) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 * 0.7 + phase).sin() * 0.8)).collect()
+    (0..n).map(|i| (i as f32 * 0.7 + phase).sin() * 0.8).collect()
 }
 
 /// A 3 → 4 → 3 MLP named as nn.Sequential saves it.
@@ -48,7 +53,8 @@ fn classification_data(dir: &Path, rows: usize, classes: i64) -> std::path::Path
 fn zero_weights_give_log_of_class_count() {
     let dir = tempfile::tempdir().unwrap();
     let data = classification_data(dir.path(), 10, 3);
-    let mut obj = cfg(&data, Activation::Relu, LossKind::CrossEntropy, None).build(dir.path()).unwrap();
+    let mut obj =
+        cfg(&data, Activation::Relu, LossKind::CrossEntropy, None).build(dir.path()).unwrap();
     let mut p = mlp_params(0.0);
     p.iter_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x = 0.0));
     let ev = obj.evaluate(&p, false).unwrap();
@@ -60,14 +66,16 @@ fn zero_weights_give_log_of_class_count() {
 fn mlp_gradient_matches_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
     let data = classification_data(dir.path(), 16, 3);
-    for (act, loss) in [
-        (Activation::Tanh, LossKind::CrossEntropy),
-        (Activation::Gelu, LossKind::CrossEntropy),
-    ] {
+    for (act, loss) in
+        [(Activation::Tanh, LossKind::CrossEntropy), (Activation::Gelu, LossKind::CrossEntropy)]
+    {
         let mut obj = cfg(&data, act, loss, None).build(dir.path()).unwrap();
         let p = mlp_params(0.5);
         let g = obj.evaluate(&p, true).unwrap().grad.unwrap();
-        assert_eq!(g.iter().map(|t| &t.name).collect::<Vec<_>>(), p.iter().map(|t| &t.name).collect::<Vec<_>>());
+        assert_eq!(
+            g.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            p.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
         let eps = 1e-2f32;
         for (ti, t) in p.iter().enumerate() {
             for j in 0..t.data.len() {
@@ -79,7 +87,11 @@ fn mlp_gradient_matches_finite_differences() {
                     - obj.evaluate(&dn, false).unwrap().loss)
                     / (2.0 * eps as f64);
                 let an = g[ti].data[j] as f64;
-                assert!((fd - an).abs() < 2e-3 + 2e-2 * an.abs(), "{act:?} {}[{j}]: {an} vs {fd}", t.name);
+                assert!(
+                    (fd - an).abs() < 2e-3 + 2e-2 * an.abs(),
+                    "{act:?} {}[{j}]: {an} vs {fd}",
+                    t.name
+                );
             }
         }
     }
@@ -94,7 +106,8 @@ fn chunked_batches_give_the_full_loss_and_gradient() {
     write_dataset(&path, &x, 3, Targets::Values(&y, 3)).unwrap();
     let p = mlp_params(0.2);
     let mut full = cfg(&path, Activation::Relu, LossKind::Mse, None).build(dir.path()).unwrap();
-    let mut chunked = cfg(&path, Activation::Relu, LossKind::Mse, Some(5)).build(dir.path()).unwrap();
+    let mut chunked =
+        cfg(&path, Activation::Relu, LossKind::Mse, Some(5)).build(dir.path()).unwrap();
     let (a, b) = (full.evaluate(&p, true).unwrap(), chunked.evaluate(&p, true).unwrap());
     assert!((a.loss - b.loss).abs() < 1e-6, "{} vs {}", a.loss, b.loss);
     for (ga, gb) in a.grad.unwrap().iter().zip(b.grad.unwrap().iter()) {
@@ -133,7 +146,8 @@ fn mismatches_are_named() {
     assert!(e.contains("5 inputs") && e.contains("3 features"), "{e}");
 
     let data4 = classification_data(&dir.path().join("."), 10, 4);
-    let obj4 = cfg(&data4, Activation::Relu, LossKind::CrossEntropy, None).build(dir.path()).unwrap();
+    let obj4 =
+        cfg(&data4, Activation::Relu, LossKind::CrossEntropy, None).build(dir.path()).unwrap();
     let e = obj4.check(&checkpoint("ck-8.safetensors", &mlp_params(0.0))).unwrap_err().to_string();
     assert!(e.contains("class id 3") && e.contains("3 outputs"), "{e}");
 }

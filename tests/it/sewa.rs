@@ -104,12 +104,19 @@ fn mask_gradient_matches_finite_differences_in_f64() {
     // Slow twin: form w(m) in f64 straight from the members' values, difference centrally.
     let ws: Vec<Vec<f64>> = members
         .iter()
-        .map(|c| c.data("w").unwrap().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect())
+        .map(|c| {
+            c.data("w")
+                .unwrap()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect()
+        })
         .collect();
     let f = |m: &[f64]| {
         let s: f64 = m.iter().sum();
-        let w: Vec<f64> =
-            (0..40).map(|j| m.iter().zip(&ws).map(|(mi, wi)| mi * wi[j]).sum::<f64>() / s).collect();
+        let w: Vec<f64> = (0..40)
+            .map(|j| m.iter().zip(&ws).map(|(mi, wi)| mi * wi[j]).sum::<f64>() / s)
+            .collect();
         quad.f64(&w)
     };
     for i in 0..m.len() {
@@ -183,7 +190,12 @@ fn warm_start_uses_under_30_percent_of_cold_oracle_calls() {
     let (warm, _) = run_model_based("sewa", 4, &second, &mut quad, &cfg, state.as_ref()).unwrap();
     let calls = |s: &sewa::select::Selection| s.details["oracle_calls"].as_u64().unwrap();
     assert_eq!(warm.details["warm"], true);
-    assert!(calls(&warm) * 10 <= calls(&cold) * 3, "warm {} vs cold {}", calls(&warm), calls(&cold));
+    assert!(
+        calls(&warm) * 10 <= calls(&cold) * 3,
+        "warm {} vs cold {}",
+        calls(&warm),
+        calls(&cold)
+    );
     assert_eq!(warm.members(), cold.members(), "warm {} / cold {}", warm.why, cold.why);
 }
 
