@@ -1,0 +1,3 @@
+//! One integration-test target; each topic lives in its own module.
+
+mod checkpoint;
