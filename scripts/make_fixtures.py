@@ -7,6 +7,7 @@ written here from the same tensors.
 
 Files:
   state_dict.pt          torch.save(state_dict) — zip format, pickle protocol 2 (torch's default)
+  state_dict_p4.pt       the same with pickle_protocol=4 (FRAME, MEMOIZE, SHORT_BINUNICODE...)
   state_dict.safetensors the same tensors, made contiguous and untied (safetensors requires it)
   lightning.ckpt         a Lightning-style checkpoint: state_dict plus optimizer_states, loops,
                          callbacks, hyper_parameters (an AttributeDict), epoch, global_step, ...
@@ -112,6 +113,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     sd = state_dict()
     torch.save(sd, os.path.join(OUT, "state_dict.pt"))
+    torch.save(sd, os.path.join(OUT, "state_dict_p4.pt"), pickle_protocol=4)
     save_file(untied_contiguous(sd), os.path.join(OUT, "state_dict.safetensors"))
     torch.save(lightning_ckpt(sd), os.path.join(OUT, "lightning.ckpt"))
     small = {"fc1.weight": sd["fc1.weight"], "fc1.bias": sd["fc1.bias"]}

@@ -11,6 +11,7 @@ mod names;
 mod pickle;
 mod safetensors;
 mod sharded;
+mod unpickle;
 mod validate;
 
 use std::borrow::Cow;

@@ -1,6 +1,6 @@
 //! torch zip pickles (`torch.save`: `.pt`, `.pth`, `.bin`) and Lightning `.ckpt` files. The
-//! pickle is decoded by `candle_core::pickle` into plain objects — no Python code runs, so
-//! untrusted files are safe — and we walk those objects ourselves to index each tensor's
+//! pickle is decoded by our own `unpickle` into plain values — no Python code runs, so
+//! untrusted files are safe — and we walk those values to index each tensor's
 //! storage entry, dtype, offset, shape and strides (with errors naming the tensor). Tensor
 //! bytes are read on demand from the zip with positioned reads on the file opened at open
 //! time (never mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
@@ -11,9 +11,8 @@ use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::{Object, Stack};
-
 use super::identity::Identity;
+use super::unpickle::{self, Id, Pickle, Value};
 use super::{DType, Format, InputIo, Loaded, Storage, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -157,14 +156,15 @@ pub(crate) fn open(path: &Path) -> Result<Loaded> {
     let pkl = find_pickle(path, &zip)?;
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
     check_byteorder(path, &mut zip, &prefix)?;
-    let root = decode_pickle(path, &mut zip, &pkl)?;
-    let (dict, format, metadata) = state_dict(path, root)?;
+    let pk = decode_pickle(path, &mut zip, &pkl)?;
+    let (dict, format, metadata) = state_dict(path, &pk)?;
     let entries = entry_offsets(path, &mut zip, &prefix)?;
     let mut metas = Vec::new();
     let mut tensors = HashMap::new();
     for (key, value) in dict {
-        let Object::Unicode(name) = key else { continue };
-        let Some(raw) = rebuild_args(path, &name, value)? else { continue };
+        let Some(name) = pk.str(key) else { continue };
+        let name = name.to_string();
+        let Some(raw) = tensor_of(path, &pk, &name, value)? else { continue };
         let t = locate(path, &name, raw, &entries)?;
         metas.push(TensorMeta { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() });
         tensors.insert(name, t);
@@ -213,11 +213,9 @@ fn check_byteorder(path: &Path, zip: &mut Zip, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Object> {
+fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Pickle> {
     let bytes = read_entry(path, zip, pkl)?;
-    let mut stack = Stack::empty();
-    let mut cursor = std::io::Cursor::new(bytes);
-    stack.read_loop(&mut cursor).and_then(|_| stack.finalize()).map_err(|e| {
+    unpickle::load(&bytes).map_err(|e| {
         Error::bad_input(path, format!("cannot decode the pickle in {pkl}: {e}; {RESAVE}"))
     })
 }
@@ -226,88 +224,80 @@ fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Object> {
 /// most training loops: `state_dict`; DeepSpeed: `module`).
 const NESTED_KEYS: &[&str] = &["state_dict", "model_state_dict", "model", "module"];
 
-type Items = Vec<(Object, Object)>;
+type Items = Vec<(Id, Id)>;
 
 /// The dict of tensors: the top-level dict, or a nested state dict (see `NESTED_KEYS`).
 /// Also returns the top level's scalar entries (`epoch`, `global_step`, ...) as metadata.
-fn state_dict(path: &Path, root: Object) -> Result<(Items, Format, BTreeMap<String, String>)> {
-    let Object::Dict(items) = root else {
-        return Err(Error::bad_input(
+fn state_dict(path: &Path, pk: &Pickle) -> Result<(Items, Format, BTreeMap<String, String>)> {
+    let items = pk.dict_items(pk.root).ok_or_else(|| {
+        Error::bad_input(
             path,
             "the pickle's top-level object is not a dict of tensors (a pickled nn.Module or \
              TorchScript archive?): save model.state_dict() instead",
-        ));
-    };
-    let mut nested: BTreeMap<usize, Items> = BTreeMap::new();
+        )
+    })?;
+    let mut nested: BTreeMap<usize, Id> = BTreeMap::new();
     let mut metadata = BTreeMap::new();
     let mut lightning = path.extension().is_some_and(|e| e == "ckpt");
-    let mut rest = Vec::new();
-    for (k, v) in items {
-        let Object::Unicode(key) = &k else {
-            rest.push((k, v));
-            continue;
-        };
-        let key = key.clone();
-        match (NESTED_KEYS.iter().position(|n| *n == key), v) {
-            (Some(rank), Object::Dict(d)) => {
-                nested.insert(rank, d);
+    for &(k, v) in items {
+        let Some(key) = pk.str(k) else { continue };
+        match NESTED_KEYS.iter().position(|n| *n == key) {
+            Some(rank) if pk.dict_items(v).is_some() => {
+                nested.insert(rank, v);
             }
-            (_, v) => {
+            _ => {
                 lightning |= key == "pytorch-lightning_version";
-                if let Some(text) = scalar_text(&v) {
-                    metadata.insert(key, text);
+                if let Some(text) = scalar_text(pk.get(v)) {
+                    metadata.insert(key.to_string(), text);
                 }
-                rest.push((k, v));
             }
         }
     }
-    match nested.into_iter().next() {
-        Some((_, d)) => {
+    match nested.into_values().next() {
+        Some(d) => {
             let format = if lightning { Format::Lightning } else { Format::TorchZip };
-            Ok((d, format, metadata))
+            Ok((pk.dict_items(d).unwrap_or_default().to_vec(), format, metadata))
         }
-        None => Ok((rest, Format::TorchZip, BTreeMap::new())),
+        None => Ok((items.to_vec(), Format::TorchZip, BTreeMap::new())),
     }
 }
 
-fn scalar_text(v: &Object) -> Option<String> {
+fn scalar_text(v: &Value) -> Option<String> {
     match v {
-        Object::Int(i) => Some(i.to_string()),
-        Object::Long(i) => Some(i.to_string()),
-        Object::Float(f) => Some(f.to_string()),
-        Object::Unicode(s) => Some(s.clone()),
-        Object::Bool(b) => Some(b.to_string()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Str(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
 }
 
-/// `_rebuild_tensor_v2(storage, offset, size, stride, ...)` arguments of a tensor value,
-/// unwrapping parameters; `None` for values that are not tensors (`_metadata`, extra state).
-fn rebuild_args(path: &Path, name: &str, value: Object) -> Result<Option<RawTensor>> {
-    let Object::Reduce { callable, args } = value else { return Ok(None) };
-    let Object::Class { module_name, class_name } = *callable else { return Ok(None) };
+/// The tensor a state-dict value describes, or `None` for values that are not tensors
+/// (`_metadata`, extra state). Errors for tensor kinds we cannot read.
+fn tensor_of(path: &Path, pk: &Pickle, name: &str, value: Id) -> Result<Option<RawTensor>> {
+    match pk.get(value) {
+        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args),
+        _ => Ok(None),
+    }
+}
+
+/// Interpret `func(*args)` when `func` is one of torch's tensor rebuild functions, unwrapping
+/// parameters and tensor subclasses down to `_rebuild_tensor_v2(storage, offset, size, stride)`.
+fn rebuild(path: &Path, pk: &Pickle, name: &str, func: Id, args: Id) -> Result<Option<RawTensor>> {
+    let Some((module, fname)) = pk.global(func) else { return Ok(None) };
     let bad = |what: String| Error::bad_input(path, format!("tensor {name}: {what}"));
-    match (module_name.as_str(), class_name.as_str()) {
-        ("torch._utils", "_rebuild_tensor_v2") => parse_rebuild(*args).map(Some).map_err(bad),
-        ("torch._utils", "_rebuild_parameter")
-        | ("torch._utils", "_rebuild_parameter_with_state") => {
-            let Object::Tuple(mut a) = *args else { return Err(bad("malformed parameter".into())) };
-            if a.is_empty() {
-                return Err(bad("malformed parameter".into()));
-            }
-            rebuild_args(path, name, a.remove(0))
-        }
-        ("torch._tensor", "_rebuild_from_type_v2") => {
-            let Object::Tuple(mut a) = *args else { return Err(bad("malformed tensor".into())) };
-            if a.len() < 3 {
-                return Err(bad("malformed tensor subclass".into()));
-            }
-            // (function, type, args, state): rebuild with `function(*args)`.
-            let func = a.remove(0);
-            let func_args = a.remove(1);
-            let inner = Object::Reduce { callable: Box::new(func), args: Box::new(func_args) };
-            rebuild_args(path, name, inner)
-        }
+    let a = pk.tuple(args).unwrap_or_default();
+    match (module, fname) {
+        ("torch._utils", "_rebuild_tensor_v2") => parse_rebuild(pk, a).map(Some).map_err(bad),
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match a {
+            [data, ..] => tensor_of(path, pk, name, *data),
+            _ => Err(bad("malformed parameter".into())),
+        },
+        // (function, type, args, state): the tensor is `function(*args)`.
+        ("torch._tensor", "_rebuild_from_type_v2") => match a {
+            [f, _ty, inner, ..] => rebuild(path, pk, name, *f, *inner),
+            _ => Err(bad("malformed tensor subclass".into())),
+        },
         ("torch._utils", other) if other.starts_with("_rebuild") => Err(bad(format!(
             "{other} tensors (quantized, sparse, meta or device-specific) are not supported; \
              save a dense CPU state_dict"
@@ -326,50 +316,37 @@ struct RawTensor {
     stride: Vec<usize>,
 }
 
-fn parse_rebuild(args: Object) -> std::result::Result<RawTensor, String> {
-    let Object::Tuple(a) = args else {
+fn parse_rebuild(pk: &Pickle, a: &[Id]) -> std::result::Result<RawTensor, String> {
+    let [storage, offset, size, stride, ..] = a else {
         return Err("malformed _rebuild_tensor_v2 arguments".into());
     };
-    if a.len() < 4 {
-        return Err("malformed _rebuild_tensor_v2 arguments".into());
-    }
-    let Object::PersistentLoad(pid) = &a[0] else {
+    let Value::Persistent(pid) = pk.get(*storage) else {
         return Err("storage is not a persistent id".into());
     };
-    let Object::Tuple(pid) = pid.as_ref() else { return Err("malformed storage id".into()) };
-    let (class, key, numel) = match pid.as_slice() {
-        [
-            Object::Unicode(kind),
-            Object::Class { class_name, .. },
-            Object::Unicode(key),
-            _loc,
-            n,
-        ] if kind == "storage" => (class_name.clone(), key.clone(), as_usize(n)?),
-        _ => return Err(format!("unrecognised storage id {pid:?}")),
+    let (class, key, numel) = match pk.tuple(*pid).unwrap_or_default() {
+        [kind, cls, key, _location, numel] if pk.str(*kind) == Some("storage") => (
+            pk.global(*cls).map(|(_, n)| n.to_string()).ok_or("storage type is not a class")?,
+            pk.str(*key).ok_or("storage key is not a string")?.to_string(),
+            pk.usize(*numel).ok_or("storage size is not an integer")?,
+        ),
+        _ => return Err("unrecognised storage id".into()),
     };
     Ok(RawTensor {
         storage_class: class,
         key,
         numel,
-        offset: as_usize(&a[1])?,
-        shape: as_usizes(&a[2])?,
-        stride: as_usizes(&a[3])?,
+        offset: pk.usize(*offset).ok_or("storage offset is not an integer")?,
+        shape: usizes(pk, *size)?,
+        stride: usizes(pk, *stride)?,
     })
 }
 
-fn as_usize(o: &Object) -> std::result::Result<usize, String> {
-    match o {
-        Object::Int(i) if *i >= 0 => Ok(*i as usize),
-        Object::Long(i) if *i >= 0 => Ok(*i as usize),
-        other => Err(format!("expected a non-negative integer, found {other:?}")),
-    }
-}
-
-fn as_usizes(o: &Object) -> std::result::Result<Vec<usize>, String> {
-    match o {
-        Object::Tuple(v) | Object::List(v) => v.iter().map(as_usize).collect(),
-        other => Err(format!("expected a tuple of sizes, found {other:?}")),
-    }
+fn usizes(pk: &Pickle, id: Id) -> std::result::Result<Vec<usize>, String> {
+    let items = pk.tuple(id).ok_or("expected a tuple of sizes")?;
+    items
+        .iter()
+        .map(|&i| pk.usize(i).ok_or_else(|| "expected a non-negative size".to_string()))
+        .collect()
 }
 
 fn dtype_of_storage(class: &str) -> Option<DType> {
