@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{Format, Loaded, pickle, safetensors, sharded, single_safetensors};
+use super::detect::{Loaded, single_safetensors};
+use super::{Format, pickle, safetensors, sharded};
 use crate::error::{Error, Result};
 
 /// The weights a checkpoint directory holds, in order of preference.

@@ -3,6 +3,7 @@
 //! read tensor by tensor). Formats, validation and the one `unsafe` mmap constructor live here.
 //! This module does not average, select or publish.
 
+mod detect;
 mod hf_dir;
 mod identity;
 mod keys;
@@ -11,6 +12,8 @@ mod names;
 mod pickle;
 mod safetensors;
 mod sharded;
+mod strided;
+mod torch_objects;
 mod unpickle;
 mod validate;
 
@@ -24,6 +27,7 @@ pub use names::{is_temp_name, parse_step};
 pub use validate::quick_check;
 
 use crate::error::{Error, Result};
+use detect::load;
 use mmap::MappedFile;
 use pickle::PickleStore;
 
@@ -175,17 +179,6 @@ enum Storage {
     },
     /// torch zip pickle: tensors read on demand.
     Pickle(PickleStore),
-}
-
-/// What a format reader hands back before key normalisation.
-struct Loaded {
-    format: Format,
-    tensors: Vec<TensorMeta>,
-    storage: Storage,
-    metadata: BTreeMap<String, String>,
-    /// Step found inside the checkpoint (metadata, trainer_state.json, Lightning global_step).
-    step: Option<u64>,
-    side_dir: Option<PathBuf>,
 }
 
 /// I/O errors on checkpoint inputs are bad input (skip the checkpoint), not fatal errors.
@@ -364,76 +357,4 @@ impl Checkpoint {
             files[*f].release(range.clone());
         }
     }
-}
-
-/// Detect the format of `path` and read it.
-fn load(path: &Path) -> Result<Loaded> {
-    let meta = std::fs::metadata(path).input(path)?;
-    if meta.is_dir() {
-        return hf_dir::open(path);
-    }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name.ends_with(".index.json") {
-        return sharded::open(path);
-    }
-    match sniff(path)? {
-        Sniffed::Zip => pickle::open(path),
-        Sniffed::LegacyPickle => Err(pickle::legacy_error(path)),
-        Sniffed::Other if pickle::has_torch_extension(&name) => Err(pickle::not_zip_error(path)),
-        Sniffed::Other => single_safetensors(path),
-    }
-}
-
-fn single_safetensors(path: &Path) -> Result<Loaded> {
-    let st = safetensors::open(path)?;
-    let step = st.header.metadata.get("step").and_then(|s| s.trim().parse().ok());
-    let (tensors, index) = index_mapped(vec![(0, st.header.tensors)]);
-    Ok(Loaded {
-        format: Format::Safetensors,
-        tensors,
-        storage: Storage::Mapped { files: vec![st.mapped], index },
-        metadata: st.header.metadata,
-        step,
-        side_dir: None,
-    })
-}
-
-type MappedIndex = HashMap<String, (usize, Range<usize>)>;
-
-/// Flatten per-file tensor lists into the tensor list and the name → (file, range) index.
-fn index_mapped(
-    per_file: Vec<(usize, safetensors::TensorRanges)>,
-) -> (Vec<TensorMeta>, MappedIndex) {
-    let mut metas = Vec::new();
-    let mut index = HashMap::new();
-    for (f, tensors) in per_file {
-        for (meta, range) in tensors {
-            index.insert(meta.name.clone(), (f, range));
-            metas.push(meta);
-        }
-    }
-    (metas, index)
-}
-
-enum Sniffed {
-    Zip,
-    LegacyPickle,
-    Other,
-}
-
-/// Look at the first bytes: zip local header (`PK\x03\x04`), pickle protocol opcode (`\x80`,
-/// the legacy torch format starts with a pickled magic number) or anything else.
-fn sniff(path: &Path) -> Result<Sniffed> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(8);
-    let f = std::fs::File::open(path).input(path)?;
-    f.take(8).read_to_end(&mut head).input(path)?;
-    let n = head.len();
-    // A safetensors file starts with its header length; one above 100 MB is not safetensors.
-    let as_len = head.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64);
-    Ok(match head.as_slice() {
-        [b'P', b'K', 3, 4, ..] => Sniffed::Zip,
-        [0x80, 2..=5, ..] if n == 8 && as_len > 100_000_000 => Sniffed::LegacyPickle,
-        _ => Sniffed::Other,
-    })
 }

@@ -5,15 +5,18 @@
 //! bytes are read on demand from the zip with positioned reads on the file opened at open
 //! time (never mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::detect::Loaded;
 use super::identity::Identity;
-use super::unpickle::{self, Id, Pickle, Value};
-use super::{DType, Format, InputIo, Loaded, Storage, TensorMeta};
+use super::strided::{gather, is_contiguous, view_span};
+use super::torch_objects::{NESTED_KEYS, RawTensor, dtype_of_storage, state_dict, tensor_of};
+use super::unpickle::{self, Pickle};
+use super::{DType, InputIo, Storage, TensorMeta};
 use crate::error::{Error, Result};
 
 const RESAVE: &str = "re-save it with torch.save(obj, path, _use_new_zipfile_serialization=True) \
@@ -83,41 +86,6 @@ impl PickleStore {
         }
         Ok(gather(&raw, &t.shape, &t.stride, es))
     }
-}
-
-/// Elements from the view's first to its last element, inclusive.
-fn view_span(shape: &[usize], stride: &[usize]) -> usize {
-    1 + shape.iter().zip(stride).map(|(&d, &s)| (d.saturating_sub(1)) * s).sum::<usize>()
-}
-
-fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
-    let mut expect = 1;
-    for (&d, &s) in shape.iter().zip(stride).rev() {
-        if d != 1 && s != expect {
-            return false;
-        }
-        expect *= d;
-    }
-    true
-}
-
-/// Copy a strided view (transposes, slices) into row-major order.
-fn gather(raw: &[u8], shape: &[usize], stride: &[usize], es: usize) -> Vec<u8> {
-    let numel: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(numel * es);
-    let mut idx = vec![0usize; shape.len()];
-    for _ in 0..numel {
-        let pos: usize = idx.iter().zip(stride).map(|(i, s)| i * s).sum();
-        out.extend_from_slice(&raw[pos * es..(pos + 1) * es]);
-        for d in (0..shape.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < shape[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
 }
 
 /// Cheap completeness check: the zip's central directory (end record) is present and the
@@ -220,151 +188,6 @@ fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Pickle> {
     })
 }
 
-/// Keys under which checkpoints nest their state dict, in order of preference (Lightning and
-/// most training loops: `state_dict`; DeepSpeed: `module`).
-const NESTED_KEYS: &[&str] = &["state_dict", "model_state_dict", "model", "module"];
-
-type Items = Vec<(Id, Id)>;
-
-/// The dict of tensors: the top-level dict, or a nested state dict (see `NESTED_KEYS`).
-/// Also returns the top level's scalar entries (`epoch`, `global_step`, ...) as metadata.
-fn state_dict(path: &Path, pk: &Pickle) -> Result<(Items, Format, BTreeMap<String, String>)> {
-    let items = pk.dict_items(pk.root).ok_or_else(|| {
-        Error::bad_input(
-            path,
-            "the pickle's top-level object is not a dict of tensors (a pickled nn.Module or \
-             TorchScript archive?): save model.state_dict() instead",
-        )
-    })?;
-    let mut nested: BTreeMap<usize, Id> = BTreeMap::new();
-    let mut metadata = BTreeMap::new();
-    let mut lightning = path.extension().is_some_and(|e| e == "ckpt");
-    for &(k, v) in items {
-        let Some(key) = pk.str(k) else { continue };
-        match NESTED_KEYS.iter().position(|n| *n == key) {
-            Some(rank) if pk.dict_items(v).is_some() => {
-                nested.insert(rank, v);
-            }
-            _ => {
-                lightning |= key == "pytorch-lightning_version";
-                if let Some(text) = scalar_text(pk.get(v)) {
-                    metadata.insert(key.to_string(), text);
-                }
-            }
-        }
-    }
-    match nested.into_values().next() {
-        Some(d) => {
-            let format = if lightning { Format::Lightning } else { Format::TorchZip };
-            Ok((pk.dict_items(d).unwrap_or_default().to_vec(), format, metadata))
-        }
-        None => Ok((items.to_vec(), Format::TorchZip, BTreeMap::new())),
-    }
-}
-
-fn scalar_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Int(i) => Some(i.to_string()),
-        Value::Float(f) => Some(f.to_string()),
-        Value::Str(s) => Some(s.clone()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// The tensor a state-dict value describes, or `None` for values that are not tensors
-/// (`_metadata`, extra state). Errors for tensor kinds we cannot read.
-fn tensor_of(path: &Path, pk: &Pickle, name: &str, value: Id) -> Result<Option<RawTensor>> {
-    match pk.get(value) {
-        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args),
-        _ => Ok(None),
-    }
-}
-
-/// Interpret `func(*args)` when `func` is one of torch's tensor rebuild functions, unwrapping
-/// parameters and tensor subclasses down to `_rebuild_tensor_v2(storage, offset, size, stride)`.
-fn rebuild(path: &Path, pk: &Pickle, name: &str, func: Id, args: Id) -> Result<Option<RawTensor>> {
-    let Some((module, fname)) = pk.global(func) else { return Ok(None) };
-    let bad = |what: String| Error::bad_input(path, format!("tensor {name}: {what}"));
-    let a = pk.tuple(args).unwrap_or_default();
-    match (module, fname) {
-        ("torch._utils", "_rebuild_tensor_v2") => parse_rebuild(pk, a).map(Some).map_err(bad),
-        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match a {
-            [data, ..] => tensor_of(path, pk, name, *data),
-            _ => Err(bad("malformed parameter".into())),
-        },
-        // (function, type, args, state): the tensor is `function(*args)`.
-        ("torch._tensor", "_rebuild_from_type_v2") => match a {
-            [f, _ty, inner, ..] => rebuild(path, pk, name, *f, *inner),
-            _ => Err(bad("malformed tensor subclass".into())),
-        },
-        ("torch._utils", other) if other.starts_with("_rebuild") => Err(bad(format!(
-            "{other} tensors (quantized, sparse, meta or device-specific) are not supported; \
-             save a dense CPU state_dict"
-        ))),
-        _ => Ok(None),
-    }
-}
-
-/// A tensor as the pickle describes it, before its storage is located in the zip.
-struct RawTensor {
-    storage_class: String,
-    key: String,
-    numel: usize,
-    offset: usize,
-    shape: Vec<usize>,
-    stride: Vec<usize>,
-}
-
-fn parse_rebuild(pk: &Pickle, a: &[Id]) -> std::result::Result<RawTensor, String> {
-    let [storage, offset, size, stride, ..] = a else {
-        return Err("malformed _rebuild_tensor_v2 arguments".into());
-    };
-    let Value::Persistent(pid) = pk.get(*storage) else {
-        return Err("storage is not a persistent id".into());
-    };
-    let (class, key, numel) = match pk.tuple(*pid).unwrap_or_default() {
-        [kind, cls, key, _location, numel] if pk.str(*kind) == Some("storage") => (
-            pk.global(*cls).map(|(_, n)| n.to_string()).ok_or("storage type is not a class")?,
-            pk.str(*key).ok_or("storage key is not a string")?.to_string(),
-            pk.usize(*numel).ok_or("storage size is not an integer")?,
-        ),
-        _ => return Err("unrecognised storage id".into()),
-    };
-    Ok(RawTensor {
-        storage_class: class,
-        key,
-        numel,
-        offset: pk.usize(*offset).ok_or("storage offset is not an integer")?,
-        shape: usizes(pk, *size)?,
-        stride: usizes(pk, *stride)?,
-    })
-}
-
-fn usizes(pk: &Pickle, id: Id) -> std::result::Result<Vec<usize>, String> {
-    let items = pk.tuple(id).ok_or("expected a tuple of sizes")?;
-    items
-        .iter()
-        .map(|&i| pk.usize(i).ok_or_else(|| "expected a non-negative size".to_string()))
-        .collect()
-}
-
-fn dtype_of_storage(class: &str) -> Option<DType> {
-    Some(match class {
-        "FloatStorage" => DType::F32,
-        "DoubleStorage" => DType::F64,
-        "HalfStorage" => DType::F16,
-        "BFloat16Storage" => DType::BF16,
-        "LongStorage" => DType::I64,
-        "IntStorage" => DType::I32,
-        "ShortStorage" => DType::I16,
-        "CharStorage" => DType::I8,
-        "ByteStorage" => DType::U8,
-        "BoolStorage" => DType::Bool,
-        _ => return None,
-    })
-}
-
 /// Zip entry name → (absolute data offset, stored length), for uncompressed entries;
 /// compressed entries map to `None` (torch never compresses; a re-zipped file might).
 fn entry_offsets(
@@ -420,20 +243,4 @@ fn locate(
         )));
     }
     Ok(PickleTensor { data_start, dtype, offset: raw.offset, shape: raw.shape, stride: raw.stride })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gather_transposes() {
-        // storage [0,1,2,3,4,5] as 3x2, viewed transposed: shape [2,3], stride [1,2]
-        let raw: Vec<u8> = (0u8..6).collect();
-        assert_eq!(gather(&raw, &[2, 3], &[1, 2], 1), vec![0, 2, 4, 1, 3, 5]);
-        assert!(!is_contiguous(&[2, 3], &[1, 2]));
-        assert!(is_contiguous(&[2, 3], &[3, 1]));
-        assert!(is_contiguous(&[], &[]));
-        assert_eq!(view_span(&[2, 3], &[1, 2]), 6);
-    }
 }

@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
-use super::{Format, Loaded, Storage, safetensors};
+use super::detect::Loaded;
+use super::{Format, Storage, safetensors};
 use crate::error::{Error, Result};
 
 /// The parsed index: tensor → shard name, shard name → path, and the index's `metadata`.

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use super::detect::{Sniffed, sniff};
 use super::hf_dir::{self, Weights};
-use super::{InputIo, Sniffed, pickle, safetensors, sharded, sniff};
+use super::{InputIo, pickle, safetensors, sharded};
 use crate::error::{Error, Result};
 
 /// Is the checkpoint at `path` complete enough to open? `marker` is the file an HF checkpoint

@@ -447,3 +447,36 @@ fn directory_identity_tracks_weight_files() {
     fs::rename(&tmp, ck.join("model.safetensors")).unwrap();
     assert_ne!(b, Identity::of(&ck).unwrap(), "replaced weights change the identity");
 }
+
+/// Resident kB of our mapping of `path`, from /proc/self/smaps (this mapping only, so other
+/// tests running in the same process do not disturb the figure).
+fn mapped_rss_kb(path: &Path) -> Option<u64> {
+    let want = fs::canonicalize(path).unwrap().display().to_string();
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut in_ours = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            in_ours = line.ends_with(&want);
+        } else if in_ours && line.starts_with("Rss:") {
+            return line.split_whitespace().nth(1)?.parse().ok();
+        }
+    }
+    None
+}
+
+#[test]
+fn release_drops_resident_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.safetensors");
+    let big = vec![1u8; 16 << 20];
+    write_st(&p, &[("big", SDtype::U8, vec![big.len()], big)], None);
+    let ck = open(&p).unwrap();
+    let sum: u64 = ck.data("big").unwrap().iter().map(|&b| b as u64).sum();
+    assert_eq!(sum, 16 << 20);
+    let touched = mapped_rss_kb(&p).expect("mapping listed in smaps");
+    assert!(touched > 12 * 1024, "touched mapping should be resident: {touched} kB");
+    ck.release("big");
+    let released = mapped_rss_kb(&p).unwrap();
+    assert!(released < 1024, "release should drop the pages: {released} kB resident");
+}
