@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::detect::Loaded;
 use super::identity::Identity;
-use super::strided::{gather, is_contiguous, view_span};
+use super::strided::{gather, is_contiguous, numel, view_span};
 use super::torch_objects::{NESTED_KEYS, RawTensor, dtype_of_storage, state_dict, tensor_of};
 use super::unpickle::{self, Pickle};
 use super::{DType, InputIo, Storage, TensorMeta};
@@ -48,6 +48,8 @@ struct PickleTensor {
     dtype: DType,
     /// View, in elements: offset into the storage and strides per dimension.
     offset: usize,
+    /// Storage elements from the view's first to its last element (checked at open).
+    span: usize,
     shape: Vec<usize>,
     stride: Vec<usize>,
 }
@@ -76,8 +78,7 @@ impl PickleStore {
         if numel == 0 {
             return Ok(Vec::new());
         }
-        let span = view_span(&t.shape, &t.stride);
-        let mut raw = vec![0u8; span * es];
+        let mut raw = vec![0u8; t.span * es];
         let at = t.data_start + (t.offset * es) as u64;
         self.file.read_exact_at(&mut raw, at).input(&self.path)?;
         if is_contiguous(&t.shape, &t.stride) {
@@ -233,14 +234,65 @@ fn locate(
         Some(None) => return Err(bad(format!("storage data/{} is compressed; {RESAVE}", raw.key))),
         Some(Some(loc)) => *loc,
     };
-    let numel: usize = raw.shape.iter().product();
-    let end = raw.offset + view_span(&raw.shape, &raw.stride);
-    let need = end as u64 * dtype.size() as u64;
-    if numel > 0 && (end > raw.numel || need > storage_len) {
+    let numel = numel(&raw.shape).ok_or_else(|| bad(format!("shape {:?} overflows", raw.shape)))?;
+    let end = view_span(&raw.shape, &raw.stride).and_then(|s| s.checked_add(raw.offset));
+    let need = end.and_then(|e| e.checked_mul(dtype.size()));
+    let fits = |e: usize, n: usize| e <= raw.numel && n as u64 <= storage_len;
+    if numel > 0 && !matches!((end, need), (Some(e), Some(n)) if fits(e, n)) {
         return Err(bad(format!(
             "view (offset {}, shape {:?}, stride {:?}) reaches past its storage of {} bytes",
             raw.offset, raw.shape, raw.stride, storage_len
         )));
     }
-    Ok(PickleTensor { data_start, dtype, offset: raw.offset, shape: raw.shape, stride: raw.stride })
+    let span = end.map_or(0, |e| e - raw.offset);
+    Ok(PickleTensor {
+        data_start,
+        dtype,
+        offset: raw.offset,
+        span,
+        shape: raw.shape,
+        stride: raw.stride,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Untrusted files: random corruptions of a real pickle must give errors, never panics
+    /// (the zip's CRC would catch most of these first; this drives the decoder directly).
+    #[test]
+    fn mutated_pickles_never_panic() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lightning.ckpt");
+        let mut zip = Zip::new(BufReader::new(File::open(&path).unwrap())).unwrap();
+        let pkl = find_pickle(&path, &zip).unwrap();
+        let bytes = read_entry(&path, &mut zip, &pkl).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (mut decoded, mut failed) = (0, 0);
+        for i in 0..3000 {
+            let mut b = bytes.clone();
+            if i % 3 == 0 {
+                b.truncate(rng.random_range(0..b.len()));
+            } else {
+                for _ in 0..rng.random_range(1..4) {
+                    let j = rng.random_range(0..b.len());
+                    b[j] = rng.random();
+                }
+            }
+            let Ok(pk) = unpickle::load(&b) else {
+                failed += 1;
+                continue;
+            };
+            decoded += 1;
+            if let Ok((items, _, _)) = state_dict(&path, &pk) {
+                for (k, v) in items {
+                    if let Some(name) = pk.str(k) {
+                        let _ = tensor_of(&path, &pk, name, v);
+                    }
+                }
+            }
+        }
+        assert!(decoded > 0 && failed > 0, "decoded {decoded}, failed {failed}");
+    }
 }

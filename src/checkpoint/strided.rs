@@ -2,9 +2,20 @@
 //! how many storage elements a view spans, whether it is row-major contiguous, and copying it
 //! into row-major order. Pure functions over byte slices.
 
-/// Elements from the view's first to its last element, inclusive.
-pub(crate) fn view_span(shape: &[usize], stride: &[usize]) -> usize {
-    1 + shape.iter().zip(stride).map(|(&d, &s)| (d.saturating_sub(1)) * s).sum::<usize>()
+/// Number of elements, `None` on overflow (hostile sizes).
+pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Elements from the view's first to its last element, inclusive; `None` on overflow.
+/// Only meaningful for views with at least one element.
+pub(crate) fn view_span(shape: &[usize], stride: &[usize]) -> Option<usize> {
+    shape.iter().zip(stride).try_fold(1usize, |acc, (&d, &s)| {
+        d.saturating_sub(1).checked_mul(s).and_then(|x| acc.checked_add(x))
+    })
 }
 
 pub(crate) fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
@@ -49,6 +60,9 @@ mod tests {
         assert!(!is_contiguous(&[2, 3], &[1, 2]));
         assert!(is_contiguous(&[2, 3], &[3, 1]));
         assert!(is_contiguous(&[], &[]));
-        assert_eq!(view_span(&[2, 3], &[1, 2]), 6);
+        assert_eq!(view_span(&[2, 3], &[1, 2]), Some(6));
+        assert_eq!(view_span(&[1 << 40, 2], &[1 << 40, 1]), None);
+        assert_eq!(numel(&[1 << 40, 1 << 40]), None);
+        assert_eq!(numel(&[1 << 40, 1 << 40, 0]), Some(0));
     }
 }

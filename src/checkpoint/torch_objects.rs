@@ -74,26 +74,44 @@ pub(crate) fn tensor_of(
     value: Id,
 ) -> Result<Option<RawTensor>> {
     match pk.get(value) {
-        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args),
+        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args, 0),
         _ => Ok(None),
     }
 }
 
+/// Real files wrap a tensor at most twice (parameter, subclass); a hostile file could nest
+/// wrappers deeply enough to overflow the stack.
+const MAX_WRAPPING: u32 = 8;
+
 /// Interpret `func(*args)` when `func` is one of torch's tensor rebuild functions, unwrapping
 /// parameters and tensor subclasses down to `_rebuild_tensor_v2(storage, offset, size, stride)`.
-fn rebuild(path: &Path, pk: &Pickle, name: &str, func: Id, args: Id) -> Result<Option<RawTensor>> {
+fn rebuild(
+    path: &Path,
+    pk: &Pickle,
+    name: &str,
+    func: Id,
+    args: Id,
+    depth: u32,
+) -> Result<Option<RawTensor>> {
     let Some((module, fname)) = pk.global(func) else { return Ok(None) };
     let bad = |what: String| Error::bad_input(path, format!("tensor {name}: {what}"));
+    if depth > MAX_WRAPPING {
+        return Err(bad("tensor wrapped too deeply (corrupt or hostile file)".into()));
+    }
     let a = pk.tuple(args).unwrap_or_default();
+    let inner = |id: Id| match pk.get(id) {
+        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args, depth + 1),
+        _ => Ok(None),
+    };
     match (module, fname) {
         ("torch._utils", "_rebuild_tensor_v2") => parse_rebuild(pk, a).map(Some).map_err(bad),
         ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match a {
-            [data, ..] => tensor_of(path, pk, name, *data),
+            [data, ..] => inner(*data),
             _ => Err(bad("malformed parameter".into())),
         },
         // (function, type, args, state): the tensor is `function(*args)`.
         ("torch._tensor", "_rebuild_from_type_v2") => match a {
-            [f, _ty, inner, ..] => rebuild(path, pk, name, *f, *inner),
+            [f, _ty, args, ..] => rebuild(path, pk, name, *f, *args, depth + 1),
             _ => Err(bad("malformed tensor subclass".into())),
         },
         ("torch._utils", other) if other.starts_with("_rebuild") => Err(bad(format!(
