@@ -409,13 +409,13 @@ impl<A: Acc> Pass<'_, '_, A> {
 
     /// Elements `start..start + acc.len()`, block by block.
     fn range(&self, start: usize, acc: &mut [A], out: &mut [u8], out_dtype: DType) -> bool {
-        let (isize, osize) = (self.in_dtype.size(), out_dtype.size());
+        let (in_size, out_size) = (self.in_dtype.size(), out_dtype.size());
         let mut finite = true;
         for (b, (acc_b, out_b)) in
-            acc.chunks_mut(BLOCK).zip(out.chunks_mut(BLOCK * osize)).enumerate()
+            acc.chunks_mut(BLOCK).zip(out.chunks_mut(BLOCK * out_size)).enumerate()
         {
-            let lo = (start + b * BLOCK) * isize;
-            let hi = lo + acc_b.len() * isize;
+            let lo = (start + b * BLOCK) * in_size;
+            let hi = lo + acc_b.len() * in_size;
             for (j, (view, w)) in self.views.iter().enumerate() {
                 A::add_block(acc_b, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
             }
@@ -467,8 +467,12 @@ impl Acc for f32 {
                     init,
                 ),
             },
-            DType::BF16 => axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init),
-            DType::F16 => axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init),
+            DType::BF16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init)
+            }
+            DType::F16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init)
+            }
             other => unreachable!("f32 accumulator fed {other:?}"),
         }
     }
@@ -515,9 +519,10 @@ impl Acc for f64 {
     fn store_block(acc: &[f64], out: &mut [u8], dtype: DType) -> bool {
         let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
         match dtype {
-            DType::F64 => {
-                out.chunks_exact_mut(8).zip(acc).for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes()))
-            }
+            DType::F64 => out
+                .chunks_exact_mut(8)
+                .zip(acc)
+                .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes())),
             DType::F32 => out
                 .chunks_exact_mut(4)
                 .zip(acc)

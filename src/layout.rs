@@ -156,7 +156,11 @@ mod tests {
         let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             names,
-            ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+            [
+                "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors",
+                "model-00003-of-00003.safetensors"
+            ]
         );
         assert_eq!(files[0].tensors, vec![0, 1]);
         assert_eq!(files[2].tensors, vec![4]);

@@ -150,7 +150,7 @@ impl Manifest {
 }
 
 /// `Format` as its kebab-case name, e.g. "sharded-safetensors".
-fn format_name(f: crate::checkpoint::Format) -> String {
+pub fn format_name(f: crate::checkpoint::Format) -> String {
     match serde_json::to_value(f) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{f:?}"),

@@ -275,10 +275,7 @@ fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
 
 /// Write `dest` through a hidden temp file in its directory: write, chmod 0644, fsync, rename,
 /// fsync the directory. On error the temp file is removed and `dest` is untouched.
-pub fn write_atomic(
-    dest: &Path,
-    write: impl FnOnce(&mut File, &Path) -> Result<()>,
-) -> Result<()> {
+pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
     let parent = parent_dir(dest);
     let mut tmp = tempfile::Builder::new()
         .prefix(&hidden_prefix(dest))

@@ -58,7 +58,9 @@ fn float_inputs(dtype: DType, n: usize, k: usize, seed: u64) -> (Vec<Checkpoint>
         let bytes = encode(&random(&mut rng, n), dtype);
         stored.push(decode(&bytes, dtype));
         let t = vec![("w".to_string(), dtype, vec![n], bytes)];
-        ckpts.push(Checkpoint::from_memory(format!("in{i}.safetensors"), Some(i as u64), t).unwrap());
+        ckpts.push(
+            Checkpoint::from_memory(format!("in{i}.safetensors"), Some(i as u64), t).unwrap(),
+        );
     }
     (ckpts, stored)
 }
@@ -80,7 +82,12 @@ fn assert_close(got: &[f64], want: &[f64], rel: f64) {
 #[test]
 fn matches_reference_for_each_float_dtype() {
     // Tolerance: f32 accumulation for 16/32-bit inputs, then rounding to the output dtype.
-    let cases = [(DType::F32, 1e-6), (DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0), (DType::F64, 1e-12)];
+    let cases = [
+        (DType::F32, 1e-6),
+        (DType::BF16, 1.0 / 128.0),
+        (DType::F16, 1.0 / 1024.0),
+        (DType::F64, 1e-12),
+    ];
     let weights = [0.5, 2.0, 1.0, 0.25];
     for (dtype, rel) in cases {
         let n = BLOCK * 2 + 17; // crosses blocks, ends on a partial one
@@ -158,22 +165,27 @@ fn unaligned_bytes_read_like_aligned_ones() {
     assert_eq!(c, values.iter().map(|v| v * 2.0).collect::<Vec<_>>());
 }
 
+/// Input views with their weights, as a pass sees them.
+type Views<'a> = [(Cow<'a, [u8]>, f32)];
+
+/// Fold `groups` of views into one accumulator, pass by pass, and return the output bytes.
+fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
+    let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
+    for (g, views) in groups.iter().enumerate() {
+        let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
+        assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
+    }
+    out
+}
+
 #[test]
 fn grouped_passes_equal_one_pass() {
     // Owned (pickle) inputs are folded in groups; the result must not depend on grouping.
     let (ckpts, _) = float_inputs(DType::F32, 5000, 3, 13);
-    let w = 1.0f32 / 3.0;
     let views: Vec<(Cow<'_, [u8]>, f32)> =
-        ckpts.iter().map(|c| (c.data("w").unwrap(), w)).collect();
-    let run = |groups: &[&[(Cow<'_, [u8]>, f32)]]| {
-        let (mut acc, mut out) = (vec![0f32; 5000], vec![0u8; 20000]);
-        for (g, views) in groups.iter().enumerate() {
-            let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
-            assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
-        }
-        out
-    };
-    assert_eq!(run(&[&views]), run(&[&views[..1], &views[1..2], &views[2..]]));
+        ckpts.iter().map(|c| (c.data("w").unwrap(), 1.0 / 3.0)).collect();
+    let one = run_groups(&[&views], 5000);
+    assert_eq!(one, run_groups(&[&views[..1], &views[1..2], &views[2..]], 5000));
 }
 
 fn int_inputs(steps: &[Option<u64>]) -> Vec<Checkpoint> {
@@ -182,7 +194,12 @@ fn int_inputs(steps: &[Option<u64>]) -> Vec<Checkpoint> {
         .enumerate()
         .map(|(i, &step)| {
             let t = vec![
-                ("count".to_string(), DType::I64, vec![2], encode(&[i as f64, 100.0 + i as f64], DType::I64)),
+                (
+                    "count".to_string(),
+                    DType::I64,
+                    vec![2],
+                    encode(&[i as f64, 100.0 + i as f64], DType::I64),
+                ),
                 ("w".to_string(), DType::F32, vec![1], encode(&[i as f64], DType::F32)),
             ];
             Checkpoint::from_memory(format!("c{i}.pt"), step, t).unwrap()
@@ -235,7 +252,12 @@ fn non_finite_input_is_named() {
         let err = plan.average_tensor(0, &mut Workspace::default()).err().unwrap();
         let msg = err.to_string();
         assert!(err.is_bad_input(), "{msg}");
-        assert!(msg.starts_with("bad.safetensors:") && msg.contains("tensor w") && msg.contains("element 33"), "{msg}");
+        assert!(
+            msg.starts_with("bad.safetensors:")
+                && msg.contains("tensor w")
+                && msg.contains("element 33"),
+            "{msg}"
+        );
     }
 }
 
@@ -248,7 +270,8 @@ fn bad_weights_are_usage_errors() {
         (&[0.0, 0.0, 0.0][..], "all weights are zero"),
         (&[1.0, f64::NAN, 1.0][..], "finite"),
     ] {
-        let err = AveragePlan::new(ckpts.iter().collect(), Some(w), Default::default()).err().unwrap();
+        let err =
+            AveragePlan::new(ckpts.iter().collect(), Some(w), Default::default()).err().unwrap();
         assert!(matches!(err, Error::Usage(_)) && err.to_string().contains(needle), "{err}");
     }
 }

@@ -19,7 +19,8 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     check_destination(&args.out)?;
     let opened = super::open_all(&args.inputs, &super::open_options(&args.strip_prefix))?;
     let chosen = choose_last(&opened, args.last)?;
-    let opts = AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };
+    let opts =
+        AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };
     let plan = AveragePlan::new(chosen, args.weights.as_deref(), opts)?;
     let provenance = provenance(args, opened.len(), plan.inputs().len());
     let mut progress = Progress::new(plan.output_bytes());

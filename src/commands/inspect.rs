@@ -31,7 +31,7 @@ pub fn table(c: &Checkpoint) -> String {
     let mut s = String::new();
     let step = c.step().map_or("unknown".to_string(), |s| s.to_string());
     let _ = writeln!(s, "path:    {}", c.path().display());
-    let _ = writeln!(s, "format:  {}", serde_json::to_value(c.format()).unwrap_or_default());
+    let _ = writeln!(s, "format:  {}", crate::manifest::format_name(c.format()));
     let _ = writeln!(s, "step:    {step}");
     let _ = writeln!(s, "tensors: {} ({})", c.tensors().len(), human_bytes(c.total_bytes()));
     if let Some(d) = c.side_dir() {

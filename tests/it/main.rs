@@ -1,0 +1,5 @@
+//! The one integration-test target: topic modules, real files in unique temp dirs.
+
+mod average;
+mod cli;
+mod publish;
