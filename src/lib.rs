@@ -6,9 +6,14 @@
 
 pub mod average;
 pub mod checkpoint;
+pub mod cli;
+pub mod commands;
 pub mod error;
+pub mod layout;
+pub mod manifest;
 pub mod objective;
 pub mod publish;
+pub mod schema;
 pub mod select;
 
 pub use error::{Error, Result};

@@ -1,3 +1,7 @@
-//! One integration-test target; each topic lives in its own module.
+//! The one integration-test target: topic modules, real files in unique temp dirs.
 
+mod average;
 mod checkpoint;
+mod cli;
+mod evaluator;
+mod publish;
