@@ -64,9 +64,10 @@ pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     Ok(loaded)
 }
 
-/// `global_step`, and as metadata: `global_step`; `metric`, `metric_name`, `metric_step` from
-/// the last `log_history` entry carrying `eval_loss` (this checkpoint's own evaluation; lower
-/// is better); `best_metric` (the run's best so far, as the Trainer records it).
+/// `global_step`, and as metadata: `global_step`; every numeric `eval_*` value of the last
+/// evaluation in `log_history` (this checkpoint's own evaluation) under its own name, e.g.
+/// `eval_loss`, `eval_accuracy`; `metric` = that `eval_loss` (lower is better) with
+/// `metric_name` and `metric_step`; `best_metric` (the run's best so far, per the Trainer).
 fn read_trainer_state(path: &Path) -> Result<(Option<u64>, BTreeMap<String, String>)> {
     let json = safetensors::read_small_json(path)?;
     let mut meta = BTreeMap::new();
@@ -77,16 +78,24 @@ fn read_trainer_state(path: &Path) -> Result<(Option<u64>, BTreeMap<String, Stri
     if let Some(best) = json.get("best_metric").and_then(|v| v.as_f64()) {
         meta.insert("best_metric".to_string(), best.to_string());
     }
+    let is_eval = |e: &&serde_json::Value| {
+        e.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("eval_")))
+    };
     let history = json.get("log_history").and_then(|v| v.as_array());
-    let last_eval = history.and_then(|h| h.iter().rev().find(|e| e.get("eval_loss").is_some()));
-    if let Some(entry) = last_eval {
-        if let Some(loss) = entry.get("eval_loss").and_then(|v| v.as_f64()) {
-            meta.insert("metric".to_string(), loss.to_string());
-            meta.insert("metric_name".to_string(), "eval_loss".to_string());
+    let Some(entry) = history.and_then(|h| h.iter().rev().find(is_eval)) else {
+        return Ok((step, meta));
+    };
+    for (k, v) in entry.as_object().into_iter().flatten() {
+        if let (true, Some(x)) = (k.starts_with("eval_"), v.as_f64()) {
+            meta.insert(k.clone(), x.to_string());
         }
-        if let Some(s) = entry.get("step").and_then(|v| v.as_u64()) {
-            meta.insert("metric_step".to_string(), s.to_string());
-        }
+    }
+    if let Some(loss) = meta.get("eval_loss").cloned() {
+        meta.insert("metric".to_string(), loss);
+        meta.insert("metric_name".to_string(), "eval_loss".to_string());
+    }
+    if let Some(s) = entry.get("step").and_then(|v| v.as_u64()) {
+        meta.insert("metric_step".to_string(), s.to_string());
     }
     Ok((step, meta))
 }

@@ -249,7 +249,11 @@ fn sharded_errors_name_the_problem() {
 fn trainer_state(dir: &Path, step: u64, eval_loss: f64) {
     let s = serde_json::json!({
         "global_step": step, "best_metric": 0.1,
-        "log_history": [{"loss": 1.0, "step": step - 1}, {"eval_loss": eval_loss, "step": step}]
+        "log_history": [
+            {"loss": 1.0, "step": step - 1},
+            {"eval_loss": eval_loss, "eval_accuracy": 0.5, "eval_runtime": 1.5, "step": step},
+            {"train_runtime": 10.0, "step": step}
+        ]
     });
     fs::write(dir.join("trainer_state.json"), s.to_string()).unwrap();
 }
@@ -275,6 +279,9 @@ fn hf_dir_single_sharded_and_bin() {
     assert_eq!(ck.side_dir(), Some(single.as_path()));
     assert_eq!(ck.metadata()["metric"], "0.75");
     assert_eq!(ck.metadata()["metric_name"], "eval_loss");
+    assert_eq!(ck.metadata()["eval_loss"], "0.75");
+    assert_eq!(ck.metadata()["eval_accuracy"], "0.5");
+    assert_eq!(ck.metadata()["metric_step"], "100");
     assert_eq!(ck.tensors().len(), 6);
 
     let sharded = root.path().join("final"); // no step in the name: trainer_state gives it
