@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use super::detect::Loaded;
 use super::identity::Identity;
 use super::strided::{gather, is_contiguous, numel, view_span};
-use super::torch_objects::{NESTED_KEYS, RawTensor, dtype_of_storage, state_dict, tensor_of};
-use super::unpickle::{self, Pickle};
+use super::torch_objects::{
+    NESTED_KEYS, RawTensor, dtype_of_storage, model_checkpoint_score, state_dict, tensor_of,
+};
+use super::unpickle::{self, Pickle, Value};
 use super::{DType, InputIo, Storage, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -73,8 +75,11 @@ impl PickleStore {
             .tensors
             .get(key)
             .ok_or_else(|| Error::bad_input(&self.path, format!("no tensor named {key}")))?;
+        self.read_tensor(t, meta.numel())
+    }
+
+    fn read_tensor(&self, t: &PickleTensor, numel: usize) -> Result<Vec<u8>> {
         let es = t.dtype.size();
-        let numel = meta.numel();
         if numel == 0 {
             return Ok(Vec::new());
         }
@@ -87,6 +92,35 @@ impl PickleStore {
         }
         Ok(gather(&raw, &t.shape, &t.stride, es))
     }
+}
+
+/// The score Lightning's `ModelCheckpoint` callback recorded when it saved this file
+/// (`current_score`, a 0-d tensor or a float) and the name of the monitored quantity.
+/// Best effort: anything unexpected means no metric, never an error.
+fn lightning_score(
+    path: &Path,
+    pk: &Pickle,
+    entries: &Entries,
+    store: &PickleStore,
+) -> Option<(String, f64)> {
+    let (monitor, score) = model_checkpoint_score(pk)?;
+    if let Value::Float(f) = pk.get(score) {
+        return Some((monitor, *f));
+    }
+    let raw = tensor_of(path, pk, "current_score", score).ok()??;
+    let t = locate(path, "current_score", raw, entries).ok()?;
+    if numel(&t.shape)? != 1 {
+        return None;
+    }
+    let b = store.read_tensor(&t, 1).ok()?;
+    let v = match t.dtype {
+        DType::F32 => f32::from_le_bytes(b.try_into().ok()?) as f64,
+        DType::F64 => f64::from_le_bytes(b.try_into().ok()?),
+        DType::F16 => half::f16::from_le_bytes(b.try_into().ok()?).to_f64(),
+        DType::BF16 => half::bf16::from_le_bytes(b.try_into().ok()?).to_f64(),
+        _ => return None,
+    };
+    Some((monitor, v))
 }
 
 /// Cheap completeness check: the zip's central directory (end record) is present and the
@@ -126,7 +160,7 @@ pub(crate) fn open(path: &Path) -> Result<Loaded> {
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
     check_byteorder(path, &mut zip, &prefix)?;
     let pk = decode_pickle(path, &mut zip, &pkl)?;
-    let (dict, format, metadata) = state_dict(path, &pk)?;
+    let (dict, format, mut metadata) = state_dict(path, &pk)?;
     let entries = entry_offsets(path, &mut zip, &prefix)?;
     let mut metas = Vec::new();
     let mut tensors = HashMap::new();
@@ -148,10 +182,15 @@ pub(crate) fn open(path: &Path) -> Result<Loaded> {
         ));
     }
     let step = metadata.get("global_step").and_then(|s| s.parse().ok());
+    let store = PickleStore { path: path.to_path_buf(), file, identity, tensors };
+    if let Some((monitor, score)) = lightning_score(path, &pk, &entries, &store) {
+        metadata.insert("metric".to_string(), score.to_string());
+        metadata.insert("metric_name".to_string(), monitor);
+    }
     Ok(Loaded {
         format,
         tensors: metas,
-        storage: Storage::Pickle(PickleStore { path: path.to_path_buf(), file, identity, tensors }),
+        storage: Storage::Pickle(store),
         metadata,
         step,
         side_dir: None,
@@ -159,6 +198,9 @@ pub(crate) fn open(path: &Path) -> Result<Loaded> {
 }
 
 type Zip = zip::ZipArchive<BufReader<File>>;
+
+/// Storage key → (absolute data offset, stored length); `None` for compressed entries.
+type Entries = HashMap<String, Option<(u64, u64)>>;
 
 fn read_entry(path: &Path, zip: &mut Zip, name: &str) -> Result<Vec<u8>> {
     let mut entry = zip.by_name(name).map_err(|e| zip_error(path, e))?;
@@ -191,11 +233,7 @@ fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Pickle> {
 
 /// Zip entry name → (absolute data offset, stored length), for uncompressed entries;
 /// compressed entries map to `None` (torch never compresses; a re-zipped file might).
-fn entry_offsets(
-    path: &Path,
-    zip: &mut Zip,
-    prefix: &str,
-) -> Result<HashMap<String, Option<(u64, u64)>>> {
+fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str) -> Result<Entries> {
     let mut out = HashMap::new();
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| zip_error(path, e))?;
@@ -212,12 +250,7 @@ fn entry_offsets(
 }
 
 /// Resolve a tensor's storage in the zip and check its view stays inside the storage.
-fn locate(
-    path: &Path,
-    name: &str,
-    raw: RawTensor,
-    entries: &HashMap<String, Option<(u64, u64)>>,
-) -> Result<PickleTensor> {
+fn locate(path: &Path, name: &str, raw: RawTensor, entries: &Entries) -> Result<PickleTensor> {
     let bad = |what: String| Error::bad_input(path, format!("tensor {name}: {what}"));
     let dtype = dtype_of_storage(&raw.storage_class).ok_or_else(|| {
         bad(format!(

@@ -180,3 +180,20 @@ pub(crate) fn dtype_of_storage(class: &str) -> Option<DType> {
         _ => return None,
     })
 }
+
+/// Lightning's `ModelCheckpoint` state in `callbacks`: the monitored name and the id of its
+/// `current_score` (the score of the checkpoint being saved).
+pub(crate) fn model_checkpoint_score(pk: &Pickle) -> Option<(String, Id)> {
+    let entry = |d: Id, key: &str| {
+        pk.dict_items(d)?.iter().find(|(k, _)| pk.str(*k) == Some(key)).map(|&(_, v)| v)
+    };
+    let callbacks = entry(pk.root, "callbacks")?;
+    pk.dict_items(callbacks)?.iter().find_map(|&(k, v)| {
+        if !pk.str(k)?.starts_with("ModelCheckpoint") {
+            return None;
+        }
+        let monitor = pk.str(entry(v, "monitor")?)?.to_string();
+        let score = entry(v, "current_score")?;
+        Some((monitor, score))
+    })
+}

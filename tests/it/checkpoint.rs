@@ -175,6 +175,9 @@ fn lightning_ckpt_reads_state_dict() {
     assert_eq!(ck.step(), Some(500), "global_step");
     assert_eq!(ck.metadata()["epoch"], "3");
     assert_eq!(ck.metadata()["pytorch-lightning_version"], "2.4.0");
+    // ModelCheckpoint's current_score (a 0-d f32 tensor read from the zip) and its monitor.
+    assert_eq!(ck.metadata()["metric"].parse::<f32>().unwrap(), 0.3);
+    assert_eq!(ck.metadata()["metric_name"], "val_loss");
 }
 
 fn write_sharded(dir: &Path, map: &[(&str, &str)]) -> PathBuf {
