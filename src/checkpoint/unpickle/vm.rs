@@ -367,6 +367,14 @@ impl Vm<'_> {
                 let func = self.pop()?;
                 self.call(func, args)
             }
+            _ => return self.step_instance(op),
+        }
+        Ok(false)
+    }
+
+    /// INST, OBJ, BUILD and persistent ids.
+    fn step_instance(&mut self, op: u8) -> Result<bool, String> {
+        match op {
             b'i' => {
                 let module = self.r.line()?.to_string();
                 let name = self.r.line()?.to_string();
