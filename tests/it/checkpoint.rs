@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as SDtype;
 use safetensors::tensor::TensorView;
-use sewa::checkpoint::{Checkpoint, DType, Format, Identity, OpenOptions, quick_check};
+use sewa::checkpoint::{
+    Checkpoint, DType, Format, Identity, OpenOptions, is_temp_name, parse_step, quick_check,
+};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -489,4 +491,27 @@ fn release_drops_resident_pages() {
     ck.release("big");
     let released = mapped_rss_kb(&p).unwrap();
     assert!(released < 1024, "release should drop the pages: {released} kB resident");
+}
+
+/// The names real trainers write, as the watcher sees them (more cases in `names.rs`).
+#[test]
+fn step_and_temp_names_of_real_writers() {
+    let steps = [
+        ("checkpoint-500", Some(500)),           // HF Trainer
+        ("epoch=3-step=500.ckpt", Some(500)),    // Lightning
+        ("step=500.ckpt", Some(500)),            // Lightning, custom filename
+        ("step_0000500.safetensors", Some(500)), // custom loops
+        ("model_500.safetensors", Some(500)),
+        ("global_step500", Some(500)), // DeepSpeed
+        ("last.ckpt", None),
+        ("model-00001-of-00003.safetensors", None),
+    ];
+    for (name, want) in steps {
+        assert_eq!(parse_step(name), want, "{name}");
+    }
+    let temps = [".tmpA8f3kq", "tmp-checkpoint-500", "model.pt.part", "x.safetensors.tmp"];
+    for name in temps {
+        assert!(is_temp_name(name), "{name}");
+    }
+    assert!(!is_temp_name("checkpoint-500") && !is_temp_name("epoch=3-step=500.ckpt"));
 }
