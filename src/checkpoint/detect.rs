@@ -41,7 +41,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
 
 pub(crate) fn single_safetensors(path: &Path) -> Result<Loaded> {
     let st = safetensors::open(path)?;
-    let step = st.header.metadata.get("step").and_then(|s| s.trim().parse().ok());
+    let step = step_from_metadata(&st.header.metadata);
     let (tensors, index) = index_mapped(vec![(0, st.header.tensors)]);
     Ok(Loaded {
         format: Format::Safetensors,
@@ -91,4 +91,9 @@ pub(crate) fn sniff(path: &Path) -> Result<Sniffed> {
         [0x80, 2..=5, ..] if n == 8 && as_len > 100_000_000 => Sniffed::LegacyPickle,
         _ => Sniffed::Other,
     })
+}
+
+/// Step recorded in safetensors `__metadata__`: `step`, else `global_step`.
+pub(crate) fn step_from_metadata(meta: &BTreeMap<String, String>) -> Option<u64> {
+    ["step", "global_step"].iter().find_map(|k| meta.get(*k)?.trim().parse().ok())
 }

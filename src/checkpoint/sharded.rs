@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
-use super::detect::Loaded;
+use super::detect::{Loaded, step_from_metadata};
 use super::{Format, Storage, safetensors};
 use crate::error::{Error, Result};
 
@@ -116,7 +116,7 @@ pub(crate) fn open(index_path: &Path) -> Result<Loaded> {
     for (k, v) in index.metadata {
         metadata.entry(k).or_insert(v);
     }
-    let step = metadata.get("step").and_then(|s| s.trim().parse().ok());
+    let step = step_from_metadata(&metadata);
     Ok(Loaded {
         format: Format::ShardedSafetensors,
         tensors,

@@ -93,6 +93,9 @@ fn step_from_name_wins_over_metadata() {
     let p = dir.path().join("step_0000042.safetensors");
     write_st(&p, &sample(), Some(&[("step", "7")]));
     assert_eq!(open(&p).unwrap().step(), Some(42));
+    let g = dir.path().join("model.safetensors");
+    write_st(&g, &sample(), Some(&[("global_step", "9")]));
+    assert_eq!(open(&g).unwrap().step(), Some(9), "global_step metadata");
 }
 
 #[test]
