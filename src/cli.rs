@@ -1,18 +1,93 @@
-//! Command line: clap derive, flags only, no logic.
+//! Command-line flags (clap derive). Flags only: no logic here; `commands` does the work.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::average::{IntPolicy, OutDType};
 
 #[derive(Debug, Parser)]
-#[command(name = "sewa", version, about = "Selective Weight Averaging beside a training job")]
+#[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
 pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train a small model on a synthetic noisy task and compare every selector on its window.
-    Demo(sewa::demo::DemoArgs),
-    /// Draw an SVG of a selection over its window.
-    Report(sewa::report::ReportArgs),
+    /// Average checkpoints into one model, published atomically with a JSON manifest.
+    Average(AverageArgs),
+    /// Show a checkpoint's format, tensors (dtype, shape), size, step and metadata.
+    Inspect(InspectArgs),
+    /// Train a small model on a synthetic noisy task, then compare every selector (SeWA too)
+    /// on its checkpoint window and publish SeWA's average. Self-contained, no downloads.
+    Demo(crate::demo::DemoArgs),
+    /// Draw an SVG of a selection over its window (member losses, SeWA probabilities, chosen).
+    Report(crate::report::ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
+    /// directory (model.safetensors or shards, side files, manifest.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Non-negative weights, one per input (after --last), comma-separated; normalised to sum 1.
+    /// Default: uniform.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_name = "W,W,...")]
+    pub weights: Option<Vec<f64>>,
+    /// Average only the last N inputs (by training step when every input has one, else in the
+    /// order given).
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Output dtype of floating tensors: keep (the inputs' dtype), f32, bf16 or f16.
+    #[arg(long, default_value_t = OutDType::Keep, value_name = "DTYPE")]
+    pub dtype: OutDType,
+    /// Integer/bool tensors (step counters, num_batches_tracked): copy from the latest input,
+    /// the first, or refuse them (error).
+    #[arg(long, default_value_t = IntPolicy::Latest, value_name = "POLICY")]
+    pub int_policy: IntPolicy,
+    /// Worker threads for the averaging kernel.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub threads: usize,
+    /// Strip this key prefix from every input (repeatable; `_orig_mod.` is always stripped).
+    #[arg(long = "strip-prefix", value_name = "PREFIX")]
+    pub strip_prefix: Vec<String>,
+    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
+    #[arg(long, default_value = "5GiB", value_parser = crate::commands::parse_size, value_name = "SIZE")]
+    pub max_shard_size: u64,
+    /// Config file whose `[objective]` (and `[select.sewa]`) tables drive --select.
+    #[arg(long, value_name = "FILE", requires = "select")]
+    pub config: Option<PathBuf>,
+    /// Choose the inputs with a model-based selector: sewa, greedy, exhaustive or random.
+    #[arg(long, value_name = "METHOD", requires = "config", conflicts_with = "weights")]
+    pub select: Option<String>,
+    /// Members to choose with --select (greedy picks its own size).
+    #[arg(long, value_name = "K", default_value_t = 5)]
+    pub k: usize,
+    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Strip this key prefix (repeatable; `_orig_mod.` is always stripped).
+    #[arg(long = "strip-prefix", value_name = "PREFIX")]
+    pub strip_prefix: Vec<String>,
+    /// A checkpoint file or directory.
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
 }

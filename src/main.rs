@@ -1,33 +1,58 @@
-//! Parse the command line, start logging, call the library, map errors to exit codes.
+//! The `sewa` binary: parse flags, start logging, call the library, map errors to exit codes
+//! (0 ok, 2 bad input or usage, 78 config, 1 internal). Nothing else lives here.
 
-mod cli;
+use std::process::ExitCode;
 
 use clap::Parser;
+use sewa::cli::{Cli, Command, LogFormat};
+use sewa::commands;
 
-fn main() {
-    let args = cli::Cli::parse();
-    // candle's and rayon's pools read these once: set them before the first candle op, while
-    // the process is still single-threaded.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    set_thread_counts();
+    init_logging(cli.log_format);
+    let result = match &cli.command {
+        Command::Average(args) => commands::average::run(args).map(|p| {
+            println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
+        }),
+        Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
+        Command::Demo(args) => sewa::demo::run(args).map(|_| ()),
+        Command::Report(args) => sewa::report::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match cli.log_format {
+                LogFormat::Text => eprintln!("sewa: error: {e}"),
+                LogFormat::Json => tracing::error!("{e}"),
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default level (info).
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// candle's and rayon's pools read these once: set them before the first candle op, while the
+/// process is still single-threaded. Default: all cores.
+fn set_thread_counts() {
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
-            // SAFETY: no other thread exists yet.
+            // SAFETY: no other thread exists yet (tokio and candle have not started).
             #[allow(unsafe_code)]
             unsafe {
                 std::env::set_var(var, n)
             };
         }
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match &args.command {
-        cli::Command::Demo(a) => sewa::demo::run(a).map(|_| ()),
-        cli::Command::Report(a) => sewa::report::run(a),
-    };
-    if let Err(e) = result {
-        eprintln!("sewa: {e}");
-        std::process::exit(e.exit_code());
     }
 }

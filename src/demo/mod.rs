@@ -86,11 +86,16 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
     let members = open_window(&ckpt_dir, args.window)?;
     let scorer = Scorer { test_x, test_y: &data.test.y, activation: Activation::Relu };
     let sewa_cfg = SewaConfig { seed: args.seed, ..SewaConfig::default() };
-    let (rows, sewa) = table::rows(&members, objective.as_mut(), &scorer, args.k, &sewa_cfg)?;
+    let (rows, sewa, member_losses) =
+        table::rows(&members, objective.as_mut(), &scorer, args.k, &sewa_cfg)?;
     println!("{}", table::render(&rows, members.len(), args.k));
     warm_vs_cold(&ckpt_dir, args, objective.as_mut(), &sewa_cfg)?;
-    let published = table::publish_sewa(&members, &sewa, &dir)?;
+    let published = table::publish_sewa(&members, &sewa, &member_losses, &dir)?;
     println!("published SeWA average: {}", published.display());
+    println!(
+        "selection report: sewa report {} --out window.svg",
+        dir.join("published/selection.json").display()
+    );
     if let Some(p) = &args.json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Error::Internal(e.to_string()))?;
@@ -108,35 +113,7 @@ fn open_window(dir: &Path, window: usize) -> Result<Vec<Checkpoint>> {
         .collect();
     paths.sort();
     let start = paths.len().saturating_sub(window);
-    paths[start..].iter().map(|p| open(p)).collect()
-}
-
-/// Open through the format readers; fall back to reading the file into memory while they are
-/// not built.
-pub fn open(path: &Path) -> Result<Checkpoint> {
-    match Checkpoint::open(path, &OpenOptions::default()) {
-        Ok(c) => Ok(c),
-        Err(_) => read_into_memory(path),
-    }
-}
-
-fn read_into_memory(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).with_path(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::bad_input(path, format!("not safetensors: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::bad_input(path, e.to_string()))?;
-    let step = meta.metadata().as_ref().and_then(|m| m.get("step")).and_then(|s| s.parse().ok());
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let dtype = crate::checkpoint::DType::from_safetensors(v.dtype())
-                .ok_or_else(|| Error::bad_input(path, format!("{name}: unsupported dtype")))?;
-            Ok((name, dtype, v.shape().to_vec(), v.data().to_vec()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Checkpoint::from_memory(path, step, tensors)
+    paths[start..].iter().map(|p| Checkpoint::open(p, &OpenOptions::default())).collect()
 }
 
 /// Re-selection after the window slides by two checkpoints: cold versus warm oracle calls.

@@ -8,9 +8,12 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
+use crate::average::{AverageOptions, AveragePlan};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result, WithPath};
+use crate::manifest::Provenance;
 use crate::objective::{Activation, Objective, mlp};
+use crate::publish::{PublishOptions, publish};
 use crate::select::blend::Blend;
 use crate::select::{Selection, SewaConfig, run_model_based};
 
@@ -75,7 +78,7 @@ pub fn rows(
     scorer: &Scorer,
     k: usize,
     cfg: &SewaConfig,
-) -> Result<(Vec<Row>, Selection)> {
+) -> Result<(Vec<Row>, Selection, Vec<f64>)> {
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let blend = Blend::new(&refs)?;
     let mut rows = Vec::new();
@@ -94,7 +97,7 @@ pub fn rows(
         });
     }
     rows.push(random_mean(members, obj, scorer, k, cfg, &blend)?);
-    let mut sewa = None;
+    let (mut sewa, mut member_losses) = (None, Vec::new());
     for method in ["greedy", "sewa", "exhaustive"] {
         let t = Instant::now();
         let (sel, _) = run_model_based(method, k, &refs, obj, cfg, None)?;
@@ -111,11 +114,15 @@ pub fn rows(
             wall_seconds: wall,
             oracle_calls: sel.details["oracle_calls"].as_f64().unwrap_or(0.0),
         });
+        if method == "greedy" {
+            member_losses = serde_json::from_value(sel.details["member_losses"].clone())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
         if method == "sewa" {
             sewa = Some(sel);
         }
     }
-    Ok((rows, sewa.expect("sewa row")))
+    Ok((rows, sewa.expect("sewa row"), member_losses))
 }
 
 /// `random k`, averaged over 10 seeds.
@@ -177,33 +184,26 @@ pub fn render(rows: &[Row], window: usize, k: usize) -> String {
     s
 }
 
-/// Write SeWA's average (float tensors) to `<dir>/published/model.safetensors` by temp file and
-/// rename, with the selection beside it as `selection.json`. Returns the model's path.
-pub fn publish_sewa(members: &[Checkpoint], sel: &Selection, dir: &Path) -> Result<PathBuf> {
+/// Publish SeWA's average to `<dir>/published/model.safetensors` through the averaging kernel
+/// and atomic publisher (manifest beside it, with the selection's report); also write the
+/// selection with the members' own losses as `selection.json` for `sewa report`.
+pub fn publish_sewa(
+    members: &[Checkpoint],
+    sel: &Selection,
+    member_losses: &[f64],
+    dir: &Path,
+) -> Result<PathBuf> {
     let out_dir = dir.join("published");
     std::fs::create_dir_all(&out_dir).with_path(&out_dir)?;
     let refs: Vec<&Checkpoint> = members.iter().collect();
-    let blend = Blend::new(&refs)?;
-    let mut p = blend.zeros();
-    blend.mix(&sel.weights, &mut p)?;
-    let bytes: Vec<Vec<u8>> =
-        p.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views = p
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
-                .map(|v| (t.name.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Internal(format!("publish: {e}")))?;
-    let path = out_dir.join("model.safetensors");
-    let tmp = out_dir.join(".model.safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| Error::bad_input(&tmp, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, &path).with_path(&path)?;
-    let json = serde_json::to_string_pretty(sel).map_err(|e| Error::Internal(e.to_string()))?;
+    let plan = AveragePlan::new(refs, Some(&sel.weights), AverageOptions::default())?;
+    let out = out_dir.join("model.safetensors");
+    let published =
+        publish(&plan, &out, Provenance::from(sel), &PublishOptions::default(), &mut |_| {})?;
+    let mut sel = sel.clone();
+    sel.details["member_losses"] = serde_json::json!(member_losses);
+    let json = serde_json::to_string_pretty(&sel).map_err(|e| Error::Internal(e.to_string()))?;
     let sel_path = out_dir.join("selection.json");
     std::fs::write(&sel_path, json).with_path(&sel_path)?;
-    Ok(path)
+    Ok(published.path)
 }

@@ -19,6 +19,26 @@ pub enum ObjectiveKind {
     Builtin,
 }
 
+/// Build the objective a raw `[objective]` table describes: `kind = "builtin"` (default) or
+/// `kind = "command"` (external evaluator). Relative paths resolve against the config's dir.
+pub fn build_objective(value: &toml::Value, config_path: &Path) -> Result<Box<dyn Objective>> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("command") => {
+            let mut table = value.clone();
+            if let Some(t) = table.as_table_mut() {
+                t.remove("kind");
+            }
+            let cfg: super::command::CommandConfig = table
+                .try_into()
+                .map_err(|e| Error::config(config_path, format!("[objective]: {e}")))?;
+            cfg.check(config_path)?;
+            Ok(Box::new(super::command::CommandObjective::start(cfg)?))
+        }
+        _ => ObjectiveConfig::from_toml(value, config_path)?.build(base),
+    }
+}
+
 /// Which builtin model to infer from the checkpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

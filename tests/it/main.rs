@@ -1,3 +1,9 @@
-//! One integration-test target; topic modules below.
+//! The one integration-test target: topic modules, real files in unique temp dirs.
+
+mod average;
+mod checkpoint;
+mod cli;
+mod evaluator;
 mod objective;
+mod publish;
 mod sewa;
