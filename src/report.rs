@@ -39,7 +39,10 @@ impl Window {
     /// Extract from a selection JSON; the error says what is missing.
     pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
         let sel = v.get("selection").unwrap_or(v);
-        let weights = floats(&sel["weights"]).ok_or("no `weights` array: not a selection")?;
+        // A manifest keeps the weights at its top level, a bare selection inside itself.
+        let weights = floats(&sel["weights"])
+            .or_else(|| floats(&v["weights"]))
+            .ok_or("no `weights` array: not a selection or a manifest")?;
         let d = &sel["details"];
         let labels = match d["members"].as_array() {
             Some(ms) => ms

@@ -218,3 +218,64 @@ fn baselines_behave() {
     let w: f64 = g.weights.iter().sum();
     assert!((w - 1.0).abs() < 1e-12);
 }
+
+/// Real files end to end: a short candle training run writes checkpoints; `sewa average
+/// --select sewa` (builtin MLP objective from a config file) publishes the same subset and loss
+/// as `--select exhaustive`; `sewa report` draws the manifest.
+#[test]
+fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
+    use sewa::demo::task::TaskSpec;
+    use sewa::objective::data::{Targets, write_dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TaskSpec {
+        hidden: 12,
+        train_rows: 400,
+        selection_rows: 300,
+        test_rows: 10,
+        steps: 240,
+        save_every: 30,
+        seed: 3,
+        ..TaskSpec::default()
+    };
+    let task = spec.generate();
+    let inputs = spec.train(&task, dir.path(), |_| {}).unwrap();
+    assert_eq!(inputs.len(), 8);
+    let data = dir.path().join("sel.safetensors");
+    write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
+        .unwrap();
+    let config = dir.path().join("sewa.toml");
+    std::fs::write(&config, "[objective]\ndata = \"sel.safetensors\"\n\n[select.sewa]\nseed = 4\n")
+        .unwrap();
+    let manifest = |method: &str| {
+        let out = dir.path().join(format!("{method}.safetensors"));
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
+            .args(["average", "--config"])
+            .arg(&config)
+            .args(["--select", method, "--k", "3", "--out"])
+            .arg(&out)
+            .args(&inputs)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let m = dir.path().join(format!("{method}.safetensors.manifest.json"));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+        (m, v)
+    };
+    let (path, sw) = manifest("sewa");
+    let (_, ex) = manifest("exhaustive");
+    assert_eq!(sw["selection"]["method"], "sewa");
+    assert_eq!(sw["weights"], ex["weights"], "sewa: {}", sw["selection"]["why"]);
+    assert_eq!(sw["selection"]["loss"], ex["selection"]["loss"]);
+    assert!(sw["selection"]["details"]["oracle_calls"].as_u64().unwrap() > 0);
+    let svg = dir.path().join("w.svg");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .arg("report")
+        .arg(&path)
+        .arg("--out")
+        .arg(&svg)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("sewa: chosen 3 of 8"), "{}", &text[..200]);
+}
