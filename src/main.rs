@@ -9,7 +9,9 @@ use sewa::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    set_thread_counts();
+    // The demo's model is tiny: a second thread costs more than it saves (measured: SeWA over
+    // 20 checkpoints 0.5-1.0 s on one thread vs 2.0 s on two on a busy 2-core machine).
+    set_thread_counts(matches!(cli.command, Command::Demo(_)));
     init_logging(cli.log_format);
     let result = match &cli.command {
         Command::Average(args) => commands::average::run(args).map(|p| {
@@ -43,11 +45,12 @@ fn init_logging(format: LogFormat) {
 }
 
 /// candle's and rayon's pools read these once: set them before the first candle op, while the
-/// process is still single-threaded. Default: all cores.
-fn set_thread_counts() {
+/// process is still single-threaded. Default: all cores, or one with `single`.
+fn set_thread_counts(single: bool) {
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
+            let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let n = if single { 1 } else { all }.to_string();
             // SAFETY: no other thread exists yet (tokio and candle have not started).
             #[allow(unsafe_code)]
             unsafe {
