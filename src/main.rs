@@ -9,9 +9,7 @@ use sewa::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo's model is tiny: a second thread costs more than it saves (measured: SeWA over
-    // 20 checkpoints 0.5-1.0 s on one thread vs 2.0 s on two on a busy 2-core machine).
-    set_thread_counts(matches!(cli.command, Command::Demo(_)));
+    cap_threads(thread_cap(&cli.command));
     init_logging(cli.log_format);
     let result = match &cli.command {
         Command::Average(args) => commands::average::run(args).map(|p| {
@@ -44,17 +42,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Threads sewa may use for compute: the command's own cap (the sidecar must not compete with
+/// the trainer for cores). The demo's model is tiny: a second thread costs more than it saves
+/// (measured: SeWA over 20 checkpoints 0.5 s on one thread vs 2.0 s on two, busy 2-core machine).
+fn thread_cap(command: &Command) -> usize {
+    match command {
+        Command::Average(a) => a.threads,
+        _ => 1,
+    }
+}
+
 /// candle's and rayon's pools read these once: set them before the first candle op, while the
-/// process is still single-threaded. Default: all cores, or one with `single`.
-fn set_thread_counts(single: bool) {
+/// process is still single-threaded. A value the user exported wins.
+fn cap_threads(n: usize) {
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
-            let all = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let n = if single { 1 } else { all }.to_string();
-            // SAFETY: no other thread exists yet (tokio and candle have not started).
+            // SAFETY: called first thing in main, before any other thread exists.
             #[allow(unsafe_code)]
             unsafe {
-                std::env::set_var(var, n)
+                std::env::set_var(var, n.max(1).to_string())
             };
         }
     }

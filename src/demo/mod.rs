@@ -79,6 +79,7 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
         activation: Activation::Relu,
         loss: LossKind::CrossEntropy,
         batch: None,
+        ..Default::default()
     };
     let mut objective = cfg.build(&dir)?;
     let test_x = Tensor::from_slice(&data.test.x, (data.test.y.len(), spec.features), &Device::Cpu)

@@ -7,36 +7,25 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Objective;
+use super::command::{CommandConfig, CommandObjective};
 use super::data::Dataset;
 use super::mlp::MlpObjective;
 use crate::error::{Error, Result};
 
-/// Where the loss is computed. Only the in-process candle models exist so far.
+/// Where the loss is computed: in-process candle models, or an external evaluator process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectiveKind {
     #[default]
     Builtin,
+    Command,
 }
 
 /// Build the objective a raw `[objective]` table describes: `kind = "builtin"` (default) or
 /// `kind = "command"` (external evaluator). Relative paths resolve against the config's dir.
 pub fn build_objective(value: &toml::Value, config_path: &Path) -> Result<Box<dyn Objective>> {
     let base = config_path.parent().unwrap_or(Path::new("."));
-    match value.get("kind").and_then(|k| k.as_str()) {
-        Some("command") => {
-            let mut table = value.clone();
-            if let Some(t) = table.as_table_mut() {
-                t.remove("kind");
-            }
-            let cfg: super::command::CommandConfig = table
-                .try_into()
-                .map_err(|e| Error::config(config_path, format!("[objective]: {e}")))?;
-            cfg.check(config_path)?;
-            Ok(Box::new(super::command::CommandObjective::start(cfg)?))
-        }
-        _ => ObjectiveConfig::from_toml(value, config_path)?.build(base),
-    }
+    ObjectiveConfig::from_toml(value, config_path)?.build(base)
 }
 
 /// Which builtin model to infer from the checkpoint.
@@ -70,7 +59,7 @@ pub enum LossKind {
 
 /// The `[objective]` table. Defaults: `kind = "builtin"`, `model = "mlp"`,
 /// `activation = "relu"`, `loss = "cross_entropy"`, `batch` = all rows.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectiveConfig {
     #[serde(default)]
@@ -78,6 +67,8 @@ pub struct ObjectiveConfig {
     #[serde(default)]
     pub model: ModelKind,
     /// safetensors file with `inputs` (f32 [N, D]) and `targets`; relative to the config file.
+    /// Required for `kind = "builtin"`.
+    #[serde(default)]
     pub data: PathBuf,
     #[serde(default)]
     pub activation: Activation,
@@ -86,6 +77,18 @@ pub struct ObjectiveConfig {
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
     #[serde(default)]
     pub batch: Option<usize>,
+    /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub startup_timeout_s: Option<f64>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of the evaluator, relative to the config file.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
 }
 
 impl ObjectiveConfig {
@@ -104,7 +107,18 @@ impl ObjectiveConfig {
         if self.batch == Some(0) {
             return Err(Error::config(config_path, "[objective] batch must be at least 1"));
         }
-        Ok(())
+        match self.kind {
+            ObjectiveKind::Builtin if self.data.as_os_str().is_empty() => Err(Error::config(
+                config_path,
+                "[objective] kind = \"builtin\" needs data = \"selection.safetensors\"",
+            )),
+            ObjectiveKind::Builtin if !self.command.is_empty() => Err(Error::config(
+                config_path,
+                "[objective] command is only used with kind = \"command\"",
+            )),
+            ObjectiveKind::Builtin => Ok(()),
+            ObjectiveKind::Command => self.command_config(Path::new(".")).check(config_path),
+        }
     }
 
     /// The data path, resolved against the directory of the config file.
@@ -112,8 +126,25 @@ impl ObjectiveConfig {
         if self.data.is_absolute() { self.data.clone() } else { base_dir.join(&self.data) }
     }
 
-    /// Load the data and build the oracle. `base_dir` is the config file's directory.
+    /// The evaluator settings for `kind = "command"`, `cwd` resolved against `base_dir`.
+    pub fn command_config(&self, base_dir: &Path) -> CommandConfig {
+        let defaults: CommandConfig =
+            toml::from_str("command = [\"x\"]").expect("CommandConfig defaults parse");
+        CommandConfig {
+            command: self.command.clone(),
+            timeout_s: self.timeout_s.unwrap_or(defaults.timeout_s),
+            startup_timeout_s: self.startup_timeout_s.unwrap_or(defaults.startup_timeout_s),
+            env: self.env.clone(),
+            cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
+        }
+    }
+
+    /// Load the data and build the oracle (or start the evaluator). `base_dir` is the config
+    /// file's directory.
     pub fn build(&self, base_dir: &Path) -> Result<Box<dyn Objective>> {
+        if self.kind == ObjectiveKind::Command {
+            return Ok(Box::new(CommandObjective::start(self.command_config(base_dir))?));
+        }
         let path = self.data_path(base_dir);
         let data = Dataset::load(&path, self.loss)?;
         Ok(Box::new(MlpObjective::new(data, self.activation, self.loss, self.batch)))

@@ -13,14 +13,7 @@ fn cfg(
     loss: LossKind,
     batch: Option<usize>,
 ) -> ObjectiveConfig {
-    ObjectiveConfig {
-        kind: Default::default(),
-        model: Default::default(),
-        data: data.to_path_buf(),
-        activation,
-        loss,
-        batch,
-    }
+    ObjectiveConfig { data: data.to_path_buf(), activation, loss, batch, ..Default::default() }
 }
 
 fn wave(n: usize, phase: f32) -> Vec<f32> {
