@@ -87,11 +87,10 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
     let members = open_window(&ckpt_dir, args.window)?;
     let scorer = Scorer { test_x, test_y: &data.test.y, activation: Activation::Relu };
     let sewa_cfg = SewaConfig { seed: args.seed, ..SewaConfig::default() };
-    let (rows, sewa, member_losses) =
-        table::rows(&members, objective.as_mut(), &scorer, args.k, &sewa_cfg)?;
+    let (rows, sewa) = table::rows(&members, objective.as_mut(), &scorer, args.k, &sewa_cfg)?;
     println!("{}", table::render(&rows, members.len(), args.k));
     warm_vs_cold(&ckpt_dir, args, objective.as_mut(), &sewa_cfg)?;
-    let published = table::publish_sewa(&members, &sewa, &member_losses, &dir)?;
+    let published = table::publish_sewa(&members, &sewa, &dir)?;
     println!("published SeWA average: {}", published.display());
     println!(
         "selection report: sewa report {} --out window.svg",

@@ -78,7 +78,7 @@ pub fn rows(
     scorer: &Scorer,
     k: usize,
     cfg: &SewaConfig,
-) -> Result<(Vec<Row>, Selection, Vec<f64>)> {
+) -> Result<(Vec<Row>, Selection)> {
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let blend = Blend::new(&refs)?;
     let mut rows = Vec::new();
@@ -97,7 +97,7 @@ pub fn rows(
         });
     }
     rows.push(random_mean(members, obj, scorer, k, cfg, &blend)?);
-    let (mut sewa, mut member_losses) = (None, Vec::new());
+    let mut sewa = None;
     for method in ["greedy", "sewa", "exhaustive"] {
         let t = Instant::now();
         let (sel, _) = run_model_based(method, k, &refs, obj, cfg, None)?;
@@ -114,15 +114,11 @@ pub fn rows(
             wall_seconds: wall,
             oracle_calls: sel.details["oracle_calls"].as_f64().unwrap_or(0.0),
         });
-        if method == "greedy" {
-            member_losses = serde_json::from_value(sel.details["member_losses"].clone())
-                .map_err(|e| Error::Internal(e.to_string()))?;
-        }
         if method == "sewa" {
             sewa = Some(sel);
         }
     }
-    Ok((rows, sewa.expect("sewa row"), member_losses))
+    Ok((rows, sewa.expect("sewa row")))
 }
 
 /// `random k`, averaged over 10 seeds.
@@ -186,13 +182,8 @@ pub fn render(rows: &[Row], window: usize, k: usize) -> String {
 
 /// Publish SeWA's average to `<dir>/published/model.safetensors` through the averaging kernel
 /// and atomic publisher (manifest beside it, with the selection's report); also write the
-/// selection with the members' own losses as `selection.json` for `sewa report`.
-pub fn publish_sewa(
-    members: &[Checkpoint],
-    sel: &Selection,
-    member_losses: &[f64],
-    dir: &Path,
-) -> Result<PathBuf> {
+/// selection as `selection.json` for `sewa report`.
+pub fn publish_sewa(members: &[Checkpoint], sel: &Selection, dir: &Path) -> Result<PathBuf> {
     let out_dir = dir.join("published");
     std::fs::create_dir_all(&out_dir).with_path(&out_dir)?;
     let refs: Vec<&Checkpoint> = members.iter().collect();
@@ -200,8 +191,6 @@ pub fn publish_sewa(
     let out = out_dir.join("model.safetensors");
     let published =
         publish(&plan, &out, Provenance::from(sel), &PublishOptions::default(), &mut |_| {})?;
-    let mut sel = sel.clone();
-    sel.details["member_losses"] = serde_json::json!(member_losses);
     let json = serde_json::to_string_pretty(&sel).map_err(|e| Error::Internal(e.to_string()))?;
     let sel_path = out_dir.join("selection.json");
     std::fs::write(&sel_path, json).with_path(&sel_path)?;

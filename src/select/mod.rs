@@ -93,7 +93,15 @@ pub fn run_model_based(
         _ => search::random(&mut oracle, k, cfg.seed)?,
     };
     let wall = started.elapsed().as_secs_f64();
-    let selection = to_selection(method, members, &found, oracle.calls, wall, &oracle.describe());
+    let calls = oracle.calls;
+    let mut selection = to_selection(method, members, &found, calls, wall, &oracle.describe());
+    if cfg.member_losses && selection.details.get("member_losses").is_none() {
+        // Cached subsets cost nothing; what is new is counted apart from the selection's cost.
+        let own: Vec<f64> =
+            (0..members.len()).map(|i| oracle.subset(&[i])).collect::<Result<_>>()?;
+        selection.details["member_losses"] = serde_json::json!(own);
+        selection.details["oracle_calls_report"] = serde_json::json!(oracle.calls - calls);
+    }
     Ok((selection, state))
 }
 

@@ -52,6 +52,9 @@ pub struct SewaConfig {
     pub polish_tries: usize,
     /// Largest number of k-subsets `exhaustive` will evaluate.
     pub exhaustive_limit: u64,
+    /// Also record each member's own loss (K forward calls, reported apart from the
+    /// selection's cost as `oracle_calls_report`) so `sewa report` can draw them.
+    pub member_losses: bool,
 }
 
 impl Default for SewaConfig {
@@ -68,6 +71,7 @@ impl Default for SewaConfig {
             polish: true,
             polish_tries: 6,
             exhaustive_limit: 20_000,
+            member_losses: true,
         }
     }
 }

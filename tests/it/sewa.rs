@@ -266,7 +266,10 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
     assert_eq!(sw["selection"]["method"], "sewa");
     assert_eq!(sw["weights"], ex["weights"], "sewa: {}", sw["selection"]["why"]);
     assert_eq!(sw["selection"]["loss"], ex["selection"]["loss"]);
-    assert!(sw["selection"]["details"]["oracle_calls"].as_u64().unwrap() > 0);
+    let d = &sw["selection"]["details"];
+    assert!(d["oracle_calls"].as_u64().unwrap() > 0);
+    assert_eq!(d["member_losses"].as_array().unwrap().len(), 8);
+    assert_eq!(d["probabilities"].as_array().unwrap().len(), 8);
     let svg = dir.path().join("w.svg");
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
         .arg("report")
@@ -278,4 +281,5 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
     assert!(st.success());
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("sewa: chosen 3 of 8"), "{}", &text[..200]);
+    assert!(text.contains("own held-out loss"), "the member-loss panel is drawn");
 }
