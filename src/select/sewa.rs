@@ -138,7 +138,9 @@ pub fn project(theta: &mut [f64], k: usize) {
 /// flat start at s = k/K. Returns θ and whether the start was warm.
 fn initial_theta(keys: &[String], k: usize, warm: Option<&SewaState>) -> (Vec<f64>, bool) {
     let n = keys.len();
-    let flat = ((k as f64 / n as f64) / (1.0 - k as f64 / n as f64)).ln();
+    // Clamped so k = K (nothing to choose) still gives finite logits.
+    let p = (k as f64 / n as f64).clamp(1e-6, 1.0 - 1e-6);
+    let flat = (p / (1.0 - p)).ln();
     let Some(w) = warm else { return (vec![flat; n], false) };
     let old: Vec<Option<f64>> =
         keys.iter().map(|key| w.keys.iter().position(|o| o == key).map(|j| w.theta[j])).collect();

@@ -215,6 +215,15 @@ fn baselines_behave() {
     assert!(g.members().contains(&first), "the soup starts from the best single member");
     let single = g.details["member_losses"][first].as_f64().unwrap();
     assert!(g.loss.unwrap() <= single);
+    let all = run("sewa", 20, &members, &mut quad, &cfg);
+    assert_eq!(all.members(), (0..8).collect::<Vec<_>>(), "k above the window takes it all");
+    assert!(
+        all.details["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p.as_f64().unwrap().is_finite())
+    );
     let w: f64 = g.weights.iter().sum();
     assert!((w - 1.0).abs() < 1e-12);
 }
