@@ -258,6 +258,13 @@ fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         }
         Err(_) => tracing::debug!("RENAME_EXCHANGE unsupported here; renaming the old output away"),
     }
+    swap_by_renames(tmp, out)
+}
+
+/// Fallback swap: rename the old output away, the new one in, then delete the old one. On
+/// failure the old output is put back.
+fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+    let parent = parent_dir(out);
     let old = parent.join(format!("{}{}.sewa-old", hidden_prefix(out), std::process::id()));
     fs::rename(out, &old).with_path(out)?;
     let new = tmp.keep();
@@ -337,4 +344,56 @@ fn provenance_metadata(m: &Manifest) -> HashMap<String, String> {
         ("sewa_int_policy".into(), m.int_policy.clone()),
         ("sewa_started".into(), m.started.clone()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(parent: &Path, name: &str, content: &str) -> PathBuf {
+        let d = parent.join(name);
+        fs::create_dir(&d).unwrap();
+        fs::write(d.join("model.safetensors"), content).unwrap();
+        d
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rename_fallback_swaps_and_cleans_up() {
+        let root = tempfile::tempdir().unwrap();
+        let out = dir_with(root.path(), "avg", "old");
+        let tmp = tempfile::Builder::new().prefix(".avg.").tempdir_in(root.path()).unwrap();
+        fs::write(tmp.path().join("model.safetensors"), "new").unwrap();
+        swap_by_renames(tmp, &out).unwrap();
+        assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "new");
+        assert_eq!(names(root.path()), ["avg"]);
+    }
+
+    #[test]
+    fn exchange_swaps_and_cleans_up() {
+        let root = tempfile::tempdir().unwrap();
+        let out = dir_with(root.path(), "avg", "old");
+        let tmp = tempfile::Builder::new().prefix(".avg.").tempdir_in(root.path()).unwrap();
+        fs::write(tmp.path().join("model.safetensors"), "new").unwrap();
+        swap_in(tmp, &out).unwrap();
+        assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "new");
+        assert_eq!(names(root.path()), ["avg"]);
+    }
+
+    #[test]
+    fn manifest_paths() {
+        assert_eq!(
+            manifest_path(Path::new("a/m.safetensors")),
+            Path::new("a/m.safetensors.manifest.json")
+        );
+        assert_eq!(manifest_path(Path::new("a/avg")), Path::new("a/avg/manifest.json"));
+    }
 }

@@ -3,6 +3,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::kernel::{BLOCK, MIN_PARALLEL};
 use super::*;
 
 /// Encode f64 values as little-endian `dtype` bytes.
