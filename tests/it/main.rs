@@ -2,4 +2,5 @@
 
 mod average;
 mod cli;
+mod evaluator;
 mod publish;
