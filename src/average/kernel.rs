@@ -47,11 +47,13 @@ pub(super) struct Pass<'v, 'a, A> {
 }
 
 impl<A: Acc> Pass<'_, '_, A> {
-    /// Run over all elements on up to `threads` threads (contiguous ranges, so every element
+    /// Run over elements `base..base + acc.len()` (of the views; `acc` and `out` hold just
+    /// those elements) on up to `threads` threads (contiguous ranges, so every element
     /// sums its inputs in the same order whatever the thread count). Returns false if any
     /// output value is non-finite.
     pub(super) fn run(
         &self,
+        base: usize,
         acc: &mut [A],
         out: &mut [u8],
         out_dtype: DType,
@@ -61,13 +63,13 @@ impl<A: Acc> Pass<'_, '_, A> {
         let osize = out_dtype.size();
         let out = &mut out[..n * osize];
         if threads <= 1 || n < MIN_PARALLEL {
-            return self.range(0, acc, out, out_dtype);
+            return self.range(base, acc, out, out_dtype);
         }
         let part = n.div_ceil(threads).next_multiple_of(BLOCK);
         std::thread::scope(|s| {
             let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
                 .enumerate()
-                .map(|(k, (a, o))| s.spawn(move || self.range(k * part, a, o, out_dtype)))
+                .map(|(k, (a, o))| s.spawn(move || self.range(base + k * part, a, o, out_dtype)))
                 .collect();
             handles.into_iter().fold(true, |ok, h| h.join().expect("kernel thread panicked") & ok)
         })

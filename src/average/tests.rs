@@ -174,7 +174,7 @@ fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
     let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
     for (g, views) in groups.iter().enumerate() {
         let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
-        assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
+        assert!(pass.run(0, &mut acc, &mut out, DType::F32, 1));
     }
     out
 }
@@ -286,4 +286,17 @@ fn dtype_and_policy_names_parse() {
     assert!("sum".parse::<IntPolicy>().is_err());
     assert_eq!(OutDType::F32.resolve(DType::I64), DType::I64);
     assert_eq!(OutDType::Keep.resolve(DType::F16), DType::F16);
+}
+
+#[test]
+fn many_inputs_are_swept_in_slabs() {
+    // 40 inputs of 130k f64: the slab (16 MiB over all inputs) covers 57k elements, so the
+    // tensor is swept in three slabs with page releases in between.
+    let n = 130_000;
+    let (ckpts, stored) = float_inputs(DType::F64, n, 40, 23);
+    let weights: Vec<f64> = (1..=40).map(f64::from).collect();
+    let opts = AverageOptions { threads: 2, ..Default::default() };
+    let out = average_one(&ckpts, Some(&weights), opts);
+    assert_close(&decode(&out, DType::F64), &reference(&stored, &weights), 1e-12);
+    assert_eq!(out, average_one(&ckpts, Some(&weights), AverageOptions::default()));
 }
