@@ -349,8 +349,9 @@ pub fn normalise_weights(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> 
     let Some(w) = weights else { return Ok(vec![1.0 / n as f64; n]) };
     if w.len() != n {
         return Err(Error::Usage(format!(
-            "{} weights given for {n} inputs (give one weight per input)",
-            w.len()
+            "{} weights given for {n} input{} (give one weight per input)",
+            w.len(),
+            if n == 1 { "" } else { "s" }
         )));
     }
     if let Some(bad) = w.iter().find(|x| !x.is_finite() || **x < 0.0) {

@@ -188,7 +188,7 @@ pub fn publish_tensors(
 ) -> Result<Published> {
     check_destination(out)?;
     let clock = Instant::now();
-    manifest.output = out.to_path_buf();
+    manifest.output = crate::manifest::absolute(out);
     let metadata = provenance_metadata(&manifest);
     let parent = parent_dir(out);
     fs::create_dir_all(parent).with_path(parent)?;
@@ -208,7 +208,7 @@ pub fn publish_tensors(
         let dir = DirOutput { layouts: &layouts, index, side_dir, clock };
         dir.publish(&mut writer, out, &mut manifest)?;
     }
-    tracing::info!(out = %out.display(), bytes = writer.done, "published average");
+    tracing::debug!(out = %out.display(), bytes = writer.done, "published average");
     Ok(Published { path: out.to_path_buf(), manifest_path: manifest_path(out), manifest })
 }
 
@@ -298,7 +298,7 @@ fn copy_side_files(src: &Path, dir: &Path, manifest: &mut Manifest) -> Result<()
         File::open(&to).and_then(|f| f.sync_all()).with_path(&to)?;
         manifest.side_files.push(name.to_string());
     }
-    manifest.side_source = Some(src.to_path_buf());
+    manifest.side_source = Some(crate::manifest::absolute(src));
     Ok(())
 }
 
