@@ -70,6 +70,19 @@ fn torch_zip_equals_its_safetensors_twin() {
     assert_eq!(m.int_source.as_deref(), Some(st.path()), "no steps: latest = last given");
 }
 
+#[test]
+fn lightning_ckpt_and_protocol_4_pickle_equal_the_twin() {
+    let st = open(&fixture("state_dict.safetensors"));
+    let want = read_tensors(&fixture("state_dict.safetensors"));
+    for name in ["lightning.ckpt", "state_dict_p4.pt"] {
+        let other = open(&fixture(name));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("avg.safetensors");
+        average_to(&[&other, &st], &out, u64::MAX);
+        assert_eq!(read_tensors(&out), want, "{name}");
+    }
+}
+
 fn hf_checkpoint(root: &Path, step: u32, value: f32, side: &str) -> std::path::PathBuf {
     let dir = root.join(format!("checkpoint-{step}"));
     fs::create_dir(&dir).unwrap();

@@ -219,3 +219,25 @@ fn inspect_lists_tensors_and_step() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("absent.pt"));
 }
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+#[test]
+fn torch_inputs_average_and_unreadable_ones_are_refused() {
+    let sc = Scene::new();
+    let out = sc.dir.path().join("torch.safetensors");
+    let (ckpt, pt) = (fixture("lightning.ckpt"), fixture("state_dict.pt"));
+    let o = sewa(&["average", "--out", s(&out), s(&ckpt), s(&pt)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_tensors(&out), read_tensors(&fixture("state_dict.safetensors")));
+    fs::remove_file(&out).unwrap();
+    fs::remove_file(sc.dir.path().join("torch.safetensors.manifest.json")).unwrap();
+
+    let before = listing(sc.dir.path());
+    for bad in ["legacy.pt", "complex.pt"] {
+        let o = sc.average(&[], &[&pt, &fixture(bad)]);
+        sc.assert_refused(&o, &[bad], &before);
+    }
+}
