@@ -323,7 +323,15 @@ impl<'a> AveragePlan<'a> {
 }
 
 /// The tensor's bytes, checked against its declared size (a reader bug or a lying header).
+/// It first checks that the file was not rewritten in place since it was opened: touching pages
+/// of a truncated mapping would kill the process with SIGBUS.
 fn checked_data<'c>(input: &'c Checkpoint, meta: &TensorMeta) -> Result<Cow<'c, [u8]>> {
+    if !input.still_valid() {
+        return Err(Error::bad_input(
+            input.path(),
+            "changed on disk while being averaged (rewritten in place?); not reading it further",
+        ));
+    }
     let data = input.data(&meta.name)?;
     if data.len() != meta.nbytes() {
         return Err(Error::bad_input(

@@ -127,3 +127,19 @@ fn sharded_output_reads_back_as_sharded_input() {
     average_to(&[&reopened, &st], &out, u64::MAX);
     assert_eq!(read_tensors(&out), read_tensors(&fixture("state_dict.safetensors")));
 }
+
+#[test]
+fn input_rewritten_in_place_is_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    write_st(&a, &[("w", Dtype::F32, vec![3], f32_bytes(&[1.0; 3]))]);
+    write_st(&b, &[("w", Dtype::F32, vec![3], f32_bytes(&[2.0; 3]))]);
+    let (ca, cb) = (open(&a), open(&b));
+    // Rewrite b in place (same size, as torch.save or safetensors <= 0.7 would) after opening.
+    let f = fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    let plan = AveragePlan::new(vec![&ca, &cb], None, AverageOptions::default()).unwrap();
+    let err = plan.average_tensor(0, &mut Default::default()).unwrap_err();
+    assert!(err.is_bad_input() && err.to_string().contains("b.safetensors"), "{err}");
+    assert!(err.to_string().contains("changed on disk"), "{err}");
+}
