@@ -140,28 +140,14 @@ fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, threads: usize) {
         println!("end-to-end: skipped, {} missing (run `cargo build --release`)", bin.display());
         return;
     }
-    let fsync = fsync_time(dir, out_bytes);
+    // Two runs each (the disk is shared and noisy): best wall time, worst peak RSS.
+    let fsync = fsync_time(dir, out_bytes).min(fsync_time(dir, out_bytes));
     let out = dir.join("averaged.safetensors");
-    let start = Instant::now();
-    let mut child = Command::new(&bin)
-        .args(["average", "--threads", &threads.to_string(), "--out"])
-        .arg(&out)
-        .args(paths)
-        .spawn()
-        .unwrap();
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    let status = loop {
-        if let Some(kib) = fs::read_to_string(&status_path).ok().and_then(|s| vm_hwm_kib(&s)) {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let wall = start.elapsed();
-    assert!(status.success(), "sewa average failed: {status}");
+    let (mut wall, mut peak_kib) = (Duration::MAX, 0);
+    for _ in 0..2 {
+        let (w, p) = run_sewa(&bin, &out, paths, threads);
+        (wall, peak_kib) = (wall.min(w), peak_kib.max(p));
+    }
     let peak = peak_kib * 1024;
     let budget = out_bytes + (64 << 20);
     println!(
@@ -177,6 +163,31 @@ fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, threads: usize) {
         budget as f64 / (1 << 20) as f64,
         if peak <= budget { "ok" } else { "OVER BUDGET" }
     );
+}
+
+/// One `sewa average` run: wall time and peak RSS (KiB, VmHWM polled every 2 ms).
+fn run_sewa(bin: &Path, out: &Path, paths: &[PathBuf], threads: usize) -> (Duration, u64) {
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["average", "--threads", &threads.to_string(), "--out"])
+        .arg(out)
+        .args(paths)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(kib) = fs::read_to_string(&status_path).ok().and_then(|s| vm_hwm_kib(&s)) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(status.success(), "sewa average failed: {status}");
+    (start.elapsed(), peak_kib)
 }
 
 /// VmHWM (peak resident set) in KiB from /proc/PID/status.

@@ -15,14 +15,11 @@ use std::str::FromStr;
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
 use crate::schema::check_schema;
-use kernel::{Acc, BLOCK, Pass, first_non_finite};
+use kernel::{Acc, Pass, first_non_finite};
 
 /// Owned (copied, e.g. pickle) input bytes held at once before folding them into the
 /// accumulator; borrowed (mapped) views cost no memory and are never split.
 const OWNED_BUDGET: usize = 32 << 20;
-/// Input bytes (summed over inputs) swept between two page releases: bounds resident mapped
-/// pages during one tensor, so RSS does not grow with the number of inputs.
-const SLAB_BYTES: usize = 16 << 20;
 
 /// Output dtype of floating tensors. Integer and bool tensors always keep their dtype.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -254,48 +251,27 @@ impl<'a> AveragePlan<'a> {
             .map(|(i, w)| (i, A::weight(*w)))
             .collect();
         let mut views: Vec<(Cow<'a, [u8]>, A)> = Vec::with_capacity(active.len());
-        let (mut owned, mut first) = (0usize, true);
+        let (mut group_start, mut owned) = (0usize, 0usize);
         for (pos, &(i, w)) in active.iter().enumerate() {
             let data = checked_data(self.inputs[i], in_meta)?;
             owned += matches!(data, Cow::Owned(_)) as usize * data.len();
             views.push((data, w));
             let last = pos + 1 == active.len();
             if last || owned >= OWNED_BUDGET {
-                let pass = Pass { views: &views, in_dtype: in_meta.dtype, init: first, last };
-                let finite = self.sweep(&pass, &in_meta.name, acc, out, out_dtype);
+                let group = &active[group_start..=pos];
+                let release = |j: usize, bytes: std::ops::Range<usize>| {
+                    self.inputs[group[j].0].release_range(&in_meta.name, bytes)
+                };
+                let (init, in_dtype) = (group_start == 0, in_meta.dtype);
+                let pass = Pass { views: &views, in_dtype, init, last, release: &release };
+                let finite = pass.run(acc, out, out_dtype, self.opts.threads);
                 if last && !finite {
                     return Err(self.blame_non_finite(in_meta, &active));
                 }
-                (views, owned, first) = (Vec::with_capacity(active.len()), 0, false);
+                (views, owned, group_start) = (Vec::with_capacity(active.len()), 0, pos + 1);
             }
         }
         Ok(())
-    }
-
-    /// Run `pass` slab by slab, releasing the inputs' pages after each slab so that resident
-    /// input pages stay under [`SLAB_BYTES`] whatever the number of inputs.
-    fn sweep<A: Acc>(
-        &self,
-        pass: &Pass<'_, 'a, A>,
-        name: &str,
-        acc: &mut [A],
-        out: &mut [u8],
-        out_dtype: DType,
-    ) -> bool {
-        let (n, in_size, out_size) = (acc.len(), pass.in_dtype.size(), out_dtype.size());
-        let per_input = SLAB_BYTES / pass.views.len().max(1) / in_size;
-        let slab = per_input.next_multiple_of(BLOCK).max(BLOCK);
-        let mut finite = true;
-        for base in (0..n).step_by(slab) {
-            let end = (base + slab).min(n);
-            let (a, o) = (&mut acc[base..end], &mut out[base * out_size..end * out_size]);
-            finite &= pass.run(base, a, o, out_dtype, self.opts.threads);
-            if end < n {
-                // Done with these pages (borrowed views only; owned ones are freed by the caller).
-                self.inputs.iter().for_each(|c| c.release(name));
-            }
-        }
-        finite
     }
 
     /// The average came out non-finite: find the input that holds a NaN or Inf.

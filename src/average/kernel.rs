@@ -3,14 +3,19 @@
 //! output bytes. Pure functions over byte slices: no checkpoints, no files, no allocation.
 
 use std::borrow::Cow;
-use std::ops::{Add, Mul};
+use std::ops::{Add, Mul, Range};
 
 use super::Workspace;
 use crate::checkpoint::DType;
 
-/// Elements per cache block: the accumulator block (32 KiB of f32) stays in L1/L2 while every
-/// input's matching block streams through it.
+/// Thread ranges are multiples of this many elements (so, page-aligned within a tensor).
 pub(super) const BLOCK: usize = 8192;
+/// Elements per slab: the accumulator slab (256 KiB of f32) stays in L2 while each input's
+/// matching slab streams through it.
+const SLAB: usize = 1 << 16;
+/// Bytes past a consumed slab released with it: the kernel maps whole large folios (up to
+/// 2 MiB) on a fault, ahead of the reader; dropping them keeps one input's worth mapped.
+const LOOKAHEAD: usize = 2 << 20;
 /// Below this many elements a tensor is not worth spawning threads for.
 pub(super) const MIN_PARALLEL: usize = 1 << 16;
 
@@ -36,6 +41,10 @@ fn f16_to_f32(b: [u8; 2]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
 }
 
+/// Called with (view index, byte range within the tensor) once that range of the view has
+/// been consumed, so its pages can be released.
+pub(super) type Release<'r> = &'r (dyn Fn(usize, Range<usize>) + Sync);
+
 /// One sweep of a group of inputs over a tensor's elements.
 pub(super) struct Pass<'v, 'a, A> {
     pub(super) views: &'v [(Cow<'a, [u8]>, A)],
@@ -44,16 +53,15 @@ pub(super) struct Pass<'v, 'a, A> {
     pub(super) init: bool,
     /// Last group: convert the accumulator into the output bytes.
     pub(super) last: bool,
+    pub(super) release: Release<'v>,
 }
 
 impl<A: Acc> Pass<'_, '_, A> {
-    /// Run over elements `base..base + acc.len()` (of the views; `acc` and `out` hold just
-    /// those elements) on up to `threads` threads (contiguous ranges, so every element
+    /// Run over all elements on up to `threads` threads (contiguous ranges, so every element
     /// sums its inputs in the same order whatever the thread count). Returns false if any
     /// output value is non-finite.
     pub(super) fn run(
         &self,
-        base: usize,
         acc: &mut [A],
         out: &mut [u8],
         out_dtype: DType,
@@ -63,32 +71,35 @@ impl<A: Acc> Pass<'_, '_, A> {
         let osize = out_dtype.size();
         let out = &mut out[..n * osize];
         if threads <= 1 || n < MIN_PARALLEL {
-            return self.range(base, acc, out, out_dtype);
+            return self.range(0, acc, out, out_dtype);
         }
         let part = n.div_ceil(threads).next_multiple_of(BLOCK);
         std::thread::scope(|s| {
             let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
                 .enumerate()
-                .map(|(k, (a, o))| s.spawn(move || self.range(base + k * part, a, o, out_dtype)))
+                .map(|(k, (a, o))| s.spawn(move || self.range(k * part, a, o, out_dtype)))
                 .collect();
             handles.into_iter().fold(true, |ok, h| h.join().expect("kernel thread panicked") & ok)
         })
     }
 
-    /// Elements `start..start + acc.len()`, block by block.
+    /// Elements `start..start + acc.len()`, slab by slab: each input in turn streams one slab
+    /// through the (cache-resident) accumulator slab and has its pages released at once, so
+    /// only one input's pages are mapped at a time, whatever the number of inputs.
     fn range(&self, start: usize, acc: &mut [A], out: &mut [u8], out_dtype: DType) -> bool {
         let (in_size, out_size) = (self.in_dtype.size(), out_dtype.size());
         let mut finite = true;
-        for (b, (acc_b, out_b)) in
-            acc.chunks_mut(BLOCK).zip(out.chunks_mut(BLOCK * out_size)).enumerate()
+        for (k, (acc_s, out_s)) in
+            acc.chunks_mut(SLAB).zip(out.chunks_mut(SLAB * out_size)).enumerate()
         {
-            let lo = (start + b * BLOCK) * in_size;
-            let hi = lo + acc_b.len() * in_size;
+            let lo = (start + k * SLAB) * in_size;
+            let hi = lo + acc_s.len() * in_size;
             for (j, (view, w)) in self.views.iter().enumerate() {
-                A::add_block(acc_b, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
+                A::add_block(acc_s, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
+                (self.release)(j, lo..hi + LOOKAHEAD);
             }
             if self.last {
-                finite &= A::store_block(acc_b, out_b, out_dtype);
+                finite &= A::store_block(acc_s, out_s, out_dtype);
             }
         }
         finite

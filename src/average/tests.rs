@@ -173,8 +173,9 @@ type Views<'a> = [(Cow<'a, [u8]>, f32)];
 fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
     let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
     for (g, views) in groups.iter().enumerate() {
-        let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
-        assert!(pass.run(0, &mut acc, &mut out, DType::F32, 1));
+        let (init, last) = (g == 0, g + 1 == groups.len());
+        let pass = Pass { views, in_dtype: DType::F32, init, last, release: &|_, _| {} };
+        assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
     }
     out
 }
@@ -290,8 +291,8 @@ fn dtype_and_policy_names_parse() {
 
 #[test]
 fn many_inputs_are_swept_in_slabs() {
-    // 40 inputs of 130k f64: the slab (16 MiB over all inputs) covers 57k elements, so the
-    // tensor is swept in three slabs with page releases in between.
+    // 40 inputs of 130k f64: three slabs of 64k elements, two threads, pages released as the
+    // sweep goes.
     let n = 130_000;
     let (ckpts, stored) = float_inputs(DType::F64, n, 40, 23);
     let weights: Vec<f64> = (1..=40).map(f64::from).collect();
