@@ -13,9 +13,12 @@ pub(super) const BLOCK: usize = 8192;
 /// Elements per slab: the accumulator slab (256 KiB of f32) stays in L2 while each input's
 /// matching slab streams through it.
 const SLAB: usize = 1 << 16;
-/// Bytes past a consumed slab released with it: the kernel maps whole large folios (up to
-/// 2 MiB) on a fault, ahead of the reader; dropping them keeps one input's worth mapped.
+/// Bytes past a consumed slab released with it when there are many inputs: the kernel maps
+/// whole large folios (up to 2 MiB) on a fault, ahead of the reader, and with 64 inputs those
+/// would add up. With few inputs they are left mapped: re-faulting them costs bandwidth.
 const LOOKAHEAD: usize = 2 << 20;
+/// Up to this many inputs, pages mapped ahead (at most `LOOKAHEAD` each) are kept.
+const FEW_INPUTS: usize = 16;
 /// Below this many elements a tensor is not worth spawning threads for.
 pub(super) const MIN_PARALLEL: usize = 1 << 16;
 
@@ -88,6 +91,7 @@ impl<A: Acc> Pass<'_, '_, A> {
     /// only one input's pages are mapped at a time, whatever the number of inputs.
     fn range(&self, start: usize, acc: &mut [A], out: &mut [u8], out_dtype: DType) -> bool {
         let (in_size, out_size) = (self.in_dtype.size(), out_dtype.size());
+        let ahead = if self.views.len() > FEW_INPUTS { LOOKAHEAD } else { 0 };
         let mut finite = true;
         for (k, (acc_s, out_s)) in
             acc.chunks_mut(SLAB).zip(out.chunks_mut(SLAB * out_size)).enumerate()
@@ -96,7 +100,7 @@ impl<A: Acc> Pass<'_, '_, A> {
             let hi = lo + acc_s.len() * in_size;
             for (j, (view, w)) in self.views.iter().enumerate() {
                 A::add_block(acc_s, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
-                (self.release)(j, lo..hi + LOOKAHEAD);
+                (self.release)(j, lo..hi + ahead);
             }
             if self.last {
                 finite &= A::store_block(acc_s, out_s, out_dtype);
