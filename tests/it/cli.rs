@@ -241,3 +241,50 @@ fn torch_inputs_average_and_unreadable_ones_are_refused() {
         sc.assert_refused(&o, &[bad], &before);
     }
 }
+
+/// VmHWM of a running process, KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn peak_rss_does_not_grow_with_the_number_of_inputs() {
+    // 40 inputs of one 4 MiB tensor: holding their pages would take 160 MiB; streaming with
+    // page release keeps the process near accumulator + output buffer + binary.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..1u32 << 20).flat_map(|i| (i as f32 * 1e-6).to_le_bytes()).collect();
+    let inputs: Vec<PathBuf> = (0..40)
+        .map(|i| {
+            let p = dir.path().join(format!("step_{i:03}.safetensors"));
+            write_st(&p, &[("w", Dtype::F32, vec![1 << 20], data.clone())]);
+            p
+        })
+        .collect();
+    let out = dir.path().join("avg.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["average", "--out", s(&out)])
+        .args(&inputs)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert!(status.success());
+    // The average of equal inputs is the input, up to f32 rounding of 40 weighted terms.
+    let got = &read_tensors(&out)["w"].1;
+    for (i, (g, w)) in got.chunks_exact(4).zip(data.chunks_exact(4)).enumerate() {
+        let (g, w) =
+            (f32::from_le_bytes(g.try_into().unwrap()), f32::from_le_bytes(w.try_into().unwrap()));
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "element {i}: {g} vs {w}");
+    }
+    assert!(peak > 0, "never sampled the child");
+    assert!(peak < 80 * 1024, "peak RSS {peak} KiB for 40 x 4 MiB inputs");
+}
