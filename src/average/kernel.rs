@@ -13,9 +13,10 @@ pub(super) const BLOCK: usize = 8192;
 /// Elements per slab: the accumulator slab (256 KiB of f32) stays in L2 while each input's
 /// matching slab streams through it.
 const SLAB: usize = 1 << 16;
-/// Bytes past a consumed slab released with it when there are many inputs: the kernel maps
-/// whole large folios (up to 2 MiB) on a fault, ahead of the reader, and with 64 inputs those
-/// would add up. With few inputs they are left mapped: re-faulting them costs bandwidth.
+/// Bytes around a consumed slab released with it when there are many inputs: a fault maps the
+/// whole large folio (up to 2 MiB) around the page touched, before and after the slab, and
+/// with 64 inputs those would add up. With few inputs they are left mapped: re-faulting them
+/// costs bandwidth.
 const LOOKAHEAD: usize = 2 << 20;
 /// Up to this many inputs, pages mapped ahead (at most `LOOKAHEAD` each) are kept.
 const FEW_INPUTS: usize = 16;
@@ -100,7 +101,7 @@ impl<A: Acc> Pass<'_, '_, A> {
             let hi = lo + acc_s.len() * in_size;
             for (j, (view, w)) in self.views.iter().enumerate() {
                 A::add_block(acc_s, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
-                (self.release)(j, lo..hi + ahead);
+                (self.release)(j, lo.saturating_sub(ahead)..hi + ahead);
             }
             if self.last {
                 finite &= A::store_block(acc_s, out_s, out_dtype);
