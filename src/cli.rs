@@ -28,6 +28,10 @@ pub enum Command {
     Average(AverageArgs),
     /// Show a checkpoint's format, tensors (dtype, shape), size, step and metadata.
     Inspect(InspectArgs),
+    /// Train a small model on a synthetic noisy task and compare every selector on its window.
+    Demo(crate::demo::DemoArgs),
+    /// Draw an SVG of a selection over its window.
+    Report(crate::report::ReportArgs),
 }
 
 #[derive(Debug, Args)]

@@ -8,11 +8,13 @@ pub mod average;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod demo;
 pub mod error;
 pub mod layout;
 pub mod manifest;
 pub mod objective;
 pub mod publish;
+pub mod report;
 pub mod schema;
 pub mod select;
 

@@ -34,3 +34,115 @@ impl Selection {
         self.weights.iter().enumerate().filter(|(_, w)| **w > 0.0).map(|(i, _)| i).collect()
     }
 }
+
+pub mod blend;
+pub mod oracle;
+pub mod search;
+pub mod sewa;
+
+pub use sewa::{SewaConfig, SewaState};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::objective::Objective;
+
+/// Model-based methods, as named in `method = "..."`.
+pub const MODEL_BASED: &[&str] = &["sewa", "greedy", "exhaustive", "random"];
+
+/// Whether `method` needs an objective (and so `run_model_based`).
+pub fn is_model_based(method: &str) -> bool {
+    MODEL_BASED.contains(&method)
+}
+
+/// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) over the window
+/// `members` (ordered by step) with `objective`. `k` is clamped to the window size. `warm` is the
+/// state a previous SeWA run returned; the returned state is `Some` only for `sewa`.
+/// Every member is first checked against the objective (errors name the member).
+pub fn run_model_based(
+    method: &str,
+    k: usize,
+    members: &[&Checkpoint],
+    objective: &mut dyn Objective,
+    cfg: &SewaConfig,
+    warm: Option<&SewaState>,
+) -> Result<(Selection, Option<SewaState>)> {
+    if !is_model_based(method) {
+        return Err(Error::Usage(format!(
+            "unknown model-based method {method:?}: expected one of {MODEL_BASED:?}"
+        )));
+    }
+    if members.is_empty() || k == 0 {
+        return Err(Error::Usage(format!("{method}: need k >= 1 and a non-empty window")));
+    }
+    let k = k.min(members.len());
+    for m in members {
+        objective.check(m)?;
+    }
+    let started = std::time::Instant::now();
+    let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
+    let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
+    let mut state = None;
+    let found = match method {
+        "sewa" => {
+            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, warm)?;
+            state = Some(s);
+            f
+        }
+        "greedy" => search::greedy(&mut oracle)?,
+        "exhaustive" => search::exhaustive(&mut oracle, k, cfg.exhaustive_limit)?,
+        _ => search::random(&mut oracle, k, cfg.seed)?,
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let selection = to_selection(method, members, &found, oracle.calls, wall, &oracle.describe());
+    Ok((selection, state))
+}
+
+/// Identity of a member across windows (warm starts): its path and step.
+pub fn member_key(c: &Checkpoint) -> String {
+    format!("{}@{}", c.path().display(), c.step().map_or("?".into(), |s| s.to_string()))
+}
+
+fn to_selection(
+    method: &str,
+    members: &[&Checkpoint],
+    found: &search::Found,
+    calls: usize,
+    wall: f64,
+    objective: &str,
+) -> Selection {
+    let mut weights = vec![0.0; members.len()];
+    let w = 1.0 / found.set.len() as f64;
+    found.set.iter().for_each(|&i| weights[i] = w);
+    let list: Vec<serde_json::Value> =
+        members.iter().map(|m| serde_json::json!({ "path": m.path(), "step": m.step() })).collect();
+    let mut details = serde_json::json!({
+        "chosen": found.set,
+        "loss": found.loss,
+        "oracle_calls": calls,
+        "wall_seconds": wall,
+        "objective": objective,
+        "members": list,
+    });
+    if let (Some(d), Some(extra)) = (details.as_object_mut(), found.details.as_object()) {
+        d.extend(extra.clone());
+    }
+    let names: Vec<String> = found
+        .set
+        .iter()
+        .map(|&i| members[i].step().map_or(format!("#{i}"), |s| format!("step {s}")))
+        .collect();
+    Selection {
+        method: method.to_string(),
+        weights,
+        why: format!(
+            "{method}: {} of {} ({}), loss {:.5}, {calls} oracle calls, {:.2}s",
+            found.set.len(),
+            members.len(),
+            names.join(", "),
+            found.loss,
+            wall
+        ),
+        loss: Some(found.loss),
+        details,
+    }
+}

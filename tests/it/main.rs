@@ -4,4 +4,6 @@ mod average;
 mod checkpoint;
 mod cli;
 mod evaluator;
+mod objective;
 mod publish;
+mod sewa;
