@@ -288,3 +288,31 @@ fn peak_rss_does_not_grow_with_the_number_of_inputs() {
     assert!(peak > 0, "never sampled the child");
     assert!(peak < 80 * 1024, "peak RSS {peak} KiB for 40 x 4 MiB inputs");
 }
+
+#[test]
+fn missing_shard_and_escaping_shard_path_are_refused() {
+    let sc = Scene::new();
+    let sharded = sc.dir.path().join("sharded");
+    fs::create_dir(&sharded).unwrap();
+    write_st(
+        &sharded.join("model-00001-of-00002.safetensors"),
+        &[("w", Dtype::F32, vec![2, 3], f32_bytes(&[1.0; 6]))],
+    );
+    let index = |second: &str| {
+        serde_json::json!({
+            "metadata": {"total_size": 44},
+            "weight_map": {"w": "model-00001-of-00002.safetensors", "b": second, "steps": second},
+        })
+        .to_string()
+    };
+    let index_path = sharded.join("model.safetensors.index.json");
+    let before = listing(sc.dir.path());
+    for (second, needle) in [
+        ("model-00002-of-00002.safetensors", "model-00002-of-00002"),
+        ("../step_00100.safetensors", "../"),
+    ] {
+        fs::write(&index_path, index(second)).unwrap();
+        let o = sc.average(&[], &[&sc.inputs[0], &index_path]);
+        sc.assert_refused(&o, &[needle], &before);
+    }
+}
