@@ -2,11 +2,11 @@
 //!
 //! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
 //! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
-//! for f64 inputs) block by block across all inputs, so the accumulator block stays in cache and
-//! the inputs are each read once; integer/bool tensors are copied from one input chosen by
-//! [`IntPolicy`]. Pages of a finished tensor are released so RSS stays flat over many inputs.
-//! This module does not open files or write outputs (see `publish`); a slow f64 twin lives in
-//! the tests below.
+//! for f64 inputs) slab by slab, each input in turn streaming its slab through the
+//! cache-resident accumulator slab and releasing its pages right after (see `kernel`), so every
+//! input is read once and RSS does not grow with the number of inputs; integer/bool tensors are
+//! copied from one input chosen by [`IntPolicy`]. This module does not open files or write
+//! outputs (see `publish`); a slow f64 twin lives in the tests.
 
 use std::borrow::Cow;
 use std::fmt;
