@@ -165,10 +165,17 @@ impl Acc for f32 {
     fn store_block(acc: &[f32], out: &mut [u8], dtype: DType) -> bool {
         let mut finite = true;
         match dtype {
-            DType::F32 => out.chunks_exact_mut(4).zip(acc).for_each(|(o, a)| {
-                finite &= a.is_finite();
-                o.copy_from_slice(&a.to_le_bytes());
-            }),
+            // Fast path: an aligned output buffer on a little-endian host is a plain copy.
+            DType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(out) {
+                Ok(o) if cfg!(target_endian = "little") => {
+                    o.copy_from_slice(acc);
+                    finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
+                }
+                _ => out.chunks_exact_mut(4).zip(acc).for_each(|(o, a)| {
+                    finite &= a.is_finite();
+                    o.copy_from_slice(&a.to_le_bytes());
+                }),
+            },
             DType::BF16 => out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
                 finite &= a.is_finite();
                 o.copy_from_slice(&half::bf16::from_f32(*a).to_bits().to_le_bytes());

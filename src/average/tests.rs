@@ -181,6 +181,21 @@ fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
 }
 
 #[test]
+fn unaligned_output_written_like_aligned() {
+    let acc: Vec<f32> = (0..100).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let mut aligned = vec![0u8; 400];
+    let mut shifted = vec![0u8; 401];
+    assert!(f32::store_block(&acc, &mut aligned, DType::F32));
+    assert!(f32::store_block(&acc, &mut shifted[1..], DType::F32));
+    assert_eq!(aligned, shifted[1..]);
+    assert_eq!(aligned, encode(&acc.iter().map(|&x| x as f64).collect::<Vec<_>>(), DType::F32));
+    let mut bad = acc.clone();
+    bad[7] = f32::INFINITY;
+    assert!(!f32::store_block(&bad, &mut aligned, DType::F32));
+    assert!(!f32::store_block(&bad, &mut shifted[1..], DType::F32));
+}
+
+#[test]
 fn grouped_passes_equal_one_pass() {
     // Owned (pickle) inputs are folded in groups; the result must not depend on grouping.
     let (ckpts, _) = float_inputs(DType::F32, 5000, 3, 13);
