@@ -357,4 +357,17 @@ impl Checkpoint {
             files[*f].release(range.clone());
         }
     }
+
+    /// Like [`release`](Self::release) for the bytes `part` of the tensor only (offsets within
+    /// the tensor's data), so a streaming reader can drop pages as it goes. `part` may run past
+    /// the tensor's end: pages the kernel mapped ahead of the reader (fault-around maps whole
+    /// large folios) are dropped too.
+    pub fn release_range(&self, name: &str, part: std::ops::Range<usize>) {
+        if let Storage::Mapped { files, index } = &self.storage
+            && let Some((f, range)) = index.get(self.stored_name(name))
+        {
+            let (start, end) = (range.start + part.start, range.start.saturating_add(part.end));
+            files[*f].release(start..end);
+        }
+    }
 }
