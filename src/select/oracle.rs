@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::blend::Blend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::objective::{Evaluation, Objective, Params};
 
 pub struct Oracle<'a, 'o> {
@@ -63,7 +63,9 @@ impl<'a, 'o> Oracle<'a, 'o> {
         let mut key = set.to_vec();
         key.sort_unstable();
         self.cache.insert(key, ev.loss);
-        let g = ev.grad.expect("objective supports gradients");
+        let g = ev.grad.ok_or_else(|| {
+            Error::Internal(format!("{} returned no gradient", self.objective.describe()))
+        })?;
         let d = self.blend.dots(&g, &self.point)?;
         let k = set.len() as f64;
         Ok((ev.loss, d.into_iter().map(|x| x / k).collect()))
