@@ -10,11 +10,22 @@ use serde_json::Value;
 
 use crate::error::{Error, Result, WithPath};
 
-/// `sewa report` flags.
+/// `sewa report` flags: `sewa report MANIFEST.json`, or `sewa report --config FILE CKPT...`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ReportArgs {
-    /// Selection JSON: `published/selection.json` from the demo, or a manifest with `selection`.
-    pub input: PathBuf,
+    /// A selection JSON (the demo's `selection.json`, a published manifest); with --config, the
+    /// window's checkpoints instead.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Run a selection now with this config's objective over the checkpoints given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Method for --config.
+    #[arg(long, default_value = "sewa", requires = "config")]
+    pub select: String,
+    /// Members to choose with --config.
+    #[arg(long, default_value_t = 5, requires = "config")]
+    pub k: usize,
     /// SVG to write.
     #[arg(long, default_value = "sewa-report.svg")]
     pub out: PathBuf,
@@ -63,12 +74,28 @@ impl Window {
     }
 }
 
-/// Read `args.input`, write `args.out`.
+/// Read the selection (or make one with `--config`), write `args.out`.
 pub fn run(args: &ReportArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.input).with_path(&args.input)?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_input(&args.input, format!("not JSON: {e}")))?;
-    let w = Window::from_json(&v).map_err(|m| Error::bad_input(&args.input, m))?;
+    let (v, source) = match &args.config {
+        Some(config) => {
+            let opts = crate::checkpoint::OpenOptions::default();
+            let opened = crate::commands::open_all(&args.inputs, &opts)?;
+            let mut members: Vec<&crate::checkpoint::Checkpoint> = opened.iter().collect();
+            members.sort_by_key(|c| c.step());
+            let sel = crate::commands::select::run(config, &args.select, args.k, &members)?;
+            (serde_json::to_value(&sel).map_err(|e| Error::Internal(e.to_string()))?, config)
+        }
+        None => {
+            let [input] = args.inputs.as_slice() else {
+                return Err(Error::Usage("report takes one selection JSON (or --config)".into()));
+            };
+            let text = std::fs::read_to_string(input).with_path(input)?;
+            let v = serde_json::from_str(&text)
+                .map_err(|e| Error::bad_input(input, format!("not JSON: {e}")))?;
+            (v, input)
+        }
+    };
+    let w = Window::from_json(&v).map_err(|m| Error::bad_input(source, m))?;
     draw(&w, &args.out)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())

@@ -65,21 +65,7 @@ fn select_with_config(
 ) -> Result<crate::select::Selection> {
     let path =
         args.config.as_deref().ok_or_else(|| Error::Usage("--select needs --config".into()))?;
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let doc: toml::Value =
-        toml::from_str(&text).map_err(|e| Error::config(path, format!("not TOML: {e}")))?;
-    let objective = doc
-        .get("objective")
-        .ok_or_else(|| Error::config(path, "no [objective] table: --select needs one"))?;
-    let mut objective = crate::objective::config::build_objective(objective, path)?;
-    let sewa = match doc.get("select").and_then(|s| s.get("sewa")) {
-        Some(v) => crate::select::SewaConfig::from_toml(v, path)?,
-        None => crate::select::SewaConfig::default(),
-    };
-    let (sel, _) =
-        crate::select::run_model_based(method, args.k, chosen, objective.as_mut(), &sewa, None)?;
-    tracing::info!("{}", sel.why);
-    Ok(sel)
+    super::select::run(path, method, args.k, chosen)
 }
 
 fn provenance(args: &AverageArgs, given: usize, used: usize) -> Provenance {

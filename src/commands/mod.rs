@@ -3,6 +3,7 @@
 
 pub mod average;
 pub mod inspect;
+pub mod select;
 
 use std::path::PathBuf;
 

@@ -291,4 +291,16 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("sewa: chosen 3 of 8"), "{}", &text[..200]);
     assert!(text.contains("own held-out loss"), "the member-loss panel is drawn");
+    // The same picture straight from checkpoints and the config.
+    let svg2 = dir.path().join("w2.svg");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["report", "--k", "3", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&svg2)
+        .args(&inputs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read_to_string(&svg2).unwrap(), text);
 }
