@@ -150,6 +150,11 @@ fn sewa_finds_the_exhaustive_best_on_planted_windows() {
         assert_eq!(ex.members(), good, "planted subset is the optimum (seed {seed})");
         assert_eq!(sw.members(), ex.members(), "seed {seed}: {}", sw.why);
         assert_eq!(sw.details["chosen"], serde_json::json!(good));
+        // The optimiser alone (no polishing) must already rank the planted members on top:
+        // polishing would otherwise hide a broken gradient.
+        let raw = run("sewa", 3, &members, &mut quad, &SewaConfig { polish: false, ..cfg });
+        assert_eq!(raw.details["top_k"], serde_json::json!(good), "seed {seed}: {}", raw.why);
+        assert_eq!(raw.details["polish_changed"], false);
     }
 }
 
