@@ -4,11 +4,19 @@
 //! `checkpoint` owns file formats; `objective` owns the differentiable loss used by selectors.
 #![deny(unsafe_code)]
 
+pub mod accumulate;
 pub mod average;
 pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod objective;
 pub mod publish;
 pub mod select;
+pub mod status;
+pub mod watch;
+pub mod window;
 
 pub use error::{Error, Result};

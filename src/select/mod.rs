@@ -34,3 +34,40 @@ impl Selection {
         self.weights.iter().enumerate().filter(|(_, w)| **w > 0.0).map(|(i, _)| i).collect()
     }
 }
+
+pub mod rules;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Method, SelectConfig};
+use crate::error::{Error, Result};
+use crate::objective::Objective;
+
+/// What a selector sees of the window: summaries (oldest first, by step) and, for model-based
+/// selectors, the opened members in the same order.
+pub struct WindowView<'a> {
+    pub members: &'a [MemberSummary],
+    pub checkpoints: &'a [&'a Checkpoint],
+}
+
+/// The one entry point the daemon uses: run the configured selector on the window.
+/// Model-based methods get the objective (`None` when none is configured).
+pub fn run(
+    cfg: &SelectConfig,
+    view: &WindowView<'_>,
+    objective: Option<&mut dyn Objective>,
+) -> Result<Selection> {
+    let k = cfg.k.get();
+    match cfg.method {
+        Method::Uniform => rules::uniform(view.members),
+        Method::Lawa => rules::lawa(view.members, k),
+        Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
+        Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
+        Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa => {
+            let _ = objective;
+            Err(Error::Internal(format!(
+                "selector {:?} is not available in this build",
+                cfg.method.name()
+            )))
+        }
+    }
+}

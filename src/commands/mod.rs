@@ -1,0 +1,3 @@
+//! What each subcommand does, on top of the library. `main` only dispatches here.
+
+pub mod watch;

@@ -1,0 +1,328 @@
+//! The daemon's blocking half: settled candidates → window actions (load, evict, quarantine)
+//! → selection → running average → publish → status. Runs on a blocking thread, one batch at
+//! a time; owns the opened members and the accumulator. Never returns an error for bad input:
+//! it quarantines, records and carries on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tracing::{debug, error, info, info_span, warn};
+
+use super::load;
+use super::output::{self, LastPublished};
+use crate::accumulate::{Accumulator, UpdateReport};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Config, Policy};
+use crate::error::{Error, Result};
+use crate::select::{self, Selection, WindowView};
+use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
+use crate::watch::{Settled, Sig};
+use crate::window::{Action, Event, Member, Window};
+
+pub struct Pipeline {
+    pub cfg: Config,
+    pub window: Window,
+    open: BTreeMap<PathBuf, Arc<Checkpoint>>,
+    acc: Accumulator,
+    last: Option<LastPublished>,
+    pub status: Status,
+    /// Weights of the last selection, by member path (for the status file).
+    weights: BTreeMap<PathBuf, f64>,
+    reselect: bool,
+}
+
+impl Pipeline {
+    pub fn new(cfg: Config) -> Pipeline {
+        let window = Window::new(cfg.window.size.get(), cfg.select.every.get());
+        let acc = Accumulator::new(cfg.runtime.recompute_every.get());
+        let last = output::read_last(&cfg);
+        let status = Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            state: "starting".into(),
+            started_at: status::now_rfc3339(),
+            dir: cfg.watch.dir.clone(),
+            out: cfg.publish.out.clone(),
+            method: cfg.select.method.name().into(),
+            ..Status::default()
+        };
+        Pipeline {
+            cfg,
+            window,
+            open: BTreeMap::new(),
+            acc,
+            last,
+            status,
+            weights: BTreeMap::new(),
+            reselect: false,
+        }
+    }
+
+    /// A new config (SIGHUP): keep the window where compatible, recompute the average.
+    pub fn reload(&mut self, cfg: Config) {
+        let actions = self.window.resize(cfg.window.size.get(), cfg.select.every.get());
+        self.acc = Accumulator::new(cfg.runtime.recompute_every.get());
+        self.status.dir = cfg.watch.dir.clone();
+        self.status.out = cfg.publish.out.clone();
+        self.status.method = cfg.select.method.name().into();
+        if cfg.publish != self.cfg.publish {
+            self.last = output::read_last(&cfg);
+        }
+        self.cfg = cfg;
+        self.apply(actions);
+        self.finish();
+    }
+
+    /// Process one batch of settled candidates, then reselect/publish if the window asks.
+    pub fn step(&mut self, batch: Vec<Settled>) {
+        self.check_members();
+        // Newest first: at start-up a full window is built without loading older candidates.
+        let mut events: Vec<Event> = batch
+            .into_iter()
+            .map(|s| match s {
+                Settled::Ready(path, sig) => {
+                    let step = path.file_name().and_then(|n| n.to_str()).and_then(super::compat::parse_step);
+                    Event::Settled { path, sig, step }
+                }
+                Settled::Gone(path) => Event::Gone { path },
+            })
+            .collect();
+        events.sort_by_key(|e| std::cmp::Reverse(match e {
+            Event::Settled { step, .. } => step.unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        }));
+        for event in events {
+            let actions = self.window.handle(event);
+            self.apply(actions);
+        }
+        self.finish();
+    }
+
+    /// Reselect if asked, then write the status file.
+    fn finish(&mut self) {
+        if std::mem::take(&mut self.reselect) && !self.window.members().is_empty() {
+            self.check_members();
+            if let Err(e) = self.select_and_publish() {
+                error!(error = %e, "selection/publish failed; the previous output stays");
+                self.status.push_error(e.to_string());
+            }
+        }
+        self.write_status();
+    }
+
+    /// Drop members whose file was rewritten in place under the mapping (before any read).
+    fn check_members(&mut self) {
+        let stale: Vec<PathBuf> =
+            self.open.iter().filter(|(_, c)| !trusted(c)).map(|(p, _)| p.clone()).collect();
+        for path in stale {
+            let reason = "rewritten in place while in the window (dropped before reading)".into();
+            let actions = self.window.handle(Event::Invalidated { path, reason });
+            self.apply(actions);
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Load { path, sig } => self.load(path, sig),
+                Action::Evict { path } => {
+                    debug!(path = %path.display(), "evicted from the window");
+                    self.open.remove(&path);
+                }
+                Action::Quarantine { path, reason } => {
+                    let q = self.window.rejected().find(|r| r.path == path);
+                    if q.is_some_and(|r| r.incomplete) {
+                        info!(path = %path.display(), %reason, "not complete yet; waiting for it to change");
+                    } else {
+                        warn!(path = %path.display(), %reason, "quarantined");
+                        self.status.counters.quarantined += 1;
+                    }
+                }
+                Action::Reselect => self.reselect = true,
+            }
+        }
+    }
+
+    fn load(&mut self, path: PathBuf, sig: Sig) {
+        let span = info_span!("checkpoint", step = tracing::field::Empty, path = %path.display());
+        let _enter = span.enter();
+        let reference = self.open.values().next().map(|c| c.tensors().to_vec());
+        let (marker, metric) = (&self.cfg.watch.marker, &self.cfg.select.metric);
+        match load::load(&path, marker, metric, reference.as_deref()) {
+            Ok((ckpt, step, metric)) => {
+                span.record("step", step);
+                info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
+                self.status.counters.loaded += 1;
+                let member = Member { path: path.clone(), sig, step, metric };
+                let actions = self.window.handle(Event::Loaded(member));
+                self.apply(actions);
+                if self.window.members().iter().any(|m| m.path == path && m.sig == sig) {
+                    self.open.insert(path, Arc::new(ckpt));
+                }
+            }
+            Err(refusal) => {
+                let (reason, incomplete) = (refusal.reason, refusal.incomplete);
+                let actions = self.window.handle(Event::Rejected { path, sig, reason, incomplete });
+                self.apply(actions);
+            }
+        }
+    }
+
+    fn select_and_publish(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let summaries = self.window.summaries();
+        let ckpts: Vec<Arc<Checkpoint>> = summaries
+            .iter()
+            .map(|m| self.open.get(&m.path).cloned().ok_or_else(|| missing(&m.path)))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Checkpoint> = ckpts.iter().map(|c| c.as_ref()).collect();
+        let view = WindowView { members: &summaries, checkpoints: &refs };
+        let selection = select::run(&self.cfg.select, &view, None)?;
+        self.status.counters.selections += 1;
+        let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
+        let paired: Vec<(PathBuf, f64)> = paired.collect();
+        self.weights = paired.iter().cloned().collect();
+        // Window order (by step), as the manifest lists them.
+        let inputs: Vec<(PathBuf, f64)> = paired.into_iter().filter(|(_, w)| *w > 0.0).collect();
+        if let Some(skip) = self.skip_reason(&selection, &inputs) {
+            info!(why = %selection.why, %skip, "selection not published");
+            self.record_selection(&selection, skip);
+            return Ok(());
+        }
+        let members: Vec<(Arc<Checkpoint>, f64)> =
+            ckpts.into_iter().zip(selection.weights.iter().copied()).collect();
+        let report = match self.acc.update(&members, trusted) {
+            Ok(r) => r,
+            Err(e) if e.is_bad_input() => return self.drop_bad_member(e),
+            Err(e) => return Err(e),
+        };
+        let tensors = self.acc.output(self.cfg.publish.dtype, self.cfg.publish.int_policy)?;
+        let manifest = self.manifest(&selection, &members, report, t0);
+        let manifest_path = output::publish(&self.cfg, &tensors, &manifest)?;
+        let millis = t0.elapsed().as_millis() as u64;
+        info!(why = %selection.why, reads = report.reads, exact = report.exact, millis, "published");
+        self.status.counters.publishes += 1;
+        self.status.last_publish = Some(PublishStatus {
+            at: status::now_rfc3339(),
+            path: self.cfg.publish.out.clone(),
+            manifest: manifest_path,
+            members: inputs.len(),
+            reads: report.reads,
+            exact: report.exact,
+            millis,
+        });
+        self.record_selection(&selection, "published".into());
+        self.last = Some(LastPublished { inputs, loss: selection.loss });
+        Ok(())
+    }
+
+    /// Why this selection should not replace the published one, if it should not.
+    fn skip_reason(&self, selection: &Selection, inputs: &[(PathBuf, f64)]) -> Option<String> {
+        let last = self.last.as_ref()?;
+        if last.same_as(inputs) {
+            return Some("same members and weights as the published average".into());
+        }
+        if self.cfg.publish.policy == Policy::Best {
+            if let (Some(new), Some(old)) = (selection.loss, last.loss) {
+                if new >= old {
+                    return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
+                }
+            }
+        }
+        None
+    }
+
+    /// A member turned out unreadable while averaging: quarantine it and try again next batch.
+    fn drop_bad_member(&mut self, e: Error) -> Result<()> {
+        warn!(error = %e, "member failed while averaging");
+        self.status.push_error(e.to_string());
+        if let Error::BadInput { path, msg } = e {
+            let actions = self.window.handle(Event::Invalidated { path, reason: msg });
+            self.apply(actions);
+        }
+        self.acc.reset();
+        Ok(())
+    }
+
+    fn manifest(
+        &self,
+        sel: &Selection,
+        members: &[(Arc<Checkpoint>, f64)],
+        report: UpdateReport,
+        t0: Instant,
+    ) -> serde_json::Value {
+        let window: Vec<_> = self.window.members().iter().zip(members).map(|(m, (c, w))| {
+            json!({ "path": m.path, "step": m.step, "metric": m.metric, "weight": w,
+                    "bytes": c.total_bytes() })
+        }).collect();
+        let inputs: Vec<_> = window.iter().filter(|m| m["weight"].as_f64() > Some(0.0)).cloned().collect();
+        json!({
+            "sewa_version": env!("CARGO_PKG_VERSION"),
+            "published_at": status::now_rfc3339(),
+            "output": self.cfg.publish.out,
+            "inputs": inputs,
+            "window": window,
+            "selection": { "method": sel.method, "why": sel.why, "loss": sel.loss,
+                           "details": sel.details },
+            "dtype": self.cfg.publish.dtype,
+            "int_policy": self.cfg.publish.int_policy,
+            "update": { "reads": report.reads, "exact": report.exact },
+            "wall_time_s": t0.elapsed().as_secs_f64(),
+            "note": "BatchNorm running statistics are averaged, not recomputed; re-estimate them \
+                     (torch.optim.swa_utils.update_bn) if your model has BatchNorm",
+        })
+    }
+
+    fn record_selection(&mut self, sel: &Selection, outcome: String) {
+        self.status.last_selection = Some(SelectionStatus {
+            at: status::now_rfc3339(),
+            method: sel.method.clone(),
+            why: sel.why.clone(),
+            loss: sel.loss,
+            outcome,
+        });
+    }
+
+    /// Record a fatal-for-this-step problem (watch errors, reload failures) in the status.
+    pub fn note_error(&mut self, msg: String) {
+        self.status.push_error(msg);
+        self.write_status();
+    }
+
+    pub fn set_state(&mut self, state: &str) {
+        self.status.state = state.into();
+        self.write_status();
+    }
+
+    pub fn write_status(&mut self) {
+        let members = self.window.members().iter().map(|m| MemberStatus {
+            path: m.path.clone(),
+            step: m.step,
+            metric: m.metric,
+            weight: self.weights.get(&m.path).copied().unwrap_or(0.0),
+        });
+        self.status.members = members.collect();
+        let q = self.window.rejected().map(|r| QuarantineStatus {
+            path: r.path.clone(),
+            reason: r.reason.clone(),
+            incomplete: r.incomplete,
+        });
+        self.status.quarantined = q.collect();
+        let path = self.cfg.status_file();
+        if let Err(e) = self.status.write(&path) {
+            warn!(error = %e, "cannot write the status file");
+        }
+    }
+}
+
+fn missing(path: &Path) -> Error {
+    Error::Internal(format!("{}: window member has no open checkpoint", path.display()))
+}
+
+/// Whether a checkpoint's pages may still be read (not rewritten in place under its mapping).
+fn trusted(c: &Checkpoint) -> bool {
+    super::compat::still_valid(c)
+}

@@ -1,0 +1,4 @@
+//! Integration tests: one target, one module per topic.
+
+mod config;
+mod watch;
