@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::average::{IntPolicy, OutDType};
+
 #[derive(Debug, Parser)]
 #[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
 pub struct Cli {
@@ -22,12 +24,64 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Average checkpoints into one model, published atomically with a JSON manifest.
+    Average(AverageArgs),
+    /// Show a checkpoint's format, tensors (dtype, shape), size, step and metadata.
+    Inspect(InspectArgs),
     /// Watch a trainer's checkpoint directory and keep publishing the selected average.
     Watch(WatchArgs),
     /// Print a running (or stopped) `sewa watch`'s status file for people.
     Status(StatusArgs),
     /// Validate a config file and exit (0 valid, 78 invalid).
     CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
+    /// directory (model.safetensors or shards, side files, manifest.json).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Non-negative weights, one per input (after --last), comma-separated; normalised to sum 1.
+    /// Default: uniform.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_name = "W,W,...")]
+    pub weights: Option<Vec<f64>>,
+    /// Average only the last N inputs (by training step when every input has one, else in the
+    /// order given).
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Output dtype of floating tensors: keep (the inputs' dtype), f32, bf16 or f16.
+    #[arg(long, default_value_t = OutDType::Keep, value_name = "DTYPE")]
+    pub dtype: OutDType,
+    /// Integer/bool tensors (step counters, num_batches_tracked): copy from the latest input,
+    /// the first, or refuse them (error).
+    #[arg(long, default_value_t = IntPolicy::Latest, value_name = "POLICY")]
+    pub int_policy: IntPolicy,
+    /// Worker threads for the averaging kernel.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub threads: usize,
+    /// Strip this key prefix from every input (repeatable; `_orig_mod.` is always stripped).
+    #[arg(long = "strip-prefix", value_name = "PREFIX")]
+    pub strip_prefix: Vec<String>,
+    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
+    #[arg(long, default_value = "5GiB", value_parser = crate::commands::parse_size, value_name = "SIZE")]
+    pub max_shard_size: u64,
+    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Strip this key prefix (repeatable; `_orig_mod.` is always stripped).
+    #[arg(long = "strip-prefix", value_name = "PREFIX")]
+    pub strip_prefix: Vec<String>,
+    /// A checkpoint file or directory.
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
 }
 
 #[derive(Debug, Args)]

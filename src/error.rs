@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub type Result<T, E = Error> = std::result::Result<T, Error>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

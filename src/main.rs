@@ -11,6 +11,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match &cli.command {
+        Command::Average(args) => commands::average::run(args).map(|p| {
+            println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
+        }),
+        Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
         Command::Watch(args) => commands::watch::watch(args),
         Command::Status(args) => commands::watch::status(args).map(|text| print!("{text}")),
         Command::CheckConfig(args) => {

@@ -5,6 +5,8 @@
 
 use crate::error::Result;
 
+pub mod command;
+
 /// One floating tensor of a candidate average (or of a gradient), in f32, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamedTensor {

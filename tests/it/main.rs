@@ -1,4 +1,8 @@
-//! Integration tests: one target, one module per topic.
+//! The one integration-test target: topic modules, real files in unique temp dirs.
 
+mod average;
+mod cli;
 mod config;
+mod evaluator;
+mod publish;
 mod watch;

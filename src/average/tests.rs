@@ -1,0 +1,288 @@
+//! The kernel against its slow, obvious f64 twin, plus policies and error paths.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// Encode f64 values as little-endian `dtype` bytes.
+fn encode(values: &[f64], dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DType::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
+            other => panic!("test encoder lacks {other:?}"),
+        }
+    }
+    out
+}
+
+/// Decode little-endian `dtype` bytes to f64.
+fn decode(bytes: &[u8], dtype: DType) -> Vec<f64> {
+    bytes
+        .chunks_exact(dtype.size())
+        .map(|c| match dtype {
+            DType::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+            DType::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+            DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+            DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+            DType::I64 => i64::from_le_bytes(c.try_into().unwrap()) as f64,
+            other => panic!("test decoder lacks {other:?}"),
+        })
+        .collect()
+}
+
+/// The slow twin: per element, Σ w_i x_i / Σ w_i in f64 over the inputs' stored values.
+fn reference(inputs: &[Vec<f64>], weights: &[f64]) -> Vec<f64> {
+    let total: f64 = weights.iter().sum();
+    (0..inputs[0].len())
+        .map(|e| inputs.iter().zip(weights).map(|(x, w)| w * x[e]).sum::<f64>() / total)
+        .collect()
+}
+
+fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-4.0..4.0)).collect()
+}
+
+/// Inputs with one float tensor "w" of `n` elements, values stored in `dtype` (then read
+/// back, so the reference sees exactly the stored values).
+fn float_inputs(dtype: DType, n: usize, k: usize, seed: u64) -> (Vec<Checkpoint>, Vec<Vec<f64>>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut ckpts = Vec::new();
+    let mut stored = Vec::new();
+    for i in 0..k {
+        let bytes = encode(&random(&mut rng, n), dtype);
+        stored.push(decode(&bytes, dtype));
+        let t = vec![("w".to_string(), dtype, vec![n], bytes)];
+        ckpts.push(
+            Checkpoint::from_memory(format!("in{i}.safetensors"), Some(i as u64), t).unwrap(),
+        );
+    }
+    (ckpts, stored)
+}
+
+fn average_one(ckpts: &[Checkpoint], weights: Option<&[f64]>, opts: AverageOptions) -> Vec<u8> {
+    let plan = AveragePlan::new(ckpts.iter().collect(), weights, opts).unwrap();
+    let mut ws = Workspace::default();
+    plan.average_tensor(0, &mut ws).unwrap().to_vec()
+}
+
+fn assert_close(got: &[f64], want: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = rel * w.abs().max(1.0);
+        assert!((g - w).abs() <= tol, "element {i}: got {g}, want {w} (tol {tol})");
+    }
+}
+
+#[test]
+fn matches_reference_for_each_float_dtype() {
+    // Tolerance: f32 accumulation for 16/32-bit inputs, then rounding to the output dtype.
+    let cases = [
+        (DType::F32, 1e-6),
+        (DType::BF16, 1.0 / 128.0),
+        (DType::F16, 1.0 / 1024.0),
+        (DType::F64, 1e-12),
+    ];
+    let weights = [0.5, 2.0, 1.0, 0.25];
+    for (dtype, rel) in cases {
+        let n = BLOCK * 2 + 17; // crosses blocks, ends on a partial one
+        let (ckpts, stored) = float_inputs(dtype, n, 4, 7);
+        let out = average_one(&ckpts, Some(&weights), AverageOptions::default());
+        assert_eq!(out.len(), n * dtype.size(), "{dtype:?} keeps its dtype");
+        assert_close(&decode(&out, dtype), &reference(&stored, &weights), rel);
+    }
+}
+
+#[test]
+fn uniform_by_default_and_weights_are_normalised() {
+    let (ckpts, stored) = float_inputs(DType::F64, 100, 3, 1);
+    let uniform = average_one(&ckpts, None, AverageOptions::default());
+    assert_close(&decode(&uniform, DType::F64), &reference(&stored, &[1.0; 3]), 1e-12);
+    let scaled = average_one(&ckpts, Some(&[3.0, 3.0, 3.0]), AverageOptions::default());
+    assert_close(&decode(&scaled, DType::F64), &decode(&uniform, DType::F64), 1e-15);
+}
+
+#[test]
+fn zero_weight_inputs_are_not_read() {
+    let (mut ckpts, stored) = float_inputs(DType::F32, 10, 2, 3);
+    let nan = encode(&[f64::NAN; 10], DType::F32);
+    let t = vec![("w".to_string(), DType::F32, vec![10], nan)];
+    ckpts.push(Checkpoint::from_memory("nan.safetensors", Some(9), t).unwrap());
+    let out = average_one(&ckpts, Some(&[1.0, 1.0, 0.0]), AverageOptions::default());
+    assert_close(&decode(&out, DType::F32), &reference(&stored, &[1.0, 1.0]), 1e-6);
+}
+
+#[test]
+fn output_dtype_conversion() {
+    let (ckpts, stored) = float_inputs(DType::F32, 1000, 3, 5);
+    let want = reference(&stored, &[1.0; 3]);
+    for (out, dtype, rel) in
+        [(OutDType::BF16, DType::BF16, 1.0 / 128.0), (OutDType::F16, DType::F16, 1.0 / 1024.0)]
+    {
+        let opts = AverageOptions { dtype: out, ..Default::default() };
+        let plan = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap();
+        assert_eq!(plan.outputs()[0].dtype, dtype);
+        let bytes = average_one(&ckpts, None, opts);
+        assert_eq!(bytes.len(), 1000 * 2);
+        assert_close(&decode(&bytes, dtype), &want, rel);
+    }
+    // bf16 in, f32 out: no rounding back to bf16.
+    let (ckpts, stored) = float_inputs(DType::BF16, 1000, 3, 6);
+    let opts = AverageOptions { dtype: OutDType::F32, ..Default::default() };
+    let bytes = average_one(&ckpts, None, opts);
+    assert_close(&decode(&bytes, DType::F32), &reference(&stored, &[1.0; 3]), 1e-6);
+}
+
+#[test]
+fn thread_count_does_not_change_a_bit() {
+    let n = MIN_PARALLEL * 3 + 12_345;
+    let (ckpts, _) = float_inputs(DType::BF16, n, 5, 11);
+    let one = average_one(&ckpts, Some(&[1.0, 2.0, 3.0, 4.0, 5.0]), AverageOptions::default());
+    let three = AverageOptions { threads: 3, ..Default::default() };
+    assert_eq!(one, average_one(&ckpts, Some(&[1.0, 2.0, 3.0, 4.0, 5.0]), three));
+}
+
+#[test]
+fn unaligned_bytes_read_like_aligned_ones() {
+    let values: Vec<f64> = (0..100).map(|i| i as f64 * 0.5 - 7.0).collect();
+    let bytes = encode(&values, DType::F32);
+    let mut shifted = vec![0u8];
+    shifted.extend_from_slice(&bytes);
+    let (mut a, mut b) = (vec![0f32; 100], vec![0f32; 100]);
+    f32::add_block(&mut a, &bytes, DType::F32, 0.5, true);
+    f32::add_block(&mut b, &shifted[1..], DType::F32, 0.5, true);
+    assert_eq!(a, b);
+    let mut c = vec![0f64; 100];
+    let wide = encode(&values, DType::F64);
+    let mut shifted = vec![0u8; 3];
+    shifted.extend_from_slice(&wide);
+    f64::add_block(&mut c, &shifted[3..], DType::F64, 2.0, true);
+    assert_eq!(c, values.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+}
+
+/// Input views with their weights, as a pass sees them.
+type Views<'a> = [(Cow<'a, [u8]>, f32)];
+
+/// Fold `groups` of views into one accumulator, pass by pass, and return the output bytes.
+fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
+    let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
+    for (g, views) in groups.iter().enumerate() {
+        let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
+        assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
+    }
+    out
+}
+
+#[test]
+fn grouped_passes_equal_one_pass() {
+    // Owned (pickle) inputs are folded in groups; the result must not depend on grouping.
+    let (ckpts, _) = float_inputs(DType::F32, 5000, 3, 13);
+    let views: Vec<(Cow<'_, [u8]>, f32)> =
+        ckpts.iter().map(|c| (c.data("w").unwrap(), 1.0 / 3.0)).collect();
+    let one = run_groups(&[&views], 5000);
+    assert_eq!(one, run_groups(&[&views[..1], &views[1..2], &views[2..]], 5000));
+}
+
+fn int_inputs(steps: &[Option<u64>]) -> Vec<Checkpoint> {
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, &step)| {
+            let t = vec![
+                (
+                    "count".to_string(),
+                    DType::I64,
+                    vec![2],
+                    encode(&[i as f64, 100.0 + i as f64], DType::I64),
+                ),
+                ("w".to_string(), DType::F32, vec![1], encode(&[i as f64], DType::F32)),
+            ];
+            Checkpoint::from_memory(format!("c{i}.pt"), step, t).unwrap()
+        })
+        .collect()
+}
+
+fn int_result(ckpts: &[Checkpoint], weights: Option<&[f64]>, policy: IntPolicy) -> Vec<f64> {
+    let opts = AverageOptions { int_policy: policy, ..Default::default() };
+    let plan = AveragePlan::new(ckpts.iter().collect(), weights, opts).unwrap();
+    assert_eq!(plan.outputs()[0].dtype, DType::I64, "integer tensors keep their dtype");
+    decode(plan.average_tensor(0, &mut Workspace::default()).unwrap(), DType::I64)
+}
+
+#[test]
+fn int_policy_latest_and_first_follow_steps() {
+    // Given out of step order: the latest is input 1 (step 300), the first input 2 (step 100).
+    let ckpts = int_inputs(&[Some(200), Some(300), Some(100)]);
+    assert_eq!(int_result(&ckpts, None, IntPolicy::Latest), vec![1.0, 101.0]);
+    assert_eq!(int_result(&ckpts, None, IntPolicy::First), vec![2.0, 102.0]);
+    // Zero-weight inputs are not candidates.
+    assert_eq!(int_result(&ckpts, Some(&[1.0, 0.0, 1.0]), IntPolicy::Latest), vec![0.0, 100.0]);
+}
+
+#[test]
+fn int_policy_without_steps_uses_order_given() {
+    let ckpts = int_inputs(&[Some(5), None, Some(1)]);
+    assert_eq!(int_result(&ckpts, None, IntPolicy::Latest), vec![2.0, 102.0]);
+    assert_eq!(int_result(&ckpts, None, IntPolicy::First), vec![0.0, 100.0]);
+}
+
+#[test]
+fn int_policy_error_refuses_before_reading() {
+    let ckpts = int_inputs(&[Some(1), Some(2)]);
+    let opts = AverageOptions { int_policy: IntPolicy::Error, ..Default::default() };
+    let err = AveragePlan::new(ckpts.iter().collect(), None, opts).err().unwrap();
+    assert!(err.is_bad_input());
+    assert!(err.to_string().contains("count") && err.to_string().contains("--int-policy"), "{err}");
+}
+
+#[test]
+fn non_finite_input_is_named() {
+    for bad in [f64::NAN, f64::INFINITY] {
+        let (mut ckpts, _) = float_inputs(DType::BF16, 50, 2, 17);
+        let mut values = vec![1.0; 50];
+        values[33] = bad;
+        let t = vec![("w".to_string(), DType::BF16, vec![50], encode(&values, DType::BF16))];
+        ckpts.insert(1, Checkpoint::from_memory("bad.safetensors", Some(1), t).unwrap());
+        let plan = AveragePlan::new(ckpts.iter().collect(), None, Default::default()).unwrap();
+        let err = plan.average_tensor(0, &mut Workspace::default()).err().unwrap();
+        let msg = err.to_string();
+        assert!(err.is_bad_input(), "{msg}");
+        assert!(
+            msg.starts_with("bad.safetensors:")
+                && msg.contains("tensor w")
+                && msg.contains("element 33"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn bad_weights_are_usage_errors() {
+    let (ckpts, _) = float_inputs(DType::F32, 4, 3, 19);
+    for (w, needle) in [
+        (&[1.0, 2.0][..], "2 weights given for 3 inputs"),
+        (&[1.0, -1.0, 1.0][..], "non-negative"),
+        (&[0.0, 0.0, 0.0][..], "all weights are zero"),
+        (&[1.0, f64::NAN, 1.0][..], "finite"),
+    ] {
+        let err =
+            AveragePlan::new(ckpts.iter().collect(), Some(w), Default::default()).err().unwrap();
+        assert!(matches!(err, Error::Usage(_)) && err.to_string().contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn dtype_and_policy_names_parse() {
+    assert_eq!("bf16".parse::<OutDType>(), Ok(OutDType::BF16));
+    assert_eq!("KEEP".parse::<OutDType>(), Ok(OutDType::Keep));
+    assert!("f8".parse::<OutDType>().is_err());
+    assert_eq!("first".parse::<IntPolicy>(), Ok(IntPolicy::First));
+    assert!("sum".parse::<IntPolicy>().is_err());
+    assert_eq!(OutDType::F32.resolve(DType::I64), DType::I64);
+    assert_eq!(OutDType::Keep.resolve(DType::F16), DType::F16);
+}

@@ -1,0 +1,71 @@
+//! `sewa inspect`: describe one checkpoint for people (a table) or programs (`--json`).
+//! Reads only the tensor list and metadata, never tensor bytes.
+
+use std::fmt::Write;
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::InspectArgs;
+use crate::error::Result;
+
+/// Run `sewa inspect` and return the text to print.
+pub fn run(args: &InspectArgs) -> Result<String> {
+    let ckpt = Checkpoint::open(&args.input, &super::open_options(&args.strip_prefix))?;
+    Ok(if args.json { json(&ckpt) } else { table(&ckpt) })
+}
+
+pub fn json(c: &Checkpoint) -> String {
+    let v = serde_json::json!({
+        "path": c.path(),
+        "format": c.format(),
+        "step": c.step(),
+        "tensor_bytes": c.total_bytes(),
+        "tensors": c.tensors(),
+        "metadata": c.metadata(),
+        "renamed_keys": c.renamed_keys(),
+        "side_dir": c.side_dir(),
+    });
+    serde_json::to_string_pretty(&v).expect("serialises") + "\n"
+}
+
+pub fn table(c: &Checkpoint) -> String {
+    let mut s = String::new();
+    let step = c.step().map_or("unknown".to_string(), |s| s.to_string());
+    let _ = writeln!(s, "path:    {}", c.path().display());
+    let _ = writeln!(s, "format:  {}", crate::manifest::format_name(c.format()));
+    let _ = writeln!(s, "step:    {step}");
+    let _ = writeln!(s, "tensors: {} ({})", c.tensors().len(), human_bytes(c.total_bytes()));
+    if let Some(d) = c.side_dir() {
+        let _ = writeln!(s, "side files from: {}", d.display());
+    }
+    if !c.metadata().is_empty() {
+        let _ = writeln!(s, "metadata:");
+        for (k, v) in c.metadata() {
+            let _ = writeln!(s, "  {k}: {v}");
+        }
+    }
+    if !c.renamed_keys().is_empty() {
+        let _ = writeln!(s, "renamed keys:");
+        for (from, to) in c.renamed_keys() {
+            let _ = writeln!(s, "  {from} -> {to}");
+        }
+    }
+    let width = c.tensors().iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(s, "\n{:width$}  {:5}  SHAPE", "NAME", "DTYPE");
+    for t in c.tensors() {
+        let dtype = format!("{:?}", t.dtype).to_lowercase();
+        let _ = writeln!(s, "{:width$}  {dtype:5}  {:?}", t.name, t.shape);
+    }
+    s
+}
+
+/// `1.50 GiB (1610612736 bytes)`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {} ({b} bytes)", UNITS[u]) }
+}

@@ -1,0 +1,163 @@
+//! The JSON manifest published beside (file output) or inside (directory output) every average:
+//! what went in, with which weights, why, how, when. Consumers poll it: it is written last.
+//! This module only describes and serialises the record; `publish` decides where and when.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::average::AveragePlan;
+use crate::select::Selection;
+
+/// Note carried by every manifest: averaging does not fix normalisation statistics.
+pub const BATCHNORM_NOTE: &str = "BatchNorm running statistics in an average are stale \
+    (averages of statistics, not statistics of the averaged model); recompute them \
+    (e.g. torch.optim.swa_utils.update_bn) before evaluating a model with BatchNorm.";
+
+/// Why these weights: filled by the CLI (explicit weights) or a selector.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Provenance {
+    /// Selector or rule, e.g. "uniform", "weights", "lawa", "sewa".
+    pub method: String,
+    /// One human-readable line, e.g. "last 5 of 20 by step".
+    pub why: String,
+    /// Loss of the selection on the selection data, when an objective was used.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Method-specific report (probabilities, iterations, oracle calls, wall time...).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+impl From<&Selection> for Provenance {
+    fn from(s: &Selection) -> Self {
+        Provenance {
+            method: s.method.clone(),
+            why: s.why.clone(),
+            loss: s.loss,
+            details: s.details.clone(),
+        }
+    }
+}
+
+/// One input as recorded.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InputRecord {
+    pub path: PathBuf,
+    pub step: Option<u64>,
+    /// Tensor bytes (not file size: a .ckpt also holds optimizer state).
+    pub bytes: u64,
+    pub format: String,
+    /// Normalised weight.
+    pub weight: f64,
+}
+
+/// One key renamed while opening an input (e.g. torch.compile's `_orig_mod.` prefix).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RenameRecord {
+    pub input: PathBuf,
+    pub from: String,
+    pub to: String,
+}
+
+/// One published file, relative to the output directory (or the output file's name).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub sewa_version: String,
+    /// The published path (file or directory).
+    pub output: PathBuf,
+    /// "file" or "dir".
+    pub layout: String,
+    pub files: Vec<FileRecord>,
+    /// Tensor bytes written.
+    pub tensor_bytes: u64,
+    pub tensors: usize,
+    pub inputs: Vec<InputRecord>,
+    /// Normalised weights, one per input (same order).
+    pub weights: Vec<f64>,
+    pub selection: Provenance,
+    pub dtype: String,
+    pub int_policy: String,
+    /// Input the integer/bool tensors were copied from, when there are any.
+    pub int_source: Option<PathBuf>,
+    pub renamed_keys: Vec<RenameRecord>,
+    /// HF side files copied (config.json, tokenizer...) and where from.
+    pub side_files: Vec<String>,
+    pub side_source: Option<PathBuf>,
+    /// RFC 3339 UTC.
+    pub started: String,
+    pub finished: String,
+    pub wall_time_s: f64,
+    pub notes: Vec<String>,
+}
+
+impl Manifest {
+    /// The record of `plan`, before the output-specific fields (files, side files, finish
+    /// time) are known.
+    pub fn new(plan: &AveragePlan<'_>, output: PathBuf, selection: Provenance) -> Self {
+        let inputs = (plan.inputs().iter().zip(plan.weights()))
+            .map(|(c, w)| InputRecord {
+                path: c.path().to_path_buf(),
+                step: c.step(),
+                bytes: c.total_bytes(),
+                format: format_name(c.format()),
+                weight: *w,
+            })
+            .collect();
+        let renamed_keys = (plan.inputs().iter())
+            .flat_map(|c| {
+                c.renamed_keys().iter().map(|(from, to)| RenameRecord {
+                    input: c.path().to_path_buf(),
+                    from: from.clone(),
+                    to: to.clone(),
+                })
+            })
+            .collect();
+        let opts = plan.options();
+        Manifest {
+            sewa_version: env!("CARGO_PKG_VERSION").to_string(),
+            output,
+            layout: String::new(),
+            files: Vec::new(),
+            tensor_bytes: plan.output_bytes(),
+            tensors: plan.outputs().len(),
+            inputs,
+            weights: plan.weights().to_vec(),
+            selection,
+            dtype: opts.dtype.to_string(),
+            int_policy: opts.int_policy.to_string(),
+            int_source: plan.int_source().map(|c| c.path().to_path_buf()),
+            renamed_keys,
+            side_files: Vec::new(),
+            side_source: None,
+            started: rfc3339(SystemTime::now()),
+            finished: String::new(),
+            wall_time_s: 0.0,
+            notes: vec![BATCHNORM_NOTE.to_string()],
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        v.push(b'\n');
+        v
+    }
+}
+
+/// `Format` as its kebab-case name, e.g. "sharded-safetensors".
+pub fn format_name(f: crate::checkpoint::Format) -> String {
+    match serde_json::to_value(f) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{f:?}"),
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -1,0 +1,95 @@
+//! Schema check across the inputs of one average: same tensor names, dtypes and shapes.
+//! The error names the first mismatch (tensor, both files, both shapes or dtypes), so a user can
+//! see at once which checkpoint does not belong. This module reads only tensor lists, no bytes.
+
+use crate::checkpoint::{Checkpoint, TensorMeta};
+use crate::error::{Error, Result};
+
+/// Check that every input has exactly the tensors of the first one. `Error::BadInput` names the
+/// offending input (not the reference) with both sides of the first difference.
+pub fn check_schema(inputs: &[&Checkpoint]) -> Result<()> {
+    let Some((first, rest)) = inputs.split_first() else {
+        return Err(Error::Usage("no input checkpoints given".into()));
+    };
+    for other in rest {
+        check_pair(first, other)?;
+    }
+    Ok(())
+}
+
+fn check_pair(reference: &Checkpoint, other: &Checkpoint) -> Result<()> {
+    let (a, b) = (reference.tensors(), other.tensors());
+    // Both lists are sorted by name: walk them together to find the first name in one only.
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x.name == y.name => {
+                compare_meta(reference, other, x, y)?;
+                i += 1;
+                j += 1;
+            }
+            (Some(x), y) if y.is_none_or(|y| x.name < y.name) => {
+                return Err(missing(other, reference, &x.name));
+            }
+            (_, Some(y)) => return Err(extra(other, reference, &y.name)),
+            _ => unreachable!("loop condition guarantees one side has a tensor"),
+        }
+    }
+    Ok(())
+}
+
+fn compare_meta(
+    reference: &Checkpoint,
+    other: &Checkpoint,
+    x: &TensorMeta,
+    y: &TensorMeta,
+) -> Result<()> {
+    if x.dtype != y.dtype {
+        return Err(Error::bad_input(
+            other.path(),
+            format!(
+                "tensor {}: dtype {:?} here but {:?} in {} (all inputs must share dtypes)",
+                x.name,
+                y.dtype,
+                x.dtype,
+                reference.path().display()
+            ),
+        ));
+    }
+    if x.shape != y.shape {
+        return Err(Error::bad_input(
+            other.path(),
+            format!(
+                "tensor {}: shape {:?} here but {:?} in {} (inputs must come from the same model)",
+                x.name,
+                y.shape,
+                x.shape,
+                reference.path().display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `lacking` has no tensor `name` that `having` has.
+fn missing(lacking: &Checkpoint, having: &Checkpoint, name: &str) -> Error {
+    Error::bad_input(
+        lacking.path(),
+        format!(
+            "has no tensor {name}, which {} has (inputs must have the same tensor names; \
+             for torch.compile's `_orig_mod.` or another prefix use --strip-prefix)",
+            having.path().display()
+        ),
+    )
+}
+
+/// `blamed` has a tensor `name` that `reference` lacks.
+fn extra(blamed: &Checkpoint, reference: &Checkpoint, name: &str) -> Error {
+    Error::bad_input(
+        blamed.path(),
+        format!(
+            "has a tensor {name} that {} lacks (inputs must have the same tensor names)",
+            reference.path().display()
+        ),
+    )
+}

@@ -1,0 +1,96 @@
+"""Numpy-only evaluator for sewa's tests: an MLP (nn.Sequential layout: net.0.weight [out, in],
+net.0.bias, activation between layers) with mean cross-entropy on held-out data, gradients by
+hand-written backprop. It must agree with sewa's builtin candle objective on the same files.
+
+usage: mlp_numpy.py DATA.safetensors [--mode MODE]
+MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | nan | version
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "clients", "python"))
+
+import numpy as np
+from safetensors.numpy import load_file
+
+import sewa_evaluator
+
+
+def layers(weights):
+    """(weight, bias) names ordered by the layer index in the name, as nn.Sequential saves them."""
+    names = [n for n in weights if n.endswith(".weight") and weights[n].ndim == 2]
+    index = lambda n: [int(x) for x in re.findall(r"\d+", n)]
+    return [(n, n[: -len("weight")] + "bias") for n in sorted(names, key=index)]
+
+
+def loss_and_grad(weights, x, y):
+    acts, h = [], x.astype(np.float64)
+    order = layers(weights)
+    for i, (wn, bn) in enumerate(order):
+        z = h @ weights[wn].astype(np.float64).T + weights[bn].astype(np.float64)
+        acts.append((h, z))
+        h = np.maximum(z, 0.0) if i + 1 < len(order) else z
+    logits = h - h.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    n = x.shape[0]
+    loss = -logp[np.arange(n), y].mean()
+    d = np.exp(logp)
+    d[np.arange(n), y] -= 1.0
+    d /= n
+    grads = {}
+    for i in reversed(range(len(order))):
+        wn, bn = order[i]
+        h_in, z = acts[i]
+        if i + 1 < len(order):
+            d = d * (z > 0)
+        grads[wn] = d.T @ h_in
+        grads[bn] = d.sum(axis=0)
+        d = d @ weights[wn].astype(np.float64)
+    return loss, grads
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("data")
+    ap.add_argument("--mode", default="ok")
+    args = ap.parse_args()
+    data = load_file(args.data)
+    x, y = data["inputs"], data["targets"].astype(np.int64)
+    calls = {"n": 0}
+
+    if args.mode == "version":
+        sewa_evaluator.PROTOCOL = 99
+    if args.mode == "garbage":
+        # Bypass the client: answer the hello, then print junk.
+        sys.stdin.readline()
+        print('{"type": "hello", "protocol": 1, "grad": true}', flush=True)
+        sys.stdin.readline()
+        print("this is not json", flush=True)
+        time.sleep(60)
+        return
+
+    def loss_fn(w):
+        calls["n"] += 1
+        print(f"evaluating candidate {calls['n']}", file=sys.stderr, flush=True)
+        if args.mode == "crash-after-1" and calls["n"] > 1:
+            print("simulated crash", file=sys.stderr, flush=True)
+            os._exit(3)
+        if args.mode == "hang":
+            time.sleep(3600)
+        if args.mode == "nan":
+            return float("nan")
+        loss, grads = loss_and_grad(w, x, y)
+        if args.mode == "forward-only":
+            return float(loss)
+        return loss, grads
+
+    sewa_evaluator.serve(loss_fn, framework="numpy", grad=args.mode != "forward-only",
+                         name="mlp_numpy")
+
+
+if __name__ == "__main__":
+    main()
