@@ -83,7 +83,8 @@ impl Accumulator {
             }
             self.total += delta;
         }
-        self.contributors = target.into_iter().map(|(ckpt, coef)| Contributor { ckpt, coef }).collect();
+        self.contributors =
+            target.into_iter().map(|(ckpt, coef)| Contributor { ckpt, coef }).collect();
         self.rescale_to_contributors();
         self.since_exact += 1;
         Ok(UpdateReport { reads: plan.len(), exact: false })
@@ -139,7 +140,7 @@ impl Accumulator {
                 out.push(self.int_tensor(meta, first, last, int_policy)?);
                 continue;
             }
-            let target = out_dtype(meta.dtype, dtype);
+            let target = dtype.resolve(meta.dtype);
             let bytes = encode(sum.iter().map(|s| s / self.total), target, sum.len());
             out.push((meta.name.clone(), target, meta.shape.clone(), bytes));
         }
@@ -177,9 +178,8 @@ impl Accumulator {
 /// The target weights are rescaled by the factor that keeps most current coefficients
 /// unchanged, so a sliding LAWA or a growing EMA window costs one or two reads.
 fn plan(current: &[Contributor], target: &[(Arc<Checkpoint>, f64)]) -> Vec<(Arc<Checkpoint>, f64)> {
-    let coef_of = |c: &Arc<Checkpoint>| {
-        current.iter().find(|x| Arc::ptr_eq(&x.ckpt, c)).map(|x| x.coef)
-    };
+    let coef_of =
+        |c: &Arc<Checkpoint>| current.iter().find(|x| Arc::ptr_eq(&x.ckpt, c)).map(|x| x.coef);
     let ratios: Vec<f64> = target.iter().filter_map(|(c, w)| coef_of(c).map(|a| a / w)).collect();
     let agree = |r: f64| ratios.iter().filter(|x| close(**x, r)).count();
     let scale = ratios.iter().copied().max_by_key(|r| agree(*r)).unwrap_or(1.0);
@@ -239,7 +239,10 @@ fn add(sums: &mut [Vec<f64>], schema: &[TensorMeta], ckpt: &Checkpoint, coef: f6
 }
 
 pub fn non_finite(path: &Path, tensor: &str, index: usize) -> Error {
-    Error::bad_input(path, format!("tensor {tensor}: non-finite value (NaN or Inf) at element {index}"))
+    Error::bad_input(
+        path,
+        format!("tensor {tensor}: non-finite value (NaN or Inf) at element {index}"),
+    )
 }
 
 /// Add `coef · decode(bytes)` into `sum`; returns the first non-finite element's index.
@@ -269,15 +272,6 @@ pub fn add_bytes(sum: &mut [f64], bytes: &[u8], dtype: DType, coef: f64) -> Opti
     }
 }
 
-fn out_dtype(input: DType, want: OutDType) -> DType {
-    match want {
-        OutDType::Keep => input,
-        OutDType::F32 => DType::F32,
-        OutDType::Bf16 => DType::BF16,
-        OutDType::F16 => DType::F16,
-    }
-}
-
 fn encode(values: impl Iterator<Item = f64>, dtype: DType, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n * dtype.size());
     for v in values {
@@ -297,7 +291,8 @@ mod tests {
     use crate::select::{MemberSummary, rules};
 
     fn ckpt(step: u64, seed: f32) -> Arc<Checkpoint> {
-        let a: Vec<u8> = (0..64).flat_map(|i| (seed * 1.37 + i as f32 * 0.01).to_le_bytes()).collect();
+        let a: Vec<u8> =
+            (0..64).flat_map(|i| (seed * 1.37 + i as f32 * 0.01).to_le_bytes()).collect();
         let b: Vec<u8> =
             (0..8).flat_map(|i| half::bf16::from_f32(seed - i as f32).to_le_bytes()).collect();
         let n: Vec<u8> = (step as i64).to_le_bytes().to_vec();
@@ -372,20 +367,26 @@ mod tests {
 
     #[test]
     fn untrusted_contributor_forces_exact_recompute() {
-        let all: Vec<_> = (0..4).map(|s| ckpt(s, s as f32)).collect();
+        let all: Vec<_> = (0..5).map(|s| ckpt(s, s as f32)).collect();
         let mut acc = Accumulator::new(100);
-        let m = |ws: [f64; 4]| all.iter().cloned().zip(ws).collect::<Vec<_>>();
-        acc.update(&m([0.5, 0.5, 0.0, 0.0]), |_| true).unwrap();
-        let rep = acc.update(&m([0.0, 0.5, 0.5, 0.0]), |_| true).unwrap();
+        let m = |ws: [f64; 5]| all.iter().cloned().zip(ws).collect::<Vec<_>>();
+        let t = 1.0 / 3.0;
+        acc.update(&m([t, t, t, 0.0, 0.0]), |_| true).unwrap();
+        let rep = acc.update(&m([0.0, t, t, t, 0.0]), |_| true).unwrap();
         assert_eq!(rep, UpdateReport { reads: 2, exact: false });
         let gone = all[1].path().to_path_buf();
-        let rep = acc.update(&m([0.0, 0.0, 0.5, 0.5]), |c| c.path() != gone).unwrap();
+        let rep = acc.update(&m([0.0, 0.0, t, t, t]), |c| c.path() != gone).unwrap();
         assert!(rep.exact, "a rewritten contributor must never be read again");
     }
 
     #[test]
     fn non_finite_input_names_file_and_tensor() {
-        let bad = vec![("a".to_string(), DType::F32, vec![2], [1.0f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect())];
+        let bad = vec![(
+            "a".to_string(),
+            DType::F32,
+            vec![2],
+            [1.0f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )];
         let c = Arc::new(Checkpoint::from_memory("bad.safetensors", Some(1), bad).unwrap());
         let err = Accumulator::new(4).update(&[(c, 1.0)], |_| true).unwrap_err().to_string();
         assert!(err.contains("bad.safetensors") && err.contains("tensor a"), "{err}");

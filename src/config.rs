@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::average::{IntPolicy, OutDType};
 use crate::error::{Error, Result};
 
 /// Appended to every config error: where to look for a working example.
@@ -153,23 +154,6 @@ pub enum Policy {
     Latest,
     /// Publish only when the selection's loss beats the published one.
     Best,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutDType {
-    Keep,
-    F32,
-    Bf16,
-    F16,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IntPolicy {
-    Latest,
-    First,
-    Error,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

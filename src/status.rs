@@ -124,12 +124,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The status as a short report for people (`sewa status`).
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
+    let _ =
+        writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
     let _ = writeln!(o, "watching {}  →  {}", s.dir.display(), s.out.display());
     let _ = writeln!(o, "\nwindow: {} members, method {}", s.members.len(), s.method);
     for m in &s.members {
         let metric = m.metric.map(|v| format!("  metric {v:.6}")).unwrap_or_default();
-        let _ = writeln!(o, "  step {:>8}  weight {:.4}  {}{metric}", m.step, m.weight, m.path.display());
+        let _ = writeln!(
+            o,
+            "  step {:>8}  weight {:.4}  {}{metric}",
+            m.step,
+            m.weight,
+            m.path.display()
+        );
     }
     if let Some(sel) = &s.last_selection {
         let loss = sel.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();

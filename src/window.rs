@@ -126,7 +126,12 @@ impl Window {
                 let sig = self.members.iter().find(|m| m.path == path).map(|m| m.sig);
                 let mut actions = self.remove_member(&path);
                 if let Some(sig) = sig {
-                    let r = Rejection { path: path.clone(), reason: reason.clone(), incomplete: false, sig };
+                    let r = Rejection {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                        incomplete: false,
+                        sig,
+                    };
                     self.rejected.insert(path.clone(), r);
                     actions.push(Action::Quarantine { path, reason });
                 }

@@ -17,7 +17,10 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     if !cfg.watch.dir.is_dir() {
         return Err(Error::config(
             &args.config,
-            format!("[watch] dir {} is not a directory; create it or fix the path", cfg.watch.dir.display()),
+            format!(
+                "[watch] dir {} is not a directory; create it or fix the path",
+                cfg.watch.dir.display()
+            ),
         ));
     }
     let blocking = cfg.runtime.threads.get() + 1;

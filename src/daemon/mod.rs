@@ -115,7 +115,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
             }
         }
         let p = pipeline.as_mut().expect("just returned");
-        let status = format!("{} members, {} published", p.window.members().len(), p.status.counters.publishes);
+        let status = format!(
+            "{} members, {} published",
+            p.window.members().len(),
+            p.status.counters.publishes
+        );
         notify(opts.systemd, &[sd_notify::NotifyState::Status(&status)]);
     }
     info!("stopping");
@@ -165,7 +169,8 @@ fn hangup_stream(enabled: bool) -> Result<mpsc::Receiver<()>> {
     let (tx, rx) = mpsc::channel(1);
     if enabled {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::Internal(format!("SIGHUP: {e}")))?;
+        let mut hup =
+            signal(SignalKind::hangup()).map_err(|e| Error::Internal(format!("SIGHUP: {e}")))?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 let _ = tx.try_send(());

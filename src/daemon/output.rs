@@ -56,8 +56,9 @@ pub fn publish(cfg: &Config, tensors: &[OutTensor], manifest: &Value) -> Result<
     let views = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
-            let v = safetensors::tensor::TensorView::new(dtype.to_safetensors(), shape.clone(), bytes)
-                .map_err(|e| Error::Internal(format!("tensor {name}: {e}")))?;
+            let v =
+                safetensors::tensor::TensorView::new(dtype.to_safetensors(), shape.clone(), bytes)
+                    .map_err(|e| Error::Internal(format!("tensor {name}: {e}")))?;
             Ok((name.clone(), v))
         })
         .collect::<Result<Vec<_>>>()?;

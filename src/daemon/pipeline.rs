@@ -84,16 +84,21 @@ impl Pipeline {
             .into_iter()
             .map(|s| match s {
                 Settled::Ready(path, sig) => {
-                    let step = path.file_name().and_then(|n| n.to_str()).and_then(super::compat::parse_step);
+                    let step = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(super::compat::parse_step);
                     Event::Settled { path, sig, step }
                 }
                 Settled::Gone(path) => Event::Gone { path },
             })
             .collect();
-        events.sort_by_key(|e| std::cmp::Reverse(match e {
-            Event::Settled { step, .. } => step.unwrap_or(u64::MAX),
-            _ => u64::MAX,
-        }));
+        events.sort_by_key(|e| {
+            std::cmp::Reverse(match e {
+                Event::Settled { step, .. } => step.unwrap_or(u64::MAX),
+                _ => u64::MAX,
+            })
+        });
         for event in events {
             let actions = self.window.handle(event);
             self.apply(actions);
@@ -225,12 +230,11 @@ impl Pipeline {
         if last.same_as(inputs) {
             return Some("same members and weights as the published average".into());
         }
-        if self.cfg.publish.policy == Policy::Best {
-            if let (Some(new), Some(old)) = (selection.loss, last.loss) {
-                if new >= old {
-                    return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
-                }
-            }
+        let best = self.cfg.publish.policy == Policy::Best;
+        if let (true, Some(new), Some(old)) = (best, selection.loss, last.loss)
+            && new >= old
+        {
+            return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
         }
         None
     }
@@ -254,11 +258,18 @@ impl Pipeline {
         report: UpdateReport,
         t0: Instant,
     ) -> serde_json::Value {
-        let window: Vec<_> = self.window.members().iter().zip(members).map(|(m, (c, w))| {
-            json!({ "path": m.path, "step": m.step, "metric": m.metric, "weight": w,
+        let window: Vec<_> = self
+            .window
+            .members()
+            .iter()
+            .zip(members)
+            .map(|(m, (c, w))| {
+                json!({ "path": m.path, "step": m.step, "metric": m.metric, "weight": w,
                     "bytes": c.total_bytes() })
-        }).collect();
-        let inputs: Vec<_> = window.iter().filter(|m| m["weight"].as_f64() > Some(0.0)).cloned().collect();
+            })
+            .collect();
+        let inputs: Vec<_> =
+            window.iter().filter(|m| m["weight"].as_f64() > Some(0.0)).cloned().collect();
         json!({
             "sewa_version": env!("CARGO_PKG_VERSION"),
             "published_at": status::now_rfc3339(),

@@ -70,7 +70,9 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(".tmp")
         || name.starts_with("tmp-")
         || name.starts_with("tmp_")
-        || [".tmp", ".part", ".partial", ".swp", "~", ".incomplete"].iter().any(|s| name.ends_with(s))
+        || [".tmp", ".part", ".partial", ".swp", "~", ".incomplete"]
+            .iter()
+            .any(|s| name.ends_with(s))
 }
 
 /// `dir/<first component of path below dir>`, or None if `path` is not strictly below `dir`.
@@ -117,7 +119,9 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
     let handler = move |res: notify::Result<notify::Event>| {
         let hints: Vec<Hint> = match res {
             Ok(ev) if ev.need_rescan() => vec![Hint::Rescan("event queue overflow".into())],
-            Ok(ev) => ev.paths.iter().filter_map(|p| filter.candidate(p)).map(Hint::Candidate).collect(),
+            Ok(ev) => {
+                ev.paths.iter().filter_map(|p| filter.candidate(p)).map(Hint::Candidate).collect()
+            }
             Err(e) => vec![Hint::Rescan(format!("watch error: {e}"))],
         };
         for h in hints {
@@ -152,9 +156,8 @@ mod tests {
     use super::*;
 
     fn filter(out: &str) -> Filter {
-        let text = format!(
-            "[watch]\ndir = \"/runs/x\"\npattern = \"*\"\n[publish]\nout = \"{out}\"\n"
-        );
+        let text =
+            format!("[watch]\ndir = \"/runs/x\"\npattern = \"*\"\n[publish]\nout = \"{out}\"\n");
         Filter::new(&Config::parse(&text, Path::new("t.toml")).unwrap())
     }
 
@@ -162,7 +165,10 @@ mod tests {
     fn events_map_to_top_level_candidates() {
         let f = filter("/runs/x/averaged/model.safetensors");
         let c = |p: &str| f.candidate(Path::new(p)).map(|p| p.display().to_string());
-        assert_eq!(c("/runs/x/checkpoint-5/model.safetensors").as_deref(), Some("/runs/x/checkpoint-5"));
+        assert_eq!(
+            c("/runs/x/checkpoint-5/model.safetensors").as_deref(),
+            Some("/runs/x/checkpoint-5")
+        );
         assert_eq!(c("/runs/x/step_5.safetensors").as_deref(), Some("/runs/x/step_5.safetensors"));
         assert_eq!(c("/runs/x"), None, "the directory itself is not a candidate");
         assert_eq!(c("/elsewhere/a.pt"), None);

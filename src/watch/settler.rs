@@ -102,8 +102,12 @@ impl Settler {
     /// Candidates whose quiet period is over. `stat` is asked only for those; a signature that
     /// moved since the hint re-arms the timer (a writer that makes no events, e.g. over NFS).
     pub fn poll(&mut self, now: Instant, stat: impl Fn(&Path) -> Option<Sig>) -> Vec<Settled> {
-        let due: Vec<PathBuf> =
-            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k.clone()).collect();
+        let due: Vec<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut out = Vec::new();
         for path in due {
             let current = stat(&path);

@@ -3,8 +3,10 @@
 use std::process::Command;
 
 fn check(path: &std::path::Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sewa")).arg("check-config").arg(path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sewa")).arg("check-config").arg(path).output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -18,7 +20,8 @@ fn shipped_example_config_is_valid() {
 
 #[test]
 fn broken_configs_exit_78_with_position_and_hint() {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sewa.toml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sewa.toml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (shipped.replace("size = 20", "size = 0"), "at least 1"),

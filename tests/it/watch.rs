@@ -71,14 +71,16 @@ impl Daemon {
     fn wait_published(&mut self, steps: &[u64]) -> Value {
         let start = Instant::now();
         loop {
-            if let Some(m) = self.manifest() {
-                if input_steps(&m) == steps {
-                    return m;
-                }
+            if let Some(m) = self.manifest().filter(|m| input_steps(m) == steps) {
+                return m;
             }
             assert!(self.alive(), "sewa exited:\n{}", self.log());
             let last = self.manifest().map(|m| input_steps(&m));
-            assert!(start.elapsed() < DEADLINE, "never published {steps:?} (last {last:?})\n{}", self.log());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "never published {steps:?} (last {last:?})\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -139,7 +141,8 @@ fn expected(m: &Value) -> (Vec<f64>, Vec<f64>, i64) {
 
 /// Whether the output bytes are exactly the average the manifest describes.
 fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("unparsable: {e}"))?;
+    let st =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("unparsable: {e}"))?;
     let f32s = |name: &str| -> Result<Vec<f64>, String> {
         let t = st.tensor(name).map_err(|e| e.to_string())?;
         let v = t.data().chunks_exact(4);
@@ -243,16 +246,24 @@ fn rename_in_from_another_directory() {
 
 #[test]
 fn hf_dirs_written_file_by_file_with_best_metric_and_rotation() {
-    let cfg = "[window]\nsize = 3\n[select]\nmethod = \"best-metric\"\nk = 2\nmetric = \"eval_loss\"\n";
+    let cfg =
+        "[window]\nsize = 3\n[select]\nmethod = \"best-metric\"\nk = 2\nmetric = \"eval_loss\"\n";
     let mut d = Daemon::start(cfg);
     let reader = Reader::start(d.out.clone(), d.manifest_path());
     // eval_loss = 1000 / step: the newest are best. Rotation keeps 2 dirs on disk.
-    write(&d.runs, &["--style", "hf-dir", "--steps", "100,200,300,400", "--keep", "2", "--chunk-ms", "80"]);
+    write(
+        &d.runs,
+        &["--style", "hf-dir", "--steps", "100,200,300,400", "--keep", "2", "--chunk-ms", "80"],
+    );
     d.wait_published(&[300, 400]);
     reader.finish();
     let status = d.status().unwrap();
-    let broken: Vec<_> =
-        status["quarantined"].as_array().unwrap().iter().filter(|q| q["incomplete"] == false).collect();
+    let broken: Vec<_> = status["quarantined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["incomplete"] == false)
+        .collect();
     assert!(broken.is_empty(), "{status:#}");
 }
 
@@ -267,7 +278,9 @@ fn corrupt_and_nan_checkpoints_are_quarantined_while_publishing_continues() {
     let status = d.status().unwrap();
     let q = status["quarantined"].as_array().unwrap();
     let reason = |name: &str| {
-        q.iter().find(|x| x["path"].as_str().unwrap().ends_with(name)).map(|x| x["reason"].to_string())
+        q.iter()
+            .find(|x| x["path"].as_str().unwrap().ends_with(name))
+            .map(|x| x["reason"].to_string())
     };
     assert!(reason("model_step_3.safetensors").is_some(), "{status:#}");
     assert!(reason("model_step_4.safetensors").unwrap().contains("NaN"), "{status:#}");
