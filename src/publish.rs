@@ -135,9 +135,21 @@ pub fn publish(
     opts: &PublishOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
+    let manifest = Manifest::new(plan, out.to_path_buf(), provenance);
+    publish_recorded(plan, out, manifest, opts, progress)
+}
+
+/// As [`publish`], with a manifest the caller prepared from `Manifest::new` (the daemon
+/// publishes its running average held in memory and records the window members it came from).
+pub fn publish_recorded(
+    plan: &AveragePlan<'_>,
+    out: &Path,
+    mut manifest: Manifest,
+    opts: &PublishOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Published> {
     check_destination(out)?;
     let clock = Instant::now();
-    let mut manifest = Manifest::new(plan, out.to_path_buf(), provenance);
     let metadata = provenance_metadata(&manifest);
     let parent = parent_dir(out);
     fs::create_dir_all(parent).with_path(parent)?;

@@ -1,20 +1,25 @@
-//! Handing the running average to the publisher, and reading back what was published last
+//! Handing the running average to the shared publisher (`publish::publish_recorded`, the same
+//! atomic path and manifest as `sewa average`), and reading back what was published last
 //! (restart: the window is rebuilt from the directory, the published selection from its
-//! manifest). This module owns the manifest fields the daemon adds, not the publishing itself.
+//! manifest). This module owns only the daemon's additions to the manifest.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use serde_json::{Value, json};
-
-use crate::accumulate::OutTensor;
+use crate::accumulate::{OutTensor, UpdateReport};
+use crate::average::{AverageOptions, AveragePlan, IntPolicy, OutDType};
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::{Error, Result, WithPath};
+use crate::error::Result;
+use crate::manifest::{InputRecord, Manifest, Provenance, format_name};
+use crate::publish::{self, PublishOptions, Published};
+use crate::select::Selection;
+use crate::window::Member;
 
 /// What the last manifest says was published.
 #[derive(Clone, Debug, Default)]
 pub struct LastPublished {
-    /// `(path, weight)` of every input with a non-zero weight.
+    /// `(path, weight)` of every input with a non-zero weight, in window order.
     pub inputs: Vec<(PathBuf, f64)>,
     pub loss: Option<f64>,
 }
@@ -30,63 +35,66 @@ impl LastPublished {
 /// Read the manifest of the published output, if there is a readable one.
 pub fn read_last(cfg: &Config) -> Option<LastPublished> {
     let text = std::fs::read(cfg.manifest_path()).ok()?;
-    let m: Value = serde_json::from_slice(&text).ok()?;
-    let inputs = m.get("inputs")?.as_array()?;
-    let inputs = inputs
+    let m: Manifest = serde_json::from_slice(&text).ok()?;
+    let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| (i.path, i.weight));
+    Some(LastPublished { inputs: inputs.collect(), loss: m.selection.loss })
+}
+
+/// The selected members and how the running average was updated, for the manifest.
+pub struct Provenanced<'a> {
+    pub selection: &'a Selection,
+    /// Window members with their opened checkpoints and weights, in window order.
+    pub members: Vec<(&'a Member, &'a Arc<Checkpoint>, f64)>,
+    pub report: UpdateReport,
+}
+
+/// Publish the averaged `tensors` at `[publish] out`, manifest last.
+pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Result<Published> {
+    let out = &cfg.publish.out;
+    let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
+    // The average is already in the output dtype: publishing it "averages" one input.
+    let average = Checkpoint::from_memory(out.clone(), latest, tensors)?;
+    let opts = AverageOptions {
+        dtype: OutDType::Keep,
+        int_policy: IntPolicy::Latest,
+        threads: cfg.runtime.threads.get(),
+    };
+    let plan = AveragePlan::new(vec![&average], None, opts)?;
+    let mut manifest = Manifest::new(&plan, out.clone(), Provenance::from(p.selection));
+    record_members(&mut manifest, cfg, p);
+    publish::publish_recorded(&plan, out, manifest, &PublishOptions::default(), &mut |_| {})
+}
+
+fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {
+    let selected: Vec<_> = p.members.iter().filter(|x| x.2 > 0.0).collect();
+    m.inputs = selected
         .iter()
-        .filter_map(|i| {
-            let path = PathBuf::from(i.get("path")?.as_str()?);
-            let w = i.get("weight")?.as_f64()?;
-            (w > 0.0).then_some((path, w))
+        .map(|(member, ckpt, w)| InputRecord {
+            path: member.path.clone(),
+            step: Some(member.step),
+            bytes: ckpt.total_bytes(),
+            format: format_name(ckpt.format()),
+            weight: *w,
         })
         .collect();
-    let loss = m.pointer("/selection/loss").and_then(Value::as_f64);
-    Some(LastPublished { inputs, loss })
-}
-
-/// Publish `tensors` at `[publish] out` and its manifest, both atomically, manifest last.
-/// Returns the manifest path.
-pub fn publish(cfg: &Config, tensors: &[OutTensor], manifest: &Value) -> Result<PathBuf> {
-    let out = &cfg.publish.out;
-    let file = if out.extension().is_some_and(|e| e == "safetensors") {
-        out.clone()
-    } else {
-        out.join("model.safetensors")
+    m.weights = selected.iter().map(|x| x.2).collect();
+    m.dtype = cfg.publish.dtype.to_string();
+    m.int_policy = cfg.publish.int_policy.to_string();
+    let int_from = match cfg.publish.int_policy {
+        IntPolicy::First => selected.first(),
+        _ => selected.last(),
     };
-    let views = tensors
+    m.int_source = m.int_source.as_ref().and(int_from.map(|x| x.0.path.clone()));
+    let window: Vec<String> = p
+        .members
         .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            let v =
-                safetensors::tensor::TensorView::new(dtype.to_safetensors(), shape.clone(), bytes)
-                    .map_err(|e| Error::Internal(format!("tensor {name}: {e}")))?;
-            Ok((name.clone(), v))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = std::collections::HashMap::from([(
-        "sewa".to_string(),
-        json!({ "selection": manifest.get("selection"), "published_at": manifest.get("published_at") })
-            .to_string(),
-    )]);
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Internal(format!("serialising the average: {e}")))?;
-    write_durable(&file, &bytes)?;
-    let manifest_path = cfg.manifest_path();
-    let text = serde_json::to_vec_pretty(manifest).map_err(|e| Error::Internal(e.to_string()))?;
-    write_durable(&manifest_path, &text)?;
-    Ok(manifest_path)
-}
-
-/// Temp file in the destination directory, fsync, rename over, fsync the directory, mode 0644.
-fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_path(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-sewa").tempfile_in(dir).with_path(dir)?;
-    tmp.write_all(bytes).with_path(tmp.path())?;
-    tmp.as_file().sync_all().with_path(tmp.path())?;
-    let perms = std::fs::Permissions::from_mode(0o644);
-    tmp.as_file().set_permissions(perms).with_path(tmp.path())?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_path(dir)?;
-    Ok(())
+        .map(|(m, _, w)| format!("{} (step {}, weight {w:.6})", m.path.display(), m.step))
+        .collect();
+    m.notes.push(format!(
+        "sewa watch: window of {} members: {}; running average updated {} ({} checkpoint reads)",
+        p.members.len(),
+        window.join(", "),
+        if p.report.exact { "by exact recompute" } else { "incrementally" },
+        p.report.reads
+    ));
 }

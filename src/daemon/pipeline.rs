@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::json;
 use tracing::{debug, error, info, info_span, warn};
 
 use super::load;
 use super::output::{self, LastPublished};
-use crate::accumulate::{Accumulator, UpdateReport};
+use crate::accumulate::Accumulator;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
@@ -205,15 +204,17 @@ impl Pipeline {
             Err(e) => return Err(e),
         };
         let tensors = self.acc.output(self.cfg.publish.dtype, self.cfg.publish.int_policy)?;
-        let manifest = self.manifest(&selection, &members, report, t0);
-        let manifest_path = output::publish(&self.cfg, &tensors, &manifest)?;
+        let window = self.window.members();
+        let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
+        let prov = output::Provenanced { selection: &selection, members: with_ckpts, report };
+        let published = output::publish(&self.cfg, tensors, &prov)?;
         let millis = t0.elapsed().as_millis() as u64;
         info!(why = %selection.why, reads = report.reads, exact = report.exact, millis, "published");
         self.status.counters.publishes += 1;
         self.status.last_publish = Some(PublishStatus {
             at: status::now_rfc3339(),
-            path: self.cfg.publish.out.clone(),
-            manifest: manifest_path,
+            path: published.path,
+            manifest: published.manifest_path,
             members: inputs.len(),
             reads: report.reads,
             exact: report.exact,
@@ -249,42 +250,6 @@ impl Pipeline {
         }
         self.acc.reset();
         Ok(())
-    }
-
-    fn manifest(
-        &self,
-        sel: &Selection,
-        members: &[(Arc<Checkpoint>, f64)],
-        report: UpdateReport,
-        t0: Instant,
-    ) -> serde_json::Value {
-        let window: Vec<_> = self
-            .window
-            .members()
-            .iter()
-            .zip(members)
-            .map(|(m, (c, w))| {
-                json!({ "path": m.path, "step": m.step, "metric": m.metric, "weight": w,
-                    "bytes": c.total_bytes() })
-            })
-            .collect();
-        let inputs: Vec<_> =
-            window.iter().filter(|m| m["weight"].as_f64() > Some(0.0)).cloned().collect();
-        json!({
-            "sewa_version": env!("CARGO_PKG_VERSION"),
-            "published_at": status::now_rfc3339(),
-            "output": self.cfg.publish.out,
-            "inputs": inputs,
-            "window": window,
-            "selection": { "method": sel.method, "why": sel.why, "loss": sel.loss,
-                           "details": sel.details },
-            "dtype": self.cfg.publish.dtype,
-            "int_policy": self.cfg.publish.int_policy,
-            "update": { "reads": report.reads, "exact": report.exact },
-            "wall_time_s": t0.elapsed().as_secs_f64(),
-            "note": "BatchNorm running statistics are averaged, not recomputed; re-estimate them \
-                     (torch.optim.swa_utils.update_bn) if your model has BatchNorm",
-        })
     }
 
     fn record_selection(&mut self, sel: &Selection, outcome: String) {
