@@ -24,7 +24,9 @@ pub fn load(
     reference: Option<&[TensorMeta]>,
 ) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
     let refuse = |e: Error, incomplete| Refusal { reason: strip_path(&e, path), incomplete };
-    super::compat::quick_check(path, marker).map_err(|e| refuse(e, true))?;
+    // A directory without its marker is still being filled; a file that stayed truncated
+    // for the whole quiet period is broken (it is retried anyway once it changes).
+    super::compat::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
     let ckpt = Checkpoint::open(path, &OpenOptions::default()).map_err(|e| refuse(e, false))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let step = ckpt.step().or_else(|| super::compat::parse_step(name)).ok_or_else(|| Refusal {
