@@ -119,6 +119,7 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
     let handler = move |res: notify::Result<notify::Event>| {
         let hints: Vec<Hint> = match res {
             Ok(ev) if ev.need_rescan() => vec![Hint::Rescan("event queue overflow".into())],
+            Ok(ev) if is_own_read(&ev.kind) => Vec::new(),
             Ok(ev) => {
                 ev.paths.iter().filter_map(|p| filter.candidate(p)).map(Hint::Candidate).collect()
             }
@@ -138,6 +139,13 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
     };
     watcher.watch(&dir, RecursiveMode::Recursive).map_err(|e| watch_err(&dir, e))?;
     Ok(Watch { _watcher: watcher, overflowed })
+}
+
+/// Opens and reads (ours included: stat walks, mapping, validation) change nothing; only a
+/// close after writing says a writer finished. Without this, reading a candidate re-hints it.
+fn is_own_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
 fn watch_err(dir: &Path, e: notify::Error) -> Error {
