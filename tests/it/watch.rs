@@ -309,6 +309,57 @@ fn member_rewritten_in_place_is_dropped_without_sigbus() {
     // The rewritten file (same content, new identity) is admitted again once quiet.
     d.wait_published(&[1, 2, 3, 4]);
     assert!(d.alive(), "sewa died:\n{}", d.log());
+    assert!(d.log().contains("rewritten in place"), "the rewrite went unnoticed:\n{}", d.log());
+}
+
+#[test]
+fn sighup_reloads_config_and_keeps_the_window() {
+    let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 3\n");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2,3,4", "--chunk-ms", "5"]);
+    d.wait_published(&[2, 3, 4]);
+    let text = std::fs::read_to_string(&d.config).unwrap().replace("k = 3", "k = 2");
+    std::fs::write(&d.config, text).unwrap();
+    Command::new("kill").args(["-HUP", &d.child.id().to_string()]).status().unwrap();
+    // No new checkpoint: the kept window is re-selected with the new k.
+    d.wait_published(&[3, 4]);
+    // A broken config is refused and the daemon keeps running with the last good one.
+    std::fs::write(&d.config, "[watch]\nbogus = 1\n").unwrap();
+    Command::new("kill").args(["-HUP", &d.child.id().to_string()]).status().unwrap();
+    write(&d.runs, &["--style", "st-rename", "--steps", "5", "--chunk-ms", "5"]);
+    d.wait_published(&[4, 5]);
+    assert!(d.log().contains("reload failed"), "{}", d.log());
+}
+
+#[test]
+fn restart_rebuilds_the_window_without_republishing() {
+    let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2,3", "--chunk-ms", "5"]);
+    let before = d.wait_published(&[2, 3]);
+    d.terminate();
+    d.child = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["watch", "--config"])
+        .arg(&d.config)
+        .stderr(std::fs::File::create(d.tmp.path().join("sewa2.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // The window comes back from the directory; the same selection is not published again.
+    let start = Instant::now();
+    while d.status().map(|s| s["members"].as_array().unwrap().len()) != Some(3) {
+        assert!(start.elapsed() < DEADLINE && d.alive(), "window not rebuilt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    while d.status().map(|s| s["last_selection"].is_null()) != Some(false) {
+        assert!(start.elapsed() < DEADLINE && d.alive(), "no selection after restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        d.manifest().unwrap()["finished"],
+        before["finished"],
+        "republished the same average"
+    );
+    write(&d.runs, &["--style", "st-rename", "--steps", "4", "--chunk-ms", "5"]);
+    d.wait_published(&[3, 4]);
 }
 
 #[test]
