@@ -62,6 +62,11 @@ impl Pipeline {
 
     /// A new config (SIGHUP): keep the window where compatible, recompute the average.
     pub fn reload(&mut self, cfg: Config) {
+        if cfg.watch != self.cfg.watch {
+            // Another directory or pattern: the old members are not candidates any more.
+            self.window = Window::new(cfg.window.size.get(), cfg.select.every.get());
+            self.open.clear();
+        }
         let actions = self.window.resize(cfg.window.size.get(), cfg.select.every.get());
         self.acc = Accumulator::new(cfg.runtime.recompute_every.get());
         self.status.dir = cfg.watch.dir.clone();
