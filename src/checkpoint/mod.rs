@@ -3,11 +3,33 @@
 //! read tensor by tensor). Formats, validation and the one `unsafe` mmap constructor live here.
 //! This module does not average, select or publish.
 
+mod detect;
+mod hf_dir;
+mod identity;
+mod keys;
+mod mmap;
+mod names;
+mod pickle;
+mod safetensors;
+mod sharded;
+mod strided;
+mod torch_objects;
+mod unpickle;
+mod validate;
+
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use identity::Identity;
+pub use names::{is_temp_name, parse_step};
+pub use validate::quick_check;
+
 use crate::error::{Error, Result};
+use detect::load;
+use mmap::MappedFile;
+use pickle::PickleStore;
 
 /// Element type of a tensor, as stored on disk (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -43,8 +65,8 @@ impl DType {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
     }
 
-    pub fn to_safetensors(self) -> safetensors::Dtype {
-        use safetensors::Dtype as S;
+    pub fn to_safetensors(self) -> ::safetensors::Dtype {
+        use ::safetensors::Dtype as S;
         match self {
             DType::Bool => S::BOOL,
             DType::U8 => S::U8,
@@ -63,8 +85,8 @@ impl DType {
     }
 
     /// `None` for safetensors dtypes sewa does not average (fp8, complex, ...).
-    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
-        use safetensors::Dtype as S;
+    pub fn from_safetensors(d: ::safetensors::Dtype) -> Option<Self> {
+        use ::safetensors::Dtype as S;
         Some(match d {
             S::BOOL => DType::Bool,
             S::U8 => DType::U8,
@@ -141,18 +163,68 @@ pub struct Checkpoint {
     metadata: BTreeMap<String, String>,
     side_dir: Option<PathBuf>,
     renamed: Vec<(String, String)>,
+    /// Normalised name → name in the file, for renamed keys only.
+    orig_names: HashMap<String, String>,
+    identity: Option<Identity>,
     storage: Storage,
 }
 
-/// Where tensor bytes come from. (Helper A extends this with mmapped and pickle storages.)
+/// Where tensor bytes come from. Keys are the names as stored in the file.
 enum Storage {
     Memory(BTreeMap<String, Vec<u8>>),
+    /// safetensors (one file or shards): tensor → (file index, absolute byte range).
+    Mapped {
+        files: Vec<MappedFile>,
+        index: HashMap<String, (usize, Range<usize>)>,
+    },
+    /// torch zip pickle: tensors read on demand.
+    Pickle(PickleStore),
+}
+
+/// I/O errors on checkpoint inputs are bad input (skip the checkpoint), not fatal errors.
+trait InputIo<T> {
+    fn input(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> InputIo<T> for std::io::Result<T> {
+    fn input(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::bad_input(path, e.to_string()))
+    }
 }
 
 impl Checkpoint {
-    /// Open any supported checkpoint (file or directory), detecting the format.
-    pub fn open(path: &Path, _opts: &OpenOptions) -> Result<Self> {
-        Err(Error::bad_input(path, "format readers are not built yet"))
+    /// Open any supported checkpoint (file or directory), detecting the format, validating it
+    /// cheaply and mapping (safetensors) or indexing (torch zip) its tensors.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        let before = Identity::of(path)?;
+        let loaded = load(path)?;
+        if Identity::of(path)? != before {
+            return Err(Error::bad_input(
+                path,
+                "changed while being opened (still being written?); it will be retried",
+            ));
+        }
+        let names = loaded.tensors.iter().map(|t| t.name.clone());
+        let (renamed, to_orig) = keys::normalise(path, names, &opts.strip_prefixes)?;
+        let mut tensors = loaded.tensors;
+        for t in &mut tensors {
+            t.name = keys::strip_one(&t.name, &opts.strip_prefixes);
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let orig_names = to_orig.into_iter().filter(|(new, orig)| new != orig).collect();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            format: loaded.format,
+            tensors,
+            step: parse_step(&name).or(loaded.step),
+            metadata: loaded.metadata,
+            side_dir: loaded.side_dir,
+            renamed,
+            orig_names,
+            identity: Some(before),
+            storage: loaded.storage,
+        })
     }
 
     /// A checkpoint held in memory: `(name, dtype, shape, little-endian bytes)` per tensor.
@@ -184,6 +256,8 @@ impl Checkpoint {
             metadata: BTreeMap::new(),
             side_dir: None,
             renamed: Vec::new(),
+            orig_names: HashMap::new(),
+            identity: None,
             storage: Storage::Memory(data),
         })
     }
@@ -202,11 +276,15 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str) -> Option<&TensorMeta> {
         self.tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &self.tensors[i])
     }
-    /// Training step, from the file name or metadata.
+    /// Training step: parsed from the file or directory name, else from the checkpoint's own
+    /// records (safetensors metadata `step`, HF `trainer_state.json` `global_step`, Lightning
+    /// `global_step`).
     pub fn step(&self) -> Option<u64> {
         self.step
     }
-    /// safetensors `__metadata__` (first file) and similar string metadata.
+    /// String metadata: safetensors `__metadata__` (first file), plus for HF directories
+    /// `metric` (from trainer_state.json) and for Lightning files `epoch` and `global_step`.
+    /// See `docs/readme-formats.md` for the keys.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }
@@ -223,17 +301,60 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.nbytes() as u64).sum()
     }
 
+    /// Identity of the path at open time (`Identity::of(path)`); compare it with
+    /// `Identity::of(path)` now to learn whether the path holds something new. Checkpoints
+    /// built in memory have a fixed dummy identity.
+    pub fn identity(&self) -> &Identity {
+        static NONE: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        self.identity.as_ref().unwrap_or_else(|| NONE.get_or_init(Identity::none))
+    }
+
+    /// True while the files we hold (mapped or open) still have the size and mtime they had
+    /// when opened, i.e. nobody rewrote them in place. Check this before touching a mapped
+    /// checkpoint's data after a pause: an in-place rewrite would make page accesses SIGBUS.
+    /// A file renamed over or unlinked is still valid (we hold the old inode).
+    pub fn still_valid(&self) -> bool {
+        match &self.storage {
+            Storage::Memory(_) => true,
+            Storage::Mapped { files, .. } => files.iter().all(MappedFile::still_valid),
+            Storage::Pickle(p) => p.still_valid(),
+        }
+    }
+
+    fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.orig_names.get(name).map_or(name, String::as_str)
+    }
+
+    fn no_tensor(&self, name: &str) -> Error {
+        Error::bad_input(&self.path, format!("no tensor named {name}"))
+    }
+
     /// The tensor's little-endian bytes: borrowed straight from the map for safetensors,
     /// owned for pickles. Not aligned: read elements with `from_le_bytes` or check alignment.
     pub fn data(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        let key = self.stored_name(name);
         match &self.storage {
-            Storage::Memory(m) => m
-                .get(name)
-                .map(|v| Cow::Borrowed(v.as_slice()))
-                .ok_or_else(|| Error::bad_input(&self.path, format!("no tensor named {name}"))),
+            Storage::Memory(m) => {
+                m.get(key).map(|v| Cow::Borrowed(v.as_slice())).ok_or_else(|| self.no_tensor(name))
+            }
+            Storage::Mapped { files, index } => {
+                let (f, range) = index.get(key).ok_or_else(|| self.no_tensor(name))?;
+                Ok(Cow::Borrowed(files[*f].bytes(range.clone())))
+            }
+            Storage::Pickle(p) => {
+                let meta = self.tensor(name).ok_or_else(|| self.no_tensor(name))?;
+                p.read(key, meta).map(Cow::Owned)
+            }
         }
     }
 
     /// Tell the kernel we are done with this tensor's pages (keeps RSS flat over many inputs).
-    pub fn release(&self, _name: &str) {}
+    /// A no-op for storages that are not mapped.
+    pub fn release(&self, name: &str) {
+        if let Storage::Mapped { files, index } = &self.storage
+            && let Some((f, range)) = index.get(self.stored_name(name))
+        {
+            files[*f].release(range.clone());
+        }
+    }
 }

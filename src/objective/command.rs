@@ -35,6 +35,9 @@ pub struct CommandConfig {
     /// Longest a single request (or the handshake) may take before the evaluator is killed.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
+    /// Longest the evaluator may take to start and answer the hello (imports, loading data).
+    #[serde(default = "default_startup_timeout_s")]
+    pub startup_timeout_s: f64,
     /// Extra environment variables for the evaluator.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -47,13 +50,21 @@ fn default_timeout_s() -> f64 {
     300.0
 }
 
+fn default_startup_timeout_s() -> f64 {
+    120.0
+}
+
 impl CommandConfig {
     pub fn check(&self, config_path: &Path) -> Result<()> {
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(Error::config(config_path, "[objective] command must name a program"));
         }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
-            return Err(Error::config(config_path, "[objective] timeout_s must be > 0"));
+        for (key, v) in
+            [("timeout_s", self.timeout_s), ("startup_timeout_s", self.startup_timeout_s)]
+        {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(config_path, format!("[objective] {key} must be > 0")));
+            }
         }
         Ok(())
     }
@@ -132,10 +143,6 @@ impl CommandObjective {
     /// Where candidates are written (for tests and logs).
     pub fn scratch_dir(&self) -> &Path {
         self.scratch.path()
-    }
-
-    fn timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.config.timeout_s)
     }
 
     fn program(&self) -> PathBuf {
@@ -225,7 +232,7 @@ impl CommandObjective {
     fn handshake(&self, s: &mut Session) -> Result<()> {
         send(s, &json!({"type": "hello", "protocol": PROTOCOL}))
             .map_err(|e| self.failure(format!("did not accept the hello: {e}")))?;
-        match self.receive(s)? {
+        match self.receive(s, "startup_timeout_s", self.config.startup_timeout_s)? {
             Reply::Hello { protocol, grad, name } if protocol == PROTOCOL => {
                 s.supports_grad = grad;
                 s.name = name.unwrap_or_else(|| self.config.command.join(" "));
@@ -241,15 +248,12 @@ impl CommandObjective {
     }
 
     /// Next reply line, within the timeout.
-    fn receive(&self, s: &mut Session) -> Result<Reply> {
-        let line = match s.lines.recv_timeout(self.timeout()) {
+    fn receive(&self, s: &mut Session, key: &str, timeout_s: f64) -> Result<Reply> {
+        let line = match s.lines.recv_timeout(Duration::from_secs_f64(timeout_s)) {
             Ok(Ok(line)) => line,
             Ok(Err(e)) => return Err(self.failure(format!("stdout unreadable: {e}"))),
             Err(RecvTimeoutError::Timeout) => {
-                return Err(self.failure(format!(
-                    "did not answer within timeout_s = {}",
-                    self.config.timeout_s
-                )));
+                return Err(self.failure(format!("did not answer within {key} = {timeout_s}")));
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = s.child.wait().map(|st| st.to_string()).unwrap_or_default();
@@ -299,7 +303,7 @@ impl CommandObjective {
         ask_grad: bool,
     ) -> Result<Evaluation> {
         send(s, req).map_err(|e| self.failure(format!("closed its stdin: {e}")))?;
-        match self.receive(s)? {
+        match self.receive(s, "timeout_s", self.config.timeout_s)? {
             Reply::Result { id: got, .. } if got != id => {
                 Err(self.failure(format!("answered request {got}, expected {id}")))
             }

@@ -72,6 +72,7 @@ fn evaluator(data: &Path, mode: &str, timeout_s: f64) -> CommandConfig {
             mode.into(),
         ],
         timeout_s,
+        startup_timeout_s: 120.0,
         env: Default::default(),
         cwd: None,
     }
@@ -180,6 +181,7 @@ fn missing_program_is_a_clear_error() {
     let cfg = CommandConfig {
         command: vec!["/nonexistent/evaluator".into()],
         timeout_s: 5.0,
+        startup_timeout_s: 5.0,
         env: Default::default(),
         cwd: None,
     };

@@ -1,0 +1,101 @@
+//! HF checkpoint directories (`checkpoint-N/` from the Trainer, or a `save_pretrained` dir):
+//! find the weights (`model.safetensors`, a sharded index, or `pytorch_model.bin`), open them
+//! with the file readers, and read step and eval metric from `trainer_state.json` when present.
+//! Side files (config, tokenizer) are only pointed to (`side_dir`), never read here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::detect::{Loaded, single_safetensors};
+use super::{Format, pickle, safetensors, sharded};
+use crate::error::{Error, Result};
+
+/// The weights a checkpoint directory holds, in order of preference.
+pub(crate) enum Weights {
+    Single(PathBuf),
+    Index(PathBuf),
+    TorchBin(PathBuf),
+}
+
+/// Which weight files `dir` holds (safetensors preferred over `pytorch_model.bin`).
+pub(crate) fn find_weights(dir: &Path) -> Result<Weights> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let bin = dir.join("pytorch_model.bin");
+    if single.is_file() {
+        Ok(Weights::Single(single))
+    } else if index.is_file() {
+        Ok(Weights::Index(index))
+    } else if bin.is_file() {
+        Ok(Weights::TorchBin(bin))
+    } else {
+        let hint = if dir.join("pytorch_model.bin.index.json").is_file() {
+            " (sharded pytorch_model-*.bin is not supported: re-save with \
+             save_pretrained(..., safe_serialization=True))"
+        } else {
+            ""
+        };
+        Err(Error::bad_input(
+            dir,
+            format!(
+                "no model weights: expected model.safetensors, model.safetensors.index.json or \
+                 pytorch_model.bin{hint}"
+            ),
+        ))
+    }
+}
+
+pub(crate) fn open(dir: &Path) -> Result<Loaded> {
+    let mut loaded = match find_weights(dir)? {
+        Weights::Single(p) => single_safetensors(&p)?,
+        Weights::Index(p) => sharded::open(&p)?,
+        Weights::TorchBin(p) => pickle::open(&p)?,
+    };
+    loaded.format = Format::HfDir;
+    loaded.side_dir = Some(dir.to_path_buf());
+    let state = dir.join("trainer_state.json");
+    if state.is_file() {
+        let (step, extra) = read_trainer_state(&state)?;
+        loaded.step = step.or(loaded.step);
+        for (k, v) in extra {
+            loaded.metadata.entry(k).or_insert(v);
+        }
+    }
+    Ok(loaded)
+}
+
+/// `global_step`, and as metadata: `global_step`; every numeric `eval_*` value of the last
+/// evaluation in `log_history` (this checkpoint's own evaluation) under its own name, e.g.
+/// `eval_loss`, `eval_accuracy`; `metric` = that `eval_loss` (lower is better) with
+/// `metric_name` and `metric_step`; `best_metric` (the run's best so far, per the Trainer).
+fn read_trainer_state(path: &Path) -> Result<(Option<u64>, BTreeMap<String, String>)> {
+    let json = safetensors::read_small_json(path)?;
+    let mut meta = BTreeMap::new();
+    let step = json.get("global_step").and_then(|v| v.as_u64());
+    if let Some(s) = step {
+        meta.insert("global_step".to_string(), s.to_string());
+    }
+    if let Some(best) = json.get("best_metric").and_then(|v| v.as_f64()) {
+        meta.insert("best_metric".to_string(), best.to_string());
+    }
+    let is_eval = |e: &&serde_json::Value| {
+        e.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("eval_")))
+    };
+    let history = json.get("log_history").and_then(|v| v.as_array());
+    let Some(entry) = history.and_then(|h| h.iter().rev().find(is_eval)) else {
+        return Ok((step, meta));
+    };
+    for (k, v) in entry.as_object().into_iter().flatten() {
+        if let (true, Some(x)) = (k.starts_with("eval_"), v.as_f64()) {
+            meta.insert(k.clone(), x.to_string());
+        }
+    }
+    if let Some(loss) = meta.get("eval_loss").cloned() {
+        meta.insert("metric".to_string(), loss);
+        meta.insert("metric_name".to_string(), "eval_loss".to_string());
+    }
+    if let Some(s) = entry.get("step").and_then(|v| v.as_u64()) {
+        meta.insert("metric_step".to_string(), s.to_string());
+    }
+    Ok((step, meta))
+}

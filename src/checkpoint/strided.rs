@@ -1,0 +1,68 @@
+//! Strided tensor views as torch stores them (a transposed weight, a slice at an offset):
+//! how many storage elements a view spans, whether it is row-major contiguous, and copying it
+//! into row-major order. Pure functions over byte slices.
+
+/// Number of elements, `None` on overflow (hostile sizes).
+pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Elements from the view's first to its last element, inclusive; `None` on overflow.
+/// Only meaningful for views with at least one element.
+pub(crate) fn view_span(shape: &[usize], stride: &[usize]) -> Option<usize> {
+    shape.iter().zip(stride).try_fold(1usize, |acc, (&d, &s)| {
+        d.saturating_sub(1).checked_mul(s).and_then(|x| acc.checked_add(x))
+    })
+}
+
+pub(crate) fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+    let mut expect = 1;
+    for (&d, &s) in shape.iter().zip(stride).rev() {
+        if d != 1 && s != expect {
+            return false;
+        }
+        expect *= d;
+    }
+    true
+}
+
+/// Copy a strided view (transposes, slices) into row-major order.
+pub(crate) fn gather(raw: &[u8], shape: &[usize], stride: &[usize], es: usize) -> Vec<u8> {
+    let numel: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(numel * es);
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..numel {
+        let pos: usize = idx.iter().zip(stride).map(|(i, s)| i * s).sum();
+        out.extend_from_slice(&raw[pos * es..(pos + 1) * es]);
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_transposes() {
+        // storage [0,1,2,3,4,5] as 3x2, viewed transposed: shape [2,3], stride [1,2]
+        let raw: Vec<u8> = (0u8..6).collect();
+        assert_eq!(gather(&raw, &[2, 3], &[1, 2], 1), vec![0, 2, 4, 1, 3, 5]);
+        assert!(!is_contiguous(&[2, 3], &[1, 2]));
+        assert!(is_contiguous(&[2, 3], &[3, 1]));
+        assert!(is_contiguous(&[], &[]));
+        assert_eq!(view_span(&[2, 3], &[1, 2]), Some(6));
+        assert_eq!(view_span(&[1 << 40, 2], &[1 << 40, 1]), None);
+        assert_eq!(numel(&[1 << 40, 1 << 40]), None);
+        assert_eq!(numel(&[1 << 40, 1 << 40, 0]), Some(0));
+    }
+}

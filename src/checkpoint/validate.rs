@@ -1,0 +1,48 @@
+//! Cheap validation for the watcher, without mapping or reading tensor data: safetensors
+//! header and length, zip end-of-central-directory record for torch files, HF directory marker
+//! and shard completeness. Opening (`Checkpoint::open`) repeats these checks and more.
+
+use std::path::Path;
+
+use super::detect::{Sniffed, sniff};
+use super::hf_dir::{self, Weights};
+use super::{InputIo, pickle, safetensors, sharded};
+use crate::error::{Error, Result};
+
+/// Is the checkpoint at `path` complete enough to open? `marker` is the file an HF checkpoint
+/// directory must contain (the Trainer writes `trainer_state.json` last); empty = no marker.
+/// Never call this on temp names (see `is_temp_name`): a preallocated temp file can pass.
+pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
+    let meta = std::fs::metadata(path).input(path)?;
+    if meta.is_dir() {
+        return check_dir(path, marker);
+    }
+    check_file(path)
+}
+
+fn check_dir(dir: &Path, marker: &str) -> Result<()> {
+    if !marker.is_empty() && !dir.join(marker).is_file() {
+        return Err(Error::bad_input(
+            dir,
+            format!("no {marker} yet (HF Trainer writes it last): checkpoint still being written"),
+        ));
+    }
+    match hf_dir::find_weights(dir)? {
+        Weights::Single(p) => safetensors::check_file(&p),
+        Weights::Index(p) => sharded::check(&p),
+        Weights::TorchBin(p) => check_file(&p),
+    }
+}
+
+fn check_file(path: &Path) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(".index.json") {
+        return sharded::check(path);
+    }
+    match sniff(path)? {
+        Sniffed::Zip => pickle::check_zip(path),
+        Sniffed::LegacyPickle => Err(pickle::legacy_error(path)),
+        Sniffed::Other if pickle::has_torch_extension(&name) => Err(pickle::not_zip_error(path)),
+        Sniffed::Other => safetensors::check_file(path),
+    }
+}
