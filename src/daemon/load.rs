@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::accumulate::{add_bytes, non_finite};
-use crate::checkpoint::{Checkpoint, OpenOptions, TensorMeta};
+use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::error::{Error, Result};
 
 /// Why a candidate cannot be admitted.
@@ -26,10 +26,10 @@ pub fn load(
     let refuse = |e: Error, incomplete| Refusal { reason: strip_path(&e, path), incomplete };
     // A directory without its marker is still being filled; a file that stayed truncated
     // for the whole quiet period is broken (it is retried anyway once it changes).
-    super::compat::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
+    checkpoint::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
     let ckpt = Checkpoint::open(path, &OpenOptions::default()).map_err(|e| refuse(e, false))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let step = ckpt.step().or_else(|| super::compat::parse_step(name)).ok_or_else(|| Refusal {
+    let step = ckpt.step().or_else(|| checkpoint::parse_step(name)).ok_or_else(|| Refusal {
         reason: "no training step in its name or metadata (name checkpoints like \
                  step_500.safetensors, checkpoint-500 or epoch=1-step=500.ckpt)"
             .into(),

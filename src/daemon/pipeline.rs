@@ -13,7 +13,7 @@ use tracing::{debug, error, info, info_span, warn};
 use super::load;
 use super::output::{self, LastPublished};
 use crate::accumulate::Accumulator;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::select::{self, Selection, WindowView};
@@ -88,10 +88,8 @@ impl Pipeline {
             .into_iter()
             .map(|s| match s {
                 Settled::Ready(path, sig) => {
-                    let step = path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(super::compat::parse_step);
+                    let step =
+                        path.file_name().and_then(|n| n.to_str()).and_then(checkpoint::parse_step);
                     Event::Settled { path, sig, step }
                 }
                 Settled::Gone(path) => Event::Gone { path },
@@ -305,5 +303,5 @@ fn missing(path: &Path) -> Error {
 
 /// Whether a checkpoint's pages may still be read (not rewritten in place under its mapping).
 fn trusted(c: &Checkpoint) -> bool {
-    super::compat::still_valid(c)
+    c.still_valid()
 }

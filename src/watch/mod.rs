@@ -51,7 +51,7 @@ impl Filter {
     pub fn accepts(&self, top: &Path) -> bool {
         let Some(name) = top.file_name().and_then(|n| n.to_str()) else { return false };
         !name.starts_with('.')
-            && !is_temp_name(name)
+            && !crate::checkpoint::is_temp_name(name)
             && !self.own.iter().any(|o| o == top)
             && self.pattern.matches(name)
     }
@@ -62,17 +62,6 @@ impl Filter {
         let all = rd.flatten().map(|e| self.dir.join(e.file_name()));
         Ok(all.filter(|p| self.accepts(p)).collect())
     }
-}
-
-/// Names writers use while a file is incomplete (safetensors `.tmpXXXX`, HF 4.36–4.38
-/// `tmp-checkpoint-N`, editors' and downloaders' suffixes).
-pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with(".tmp")
-        || name.starts_with("tmp-")
-        || name.starts_with("tmp_")
-        || [".tmp", ".part", ".partial", ".swp", "~", ".incomplete"]
-            .iter()
-            .any(|s| name.ends_with(s))
 }
 
 /// `dir/<first component of path below dir>`, or None if `path` is not strictly below `dir`.
