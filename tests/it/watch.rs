@@ -154,7 +154,9 @@ fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
         let close = got.len() == want.len()
             && got.iter().zip(&want).all(|(g, e)| (g - e).abs() <= 1e-4 * e.abs().max(1.0));
         if !close {
-            return Err(format!("tensor {name} differs from the manifest's average"));
+            let (g, e) = (got.first(), want.first());
+            let steps = input_steps(m);
+            return Err(format!("tensor {name}[0] = {g:?}, manifest {steps:?} implies {e:?}"));
         }
     }
     let n_got = i64::from_le_bytes(st.tensor("n").unwrap().data().try_into().unwrap());
@@ -164,8 +166,10 @@ fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Re-reads the output continuously: every read must parse and equal the average described by
-/// the manifest current then or the one that follows it (the manifest is written after).
+/// Re-reads the output continuously: every read must parse and be exactly the average of the
+/// steps and weights it names in its own safetensors metadata (the same record as its
+/// manifest, which a starved reader thread may no longer find current). Each test also checks
+/// the final output against the final manifest.
 struct Reader {
     stop: Arc<AtomicBool>,
     checked: Arc<AtomicUsize>,
@@ -173,14 +177,14 @@ struct Reader {
 }
 
 impl Reader {
-    fn start(out: PathBuf, manifest: PathBuf) -> Reader {
+    fn start(out: PathBuf) -> Reader {
         let stop = Arc::new(AtomicBool::new(false));
         let checked = Arc::new(AtomicUsize::new(0));
         let (s, c) = (stop.clone(), checked.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let Ok(bytes) = std::fs::read(&out) else { continue };
-                check_against_manifest(&bytes, &manifest)?;
+                matches(&bytes, &self_described(&bytes)?)?;
                 c.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
@@ -196,30 +200,36 @@ impl Reader {
     }
 }
 
-fn check_against_manifest(bytes: &[u8], manifest: &Path) -> Result<(), String> {
-    let t0 = Instant::now();
-    let mut last_err = String::from("no manifest");
-    while t0.elapsed() < Duration::from_secs(5) {
-        if let Some(m) = read_json(manifest) {
-            match matches(bytes, &m) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.starts_with("unparsable") => return Err(e),
-                Err(e) => last_err = e,
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Err(format!("output never matched a manifest: {last_err}"))
+/// The `inputs` record (steps, weights) an output carries in its `__metadata__`.
+fn self_described(bytes: &[u8]) -> Result<Value, String> {
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("unparsable: {e}"))?;
+    let md = meta.metadata().clone().ok_or("no __metadata__")?;
+    let list = |k: &str| md.get(k).cloned().unwrap_or_default();
+    let (steps, weights) = (list("sewa_steps"), list("sewa_weights"));
+    let inputs: Vec<Value> = steps
+        .split(',')
+        .zip(weights.split(','))
+        .map(|(s, w)| serde_json::json!({"step": s.parse::<u64>().unwrap(), "weight": w.parse::<f64>().unwrap()}))
+        .collect();
+    Ok(serde_json::json!({ "inputs": inputs }))
+}
+
+/// The final output is the average its final manifest describes.
+fn check_final(d: &Daemon) {
+    let bytes = std::fs::read(&d.out).unwrap();
+    matches(&bytes, &d.manifest().unwrap()).unwrap();
 }
 
 #[test]
 fn temp_then_rename_writer_with_rotation() {
     let mut d = Daemon::start("[window]\nsize = 4\n[select]\nmethod = \"lawa\"\nk = 3\n");
-    let reader = Reader::start(d.out.clone(), d.manifest_path());
+    let reader = Reader::start(d.out.clone());
     // save_total_limit = 2 deletes window members while they are in use.
     write(&d.runs, &["--style", "st-rename", "--steps", "100,200,300,400,500", "--keep", "2"]);
     d.wait_published(&[300, 400, 500]);
     assert!(reader.finish() > 0, "the reader never saw an output");
+    check_final(&d);
     let status = d.status().unwrap();
     assert_eq!(status["quarantined"].as_array().unwrap().len(), 0, "{status:#}");
     assert!(!d.log().contains("runs/.tmp"), "a temp name reached validation:\n{}", d.log());
@@ -249,7 +259,7 @@ fn hf_dirs_written_file_by_file_with_best_metric_and_rotation() {
     let cfg =
         "[window]\nsize = 3\n[select]\nmethod = \"best-metric\"\nk = 2\nmetric = \"eval_loss\"\n";
     let mut d = Daemon::start(cfg);
-    let reader = Reader::start(d.out.clone(), d.manifest_path());
+    let reader = Reader::start(d.out.clone());
     // eval_loss = 1000 / step: the newest are best. Rotation keeps 2 dirs on disk.
     write(
         &d.runs,
@@ -257,6 +267,7 @@ fn hf_dirs_written_file_by_file_with_best_metric_and_rotation() {
     );
     d.wait_published(&[300, 400]);
     reader.finish();
+    check_final(&d);
     let status = d.status().unwrap();
     let broken: Vec<_> = status["quarantined"]
         .as_array()
@@ -270,11 +281,12 @@ fn hf_dirs_written_file_by_file_with_best_metric_and_rotation() {
 #[test]
 fn corrupt_and_nan_checkpoints_are_quarantined_while_publishing_continues() {
     let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 3\n");
-    let reader = Reader::start(d.out.clone(), d.manifest_path());
+    let reader = Reader::start(d.out.clone());
     let args = ["--style", "st-rename", "--steps", "1,2,3,4,5", "--corrupt", "3", "--nan", "4"];
     write(&d.runs, &args);
     d.wait_published(&[1, 2, 5]);
     reader.finish();
+    check_final(&d);
     let status = d.status().unwrap();
     let q = status["quarantined"].as_array().unwrap();
     let reason = |name: &str| {
