@@ -194,7 +194,9 @@ impl Pipeline {
         self.weights = paired.iter().cloned().collect();
         // Window order (by step), as the manifest lists them.
         let inputs: Vec<(PathBuf, f64)> = paired.into_iter().filter(|(_, w)| *w > 0.0).collect();
-        if let Some(skip) = self.skip_reason(&selection, &inputs) {
+        if let Some(skip) =
+            skip_reason(self.cfg.publish.policy, self.last.as_ref(), &selection, &inputs)
+        {
             info!(why = %selection.why, %skip, "selection not published");
             self.record_selection(&selection, skip);
             return Ok(());
@@ -226,21 +228,6 @@ impl Pipeline {
         self.record_selection(&selection, "published".into());
         self.last = Some(LastPublished { inputs, loss: selection.loss });
         Ok(())
-    }
-
-    /// Why this selection should not replace the published one, if it should not.
-    fn skip_reason(&self, selection: &Selection, inputs: &[(PathBuf, f64)]) -> Option<String> {
-        let last = self.last.as_ref()?;
-        if last.same_as(inputs) {
-            return Some("same members and weights as the published average".into());
-        }
-        let best = self.cfg.publish.policy == Policy::Best;
-        if let (true, Some(new), Some(old)) = (best, selection.loss, last.loss)
-            && new >= old
-        {
-            return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
-        }
-        None
     }
 
     /// A member turned out unreadable while averaging: quarantine it and try again next batch.
@@ -297,6 +284,26 @@ impl Pipeline {
     }
 }
 
+/// Why a selection should not replace the published one, if it should not: it is the same
+/// (members and weights), or with `policy = "best"` its loss does not beat the published loss.
+fn skip_reason(
+    policy: Policy,
+    last: Option<&LastPublished>,
+    selection: &Selection,
+    inputs: &[(PathBuf, f64)],
+) -> Option<String> {
+    let last = last?;
+    if last.same_as(inputs) {
+        return Some("same members and weights as the published average".into());
+    }
+    if let (Policy::Best, Some(new), Some(old)) = (policy, selection.loss, last.loss)
+        && new >= old
+    {
+        return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
+    }
+    None
+}
+
 fn missing(path: &Path) -> Error {
     Error::Internal(format!("{}: window member has no open checkpoint", path.display()))
 }
@@ -304,4 +311,33 @@ fn missing(path: &Path) -> Error {
 /// Whether a checkpoint's pages may still be read (not rewritten in place under its mapping).
 fn trusted(c: &Checkpoint) -> bool {
     c.still_valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(loss: Option<f64>) -> Selection {
+        let details = serde_json::Value::Null;
+        Selection {
+            method: "sewa".into(),
+            weights: vec![0.5, 0.5],
+            why: String::new(),
+            loss,
+            details,
+        }
+    }
+
+    #[test]
+    fn best_policy_never_replaces_a_better_published_model() {
+        let a = vec![(PathBuf::from("a"), 0.5), (PathBuf::from("b"), 0.5)];
+        let b = vec![(PathBuf::from("b"), 0.5), (PathBuf::from("c"), 0.5)];
+        let last = LastPublished { inputs: a.clone(), loss: Some(0.30) };
+        assert!(skip_reason(Policy::Best, None, &sel(Some(9.0)), &b).is_none(), "first publish");
+        assert!(skip_reason(Policy::Latest, Some(&last), &sel(Some(0.2)), &a).is_some(), "same");
+        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.31)), &b).is_some(), "worse");
+        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.30)), &b).is_some(), "tie");
+        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.29)), &b).is_none(), "better");
+        assert!(skip_reason(Policy::Latest, Some(&last), &sel(Some(0.9)), &b).is_none(), "latest");
+    }
 }
