@@ -34,6 +34,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Validate a config file and exit (0 valid, 78 invalid).
     CheckConfig(CheckConfigArgs),
+    /// Train a small model on a synthetic noisy task and compare every selector on its window.
+    Demo(crate::demo::DemoArgs),
+    /// Draw an SVG of a selection over its window.
+    Report(crate::report::ReportArgs),
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,8 @@ use serde::{Deserialize, Deserializer};
 
 pub use crate::average::{IntPolicy, OutDType};
 use crate::error::{Error, Result};
+use crate::objective::config::ObjectiveConfig;
+use crate::select::SewaConfig;
 
 /// Appended to every config error: where to look for a working example.
 const HINT: &str = "(the shipped config/sewa.toml documents every key)";
@@ -31,6 +33,9 @@ pub struct Config {
     /// Loss oracle for model-based selectors (owned by `objective`), kept raw here.
     #[serde(default)]
     pub objective: Option<toml::Value>,
+    /// The file this was read from (relative objective data paths start at its directory).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -323,7 +328,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(path, format!("cannot read: {e}")))?;
-        Config::parse(&text, path)
+        let mut cfg = Config::parse(&text, path)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
     }
 
     /// Parse and check config text; `path` is only used in messages.
@@ -331,7 +338,28 @@ impl Config {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end())))?;
         cfg.check().map_err(|msg| Error::config(path, format!("{msg}\n{HINT}")))?;
+        cfg.sewa_config(path)?;
+        cfg.objective_config(path)?;
         Ok(cfg)
+    }
+
+    /// `[select.sewa]`, validated by its owner (defaults when absent).
+    pub fn sewa_config(&self, path: &Path) -> Result<SewaConfig> {
+        match &self.select.sewa {
+            Some(v) => SewaConfig::from_toml(v, path),
+            None => Ok(SewaConfig::default()),
+        }
+    }
+
+    /// `[objective]`, validated by its owner.
+    pub fn objective_config(&self, path: &Path) -> Result<Option<ObjectiveConfig>> {
+        self.objective.as_ref().map(|v| ObjectiveConfig::from_toml(v, path)).transpose()
+    }
+
+    /// Directory relative objective paths start from: the config file's.
+    pub fn base_dir(&self) -> PathBuf {
+        let dir = self.source.as_deref().and_then(Path::parent);
+        dir.filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
     }
 
     /// Cross-field rules that no single value can check.
@@ -447,7 +475,7 @@ mod tests {
     fn reserved_tables_parse() {
         let text = format!(
             "{MIN}policy = \"best\"\n[select]\nmethod = \"sewa\"\n[select.sewa]\nsamples = 8\n\
-             [objective]\nkind = \"builtin\"\n"
+             [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n"
         );
         let c = parse(&text).unwrap();
         assert!(c.objective.is_some() && c.select.sewa.is_some());

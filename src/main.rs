@@ -9,6 +9,7 @@ use sewa::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cap_threads(thread_cap(&cli.command));
     init_logging(cli.log_format);
     let result = match &cli.command {
         Command::Average(args) => commands::average::run(args).map(|p| {
@@ -20,6 +21,8 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => {
             commands::watch::check_config(args).map(|text| println!("{text}"))
         }
+        Command::Demo(args) => sewa::demo::run(args).map(|_| ()),
+        Command::Report(args) => sewa::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,5 +49,29 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Threads sewa may use for compute: the command's own cap (the sidecar must not compete with
+/// the trainer for cores); the demo, which is the only job on the machine, uses them all.
+fn thread_cap(command: &Command) -> usize {
+    match command {
+        Command::Average(a) => a.threads,
+        Command::Demo(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        _ => 1,
+    }
+}
+
+/// candle's and rayon's pools read these once: set them before the first candle op, while the
+/// process is still single-threaded. A value the user exported wins.
+fn cap_threads(n: usize) {
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: called first thing in main, before any other thread exists.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(var, n.max(1).to_string())
+            };
+        }
     }
 }

@@ -16,7 +16,8 @@ use crate::accumulate::Accumulator;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
-use crate::select::{self, Selection, WindowView};
+use crate::objective::Objective;
+use crate::select::{self, ModelContext, Selection, SewaState, WindowView};
 use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::watch::{Settled, Sig};
 use crate::window::{Action, Event, Member, Window};
@@ -31,6 +32,10 @@ pub struct Pipeline {
     /// Weights of the last selection, by member path (for the status file).
     weights: BTreeMap<PathBuf, f64>,
     reselect: bool,
+    /// Loss oracle of model-based selectors, built on first use (and again after a reload).
+    objective: Option<Box<dyn Objective>>,
+    /// SeWA's state from the previous selection (warm start).
+    warm: Option<SewaState>,
 }
 
 impl Pipeline {
@@ -57,6 +62,8 @@ impl Pipeline {
             status,
             weights: BTreeMap::new(),
             reselect: false,
+            objective: None,
+            warm: None,
         }
     }
 
@@ -74,6 +81,10 @@ impl Pipeline {
         self.status.method = cfg.select.method.name().into();
         if cfg.publish != self.cfg.publish {
             self.last = output::read_last(&cfg);
+        }
+        if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {
+            self.objective = None;
+            self.warm = None;
         }
         self.cfg = cfg;
         self.apply(actions);
@@ -187,7 +198,7 @@ impl Pipeline {
             .collect::<Result<_>>()?;
         let refs: Vec<&Checkpoint> = ckpts.iter().map(|c| c.as_ref()).collect();
         let view = WindowView { members: &summaries, checkpoints: &refs };
-        let selection = select::run(&self.cfg.select, &view, None)?;
+        let selection = self.run_selector(&view)?;
         self.status.counters.selections += 1;
         let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
         let paired: Vec<(PathBuf, f64)> = paired.collect();
@@ -228,6 +239,23 @@ impl Pipeline {
         self.record_selection(&selection, "published".into());
         self.last = Some(LastPublished { inputs, loss: selection.loss });
         Ok(())
+    }
+
+    /// The configured selector; model-based ones get the objective (built on first use).
+    fn run_selector(&mut self, view: &WindowView<'_>) -> Result<Selection> {
+        if !self.cfg.select.method.needs_objective() {
+            return select::run(&self.cfg.select, view, None);
+        }
+        let path = self.cfg.source.clone().unwrap_or_else(|| PathBuf::from("config"));
+        let sewa = self.cfg.sewa_config(&path)?;
+        if self.objective.is_none() {
+            let oc = self.cfg.objective_config(&path)?;
+            let oc = oc.ok_or_else(|| Error::config(&path, "the selector needs an [objective]"))?;
+            self.objective = Some(oc.build(&self.cfg.base_dir())?);
+        }
+        let objective = self.objective.as_deref_mut().expect("just built");
+        let ctx = ModelContext { objective, sewa: &sewa, warm: &mut self.warm };
+        select::run(&self.cfg.select, view, Some(ctx))
     }
 
     /// A member turned out unreadable while averaging: quarantine it and try again next batch.

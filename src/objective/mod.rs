@@ -3,6 +3,14 @@
 //! in-process candle models (`builtin`) or an external evaluator process (`command`).
 //! This module does not choose checkpoints or write outputs.
 
+pub mod config;
+pub mod data;
+pub mod mlp;
+
+pub use config::{Activation, LossKind, ObjectiveConfig};
+pub use mlp::MlpObjective;
+
+use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
 pub mod command;
@@ -35,4 +43,9 @@ pub trait Objective: Send {
     fn supports_grad(&self) -> bool;
     /// Short description for manifests and logs, e.g. "builtin mlp, cross_entropy, 2000 rows".
     fn describe(&self) -> String;
+    /// Whether this checkpoint's tensors fit the model and data; the error names the
+    /// checkpoint and what does not fit. Selectors call it on every member before optimising.
+    fn check(&self, _ckpt: &Checkpoint) -> Result<()> {
+        Ok(())
+    }
 }

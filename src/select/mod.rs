@@ -35,12 +35,121 @@ impl Selection {
     }
 }
 
-pub mod rules;
+pub mod blend;
+pub mod oracle;
+pub mod search;
+pub mod sewa;
+
+pub use sewa::{SewaConfig, SewaState};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Method, SelectConfig};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
+
+/// Model-based methods, as named in `method = "..."`.
+pub const MODEL_BASED: &[&str] = &["sewa", "greedy", "exhaustive", "random"];
+
+/// Whether `method` needs an objective (and so `run_model_based`).
+pub fn is_model_based(method: &str) -> bool {
+    MODEL_BASED.contains(&method)
+}
+
+/// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) over the window
+/// `members` (ordered by step) with `objective`. `k` is clamped to the window size. `warm` is the
+/// state a previous SeWA run returned; the returned state is `Some` only for `sewa`.
+/// Every member is first checked against the objective (errors name the member).
+pub fn run_model_based(
+    method: &str,
+    k: usize,
+    members: &[&Checkpoint],
+    objective: &mut dyn Objective,
+    cfg: &SewaConfig,
+    warm: Option<&SewaState>,
+) -> Result<(Selection, Option<SewaState>)> {
+    if !is_model_based(method) {
+        return Err(Error::Usage(format!(
+            "unknown model-based method {method:?}: expected one of {MODEL_BASED:?}"
+        )));
+    }
+    if members.is_empty() || k == 0 {
+        return Err(Error::Usage(format!("{method}: need k >= 1 and a non-empty window")));
+    }
+    let k = k.min(members.len());
+    for m in members {
+        objective.check(m)?;
+    }
+    let started = std::time::Instant::now();
+    let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
+    let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
+    let mut state = None;
+    let found = match method {
+        "sewa" => {
+            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, warm)?;
+            state = Some(s);
+            f
+        }
+        "greedy" => search::greedy(&mut oracle)?,
+        "exhaustive" => search::exhaustive(&mut oracle, k, cfg.exhaustive_limit)?,
+        _ => search::random(&mut oracle, k, cfg.seed)?,
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let selection = to_selection(method, members, &found, oracle.calls, wall, &oracle.describe());
+    Ok((selection, state))
+}
+
+/// Identity of a member across windows (warm starts): its path and step.
+pub fn member_key(c: &Checkpoint) -> String {
+    format!("{}@{}", c.path().display(), c.step().map_or("?".into(), |s| s.to_string()))
+}
+
+fn to_selection(
+    method: &str,
+    members: &[&Checkpoint],
+    found: &search::Found,
+    calls: usize,
+    wall: f64,
+    objective: &str,
+) -> Selection {
+    let mut weights = vec![0.0; members.len()];
+    let w = 1.0 / found.set.len() as f64;
+    found.set.iter().for_each(|&i| weights[i] = w);
+    let list: Vec<serde_json::Value> =
+        members.iter().map(|m| serde_json::json!({ "path": m.path(), "step": m.step() })).collect();
+    let mut details = serde_json::json!({
+        "chosen": found.set,
+        "loss": found.loss,
+        "oracle_calls": calls,
+        "wall_seconds": wall,
+        "objective": objective,
+        "members": list,
+    });
+    if let (Some(d), Some(extra)) = (details.as_object_mut(), found.details.as_object()) {
+        d.extend(extra.clone());
+    }
+    let names: Vec<String> = found
+        .set
+        .iter()
+        .map(|&i| members[i].step().map_or(format!("#{i}"), |s| format!("step {s}")))
+        .collect();
+    Selection {
+        method: method.to_string(),
+        weights,
+        why: format!(
+            "{method}: {} of {} ({}), loss {:.5}, {calls} oracle calls, {:.2}s",
+            found.set.len(),
+            members.len(),
+            names.join(", "),
+            found.loss,
+            wall
+        ),
+        loss: Some(found.loss),
+        details,
+    }
+}
+
+pub mod rules;
+
+use crate::config::{Method, SelectConfig};
 
 /// What a selector sees of the window: summaries (oldest first, by step) and, for model-based
 /// selectors, the opened members in the same order.
@@ -49,12 +158,20 @@ pub struct WindowView<'a> {
     pub checkpoints: &'a [&'a Checkpoint],
 }
 
+/// What model-based selectors need beside the window: the loss oracle, SeWA's options and the
+/// SeWA state of the previous run (warm start; updated in place).
+pub struct ModelContext<'a> {
+    pub objective: &'a mut dyn Objective,
+    pub sewa: &'a SewaConfig,
+    pub warm: &'a mut Option<SewaState>,
+}
+
 /// The one entry point the daemon uses: run the configured selector on the window.
-/// Model-based methods get the objective (`None` when none is configured).
+/// Model-based methods need `model` (the daemon builds it from `[objective]`).
 pub fn run(
     cfg: &SelectConfig,
     view: &WindowView<'_>,
-    objective: Option<&mut dyn Objective>,
+    model: Option<ModelContext<'_>>,
 ) -> Result<Selection> {
     let k = cfg.k.get();
     match cfg.method {
@@ -63,11 +180,17 @@ pub fn run(
         Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
         Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
         Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa => {
-            let _ = objective;
-            Err(Error::Internal(format!(
-                "selector {:?} is not available in this build",
-                cfg.method.name()
-            )))
+            let name = cfg.method.name();
+            let m = model.ok_or_else(|| {
+                Error::Internal(format!("selector {name:?} needs an [objective]"))
+            })?;
+            let warm = m.warm.as_ref();
+            let (selection, state) =
+                run_model_based(name, k, view.checkpoints, m.objective, m.sewa, warm)?;
+            if state.is_some() {
+                *m.warm = state;
+            }
+            Ok(selection)
         }
     }
 }

@@ -4,8 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sewa::checkpoint::{Checkpoint, DType};
 use sewa::objective::command::{CommandConfig, CommandObjective};
+use sewa::objective::config::ObjectiveConfig;
 use sewa::objective::{NamedTensor, Objective, Params};
+use sewa::select::{SewaConfig, run_model_based};
 
 const D: usize = 5;
 const H: usize = 7;
@@ -190,4 +193,104 @@ fn missing_program_is_a_clear_error() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("cannot start evaluator /nonexistent/evaluator"), "{err}");
+}
+
+fn builtin(data: &Path) -> Box<dyn Objective> {
+    let cfg = ObjectiveConfig { data: data.to_path_buf(), ..Default::default() };
+    cfg.build(Path::new(".")).unwrap()
+}
+
+#[test]
+fn client_gradient_matches_the_builtin_candle_objective() {
+    let (dir, mut cmd) = start("ok", 60.0);
+    let mut candle = builtin(&dir.path().join("selection.safetensors"));
+    let p = mlp_params(11);
+    let a = cmd.evaluate(&p, true).unwrap();
+    let b = candle.evaluate(&p, true).unwrap();
+    assert!((a.loss - b.loss).abs() < 1e-5 * b.loss.abs().max(1.0), "{} vs {}", a.loss, b.loss);
+    for (ga, gb) in a.grad.unwrap().iter().zip(b.grad.unwrap().iter()) {
+        assert_eq!((&ga.name, &ga.shape), (&gb.name, &gb.shape));
+        for (x, y) in ga.data.iter().zip(&gb.data) {
+            assert!((x - y).abs() < 1e-5 + 1e-4 * y.abs(), "{}: {x} vs {y}", ga.name);
+        }
+    }
+}
+
+/// A window of MLP checkpoints around one point, each a noisy copy; a few are far off.
+fn window(n: usize) -> Vec<Checkpoint> {
+    let base = mlp_params(21);
+    (0..n)
+        .map(|i| {
+            let noise = mlp_params(100 + i as u64);
+            let scale = if i % 3 == 1 { 1.5 } else { 0.2 };
+            let tensors = base
+                .iter()
+                .zip(&noise)
+                .map(|(b, z)| {
+                    let bytes = b
+                        .data
+                        .iter()
+                        .zip(&z.data)
+                        .flat_map(|(x, e)| (x + scale * e).to_le_bytes())
+                        .collect();
+                    (b.name.clone(), DType::F32, b.shape.clone(), bytes)
+                })
+                .collect();
+            Checkpoint::from_memory(format!("member-{i}"), Some(i as u64), tensors).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sewa_and_greedy_run_through_the_protocol_and_agree_with_builtin() {
+    let (dir, mut cmd) = start("ok", 60.0);
+    let mut candle = builtin(&dir.path().join("selection.safetensors"));
+    let members = window(6);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let cfg = SewaConfig { iterations: 15, ..SewaConfig::default() };
+    for method in ["sewa", "greedy"] {
+        let (via_cmd, _) = run_model_based(method, 2, &refs, &mut cmd, &cfg, None).unwrap();
+        let (via_candle, _) =
+            run_model_based(method, 2, &refs, candle.as_mut(), &cfg, None).unwrap();
+        assert_eq!(via_cmd.members(), via_candle.members(), "{method}");
+        let (a, b) = (via_cmd.loss.unwrap(), via_candle.loss.unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{method}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn forward_only_evaluator_drives_sewa_with_the_score_function_estimator() {
+    let (_dir, mut cmd) = start("forward-only", 60.0);
+    let members = window(5);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let cfg = SewaConfig { iterations: 10, ..SewaConfig::default() };
+    let (sel, _) = run_model_based("sewa", 2, &refs, &mut cmd, &cfg, None).unwrap();
+    assert_eq!(sel.members().len(), 2);
+    assert!(sel.loss.unwrap().is_finite());
+    assert_eq!(sel.details["estimator"], "reinforce", "{}", sel.details);
+    // Exhaustive needs no gradient either, and certifies the best pair.
+    let (best, _) = run_model_based("exhaustive", 2, &refs, &mut cmd, &cfg, None).unwrap();
+    assert!(best.loss.unwrap() <= sel.loss.unwrap() + 1e-9);
+}
+
+#[test]
+fn objective_table_with_kind_command_starts_the_evaluator() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let script = repo().join("tests/evaluators/mlp_numpy.py");
+    let text = format!(
+        "kind = \"command\"\ncommand = [\"python3\", {:?}, \"selection.safetensors\"]\ntimeout_s = 30\n",
+        script.display().to_string()
+    );
+    let table: toml::Value = toml::from_str(&text).unwrap();
+    let cfg = ObjectiveConfig::from_toml(&table, &dir.path().join("sewa.toml")).unwrap();
+    // cwd defaults to the config file's directory, so the relative data path resolves there.
+    let mut obj = cfg.build(dir.path()).unwrap();
+    assert!(obj.supports_grad() && obj.describe().contains("mlp_numpy"), "{}", obj.describe());
+    let direct = builtin(&data).evaluate(&mlp_params(9), false).unwrap().loss;
+    assert!((obj.evaluate(&mlp_params(9), false).unwrap().loss - direct).abs() < 1e-5);
+
+    let missing: toml::Value = toml::from_str("kind = \"command\"").unwrap();
+    let err = ObjectiveConfig::from_toml(&missing, Path::new("sewa.toml")).unwrap_err();
+    assert!(err.to_string().contains("command must name a program"), "{err}");
 }

@@ -5,5 +5,7 @@ mod checkpoint;
 mod cli;
 mod config;
 mod evaluator;
+mod objective;
 mod publish;
+mod sewa;
 mod watch;

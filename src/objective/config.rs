@@ -1,0 +1,164 @@
+//! `[objective]` table: which loss oracle to build and from what data. Parses and validates the
+//! raw TOML table the daemon's config reserves for it; builds the `Objective`. It does not
+//! evaluate anything itself.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Objective;
+use super::command::{CommandConfig, CommandObjective};
+use super::data::Dataset;
+use super::mlp::MlpObjective;
+use crate::error::{Error, Result};
+
+/// Where the loss is computed: in-process candle models, or an external evaluator process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveKind {
+    #[default]
+    Builtin,
+    Command,
+}
+
+/// Which builtin model to infer from the checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    #[default]
+    Mlp,
+}
+
+/// Non-linearity between the MLP's linear layers (none after the last).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Gelu,
+    Tanh,
+}
+
+/// Loss over the selection data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Mean cross-entropy of logits against integer class ids.
+    #[default]
+    CrossEntropy,
+    /// Mean squared error against f32 targets.
+    Mse,
+}
+
+/// The `[objective]` table. Defaults: `kind = "builtin"`, `model = "mlp"`,
+/// `activation = "relu"`, `loss = "cross_entropy"`, `batch` = all rows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveConfig {
+    #[serde(default)]
+    pub kind: ObjectiveKind,
+    #[serde(default)]
+    pub model: ModelKind,
+    /// safetensors file with `inputs` (f32 [N, D]) and `targets`; relative to the config file.
+    /// Required for `kind = "builtin"`.
+    #[serde(default)]
+    pub data: PathBuf,
+    #[serde(default)]
+    pub activation: Activation,
+    #[serde(default)]
+    pub loss: LossKind,
+    /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub startup_timeout_s: Option<f64>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of the evaluator, relative to the config file.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+impl ObjectiveConfig {
+    /// Parse the raw `[objective]` table; `config_path` names the file in errors.
+    pub fn from_toml(value: &toml::Value, config_path: &Path) -> Result<Self> {
+        let cfg: ObjectiveConfig = value
+            .clone()
+            .try_into()
+            .map_err(|e| Error::config(config_path, format!("[objective]: {e}")))?;
+        cfg.check(config_path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn check(&self, config_path: &Path) -> Result<()> {
+        if self.batch == Some(0) {
+            return Err(Error::config(config_path, "[objective] batch must be at least 1"));
+        }
+        match self.kind {
+            ObjectiveKind::Builtin if self.data.as_os_str().is_empty() => Err(Error::config(
+                config_path,
+                "[objective] kind = \"builtin\" needs data = \"selection.safetensors\"",
+            )),
+            ObjectiveKind::Builtin if !self.command.is_empty() => Err(Error::config(
+                config_path,
+                "[objective] command is only used with kind = \"command\"",
+            )),
+            ObjectiveKind::Builtin => Ok(()),
+            ObjectiveKind::Command => self.command_config(Path::new(".")).check(config_path),
+        }
+    }
+
+    /// The data path, resolved against the directory of the config file.
+    pub fn data_path(&self, base_dir: &Path) -> PathBuf {
+        if self.data.is_absolute() { self.data.clone() } else { base_dir.join(&self.data) }
+    }
+
+    /// The evaluator settings for `kind = "command"`, `cwd` resolved against `base_dir`.
+    pub fn command_config(&self, base_dir: &Path) -> CommandConfig {
+        let defaults: CommandConfig =
+            toml::from_str("command = [\"x\"]").expect("CommandConfig defaults parse");
+        CommandConfig {
+            command: self.command.clone(),
+            timeout_s: self.timeout_s.unwrap_or(defaults.timeout_s),
+            startup_timeout_s: self.startup_timeout_s.unwrap_or(defaults.startup_timeout_s),
+            env: self.env.clone(),
+            cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
+        }
+    }
+
+    /// Load the data and build the oracle (or start the evaluator). `base_dir` is the config
+    /// file's directory.
+    pub fn build(&self, base_dir: &Path) -> Result<Box<dyn Objective>> {
+        if self.kind == ObjectiveKind::Command {
+            return Ok(Box::new(CommandObjective::start(self.command_config(base_dir))?));
+        }
+        let path = self.data_path(base_dir);
+        let data = Dataset::load(&path, self.loss)?;
+        Ok(Box::new(MlpObjective::new(data, self.activation, self.loss, self.batch)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_keys() {
+        let v: toml::Value = toml::from_str("data = \"sel.safetensors\"").unwrap();
+        let c = ObjectiveConfig::from_toml(&v, Path::new("c.toml")).unwrap();
+        assert_eq!(c.activation, Activation::Relu);
+        assert_eq!(c.loss, LossKind::CrossEntropy);
+        assert_eq!(c.batch, None);
+        let v: toml::Value = toml::from_str("data = \"x\"\nlr = 1").unwrap();
+        let e = ObjectiveConfig::from_toml(&v, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("lr"), "{e}");
+        let v: toml::Value = toml::from_str("data = \"x\"\nactivation = \"swish\"").unwrap();
+        assert!(ObjectiveConfig::from_toml(&v, Path::new("c.toml")).is_err());
+    }
+}

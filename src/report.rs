@@ -1,0 +1,163 @@
+//! `sewa report`: an SVG picture of one selection over its window — each member's own loss
+//! (when the selection recorded it), SeWA's probabilities, and the chosen set — for people who
+//! would rather look than read. Reads a selection JSON (a `Selection`, or any JSON with one under
+//! `selection`, such as a manifest); draws with plotters. It does not select anything.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::error::{Error, Result, WithPath};
+
+/// `sewa report` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Selection JSON: `published/selection.json` from the demo, or a manifest with `selection`.
+    pub input: PathBuf,
+    /// SVG to write.
+    #[arg(long, default_value = "sewa-report.svg")]
+    pub out: PathBuf,
+}
+
+/// What the picture shows, per member.
+#[derive(Debug, Default, PartialEq)]
+pub struct Window {
+    pub method: String,
+    pub labels: Vec<String>,
+    pub chosen: Vec<bool>,
+    pub probabilities: Option<Vec<f64>>,
+    pub member_losses: Option<Vec<f64>>,
+    pub loss: Option<f64>,
+}
+
+fn floats(v: &Value) -> Option<Vec<f64>> {
+    v.as_array()?.iter().map(|x| x.as_f64()).collect()
+}
+
+impl Window {
+    /// Extract from a selection JSON; the error says what is missing.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+        let sel = v.get("selection").unwrap_or(v);
+        let weights = floats(&sel["weights"]).ok_or("no `weights` array: not a selection")?;
+        let d = &sel["details"];
+        let labels = match d["members"].as_array() {
+            Some(ms) => ms
+                .iter()
+                .enumerate()
+                .map(|(i, m)| m["step"].as_u64().map_or(format!("#{i}"), |s| s.to_string()))
+                .collect(),
+            None => (0..weights.len()).map(|i| format!("#{i}")).collect(),
+        };
+        Ok(Window {
+            method: sel["method"].as_str().unwrap_or("?").to_string(),
+            labels,
+            chosen: weights.iter().map(|w| *w > 0.0).collect(),
+            probabilities: floats(&d["probabilities"]),
+            member_losses: floats(&d["member_losses"]),
+            loss: sel["loss"].as_f64(),
+        })
+    }
+}
+
+/// Read `args.input`, write `args.out`.
+pub fn run(args: &ReportArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.input).with_path(&args.input)?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_input(&args.input, format!("not JSON: {e}")))?;
+    let w = Window::from_json(&v).map_err(|m| Error::bad_input(&args.input, m))?;
+    draw(&w, &args.out)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn plot_err(out: &Path, e: impl std::fmt::Display) -> Error {
+    Error::bad_input(out, format!("cannot draw: {e}"))
+}
+
+/// Two panels over the members: probabilities (or weights) as bars, chosen ones filled; the
+/// members' own losses as a line with the selection's loss as a horizontal rule.
+pub fn draw(w: &Window, out: &Path) -> Result<()> {
+    let n = w.labels.len();
+    let root = SVGBackend::new(out, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(out, e))?;
+    let (top, bottom) = root.split_vertically(280);
+    let probs = w
+        .probabilities
+        .clone()
+        .unwrap_or_else(|| w.chosen.iter().map(|c| if *c { 1.0 } else { 0.0 }).collect());
+    let title = match w.loss {
+        Some(l) => format!(
+            "{}: chosen {} of {n}, loss {l:.4}",
+            w.method,
+            w.chosen.iter().filter(|c| **c).count()
+        ),
+        None => format!("{}: window of {n}", w.method),
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..1.05)
+        .map_err(|e| plot_err(out, e))?;
+    let labels = w.labels.clone();
+    chart
+        .configure_mesh()
+        .x_labels(n.min(20))
+        .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
+        .y_desc("selection probability")
+        .draw()
+        .map_err(|e| plot_err(out, e))?;
+    let bars = probs.iter().enumerate().map(|(i, p)| {
+        let style = if w.chosen[i] { BLUE.filled() } else { BLUE.mix(0.3).filled() };
+        Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, *p)], style)
+    });
+    chart.draw_series(bars).map_err(|e| plot_err(out, e))?;
+    if let Some(losses) = &w.member_losses {
+        draw_losses(&bottom, w, losses, out)?;
+    }
+    root.present().map_err(|e| plot_err(out, e))
+}
+
+fn draw_losses(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    w: &Window,
+    losses: &[f64],
+    out: &Path,
+) -> Result<()> {
+    let n = losses.len();
+    let mut lo = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = losses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if let Some(l) = w.loss {
+        lo = lo.min(l);
+    }
+    let pad = (hi - lo).max(1e-6) * 0.1;
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo - pad..hi + pad)
+        .map_err(|e| plot_err(out, e))?;
+    let labels = w.labels.clone();
+    chart
+        .configure_mesh()
+        .x_labels(n.min(20))
+        .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
+        .x_desc("member (step)")
+        .y_desc("own held-out loss")
+        .draw()
+        .map_err(|e| plot_err(out, e))?;
+    let pts: Vec<(f64, f64)> = losses.iter().enumerate().map(|(i, l)| (i as f64, *l)).collect();
+    chart.draw_series(LineSeries::new(pts.clone(), &BLACK)).map_err(|e| plot_err(out, e))?;
+    let marks = pts.iter().enumerate().map(|(i, p)| {
+        let style = if w.chosen[i] { RED.filled() } else { BLACK.into() };
+        Circle::new(*p, 4, style)
+    });
+    chart.draw_series(marks).map_err(|e| plot_err(out, e))?;
+    if let Some(l) = w.loss {
+        let rule = LineSeries::new(vec![(-0.5, l), (n as f64 - 0.5, l)], RED.stroke_width(1));
+        chart.draw_series(rule).map_err(|e| plot_err(out, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Forming candidate averages from window members for model-based selectors: w(m) = Σ m_i w_i /
+//! Σ m_i streamed from each member's byte views into a reused f32 buffer, and the mask gradient's
+//! dot products ⟨G, w_i − c⟩ streamed the same way. Only floating tensors take part (integer
+//! buffers are not differentiable). This module does not call the objective or write files.
+
+use crate::checkpoint::{Checkpoint, DType, TensorMeta};
+use crate::error::{Error, Result};
+use crate::objective::{NamedTensor, Params};
+
+/// The window's members, checked to share one float-tensor layout.
+pub struct Blend<'a> {
+    members: Vec<&'a Checkpoint>,
+    layout: Vec<TensorMeta>,
+}
+
+impl<'a> Blend<'a> {
+    /// Fails, naming the member, if float tensor names or shapes differ from the first member's.
+    pub fn new(members: &[&'a Checkpoint]) -> Result<Self> {
+        let first = members.first().ok_or_else(|| Error::Internal("empty window".into()))?;
+        let layout: Vec<TensorMeta> =
+            first.tensors().iter().filter(|t| t.dtype.is_float()).cloned().collect();
+        for m in &members[1..] {
+            let other: Vec<&TensorMeta> =
+                m.tensors().iter().filter(|t| t.dtype.is_float()).collect();
+            let same = other.len() == layout.len()
+                && other.iter().zip(&layout).all(|(a, b)| a.name == b.name && a.shape == b.shape);
+            if !same {
+                let diff = first_difference(&layout, &other);
+                return Err(Error::bad_input(
+                    m.path(),
+                    format!("floating tensors differ from {}: {diff}", first.path().display()),
+                ));
+            }
+        }
+        Ok(Blend { members: members.to_vec(), layout })
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+    pub fn member(&self, i: usize) -> &'a Checkpoint {
+        self.members[i]
+    }
+
+    /// Zero-filled parameters with the members' float layout (names sorted).
+    pub fn zeros(&self) -> Params {
+        let t = |m: &TensorMeta| NamedTensor {
+            name: m.name.clone(),
+            shape: m.shape.clone(),
+            data: vec![0.0; m.numel()],
+        };
+        self.layout.iter().map(t).collect()
+    }
+
+    /// `out = Σ c_i w_i / Σ c_i` over members with `c_i > 0`. `out` comes from `zeros()`.
+    pub fn mix(&self, coeffs: &[f64], out: &mut Params) -> Result<()> {
+        let total: f64 = coeffs.iter().filter(|c| **c > 0.0).sum();
+        if total <= 0.0 {
+            return Err(Error::Internal("mix: all coefficients are zero".into()));
+        }
+        for (meta, dst) in self.layout.iter().zip(out.iter_mut()) {
+            dst.data.iter_mut().for_each(|x| *x = 0.0);
+            for (m, &c) in self.members.iter().zip(coeffs) {
+                if c > 0.0 {
+                    let bytes = m.data(&meta.name)?;
+                    axpy(&mut dst.data, &bytes, meta.dtype, (c / total) as f32);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `⟨g, w_i − center⟩` for every member, accumulated in f64.
+    pub fn dots(&self, g: &Params, center: &Params) -> Result<Vec<f64>> {
+        let mut out = vec![0f64; self.members.len()];
+        for ((meta, gt), ct) in self.layout.iter().zip(g).zip(center) {
+            let gc: f64 = gt.data.iter().zip(&ct.data).map(|(a, b)| *a as f64 * *b as f64).sum();
+            for (o, m) in out.iter_mut().zip(&self.members) {
+                *o += dot(&gt.data, &m.data(&meta.name)?, meta.dtype) - gc;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn first_difference(a: &[TensorMeta], b: &[&TensorMeta]) -> String {
+    for (x, y) in a.iter().zip(b) {
+        if x.name != y.name {
+            return format!("tensor {} where {} was expected", y.name, x.name);
+        }
+        if x.shape != y.shape {
+            return format!("{} has shape {:?}, expected {:?}", x.name, y.shape, x.shape);
+        }
+    }
+    format!("{} floating tensors, expected {}", b.len(), a.len())
+}
+
+/// Decode element `i`'s little-endian bytes as f32 (float dtypes only).
+#[inline]
+fn decode(dtype: DType, c: &[u8]) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        DType::F64 => f64::from_le_bytes(c[..8].try_into().unwrap()) as f32,
+        _ => 0.0,
+    }
+}
+
+/// `dst += a * src` with `src` as raw bytes of `dtype`.
+fn axpy(dst: &mut [f32], src: &[u8], dtype: DType, a: f32) {
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(dtype.size())) {
+        *d += a * decode(dtype, c);
+    }
+}
+
+/// `⟨g, src⟩` in f64 with `src` as raw bytes of `dtype`.
+fn dot(g: &[f32], src: &[u8], dtype: DType) -> f64 {
+    let mut acc = 0f64;
+    for (x, c) in g.iter().zip(src.chunks_exact(dtype.size())) {
+        acc += *x as f64 * decode(dtype, c) as f64;
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ck(name: &str, vals: &[f32]) -> Checkpoint {
+        let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf: Vec<u8> =
+            vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let int = vec![7u8; 8];
+        Checkpoint::from_memory(
+            name,
+            None,
+            vec![
+                ("a".into(), DType::F32, vec![vals.len()], bytes),
+                ("b".into(), DType::BF16, vec![vals.len()], bf),
+                ("n".into(), DType::I64, vec![1], int),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn mix_and_dots_match_by_hand() {
+        let (a, b) = (ck("a", &[1.0, 2.0]), ck("b", &[3.0, 6.0]));
+        let blend = Blend::new(&[&a, &b]).unwrap();
+        let mut out = blend.zeros();
+        assert_eq!(out.len(), 2, "integer tensors are left out");
+        blend.mix(&[1.0, 3.0], &mut out).unwrap();
+        assert_eq!(out[0].data, vec![2.5, 5.0]);
+        assert_eq!(out[1].data, vec![2.5, 5.0]);
+        let g = vec![
+            NamedTensor { name: "a".into(), shape: vec![2], data: vec![1.0, 0.0] },
+            NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.0, 1.0] },
+        ];
+        let d = blend.dots(&g, &out).unwrap();
+        assert_eq!(d, vec![(1.0 - 2.5) + (2.0 - 5.0), (3.0 - 2.5) + (6.0 - 5.0)]);
+    }
+
+    #[test]
+    fn layout_mismatch_names_member() {
+        let a = ck("a.safetensors", &[1.0, 2.0]);
+        let b = ck("b.safetensors", &[1.0, 2.0, 3.0]);
+        let e = Blend::new(&[&a, &b]).err().unwrap().to_string();
+        assert!(e.contains("b.safetensors") && e.contains("shape"), "{e}");
+    }
+}

@@ -1,0 +1,394 @@
+//! SeWA: learn Bernoulli selection probabilities s = σ(θ) over the window by stochastic gradient
+//! through binary-concrete (Gumbel-sigmoid) relaxed masks, keep Σ s = k by projection, take the
+//! top-k, then polish with gradient-ranked swaps. Forward-only objectives use a score-function
+//! (REINFORCE, leave-one-out baseline) estimator on hard samples instead. Deterministic for a
+//! seed. It reads members only through the `Oracle`; it writes nothing.
+
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::oracle::Oracle;
+use super::search::Found;
+use crate::error::{Error, Result};
+
+/// How ∂E[F]/∂θ is estimated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// `concrete` when the objective gives gradients, else `reinforce`.
+    #[default]
+    Auto,
+    /// Relaxed masks and ∂F/∂m_i = ⟨G, w_i − w(m)⟩ / Σ m (needs gradients).
+    Concrete,
+    /// Hard Bernoulli samples, (F − baseline)(b_i − s_i) (forward-only).
+    Reinforce,
+}
+
+/// `[select.sewa]`. Every key is optional; `Default` documents the defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SewaConfig {
+    /// Mask samples M per iteration (one oracle call each).
+    pub samples: usize,
+    /// Relaxation temperature τ at the first iteration.
+    pub temperature: f64,
+    /// τ at the last iteration (geometric annealing); equal to `temperature` for none.
+    pub temperature_end: f64,
+    /// Adam iterations of a cold start.
+    pub iterations: usize,
+    /// Adam iterations when warm-started from the previous window's θ.
+    pub warm_iterations: usize,
+    /// Adam learning rate on θ (logits).
+    pub lr: f64,
+    pub seed: u64,
+    pub estimator: Estimator,
+    /// Swap local search after top-k.
+    pub polish: bool,
+    /// Swaps tried per polishing round (best predicted first); each try is one oracle call.
+    pub polish_tries: usize,
+    /// Largest number of k-subsets `exhaustive` will evaluate.
+    pub exhaustive_limit: u64,
+}
+
+impl Default for SewaConfig {
+    fn default() -> Self {
+        SewaConfig {
+            samples: 4,
+            temperature: 0.5,
+            temperature_end: 0.2,
+            iterations: 40,
+            warm_iterations: 8,
+            lr: 0.2,
+            seed: 0,
+            estimator: Estimator::Auto,
+            polish: true,
+            polish_tries: 6,
+            exhaustive_limit: 20_000,
+        }
+    }
+}
+
+impl SewaConfig {
+    /// Parse the raw `[select.sewa]` table; `config_path` names the file in errors.
+    pub fn from_toml(value: &toml::Value, config_path: &Path) -> Result<Self> {
+        let cfg: SewaConfig = value
+            .clone()
+            .try_into()
+            .map_err(|e| Error::config(config_path, format!("[select.sewa]: {e}")))?;
+        cfg.check(config_path)?;
+        Ok(cfg)
+    }
+
+    pub fn check(&self, config_path: &Path) -> Result<()> {
+        let bad = |m: &str| Err(Error::config(config_path, format!("[select.sewa] {m}")));
+        let pos = |x: f64| x.is_finite() && x > 0.0;
+        if self.samples == 0 {
+            return bad("samples must be at least 1");
+        }
+        if !pos(self.temperature) || !pos(self.temperature_end) {
+            return bad("temperature and temperature_end must be positive numbers");
+        }
+        if !pos(self.lr) {
+            return bad("lr must be a positive number");
+        }
+        if self.iterations == 0 {
+            return bad("iterations must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn tau(&self, t: usize, iters: usize) -> f64 {
+        let frac = if iters > 1 { t as f64 / (iters - 1) as f64 } else { 1.0 };
+        self.temperature * (self.temperature_end / self.temperature).powf(frac)
+    }
+}
+
+/// What survives between selections for a warm start: θ per member, keyed by identity.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SewaState {
+    pub keys: Vec<String>,
+    pub theta: Vec<f64>,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Shift θ by one constant so that Σ σ(θ_i) = k (bisection; the map is monotone in the shift).
+pub fn project(theta: &mut [f64], k: usize) {
+    let sum = |c: f64| theta.iter().map(|t| sigmoid(t + c)).sum::<f64>();
+    let (mut lo, mut hi) = (-60.0, 60.0);
+    for _ in 0..80 {
+        let mid = 0.5 * (lo + hi);
+        if sum(mid) < k as f64 { lo = mid } else { hi = mid }
+    }
+    let c = 0.5 * (lo + hi);
+    theta.iter_mut().for_each(|t| *t += c);
+}
+
+/// θ to start from: the warm state's values for survivors, their mean for newcomers; else a
+/// flat start at s = k/K. Returns θ and whether the start was warm.
+fn initial_theta(keys: &[String], k: usize, warm: Option<&SewaState>) -> (Vec<f64>, bool) {
+    let n = keys.len();
+    let flat = ((k as f64 / n as f64) / (1.0 - k as f64 / n as f64)).ln();
+    let Some(w) = warm else { return (vec![flat; n], false) };
+    let old: Vec<Option<f64>> =
+        keys.iter().map(|key| w.keys.iter().position(|o| o == key).map(|j| w.theta[j])).collect();
+    let kept: Vec<f64> = old.iter().flatten().copied().collect();
+    if kept.is_empty() {
+        return (vec![flat; n], false);
+    }
+    let mean = kept.iter().sum::<f64>() / kept.len() as f64;
+    let mut theta: Vec<f64> = old.iter().map(|o| o.unwrap_or(mean)).collect();
+    project(&mut theta, k);
+    (theta, true)
+}
+
+/// Adam on θ.
+struct Adam {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+    lr: f64,
+}
+
+impl Adam {
+    fn new(n: usize, lr: f64) -> Self {
+        Adam { m: vec![0.0; n], v: vec![0.0; n], t: 0, lr }
+    }
+    fn step(&mut self, theta: &mut [f64], g: &[f64]) {
+        const B1: f64 = 0.9;
+        const B2: f64 = 0.999;
+        self.t += 1;
+        for i in 0..theta.len() {
+            self.m[i] = B1 * self.m[i] + (1.0 - B1) * g[i];
+            self.v[i] = B2 * self.v[i] + (1.0 - B2) * g[i] * g[i];
+            let mh = self.m[i] / (1.0 - B1.powi(self.t));
+            let vh = self.v[i] / (1.0 - B2.powi(self.t));
+            theta[i] -= self.lr * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+}
+
+/// One concrete-relaxation gradient estimate of E[F] w.r.t. θ; returns (grad, mean loss).
+fn concrete_grad(
+    oracle: &mut Oracle,
+    theta: &[f64],
+    tau: f64,
+    samples: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<f64>, f64)> {
+    let n = theta.len();
+    let (mut grad, mut mean) = (vec![0.0; n], 0.0);
+    for _ in 0..samples {
+        let m: Vec<f64> = theta
+            .iter()
+            .map(|th| {
+                let u: f64 = rng.random_range(1e-7..1.0 - 1e-7);
+                sigmoid((th + (u / (1.0 - u)).ln()) / tau)
+            })
+            .collect();
+        let total: f64 = m.iter().sum();
+        let ev = oracle.soft(&m, true)?;
+        let g = ev.grad.ok_or_else(|| Error::Internal("objective gave no gradient".into()))?;
+        let d = oracle.blend.dots(&g, &oracle.point)?;
+        for i in 0..n {
+            grad[i] += d[i] / total * m[i] * (1.0 - m[i]) / tau / samples as f64;
+        }
+        mean += ev.loss / samples as f64;
+    }
+    Ok((grad, mean))
+}
+
+/// One score-function estimate on hard Bernoulli samples with a leave-one-out baseline.
+fn reinforce_grad(
+    oracle: &mut Oracle,
+    theta: &[f64],
+    samples: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Vec<f64>, f64)> {
+    let s: Vec<f64> = theta.iter().map(|t| sigmoid(*t)).collect();
+    let mut draws = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let mut b: Vec<usize> = (0..s.len()).filter(|&i| rng.random::<f64>() < s[i]).collect();
+        if b.is_empty() {
+            b.push(argmax(&s));
+        }
+        let loss = oracle.subset(&b)?;
+        draws.push((b, loss));
+    }
+    let total: f64 = draws.iter().map(|d| d.1).sum();
+    let mut grad = vec![0.0; s.len()];
+    for (b, loss) in &draws {
+        let base = if samples > 1 { (total - loss) / (samples - 1) as f64 } else { *loss };
+        let mut hard = vec![0.0; s.len()];
+        b.iter().for_each(|&i| hard[i] = 1.0);
+        for i in 0..s.len() {
+            grad[i] += (loss - base) * (hard[i] - s[i]) / samples as f64;
+        }
+    }
+    Ok((grad, total / samples as f64))
+}
+
+fn argmax(x: &[f64]) -> usize {
+    (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap_or(0)
+}
+
+/// Indices of the k largest probabilities (ties: lower index first), sorted.
+pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..s.len()).collect();
+    idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+    let mut set = idx[..k].to_vec();
+    set.sort_unstable();
+    set
+}
+
+/// Run SeWA over the oracle's window. `keys` identify members for warm starts.
+pub fn run(
+    oracle: &mut Oracle,
+    keys: &[String],
+    k: usize,
+    cfg: &SewaConfig,
+    warm: Option<&SewaState>,
+) -> Result<(Found, SewaState)> {
+    let n = keys.len();
+    let estimator = match cfg.estimator {
+        Estimator::Auto if oracle.supports_grad() => Estimator::Concrete,
+        Estimator::Auto => Estimator::Reinforce,
+        e => e,
+    };
+    if estimator == Estimator::Concrete && !oracle.supports_grad() {
+        return Err(Error::Usage(format!(
+            "estimator = \"concrete\" needs gradients, but {} gives none: use \"reinforce\"",
+            oracle.describe()
+        )));
+    }
+    let (mut theta, is_warm) = initial_theta(keys, k, warm);
+    let iters = if k >= n {
+        0
+    } else if is_warm {
+        cfg.warm_iterations
+    } else {
+        cfg.iterations
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut adam = Adam::new(n, cfg.lr);
+    let mut trace = Vec::with_capacity(iters);
+    for t in 0..iters {
+        let (g, mean) = match estimator {
+            Estimator::Reinforce => reinforce_grad(oracle, &theta, cfg.samples, &mut rng)?,
+            _ => concrete_grad(oracle, &theta, cfg.tau(t, iters), cfg.samples, &mut rng)?,
+        };
+        adam.step(&mut theta, &g);
+        project(&mut theta, k);
+        trace.push(mean);
+    }
+    let optimise_calls = oracle.calls;
+    let probs: Vec<f64> = theta.iter().map(|t| sigmoid(*t)).collect();
+    let start = top_k(&probs, k);
+    let use_grad = estimator == Estimator::Concrete;
+    let (set, loss, start_loss, rounds) = polish(oracle, start.clone(), &probs, cfg, use_grad)?;
+    let details = json!({
+        "estimator": estimator,
+        "warm": is_warm,
+        "iterations": iters,
+        "probabilities": probs,
+        "top_k": start,
+        "top_k_loss": start_loss,
+        "polish_changed": set != start,
+        "polish_rounds": rounds,
+        "oracle_calls_optimise": optimise_calls,
+        "oracle_calls_polish": oracle.calls - optimise_calls,
+        "mean_sample_loss": trace,
+    });
+    let state = SewaState { keys: keys.to_vec(), theta };
+    Ok((Found { set, loss, details }, state))
+}
+
+/// Swap local search from `set`: each round ranks (out, in) pairs by the first-order predicted
+/// change ∂F/∂m_in − ∂F/∂m_out (or by probabilities without gradients), tries the best
+/// `polish_tries`, and moves on the first that lowers the loss. Stops when a round finds none.
+/// Returns (set, loss, loss of the starting set, rounds).
+fn polish(
+    oracle: &mut Oracle,
+    mut set: Vec<usize>,
+    probs: &[f64],
+    cfg: &SewaConfig,
+    use_grad: bool,
+) -> Result<(Vec<usize>, f64, f64, usize)> {
+    let eval = |o: &mut Oracle, s: &[usize]| -> Result<(f64, Vec<f64>)> {
+        if use_grad {
+            o.subset_with_mask_grad(s)
+        } else {
+            Ok((o.subset(s)?, probs.iter().map(|p| -p).collect()))
+        }
+    };
+    let (mut loss, mut score) = eval(oracle, &set)?;
+    let start_loss = loss;
+    let n = probs.len();
+    let mut rounds = 0;
+    while cfg.polish && set.len() < n && rounds < 4 * n {
+        rounds += 1;
+        let mut pairs: Vec<(f64, usize, usize)> = Vec::new();
+        for &out in &set {
+            for inn in (0..n).filter(|i| !set.contains(i)) {
+                pairs.push((score[inn] - score[out], out, inn));
+            }
+        }
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        let mut moved = false;
+        for &(_, out, inn) in pairs.iter().take(cfg.polish_tries) {
+            let mut cand: Vec<usize> =
+                set.iter().map(|&i| if i == out { inn } else { i }).collect();
+            cand.sort_unstable();
+            let (l, sc) = eval(oracle, &cand)?;
+            if l < loss {
+                (set, loss, score, moved) = (cand, l, sc, true);
+                break;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    Ok((set, loss, start_loss, rounds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projection_hits_k() {
+        let mut th = vec![3.0, -1.0, 0.5, 0.0, -4.0];
+        project(&mut th, 2);
+        let s: f64 = th.iter().map(|t| sigmoid(*t)).sum();
+        assert!((s - 2.0).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn warm_start_keeps_survivors_and_seeds_newcomers_at_mean() {
+        let old = SewaState {
+            keys: vec!["a".into(), "b".into(), "c".into()],
+            theta: vec![2.0, -2.0, 0.0],
+        };
+        let keys: Vec<String> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let (th, warm) = initial_theta(&keys, 1, Some(&old));
+        assert!(warm);
+        // Shifted by one constant: differences survive; the newcomer sits at the survivors' mean.
+        assert!(((th[1] - th[0]) - 2.0).abs() < 1e-9);
+        assert!(((th[2] - th[0]) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn defaults_pass_check_and_unknown_keys_fail() {
+        SewaConfig::default().check(Path::new("x")).unwrap();
+        let v: toml::Value = toml::from_str("samples = 2\nbogus = 1").unwrap();
+        let e = SewaConfig::from_toml(&v, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}
