@@ -141,7 +141,7 @@ impl Accumulator {
                 continue;
             }
             let target = dtype.resolve(meta.dtype);
-            let bytes = encode(sum.iter().map(|s| s / self.total), target, sum.len());
+            let bytes = encode(sum, self.total, target);
             out.push((meta.name.clone(), target, meta.shape.clone(), bytes));
         }
         Ok(out)
@@ -268,17 +268,21 @@ pub fn add_bytes(sum: &mut [f64], bytes: &[u8], dtype: DType, coef: f64) -> Opti
     }
 }
 
-fn encode(values: impl Iterator<Item = f64>, dtype: DType, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n * dtype.size());
-    for v in values {
-        match dtype {
-            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-            _ => out.extend_from_slice(&(v as f32).to_le_bytes()),
+/// `sum / total` in `dtype`, little-endian. One loop per dtype (no per-element dispatch).
+fn encode(sum: &[f64], total: f64, dtype: DType) -> Vec<u8> {
+    fn go<const N: usize>(sum: &[f64], total: f64, enc: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
+        let mut out = vec![0u8; sum.len() * N];
+        for (o, s) in out.chunks_exact_mut(N).zip(sum) {
+            o.copy_from_slice(&enc(s / total));
         }
+        out
     }
-    out
+    match dtype {
+        DType::F64 => go::<8>(sum, total, f64::to_le_bytes),
+        DType::F16 => go::<2>(sum, total, |v| half::f16::from_f64(v).to_le_bytes()),
+        DType::BF16 => go::<2>(sum, total, |v| half::bf16::from_f64(v).to_le_bytes()),
+        _ => go::<4>(sum, total, |v| (v as f32).to_le_bytes()),
+    }
 }
 
 #[cfg(test)]

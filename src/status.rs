@@ -61,6 +61,10 @@ pub struct PublishStatus {
     /// Checkpoints read to update the running average (incremental updates read few).
     pub reads: usize,
     pub exact: bool,
+    /// Updating the running average and producing the output tensors.
+    #[serde(default)]
+    pub average_ms: u64,
+    /// Selection, averaging and the durable publish together.
     pub millis: u64,
 }
 
@@ -147,12 +151,13 @@ pub fn render(s: &Status) -> String {
             let how = if p.exact { "exact" } else { "incremental" };
             let _ = writeln!(
                 o,
-                "last publish {}: {} ({} members, {how}, {} reads, {} ms)",
+                "last publish {}: {} ({} members, {how}, {} reads, {} ms of which averaging {} ms)",
                 p.at,
                 p.path.display(),
                 p.members,
                 p.reads,
-                p.millis
+                p.millis,
+                p.average_ms
             );
         }
         None => o.push_str("nothing published yet\n"),

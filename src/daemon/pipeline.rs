@@ -214,18 +214,21 @@ impl Pipeline {
         }
         let members: Vec<(Arc<Checkpoint>, f64)> =
             ckpts.into_iter().zip(selection.weights.iter().copied()).collect();
+        let t_avg = Instant::now();
         let report = match self.acc.update(&members, trusted) {
             Ok(r) => r,
             Err(e) if e.is_bad_input() => return self.drop_bad_member(e),
             Err(e) => return Err(e),
         };
         let tensors = self.acc.output(self.cfg.publish.dtype, self.cfg.publish.int_policy)?;
+        let average_ms = t_avg.elapsed().as_millis() as u64;
         let window = self.window.members();
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
         let prov = output::Provenanced { selection: &selection, members: with_ckpts, report };
         let published = output::publish(&self.cfg, tensors, &prov)?;
         let millis = t0.elapsed().as_millis() as u64;
-        info!(why = %selection.why, reads = report.reads, exact = report.exact, millis, "published");
+        let (reads, exact) = (report.reads, report.exact);
+        info!(why = %selection.why, reads, exact, average_ms, millis, "published");
         self.status.counters.publishes += 1;
         self.status.last_publish = Some(PublishStatus {
             at: status::now_rfc3339(),
@@ -234,6 +237,7 @@ impl Pipeline {
             members: inputs.len(),
             reads: report.reads,
             exact: report.exact,
+            average_ms,
             millis,
         });
         self.record_selection(&selection, "published".into());
