@@ -292,6 +292,12 @@ impl Checkpoint {
     pub fn side_dir(&self) -> Option<&Path> {
         self.side_dir.as_deref()
     }
+    /// Attach a side-file directory to a checkpoint built in memory (the daemon's running
+    /// average carries its newest member's, so a directory output gets config.json etc.).
+    pub fn with_side_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.side_dir = dir;
+        self
+    }
     /// Keys renamed by normalisation, `(original, new)`.
     pub fn renamed_keys(&self) -> &[(String, String)] {
         &self.renamed

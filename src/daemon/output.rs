@@ -53,7 +53,10 @@ pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Re
     let out = &cfg.publish.out;
     let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
     // The average is already in the output dtype: publishing it "averages" one input.
-    let average = Checkpoint::from_memory(out.clone(), latest, tensors)?;
+    // Side files (config.json, tokenizer...) come from the newest selected member that has them.
+    let side = p.members.iter().rev().filter(|m| m.2 > 0.0).find_map(|m| m.1.side_dir());
+    let average =
+        Checkpoint::from_memory(out.clone(), latest, tensors)?.with_side_dir(side.map(Into::into));
     let opts = AverageOptions {
         dtype: OutDType::Keep,
         int_policy: IntPolicy::Latest,

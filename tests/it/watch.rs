@@ -25,10 +25,15 @@ struct Daemon {
 impl Daemon {
     /// Start with `[select]`/`[window]` lines given by the test.
     fn start(extra: &str) -> Daemon {
+        Daemon::start_with_out(extra, "averaged/model.safetensors")
+    }
+
+    /// `out` relative to the runs dir: `*.safetensors` is a file, anything else an HF dir.
+    fn start_with_out(extra: &str, out: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let runs = tmp.path().join("runs");
         std::fs::create_dir(&runs).unwrap();
-        let out = runs.join("averaged/model.safetensors");
+        let out = runs.join(out);
         let config = tmp.path().join("sewa.toml");
         let text = format!(
             "[watch]\ndir = {runs:?}\nquiet_ms = 300\nrescan_s = 5\n{extra}\n\
@@ -48,7 +53,11 @@ impl Daemon {
     }
 
     fn manifest_path(&self) -> PathBuf {
-        PathBuf::from(format!("{}.manifest.json", self.out.display()))
+        if self.out.extension().is_some_and(|e| e == "safetensors") {
+            PathBuf::from(format!("{}.manifest.json", self.out.display()))
+        } else {
+            self.out.join("manifest.json")
+        }
     }
 
     fn manifest(&self) -> Option<Value> {
@@ -57,6 +66,15 @@ impl Daemon {
 
     fn status(&self) -> Option<Value> {
         read_json(&self.out.parent().unwrap().join(".sewa/status.json"))
+    }
+
+    /// The published model file (inside the directory for a directory output).
+    fn model_file(&self) -> PathBuf {
+        if self.out.extension().is_some_and(|e| e == "safetensors") {
+            self.out.clone()
+        } else {
+            self.out.join("model.safetensors")
+        }
     }
 
     fn log(&self) -> String {
@@ -217,7 +235,7 @@ fn self_described(bytes: &[u8]) -> Result<Value, String> {
 
 /// The final output is the average its final manifest describes.
 fn check_final(d: &Daemon) {
-    let bytes = std::fs::read(&d.out).unwrap();
+    let bytes = std::fs::read(d.model_file()).unwrap();
     matches(&bytes, &d.manifest().unwrap()).unwrap();
 }
 
@@ -276,6 +294,15 @@ fn hf_dirs_written_file_by_file_with_best_metric_and_rotation() {
         .filter(|q| q["incomplete"] == false)
         .collect();
     assert!(broken.is_empty(), "{status:#}");
+}
+
+#[test]
+fn hf_dirs_to_a_directory_output_with_side_files() {
+    let mut d = Daemon::start_with_out("[select]\nmethod = \"lawa\"\nk = 2\n", "averaged");
+    write(&d.runs, &["--style", "hf-dir", "--steps", "10,20,30", "--chunk-ms", "5"]);
+    d.wait_published(&[20, 30]);
+    check_final(&d);
+    assert!(d.out.join("config.json").exists(), "side files copied for from_pretrained");
 }
 
 #[test]
