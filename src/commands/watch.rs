@@ -23,6 +23,14 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
             ),
         ));
     }
+    // An output we could never write is fatal now, not a log line per checkpoint later.
+    crate::publish::check_destination(&cfg.publish.out)?;
+    let parent = cfg.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let state = cfg.state_dir();
+    std::fs::create_dir_all(&state).map_err(|e| Error::io(&state, e))?;
     let blocking = cfg.runtime.threads.get() + 1;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -81,12 +81,19 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
             _ = watchdog.tick() => notify(opts.systemd, &[sd_notify::NotifyState::Watchdog]),
             Some(()) = sighup.recv() => {
                 let p = pipeline.as_mut().expect("idle");
-                if let Some(new) = reload(opts.config_path.as_deref(), p) {
-                    filter = Filter::new(&new);
-                    watcher = watch::start(filter.clone(), new.watch.poll_interval_ms, tx.clone())?;
-                    settler = Settler::new(Duration::from_millis(new.watch.quiet_ms));
-                    p.reload(new);
-                    rescan(&filter, &mut settler, p, "config reload");
+                let Some(new) = reload(opts.config_path.as_deref(), p) else { continue };
+                let new_filter = Filter::new(&new);
+                match watch::start(new_filter.clone(), new.watch.poll_interval_ms, tx.clone()) {
+                    Ok(w) => {
+                        (watcher, filter) = (w, new_filter);
+                        settler = Settler::new(Duration::from_millis(new.watch.quiet_ms));
+                        p.reload(new);
+                        rescan(&filter, &mut settler, p, "config reload");
+                    }
+                    Err(e) => {
+                        error!(error = %e, "reload refused; keeping the running configuration");
+                        p.note_error(format!("reload refused: {e}"));
+                    }
                 }
             }
         }
