@@ -30,6 +30,11 @@ impl Daemon {
 
     /// `out` relative to the runs dir: `*.safetensors` is a file, anything else an HF dir.
     fn start_with_out(extra: &str, out: &str) -> Daemon {
+        Daemon::start_full(extra, out, "")
+    }
+
+    /// `publish` adds keys to the `[publish]` table.
+    fn start_full(extra: &str, out: &str, publish: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let runs = tmp.path().join("runs");
         std::fs::create_dir(&runs).unwrap();
@@ -37,7 +42,7 @@ impl Daemon {
         let config = tmp.path().join("sewa.toml");
         let text = format!(
             "[watch]\ndir = {runs:?}\nquiet_ms = 300\nrescan_s = 5\n{extra}\n\
-             [publish]\nout = {out:?}\n"
+             [publish]\nout = {out:?}\n{publish}\n"
         );
         std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(tmp.path().join("sewa.log")).unwrap();
@@ -447,4 +452,76 @@ fn status_command_prints_the_window() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("window: 2 members") && text.contains("last publish"), "{text}");
+}
+
+/// A one-layer classifier `0.weight = a·[[1, -1], [-1, 1]]`, `0.bias = 0`: larger `a` is better
+/// on data labelled by `x0 > x1`, negative `a` is worse than chance.
+fn write_mlp(dir: &Path, step: u64, a: f32) {
+    let w: Vec<u8> = [a, -a, -a, a].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let b: Vec<u8> = [0f32, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "0.weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &w).unwrap(),
+        ),
+        (
+            "0.bias",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &b).unwrap(),
+        ),
+    ];
+    let tmp = dir.join(format!(".tmp-step_{step}"));
+    safetensors::serialize_to_file(views, None, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("step_{step}.safetensors"))).unwrap();
+}
+
+fn write_selection_data(path: &Path) {
+    let n = 64;
+    let xs: Vec<f32> = (0..2 * n).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let ys: Vec<i64> = xs.chunks(2).map(|p| if p[0] > p[1] { 0 } else { 1 }).collect();
+    let xb: Vec<u8> = xs.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let yb: Vec<u8> = ys.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "inputs",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, 2], &xb).unwrap(),
+        ),
+        (
+            "targets",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n], &yb).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn model_based_selector_in_the_daemon_with_policy_best() {
+    let cfg = "[select]\nmethod = \"greedy\"\nk = 2\n\
+               [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n";
+    let mut d = Daemon::start_full(cfg, "averaged/model.safetensors", "policy = \"best\"");
+    write_selection_data(&d.tmp.path().join("sel.safetensors"));
+    let mut losses: Vec<f64> = Vec::new();
+    let note = |d: &Daemon, losses: &mut Vec<f64>| {
+        let loss = d.manifest().and_then(|m| m["selection"]["loss"].as_f64());
+        if let Some(l) = loss.filter(|l| losses.last() != Some(l)) {
+            losses.push(l);
+        }
+    };
+    for (step, a) in [(1, 1.0), (2, 3.0), (3, -2.0), (4, 0.5), (5, -4.0), (6, 0.1)] {
+        write_mlp(&d.runs, step, a);
+        let start = Instant::now();
+        while d.status().map(|s| s["members"].as_array().unwrap().len()) != Some(step as usize) {
+            note(&d, &mut losses);
+            assert!(
+                start.elapsed() < DEADLINE && d.alive(),
+                "step {step} not admitted\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        note(&d, &mut losses);
+    }
+    assert!(!losses.is_empty(), "nothing published\n{}", d.log());
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "published a worse model: {losses:?}");
+    // The later, worse checkpoints produced selections that were held back.
+    assert!(d.log().contains("selection not published"), "{}", d.log());
 }
