@@ -270,6 +270,26 @@ fn slow_in_place_writer_is_never_read_half_written() {
 }
 
 #[test]
+fn torch_save_in_place_and_lightning_rename_in() {
+    let mut d = Daemon::start("[select]\nmethod = \"uniform\"\n");
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let pt = format!("{fixtures}/state_dict.pt");
+    // A zip written in slow chunks has no end record until the last one: never admitted early.
+    let args = ["--style", "inplace", "--steps", "1,2", "--chunks", "6", "--chunk-ms", "100"];
+    write(&d.runs, &[&args[..], &["--fixture", &pt]].concat());
+    let m = d.wait_published(&[1, 2]);
+    assert!(m["inputs"].as_array().unwrap().iter().all(|i| i["format"] == "torch-zip"), "{m:#}");
+    let status = d.status().unwrap();
+    assert_eq!(status["quarantined"].as_array().unwrap().len(), 0, "{status:#}");
+    drop(d);
+    let mut d = Daemon::start("[select]\nmethod = \"uniform\"\n");
+    let ckpt = format!("{fixtures}/lightning.ckpt");
+    write(&d.runs, &["--style", "rename-in", "--steps", "10,20", "--fixture", &ckpt]);
+    let m = d.wait_published(&[10, 20]);
+    assert!(m["inputs"].as_array().unwrap().iter().all(|i| i["format"] == "lightning"), "{m:#}");
+}
+
+#[test]
 fn rename_in_from_another_directory() {
     let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
     write(&d.runs, &["--style", "rename-in", "--steps", "5,6,7"]);

@@ -9,7 +9,8 @@ Styles (--style):
   rename-in   Lightning: serialised in $TMPDIR (another dir), then moved in (one rename event)
   hf-dir      HF Trainer: checkpoint-N/ filled file by file, trainer_state.json last
 Options: --keep N rotates (deletes the oldest) like save_total_limit; --corrupt S,S writes a
-truncated file at those steps, --nan S,S writes a NaN; --rewrite S rewrites step S's file in
+truncated file at those steps, --nan S,S writes a NaN; --fixture F writes the bytes of a
+real torch.save (.pt) or Lightning (.ckpt) file instead (inplace and rename-in styles); --rewrite S rewrites step S's file in
 place (same path, same contents, new inode state: truncate then slow write) and exits. Prints "saved <path>" per checkpoint.
 """
 
@@ -36,6 +37,9 @@ def tensors(step, nan=False):
 
 
 def payload(step, args):
+    if args.fixture:  # bytes of a real torch.save / Lightning file (same tensors every step)
+        with open(args.fixture, "rb") as f:
+            return f.read()
     data = save(tensors(step, nan=step in args.nan), metadata={"eval_loss": str(1000.0 / step)})
     if step in args.corrupt:
         data = data[: len(data) - 40]  # truncated: the header promises more bytes
@@ -48,6 +52,10 @@ def slow_write(f, data, chunks, chunk_ms):
         f.write(data[off : off + step])
         f.flush()
         time.sleep(chunk_ms / 1000)
+
+
+def ext(args):
+    return os.path.splitext(args.fixture)[1] if args.fixture else ".safetensors"
 
 
 def save_st_rename(d, step, args):
@@ -63,14 +71,14 @@ def save_st_rename(d, step, args):
 
 
 def save_inplace(d, step, args):
-    final = os.path.join(d, f"ckpt_step_{step}.safetensors")
+    final = os.path.join(d, f"ckpt_step_{step}{ext(args)}")
     with open(final, "wb") as f:
         slow_write(f, payload(step, args), args.chunks, args.chunk_ms)
     return final
 
 
 def save_rename_in(d, step, args, tmpdir):
-    staged = os.path.join(tmpdir, f"epoch=0-step={step}.safetensors")
+    staged = os.path.join(tmpdir, f"epoch=0-step={step}{ext(args)}")
     with open(staged, "wb") as f:
         slow_write(f, payload(step, args), args.chunks, args.chunk_ms)
     final = os.path.join(d, os.path.basename(staged))
@@ -129,6 +137,7 @@ def main():
     p.add_argument("--corrupt", type=steps_arg, default=set())
     p.add_argument("--nan", type=steps_arg, default=set())
     p.add_argument("--rewrite", type=int, default=0)
+    p.add_argument("--fixture", default="", help="write this file's bytes (inplace, rename-in)")
     args = p.parse_args()
     if args.rewrite:
         names = [n for n in os.listdir(args.dir) if f"_{args.rewrite}." in n or n.endswith(f"-{args.rewrite}")]
