@@ -54,6 +54,7 @@ impl Filter {
             && !crate::checkpoint::is_temp_name(name)
             && !self.own.iter().any(|o| o == top)
             && self.pattern.matches(name)
+            && looks_like_checkpoint(top, name)
     }
 
     /// Every candidate in the directory now.
@@ -62,6 +63,19 @@ impl Filter {
         let all = rd.flatten().map(|e| self.dir.join(e.file_name()));
         Ok(all.filter(|p| self.accepts(p)).collect())
     }
+}
+
+/// File name endings sewa can read; other files in a run directory (logs, TensorBoard events,
+/// configs) are not candidates, so they are not validated and quarantined over and over.
+const CHECKPOINT_ENDINGS: &[&str] =
+    &[".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"];
+
+/// Directories (HF `checkpoint-N/`) and files with a checkpoint ending. A path that no longer
+/// exists passes, so the settler can report it gone.
+fn looks_like_checkpoint(path: &Path, name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    CHECKPOINT_ENDINGS.iter().any(|e| lower.ends_with(e))
+        || std::fs::symlink_metadata(path).map_or(true, |m| m.is_dir())
 }
 
 /// `dir/<first component of path below dir>`, or None if `path` is not strictly below `dir`.
@@ -181,5 +195,25 @@ mod tests {
         assert!(!f.accepts(Path::new("/runs/x/avg.safetensors")));
         assert!(!f.accepts(Path::new("/runs/x/avg.safetensors.manifest.json")));
         assert!(f.accepts(Path::new("/runs/x/step_1.safetensors")));
+    }
+
+    #[test]
+    fn only_directories_and_checkpoint_files_are_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            p
+        };
+        for name in ["events.out.tfevents.1.host", "train.log", "config.json"] {
+            assert!(!looks_like_checkpoint(&make(name), name), "{name}");
+        }
+        for name in ["a.pt", "b.ckpt", "c.bin", "d.safetensors", "m.safetensors.index.json"] {
+            assert!(looks_like_checkpoint(&make(name), name), "{name}");
+        }
+        let sub = dir.path().join("checkpoint-5");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(looks_like_checkpoint(&sub, "checkpoint-5"));
+        assert!(looks_like_checkpoint(&dir.path().join("gone"), "gone"), "deletions pass");
     }
 }
