@@ -38,6 +38,14 @@ fn broken_configs_exit_78_with_position_and_hint() {
         assert!(out.contains(want) && out.contains(&format!("bad{i}.toml")), "case {i}: {out}");
         assert!(out.contains("config/sewa.toml documents"), "case {i} lacks the hint: {out}");
     }
+    // The model-based tables are validated by their owners, through the same command.
+    let bad_objective = shipped.replace("method = \"lawa\"", "method = \"sewa\"")
+        + "\n[objective]\nkind = \"builtin\"\nmodle = \"mlp\"\n";
+    let path = dir.path().join("objective.toml");
+    std::fs::write(&path, bad_objective).unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("modle") && out.contains("[objective]"), "{out}");
     let (code, out) = check(&dir.path().join("missing.toml"));
     assert_eq!(code, 78, "{out}");
 }
