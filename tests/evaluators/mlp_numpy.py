@@ -4,6 +4,7 @@ hand-written backprop. It must agree with sewa's builtin candle objective on the
 
 usage: mlp_numpy.py DATA.safetensors [--mode MODE]
 MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | nan | version
+      constant: loss 1.0 and zero gradients, to time the protocol alone (examples/bench_evaluator.rs)
 """
 
 import argparse
@@ -83,6 +84,8 @@ def main():
             time.sleep(3600)
         if args.mode == "nan":
             return float("nan")
+        if args.mode == "constant":
+            return 1.0, {n: np.zeros_like(t) for n, t in w.items()}
         loss, grads = loss_and_grad(w, x, y)
         if args.mode == "forward-only":
             return float(loss)
