@@ -46,111 +46,132 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     tokio::pin!(shutdown);
     let mut sighup = hangup_stream(opts.config_path.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
-    let mut filter = Filter::new(&cfg);
-    let mut watcher = watch::start(filter.clone(), cfg.watch.poll_interval_ms, tx.clone())?;
-    let mut settler = Settler::new(Duration::from_millis(cfg.watch.quiet_ms));
+    let mut front = Front::start(&cfg, tx)?;
     let mut rescan_every = interval(Duration::from_secs(cfg.watch.rescan_s.0));
     let mut watchdog = interval(watchdog_period(opts.systemd));
-    let mut pipeline = Some(Pipeline::new(cfg));
-    let p = pipeline.as_mut().expect("just set");
-    p.set_state("watching");
-    rescan(&filter, &mut settler, p, "start-up");
-    info!(dir = %filter.dir().display(), "watching");
+    let mut pipeline = Pipeline::new(cfg);
+    pipeline.set_state("watching");
+    front.rescan(&mut pipeline, "start-up");
+    info!(dir = %front.filter.dir().display(), "watching");
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
-
     loop {
-        let wake = settler.next_deadline().map(Instant::from_std);
+        let wake = front.settler.next_deadline().map(Instant::from_std);
         let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(hint) = rx.recv() => match hint {
-                Hint::Candidate(path) => {
-                    let sig = Sig::of(&path);
-                    settler.hint(path, sig, std::time::Instant::now());
-                }
-                Hint::Rescan(why) => {
-                    warn!(%why, "rescanning");
-                    pipeline.as_mut().expect("idle").note_error(why.clone());
-                    rescan(&filter, &mut settler, pipeline.as_mut().expect("idle"), &why);
-                }
-            },
+            Some(hint) = rx.recv() => front.on_hint(hint, &mut pipeline),
             _ = tokio::time::sleep_until(wake) => {}
-            _ = rescan_every.tick() => {
-                rescan(&filter, &mut settler, pipeline.as_mut().expect("idle"), "periodic");
-            }
+            _ = rescan_every.tick() => front.rescan(&mut pipeline, "periodic"),
             _ = watchdog.tick() => notify(opts.systemd, &[sd_notify::NotifyState::Watchdog]),
-            Some(()) = sighup.recv() => {
-                let p = pipeline.as_mut().expect("idle");
-                let Some(new) = reload(opts.config_path.as_deref(), p) else { continue };
-                let new_filter = Filter::new(&new);
-                match watch::start(new_filter.clone(), new.watch.poll_interval_ms, tx.clone()) {
-                    Ok(w) => {
-                        (watcher, filter) = (w, new_filter);
-                        settler = Settler::new(Duration::from_millis(new.watch.quiet_ms));
-                        p.reload(new);
-                        rescan(&filter, &mut settler, p, "config reload");
-                    }
-                    Err(e) => {
-                        error!(error = %e, "reload refused; keeping the running configuration");
-                        p.note_error(format!("reload refused: {e}"));
-                    }
-                }
-            }
+            Some(()) = sighup.recv() => front.reload(opts.config_path.as_deref(), &mut pipeline),
         }
-        if watcher.overflowed.swap(false, Ordering::Relaxed) {
-            rescan(&filter, &mut settler, pipeline.as_mut().expect("idle"), "hint queue full");
+        if front.watch.overflowed.swap(false, Ordering::Relaxed) {
+            front.rescan(&mut pipeline, "hint queue full");
         }
-        let batch = settler.poll(std::time::Instant::now(), Sig::of);
+        let batch = front.settler.poll(std::time::Instant::now(), Sig::of);
         if batch.is_empty() {
             continue;
         }
-        let mut p = pipeline.take().expect("idle");
-        let job = tokio::task::spawn_blocking(move || {
-            p.step(batch);
-            p
-        });
-        tokio::pin!(job);
-        tokio::select! {
-            done = &mut job => pipeline = Some(done.map_err(panicked)?),
-            _ = &mut shutdown => {
-                info!("stopping: waiting for the in-flight publish");
-                if let Ok(Ok(mut p)) = tokio::time::timeout(SHUTDOWN_GRACE, job).await {
-                    p.set_state("stopped");
-                }
-                return Ok(());
-            }
-        }
-        let p = pipeline.as_mut().expect("just returned");
-        let status = format!(
-            "{} members, {} published",
-            p.window.members().len(),
-            p.status.counters.publishes
-        );
+        pipeline = match run_batch(pipeline, batch, &mut shutdown).await? {
+            Some(p) => p,
+            None => return Ok(()), // stopped mid-batch; the output is old or new
+        };
+        let members = pipeline.window.members().len();
+        let status = format!("{members} members, {} published", pipeline.status.counters.publishes);
         notify(opts.systemd, &[sd_notify::NotifyState::Status(&status)]);
     }
     info!("stopping");
     notify(opts.systemd, &[sd_notify::NotifyState::Stopping]);
-    if let Some(p) = pipeline.as_mut() {
-        p.set_state("stopped");
-    }
+    pipeline.set_state("stopped");
     Ok(())
 }
 
-/// Hint every current candidate (the settler waits out the quiet period for each).
-fn rescan(filter: &Filter, settler: &mut Settler, p: &mut Pipeline, why: &str) {
-    p.status.counters.rescans += 1;
-    match filter.scan() {
-        Ok(paths) => {
-            let now = std::time::Instant::now();
-            for path in paths {
-                let sig = Sig::of(&path);
-                settler.hint(path, sig, now);
+/// Run one batch on a blocking thread. On shutdown, give an in-flight publish a grace period
+/// and return `None`.
+async fn run_batch(
+    mut p: Pipeline,
+    batch: Vec<watch::Settled>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<Pipeline>> {
+    let job = tokio::task::spawn_blocking(move || {
+        p.step(batch);
+        p
+    });
+    tokio::pin!(job);
+    tokio::select! {
+        done = &mut job => Ok(Some(done.map_err(panicked)?)),
+        _ = shutdown.as_mut() => {
+            info!("stopping: waiting for the in-flight publish");
+            if let Ok(Ok(mut p)) = tokio::time::timeout(SHUTDOWN_GRACE, job).await {
+                p.set_state("stopped");
             }
-            tracing::debug!(%why, "rescan");
+            Ok(None)
         }
-        Err(e) => {
-            error!(error = %e, %why, "rescan failed");
-            p.note_error(e.to_string());
+    }
+}
+
+/// The async half's state: which entries are candidates, the running watcher and the settler.
+struct Front {
+    filter: Filter,
+    watch: watch::Watch,
+    settler: Settler,
+    tx: mpsc::Sender<Hint>,
+}
+
+impl Front {
+    fn start(cfg: &Config, tx: mpsc::Sender<Hint>) -> Result<Front> {
+        let filter = Filter::new(cfg);
+        let watch = watch::start(filter.clone(), cfg.watch.poll_interval_ms, tx.clone())?;
+        let settler = Settler::new(Duration::from_millis(cfg.watch.quiet_ms));
+        Ok(Front { filter, watch, settler, tx })
+    }
+
+    fn on_hint(&mut self, hint: Hint, p: &mut Pipeline) {
+        match hint {
+            Hint::Candidate(path) => {
+                let sig = Sig::of(&path);
+                self.settler.hint(path, sig, std::time::Instant::now());
+            }
+            Hint::Rescan(why) => {
+                warn!(%why, "rescanning");
+                p.note_error(why.clone());
+                self.rescan(p, &why);
+            }
+        }
+    }
+
+    /// Hint every current candidate (the settler waits out the quiet period for each).
+    fn rescan(&mut self, p: &mut Pipeline, why: &str) {
+        p.status.counters.rescans += 1;
+        match self.filter.scan() {
+            Ok(paths) => {
+                let now = std::time::Instant::now();
+                for path in paths {
+                    let sig = Sig::of(&path);
+                    self.settler.hint(path, sig, now);
+                }
+                tracing::debug!(%why, "rescan");
+            }
+            Err(e) => {
+                error!(error = %e, %why, "rescan failed");
+                p.note_error(e.to_string());
+            }
+        }
+    }
+
+    /// SIGHUP: re-read the config; a new watcher must start before anything changes.
+    fn reload(&mut self, path: Option<&std::path::Path>, p: &mut Pipeline) {
+        let Some(new) = reload(path, p) else { return };
+        match Front::start(&new, self.tx.clone()) {
+            Ok(front) => {
+                *self = front;
+                p.reload(new);
+                self.rescan(p, "config reload");
+            }
+            Err(e) => {
+                error!(error = %e, "reload refused; keeping the running configuration");
+                p.note_error(format!("reload refused: {e}"));
+            }
         }
     }
 }
