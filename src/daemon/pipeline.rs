@@ -214,6 +214,17 @@ impl Pipeline {
         }
         let members: Vec<(Arc<Checkpoint>, f64)> =
             ckpts.into_iter().zip(selection.weights.iter().copied()).collect();
+        self.publish(selection, members, inputs, t0)
+    }
+
+    /// Update the running average to `members` and publish it with its manifest.
+    fn publish(
+        &mut self,
+        selection: Selection,
+        members: Vec<(Arc<Checkpoint>, f64)>,
+        inputs: Vec<(PathBuf, f64)>,
+        t0: Instant,
+    ) -> Result<()> {
         let t_avg = Instant::now();
         let report = match self.acc.update(&members, trusted) {
             Ok(r) => r,
@@ -235,8 +246,8 @@ impl Pipeline {
             path: published.path,
             manifest: published.manifest_path,
             members: inputs.len(),
-            reads: report.reads,
-            exact: report.exact,
+            reads,
+            exact,
             average_ms,
             millis,
         });
