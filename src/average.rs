@@ -2,26 +2,21 @@
 //!
 //! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
 //! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
-//! for f64 inputs) block by block across all inputs, so the accumulator block stays in cache and
-//! the inputs are each read once; integer/bool tensors are copied from one input chosen by
-//! [`IntPolicy`]. Pages of a finished tensor are released so RSS stays flat over many inputs.
-//! This module does not open files or write outputs (see `publish`); a slow f64 twin lives in
-//! the tests below.
+//! for f64 inputs) slab by slab, each input in turn streaming its slab through the
+//! cache-resident accumulator slab and releasing its pages right after (see `kernel`), so every
+//! input is read once and RSS does not grow with the number of inputs; integer/bool tensors are
+//! copied from one input chosen by [`IntPolicy`]. This module does not open files or write
+//! outputs (see `publish`); a slow f64 twin lives in the tests.
 
 use std::borrow::Cow;
 use std::fmt;
-use std::ops::{Add, Mul};
 use std::str::FromStr;
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
 use crate::schema::check_schema;
+use kernel::{Acc, Pass, first_non_finite};
 
-/// Elements per cache block: the accumulator block (32 KiB of f32) stays in L1/L2 while every
-/// input's matching block streams through it.
-const BLOCK: usize = 8192;
-/// Below this many elements a tensor is not worth spawning threads for.
-const MIN_PARALLEL: usize = 1 << 16;
 /// Owned (copied, e.g. pickle) input bytes held at once before folding them into the
 /// accumulator; borrowed (mapped) views cost no memory and are never split.
 const OWNED_BUDGET: usize = 32 << 20;
@@ -256,19 +251,24 @@ impl<'a> AveragePlan<'a> {
             .map(|(i, w)| (i, A::weight(*w)))
             .collect();
         let mut views: Vec<(Cow<'a, [u8]>, A)> = Vec::with_capacity(active.len());
-        let (mut owned, mut first) = (0usize, true);
+        let (mut group_start, mut owned) = (0usize, 0usize);
         for (pos, &(i, w)) in active.iter().enumerate() {
             let data = checked_data(self.inputs[i], in_meta)?;
             owned += matches!(data, Cow::Owned(_)) as usize * data.len();
             views.push((data, w));
             let last = pos + 1 == active.len();
             if last || owned >= OWNED_BUDGET {
-                let pass = Pass { views: &views, in_dtype: in_meta.dtype, init: first, last };
+                let group = &active[group_start..=pos];
+                let release = |j: usize, bytes: std::ops::Range<usize>| {
+                    self.inputs[group[j].0].release_range(&in_meta.name, bytes)
+                };
+                let (init, in_dtype) = (group_start == 0, in_meta.dtype);
+                let pass = Pass { views: &views, in_dtype, init, last, release: &release };
                 let finite = pass.run(acc, out, out_dtype, self.opts.threads);
                 if last && !finite {
                     return Err(self.blame_non_finite(in_meta, &active));
                 }
-                (views, owned, first) = (Vec::with_capacity(active.len()), 0, false);
+                (views, owned, group_start) = (Vec::with_capacity(active.len()), 0, pos + 1);
             }
         }
         Ok(())
@@ -299,7 +299,15 @@ impl<'a> AveragePlan<'a> {
 }
 
 /// The tensor's bytes, checked against its declared size (a reader bug or a lying header).
+/// It first checks that the file was not rewritten in place since it was opened: touching pages
+/// of a truncated mapping would kill the process with SIGBUS.
 fn checked_data<'c>(input: &'c Checkpoint, meta: &TensorMeta) -> Result<Cow<'c, [u8]>> {
+    if !input.still_valid() {
+        return Err(Error::bad_input(
+            input.path(),
+            "changed on disk while being averaged (rewritten in place?); not reading it further",
+        ));
+    }
     let data = input.data(&meta.name)?;
     if data.len() != meta.nbytes() {
         return Err(Error::bad_input(
@@ -325,8 +333,9 @@ pub fn normalise_weights(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> 
     let Some(w) = weights else { return Ok(vec![1.0 / n as f64; n]) };
     if w.len() != n {
         return Err(Error::Usage(format!(
-            "{} weights given for {n} inputs (give one weight per input)",
-            w.len()
+            "{} weights given for {n} input{} (give one weight per input)",
+            w.len(),
+            if n == 1 { "" } else { "s" }
         )));
     }
     if let Some(bad) = w.iter().find(|x| !x.is_finite() || **x < 0.0) {
@@ -354,190 +363,7 @@ fn pick_int_source(inputs: &[&Checkpoint], weights: &[f64], policy: IntPolicy) -
     candidates[pick.unwrap_or(0)]
 }
 
-/// Position of the first NaN/Inf in little-endian float bytes.
-fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
-    let size = dtype.size();
-    bytes.chunks_exact(size).position(|c| match dtype {
-        DType::F64 => !f64::from_le_bytes(c.try_into().expect("8 bytes")).is_finite(),
-        DType::F32 => !f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite(),
-        DType::BF16 => !bf16_to_f32([c[0], c[1]]).is_finite(),
-        DType::F16 => !f16_to_f32([c[0], c[1]]).is_finite(),
-        _ => false,
-    })
-}
-
-#[inline(always)]
-fn bf16_to_f32(b: [u8; 2]) -> f32 {
-    f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
-}
-
-#[inline(always)]
-fn f16_to_f32(b: [u8; 2]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
-}
-
-/// One sweep of a group of inputs over a tensor's elements.
-struct Pass<'v, 'a, A> {
-    views: &'v [(Cow<'a, [u8]>, A)],
-    in_dtype: DType,
-    /// First group: overwrite the accumulator instead of adding to it.
-    init: bool,
-    /// Last group: convert the accumulator into the output bytes.
-    last: bool,
-}
-
-impl<A: Acc> Pass<'_, '_, A> {
-    /// Run over all elements on up to `threads` threads (contiguous ranges, so every element
-    /// sums its inputs in the same order whatever the thread count). Returns false if any
-    /// output value is non-finite.
-    fn run(&self, acc: &mut [A], out: &mut [u8], out_dtype: DType, threads: usize) -> bool {
-        let n = acc.len();
-        let osize = out_dtype.size();
-        let out = &mut out[..n * osize];
-        if threads <= 1 || n < MIN_PARALLEL {
-            return self.range(0, acc, out, out_dtype);
-        }
-        let part = n.div_ceil(threads).next_multiple_of(BLOCK);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
-                .enumerate()
-                .map(|(k, (a, o))| s.spawn(move || self.range(k * part, a, o, out_dtype)))
-                .collect();
-            handles.into_iter().fold(true, |ok, h| h.join().expect("kernel thread panicked") & ok)
-        })
-    }
-
-    /// Elements `start..start + acc.len()`, block by block.
-    fn range(&self, start: usize, acc: &mut [A], out: &mut [u8], out_dtype: DType) -> bool {
-        let (in_size, out_size) = (self.in_dtype.size(), out_dtype.size());
-        let mut finite = true;
-        for (b, (acc_b, out_b)) in
-            acc.chunks_mut(BLOCK).zip(out.chunks_mut(BLOCK * out_size)).enumerate()
-        {
-            let lo = (start + b * BLOCK) * in_size;
-            let hi = lo + acc_b.len() * in_size;
-            for (j, (view, w)) in self.views.iter().enumerate() {
-                A::add_block(acc_b, &view[lo..hi], self.in_dtype, *w, self.init && j == 0);
-            }
-            if self.last {
-                finite &= A::store_block(acc_b, out_b, out_dtype);
-            }
-        }
-        finite
-    }
-}
-
-/// An accumulator element type: f32 for 16/32-bit floats, f64 for f64.
-trait Acc: Copy + Default + Send + Sync + Add<Output = Self> + Mul<Output = Self> {
-    /// The workspace's accumulator of this type and its output buffer.
-    fn buffers(ws: &mut Workspace) -> (&mut Vec<Self>, &mut Vec<u8>);
-    fn weight(w: f64) -> Self;
-    /// `acc = w * x` (init) or `acc += w * x` for one block of input bytes.
-    fn add_block(acc: &mut [Self], bytes: &[u8], dtype: DType, w: Self, init: bool);
-    /// Write `acc` as `dtype` little-endian bytes; false if any value is non-finite.
-    fn store_block(acc: &[Self], out: &mut [u8], dtype: DType) -> bool;
-}
-
-#[inline(always)]
-fn axpy<A: Acc>(acc: &mut [A], xs: impl Iterator<Item = A>, w: A, init: bool) {
-    // Two loops rather than a branch per element, so both vectorise.
-    if init {
-        acc.iter_mut().zip(xs).for_each(|(a, x)| *a = w * x);
-    } else {
-        acc.iter_mut().zip(xs).for_each(|(a, x)| *a = *a + w * x);
-    }
-}
-
-impl Acc for f32 {
-    fn buffers(ws: &mut Workspace) -> (&mut Vec<f32>, &mut Vec<u8>) {
-        (&mut ws.acc32, &mut ws.out)
-    }
-    fn weight(w: f64) -> f32 {
-        w as f32
-    }
-    fn add_block(acc: &mut [f32], bytes: &[u8], dtype: DType, w: f32, init: bool) {
-        match dtype {
-            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                // Fast path: aligned mapped bytes are already f32 on a little-endian host.
-                Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
-                _ => axpy(
-                    acc,
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    w,
-                    init,
-                ),
-            },
-            DType::BF16 => {
-                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init)
-            }
-            DType::F16 => {
-                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init)
-            }
-            other => unreachable!("f32 accumulator fed {other:?}"),
-        }
-    }
-    fn store_block(acc: &[f32], out: &mut [u8], dtype: DType) -> bool {
-        let mut finite = true;
-        match dtype {
-            DType::F32 => out.chunks_exact_mut(4).zip(acc).for_each(|(o, a)| {
-                finite &= a.is_finite();
-                o.copy_from_slice(&a.to_le_bytes());
-            }),
-            DType::BF16 => out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
-                finite &= a.is_finite();
-                o.copy_from_slice(&half::bf16::from_f32(*a).to_bits().to_le_bytes());
-            }),
-            DType::F16 => out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
-                finite &= a.is_finite();
-                o.copy_from_slice(&half::f16::from_f32(*a).to_bits().to_le_bytes());
-            }),
-            other => unreachable!("f32 accumulator written as {other:?}"),
-        }
-        finite
-    }
-}
-
-impl Acc for f64 {
-    fn buffers(ws: &mut Workspace) -> (&mut Vec<f64>, &mut Vec<u8>) {
-        (&mut ws.acc64, &mut ws.out)
-    }
-    fn weight(w: f64) -> f64 {
-        w
-    }
-    fn add_block(acc: &mut [f64], bytes: &[u8], dtype: DType, w: f64, init: bool) {
-        assert_eq!(dtype, DType::F64, "f64 accumulator fed {dtype:?}");
-        match bytemuck::try_cast_slice::<u8, f64>(bytes) {
-            Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
-            _ => axpy(
-                acc,
-                bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
-                w,
-                init,
-            ),
-        }
-    }
-    fn store_block(acc: &[f64], out: &mut [u8], dtype: DType) -> bool {
-        let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
-        match dtype {
-            DType::F64 => out
-                .chunks_exact_mut(8)
-                .zip(acc)
-                .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes())),
-            DType::F32 => out
-                .chunks_exact_mut(4)
-                .zip(acc)
-                .for_each(|(o, a)| o.copy_from_slice(&(*a as f32).to_le_bytes())),
-            DType::BF16 => out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
-                o.copy_from_slice(&half::bf16::from_f64(*a).to_bits().to_le_bytes())
-            }),
-            DType::F16 => out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
-                o.copy_from_slice(&half::f16::from_f64(*a).to_bits().to_le_bytes())
-            }),
-            other => unreachable!("f64 accumulator written as {other:?}"),
-        }
-        finite
-    }
-}
+mod kernel;
 
 #[cfg(test)]
 mod tests;

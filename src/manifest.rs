@@ -102,7 +102,7 @@ impl Manifest {
     pub fn new(plan: &AveragePlan<'_>, output: PathBuf, selection: Provenance) -> Self {
         let inputs = (plan.inputs().iter().zip(plan.weights()))
             .map(|(c, w)| InputRecord {
-                path: c.path().to_path_buf(),
+                path: absolute(c.path()),
                 step: c.step(),
                 bytes: c.total_bytes(),
                 format: format_name(c.format()),
@@ -112,7 +112,7 @@ impl Manifest {
         let renamed_keys = (plan.inputs().iter())
             .flat_map(|c| {
                 c.renamed_keys().iter().map(|(from, to)| RenameRecord {
-                    input: c.path().to_path_buf(),
+                    input: absolute(c.path()),
                     from: from.clone(),
                     to: to.clone(),
                 })
@@ -121,7 +121,7 @@ impl Manifest {
         let opts = plan.options();
         Manifest {
             sewa_version: env!("CARGO_PKG_VERSION").to_string(),
-            output,
+            output: absolute(&output),
             layout: String::new(),
             files: Vec::new(),
             tensor_bytes: plan.output_bytes(),
@@ -131,7 +131,7 @@ impl Manifest {
             selection,
             dtype: opts.dtype.to_string(),
             int_policy: opts.int_policy.to_string(),
-            int_source: plan.int_source().map(|c| c.path().to_path_buf()),
+            int_source: plan.int_source().map(|c| absolute(c.path())),
             renamed_keys,
             side_files: Vec::new(),
             side_source: None,
@@ -155,6 +155,12 @@ pub fn format_name(f: crate::checkpoint::Format) -> String {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{f:?}"),
     }
+}
+
+/// `p` made absolute against the current directory (not canonicalised), so a manifest read
+/// from elsewhere still points at the right files; `p` itself if that fails.
+pub fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// RFC 3339 UTC timestamp with milliseconds.

@@ -23,9 +23,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use crate::average::{AveragePlan, Workspace};
+use crate::checkpoint::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{FileRecord, Manifest, Provenance, rfc3339};
+
+mod atomic;
+pub use atomic::write_atomic;
+use atomic::{hidden_prefix, parent_dir, swap_in, sync_dir, write_new};
 
 /// Default shard size for directory outputs (as `save_pretrained`'s `max_shard_size` 5GB).
 pub const DEFAULT_SHARD_BYTES: u64 = 5 << 30;
@@ -126,6 +131,36 @@ fn written_by_sewa(dir: &Path) -> bool {
         .is_ok_and(|v| v.get("sewa_version").is_some())
 }
 
+/// Output tensors by index: the streaming average of an [`AveragePlan`], or any other producer
+/// (e.g. a daemon's incremental accumulator) that wants the same atomic publication.
+pub trait TensorSource {
+    /// Output tensors (name, dtype, shape), sorted by name.
+    fn tensors(&self) -> &[TensorMeta];
+    /// Little-endian bytes of tensor `index`, valid until the next call.
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]>;
+}
+
+/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace.
+pub struct PlanSource<'p, 'a> {
+    plan: &'p AveragePlan<'a>,
+    ws: Workspace,
+}
+
+impl<'p, 'a> PlanSource<'p, 'a> {
+    pub fn new(plan: &'p AveragePlan<'a>) -> Self {
+        PlanSource { plan, ws: Workspace::default() }
+    }
+}
+
+impl TensorSource for PlanSource<'_, '_> {
+    fn tensors(&self) -> &[TensorMeta] {
+        self.plan.outputs()
+    }
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
+        self.plan.average_tensor(index, &mut self.ws)
+    }
+}
+
 /// Average `plan` into `out` and publish it atomically, then its manifest. `progress` is
 /// called with the tensor bytes done so far.
 pub fn publish(
@@ -144,81 +179,108 @@ pub fn publish(
 pub fn publish_recorded(
     plan: &AveragePlan<'_>,
     out: &Path,
+    manifest: Manifest,
+    opts: &PublishOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Published> {
+    let side_dir = newest_side_dir(plan.inputs());
+    publish_tensors(&mut PlanSource::new(plan), manifest, side_dir, out, opts, progress)
+}
+
+/// Publish any tensor source at `out` with `manifest` (whose `output`, `layout`, `files`,
+/// `side_*`, `finished` and `wall_time_s` are filled in here), copying HF side files from
+/// `side_dir` into a directory output.
+pub fn publish_tensors(
+    source: &mut dyn TensorSource,
     mut manifest: Manifest,
+    side_dir: Option<&Path>,
+    out: &Path,
     opts: &PublishOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
     check_destination(out)?;
     let clock = Instant::now();
+    manifest.output = crate::manifest::absolute(out);
     let metadata = provenance_metadata(&manifest);
     let parent = parent_dir(out);
     fs::create_dir_all(parent).with_path(parent)?;
-    let mut writer = TensorWriter { plan, ws: Workspace::default(), done: 0, progress };
+    let outputs = source.tensors().to_vec();
+    let mut writer = TensorWriter { source, done: 0, progress };
     if is_file_output(out) {
         let name = out.file_name().expect("checked").to_string_lossy().into_owned();
-        let layout = plan_files(plan.outputs(), &name, u64::MAX, &metadata)?.remove(0);
+        let layout = plan_files(&outputs, &name, u64::MAX, &metadata)?.remove(0);
         write_atomic(out, |f, p| writer.write(f, p, &layout))?;
         manifest.layout = "file".into();
         manifest.files = vec![FileRecord { name, bytes: layout.size }];
         finish(&mut manifest, clock);
         write_atomic(&manifest_path(out), |f, p| f.write_all(&manifest.to_json()).with_path(p))?;
     } else {
-        publish_dir(&mut writer, out, &mut manifest, &metadata, opts, clock)?;
+        let layouts = plan_files(&outputs, "model.safetensors", opts.shard_bytes, &metadata)?;
+        let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs));
+        let dir = DirOutput { layouts: &layouts, index, side_dir, clock };
+        dir.publish(&mut writer, out, &mut manifest)?;
     }
-    tracing::info!(out = %out.display(), bytes = plan.output_bytes(), "published average");
+    tracing::debug!(out = %out.display(), bytes = writer.done, "published average");
     Ok(Published { path: out.to_path_buf(), manifest_path: manifest_path(out), manifest })
 }
 
-fn publish_dir(
-    writer: &mut TensorWriter<'_, '_>,
-    out: &Path,
-    manifest: &mut Manifest,
-    metadata: &HashMap<String, String>,
-    opts: &PublishOptions,
+/// What goes into a directory output.
+struct DirOutput<'l> {
+    layouts: &'l [FileLayout],
+    /// `model.safetensors.index.json` when sharded.
+    index: Option<Vec<u8>>,
+    side_dir: Option<&'l Path>,
     clock: Instant,
-) -> Result<()> {
-    let parent = parent_dir(out);
-    let tmp = tempfile::Builder::new()
-        .prefix(&hidden_prefix(out))
-        .suffix(".sewa-tmp")
-        .tempdir_in(parent)
-        .with_path(parent)?;
-    let dir = tmp.path();
-    fs::set_permissions(dir, Permissions::from_mode(0o755)).with_path(dir)?;
-    let plan = writer.plan;
-    let layouts = plan_files(plan.outputs(), "model.safetensors", opts.shard_bytes, metadata)?;
-    for layout in &layouts {
-        write_new(&dir.join(&layout.name), |f, p| writer.write(f, p, layout))?;
-        manifest.files.push(FileRecord { name: layout.name.clone(), bytes: layout.size });
-    }
-    if layouts.len() > 1 {
-        let index = index_json(&layouts, plan.outputs());
-        let name = "model.safetensors.index.json";
-        write_new(&dir.join(name), |f, p| f.write_all(&index).with_path(p))?;
-        manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
-    }
-    copy_side_files(plan, dir, manifest)?;
-    manifest.layout = "dir".into();
-    finish(manifest, clock);
-    let json = manifest.to_json();
-    write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
-    sync_dir(dir)?;
-    swap_in(tmp, out)
 }
 
-/// Streams averaged tensors into files, sharing one workspace across files.
-struct TensorWriter<'p, 'a> {
-    plan: &'p AveragePlan<'a>,
-    ws: Workspace,
+impl DirOutput<'_> {
+    fn publish(
+        &self,
+        writer: &mut TensorWriter<'_>,
+        out: &Path,
+        manifest: &mut Manifest,
+    ) -> Result<()> {
+        let parent = parent_dir(out);
+        let tmp = tempfile::Builder::new()
+            .prefix(&hidden_prefix(out))
+            .suffix(".sewa-tmp")
+            .tempdir_in(parent)
+            .with_path(parent)?;
+        let dir = tmp.path();
+        fs::set_permissions(dir, Permissions::from_mode(0o755)).with_path(dir)?;
+        for layout in self.layouts {
+            write_new(&dir.join(&layout.name), |f, p| writer.write(f, p, layout))?;
+            manifest.files.push(FileRecord { name: layout.name.clone(), bytes: layout.size });
+        }
+        if let Some(index) = &self.index {
+            let name = "model.safetensors.index.json";
+            write_new(&dir.join(name), |f, p| f.write_all(index).with_path(p))?;
+            manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
+        }
+        if let Some(src) = self.side_dir {
+            copy_side_files(src, dir, manifest)?;
+        }
+        manifest.layout = "dir".into();
+        finish(manifest, self.clock);
+        let json = manifest.to_json();
+        write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
+        sync_dir(dir)?;
+        swap_in(tmp, out)
+    }
+}
+
+/// Streams tensors into files in layout order.
+struct TensorWriter<'s> {
+    source: &'s mut dyn TensorSource,
     done: u64,
-    progress: &'p mut dyn FnMut(u64),
+    progress: &'s mut dyn FnMut(u64),
 }
 
-impl TensorWriter<'_, '_> {
+impl TensorWriter<'_> {
     fn write(&mut self, file: &mut File, path: &Path, layout: &FileLayout) -> Result<()> {
         file.write_all(&layout.header).with_path(path)?;
         for &i in &layout.tensors {
-            let bytes = self.plan.average_tensor(i, &mut self.ws)?;
+            let bytes = self.source.tensor_bytes(i)?;
             file.write_all(bytes).with_path(path)?;
             self.done += bytes.len() as u64;
             (self.progress)(self.done);
@@ -227,13 +289,16 @@ impl TensorWriter<'_, '_> {
     }
 }
 
-/// Copy HF side files from the newest input that has a side directory.
-fn copy_side_files(plan: &AveragePlan<'_>, dir: &Path, manifest: &mut Manifest) -> Result<()> {
-    let newest = (plan.inputs().iter().enumerate())
+/// Side directory of the newest input (highest step, else the last given) that has one.
+pub fn newest_side_dir<'c>(inputs: &[&'c Checkpoint]) -> Option<&'c Path> {
+    (inputs.iter().enumerate())
         .filter(|(_, c)| c.side_dir().is_some())
         .max_by_key(|(i, c)| (c.step(), *i))
-        .map(|(_, c)| *c);
-    let Some(src) = newest.and_then(|c| c.side_dir()) else { return Ok(()) };
+        .and_then(|(_, c)| c.side_dir())
+}
+
+/// Copy the HF side files that `src` has into `dir`.
+fn copy_side_files(src: &Path, dir: &Path, manifest: &mut Manifest) -> Result<()> {
     for name in SIDE_FILES {
         let from = src.join(name);
         if !from.is_file() {
@@ -245,85 +310,8 @@ fn copy_side_files(plan: &AveragePlan<'_>, dir: &Path, manifest: &mut Manifest) 
         File::open(&to).and_then(|f| f.sync_all()).with_path(&to)?;
         manifest.side_files.push(name.to_string());
     }
-    manifest.side_source = Some(src.to_path_buf());
+    manifest.side_source = Some(crate::manifest::absolute(src));
     Ok(())
-}
-
-/// Swap the finished temp directory in at `out` (see the module docs for the guarantee).
-fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
-    use rustix::fs::{CWD, RenameFlags, renameat_with};
-    use rustix::io::Errno;
-    let parent = parent_dir(out);
-    if out.symlink_metadata().is_err() {
-        let new = tmp.keep();
-        if let Err(e) = fs::rename(&new, out) {
-            let _ = fs::remove_dir_all(&new);
-            return Err(Error::io(out, e));
-        }
-        return sync_dir(parent);
-    }
-    match renameat_with(CWD, tmp.path(), CWD, out, RenameFlags::EXCHANGE) {
-        // The temp path now holds the old output; dropping `tmp` deletes it.
-        Ok(()) => return sync_dir(parent),
-        Err(e) if ![Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP].contains(&e) => {
-            return Err(Error::io(out, e.into()));
-        }
-        Err(_) => tracing::debug!("RENAME_EXCHANGE unsupported here; renaming the old output away"),
-    }
-    let old = parent.join(format!("{}{}.sewa-old", hidden_prefix(out), std::process::id()));
-    fs::rename(out, &old).with_path(out)?;
-    let new = tmp.keep();
-    if let Err(e) = fs::rename(&new, out) {
-        let _ = fs::rename(&old, out);
-        let _ = fs::remove_dir_all(&new);
-        return Err(Error::io(out, e));
-    }
-    sync_dir(parent)?;
-    if let Err(e) = fs::remove_dir_all(&old) {
-        tracing::warn!(path = %old.display(), "could not remove the previous output: {e}");
-    }
-    Ok(())
-}
-
-/// Write `dest` through a hidden temp file in its directory: write, chmod 0644, fsync, rename,
-/// fsync the directory. On error the temp file is removed and `dest` is untouched.
-pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
-    let parent = parent_dir(dest);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&hidden_prefix(dest))
-        .suffix(".sewa-tmp")
-        .tempfile_in(parent)
-        .with_path(parent)?;
-    let path = tmp.path().to_path_buf();
-    write(tmp.as_file_mut(), &path)?;
-    tmp.as_file().set_permissions(Permissions::from_mode(0o644)).with_path(&path)?;
-    tmp.as_file().sync_all().with_path(&path)?;
-    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-    sync_dir(parent)
-}
-
-/// Create a new file (inside our temp directory), write, chmod 0644, fsync.
-fn write_new(path: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
-    let mut f = File::create_new(path).with_path(path)?;
-    write(&mut f, path)?;
-    f.set_permissions(Permissions::from_mode(0o644)).with_path(path)?;
-    f.sync_all().with_path(path)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_path(dir)
-}
-
-fn parent_dir(p: &Path) -> &Path {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-/// `.name.` — temp names are hidden so watchers and globs skip them.
-fn hidden_prefix(p: &Path) -> String {
-    format!(".{}.", p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
 }
 
 fn finish(manifest: &mut Manifest, clock: Instant) {
@@ -349,4 +337,18 @@ fn provenance_metadata(m: &Manifest) -> HashMap<String, String> {
         ("sewa_int_policy".into(), m.int_policy.clone()),
         ("sewa_started".into(), m.started.clone()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_paths() {
+        assert_eq!(
+            manifest_path(Path::new("a/m.safetensors")),
+            Path::new("a/m.safetensors.manifest.json")
+        );
+        assert_eq!(manifest_path(Path::new("a/avg")), Path::new("a/avg/manifest.json"));
+    }
 }

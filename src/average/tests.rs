@@ -3,6 +3,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::kernel::{BLOCK, MIN_PARALLEL};
 use super::*;
 
 /// Encode f64 values as little-endian `dtype` bytes.
@@ -172,10 +173,26 @@ type Views<'a> = [(Cow<'a, [u8]>, f32)];
 fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
     let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
     for (g, views) in groups.iter().enumerate() {
-        let pass = Pass { views, in_dtype: DType::F32, init: g == 0, last: g + 1 == groups.len() };
+        let (init, last) = (g == 0, g + 1 == groups.len());
+        let pass = Pass { views, in_dtype: DType::F32, init, last, release: &|_, _| {} };
         assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
     }
     out
+}
+
+#[test]
+fn unaligned_output_written_like_aligned() {
+    let acc: Vec<f32> = (0..100).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let mut aligned = vec![0u8; 400];
+    let mut shifted = vec![0u8; 401];
+    assert!(f32::store_block(&acc, &mut aligned, DType::F32));
+    assert!(f32::store_block(&acc, &mut shifted[1..], DType::F32));
+    assert_eq!(aligned, shifted[1..]);
+    assert_eq!(aligned, encode(&acc.iter().map(|&x| x as f64).collect::<Vec<_>>(), DType::F32));
+    let mut bad = acc.clone();
+    bad[7] = f32::INFINITY;
+    assert!(!f32::store_block(&bad, &mut aligned, DType::F32));
+    assert!(!f32::store_block(&bad, &mut shifted[1..], DType::F32));
 }
 
 #[test]
@@ -285,4 +302,17 @@ fn dtype_and_policy_names_parse() {
     assert!("sum".parse::<IntPolicy>().is_err());
     assert_eq!(OutDType::F32.resolve(DType::I64), DType::I64);
     assert_eq!(OutDType::Keep.resolve(DType::F16), DType::F16);
+}
+
+#[test]
+fn many_inputs_are_swept_in_slabs() {
+    // 40 inputs of 130k f64: three slabs of 64k elements, two threads, pages released as the
+    // sweep goes.
+    let n = 130_000;
+    let (ckpts, stored) = float_inputs(DType::F64, n, 40, 23);
+    let weights: Vec<f64> = (1..=40).map(f64::from).collect();
+    let opts = AverageOptions { threads: 2, ..Default::default() };
+    let out = average_one(&ckpts, Some(&weights), opts);
+    assert_close(&decode(&out, DType::F64), &reference(&stored, &weights), 1e-12);
+    assert_eq!(out, average_one(&ckpts, Some(&weights), AverageOptions::default()));
 }

@@ -64,8 +64,10 @@ impl MappedFile {
 
     /// Drop the resident pages of `range` (we are done with that tensor); they are read
     /// again from the file if touched later. Errors are ignored: this is only a hint.
+    /// A range running past the end of the file is clipped to it.
     pub fn release(&self, range: Range<usize>) {
-        if range.is_empty() || range.end > self.map.len() {
+        let range = range.start..range.end.min(self.map.len());
+        if range.is_empty() {
             return;
         }
         // SAFETY: MADV_DONTNEED on a read-only, file-backed mapping that we never

@@ -292,12 +292,6 @@ impl Checkpoint {
     pub fn side_dir(&self) -> Option<&Path> {
         self.side_dir.as_deref()
     }
-    /// Attach a side-file directory to a checkpoint built in memory (the daemon's running
-    /// average carries its newest member's, so a directory output gets config.json etc.).
-    pub fn with_side_dir(mut self, dir: Option<PathBuf>) -> Self {
-        self.side_dir = dir;
-        self
-    }
     /// Keys renamed by normalisation, `(original, new)`.
     pub fn renamed_keys(&self) -> &[(String, String)] {
         &self.renamed
@@ -361,6 +355,19 @@ impl Checkpoint {
             && let Some((f, range)) = index.get(self.stored_name(name))
         {
             files[*f].release(range.clone());
+        }
+    }
+
+    /// Like [`release`](Self::release) for the bytes `part` of the tensor only (offsets within
+    /// the tensor's data), so a streaming reader can drop pages as it goes. `part` may run past
+    /// the tensor's end: pages the kernel mapped ahead of the reader (fault-around maps whole
+    /// large folios) are dropped too.
+    pub fn release_range(&self, name: &str, part: std::ops::Range<usize>) {
+        if let Storage::Mapped { files, index } = &self.storage
+            && let Some((f, range)) = index.get(self.stored_name(name))
+        {
+            let (start, end) = (range.start + part.start, range.start.saturating_add(part.end));
+            files[*f].release(start..end);
         }
     }
 }

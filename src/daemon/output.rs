@@ -1,18 +1,19 @@
-//! Handing the running average to the shared publisher (`publish::publish_recorded`, the same
+//! Handing the running average to the shared publisher (`publish::publish_tensors`, the same
 //! atomic path and manifest as `sewa average`), and reading back what was published last
 //! (restart: the window is rebuilt from the directory, the published selection from its
 //! manifest). This module owns only the daemon's additions to the manifest.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::accumulate::{OutTensor, UpdateReport};
 use crate::average::{AverageOptions, AveragePlan, IntPolicy, OutDType};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorMeta};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manifest::{InputRecord, Manifest, Provenance, format_name};
-use crate::publish::{self, PublishOptions, Published};
+use crate::publish::{self, PublishOptions, Published, TensorSource};
 use crate::select::Selection;
 use crate::window::Member;
 
@@ -52,11 +53,9 @@ pub struct Provenanced<'a> {
 pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Result<Published> {
     let out = &cfg.publish.out;
     let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
-    // The average is already in the output dtype: publishing it "averages" one input.
-    // Side files (config.json, tokenizer...) come from the newest selected member that has them.
-    let side = p.members.iter().rev().filter(|m| m.2 > 0.0).find_map(|m| m.1.side_dir());
-    let average =
-        Checkpoint::from_memory(out.clone(), latest, tensors)?.with_side_dir(side.map(Into::into));
+    // The average is already in the output dtype; held as a checkpoint so the manifest record
+    // and the publisher read it like any input, without another pass over the data.
+    let average = Checkpoint::from_memory(out.clone(), latest, tensors)?;
     let opts = AverageOptions {
         dtype: OutDType::Keep,
         int_policy: IntPolicy::Latest,
@@ -65,7 +64,28 @@ pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Re
     let plan = AveragePlan::new(vec![&average], None, opts)?;
     let mut manifest = Manifest::new(&plan, out.clone(), Provenance::from(p.selection));
     record_members(&mut manifest, cfg, p);
-    publish::publish_recorded(&plan, out, manifest, &PublishOptions::default(), &mut |_| {})
+    // Side files (config.json, tokenizer...) from the newest selected member that has them.
+    let side = p.members.iter().rev().filter(|m| m.2 > 0.0).find_map(|m| m.1.side_dir());
+    let mut source = MemorySource(&average);
+    let opts = PublishOptions::default();
+    publish::publish_tensors(&mut source, manifest, side, out, &opts, &mut |_| {})
+}
+
+/// The running average's output tensors, handed to the publisher without a copy.
+struct MemorySource<'a>(&'a Checkpoint);
+
+impl TensorSource for MemorySource<'_> {
+    fn tensors(&self) -> &[TensorMeta] {
+        self.0.tensors()
+    }
+
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
+        let ckpt: &Checkpoint = self.0;
+        match ckpt.data(&ckpt.tensors()[index].name)? {
+            Cow::Borrowed(bytes) => Ok(bytes),
+            Cow::Owned(_) => Err(Error::Internal("in-memory tensor was copied".into())),
+        }
+    }
 }
 
 fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {

@@ -31,3 +31,115 @@ pub fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
         .collect();
     safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
 }
+
+use sewa::average::{AverageOptions, AveragePlan};
+use sewa::checkpoint::{Checkpoint, OpenOptions};
+use sewa::manifest::{Manifest, Provenance};
+use sewa::publish::{PublishOptions, publish};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn open(p: &Path) -> Checkpoint {
+    Checkpoint::open(p, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Uniform average of `inputs` published at `out` with default options.
+fn average_to(inputs: &[&Checkpoint], out: &Path, shard_bytes: u64) -> Manifest {
+    let plan = AveragePlan::new(inputs.to_vec(), None, AverageOptions::default()).unwrap();
+    let why = Provenance {
+        method: "uniform".into(),
+        why: "test".into(),
+        loss: None,
+        details: Default::default(),
+    };
+    publish(&plan, out, why, &PublishOptions { shard_bytes }, &mut |_| {}).unwrap().manifest
+}
+
+#[test]
+fn torch_zip_equals_its_safetensors_twin() {
+    // The same weights (f32, f16, bf16, f64, i64, i32, bool, tied and strided views) as a
+    // torch.save zip and as safetensors: their average is each of them, bit for bit.
+    let (pt, st) = (open(&fixture("state_dict.pt")), open(&fixture("state_dict.safetensors")));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("avg.safetensors");
+    let m = average_to(&[&pt, &st], &out, u64::MAX);
+    assert_eq!(read_tensors(&out), read_tensors(&fixture("state_dict.safetensors")));
+    assert_eq!(m.inputs[0].format, "torch-zip");
+    assert_eq!(m.int_source.as_deref(), Some(st.path()), "no steps: latest = last given");
+}
+
+#[test]
+fn lightning_ckpt_and_protocol_4_pickle_equal_the_twin() {
+    let st = open(&fixture("state_dict.safetensors"));
+    let want = read_tensors(&fixture("state_dict.safetensors"));
+    for name in ["lightning.ckpt", "state_dict_p4.pt"] {
+        let other = open(&fixture(name));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("avg.safetensors");
+        average_to(&[&other, &st], &out, u64::MAX);
+        assert_eq!(read_tensors(&out), want, "{name}");
+    }
+}
+
+fn hf_checkpoint(root: &Path, step: u32, value: f32, side: &str) -> std::path::PathBuf {
+    let dir = root.join(format!("checkpoint-{step}"));
+    fs::create_dir(&dir).unwrap();
+    write_st(&dir.join("model.safetensors"), &[("w", Dtype::F32, vec![3], f32_bytes(&[value; 3]))]);
+    fs::write(dir.join("config.json"), format!("{{\"from\": \"{side}\"}}")).unwrap();
+    fs::write(dir.join("tokenizer.json"), side).unwrap();
+    fs::write(dir.join("optimizer.pt"), "not copied").unwrap();
+    fs::write(dir.join("trainer_state.json"), format!("{{\"global_step\": {step}}}")).unwrap();
+    dir
+}
+
+#[test]
+fn hf_directories_in_directory_out_with_side_files() {
+    let root = tempfile::tempdir().unwrap();
+    // Given newest first: side files must still come from the highest step.
+    let new = open(&hf_checkpoint(root.path(), 200, 3.0, "new"));
+    let old = open(&hf_checkpoint(root.path(), 100, 1.0, "old"));
+    let out = root.path().join("averaged");
+    let m = average_to(&[&new, &old], &out, u64::MAX);
+    assert_eq!(
+        crate::publish::listing(&out),
+        ["config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
+    );
+    assert_eq!(fs::read_to_string(out.join("tokenizer.json")).unwrap(), "new");
+    assert_eq!(read_tensors(&out.join("model.safetensors"))["w"].1, f32_bytes(&[2.0; 3]));
+    assert_eq!(m.side_files, ["config.json", "tokenizer.json"]);
+    assert_eq!(m.side_source.as_deref(), Some(root.path().join("checkpoint-200").as_path()));
+    assert_eq!(m.inputs[0].step, Some(200));
+    // The published directory is itself a valid input (what `from_pretrained(PATH)` reads).
+    assert_eq!(open(&out).tensors(), new.tensors());
+}
+
+#[test]
+fn sharded_output_reads_back_as_sharded_input() {
+    let (pt, st) = (open(&fixture("state_dict.pt")), open(&fixture("state_dict.safetensors")));
+    let dir = tempfile::tempdir().unwrap();
+    let sharded = dir.path().join("sharded");
+    let m = average_to(&[&pt, &st], &sharded, 64);
+    assert!(m.files.len() > 3, "expected several shards: {:?}", m.files);
+    let reopened = open(&sharded);
+    let out = dir.path().join("again.safetensors");
+    average_to(&[&reopened, &st], &out, u64::MAX);
+    assert_eq!(read_tensors(&out), read_tensors(&fixture("state_dict.safetensors")));
+}
+
+#[test]
+fn input_rewritten_in_place_is_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    write_st(&a, &[("w", Dtype::F32, vec![3], f32_bytes(&[1.0; 3]))]);
+    write_st(&b, &[("w", Dtype::F32, vec![3], f32_bytes(&[2.0; 3]))]);
+    let (ca, cb) = (open(&a), open(&b));
+    // Rewrite b in place (same size, as torch.save or safetensors <= 0.7 would) after opening.
+    let f = fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    let plan = AveragePlan::new(vec![&ca, &cb], None, AverageOptions::default()).unwrap();
+    let err = plan.average_tensor(0, &mut Default::default()).unwrap_err();
+    assert!(err.is_bad_input() && err.to_string().contains("b.safetensors"), "{err}");
+    assert!(err.to_string().contains("changed on disk"), "{err}");
+}

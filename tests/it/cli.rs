@@ -219,3 +219,100 @@ fn inspect_lists_tensors_and_step() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("absent.pt"));
 }
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+#[test]
+fn torch_inputs_average_and_unreadable_ones_are_refused() {
+    let sc = Scene::new();
+    let out = sc.dir.path().join("torch.safetensors");
+    let (ckpt, pt) = (fixture("lightning.ckpt"), fixture("state_dict.pt"));
+    let o = sewa(&["average", "--out", s(&out), s(&ckpt), s(&pt)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_tensors(&out), read_tensors(&fixture("state_dict.safetensors")));
+    fs::remove_file(&out).unwrap();
+    fs::remove_file(sc.dir.path().join("torch.safetensors.manifest.json")).unwrap();
+
+    let before = listing(sc.dir.path());
+    for bad in ["legacy.pt", "complex.pt"] {
+        let o = sc.average(&[], &[&pt, &fixture(bad)]);
+        sc.assert_refused(&o, &[bad], &before);
+    }
+}
+
+/// VmHWM of a running process, KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn peak_rss_does_not_grow_with_the_number_of_inputs() {
+    // 40 inputs of one 4 MiB tensor: holding their pages would take 160 MiB; streaming with
+    // page release keeps the process near accumulator + output buffer + binary.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..1u32 << 20).flat_map(|i| (i as f32 * 1e-6).to_le_bytes()).collect();
+    let inputs: Vec<PathBuf> = (0..40)
+        .map(|i| {
+            let p = dir.path().join(format!("step_{i:03}.safetensors"));
+            write_st(&p, &[("w", Dtype::F32, vec![1 << 20], data.clone())]);
+            p
+        })
+        .collect();
+    let out = dir.path().join("avg.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["average", "--out", s(&out)])
+        .args(&inputs)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert!(status.success());
+    // The average of equal inputs is the input, up to f32 rounding of 40 weighted terms.
+    let got = &read_tensors(&out)["w"].1;
+    for (i, (g, w)) in got.chunks_exact(4).zip(data.chunks_exact(4)).enumerate() {
+        let (g, w) =
+            (f32::from_le_bytes(g.try_into().unwrap()), f32::from_le_bytes(w.try_into().unwrap()));
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "element {i}: {g} vs {w}");
+    }
+    assert!(peak > 0, "never sampled the child");
+    assert!(peak < 80 * 1024, "peak RSS {peak} KiB for 40 x 4 MiB inputs");
+}
+
+#[test]
+fn missing_shard_and_escaping_shard_path_are_refused() {
+    let sc = Scene::new();
+    let sharded = sc.dir.path().join("sharded");
+    fs::create_dir(&sharded).unwrap();
+    write_st(
+        &sharded.join("model-00001-of-00002.safetensors"),
+        &[("w", Dtype::F32, vec![2, 3], f32_bytes(&[1.0; 6]))],
+    );
+    let index = |second: &str| {
+        serde_json::json!({
+            "metadata": {"total_size": 44},
+            "weight_map": {"w": "model-00001-of-00002.safetensors", "b": second, "steps": second},
+        })
+        .to_string()
+    };
+    let index_path = sharded.join("model.safetensors.index.json");
+    let before = listing(sc.dir.path());
+    for (second, needle) in [
+        ("model-00002-of-00002.safetensors", "model-00002-of-00002"),
+        ("../step_00100.safetensors", "../"),
+    ] {
+        fs::write(&index_path, index(second)).unwrap();
+        let o = sc.average(&[], &[&sc.inputs[0], &index_path]);
+        sc.assert_refused(&o, &[needle], &before);
+    }
+}

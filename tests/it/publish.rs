@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sewa::average::{AverageOptions, AveragePlan};
 use sewa::checkpoint::{Checkpoint, DType};
@@ -94,7 +94,10 @@ fn file_output_with_manifest() {
     assert_eq!(m.layout, "file");
     assert_eq!(m.files[0].bytes, bytes.len() as u64);
     assert_eq!(m.inputs.len(), 3);
-    assert_eq!(m.inputs[1].path, PathBuf::from("run/step-200.safetensors"));
+    // Paths are made absolute so the manifest can be read from any directory.
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(m.inputs[1].path, cwd.join("run/step-200.safetensors"));
+    assert_eq!(m.output, out);
     assert_eq!(m.inputs[1].step, Some(200));
     assert_eq!(m.inputs[1].format, "memory");
     assert_eq!(m.weights, vec![0.25, 0.25, 0.5]);
@@ -102,7 +105,7 @@ fn file_output_with_manifest() {
     assert_eq!(m.selection.loss, Some(0.5));
     assert_eq!(m.dtype, "keep");
     assert_eq!(m.int_policy, "latest");
-    assert_eq!(m.int_source, Some(PathBuf::from("run/step-300.safetensors")));
+    assert_eq!(m.int_source, Some(cwd.join("run/step-300.safetensors")));
     assert_eq!(m.sewa_version, env!("CARGO_PKG_VERSION"));
     for ts in [&m.started, &m.finished] {
         assert!(
