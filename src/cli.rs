@@ -28,6 +28,12 @@ pub enum Command {
     Average(AverageArgs),
     /// Show a checkpoint's format, tensors (dtype, shape), size, step and metadata.
     Inspect(InspectArgs),
+    /// Watch a trainer's checkpoint directory and keep publishing the selected average.
+    Watch(WatchArgs),
+    /// Print a running (or stopped) `sewa watch`'s status file for people.
+    Status(StatusArgs),
+    /// Validate a config file and exit (0 valid, 78 invalid).
+    CheckConfig(CheckConfigArgs),
     /// Train a small model on a synthetic noisy task, then compare every selector (SeWA too)
     /// on its checkpoint window and publish SeWA's average. Self-contained, no downloads.
     Demo(crate::demo::DemoArgs),
@@ -90,4 +96,31 @@ pub struct InspectArgs {
     /// A checkpoint file or directory.
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// TOML config (see config/sewa.toml). SIGHUP re-reads it.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override `[watch] dir`.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The config the daemon runs with (locates its status file).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The TOML file to check.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }

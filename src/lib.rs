@@ -4,10 +4,13 @@
 //! `checkpoint` owns file formats; `objective` owns the differentiable loss used by selectors.
 #![deny(unsafe_code)]
 
+pub mod accumulate;
 pub mod average;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod layout;
@@ -17,5 +20,8 @@ pub mod publish;
 pub mod report;
 pub mod schema;
 pub mod select;
+pub mod status;
+pub mod watch;
+pub mod window;
 
 pub use error::{Error, Result};

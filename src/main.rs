@@ -16,6 +16,11 @@ fn main() -> ExitCode {
             println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
         }),
         Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
+        Command::Watch(args) => commands::watch::watch(args),
+        Command::Status(args) => commands::watch::status(args).map(|text| print!("{text}")),
+        Command::CheckConfig(args) => {
+            commands::watch::check_config(args).map(|text| println!("{text}"))
+        }
         Command::Demo(args) => sewa::demo::run(args).map(|_| ()),
         Command::Report(args) => sewa::report::run(args),
     };

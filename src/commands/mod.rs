@@ -4,6 +4,7 @@
 pub mod average;
 pub mod inspect;
 pub mod select;
+pub mod watch;
 
 use std::path::PathBuf;
 

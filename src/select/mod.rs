@@ -154,3 +154,51 @@ fn to_selection(
         details,
     }
 }
+
+pub mod rules;
+
+use crate::config::{Method, SelectConfig};
+
+/// What a selector sees of the window: summaries (oldest first, by step) and, for model-based
+/// selectors, the opened members in the same order.
+pub struct WindowView<'a> {
+    pub members: &'a [MemberSummary],
+    pub checkpoints: &'a [&'a Checkpoint],
+}
+
+/// What model-based selectors need beside the window: the loss oracle, SeWA's options and the
+/// SeWA state of the previous run (warm start; updated in place).
+pub struct ModelContext<'a> {
+    pub objective: &'a mut dyn Objective,
+    pub sewa: &'a SewaConfig,
+    pub warm: &'a mut Option<SewaState>,
+}
+
+/// The one entry point the daemon uses: run the configured selector on the window.
+/// Model-based methods need `model` (the daemon builds it from `[objective]`).
+pub fn run(
+    cfg: &SelectConfig,
+    view: &WindowView<'_>,
+    model: Option<ModelContext<'_>>,
+) -> Result<Selection> {
+    let k = cfg.k.get();
+    match cfg.method {
+        Method::Uniform => rules::uniform(view.members),
+        Method::Lawa => rules::lawa(view.members, k),
+        Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
+        Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
+        Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa => {
+            let name = cfg.method.name();
+            let m = model.ok_or_else(|| {
+                Error::Internal(format!("selector {name:?} needs an [objective]"))
+            })?;
+            let warm = m.warm.as_ref();
+            let (selection, state) =
+                run_model_based(name, k, view.checkpoints, m.objective, m.sewa, warm)?;
+            if state.is_some() {
+                *m.warm = state;
+            }
+            Ok(selection)
+        }
+    }
+}

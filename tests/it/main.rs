@@ -3,7 +3,9 @@
 mod average;
 mod checkpoint;
 mod cli;
+mod config;
 mod evaluator;
 mod objective;
 mod publish;
 mod sewa;
+mod watch;

@@ -1,0 +1,81 @@
+//! `sewa watch`, `sewa status`, `sewa check-config`: load the config, then run the daemon,
+//! print its status file, or report that the config is valid.
+
+use crate::cli::{CheckConfigArgs, StatusArgs, WatchArgs};
+use crate::config::Config;
+use crate::daemon::{self, RunOptions};
+use crate::error::{Error, Result};
+use crate::status::{self, Status};
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub fn watch(args: &WatchArgs) -> Result<()> {
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(dir) = &args.dir {
+        cfg.watch.dir = dir.clone();
+        cfg.check().map_err(|msg| Error::config(&args.config, msg))?;
+    }
+    if !cfg.watch.dir.is_dir() {
+        return Err(Error::config(
+            &args.config,
+            format!(
+                "[watch] dir {} is not a directory; create it or fix the path",
+                cfg.watch.dir.display()
+            ),
+        ));
+    }
+    // An output we could never write is fatal now, not a log line per checkpoint later.
+    crate::publish::check_destination(&cfg.publish.out)?;
+    let parent = cfg.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let state = cfg.state_dir();
+    std::fs::create_dir_all(&state).map_err(|e| Error::io(&state, e))?;
+    let blocking = cfg.runtime.threads.get() + 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(blocking)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
+    let opts = RunOptions { config_path: Some(args.config.clone()), systemd: true };
+    let result = rt.block_on(daemon::run(cfg, opts, daemon::termination()));
+    // Do not wait for a publish still running on a blocking thread: it renames a complete
+    // file or nothing, so leaving now cannot tear the output.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
+}
+
+/// The status file as text (or raw JSON).
+pub fn status(args: &StatusArgs) -> Result<String> {
+    let cfg = Config::load(&args.config)?;
+    let path = cfg.status_file();
+    if !path.exists() {
+        return Err(Error::Usage(format!(
+            "{}: no status file; is `sewa watch --config {}` running?",
+            path.display(),
+            args.config.display()
+        )));
+    }
+    let s = Status::read(&path)?;
+    if args.json {
+        return serde_json::to_string_pretty(&s).map_err(|e| Error::Internal(e.to_string()));
+    }
+    Ok(status::render(&s))
+}
+
+/// A one-line summary of a valid config.
+pub fn check_config(args: &CheckConfigArgs) -> Result<String> {
+    let c = Config::load(&args.file)?;
+    Ok(format!(
+        "{}: ok — watch {} ({}), window {}, {} k={}, publish {} ({:?})",
+        args.file.display(),
+        c.watch.dir.display(),
+        c.watch.pattern.0.as_str(),
+        c.window.size.0,
+        c.select.method.name(),
+        c.select.k.0,
+        c.publish.out.display(),
+        c.publish.policy
+    ))
+}

@@ -1,0 +1,483 @@
+//! The daemon's TOML configuration: raw text → validated `Config`. Unknown keys are rejected,
+//! values that can be wrong on their own (zero sizes, decays outside (0, 1)) reject themselves
+//! during deserialisation so the error carries a line and column, and one `check()` does the
+//! cross-field rules. This module does not watch, select or publish anything.
+//!
+//! The `[objective]` and `[select.sewa]` tables belong to the model-based selectors; they are
+//! kept here as raw TOML so configs written for them parse today.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+pub use crate::average::{IntPolicy, OutDType};
+use crate::error::{Error, Result};
+use crate::objective::config::ObjectiveConfig;
+use crate::select::SewaConfig;
+
+/// Appended to every config error: where to look for a working example.
+const HINT: &str = "(the shipped config/sewa.toml documents every key)";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub watch: WatchConfig,
+    #[serde(default)]
+    pub window: WindowConfig,
+    #[serde(default)]
+    pub select: SelectConfig,
+    pub publish: PublishConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Loss oracle for model-based selectors (owned by `objective`), kept raw here.
+    #[serde(default)]
+    pub objective: Option<toml::Value>,
+    /// The file this was read from (relative objective data paths start at its directory).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// The trainer's checkpoint directory. Only its direct entries are candidates.
+    pub dir: PathBuf,
+    /// Glob on entry names (files or directories) that are candidates.
+    #[serde(default = "default_pattern")]
+    pub pattern: Pattern,
+    /// Quiet period: a candidate must see no event and no size/mtime change for this long.
+    #[serde(default = "default_quiet_ms")]
+    pub quiet_ms: u64,
+    /// > 0: poll the directory at this interval instead of inotify (NFS, Lustre, FUSE).
+    #[serde(default)]
+    pub poll_interval_ms: u64,
+    /// File whose presence marks an HF checkpoint directory as complete.
+    #[serde(default = "default_marker")]
+    pub marker: String,
+    /// Full rescan period, the backstop for missed events.
+    #[serde(default = "default_rescan_s")]
+    pub rescan_s: Positive,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Number of most recent valid checkpoints (by training step) kept.
+    #[serde(default = "default_window_size")]
+    pub size: Positive,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig { size: default_window_size() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Uniform,
+    Lawa,
+    Ema,
+    BestMetric,
+    Greedy,
+    Exhaustive,
+    Random,
+    Sewa,
+}
+
+impl Method {
+    /// Selectors that need an `[objective]` (and so produce a loss).
+    pub fn needs_objective(self) -> bool {
+        matches!(self, Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Uniform => "uniform",
+            Method::Lawa => "lawa",
+            Method::Ema => "ema",
+            Method::BestMetric => "best-metric",
+            Method::Greedy => "greedy",
+            Method::Exhaustive => "exhaustive",
+            Method::Random => "random",
+            Method::Sewa => "sewa",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricMode {
+    Min,
+    Max,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SelectConfig {
+    #[serde(default = "default_method")]
+    pub method: Method,
+    /// Members to average (lawa, best-metric, model-based selectors).
+    #[serde(default = "default_k")]
+    pub k: Positive,
+    /// Re-select after this many new window members.
+    #[serde(default = "default_every")]
+    pub every: Positive,
+    /// EMA decay per checkpoint, newest weight 1, the one before `decay`, ...
+    #[serde(default = "default_ema_decay")]
+    pub ema_decay: UnitOpen,
+    /// Metric key for best-metric: safetensors `__metadata__` key or trainer_state.json field.
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// Whether smaller (min) or larger (max) metric values are better.
+    #[serde(default = "default_metric_mode")]
+    pub metric_mode: MetricMode,
+    /// SeWA options (owned by the SeWA selector), kept raw here.
+    #[serde(default)]
+    pub sewa: Option<toml::Value>,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        SelectConfig {
+            method: default_method(),
+            k: default_k(),
+            every: default_every(),
+            ema_decay: default_ema_decay(),
+            metric: default_metric(),
+            metric_mode: default_metric_mode(),
+            sewa: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Publish every new selection.
+    Latest,
+    /// Publish only when the selection's loss beats the published one.
+    Best,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// `*.safetensors` → one file; anything else → an HF-layout directory.
+    pub out: PathBuf,
+    #[serde(default = "default_policy")]
+    pub policy: Policy,
+    #[serde(default = "default_dtype")]
+    pub dtype: OutDType,
+    #[serde(default = "default_int_policy")]
+    pub int_policy: IntPolicy,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads for averaging and selection.
+    #[serde(default = "default_threads")]
+    pub threads: Positive,
+    /// Status JSON (default: `<state_dir>/status.json`).
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
+    /// Private state (default: `.sewa/` beside the published output).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Exact recompute of the running average after this many incremental updates.
+    #[serde(default = "default_recompute_every")]
+    pub recompute_every: Positive,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            threads: default_threads(),
+            status_file: None,
+            state_dir: None,
+            recompute_every: default_recompute_every(),
+        }
+    }
+}
+
+/// An integer ≥ 1 (rejected at its line otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Positive(pub u64);
+
+impl Positive {
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if v < 1 {
+            return Err(serde::de::Error::custom(format!("must be at least 1, got {v}")));
+        }
+        Ok(Positive(v as u64))
+    }
+}
+
+/// A float strictly between 0 and 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UnitOpen(pub f64);
+
+impl<'de> Deserialize<'de> for UnitOpen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(v > 0.0 && v < 1.0) {
+            return Err(serde::de::Error::custom(format!(
+                "must be strictly between 0 and 1 (e.g. 0.9), got {v}"
+            )));
+        }
+        Ok(UnitOpen(v))
+    }
+}
+
+/// A validated glob on entry names.
+#[derive(Clone)]
+pub struct Pattern(pub glob::Pattern);
+
+impl Pattern {
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.matches(name)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.contains('/') {
+            return Err(serde::de::Error::custom(
+                "matches entry names directly under `dir`; it cannot contain '/'",
+            ));
+        }
+        glob::Pattern::new(&s)
+            .map(Pattern)
+            .map_err(|e| serde::de::Error::custom(format!("bad glob {s:?}: {e}")))
+    }
+}
+
+fn default_pattern() -> Pattern {
+    Pattern(glob::Pattern::new("*").expect("static glob"))
+}
+fn default_quiet_ms() -> u64 {
+    2000
+}
+fn default_marker() -> String {
+    "trainer_state.json".to_string()
+}
+fn default_rescan_s() -> Positive {
+    Positive(60)
+}
+fn default_window_size() -> Positive {
+    Positive(20)
+}
+fn default_method() -> Method {
+    Method::Lawa
+}
+fn default_k() -> Positive {
+    Positive(5)
+}
+fn default_every() -> Positive {
+    Positive(1)
+}
+fn default_ema_decay() -> UnitOpen {
+    UnitOpen(0.9)
+}
+fn default_metric() -> String {
+    "eval_loss".to_string()
+}
+fn default_metric_mode() -> MetricMode {
+    MetricMode::Min
+}
+fn default_policy() -> Policy {
+    Policy::Latest
+}
+fn default_dtype() -> OutDType {
+    OutDType::Keep
+}
+fn default_int_policy() -> IntPolicy {
+    IntPolicy::Latest
+}
+fn default_threads() -> Positive {
+    Positive(1)
+}
+fn default_recompute_every() -> Positive {
+    Positive(16)
+}
+
+impl Config {
+    /// Read, parse and check a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(path, format!("cannot read: {e}")))?;
+        let mut cfg = Config::parse(&text, path)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parse and check config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end())))?;
+        cfg.check().map_err(|msg| Error::config(path, format!("{msg}\n{HINT}")))?;
+        cfg.sewa_config(path)?;
+        cfg.objective_config(path)?;
+        Ok(cfg)
+    }
+
+    /// `[select.sewa]`, validated by its owner (defaults when absent).
+    pub fn sewa_config(&self, path: &Path) -> Result<SewaConfig> {
+        match &self.select.sewa {
+            Some(v) => SewaConfig::from_toml(v, path),
+            None => Ok(SewaConfig::default()),
+        }
+    }
+
+    /// `[objective]`, validated by its owner.
+    pub fn objective_config(&self, path: &Path) -> Result<Option<ObjectiveConfig>> {
+        self.objective.as_ref().map(|v| ObjectiveConfig::from_toml(v, path)).transpose()
+    }
+
+    /// Directory relative objective paths start from: the config file's.
+    pub fn base_dir(&self) -> PathBuf {
+        let dir = self.source.as_deref().and_then(Path::parent);
+        dir.filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    }
+
+    /// Cross-field rules that no single value can check.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let (k, size) = (self.select.k.get(), self.window.size.get());
+        if k > size {
+            return Err(format!(
+                "[select] k = {k} is larger than [window] size = {size}; lower k or raise size"
+            ));
+        }
+        if self.select.method.needs_objective() && self.objective.is_none() {
+            return Err(format!(
+                "[select] method = {:?} needs an [objective] table",
+                self.select.method.name()
+            ));
+        }
+        if self.publish.policy == Policy::Best && !self.select.method.needs_objective() {
+            return Err(format!(
+                "[publish] policy = \"best\" compares selection losses, but method {:?} has \
+                 none; use policy = \"latest\" or a model-based method (sewa, greedy, ...)",
+                self.select.method.name()
+            ));
+        }
+        if self.watch.marker.is_empty() || self.watch.marker.contains('/') {
+            return Err("[watch] marker must be a plain file name".to_string());
+        }
+        if self.publish.out.as_os_str().is_empty() {
+            return Err("[publish] out is empty".to_string());
+        }
+        if self.publish.out == self.watch.dir {
+            return Err("[publish] out cannot be the watched directory itself".to_string());
+        }
+        Ok(())
+    }
+
+    /// Private state directory: configured, or `.sewa/` beside the output.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.runtime.state_dir {
+            return d.clone();
+        }
+        let parent = self.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
+        parent.unwrap_or(Path::new(".")).join(".sewa")
+    }
+
+    /// Where the status JSON is written.
+    pub fn status_file(&self) -> PathBuf {
+        self.runtime.status_file.clone().unwrap_or_else(|| self.state_dir().join("status.json"))
+    }
+
+    /// Manifest path of the published output (file: `<out>.manifest.json`; dir: `manifest.json`).
+    pub fn manifest_path(&self) -> PathBuf {
+        let out = &self.publish.out;
+        if out.extension().is_some_and(|e| e == "safetensors") {
+            let mut s = out.clone().into_os_string();
+            s.push(".manifest.json");
+            PathBuf::from(s)
+        } else {
+            out.join("manifest.json")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[watch]\ndir = \"runs\"\n[publish]\nout = \"runs/avg/model.safetensors\"\n";
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.watch.quiet_ms, 2000);
+        assert_eq!(c.window.size, Positive(20));
+        assert_eq!(c.select.method, Method::Lawa);
+        assert_eq!(c.select.k, Positive(5));
+        assert_eq!(c.publish.policy, Policy::Latest);
+        assert_eq!(c.state_dir(), PathBuf::from("runs/avg/.sewa"));
+        assert_eq!(c.manifest_path(), PathBuf::from("runs/avg/model.safetensors.manifest.json"));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line() {
+        let err = parse(&format!("{MIN}[window]\nsise = 3\n")).unwrap_err().to_string();
+        assert!(err.contains("sise") && err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_reject_themselves_with_position() {
+        let err = parse(&format!("{MIN}[window]\nsize = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("at least 1") && err.contains("line 6"), "{err}");
+        let err = parse(&format!("{MIN}[select]\nema_decay = 1.5\n")).unwrap_err().to_string();
+        assert!(err.contains("between 0 and 1"), "{err}");
+        let err = parse(&format!("{MIN}[select]\nmethod = \"lava\"\n")).unwrap_err().to_string();
+        assert!(err.contains("lava") && err.contains("lawa"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let err = parse(&format!("{MIN}[window]\nsize = 3\n[select]\nk = 5\n")).unwrap_err();
+        assert!(err.to_string().contains("larger than [window] size"), "{err}");
+        assert_eq!(err.exit_code(), 78);
+        let err = parse(&format!("{MIN}policy = \"best\"\n")).unwrap_err().to_string();
+        assert!(err.contains("policy = \"best\""), "{err}");
+        let err = parse(&format!("{MIN}[select]\nmethod = \"sewa\"\n")).unwrap_err().to_string();
+        assert!(err.contains("needs an [objective]"), "{err}");
+    }
+
+    #[test]
+    fn reserved_tables_parse() {
+        let text = format!(
+            "{MIN}policy = \"best\"\n[select]\nmethod = \"sewa\"\n[select.sewa]\nsamples = 8\n\
+             [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.objective.is_some() && c.select.sewa.is_some());
+    }
+}

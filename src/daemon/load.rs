@@ -1,0 +1,106 @@
+//! Turning a settled candidate into a window member: cheap completeness check, open (mapped),
+//! step, schema against the window, a full finite scan (NaN/Inf is bad input) and the metric
+//! for best-metric. Every failure is an `Error::BadInput` naming the file; the caller
+//! quarantines. This module keeps no state.
+
+use std::path::Path;
+
+use crate::accumulate::{add_bytes, non_finite};
+use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
+use crate::error::{Error, Result};
+
+/// Why a candidate cannot be admitted.
+pub struct Refusal {
+    pub reason: String,
+    /// Still being written (no marker, no end record...), as opposed to broken.
+    pub incomplete: bool,
+}
+
+/// Open and validate `path`. `reference` is the schema of the current window, if any.
+pub fn load(
+    path: &Path,
+    marker: &str,
+    metric: &str,
+    reference: Option<&[TensorMeta]>,
+) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
+    let refuse = |e: Error, incomplete| Refusal { reason: strip_path(&e, path), incomplete };
+    // A directory without its marker is still being filled; a file that stayed truncated
+    // for the whole quiet period is broken (it is retried anyway once it changes).
+    checkpoint::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
+    let ckpt = Checkpoint::open(path, &OpenOptions::default()).map_err(|e| refuse(e, false))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let step = ckpt.step().or_else(|| checkpoint::parse_step(name)).ok_or_else(|| Refusal {
+        reason: "no training step in its name or metadata (name checkpoints like \
+                 step_500.safetensors, checkpoint-500 or epoch=1-step=500.ckpt)"
+            .into(),
+        incomplete: false,
+    })?;
+    if let Some(schema) = reference {
+        schema_matches(schema, &ckpt).map_err(|e| refuse(e, false))?;
+    }
+    scan_finite(&ckpt).map_err(|e| refuse(e, false))?;
+    let metric = read_metric(&ckpt, metric);
+    Ok((ckpt, step, metric))
+}
+
+/// Error text without the leading "path: " (the log line names the path once).
+fn strip_path(e: &Error, path: &Path) -> String {
+    let text = e.to_string();
+    let prefix = format!("{}: ", path.display());
+    text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
+}
+
+fn schema_matches(schema: &[TensorMeta], ckpt: &Checkpoint) -> Result<()> {
+    let theirs = ckpt.tensors();
+    for (a, b) in schema.iter().zip(theirs) {
+        if a != b {
+            return Err(Error::bad_input(
+                ckpt.path(),
+                format!(
+                    "schema differs from the window: window has {} {:?} {:?}, this has {} {:?} {:?}",
+                    a.name, a.dtype, a.shape, b.name, b.dtype, b.shape
+                ),
+            ));
+        }
+    }
+    if schema.len() != theirs.len() {
+        return Err(Error::bad_input(
+            ckpt.path(),
+            format!("schema differs from the window: {} tensors vs {}", theirs.len(), schema.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Read every float tensor once; the first NaN/Inf is bad input. Pages are released after.
+fn scan_finite(ckpt: &Checkpoint) -> Result<()> {
+    let mut scratch = Vec::new();
+    for meta in ckpt.tensors().iter().filter(|t| t.dtype.is_float()) {
+        let bytes = ckpt.data(&meta.name)?;
+        // Chunks keep the scratch buffer small whatever the tensor size.
+        let per = 1 << 16;
+        for (c, chunk) in bytes.chunks(per * meta.dtype.size()).enumerate() {
+            scratch.clear();
+            scratch.resize(chunk.len() / meta.dtype.size(), 0.0);
+            if let Some(i) = add_bytes(&mut scratch, chunk, meta.dtype, 1.0) {
+                return Err(non_finite(ckpt.path(), &meta.name, c * per + i));
+            }
+        }
+        drop(bytes);
+        ckpt.release(&meta.name);
+    }
+    Ok(())
+}
+
+/// The metric from safetensors metadata, else from an HF dir's trainer_state.json
+/// (last `log_history` entry carrying it).
+fn read_metric(ckpt: &Checkpoint, key: &str) -> Option<f64> {
+    if let Some(v) = ckpt.metadata().get(key).and_then(|s| s.trim().parse::<f64>().ok()) {
+        return Some(v);
+    }
+    let dir = if ckpt.path().is_dir() { ckpt.path() } else { ckpt.side_dir()? };
+    let text = std::fs::read(dir.join("trainer_state.json")).ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let history = state.get("log_history")?.as_array()?;
+    history.iter().rev().find_map(|e| e.get(key)?.as_f64())
+}

@@ -1,0 +1,123 @@
+//! Handing the running average to the shared publisher (`publish::publish_tensors`, the same
+//! atomic path and manifest as `sewa average`), and reading back what was published last
+//! (restart: the window is rebuilt from the directory, the published selection from its
+//! manifest). This module owns only the daemon's additions to the manifest.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::accumulate::{OutTensor, UpdateReport};
+use crate::average::{AverageOptions, AveragePlan, IntPolicy, OutDType};
+use crate::checkpoint::{Checkpoint, TensorMeta};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::manifest::{InputRecord, Manifest, Provenance, format_name};
+use crate::publish::{self, PublishOptions, Published, TensorSource};
+use crate::select::Selection;
+use crate::window::Member;
+
+/// What the last manifest says was published.
+#[derive(Clone, Debug, Default)]
+pub struct LastPublished {
+    /// `(path, weight)` of every input with a non-zero weight, in window order.
+    pub inputs: Vec<(PathBuf, f64)>,
+    pub loss: Option<f64>,
+}
+
+impl LastPublished {
+    /// True when `inputs` equals this publication (same paths, same weights).
+    pub fn same_as(&self, inputs: &[(PathBuf, f64)]) -> bool {
+        self.inputs.len() == inputs.len()
+            && self.inputs.iter().zip(inputs).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-9)
+    }
+}
+
+/// Read the manifest of the published output, if there is a readable one.
+pub fn read_last(cfg: &Config) -> Option<LastPublished> {
+    let text = std::fs::read(cfg.manifest_path()).ok()?;
+    let m: Manifest = serde_json::from_slice(&text).ok()?;
+    let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| (i.path, i.weight));
+    Some(LastPublished { inputs: inputs.collect(), loss: m.selection.loss })
+}
+
+/// The selected members and how the running average was updated, for the manifest.
+pub struct Provenanced<'a> {
+    pub selection: &'a Selection,
+    /// Window members with their opened checkpoints and weights, in window order.
+    pub members: Vec<(&'a Member, &'a Arc<Checkpoint>, f64)>,
+    pub report: UpdateReport,
+}
+
+/// Publish the averaged `tensors` at `[publish] out`, manifest last.
+pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Result<Published> {
+    let out = &cfg.publish.out;
+    let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
+    // The average is already in the output dtype; held as a checkpoint so the manifest record
+    // and the publisher read it like any input, without another pass over the data.
+    let average = Checkpoint::from_memory(out.clone(), latest, tensors)?;
+    let opts = AverageOptions {
+        dtype: OutDType::Keep,
+        int_policy: IntPolicy::Latest,
+        threads: cfg.runtime.threads.get(),
+    };
+    let plan = AveragePlan::new(vec![&average], None, opts)?;
+    let mut manifest = Manifest::new(&plan, out.clone(), Provenance::from(p.selection));
+    record_members(&mut manifest, cfg, p);
+    // Side files (config.json, tokenizer...) from the newest selected member that has them.
+    let side = p.members.iter().rev().filter(|m| m.2 > 0.0).find_map(|m| m.1.side_dir());
+    let mut source = MemorySource(&average);
+    let opts = PublishOptions::default();
+    publish::publish_tensors(&mut source, manifest, side, out, &opts, &mut |_| {})
+}
+
+/// The running average's output tensors, handed to the publisher without a copy.
+struct MemorySource<'a>(&'a Checkpoint);
+
+impl TensorSource for MemorySource<'_> {
+    fn tensors(&self) -> &[TensorMeta] {
+        self.0.tensors()
+    }
+
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
+        let ckpt: &Checkpoint = self.0;
+        match ckpt.data(&ckpt.tensors()[index].name)? {
+            Cow::Borrowed(bytes) => Ok(bytes),
+            Cow::Owned(_) => Err(Error::Internal("in-memory tensor was copied".into())),
+        }
+    }
+}
+
+fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {
+    let selected: Vec<_> = p.members.iter().filter(|x| x.2 > 0.0).collect();
+    m.inputs = selected
+        .iter()
+        .map(|(member, ckpt, w)| InputRecord {
+            path: member.path.clone(),
+            step: Some(member.step),
+            bytes: ckpt.total_bytes(),
+            format: format_name(ckpt.format()),
+            weight: *w,
+        })
+        .collect();
+    m.weights = selected.iter().map(|x| x.2).collect();
+    m.dtype = cfg.publish.dtype.to_string();
+    m.int_policy = cfg.publish.int_policy.to_string();
+    let int_from = match cfg.publish.int_policy {
+        IntPolicy::First => selected.first(),
+        _ => selected.last(),
+    };
+    m.int_source = m.int_source.as_ref().and(int_from.map(|x| x.0.path.clone()));
+    let window: Vec<String> = p
+        .members
+        .iter()
+        .map(|(m, _, w)| format!("{} (step {}, weight {w:.6})", m.path.display(), m.step))
+        .collect();
+    m.notes.push(format!(
+        "sewa watch: window of {} members: {}; running average updated {} ({} checkpoint reads)",
+        p.members.len(),
+        window.join(", "),
+        if p.report.exact { "by exact recompute" } else { "incrementally" },
+        p.report.reads
+    ));
+}

@@ -1,0 +1,157 @@
+//! Fixed selection rules that need no model: `uniform`, `lawa` (last k), `ema` (exponential
+//! decay over the window) and `best-metric` (k best by a metric stored with the checkpoint).
+//! Pure: the window summary (sorted by step, oldest first) in, a `Selection` out.
+//! Model-based selectors live beside this file and are reached through `select::run`.
+
+use serde_json::json;
+
+use super::{MemberSummary, Selection};
+use crate::config::MetricMode;
+use crate::error::{Error, Result};
+
+fn empty(method: &str) -> Error {
+    Error::Internal(format!("{method}: the window is empty, nothing to select"))
+}
+
+/// Every member, equal weights.
+pub fn uniform(members: &[MemberSummary]) -> Result<Selection> {
+    let n = members.len();
+    if n == 0 {
+        return Err(empty("uniform"));
+    }
+    Ok(Selection {
+        method: "uniform".into(),
+        weights: vec![1.0 / n as f64; n],
+        why: format!("all {n} window members, equal weights"),
+        loss: None,
+        details: json!({}),
+    })
+}
+
+/// Latest weight averaging: the last `k` members by step, equal weights.
+pub fn lawa(members: &[MemberSummary], k: usize) -> Result<Selection> {
+    let n = members.len();
+    if n == 0 {
+        return Err(empty("lawa"));
+    }
+    let take = k.min(n);
+    let mut weights = vec![0.0; n];
+    weights[n - take..].iter_mut().for_each(|w| *w = 1.0 / take as f64);
+    Ok(Selection {
+        method: "lawa".into(),
+        weights,
+        why: format!("last {take} of {n} by step (k = {k})"),
+        loss: None,
+        details: json!({ "k": k }),
+    })
+}
+
+/// Exponential moving average over the window: newest weight 1, previous `decay`, then
+/// `decay²`..., normalised. Unlike a running EMA it forgets members that left the window.
+pub fn ema(members: &[MemberSummary], decay: f64) -> Result<Selection> {
+    let n = members.len();
+    if n == 0 {
+        return Err(empty("ema"));
+    }
+    let raw: Vec<f64> = (0..n).map(|i| decay.powi((n - 1 - i) as i32)).collect();
+    let total: f64 = raw.iter().sum();
+    Ok(Selection {
+        method: "ema".into(),
+        weights: raw.iter().map(|w| w / total).collect(),
+        why: format!("EMA over {n} members, decay {decay} per checkpoint"),
+        loss: None,
+        details: json!({ "decay": decay }),
+    })
+}
+
+/// The `k` members with the best metric (members without one are skipped), equal weights.
+pub fn best_metric(
+    members: &[MemberSummary],
+    k: usize,
+    metric: &str,
+    mode: MetricMode,
+) -> Result<Selection> {
+    let mut scored: Vec<(usize, f64)> = members
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.metric.filter(|v| v.is_finite()).map(|v| (i, v)))
+        .collect();
+    if scored.is_empty() {
+        return Err(Error::Internal(format!(
+            "best-metric: none of the {} window members carries a finite {metric:?} \
+             (safetensors __metadata__ or trainer_state.json)",
+            members.len()
+        )));
+    }
+    // Ties go to the newer checkpoint.
+    scored.sort_by(|a, b| {
+        let ord = a.1.partial_cmp(&b.1).expect("finite");
+        let ord = if mode == MetricMode::Max { ord.reverse() } else { ord };
+        ord.then(b.0.cmp(&a.0))
+    });
+    scored.truncate(k);
+    let mut weights = vec![0.0; members.len()];
+    for (i, _) in &scored {
+        weights[*i] = 1.0 / scored.len() as f64;
+    }
+    let chosen: Vec<f64> = scored.iter().map(|(_, v)| *v).collect();
+    Ok(Selection {
+        method: "best-metric".into(),
+        weights,
+        why: format!(
+            "{} best of {} by {metric} ({})",
+            scored.len(),
+            members.len(),
+            if mode == MetricMode::Min { "lowest" } else { "highest" }
+        ),
+        loss: None,
+        details: json!({ "metric": metric, "mode": mode, "chosen_values": chosen }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn window(metrics: &[Option<f64>]) -> Vec<MemberSummary> {
+        let m = metrics.iter().enumerate().map(|(i, m)| MemberSummary {
+            path: PathBuf::from(format!("step_{i}")),
+            step: Some(i as u64 * 100),
+            metric: *m,
+        });
+        m.collect()
+    }
+
+    #[test]
+    fn uniform_and_lawa() {
+        let w = window(&[None; 4]);
+        assert_eq!(uniform(&w).unwrap().weights, vec![0.25; 4]);
+        let s = lawa(&w, 2).unwrap();
+        assert_eq!(s.weights, vec![0.0, 0.0, 0.5, 0.5]);
+        assert_eq!(s.members(), vec![2, 3]);
+        assert_eq!(lawa(&w, 9).unwrap().weights, vec![0.25; 4], "k beyond the window takes all");
+        assert!(lawa(&[], 2).is_err());
+    }
+
+    #[test]
+    fn ema_weights_decay_towards_the_past() {
+        let s = ema(&window(&[None; 3]), 0.5).unwrap();
+        let total = 1.0 + 0.5 + 0.25;
+        let expect = [0.25 / total, 0.5 / total, 1.0 / total];
+        for (a, b) in s.weights.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn best_metric_min_max_and_missing() {
+        let w = window(&[Some(0.5), None, Some(0.1), Some(0.3), Some(f64::NAN)]);
+        let s = best_metric(&w, 2, "eval_loss", MetricMode::Min).unwrap();
+        assert_eq!(s.members(), vec![2, 3]);
+        let s = best_metric(&w, 1, "acc", MetricMode::Max).unwrap();
+        assert_eq!(s.members(), vec![0]);
+        let err = best_metric(&window(&[None, None]), 1, "eval_loss", MetricMode::Min);
+        assert!(err.unwrap_err().to_string().contains("eval_loss"));
+    }
+}
