@@ -172,6 +172,10 @@ pub struct PublishConfig {
     pub dtype: OutDType,
     #[serde(default = "default_int_policy")]
     pub int_policy: IntPolicy,
+    /// Command run after each publication, with SEWA_MANIFEST and SEWA_OUTPUT in its
+    /// environment (e.g. recompute BatchNorm statistics); its failure is logged, never fatal.
+    #[serde(default)]
+    pub on_publish: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

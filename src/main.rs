@@ -57,6 +57,11 @@ fn init_logging(format: LogFormat) {
 fn thread_cap(command: &Command) -> usize {
     match command {
         Command::Average(a) => a.threads,
+        // The config is read again (and its errors reported) by the command itself; a reload
+        // cannot resize pools that are already running.
+        Command::Watch(a) => {
+            sewa::config::Config::load(&a.config).map_or(1, |c| c.runtime.threads.get())
+        }
         _ => 1,
     }
 }

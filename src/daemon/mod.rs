@@ -4,6 +4,7 @@
 //! SIGHUP reload, systemd notifications and a shutdown that never leaves a torn output.
 //! Only I/O orchestration lives here; decisions are in `watch::settler`, `window`, `select`.
 
+mod hook;
 mod load;
 mod output;
 mod pipeline;

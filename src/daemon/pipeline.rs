@@ -36,6 +36,8 @@ pub struct Pipeline {
     objective: Option<Box<dyn Objective>>,
     /// SeWA's state from the previous selection (warm start).
     warm: Option<SewaState>,
+    /// `[publish] on_publish`, run after each publication.
+    hook: super::hook::Hook,
 }
 
 impl Pipeline {
@@ -64,6 +66,7 @@ impl Pipeline {
             reselect: false,
             objective: None,
             warm: None,
+            hook: Default::default(),
         }
     }
 
@@ -253,6 +256,8 @@ impl Pipeline {
         });
         self.record_selection(&selection, "published".into());
         self.last = Some(LastPublished { inputs, loss: selection.loss });
+        let (out, manifest) = (&published.path, &published.manifest_path);
+        self.hook.run(&self.cfg.publish.on_publish, out, manifest);
         Ok(())
     }
 
