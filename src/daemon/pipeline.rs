@@ -240,6 +240,7 @@ impl Pipeline {
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
         let prov = output::Provenanced { selection: &selection, members: with_ckpts, report };
         let published = output::publish(&self.cfg, tensors, &prov)?;
+        self.hook.run(&self.cfg.publish.on_publish, &published.path, &published.manifest_path);
         let millis = t0.elapsed().as_millis() as u64;
         let (reads, exact) = (report.reads, report.exact);
         info!(why = %selection.why, reads, exact, average_ms, millis, "published");
@@ -256,8 +257,7 @@ impl Pipeline {
         });
         self.record_selection(&selection, "published".into());
         self.last = Some(LastPublished { inputs, loss: selection.loss });
-        let (out, manifest) = (&published.path, &published.manifest_path);
-        self.hook.run(&self.cfg.publish.on_publish, out, manifest);
+
         Ok(())
     }
 
