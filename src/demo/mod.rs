@@ -1,10 +1,12 @@
-//! `sewa demo`: a self-contained run that trains a small MLP on a noisy synthetic task, writes
-//! checkpoints into a directory, then compares every selector on the final window (held-out
-//! loss, test accuracy, selection cost) and publishes SeWA's average. No downloads.
-//! Training lives in `task`; the comparison table in `table`.
+//! `sewa demo`: a self-contained run that trains a small MLP on a noisy synthetic task, writing
+//! checkpoints into a directory while the real `sewa watch` pipeline runs on it in-process
+//! (SeWA selection, "best so far" publishing); then compares every selector on the final window
+//! (held-out loss, test accuracy, selection cost). No downloads.
+//! Training lives in `task`; the watcher in `watcher`; the comparison table in `table`.
 
 mod table;
 pub mod task;
+mod watcher;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,16 +64,21 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
         spec.features,
         Targets::Classes(&data.selection.y),
     )?;
+    let sidecar = watcher::Sidecar::start(&dir, &ckpt_dir, args.window, args.k, args.seed)?;
     let t0 = Instant::now();
     let written =
         spec.train(&data, &ckpt_dir, |p| tracing::debug!(path = %p.display(), "saved"))?;
     eprintln!(
-        "trained {} steps, wrote {} checkpoints to {} in {:.1}s",
+        "trained {} steps, wrote {} checkpoints to {} in {:.1}s while `sewa watch` ran on it",
         spec.steps,
         written.len(),
         ckpt_dir.display(),
         t0.elapsed().as_secs_f64()
     );
+    let last_step = (spec.steps / spec.save_every * spec.save_every) as u64;
+    let status = sidecar.wait_for_step(last_step, std::time::Duration::from_secs(120))?;
+    let config_path = sidecar.config_path.clone();
+    sidecar.stop()?;
     let cfg = ObjectiveConfig {
         kind: Default::default(),
         model: Default::default(),
@@ -90,12 +97,7 @@ pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
     let (rows, sewa) = table::rows(&members, objective.as_mut(), &scorer, args.k, &sewa_cfg)?;
     println!("{}", table::render(&rows, members.len(), args.k));
     warm_vs_cold(&ckpt_dir, args, objective.as_mut(), &sewa_cfg)?;
-    let published = table::publish_sewa(&members, &sewa, &dir)?;
-    println!("published SeWA average: {}", published.display());
-    println!(
-        "selection report: sewa report {} --out window.svg",
-        dir.join("published/selection.json").display()
-    );
+    print_watcher(&status, &config_path, &sewa);
     if let Some(p) = &args.json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Error::Internal(e.to_string()))?;
@@ -147,4 +149,36 @@ fn warm_vs_cold(
         warm.loss.unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+/// What the in-process `sewa watch` published while the model trained.
+fn print_watcher(
+    status: &crate::status::Status,
+    config: &Path,
+    table_sewa: &crate::select::Selection,
+) {
+    let c = &status.counters;
+    println!(
+        "sewa watch (in-process, config {}): {} checkpoints loaded, {} selections, {} publications \
+         (policy best: only when the held-out loss improved)",
+        config.display(),
+        c.loaded,
+        c.selections,
+        c.publishes
+    );
+    match &status.last_publish {
+        Some(p) => {
+            println!("published model: {}", p.path.display());
+            println!("manifest:        {}", p.manifest.display());
+            println!("draw the window: sewa report {} --out window.svg", p.manifest.display());
+        }
+        None => println!("the watcher published nothing (see {})", status.out.display()),
+    }
+    if let (Some(sel), Some(loss)) = (&status.last_selection, table_sewa.loss) {
+        println!(
+            "last selection by the watcher: {} (loss {:.4}; the table's SeWA k: {loss:.4})",
+            sel.why,
+            sel.loss.unwrap_or(f64::NAN)
+        );
+    }
 }

@@ -1,19 +1,15 @@
 //! The demo's comparison: every selector over the same final window, scored on the held-out
-//! selection loss and on clean test accuracy, with its selection cost; rendering of the table;
-//! writing SeWA's average. Fixed rules are computed here directly (their weights are simple).
+//! selection loss and on clean test accuracy, with its selection cost; rendering of the table.
+//! Fixed rules are computed here directly (their weights are simple).
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::average::{AverageOptions, AveragePlan};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result, WithPath};
-use crate::manifest::Provenance;
+use crate::error::Result;
 use crate::objective::{Activation, Objective, mlp};
-use crate::publish::{PublishOptions, publish};
 use crate::select::blend::Blend;
 use crate::select::{Selection, SewaConfig, run_model_based};
 
@@ -178,21 +174,4 @@ pub fn render(rows: &[Row], window: usize, k: usize) -> String {
         ));
     }
     s
-}
-
-/// Publish SeWA's average to `<dir>/published/model.safetensors` through the averaging kernel
-/// and atomic publisher (manifest beside it, with the selection's report); also write the
-/// selection as `selection.json` for `sewa report`.
-pub fn publish_sewa(members: &[Checkpoint], sel: &Selection, dir: &Path) -> Result<PathBuf> {
-    let out_dir = dir.join("published");
-    std::fs::create_dir_all(&out_dir).with_path(&out_dir)?;
-    let refs: Vec<&Checkpoint> = members.iter().collect();
-    let plan = AveragePlan::new(refs, Some(&sel.weights), AverageOptions::default())?;
-    let out = out_dir.join("model.safetensors");
-    let published =
-        publish(&plan, &out, Provenance::from(sel), &PublishOptions::default(), &mut |_| {})?;
-    let json = serde_json::to_string_pretty(&sel).map_err(|e| Error::Internal(e.to_string()))?;
-    let sel_path = out_dir.join("selection.json");
-    std::fs::write(&sel_path, json).with_path(&sel_path)?;
-    Ok(published.path)
 }

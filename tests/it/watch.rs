@@ -545,3 +545,35 @@ fn model_based_selector_in_the_daemon_with_policy_best() {
     // The later, worse checkpoints produced selections that were held back.
     assert!(d.log().contains("selection not published"), "{}", d.log());
 }
+
+#[test]
+fn on_publish_hook_sees_the_manifest_and_its_failure_is_not_fatal() {
+    // The hook copies the manifest it is told about, then fails: the daemon must log the
+    // failure and keep publishing.
+    let hook = r#"on_publish = ["sh", "-c", "cp \"$SEWA_MANIFEST\" \"$SEWA_OUTPUT.hook-saw.json\"; echo hook-ran >&2; exit 3"]"#;
+    let mut d = Daemon::start_full(
+        "[select]\nmethod = \"lawa\"\nk = 2\n",
+        "averaged/model.safetensors",
+        hook,
+    );
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2"]);
+    d.wait_published(&[1, 2]);
+    let saw = PathBuf::from(format!("{}.hook-saw.json", d.out.display()));
+    let start = Instant::now();
+    let copied = loop {
+        if let Some(v) = read_json(&saw).filter(|v| input_steps(v) == [1, 2]) {
+            break v;
+        }
+        assert!(start.elapsed() < DEADLINE, "the hook never saw the manifest\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(copied["selection"]["method"], "lawa");
+    while !d.log().contains("on_publish failed") {
+        assert!(start.elapsed() < DEADLINE, "the hook's failure was not logged\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("hook-ran"), "{}", d.log());
+    write(&d.runs, &["--style", "st-rename", "--steps", "3"]);
+    d.wait_published(&[2, 3]);
+    assert!(d.alive());
+}
