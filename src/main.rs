@@ -10,7 +10,9 @@ use sewa::commands;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cap_threads(thread_cap(&cli.command));
-    init_logging(cli.log_format);
+    // The demo prints its own summary; its in-process watcher's per-checkpoint lines would bury it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    init_logging(cli.log_format, default_level);
     let result = match &cli.command {
         Command::Average(args) => commands::average::run(args).map(|p| {
             println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
@@ -36,10 +38,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default level (info).
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr; `RUST_LOG` overrides the default level.
+fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

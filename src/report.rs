@@ -55,7 +55,7 @@ impl Window {
             .or_else(|| floats(&v["weights"]))
             .ok_or("no `weights` array: not a selection or a manifest")?;
         let d = &sel["details"];
-        let labels = match d["members"].as_array() {
+        let labels: Vec<String> = match d["members"].as_array() {
             Some(ms) => ms
                 .iter()
                 .enumerate()
@@ -63,10 +63,21 @@ impl Window {
                 .collect(),
             None => (0..weights.len()).map(|i| format!("#{i}")).collect(),
         };
+        // A daemon's manifest lists only the published inputs' weights; the window is in the
+        // details, with the chosen members as indices into it.
+        let chosen: Vec<bool> = if weights.len() == labels.len() {
+            weights.iter().map(|w| *w > 0.0).collect()
+        } else {
+            let idx = d["chosen"]
+                .as_array()
+                .ok_or("weights do not cover the window and there is no `chosen` list")?;
+            let idx: Vec<u64> = idx.iter().filter_map(|i| i.as_u64()).collect();
+            (0..labels.len() as u64).map(|i| idx.contains(&i)).collect()
+        };
         Ok(Window {
             method: sel["method"].as_str().unwrap_or("?").to_string(),
             labels,
-            chosen: weights.iter().map(|w| *w > 0.0).collect(),
+            chosen,
             probabilities: floats(&d["probabilities"]),
             member_losses: floats(&d["member_losses"]),
             loss: sel["loss"].as_f64(),

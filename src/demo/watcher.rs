@@ -41,12 +41,13 @@ kind = "builtin"
 model = "mlp"
 data = "selection.safetensors"
 [publish]
-out = "published/model.safetensors"
+out = {out:?}
 policy = "best"
 [runtime]
 threads = 1
 "#,
         dir = ckpt_dir.display().to_string(),
+        out = ckpt_dir.with_file_name("published").join("model.safetensors").display().to_string(),
     )
 }
 
