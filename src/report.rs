@@ -202,3 +202,27 @@ fn draw_losses(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sewa watch` manifests list only the published inputs' weights; the window and the
+    /// chosen indices are in the selection's details (regression: report indexed past the end).
+    #[test]
+    fn daemon_manifest_marks_chosen_members_of_the_whole_window() {
+        let members: Vec<Value> =
+            (0..6).map(|i| serde_json::json!({"path": format!("s{i}"), "step": 10 * i})).collect();
+        let v = serde_json::json!({
+            "weights": [0.5, 0.5],
+            "selection": {"method": "sewa", "loss": 0.5,
+                          "details": {"members": members, "chosen": [1, 4],
+                                      "probabilities": [0.1, 0.9, 0.2, 0.1, 0.8, 0.3]}}
+        });
+        let w = Window::from_json(&v).unwrap();
+        assert_eq!(w.labels, ["0", "10", "20", "30", "40", "50"]);
+        assert_eq!(w.chosen, [false, true, false, false, true, false]);
+        let out = tempfile::tempdir().unwrap();
+        draw(&w, &out.path().join("w.svg")).unwrap();
+    }
+}
