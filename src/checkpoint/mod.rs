@@ -284,7 +284,7 @@ impl Checkpoint {
     }
     /// String metadata: safetensors `__metadata__` (first file), plus for HF directories
     /// `metric` (from trainer_state.json) and for Lightning files `epoch` and `global_step`.
-    /// See `docs/readme-formats.md` for the keys.
+    /// See "Training step and metric" in README.md for the keys.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }
