@@ -29,8 +29,8 @@ use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{FileRecord, Manifest, Provenance, rfc3339};
 
 mod atomic;
-pub use atomic::write_atomic;
 use atomic::{hidden_prefix, parent_dir, swap_in, sync_dir, write_new};
+pub use atomic::{remove_stale_temps, write_atomic};
 
 /// Default shard size for directory outputs (as `save_pretrained`'s `max_shard_size` 5GB).
 pub const DEFAULT_SHARD_BYTES: u64 = 5 << 30;

@@ -25,6 +25,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::watch::{self, Filter, Hint, Settler, Sig};
 
+/// Temp files of the output older than this are litter from a killed run, not a publish under way.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+
 /// How long a shutdown waits for an in-flight publish before leaving (the output is old or
 /// new either way: publishing renames a complete file into place).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -50,6 +53,10 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     let mut front = Front::start(&cfg, tx)?;
     let mut rescan_every = interval(Duration::from_secs(cfg.watch.rescan_s.0));
     let mut watchdog = interval(watchdog_period(opts.systemd));
+    // A previous run killed mid-publish (OOM, SIGKILL) may have left a temp copy of the model.
+    for litter in crate::publish::remove_stale_temps(&cfg.publish.out, STALE_TEMP_AGE) {
+        warn!(path = %litter.display(), "removed a temp file left by an interrupted publish");
+    }
     let mut pipeline = Pipeline::new(cfg);
     pipeline.set_state("watching");
     front.rescan(&mut pipeline, "start-up");

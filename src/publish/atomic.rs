@@ -95,11 +95,61 @@ pub(super) fn hidden_prefix(p: &Path) -> String {
     format!(".{}.", p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
 }
 
+/// Remove temp files and directories a killed publisher left beside `dest` (and beside its
+/// manifest), untouched for at least `min_age` so a publish still under way is never hit.
+/// Returns what was removed; failures to remove are skipped (they are only litter).
+pub fn remove_stale_temps(dest: &Path, min_age: std::time::Duration) -> Vec<std::path::PathBuf> {
+    let prefix = hidden_prefix(dest);
+    let Ok(entries) = std::fs::read_dir(parent_dir(dest)) else { return Vec::new() };
+    let stale = |e: &std::fs::DirEntry| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        name.starts_with(&prefix)
+            && name.ends_with(".sewa-tmp")
+            && age.is_some_and(|a| a >= min_age)
+    };
+    let mut removed = Vec::new();
+    for e in entries.filter_map(|e| e.ok()).filter(stale) {
+        let path = e.path();
+        let gone = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn stale_temps_of_this_output_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model.safetensors");
+        let keep =
+            ["model.safetensors", ".other.safetensors.ab12.sewa-tmp", ".model.safetensors.x"];
+        let litter =
+            [".model.safetensors.ab12.sewa-tmp", ".model.safetensors.manifest.json.cd34.sewa-tmp"];
+        for n in keep.iter().chain(&litter) {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join(".model.safetensors.ef56.sewa-tmp")).unwrap();
+        // Too young: a publish may still be writing it.
+        assert!(remove_stale_temps(&out, std::time::Duration::from_secs(3600)).is_empty());
+        let mut removed = remove_stale_temps(&out, std::time::Duration::ZERO);
+        removed.sort();
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        for n in keep {
+            assert!(dir.path().join(n).exists(), "{n} was removed");
+        }
+    }
 
     fn dir_with(parent: &Path, name: &str, content: &str) -> PathBuf {
         let d = parent.join(name);
