@@ -171,18 +171,6 @@ pub fn publish(
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
     let manifest = Manifest::new(plan, out.to_path_buf(), provenance);
-    publish_recorded(plan, out, manifest, opts, progress)
-}
-
-/// As [`publish`], with a manifest the caller prepared from `Manifest::new` (the daemon
-/// publishes its running average held in memory and records the window members it came from).
-pub fn publish_recorded(
-    plan: &AveragePlan<'_>,
-    out: &Path,
-    manifest: Manifest,
-    opts: &PublishOptions,
-    progress: &mut dyn FnMut(u64),
-) -> Result<Published> {
     let side_dir = newest_side_dir(plan.inputs());
     publish_tensors(&mut PlanSource::new(plan), manifest, side_dir, out, opts, progress)
 }
