@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::config::{IntPolicy, OutDType};
 use crate::error::{Error, Result};
+use crate::schema::check_against;
 
 /// One output tensor: name, dtype, shape, little-endian bytes.
 pub type OutTensor = (String, DType, Vec<usize>, Vec<u8>);
@@ -101,7 +102,7 @@ impl Accumulator {
         self.total = 0.0;
         let mut sums = std::mem::take(&mut self.sums);
         for (ckpt, w) in target {
-            check_schema(&self.schema, ckpt)?;
+            check_against("the running average", &self.schema, ckpt)?;
             add(&mut sums, &self.schema, ckpt, *w)?;
             self.total += w;
         }
@@ -197,25 +198,6 @@ fn plan(current: &[Contributor], target: &[(Arc<Checkpoint>, f64)]) -> Vec<(Arc<
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= TOL * a.abs().max(b.abs()).max(1e-300)
-}
-
-fn check_schema(schema: &[TensorMeta], ckpt: &Checkpoint) -> Result<()> {
-    if schema == ckpt.tensors() {
-        return Ok(());
-    }
-    let first = schema.iter().zip(ckpt.tensors()).find(|(a, b)| a != b);
-    let msg = match first {
-        Some((a, b)) => format!(
-            "schema differs from the window: {} {:?} {:?} vs {} {:?} {:?}",
-            a.name, a.dtype, a.shape, b.name, b.dtype, b.shape
-        ),
-        None => format!(
-            "schema differs from the window: {} tensors vs {}",
-            schema.len(),
-            ckpt.tensors().len()
-        ),
-    };
-    Err(Error::bad_input(ckpt.path(), msg))
 }
 
 /// `sums += coef · x` for every float tensor of `ckpt`; non-finite inputs are bad input.

@@ -135,21 +135,8 @@ pub fn draw(w: &Window, out: &Path) -> Result<()> {
         ),
         None => format!("{}: window of {n}", w.method),
     };
-    let mut chart = ChartBuilder::on(&top)
-        .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..1.05)
-        .map_err(|e| plot_err(out, e))?;
-    let labels = w.labels.clone();
-    chart
-        .configure_mesh()
-        .x_labels(n.min(20))
-        .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
-        .y_desc("selection probability")
-        .draw()
-        .map_err(|e| plot_err(out, e))?;
+    let y = 0f64..1.05;
+    let mut chart = panel(&top, Some(title), y, (None, "selection probability"), &w.labels, out)?;
     let bars = probs.iter().enumerate().map(|(i, p)| {
         let style = if w.chosen[i] { BLUE.filled() } else { BLUE.mix(0.3).filled() };
         Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, *p)], style)
@@ -159,6 +146,39 @@ pub fn draw(w: &Window, out: &Path) -> Result<()> {
         draw_losses(&bottom, w, losses, out)?;
     }
     root.present().map_err(|e| plot_err(out, e))
+}
+
+type Axis = plotters::coord::types::RangedCoordf64;
+type Panel<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<Axis, Axis>>;
+
+/// One panel over the window's members: x = member (labelled by step), y = `y`.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: Option<String>,
+    y: std::ops::Range<f64>,
+    (x_desc, y_desc): (Option<&str>, &str),
+    labels: &[String],
+    out: &Path,
+) -> Result<Panel<'a, 'b>> {
+    let n = labels.len();
+    let mut builder = ChartBuilder::on(area);
+    if let Some(c) = caption {
+        builder.caption(c, ("sans-serif", 18));
+    }
+    let mut chart = builder
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, y)
+        .map_err(|e| plot_err(out, e))?;
+    let label = |x: &f64| labels.get(x.round() as usize).cloned().unwrap_or_default();
+    let mut mesh = chart.configure_mesh();
+    mesh.x_labels(n.min(20)).x_label_formatter(&label).y_desc(y_desc);
+    if let Some(d) = x_desc {
+        mesh.x_desc(d);
+    }
+    mesh.draw().map_err(|e| plot_err(out, e))?;
+    Ok(chart)
 }
 
 fn draw_losses(
@@ -174,21 +194,9 @@ fn draw_losses(
         lo = lo.min(l);
     }
     let pad = (hi - lo).max(1e-6) * 0.1;
-    let mut chart = ChartBuilder::on(area)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo - pad..hi + pad)
-        .map_err(|e| plot_err(out, e))?;
-    let labels = w.labels.clone();
-    chart
-        .configure_mesh()
-        .x_labels(n.min(20))
-        .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
-        .x_desc("member (step)")
-        .y_desc("own held-out loss")
-        .draw()
-        .map_err(|e| plot_err(out, e))?;
+    let y = lo - pad..hi + pad;
+    let descs = (Some("member (step)"), "own held-out loss");
+    let mut chart = panel(area, None, y, descs, &w.labels, out)?;
     let pts: Vec<(f64, f64)> = losses.iter().enumerate().map(|(i, l)| (i as f64, *l)).collect();
     chart.draw_series(LineSeries::new(pts.clone(), &BLACK)).map_err(|e| plot_err(out, e))?;
     let marks = pts.iter().enumerate().map(|(i, p)| {

@@ -11,14 +11,17 @@ pub fn check_schema(inputs: &[&Checkpoint]) -> Result<()> {
     let Some((first, rest)) = inputs.split_first() else {
         return Err(Error::Usage("no input checkpoints given".into()));
     };
+    let reference = first.path().display().to_string();
     for other in rest {
-        check_pair(first, other)?;
+        check_against(&reference, first.tensors(), other)?;
     }
     Ok(())
 }
 
-fn check_pair(reference: &Checkpoint, other: &Checkpoint) -> Result<()> {
-    let (a, b) = (reference.tensors(), other.tensors());
+/// Check `other` against the tensor list `a` of `reference` (a file, or a description such as
+/// "the window"); the error names `other` with both sides of the first difference.
+pub fn check_against(reference: &str, a: &[TensorMeta], other: &Checkpoint) -> Result<()> {
+    let b = other.tensors();
     // Both lists are sorted by name: walk them together to find the first name in one only.
     let (mut i, mut j) = (0, 0);
     while i < a.len() || j < b.len() {
@@ -38,21 +41,13 @@ fn check_pair(reference: &Checkpoint, other: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-fn compare_meta(
-    reference: &Checkpoint,
-    other: &Checkpoint,
-    x: &TensorMeta,
-    y: &TensorMeta,
-) -> Result<()> {
+fn compare_meta(reference: &str, other: &Checkpoint, x: &TensorMeta, y: &TensorMeta) -> Result<()> {
     if x.dtype != y.dtype {
         return Err(Error::bad_input(
             other.path(),
             format!(
                 "tensor {}: dtype {:?} here but {:?} in {} (all inputs must share dtypes)",
-                x.name,
-                y.dtype,
-                x.dtype,
-                reference.path().display()
+                x.name, y.dtype, x.dtype, reference
             ),
         ));
     }
@@ -61,10 +56,7 @@ fn compare_meta(
             other.path(),
             format!(
                 "tensor {}: shape {:?} here but {:?} in {} (inputs must come from the same model)",
-                x.name,
-                y.shape,
-                x.shape,
-                reference.path().display()
+                x.name, y.shape, x.shape, reference
             ),
         ));
     }
@@ -72,24 +64,24 @@ fn compare_meta(
 }
 
 /// `lacking` has no tensor `name` that `having` has.
-fn missing(lacking: &Checkpoint, having: &Checkpoint, name: &str) -> Error {
+fn missing(lacking: &Checkpoint, having: &str, name: &str) -> Error {
     Error::bad_input(
         lacking.path(),
         format!(
             "has no tensor {name}, which {} has (inputs must have the same tensor names; \
              for torch.compile's `_orig_mod.` or another prefix use --strip-prefix)",
-            having.path().display()
+            having
         ),
     )
 }
 
 /// `blamed` has a tensor `name` that `reference` lacks.
-fn extra(blamed: &Checkpoint, reference: &Checkpoint, name: &str) -> Error {
+fn extra(blamed: &Checkpoint, reference: &str, name: &str) -> Error {
     Error::bad_input(
         blamed.path(),
         format!(
             "has a tensor {name} that {} lacks (inputs must have the same tensor names)",
-            reference.path().display()
+            reference
         ),
     )
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::accumulate::{add_bytes, non_finite};
 use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::error::{Error, Result};
+use crate::schema::check_against;
 
 /// Why a candidate cannot be admitted.
 pub struct Refusal {
@@ -36,7 +37,7 @@ pub fn load(
         incomplete: false,
     })?;
     if let Some(schema) = reference {
-        schema_matches(schema, &ckpt).map_err(|e| refuse(e, false))?;
+        check_against("the window", schema, &ckpt).map_err(|e| refuse(e, false))?;
     }
     scan_finite(&ckpt).map_err(|e| refuse(e, false))?;
     let metric = read_metric(&ckpt, metric);
@@ -48,28 +49,6 @@ fn strip_path(e: &Error, path: &Path) -> String {
     let text = e.to_string();
     let prefix = format!("{}: ", path.display());
     text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
-}
-
-fn schema_matches(schema: &[TensorMeta], ckpt: &Checkpoint) -> Result<()> {
-    let theirs = ckpt.tensors();
-    for (a, b) in schema.iter().zip(theirs) {
-        if a != b {
-            return Err(Error::bad_input(
-                ckpt.path(),
-                format!(
-                    "schema differs from the window: window has {} {:?} {:?}, this has {} {:?} {:?}",
-                    a.name, a.dtype, a.shape, b.name, b.dtype, b.shape
-                ),
-            ));
-        }
-    }
-    if schema.len() != theirs.len() {
-        return Err(Error::bad_input(
-            ckpt.path(),
-            format!("schema differs from the window: {} tensors vs {}", theirs.len(), schema.len()),
-        ));
-    }
-    Ok(())
 }
 
 /// Read every float tensor once; the first NaN/Inf is bad input. Pages are released after.
