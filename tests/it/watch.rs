@@ -577,3 +577,27 @@ fn on_publish_hook_sees_the_manifest_and_its_failure_is_not_fatal() {
     d.wait_published(&[2, 3]);
     assert!(d.alive());
 }
+
+#[test]
+fn checkpoint_of_another_model_is_quarantined_naming_the_tensor() {
+    let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2"]);
+    d.wait_published(&[1, 2]);
+    // A checkpoint from a different model lands in the same directory.
+    write_mlp(&d.runs, 3, 1.0);
+    let start = Instant::now();
+    let reason = loop {
+        let q = d.status().map(|s| s["quarantined"].clone()).unwrap_or_default();
+        let hit = q.as_array().and_then(|q| {
+            q.iter().find(|x| x["path"].as_str().is_some_and(|p| p.ends_with("step_3.safetensors")))
+        });
+        if let Some(x) = hit {
+            break x["reason"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(start.elapsed() < DEADLINE, "never quarantined\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(reason.contains("the window") && reason.contains("tensor"), "{reason}");
+    assert_eq!(input_steps(&d.manifest().unwrap()), [1, 2], "the old publication stays");
+    assert!(d.alive());
+}
