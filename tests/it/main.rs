@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod config;
 mod evaluator;
+mod faults;
 mod objective;
 mod publish;
 mod sewa;

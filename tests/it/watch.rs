@@ -11,30 +11,30 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A running `sewa watch` over a fresh temp dir.
-struct Daemon {
-    child: Child,
-    tmp: tempfile::TempDir,
-    runs: PathBuf,
-    out: PathBuf,
-    config: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) runs: PathBuf,
+    pub(crate) out: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 impl Daemon {
     /// Start with `[select]`/`[window]` lines given by the test.
-    fn start(extra: &str) -> Daemon {
+    pub(crate) fn start(extra: &str) -> Daemon {
         Daemon::start_with_out(extra, "averaged/model.safetensors")
     }
 
     /// `out` relative to the runs dir: `*.safetensors` is a file, anything else an HF dir.
-    fn start_with_out(extra: &str, out: &str) -> Daemon {
+    pub(crate) fn start_with_out(extra: &str, out: &str) -> Daemon {
         Daemon::start_full(extra, out, "")
     }
 
     /// `publish` adds keys to the `[publish]` table.
-    fn start_full(extra: &str, out: &str, publish: &str) -> Daemon {
+    pub(crate) fn start_full(extra: &str, out: &str, publish: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let runs = tmp.path().join("runs");
         std::fs::create_dir(&runs).unwrap();
@@ -57,7 +57,7 @@ impl Daemon {
         Daemon { child, tmp, runs, out, config }
     }
 
-    fn manifest_path(&self) -> PathBuf {
+    pub(crate) fn manifest_path(&self) -> PathBuf {
         if self.out.extension().is_some_and(|e| e == "safetensors") {
             PathBuf::from(format!("{}.manifest.json", self.out.display()))
         } else {
@@ -65,16 +65,16 @@ impl Daemon {
         }
     }
 
-    fn manifest(&self) -> Option<Value> {
+    pub(crate) fn manifest(&self) -> Option<Value> {
         read_json(&self.manifest_path())
     }
 
-    fn status(&self) -> Option<Value> {
+    pub(crate) fn status(&self) -> Option<Value> {
         read_json(&self.out.parent().unwrap().join(".sewa/status.json"))
     }
 
     /// The published model file (inside the directory for a directory output).
-    fn model_file(&self) -> PathBuf {
+    pub(crate) fn model_file(&self) -> PathBuf {
         if self.out.extension().is_some_and(|e| e == "safetensors") {
             self.out.clone()
         } else {
@@ -82,16 +82,16 @@ impl Daemon {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("sewa.log")).unwrap_or_default()
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
     /// Poll until the published manifest's input steps are `steps`.
-    fn wait_published(&mut self, steps: &[u64]) -> Value {
+    pub(crate) fn wait_published(&mut self, steps: &[u64]) -> Value {
         let start = Instant::now();
         loop {
             if let Some(m) = self.manifest().filter(|m| input_steps(m) == steps) {
@@ -108,7 +108,7 @@ impl Daemon {
         }
     }
 
-    fn terminate(&mut self) -> Duration {
+    pub(crate) fn terminate(&mut self) -> Duration {
         let t0 = Instant::now();
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -130,11 +130,11 @@ impl Drop for Daemon {
     }
 }
 
-fn read_json(path: &Path) -> Option<Value> {
+pub(crate) fn read_json(path: &Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-fn input_steps(m: &Value) -> Vec<u64> {
+pub(crate) fn input_steps(m: &Value) -> Vec<u64> {
     let inputs = m["inputs"].as_array().cloned().unwrap_or_default();
     let mut steps: Vec<u64> = inputs.iter().filter_map(|i| i["step"].as_u64()).collect();
     steps.sort();
@@ -142,14 +142,14 @@ fn input_steps(m: &Value) -> Vec<u64> {
 }
 
 /// Start the fake trainer; returns when it has finished writing.
-fn write(dir: &Path, args: &[&str]) {
+pub(crate) fn write(dir: &Path, args: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/writers/trainer.py");
     let out = Command::new("python3").arg(script).arg(dir).args(args).output().unwrap();
     assert!(out.status.success(), "writer failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The values the writer puts in step `s` (see trainer.py), averaged with the manifest weights.
-fn expected(m: &Value) -> (Vec<f64>, Vec<f64>, i64) {
+pub(crate) fn expected(m: &Value) -> (Vec<f64>, Vec<f64>, i64) {
     let inputs = m["inputs"].as_array().unwrap();
     let total: f64 = inputs.iter().map(|i| i["weight"].as_f64().unwrap()).sum();
     let (mut w, mut b) = (vec![0.0; 64], vec![0.0; 16]);
@@ -163,7 +163,7 @@ fn expected(m: &Value) -> (Vec<f64>, Vec<f64>, i64) {
 }
 
 /// Whether the output bytes are exactly the average the manifest describes.
-fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
+pub(crate) fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
     let st =
         safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("unparsable: {e}"))?;
     let f32s = |name: &str| -> Result<Vec<f64>, String> {
@@ -193,14 +193,14 @@ fn matches(bytes: &[u8], m: &Value) -> Result<(), String> {
 /// steps and weights it names in its own safetensors metadata (the same record as its
 /// manifest, which a starved reader thread may no longer find current). Each test also checks
 /// the final output against the final manifest.
-struct Reader {
+pub(crate) struct Reader {
     stop: Arc<AtomicBool>,
     checked: Arc<AtomicUsize>,
     handle: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl Reader {
-    fn start(out: PathBuf) -> Reader {
+    pub(crate) fn start(out: PathBuf) -> Reader {
         let stop = Arc::new(AtomicBool::new(false));
         let checked = Arc::new(AtomicUsize::new(0));
         let (s, c) = (stop.clone(), checked.clone());
@@ -216,7 +216,7 @@ impl Reader {
     }
 
     /// Stop and return how many reads were checked (fails the test on any bad read).
-    fn finish(mut self) -> usize {
+    pub(crate) fn finish(mut self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap().unwrap();
         self.checked.load(Ordering::Relaxed)
@@ -224,7 +224,7 @@ impl Reader {
 }
 
 /// The `inputs` record (steps, weights) an output carries in its `__metadata__`.
-fn self_described(bytes: &[u8]) -> Result<Value, String> {
+pub(crate) fn self_described(bytes: &[u8]) -> Result<Value, String> {
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("unparsable: {e}"))?;
     let md = meta.metadata().clone().ok_or("no __metadata__")?;
@@ -239,7 +239,7 @@ fn self_described(bytes: &[u8]) -> Result<Value, String> {
 }
 
 /// The final output is the average its final manifest describes.
-fn check_final(d: &Daemon) {
+pub(crate) fn check_final(d: &Daemon) {
     let bytes = std::fs::read(d.model_file()).unwrap();
     matches(&bytes, &d.manifest().unwrap()).unwrap();
 }

@@ -1,0 +1,1 @@
+//! Hostile input: names, headers, pickles, strides, FIFOs, symlinks, control characters.

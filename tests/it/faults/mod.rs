@@ -1,0 +1,7 @@
+//! Regression tests for faults found by attacking sewa as a hostile user and running it as a
+//! production service would be (issue 8). Each test is named after what it guards.
+
+mod input;
+mod publish;
+mod reads;
+mod service;

@@ -1,0 +1,1 @@
+//! Publishing guarantees: model and manifest change together, locks, temp litter, overflow.

@@ -1,0 +1,1 @@
+//! Files changing underneath a read: truncation mid-read never kills the process.

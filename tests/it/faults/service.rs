@@ -1,0 +1,1 @@
+//! Service behaviour: panics, watchdog, reload, non-finite losses, policies.
