@@ -342,6 +342,11 @@ pub fn normalise_weights(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> 
         return Err(Error::Usage(format!("weight {bad} is not a finite non-negative number")));
     }
     let sum: f64 = w.iter().sum();
+    if !sum.is_finite() {
+        return Err(Error::Usage(format!(
+            "weights {w:?} are too large: their sum overflows; scale them down (only their ratios matter)"
+        )));
+    }
     if sum <= 0.0 {
         return Err(Error::Usage("all weights are zero; at least one must be positive".into()));
     }

@@ -46,6 +46,22 @@ fn floats(v: &Value) -> Option<Vec<f64>> {
     v.as_array()?.iter().map(|x| x.as_f64()).collect()
 }
 
+/// A per-member array of `details`: one finite value per window member, or absent.
+fn per_member(d: &Value, key: &str, n: usize) -> std::result::Result<Option<Vec<f64>>, String> {
+    if d[key].is_null() {
+        return Ok(None);
+    }
+    let v = floats(&d[key]).ok_or_else(|| format!("`{key}` is not an array of numbers"))?;
+    if v.len() != n {
+        return Err(format!("`{key}` has {} values for a window of {n} members", v.len()));
+    }
+    // Plot ranges are computed from these values: keep them where their differences are finite.
+    if let Some(bad) = v.iter().find(|x| !x.is_finite() || x.abs() > 1e150) {
+        return Err(format!("`{key}` holds {bad}, not a plottable number"));
+    }
+    Ok(Some(v))
+}
+
 impl Window {
     /// Extract from a selection JSON; the error says what is missing.
     pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
@@ -72,15 +88,21 @@ impl Window {
                 .as_array()
                 .ok_or("weights do not cover the window and there is no `chosen` list")?;
             let idx: Vec<u64> = idx.iter().filter_map(|i| i.as_u64()).collect();
+            if let Some(bad) = idx.iter().find(|i| **i >= labels.len() as u64) {
+                return Err(format!(
+                    "`chosen` names member {bad}, outside the window of {}",
+                    labels.len()
+                ));
+            }
             (0..labels.len() as u64).map(|i| idx.contains(&i)).collect()
         };
         Ok(Window {
             method: sel["method"].as_str().unwrap_or("?").to_string(),
+            probabilities: per_member(d, "probabilities", labels.len())?,
+            member_losses: per_member(d, "member_losses", labels.len())?,
             labels,
             chosen,
-            probabilities: floats(&d["probabilities"]),
-            member_losses: floats(&d["member_losses"]),
-            loss: sel["loss"].as_f64(),
+            loss: sel["loss"].as_f64().filter(|l| l.is_finite() && l.abs() <= 1e150),
         })
     }
 }
@@ -232,5 +254,33 @@ mod tests {
         assert_eq!(w.chosen, [false, true, false, false, true, false]);
         let out = tempfile::tempdir().unwrap();
         draw(&w, &out.path().join("w.svg")).unwrap();
+    }
+
+    /// A hand-edited or hostile selection JSON is an error naming what is wrong, never an
+    /// index past the end (regression: `chosen[i]` was indexed straight from the JSON).
+    #[test]
+    fn hostile_selection_json_is_an_error_not_a_panic() {
+        let members: Vec<Value> = (0..3).map(|i| serde_json::json!({"step": i})).collect();
+        let cases = [
+            (serde_json::json!({"chosen": [7]}), "outside the window"),
+            (serde_json::json!({"chosen": [0], "probabilities": [0.5]}), "probabilities"),
+            (serde_json::json!({"chosen": [0], "member_losses": [1.0, 2.0, 3.0, 4.0]}), "member_losses"),
+            (serde_json::json!({"chosen": [0], "member_losses": [1.0, 1e300, -1e300]}), "plottable"),
+        ];
+        for (extra, want) in cases {
+            let mut details = extra.clone();
+            details["members"] = Value::Array(members.clone());
+            let v = serde_json::json!({"weights": [1.0], "selection": {"details": details}});
+            let err = Window::from_json(&v).err().unwrap_or_else(|| panic!("{extra} accepted"));
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        // Probabilities shorter than the window used to index `chosen` past the probabilities'
+        // end in `draw`; equal lengths draw.
+        let details = serde_json::json!({"members": members, "chosen": [2],
+                                          "probabilities": [0.1, 0.2, 0.9]});
+        let v = serde_json::json!({"weights": [1.0], "selection": {"loss": 1e308, "details": details}});
+        let w = Window::from_json(&v).unwrap();
+        assert_eq!(w.loss, None, "an unplottable loss is dropped, not drawn");
+        draw(&w, &tempfile::tempdir().unwrap().path().join("w.svg")).unwrap();
     }
 }

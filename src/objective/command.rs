@@ -25,6 +25,12 @@ pub const PROTOCOL: u32 = 1;
 const STDERR_LINES_KEPT: usize = 20;
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// After the evaluator exits, how long to wait for its stderr to reach EOF before composing the
+/// error (a grandchild can keep the pipe open; its last lines are what a user debugs with).
+const STDERR_DRAIN: Duration = Duration::from_secs(2);
+/// The longest `timeout_s` / `startup_timeout_s` accepted: a week (larger values are typos, and
+/// `Duration` cannot hold arbitrary floats).
+const MAX_TIMEOUT_S: f64 = 7.0 * 86_400.0;
 
 /// `[objective]` keys for `kind = "command"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -62,8 +68,11 @@ impl CommandConfig {
         for (key, v) in
             [("timeout_s", self.timeout_s), ("startup_timeout_s", self.startup_timeout_s)]
         {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::config(config_path, format!("[objective] {key} must be > 0")));
+            if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
+                return Err(Error::config(
+                    config_path,
+                    format!("[objective] {key} = {v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)"),
+                ));
             }
         }
         Ok(())
@@ -97,6 +106,8 @@ struct Session {
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<std::io::Result<String>>,
+    /// Disconnects when the stderr reader has read its pipe to EOF.
+    stderr_eof: Receiver<()>,
     supports_grad: bool,
     name: String,
 }
@@ -221,10 +232,10 @@ impl CommandObjective {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         self.stderr_tail.lock().map(|mut t| t.clear()).ok();
-        spawn_stderr_logger(stderr, self.stderr_tail.clone());
+        let stderr_eof = spawn_stderr_logger(stderr, self.stderr_tail.clone());
         let lines = spawn_line_reader(stdout);
         let mut session =
-            Session { child, stdin, lines, supports_grad: false, name: String::new() };
+            Session { child, stdin, lines, stderr_eof, supports_grad: false, name: String::new() };
         self.handshake(&mut session)?;
         Ok(session)
     }
@@ -249,7 +260,8 @@ impl CommandObjective {
 
     /// Next reply line, within the timeout.
     fn receive(&self, s: &mut Session, key: &str, timeout_s: f64) -> Result<Reply> {
-        let line = match s.lines.recv_timeout(Duration::from_secs_f64(timeout_s)) {
+        let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::MAX);
+        let line = match s.lines.recv_timeout(timeout) {
             Ok(Ok(line)) => line,
             Ok(Err(e)) => return Err(self.failure(format!("stdout unreadable: {e}"))),
             Err(RecvTimeoutError::Timeout) => {
@@ -257,6 +269,7 @@ impl CommandObjective {
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = s.child.wait().map(|st| st.to_string()).unwrap_or_default();
+                drain_stderr(s);
                 return Err(self.failure(format!("exited ({status})")));
             }
         };
@@ -302,7 +315,11 @@ impl CommandObjective {
         params: &Params,
         ask_grad: bool,
     ) -> Result<Evaluation> {
-        send(s, req).map_err(|e| self.failure(format!("closed its stdin: {e}")))?;
+        if let Err(e) = send(s, req) {
+            // Most likely it died: let its last words reach the error.
+            drain_stderr(s);
+            return Err(self.failure(format!("closed its stdin: {e}")));
+        }
         match self.receive(s, "timeout_s", self.config.timeout_s)? {
             Reply::Result { id: got, .. } if got != id => {
                 Err(self.failure(format!("answered request {got}, expected {id}")))
@@ -395,8 +412,15 @@ fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Res
     rx
 }
 
-fn spawn_stderr_logger(stderr: std::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>) {
+/// Log the evaluator's stderr and keep its last lines; the returned receiver disconnects once
+/// the pipe reached EOF and every line is in `tail`.
+fn spawn_stderr_logger(
+    stderr: std::process::ChildStderr,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) -> Receiver<()> {
+    let (eof_tx, eof_rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
+        let _eof = eof_tx; // dropped after the last line is stored
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
             tracing::info!(target: "sewa::evaluator", "{line}");
             if let Ok(mut t) = tail.lock() {
@@ -407,6 +431,12 @@ fn spawn_stderr_logger(stderr: std::process::ChildStderr, tail: Arc<Mutex<VecDeq
             }
         }
     });
+    eof_rx
+}
+
+/// Wait (bounded) until the stderr reader has stored everything the exited process wrote.
+fn drain_stderr(s: &Session) {
+    let _ = s.stderr_eof.recv_timeout(STDERR_DRAIN);
 }
 
 /// Write a candidate as f32 safetensors (what every client can load).

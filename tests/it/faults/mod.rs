@@ -5,3 +5,4 @@ mod input;
 mod publish;
 mod reads;
 mod service;
+mod validation;
