@@ -37,9 +37,15 @@ pub struct Window {
     pub method: String,
     pub labels: Vec<String>,
     pub chosen: Vec<bool>,
+    /// Chosen members that the optimiser's top-k did not hold: swapped in by polishing.
+    pub polished: Vec<bool>,
+    /// Members of the optimiser's top-k that polishing swapped out.
+    pub dropped: Vec<bool>,
     pub probabilities: Option<Vec<f64>>,
     pub member_losses: Option<Vec<f64>>,
     pub loss: Option<f64>,
+    /// Oracle calls the selection spent (optimise + polish), when recorded.
+    pub oracle_calls: Option<u64>,
 }
 
 fn floats(v: &Value) -> Option<Vec<f64>> {
@@ -96,7 +102,21 @@ impl Window {
             }
             (0..labels.len() as u64).map(|i| idx.contains(&i)).collect()
         };
+        // SeWA records its top-k before polishing; chosen members outside it were swapped in.
+        let (polished, dropped) = match d["top_k"].as_array() {
+            Some(top) => {
+                let top: Vec<u64> = top.iter().filter_map(|i| i.as_u64()).collect();
+                let in_top = |i: usize| top.contains(&(i as u64));
+                let pairs =
+                    chosen.iter().enumerate().map(|(i, c)| (*c && !in_top(i), !*c && in_top(i)));
+                pairs.unzip()
+            }
+            None => (vec![false; labels.len()], vec![false; labels.len()]),
+        };
         Ok(Window {
+            polished,
+            dropped,
+            oracle_calls: d["oracle_calls"].as_u64(),
             method: sel["method"].as_str().unwrap_or("?").to_string(),
             probabilities: per_member(d, "probabilities", labels.len())?,
             member_losses: per_member(d, "member_losses", labels.len())?,
@@ -138,36 +158,106 @@ fn plot_err(out: &Path, e: impl std::fmt::Display) -> Error {
     Error::bad_input(out, format!("cannot draw: {e}"))
 }
 
-/// Two panels over the members: probabilities (or weights) as bars, chosen ones filled; the
-/// members' own losses as a line with the selection's loss as a horizontal rule.
+/// Two panels over the members: probabilities (or weights) as bars — chosen ones solid, those
+/// swapped in by polishing in another colour — and the members' own losses as a line with the
+/// selection's loss as a labelled rule. Each panel has a legend; the title says method, k, K and
+/// the oracle calls spent, so a chosen member with a low bar reads as what it is.
 pub fn draw(w: &Window, out: &Path) -> Result<()> {
-    let n = w.labels.len();
-    let root = SVGBackend::new(out, (900, 560)).into_drawing_area();
+    let root = SVGBackend::new(out, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(out, e))?;
-    let (top, bottom) = root.split_vertically(280);
-    let probs = w
-        .probabilities
-        .clone()
-        .unwrap_or_else(|| w.chosen.iter().map(|c| if *c { 1.0 } else { 0.0 }).collect());
-    let title = match w.loss {
-        Some(l) => format!(
-            "{}: chosen {} of {n}, loss {l:.4}",
-            w.method,
-            w.chosen.iter().filter(|c| **c).count()
-        ),
-        None => format!("{}: window of {n}", w.method),
-    };
-    let y = 0f64..1.05;
-    let mut chart = panel(&top, Some(title), y, (None, "selection probability"), &w.labels, out)?;
-    let bars = probs.iter().enumerate().map(|(i, p)| {
-        let style = if w.chosen[i] { BLUE.filled() } else { BLUE.mix(0.3).filled() };
-        Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, *p)], style)
-    });
-    chart.draw_series(bars).map_err(|e| plot_err(out, e))?;
+    let (top, bottom) = root.split_vertically(300);
+    draw_bars(&top, w, out)?;
     if let Some(losses) = &w.member_losses {
         draw_losses(&bottom, w, losses, out)?;
     }
     root.present().map_err(|e| plot_err(out, e))
+}
+
+fn title(w: &Window) -> String {
+    let (k, n) = (w.chosen.iter().filter(|c| **c).count(), w.labels.len());
+    let mut t = format!("{}: k = {k} of K = {n}", w.method);
+    if let Some(l) = w.loss {
+        t.push_str(&format!(", loss {l:.4}"));
+    }
+    if let Some(c) = w.oracle_calls {
+        t.push_str(&format!(", {c} oracle calls"));
+    }
+    t
+}
+
+/// Which bar style a member gets, with its legend text.
+#[derive(Clone, Copy, PartialEq)]
+enum Bar {
+    Chosen,
+    Polished,
+    Dropped,
+    Other,
+}
+
+impl Bar {
+    fn of(w: &Window, i: usize) -> Bar {
+        match (w.chosen[i], w.polished[i], w.dropped[i]) {
+            (true, true, _) => Bar::Polished,
+            (true, false, _) => Bar::Chosen,
+            (false, _, true) => Bar::Dropped,
+            _ => Bar::Other,
+        }
+    }
+    fn style(self) -> ShapeStyle {
+        match self {
+            Bar::Chosen => BLUE.filled(),
+            Bar::Polished => RGBColor(230, 120, 0).filled(),
+            Bar::Dropped => RGBColor(230, 120, 0).mix(0.3).filled(),
+            Bar::Other => BLUE.mix(0.25).filled(),
+        }
+    }
+    fn label(self, has_probs: bool) -> &'static str {
+        match (self, has_probs) {
+            (Bar::Chosen, true) => "chosen (top-k of the probabilities)",
+            (Bar::Chosen, false) => "chosen",
+            (Bar::Polished, _) => "chosen: swapped in by polishing",
+            (Bar::Dropped, _) => "top-k, swapped out by polishing",
+            (Bar::Other, _) => "not chosen",
+        }
+    }
+}
+
+fn draw_bars(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    w: &Window,
+    out: &Path,
+) -> Result<()> {
+    let probs = w
+        .probabilities
+        .clone()
+        .unwrap_or_else(|| w.chosen.iter().map(|c| if *c { 1.0 } else { 0.0 }).collect());
+    let y_desc = if w.probabilities.is_some() { "selection probability" } else { "chosen" };
+    let mut chart = panel(area, Some(title(w)), 0f64..1.15, (None, y_desc), &w.labels, out)?;
+    for kind in [Bar::Chosen, Bar::Polished, Bar::Dropped, Bar::Other] {
+        let members: Vec<usize> = (0..probs.len()).filter(|&i| Bar::of(w, i) == kind).collect();
+        if members.is_empty() {
+            continue;
+        }
+        let bars = members.iter().map(|&i| {
+            Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, probs[i])], kind.style())
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| plot_err(out, e))?
+            .label(kind.label(w.probabilities.is_some()))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], kind.style()));
+    }
+    legend(&mut chart, out)
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Panel<'a, 'b>, out: &Path) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(|e| plot_err(out, e))
 }
 
 type Axis = plotters::coord::types::RangedCoordf64;
@@ -211,26 +301,41 @@ fn draw_losses(
 ) -> Result<()> {
     let n = losses.len();
     let mut lo = losses.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = losses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut hi = losses.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if let Some(l) = w.loss {
-        lo = lo.min(l);
+        (lo, hi) = (lo.min(l), hi.max(l));
     }
-    let pad = (hi - lo).max(1e-6) * 0.1;
-    let y = lo - pad..hi + pad;
+    // Room above the highest point for the legend.
+    let span = (hi - lo).max(1e-6);
+    let y = lo - span * 0.1..hi + span * 0.45;
     let descs = (Some("member (step)"), "own held-out loss");
     let mut chart = panel(area, None, y, descs, &w.labels, out)?;
     let pts: Vec<(f64, f64)> = losses.iter().enumerate().map(|(i, l)| (i as f64, *l)).collect();
-    chart.draw_series(LineSeries::new(pts.clone(), &BLACK)).map_err(|e| plot_err(out, e))?;
-    let marks = pts.iter().enumerate().map(|(i, p)| {
-        let style = if w.chosen[i] { RED.filled() } else { BLACK.into() };
-        Circle::new(*p, 4, style)
-    });
-    chart.draw_series(marks).map_err(|e| plot_err(out, e))?;
+    chart
+        .draw_series(LineSeries::new(pts.clone(), &BLACK))
+        .map_err(|e| plot_err(out, e))?
+        .label("each member's own loss")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], BLACK));
+    for chosen in [true, false] {
+        let style = if chosen { RED.filled() } else { BLACK.into() };
+        let marks = pts.iter().enumerate().filter(|(i, _)| w.chosen[*i] == chosen);
+        let series = chart
+            .draw_series(marks.map(|(_, p)| Circle::new(*p, 4, style)))
+            .map_err(|e| plot_err(out, e))?;
+        if chosen {
+            series.label("chosen member").legend(move |(x, y)| Circle::new((x + 7, y), 4, style));
+        }
+    }
     if let Some(l) = w.loss {
         let rule = LineSeries::new(vec![(-0.5, l), (n as f64 - 0.5, l)], RED.stroke_width(1));
-        chart.draw_series(rule).map_err(|e| plot_err(out, e))?;
+        let label = format!("loss of the average of the chosen: {l:.4}");
+        chart
+            .draw_series(rule)
+            .map_err(|e| plot_err(out, e))?
+            .label(label)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], RED));
     }
-    Ok(())
+    legend(&mut chart, out)
 }
 
 #[cfg(test)]
@@ -252,8 +357,38 @@ mod tests {
         let w = Window::from_json(&v).unwrap();
         assert_eq!(w.labels, ["0", "10", "20", "30", "40", "50"]);
         assert_eq!(w.chosen, [false, true, false, false, true, false]);
+        assert_eq!(w.polished, [false; 6], "no top_k recorded: nothing marked as polished");
         let out = tempfile::tempdir().unwrap();
         draw(&w, &out.path().join("w.svg")).unwrap();
+    }
+
+    /// A chosen member with a low probability was swapped in by polishing: the picture says so
+    /// (it looked like a bug), and the title carries method, k, K and the oracle calls.
+    #[test]
+    fn polishing_swaps_are_marked_and_the_title_says_the_cost() {
+        let members: Vec<Value> = (0..4).map(|i| serde_json::json!({"step": i})).collect();
+        let details = serde_json::json!({"members": members, "chosen": [0, 3], "top_k": [0, 1],
+            "probabilities": [0.9, 0.7, 0.2, 0.04], "member_losses": [1.0, 0.9, 0.8, 0.85],
+            "oracle_calls": 42});
+        let v = serde_json::json!({"weights": [0.5, 0.0, 0.0, 0.5],
+            "selection": {"method": "sewa", "loss": 0.7, "details": details}});
+        let w = Window::from_json(&v).unwrap();
+        assert_eq!(w.polished, [false, false, false, true]);
+        assert_eq!(w.dropped, [false, true, false, false]);
+        assert_eq!(title(&w), "sewa: k = 2 of K = 4, loss 0.7000, 42 oracle calls");
+        let out = tempfile::tempdir().unwrap();
+        let svg = out.path().join("w.svg");
+        draw(&w, &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        for label in [
+            "swapped in by polishing",
+            "swapped out by polishing",
+            "not chosen",
+            "each member",
+            "loss of the average of the chosen: 0.7000",
+        ] {
+            assert!(text.contains(label), "legend lacks {label:?}");
+        }
     }
 
     /// A hand-edited or hostile selection JSON is an error naming what is wrong, never an
@@ -264,8 +399,14 @@ mod tests {
         let cases = [
             (serde_json::json!({"chosen": [7]}), "outside the window"),
             (serde_json::json!({"chosen": [0], "probabilities": [0.5]}), "probabilities"),
-            (serde_json::json!({"chosen": [0], "member_losses": [1.0, 2.0, 3.0, 4.0]}), "member_losses"),
-            (serde_json::json!({"chosen": [0], "member_losses": [1.0, 1e300, -1e300]}), "plottable"),
+            (
+                serde_json::json!({"chosen": [0], "member_losses": [1.0, 2.0, 3.0, 4.0]}),
+                "member_losses",
+            ),
+            (
+                serde_json::json!({"chosen": [0], "member_losses": [1.0, 1e300, -1e300]}),
+                "plottable",
+            ),
         ];
         for (extra, want) in cases {
             let mut details = extra.clone();
@@ -278,7 +419,8 @@ mod tests {
         // end in `draw`; equal lengths draw.
         let details = serde_json::json!({"members": members, "chosen": [2],
                                           "probabilities": [0.1, 0.2, 0.9]});
-        let v = serde_json::json!({"weights": [1.0], "selection": {"loss": 1e308, "details": details}});
+        let v =
+            serde_json::json!({"weights": [1.0], "selection": {"loss": 1e308, "details": details}});
         let w = Window::from_json(&v).unwrap();
         assert_eq!(w.loss, None, "an unplottable loss is dropped, not drawn");
         draw(&w, &tempfile::tempdir().unwrap().path().join("w.svg")).unwrap();

@@ -71,7 +71,9 @@ impl CommandConfig {
             if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
                 return Err(Error::config(
                     config_path,
-                    format!("[objective] {key} = {v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)"),
+                    format!(
+                        "[objective] {key} = {v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)"
+                    ),
                 ));
             }
         }

@@ -24,7 +24,13 @@ fn overflowing_weights_are_a_usage_error() {
         .map(|n| {
             let p = dir.path().join(format!("step_{n}.safetensors"));
             let n_bytes = (n as i64).to_le_bytes().to_vec();
-            write_st(&p, &[("w", Dtype::F32, vec![2], f32_bytes(&[n as f32; 2])), ("n", Dtype::I64, vec![1], n_bytes)]);
+            write_st(
+                &p,
+                &[
+                    ("w", Dtype::F32, vec![2], f32_bytes(&[n as f32; 2])),
+                    ("n", Dtype::I64, vec![1], n_bytes),
+                ],
+            );
             p
         })
         .collect();
@@ -73,5 +79,9 @@ fn report_of_a_hostile_selection_is_refused() {
     let svg = dir.path().join("w.svg");
     let o = sewa(&["report".as_ref(), sel.as_os_str(), "--out".as_ref(), svg.as_os_str()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("sel.json") && text(&o).contains("outside the window"), "{}", text(&o));
+    assert!(
+        text(&o).contains("sel.json") && text(&o).contains("outside the window"),
+        "{}",
+        text(&o)
+    );
 }
