@@ -578,6 +578,51 @@ fn on_publish_hook_sees_the_manifest_and_its_failure_is_not_fatal() {
     assert!(d.alive());
 }
 
+/// Publications while a slow hook runs are coalesced into one more run for the latest: the
+/// final publication gets its hook (it used to be skipped and never run).
+#[test]
+fn on_publish_runs_again_for_the_latest_publication_after_a_slow_run() {
+    // Each run saves the manifest it was told about, then the first waits for a release file.
+    let hook = r#"on_publish = ["sh", "-c", "cp \"$SEWA_MANIFEST\" \"$SEWA_OUTPUT.run-$(date +%s%N).json\"; while [ ! -e \"$SEWA_OUTPUT.release\" ]; do sleep 0.05; done"]"#;
+    let mut d =
+        Daemon::start_full("[select]\nmethod = \"lawa\"\nk = 2\n", "averaged/model.safetensors", hook);
+    let runs = |d: &Daemon| -> Vec<Value> {
+        let dir = d.out.parent().unwrap();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().contains(".run-"))
+            .collect();
+        names.sort();
+        names.iter().filter_map(|p| read_json(p)).collect()
+    };
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2"]);
+    d.wait_published(&[1, 2]);
+    let start = Instant::now();
+    while runs(&d).is_empty() {
+        assert!(start.elapsed() < DEADLINE, "the hook never started\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two more publications while the first run is blocked.
+    write(&d.runs, &["--style", "st-rename", "--steps", "3"]);
+    d.wait_published(&[2, 3]);
+    write(&d.runs, &["--style", "st-rename", "--steps", "4"]);
+    d.wait_published(&[3, 4]);
+    std::fs::write(format!("{}.release", d.out.display()), b"").unwrap();
+    while runs(&d).len() < 2 {
+        assert!(start.elapsed() < DEADLINE, "no run for the latest publication\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while d.log().matches("on_publish finished").count() < 2 {
+        assert!(start.elapsed() < DEADLINE, "second run did not finish\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = runs(&d);
+    assert_eq!(seen.len(), 2, "one run, then one coalesced run for the latest");
+    assert_eq!(input_steps(&seen[1]), [3, 4], "the coalesced run saw the final publication");
+    assert!(d.alive());
+}
+
 #[test]
 fn checkpoint_of_another_model_is_quarantined_naming_the_tensor() {
     let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
