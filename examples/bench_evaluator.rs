@@ -81,6 +81,7 @@ fn main() {
         startup_timeout_s: 120.0,
         env: Default::default(),
         cwd: None,
+        one_shot: false,
     })
     .unwrap();
     cmd.evaluate(&p, true).unwrap(); // warm-up

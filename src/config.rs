@@ -327,14 +327,39 @@ fn default_recompute_every() -> Positive {
     Positive(16)
 }
 
+/// The directory relative paths in the config file `path` start from: the file's own
+/// directory, absolute (a bare `sewa.toml` has the parent "", which no process can start in).
+pub fn config_dir(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match abs.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 impl Config {
     /// Read, parse and check a config file.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(path, format!("cannot read: {e}")))?;
         let mut cfg = Config::parse(&text, path)?;
+        cfg.resolve_relative_paths(&config_dir(path));
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
+    }
+
+    /// Every relative path in the file means "relative to the file's directory", whoever starts
+    /// sewa from wherever: resolved here, once, so nothing downstream depends on the cwd.
+    fn resolve_relative_paths(&mut self, dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        resolve(&mut self.watch.dir);
+        resolve(&mut self.publish.out);
+        self.runtime.state_dir.as_mut().map(resolve);
+        self.runtime.status_file.as_mut().map(resolve);
     }
 
     /// Parse and check config text; `path` is only used in messages.
@@ -362,8 +387,7 @@ impl Config {
 
     /// Directory relative objective paths start from: the config file's.
     pub fn base_dir(&self) -> PathBuf {
-        let dir = self.source.as_deref().and_then(Path::parent);
-        dir.filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+        self.source.as_deref().map_or_else(|| PathBuf::from("."), config_dir)
     }
 
     /// Cross-field rules that no single value can check.
@@ -483,5 +507,22 @@ mod tests {
         );
         let c = parse(&text).unwrap();
         assert!(c.objective.is_some() && c.select.sewa.is_some());
+    }
+
+    /// Relative paths mean "relative to the config file", whatever the cwd: a bare file name
+    /// used to give the evaluator the directory "" and `[watch] dir` depended on the cwd.
+    #[test]
+    fn relative_paths_resolve_against_the_config_files_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("sewa.toml");
+        let text = "[watch]\ndir = \"runs\"\n[publish]\nout = \"avg/model.safetensors\"\n\
+                    [runtime]\nstate_dir = \"state\"\n";
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.watch.dir, tmp.path().join("runs"));
+        assert_eq!(cfg.publish.out, tmp.path().join("avg/model.safetensors"));
+        assert_eq!(cfg.state_dir(), tmp.path().join("state"));
+        assert_eq!(cfg.base_dir(), tmp.path());
+        assert_eq!(config_dir(Path::new("sewa.toml")), std::env::current_dir().unwrap());
     }
 }

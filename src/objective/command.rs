@@ -50,6 +50,9 @@ pub struct CommandConfig {
     /// Working directory of the evaluator (default: sewa's).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Serving one command: a failure ends it, so no restart is announced (not a TOML key).
+    #[serde(skip)]
+    pub one_shot: bool,
 }
 
 fn default_timeout_s() -> f64 {
@@ -210,7 +213,11 @@ impl CommandObjective {
             .saturating_mul(1 << self.failures.min(16).saturating_sub(1))
             .min(BACKOFF_MAX);
         self.not_before = Some(Instant::now() + backoff);
-        tracing::warn!(error = %e, retry_in = ?backoff, "evaluator failed; it will be restarted");
+        if self.config.one_shot {
+            tracing::warn!(error = %e, "evaluator failed");
+        } else {
+            tracing::warn!(error = %e, retry_in = ?backoff, "evaluator failed; it will be restarted");
+        }
     }
 
     fn spawn(&mut self) -> Result<Session> {

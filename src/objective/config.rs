@@ -23,9 +23,17 @@ pub enum ObjectiveKind {
 
 /// Build the objective a raw `[objective]` table describes: `kind = "builtin"` (default) or
 /// `kind = "command"` (external evaluator). Relative paths resolve against the config's dir.
+/// For one-shot commands: an evaluator failure ends the command, so nothing is restarted.
 pub fn build_objective(value: &toml::Value, config_path: &Path) -> Result<Box<dyn Objective>> {
-    let base = config_path.parent().unwrap_or(Path::new("."));
-    ObjectiveConfig::from_toml(value, config_path)?.build(base)
+    let base = crate::config::config_dir(config_path);
+    ObjectiveConfig::from_toml(value, config_path)?.build_as(&base, Lifetime::OneShot)
+}
+
+/// Whether the objective serves one command or a daemon that restarts failed evaluators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    OneShot,
+    Daemon,
 }
 
 /// Which builtin model to infer from the checkpoint.
@@ -136,14 +144,23 @@ impl ObjectiveConfig {
             startup_timeout_s: self.startup_timeout_s.unwrap_or(defaults.startup_timeout_s),
             env: self.env.clone(),
             cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
+            one_shot: false,
         }
     }
 
     /// Load the data and build the oracle (or start the evaluator). `base_dir` is the config
     /// file's directory.
     pub fn build(&self, base_dir: &Path) -> Result<Box<dyn Objective>> {
+        self.build_as(base_dir, Lifetime::Daemon)
+    }
+
+    /// [`build`](Self::build) for a daemon or a one-shot command (which never announces
+    /// evaluator restarts it will not make).
+    pub fn build_as(&self, base_dir: &Path, lifetime: Lifetime) -> Result<Box<dyn Objective>> {
         if self.kind == ObjectiveKind::Command {
-            return Ok(Box::new(CommandObjective::start(self.command_config(base_dir))?));
+            let mut config = self.command_config(base_dir);
+            config.one_shot = lifetime == Lifetime::OneShot;
+            return Ok(Box::new(CommandObjective::start(config)?));
         }
         let path = self.data_path(base_dir);
         let data = Dataset::load(&path, self.loss)?;

@@ -294,7 +294,7 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
         .unwrap();
     assert!(st.success());
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.starts_with("<svg") && text.contains("sewa: chosen 3 of 8"), "{}", &text[..200]);
+    assert!(text.starts_with("<svg") && text.contains("sewa: k = 3 of K = 8"), "{}", &text[..200]);
     assert!(text.contains("own held-out loss"), "the member-loss panel is drawn");
     // The same picture straight from checkpoints and the config.
     let svg2 = dir.path().join("w2.svg");
@@ -308,4 +308,62 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
         .unwrap();
     assert!(st.success());
     assert_eq!(std::fs::read_to_string(&svg2).unwrap(), text);
+}
+
+/// A bare `--config sewa.toml` (parent "") used to start the evaluator in directory "" ("No such
+/// file or directory"); relative paths now resolve against the config file's directory from any
+/// cwd. A one-shot command whose evaluator fails does not announce a restart it will not make.
+#[test]
+fn bare_config_name_starts_a_command_evaluator_and_one_shot_failures_announce_no_restart() {
+    use sewa::demo::task::TaskSpec;
+    use sewa::objective::data::{Targets, write_dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TaskSpec {
+        hidden: 6,
+        train_rows: 200,
+        selection_rows: 100,
+        test_rows: 10,
+        steps: 90,
+        save_every: 30,
+        seed: 5,
+        ..TaskSpec::default()
+    };
+    let task = spec.generate();
+    let inputs = spec.train(&task, dir.path(), |_| {}).unwrap();
+    let data = dir.path().join("selection.safetensors");
+    write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/evaluators/mlp_numpy.py");
+    let config = |mode: &str| {
+        format!(
+            "[objective]\nkind = \"command\"\ncommand = [\"python3\", {script:?}, \"selection.safetensors\", \"--mode\", \"{mode}\"]\ntimeout_s = 60\n"
+        )
+    };
+    std::fs::write(dir.path().join("sewa.toml"), config("ok")).unwrap();
+    std::fs::write(dir.path().join("crash.toml"), config("crash-after-1")).unwrap();
+    let run = |cfg: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
+            .current_dir(dir.path())
+            .args([
+                "average",
+                "--config",
+                cfg,
+                "--select",
+                "greedy",
+                "--k",
+                "2",
+                "--out",
+                "avg.safetensors",
+            ])
+            .args(&inputs)
+            .output()
+            .unwrap()
+    };
+    let ok = run("sewa.toml");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(dir.path().join("avg.safetensors.manifest.json").exists());
+    let failed = run("crash.toml");
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{err}");
+    assert!(err.contains("evaluator") && !err.contains("will be restarted"), "{err}");
 }

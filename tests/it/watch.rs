@@ -584,8 +584,11 @@ fn on_publish_hook_sees_the_manifest_and_its_failure_is_not_fatal() {
 fn on_publish_runs_again_for_the_latest_publication_after_a_slow_run() {
     // Each run saves the manifest it was told about, then the first waits for a release file.
     let hook = r#"on_publish = ["sh", "-c", "cp \"$SEWA_MANIFEST\" \"$SEWA_OUTPUT.run-$(date +%s%N).json\"; while [ ! -e \"$SEWA_OUTPUT.release\" ]; do sleep 0.05; done"]"#;
-    let mut d =
-        Daemon::start_full("[select]\nmethod = \"lawa\"\nk = 2\n", "averaged/model.safetensors", hook);
+    let mut d = Daemon::start_full(
+        "[select]\nmethod = \"lawa\"\nk = 2\n",
+        "averaged/model.safetensors",
+        hook,
+    );
     let runs = |d: &Daemon| -> Vec<Value> {
         let dir = d.out.parent().unwrap();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
