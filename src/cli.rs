@@ -34,6 +34,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Validate a config file and exit (0 valid, 78 invalid).
     CheckConfig(CheckConfigArgs),
+    /// Print an example config that documents every key (`sewa example-config > sewa.toml`).
+    ExampleConfig,
     /// Train a small model on a synthetic noisy task, then compare every selector (SeWA too)
     /// on its checkpoint window and publish SeWA's average. Self-contained, no downloads.
     Demo(crate::demo::DemoArgs),

@@ -17,7 +17,11 @@ use crate::objective::config::ObjectiveConfig;
 use crate::select::SewaConfig;
 
 /// Appended to every config error: where to look for a working example.
-const HINT: &str = "(the shipped config/sewa.toml documents every key)";
+const HINT: &str = "(`sewa example-config` prints a config that documents every key)";
+
+/// The shipped example config (`config/sewa.toml`), built into the binary so that an installed
+/// sewa (`cargo install`, which copies no data files) can still print it.
+pub const EXAMPLE: &str = include_str!("../config/sewa.toml");
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -23,6 +23,10 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => {
             commands::watch::check_config(args).map(|text| println!("{text}"))
         }
+        Command::ExampleConfig => {
+            print!("{}", sewa::config::EXAMPLE);
+            Ok(())
+        }
         Command::Demo(args) => sewa::demo::run(args).map(|_| ()),
         Command::Report(args) => sewa::report::run(args),
     };

@@ -36,7 +36,7 @@ fn broken_configs_exit_78_with_position_and_hint() {
         let (code, out) = check(&path);
         assert_eq!(code, 78, "case {i}: {out}");
         assert!(out.contains(want) && out.contains(&format!("bad{i}.toml")), "case {i}: {out}");
-        assert!(out.contains("config/sewa.toml documents"), "case {i} lacks the hint: {out}");
+        assert!(out.contains("sewa example-config"), "case {i} lacks the hint: {out}");
     }
     // The model-based tables are validated by their owners, through the same command.
     let bad_objective = shipped.replace("method = \"lawa\"", "method = \"sewa\"")
@@ -48,4 +48,27 @@ fn broken_configs_exit_78_with_position_and_hint() {
     assert!(out.contains("modle") && out.contains("[objective]"), "{out}");
     let (code, out) = check(&dir.path().join("missing.toml"));
     assert_eq!(code, 78, "{out}");
+}
+
+/// `cargo install` copies no data files: the config the error hint points at must come from the
+/// binary itself, and it must be the shipped, valid one.
+#[test]
+fn example_config_is_printed_by_the_binary_and_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sewa")).arg("example-config").output().unwrap();
+    assert!(out.status.success());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sewa.toml")).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), shipped);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sewa.toml");
+    std::fs::write(&path, &shipped).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = check(&{
+        std::fs::write(dir.path().join("bad.toml"), shipped.replace("size = 20", "size = 0"))
+            .unwrap();
+        dir.path().join("bad.toml")
+    });
+    assert_eq!(code, 78);
+    assert!(text.contains("sewa example-config"), "the hint names the command: {text}");
 }
