@@ -245,7 +245,7 @@ fn publish_file(
     let mpath = manifest_path(out);
     let side = stage(&mpath, |f, p| f.write_all(&json).with_path(p))?;
     commit_pair((model, out), (side, &mpath)).map_err(|e| match e {
-        PairError::Neither(e) | PairError::Both(e) => e,
+        PairError::Neither(e) => e,
         PairError::FirstOnly(e, kept) => partly_published(out, &mpath, &manifest.started, e, kept),
     })
 }
@@ -266,7 +266,7 @@ fn partly_published(
     });
     let msg = format!(
         "{} now holds the new model (sewa_started {started}) but its manifest could not be \
-         replaced ({e}) and still describes the previous model{kept}",
+         renamed in ({e}); the manifest there, if any, still describes the previous model{kept}",
         out.display()
     );
     let kind = match &e {

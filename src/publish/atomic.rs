@@ -21,11 +21,15 @@ pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
             let _ = fs::remove_dir_all(&new);
             return Err(Error::io(out, e));
         }
-        return sync_dir(parent);
+        sync_renamed(parent);
+        return Ok(());
     }
     match renameat_with(CWD, tmp.path(), CWD, out, RenameFlags::EXCHANGE) {
         // The temp path now holds the old output; dropping `tmp` deletes it.
-        Ok(()) => return sync_dir(parent),
+        Ok(()) => {
+            sync_renamed(parent);
+            return Ok(());
+        }
         Err(e) if ![Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP].contains(&e) => {
             return Err(Error::io(out, e.into()));
         }
@@ -47,7 +51,7 @@ fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         let _ = fs::remove_dir_all(&new);
         return Err(Error::io(out, e));
     }
-    sync_dir(parent)?;
+    sync_renamed(parent);
     if let Err(e) = fs::remove_dir_all(&old) {
         tracing::warn!(path = %old.display(), "could not remove the previous output: {e}");
     }
@@ -101,8 +105,6 @@ pub(super) enum PairError {
     /// The first file is in place; the second is not. Its complete temp file is kept at the
     /// path given (if keeping it worked), for `recover` to finish the pair.
     FirstOnly(Error, Option<PathBuf>),
-    /// Both are in place, but the last directory fsync failed: durability is unknown.
-    Both(Error),
 }
 
 /// Rename `first` over `first_dest`, fsync the directory, then `second` over `second_dest`,
@@ -114,18 +116,27 @@ pub(super) fn commit_pair(
     (second, second_dest): (Staged, &Path),
 ) -> std::result::Result<(), PairError> {
     first.commit(first_dest).map_err(|(_, e)| PairError::Neither(e))?;
-    if let Err(e) = sync_dir(parent_dir(first_dest)) {
-        return Err(PairError::FirstOnly(e, second.keep()));
-    }
+    sync_renamed(parent_dir(first_dest));
     second.commit(second_dest).map_err(|(kept, e)| PairError::FirstOnly(e, kept))?;
-    sync_dir(parent_dir(second_dest)).map_err(PairError::Both)
+    sync_renamed(parent_dir(second_dest));
+    Ok(())
+}
+
+/// Fsync a directory after a rename that readers can already see. A failure is not a failed
+/// publication (the new files are in place, which an error would deny): it is logged.
+fn sync_renamed(dir: &Path) {
+    if let Err(e) = sync_dir(dir) {
+        tracing::warn!(error = %e, "published, but the directory fsync failed: a power loss \
+            may bring back the previous output");
+    }
 }
 
 /// Write `dest` through a hidden temp file in its directory: write, chmod 0644, fsync, rename,
 /// fsync the directory. On error the temp file is removed and `dest` is untouched.
 pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
     stage(dest, write)?.0.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-    sync_dir(parent_dir(dest))
+    sync_renamed(parent_dir(dest));
+    Ok(())
 }
 
 /// Create a new file (inside our temp directory), write, chmod 0644, fsync.

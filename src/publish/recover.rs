@@ -16,7 +16,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::atomic::{OLD_SUFFIX, TEMP_SUFFIX, parent_dir, sync_dir};
 use super::lock::OutputLock;
@@ -72,6 +72,13 @@ enum Leftover {
     Old,
 }
 
+/// A leftover found beside the output.
+struct Found {
+    path: PathBuf,
+    kind: Leftover,
+    mtime: SystemTime,
+}
+
 fn classify(out_name: &OsStr, file_output: bool, entry: &OsStr) -> Option<Leftover> {
     let rest = entry.as_bytes().strip_prefix(b".")?.strip_prefix(out_name.as_bytes())?;
     let rest = rest.strip_prefix(b".")?;
@@ -94,24 +101,24 @@ pub fn recover(lock: &OutputLock) -> Vec<Recovered> {
     let Some(name) = out.file_name() else { return Vec::new() };
     let min_age = if lock.exclusive() { Duration::ZERO } else { STALE_AGE };
     let Ok(entries) = fs::read_dir(parent_dir(out)) else { return Vec::new() };
-    let mut found: Vec<(PathBuf, Leftover, std::time::SystemTime)> = entries
+    let mut found: Vec<Found> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let kind = classify(name, is_file_output(out), &e.file_name())?;
             let mtime = e.metadata().and_then(|m| m.modified()).ok()?;
             let old_enough = mtime.elapsed().is_ok_and(|a| a >= min_age);
-            old_enough.then(|| (e.path(), kind, mtime))
+            old_enough.then(|| Found { path: e.path(), kind, mtime })
         })
         .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.2)); // newest first
+    found.sort_by_key(|f| std::cmp::Reverse(f.mtime)); // newest first
     let mut done = Vec::new();
     if lock.exclusive() {
         restore_old(out, &found, &mut done);
         complete_manifest(out, &found, &mut done);
     } else {
-        found.retain(|f| f.1 != Leftover::Old); // maybe another publisher's only old copy
+        found.retain(|f| f.kind != Leftover::Old); // maybe another publisher's only old copy
     }
-    for (path, ..) in &found {
+    for Found { path, .. } in &found {
         if path.symlink_metadata().is_ok() && remove(path) {
             done.push(Recovered::Removed(path.clone()));
         }
@@ -120,15 +127,13 @@ pub fn recover(lock: &OutputLock) -> Vec<Recovered> {
 }
 
 /// A directory output missing with a parked old copy: put the newest copy back.
-fn restore_old(
-    out: &Path,
-    found: &[(PathBuf, Leftover, std::time::SystemTime)],
-    done: &mut Vec<Recovered>,
-) {
+fn restore_old(out: &Path, found: &[Found], done: &mut Vec<Recovered>) {
     if out.symlink_metadata().is_ok() {
         return;
     }
-    let Some((old, ..)) = found.iter().find(|f| f.1 == Leftover::Old) else { return };
+    let Some(Found { path: old, .. }) = found.iter().find(|f| f.kind == Leftover::Old) else {
+        return;
+    };
     match fs::rename(old, out).with_path(out).and_then(|()| sync_dir(parent_dir(out))) {
         Ok(()) => done.push(Recovered::Restored { from: old.clone(), to: out.to_path_buf() }),
         Err(e) => tracing::warn!(error = %e, "could not restore the previous output"),
@@ -136,20 +141,19 @@ fn restore_old(
 }
 
 /// A file output's model newer than its manifest, with the matching manifest temp: rename it in.
-fn complete_manifest(
-    out: &Path,
-    found: &[(PathBuf, Leftover, std::time::SystemTime)],
-    done: &mut Vec<Recovered>,
-) {
+fn complete_manifest(out: &Path, found: &[Found], done: &mut Vec<Recovered>) {
     let Ok(Some(started)) = model_started(out) else { return };
     let manifest = manifest_path(out);
     if manifest_started(&manifest).is_some_and(|s| s == started) {
         return; // the pair is whole
     }
-    let temps = found.iter().filter(|f| f.1 == Leftover::ManifestTemp);
-    let Some((temp, ..)) =
-        temps.into_iter().find(|f| manifest_started(&f.0).as_ref() == Some(&started))
+    let mut temps = found.iter().filter(|f| f.kind == Leftover::ManifestTemp);
+    let Some(Found { path: temp, .. }) =
+        temps.find(|f| manifest_started(&f.path).as_ref() == Some(&started))
     else {
+        tracing::warn!(model = %out.display(), sewa_started = %started,
+            "the published model and its manifest do not match and no manifest for this \
+             model was left; the next publication replaces both");
         return;
     };
     match fs::rename(temp, &manifest).with_path(&manifest).and_then(|()| sync_dir(parent_dir(out)))
