@@ -355,6 +355,33 @@ fn a_daemon_does_not_start_while_another_process_holds_the_output_lock() {
     wait_started(&mut d);
 }
 
+#[test]
+fn a_reload_onto_an_output_another_process_holds_does_not_publish_there() {
+    let mut d = Daemon::start("[select]\nmethod = \"uniform\"\n");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2", "--chunk-ms", "5"]);
+    d.wait_published(&[1, 2]);
+    let other = d.tmp.path().join("elsewhere/model.safetensors");
+    let lock = lock_path(&other);
+    fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = fs::File::create(&lock).unwrap();
+    held.try_lock().unwrap();
+    fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    let text = fs::read_to_string(&d.config).unwrap();
+    let text = text.replace(d.out.to_str().unwrap(), other.to_str().unwrap());
+    fs::write(&d.config, text).unwrap();
+    Command::new("kill").args(["-HUP", &d.child.id().to_string()]).status().unwrap();
+    let refusal = format!("pid {}", std::process::id());
+    poll("the refused publish", || d.log().contains(&refusal));
+    assert!(d.alive(), "{}", d.log());
+    assert!(!other.exists(), "published to an output another process holds");
+    // Once the holder is gone, the next publication goes there, under this daemon's lock.
+    drop(held);
+    write(&d.runs, &["--style", "st-rename", "--steps", "3", "--chunk-ms", "5"]);
+    poll("a publication at the new output", || read_json(&manifest_of(&other)).is_some());
+    assert_paired(&other, &manifest_of(&other));
+    assert_eq!(fs::read_to_string(&lock).unwrap().trim(), d.child.id().to_string());
+}
+
 // ---- item 11: leftovers of a killed run --------------------------------------------------
 
 /// Stop `d` and start it again on the same config and directories.
