@@ -107,7 +107,7 @@ fn file_layout(
 }
 
 /// `model.safetensors.index.json` for sharded output.
-pub fn index_json(files: &[FileLayout], outputs: &[TensorMeta]) -> Vec<u8> {
+pub fn index_json(files: &[FileLayout], outputs: &[TensorMeta]) -> Result<Vec<u8>> {
     let total: u64 = outputs.iter().map(|t| t.nbytes() as u64).sum();
     let weight_map: std::collections::BTreeMap<&str, &str> = files
         .iter()
@@ -117,9 +117,10 @@ pub fn index_json(files: &[FileLayout], outputs: &[TensorMeta]) -> Vec<u8> {
         "metadata": { "total_size": total },
         "weight_map": weight_map,
     });
-    let mut v = serde_json::to_vec_pretty(&index).expect("index serialises");
+    let mut v = serde_json::to_vec_pretty(&index)
+        .map_err(|e| Error::Internal(format!("model.safetensors.index.json: {e}")))?;
     v.push(b'\n');
-    v
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -164,7 +165,8 @@ mod tests {
         );
         assert_eq!(files[0].tensors, vec![0, 1]);
         assert_eq!(files[2].tensors, vec![4]);
-        let index: serde_json::Value = serde_json::from_slice(&index_json(&files, &outs)).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_slice(&index_json(&files, &outs).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], 200);
         assert_eq!(index["weight_map"]["w4"], "model-00003-of-00003.safetensors");
     }

@@ -1,11 +1,15 @@
 //! The JSON manifest published beside (file output) or inside (directory output) every average:
 //! what went in, with which weights, why, how, when. Consumers poll it: it is written last.
 //! This module only describes and serialises the record; `publish` decides where and when.
+//! Paths are recorded losslessly (see [`path_json`]): a non-UTF-8 name never fails or panics.
+
+pub mod path_json;
 
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use crate::average::AveragePlan;
+use crate::error::{Error, Result};
 use crate::select::Selection;
 
 /// Note carried by every manifest: averaging does not fix normalisation statistics.
@@ -42,6 +46,7 @@ impl From<&Selection> for Provenance {
 /// One input as recorded.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InputRecord {
+    #[serde(with = "path_json")]
     pub path: PathBuf,
     pub step: Option<u64>,
     /// Tensor bytes (not file size: a .ckpt also holds optimizer state).
@@ -54,6 +59,7 @@ pub struct InputRecord {
 /// One key renamed while opening an input (e.g. torch.compile's `_orig_mod.` prefix).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RenameRecord {
+    #[serde(with = "path_json")]
     pub input: PathBuf,
     pub from: String,
     pub to: String,
@@ -62,7 +68,8 @@ pub struct RenameRecord {
 /// One published file, relative to the output directory (or the output file's name).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FileRecord {
-    pub name: String,
+    #[serde(with = "path_json")]
+    pub name: PathBuf,
     pub bytes: u64,
 }
 
@@ -70,6 +77,7 @@ pub struct FileRecord {
 pub struct Manifest {
     pub sewa_version: String,
     /// The published path (file or directory).
+    #[serde(with = "path_json")]
     pub output: PathBuf,
     /// "file" or "dir".
     pub layout: String,
@@ -84,12 +92,16 @@ pub struct Manifest {
     pub dtype: String,
     pub int_policy: String,
     /// Input the integer/bool tensors were copied from, when there are any.
+    #[serde(with = "path_json::option", default)]
     pub int_source: Option<PathBuf>,
     pub renamed_keys: Vec<RenameRecord>,
     /// HF side files copied (config.json, tokenizer...) and where from.
     pub side_files: Vec<String>,
+    #[serde(with = "path_json::option", default)]
     pub side_source: Option<PathBuf>,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC, microseconds. Also in every published safetensors file's `__metadata__`
+    /// as `sewa_started`: a reader checks that the two are equal to know that a model and a
+    /// manifest belong to the same publication.
     pub started: String,
     pub finished: String,
     pub wall_time_s: f64,
@@ -135,17 +147,20 @@ impl Manifest {
             renamed_keys,
             side_files: Vec::new(),
             side_source: None,
-            started: rfc3339(SystemTime::now()),
+            started: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             finished: String::new(),
             wall_time_s: 0.0,
             notes: vec![BATCHNORM_NOTE.to_string()],
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(self).expect("manifest serialises");
+    /// The manifest as pretty JSON. Cannot fail for a manifest built here (paths are encoded
+    /// losslessly, non-finite numbers become `null`); an error is reported, never a panic.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        let mut v = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::Internal(format!("cannot serialise the manifest: {e}")))?;
         v.push(b'\n');
-        v
+        Ok(v)
     }
 }
 

@@ -13,6 +13,16 @@
 //! one). Any failure (NaN in an input mid-stream, disk full) removes the temp file or directory
 //! and leaves the old output untouched. Files are mode 0644.
 //!
+//! Model and manifest change together: a directory output carries its manifest inside, so one
+//! swap replaces both. A file output's model and manifest are both written and fsynced under
+//! temp names *before* either is renamed; then the model is renamed in, the directory fsynced,
+//! and the manifest renamed in. A failure before the model's rename leaves the old pair; the
+//! only moment a reader can see the new model beside the old manifest is the gap between the
+//! two renames (one directory fsync; a crash there is finished by `recover` at the next
+//! start-up). Every safetensors file carries `__metadata__.sewa_started`, equal to its
+//! manifest's `started`, so a reader can check that the two belong together
+//! ([`model_started`]). Who may publish to an output at all is `lock`'s business.
+//!
 //! This module does not average (see `average`) and does not decide what to average.
 
 use std::collections::HashMap;
@@ -29,8 +39,14 @@ use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{FileRecord, Manifest, Provenance, rfc3339};
 
 mod atomic;
-use atomic::{hidden_prefix, parent_dir, swap_in, sync_dir, write_new};
-pub use atomic::{remove_stale_temps, write_atomic};
+pub mod lock;
+mod recover;
+pub use atomic::write_atomic;
+use atomic::{
+    PairError, commit_pair, hidden_prefix, parent_dir, stage, swap_in, sync_dir, write_new,
+};
+pub use lock::{OutputLock, hold};
+pub use recover::{Recovered, STALE_AGE, model_started, recover};
 
 /// Default shard size for directory outputs (as `save_pretrained`'s `max_shard_size` 5GB).
 pub const DEFAULT_SHARD_BYTES: u64 = 5 << 30;
@@ -195,21 +211,88 @@ pub fn publish_tensors(
     let outputs = source.tensors().to_vec();
     let mut writer = TensorWriter { source, done: 0, progress };
     if is_file_output(out) {
-        let name = out.file_name().expect("checked").to_string_lossy().into_owned();
-        let layout = plan_files(&outputs, &name, u64::MAX, &metadata)?.remove(0);
-        write_atomic(out, |f, p| writer.write(f, p, &layout))?;
-        manifest.layout = "file".into();
-        manifest.files = vec![FileRecord { name, bytes: layout.size }];
-        finish(&mut manifest, clock);
-        write_atomic(&manifest_path(out), |f, p| f.write_all(&manifest.to_json()).with_path(p))?;
+        publish_file(&mut writer, &outputs, &metadata, out, &mut manifest, clock)?;
     } else {
         let layouts = plan_files(&outputs, "model.safetensors", opts.shard_bytes, &metadata)?;
-        let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs));
+        let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs)).transpose()?;
         let dir = DirOutput { layouts: &layouts, index, side_dir, clock };
         dir.publish(&mut writer, out, &mut manifest)?;
     }
     tracing::debug!(out = %out.display(), bytes = writer.done, "published average");
     Ok(Published { path: out.to_path_buf(), manifest_path: manifest_path(out), manifest })
+}
+
+/// A file output: model and manifest both staged (written, fsynced) before either is renamed.
+fn publish_file(
+    writer: &mut TensorWriter<'_>,
+    outputs: &[TensorMeta],
+    metadata: &HashMap<String, String>,
+    out: &Path,
+    manifest: &mut Manifest,
+    clock: Instant,
+) -> Result<()> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("--out {}: no file name", out.display())))?;
+    let layout =
+        plan_files(outputs, &name.to_string_lossy(), u64::MAX, metadata)?.into_iter().next();
+    let layout = layout.ok_or_else(|| Error::Internal("no layout for a file output".into()))?;
+    let model = stage(out, |f, p| writer.write(f, p, &layout))?;
+    manifest.layout = "file".into();
+    manifest.files = vec![FileRecord { name: PathBuf::from(name), bytes: layout.size }];
+    finish(manifest, clock);
+    let json = manifest.to_json()?;
+    let mpath = manifest_path(out);
+    let side = stage(&mpath, |f, p| f.write_all(&json).with_path(p))?;
+    commit_pair((model, out), (side, &mpath)).map_err(|e| match e {
+        PairError::Neither(e) => e,
+        PairError::FirstOnly(e, kept) => partly_published(out, &mpath, &manifest.started, e, kept),
+    })
+}
+
+/// The new model is in place but its manifest is not: say exactly that.
+fn partly_published(
+    out: &Path,
+    mpath: &Path,
+    started: &str,
+    e: Error,
+    kept: Option<PathBuf>,
+) -> Error {
+    let kept = kept.map_or_else(String::new, |k| {
+        format!(
+            "; its new manifest is kept at {} and is renamed in at the next start-up",
+            k.display()
+        )
+    });
+    let msg = format!(
+        "{} now holds the new model (sewa_started {started}) but its manifest could not be \
+         renamed in ({e}); the manifest there, if any, still describes the previous model{kept}",
+        out.display()
+    );
+    let kind = match &e {
+        Error::Io { source, .. } => source.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    Error::io(mpath, std::io::Error::new(kind, PartlyPublished(msg)))
+}
+
+/// Marks the one publication error after which the output is not the previous one.
+#[derive(Debug)]
+struct PartlyPublished(String);
+
+impl std::fmt::Display for PartlyPublished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PartlyPublished {}
+
+/// True when a publish failed *after* renaming its new model in (its manifest is the old one):
+/// the previous output does not stay. Every other publish error leaves the previous output
+/// and its manifest as they were.
+pub fn is_partly_published(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.get_ref().is_some_and(|s| s.is::<PartlyPublished>()))
 }
 
 /// What goes into a directory output.
@@ -238,7 +321,7 @@ impl DirOutput<'_> {
         fs::set_permissions(dir, Permissions::from_mode(0o755)).with_path(dir)?;
         for layout in self.layouts {
             write_new(&dir.join(&layout.name), |f, p| writer.write(f, p, layout))?;
-            manifest.files.push(FileRecord { name: layout.name.clone(), bytes: layout.size });
+            manifest.files.push(FileRecord { name: (&layout.name).into(), bytes: layout.size });
         }
         if let Some(index) = &self.index {
             let name = "model.safetensors.index.json";
@@ -250,7 +333,7 @@ impl DirOutput<'_> {
         }
         manifest.layout = "dir".into();
         finish(manifest, self.clock);
-        let json = manifest.to_json();
+        let json = manifest.to_json()?;
         write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
         sync_dir(dir)?;
         swap_in(tmp, out)

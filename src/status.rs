@@ -22,7 +22,9 @@ pub struct Status {
     pub state: String,
     pub started_at: String,
     pub updated_at: String,
+    #[serde(with = "crate::manifest::path_json")]
     pub dir: PathBuf,
+    #[serde(with = "crate::manifest::path_json")]
     pub out: PathBuf,
     pub method: String,
     pub members: Vec<MemberStatus>,
@@ -35,6 +37,7 @@ pub struct Status {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemberStatus {
+    #[serde(with = "crate::manifest::path_json")]
     pub path: PathBuf,
     pub step: u64,
     pub metric: Option<f64>,
@@ -55,7 +58,9 @@ pub struct SelectionStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PublishStatus {
     pub at: String,
+    #[serde(with = "crate::manifest::path_json")]
     pub path: PathBuf,
+    #[serde(with = "crate::manifest::path_json")]
     pub manifest: PathBuf,
     pub members: usize,
     /// Checkpoints read to update the running average (incremental updates read few).
@@ -70,6 +75,7 @@ pub struct PublishStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QuarantineStatus {
+    #[serde(with = "crate::manifest::path_json")]
     pub path: PathBuf,
     pub reason: String,
     pub incomplete: bool,
@@ -196,5 +202,19 @@ mod tests {
         assert!(render(&back).contains("watching"));
         let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(leftovers, 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn non_utf8_paths_are_written_losslessly() {
+        use std::os::unix::ffi::OsStringExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let odd =
+            PathBuf::from(std::ffi::OsString::from_vec(b"runs/step_\xff.safetensors".to_vec()));
+        let member = MemberStatus { path: odd.clone(), step: 1, metric: None, weight: 1.0 };
+        let mut s = Status { members: vec![member], out: odd.clone(), ..Status::default() };
+        s.write(&path).unwrap();
+        let back = Status::read(&path).unwrap();
+        assert_eq!((back.members[0].path.clone(), back.out), (odd.clone(), odd));
     }
 }

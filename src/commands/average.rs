@@ -1,6 +1,8 @@
-//! `sewa average`: open inputs, choose them (--last), check everything, then publish the
-//! average atomically with a progress bar on a terminal. Nothing is written when an input or
-//! a flag is bad: every check runs before the publisher creates its first file.
+//! `sewa average`: take the output's lock, open inputs, choose them (--last), check everything,
+//! then publish the average atomically with a progress bar on a terminal. Nothing is written
+//! when an input or a flag is bad: every check runs before the publisher creates its first
+//! file. Another sewa process publishing to the same output is refused before any input is
+//! opened; the lock is held until this process exits.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -12,11 +14,15 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::AverageArgs;
 use crate::error::{Error, Result};
 use crate::manifest::Provenance;
-use crate::publish::{PublishOptions, Published, check_destination, publish};
+use crate::publish::{self, PublishOptions, Published, check_destination, publish};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
     check_destination(&args.out)?;
+    let lock = publish::hold(&args.out)?;
+    for done in publish::recover(&lock) {
+        tracing::warn!(%done, "cleaned up after an interrupted publish");
+    }
     let opened = super::open_all(&args.inputs, &super::open_options(&args.strip_prefix))?;
     let chosen = choose_last(&opened, args.last)?;
     let opts =

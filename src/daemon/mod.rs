@@ -25,9 +25,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::watch::{self, Filter, Hint, Settler, Sig};
 
-/// Temp files of the output older than this are litter from a killed run, not a publish under way.
-const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
-
 /// How long a shutdown waits for an in-flight publish before leaving (the output is old or
 /// new either way: publishing renames a complete file into place).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -48,15 +45,12 @@ pub struct RunOptions {
 /// (the watcher cannot start, a blocking task panicked); bad checkpoints never stop it.
 pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
+    claim_output(&cfg, &opts)?;
     let mut sighup = hangup_stream(opts.config_path.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
     let mut front = Front::start(&cfg, tx)?;
     let mut rescan_every = interval(Duration::from_secs(cfg.watch.rescan_s.0));
     let mut watchdog = interval(watchdog_period(opts.systemd));
-    // A previous run killed mid-publish (OOM, SIGKILL) may have left a temp copy of the model.
-    for litter in crate::publish::remove_stale_temps(&cfg.publish.out, STALE_TEMP_AGE) {
-        warn!(path = %litter.display(), "removed a temp file left by an interrupted publish");
-    }
     let mut pipeline = Pipeline::new(cfg);
     pipeline.set_state("watching");
     front.rescan(&mut pipeline, "start-up");
@@ -91,6 +85,21 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     info!("stopping");
     notify(opts.systemd, &[sd_notify::NotifyState::Stopping]);
     pipeline.set_state("stopped");
+    Ok(())
+}
+
+/// Take the output's lock for the life of the process (a second daemon or a `sewa average` on
+/// the same output is refused: a config error, which systemd does not restart), then clean up
+/// what a previous run killed mid-publish (OOM, SIGKILL) left of the output.
+fn claim_output(cfg: &Config, opts: &RunOptions) -> Result<()> {
+    let lock =
+        crate::publish::hold(&cfg.publish.out).map_err(|e| match (e, &opts.config_path) {
+            (Error::Usage(msg), Some(path)) => Error::config(path, msg),
+            (e, _) => e,
+        })?;
+    for done in crate::publish::recover(&lock) {
+        warn!(%done, "cleaned up after an interrupted publish");
+    }
     Ok(())
 }
 

@@ -49,9 +49,17 @@ pub struct Provenanced<'a> {
     pub report: UpdateReport,
 }
 
-/// Publish the averaged `tensors` at `[publish] out`, manifest last.
+/// Publish the averaged `tensors` at `[publish] out`, manifest last, under the output's lock
+/// (taken at start-up; taken here, and the new output's leftovers cleaned, after a reload
+/// moved `[publish] out`).
 pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Result<Published> {
     let out = &cfg.publish.out;
+    let lock = publish::hold(out)?;
+    if lock.newly_taken {
+        for done in publish::recover(&lock) {
+            tracing::warn!(%done, "cleaned up after an interrupted publish");
+        }
+    }
     let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
     // The average is already in the output dtype; held as a checkpoint so the manifest record
     // and the publisher read it like any input, without another pass over the data.

@@ -127,7 +127,12 @@ impl Pipeline {
         if std::mem::take(&mut self.reselect) && !self.window.members().is_empty() {
             self.check_members();
             if let Err(e) = self.select_and_publish() {
-                error!(error = %e, "selection/publish failed; the previous output stays");
+                // Only a publish that renamed its model in but not its manifest changes the output.
+                if crate::publish::is_partly_published(&e) {
+                    error!(error = %e, "publish failed half-way: the new model is out, its manifest is not");
+                } else {
+                    error!(error = %e, "selection/publish failed; the previous output stays");
+                }
                 self.status.push_error(e.to_string());
             }
         }

@@ -1,10 +1,12 @@
 //! Durable, atomic file-system steps of publishing: write a file under a hidden temp name and
-//! rename it over its destination; swap a finished directory in; fsync files and directories.
+//! rename it over its destination (alone, or as the first of a pair); swap a finished
+//! directory in; fsync files and directories; the names of temp and parked files.
 //! Knows nothing about tensors or manifests.
 
+use std::ffi::OsString;
 use std::fs::{self, File, Permissions};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, WithPath};
 
@@ -19,11 +21,15 @@ pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
             let _ = fs::remove_dir_all(&new);
             return Err(Error::io(out, e));
         }
-        return sync_dir(parent);
+        sync_renamed(parent);
+        return Ok(());
     }
     match renameat_with(CWD, tmp.path(), CWD, out, RenameFlags::EXCHANGE) {
         // The temp path now holds the old output; dropping `tmp` deletes it.
-        Ok(()) => return sync_dir(parent),
+        Ok(()) => {
+            sync_renamed(parent);
+            return Ok(());
+        }
         Err(e) if ![Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP].contains(&e) => {
             return Err(Error::io(out, e.into()));
         }
@@ -33,10 +39,11 @@ pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
 }
 
 /// Fallback swap: rename the old output away, the new one in, then delete the old one. On
-/// failure the old output is put back.
+/// failure the old output is put back. A crash between the two renames leaves the old output
+/// at [`old_name`]; `recover` puts it back at start-up.
 fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
     let parent = parent_dir(out);
-    let old = parent.join(format!("{}{}.sewa-old", hidden_prefix(out), std::process::id()));
+    let old = parent.join(old_name(out, std::process::id()));
     fs::rename(out, &old).with_path(out)?;
     let new = tmp.keep();
     if let Err(e) = fs::rename(&new, out) {
@@ -44,28 +51,92 @@ fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         let _ = fs::remove_dir_all(&new);
         return Err(Error::io(out, e));
     }
-    sync_dir(parent)?;
+    sync_renamed(parent);
     if let Err(e) = fs::remove_dir_all(&old) {
         tracing::warn!(path = %old.display(), "could not remove the previous output: {e}");
     }
     Ok(())
 }
 
-/// Write `dest` through a hidden temp file in its directory: write, chmod 0644, fsync, rename,
-/// fsync the directory. On error the temp file is removed and `dest` is untouched.
-pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
+/// A complete, fsynced file under a hidden temp name beside its destination, not yet renamed.
+/// Dropping it removes the temp file.
+pub(super) struct Staged(tempfile::NamedTempFile);
+
+impl Staged {
+    /// Rename over `dest` (the directory is not fsynced here). On failure the temp file is
+    /// kept (it is complete) and its path returned with the error.
+    fn commit(self, dest: &Path) -> std::result::Result<(), (Option<PathBuf>, Error)> {
+        self.0.persist(dest).map(drop).map_err(|e| {
+            let error = Error::io(dest, e.error);
+            (Staged(e.file).keep(), error)
+        })
+    }
+
+    /// Leave the temp file on disk; its path, unless that failed (then it is removed).
+    fn keep(self) -> Option<PathBuf> {
+        self.0.keep().ok().map(|(_, path)| path)
+    }
+}
+
+/// Write `dest`'s new contents under a hidden temp name in its directory: write, chmod 0644,
+/// fsync. Nothing is renamed yet; on error the temp file is removed.
+pub(super) fn stage(
+    dest: &Path,
+    write: impl FnOnce(&mut File, &Path) -> Result<()>,
+) -> Result<Staged> {
     let parent = parent_dir(dest);
     let mut tmp = tempfile::Builder::new()
         .prefix(&hidden_prefix(dest))
-        .suffix(".sewa-tmp")
+        .rand_bytes(TEMP_RAND)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(parent)
         .with_path(parent)?;
     let path = tmp.path().to_path_buf();
     write(tmp.as_file_mut(), &path)?;
     tmp.as_file().set_permissions(Permissions::from_mode(0o644)).with_path(&path)?;
     tmp.as_file().sync_all().with_path(&path)?;
-    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
-    sync_dir(parent)
+    Ok(Staged(tmp))
+}
+
+/// How far [`commit_pair`] got when it failed.
+pub(super) enum PairError {
+    /// Nothing was renamed: both destinations are as they were, both temp files removed.
+    Neither(Error),
+    /// The first file is in place; the second is not. Its complete temp file is kept at the
+    /// path given (if keeping it worked), for `recover` to finish the pair.
+    FirstOnly(Error, Option<PathBuf>),
+}
+
+/// Rename `first` over `first_dest`, fsync the directory, then `second` over `second_dest`,
+/// fsync again: a reader that sees the new second file finds the new first one, even after a
+/// power loss. Between the two renames a reader sees the new first file beside the old second
+/// one; this gap (one directory fsync) is the only moment the pair is mixed.
+pub(super) fn commit_pair(
+    (first, first_dest): (Staged, &Path),
+    (second, second_dest): (Staged, &Path),
+) -> std::result::Result<(), PairError> {
+    first.commit(first_dest).map_err(|(_, e)| PairError::Neither(e))?;
+    sync_renamed(parent_dir(first_dest));
+    second.commit(second_dest).map_err(|(kept, e)| PairError::FirstOnly(e, kept))?;
+    sync_renamed(parent_dir(second_dest));
+    Ok(())
+}
+
+/// Fsync a directory after a rename that readers can already see. A failure is not a failed
+/// publication (the new files are in place, which an error would deny): it is logged.
+fn sync_renamed(dir: &Path) {
+    if let Err(e) = sync_dir(dir) {
+        tracing::warn!(error = %e, "published, but the directory fsync failed: a power loss \
+            may bring back the previous output");
+    }
+}
+
+/// Write `dest` through a hidden temp file in its directory: write, chmod 0644, fsync, rename,
+/// fsync the directory. On error the temp file is removed and `dest` is untouched.
+pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
+    stage(dest, write)?.0.persist(dest).map_err(|e| Error::io(dest, e.error))?;
+    sync_renamed(parent_dir(dest));
+    Ok(())
 }
 
 /// Create a new file (inside our temp directory), write, chmod 0644, fsync.
@@ -90,65 +161,62 @@ pub(super) fn parent_dir(p: &Path) -> &Path {
     }
 }
 
-/// `.name.` — temp names are hidden so watchers and globs skip them.
-pub(super) fn hidden_prefix(p: &Path) -> String {
-    format!(".{}.", p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
+/// Random characters in a temp name (ASCII letters and digits, as tempfile makes them).
+const TEMP_RAND: usize = 6;
+/// Suffix of temp files and directories being written.
+pub(super) const TEMP_SUFFIX: &str = ".sewa-tmp";
+/// Suffix of a previous directory output renamed away by the fallback swap.
+pub(super) const OLD_SUFFIX: &str = ".sewa-old";
+
+/// `.name.` — temp names are hidden so watchers and globs skip them. Built from the name's
+/// bytes, so two outputs whose names differ only in non-UTF-8 bytes never share temp names.
+pub(super) fn hidden_prefix(p: &Path) -> OsString {
+    let mut s = OsString::from(".");
+    s.push(p.file_name().unwrap_or_default());
+    s.push(".");
+    s
 }
 
-/// Remove temp files and directories a killed publisher left beside `dest` (and beside its
-/// manifest), untouched for at least `min_age` so a publish still under way is never hit.
-/// Returns what was removed; failures to remove are skipped (they are only litter).
-pub fn remove_stale_temps(dest: &Path, min_age: std::time::Duration) -> Vec<std::path::PathBuf> {
-    let prefix = hidden_prefix(dest);
-    let Ok(entries) = std::fs::read_dir(parent_dir(dest)) else { return Vec::new() };
-    let stale = |e: &std::fs::DirEntry| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
-        name.starts_with(&prefix)
-            && name.ends_with(".sewa-tmp")
-            && age.is_some_and(|a| a >= min_age)
-    };
-    let mut removed = Vec::new();
-    for e in entries.filter_map(|e| e.ok()).filter(stale) {
-        let path = e.path();
-        let gone = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        if gone.is_ok() {
-            removed.push(path);
-        }
-    }
-    removed
+/// `.name.PID.sewa-old`: where the fallback swap parks the previous directory output.
+fn old_name(out: &Path, pid: u32) -> OsString {
+    let mut s = hidden_prefix(out);
+    s.push(format!("{pid}{OLD_SUFFIX}"));
+    s
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::io::Write;
 
     use super::*;
 
     #[test]
-    fn stale_temps_of_this_output_are_removed_and_nothing_else() {
+    fn a_failed_second_stage_leaves_the_first_destination_and_no_temps() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("model.safetensors");
-        let keep =
-            ["model.safetensors", ".other.safetensors.ab12.sewa-tmp", ".model.safetensors.x"];
-        let litter =
-            [".model.safetensors.ab12.sewa-tmp", ".model.safetensors.manifest.json.cd34.sewa-tmp"];
-        for n in keep.iter().chain(&litter) {
-            std::fs::write(dir.path().join(n), b"x").unwrap();
-        }
-        std::fs::create_dir(dir.path().join(".model.safetensors.ef56.sewa-tmp")).unwrap();
-        // Too young: a publish may still be writing it.
-        assert!(remove_stale_temps(&out, std::time::Duration::from_secs(3600)).is_empty());
-        let mut removed = remove_stale_temps(&out, std::time::Duration::ZERO);
-        removed.sort();
-        assert_eq!(removed.len(), 3, "{removed:?}");
-        for n in keep {
-            assert!(dir.path().join(n).exists(), "{n} was removed");
-        }
+        let (model, manifest) = (dir.path().join("m.safetensors"), dir.path().join("m.json"));
+        fs::write(&model, "old model").unwrap();
+        fs::write(&manifest, "old manifest").unwrap();
+        let first = stage(&model, |f, p| f.write_all(b"new model").with_path(p)).unwrap();
+        let full = std::io::Error::from_raw_os_error(28); // ENOSPC
+        let second = stage(&manifest, |_, p| Err(Error::io(p, full)));
+        assert!(second.is_err());
+        drop(first);
+        assert_eq!(fs::read_to_string(&model).unwrap(), "old model");
+        assert_eq!(fs::read_to_string(&manifest).unwrap(), "old manifest");
+        assert_eq!(names(dir.path()), ["m.json", "m.safetensors"]);
+    }
+
+    #[test]
+    fn a_committed_pair_replaces_both_and_leaves_no_temps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, manifest) = (dir.path().join("m.safetensors"), dir.path().join("m.json"));
+        fs::write(&model, "old model").unwrap();
+        let first = stage(&model, |f, p| f.write_all(b"new model").with_path(p)).unwrap();
+        let second = stage(&manifest, |f, p| f.write_all(b"new manifest").with_path(p)).unwrap();
+        assert!(commit_pair((first, &model), (second, &manifest)).is_ok());
+        assert_eq!(fs::read_to_string(&model).unwrap(), "new model");
+        assert_eq!(fs::read_to_string(&manifest).unwrap(), "new manifest");
+        assert_eq!(names(dir.path()), ["m.json", "m.safetensors"]);
     }
 
     fn dir_with(parent: &Path, name: &str, content: &str) -> PathBuf {
