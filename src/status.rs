@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, WithPath};
+use crate::text;
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
@@ -35,6 +36,7 @@ pub struct Status {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemberStatus {
+    #[serde(serialize_with = "lossy")]
     pub path: PathBuf,
     pub step: u64,
     pub metric: Option<f64>,
@@ -70,6 +72,7 @@ pub struct PublishStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QuarantineStatus {
+    #[serde(serialize_with = "lossy")]
     pub path: PathBuf,
     pub reason: String,
     pub incomplete: bool,
@@ -88,6 +91,12 @@ pub struct Counters {
     pub selections: u64,
     pub publishes: u64,
     pub rescans: u64,
+}
+
+/// Paths from the watched directory may not be UTF-8; serde refuses those, which made every
+/// later status write fail. The status is advisory: a lossy name is enough to find the file.
+fn lossy<S: serde::Serializer>(path: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
 }
 
 pub fn now_rfc3339() -> String {
@@ -125,7 +134,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The status as a short report for people (`sewa status`).
+/// The status as a short report for people (`sewa status`). Paths and reasons come from
+/// checkpoint files (and the file itself may have been edited): they print escaped.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ =
@@ -139,7 +149,7 @@ pub fn render(s: &Status) -> String {
             "  step {:>8}  weight {:.4}  {}{metric}",
             m.step,
             m.weight,
-            m.path.display()
+            text::path(&m.path)
         );
     }
     if let Some(sel) = &s.last_selection {
@@ -165,13 +175,13 @@ pub fn render(s: &Status) -> String {
     if !s.quarantined.is_empty() {
         let _ = writeln!(o, "\nquarantined ({}):", s.quarantined.len());
         for q in &s.quarantined {
-            let _ = writeln!(o, "  {}: {}", q.path.display(), q.reason);
+            let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
         }
     }
     if !s.errors.is_empty() {
         let _ = writeln!(o, "\nrecent errors:");
         for e in s.errors.iter().rev().take(5) {
-            let _ = writeln!(o, "  {} {}", e.at, e.message);
+            let _ = writeln!(o, "  {} {}", e.at, text::escape_lines(&e.message));
         }
     }
     o
