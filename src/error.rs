@@ -1,31 +1,35 @@
 //! Two classes of error (STYLE.md §4): *fatal* stops the daemon or the command (bad config,
 //! unwritable output, internal failure); *bad input* skips one checkpoint (truncated, bad header,
-//! shape mismatch, NaN...). Every error names the file it is about.
+//! shape mismatch, NaN...). Every error names the file it is about. Paths and messages are
+//! printed through `crate::text`, so names taken from hostile files cannot drive the terminal.
 
 use std::path::{Path, PathBuf};
+
+use crate::text::{escape, escape_lines, path as shown};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A checkpoint (or other input file) is unusable. The daemon quarantines it; the CLI exits 2.
-    #[error("{}: {msg}", path.display())]
+    /// The message often quotes the file (tensor names, metadata): it prints on one line.
+    #[error("{}: {}", shown(path), escape(msg))]
     BadInput { path: PathBuf, msg: String },
     /// The command line is wrong. Exit 2.
-    #[error("{0}")]
+    #[error("{}", escape_lines(.0))]
     Usage(String),
     /// The configuration file is wrong. Exit 78 (EX_CONFIG).
-    #[error("{}: {msg}", path.display())]
+    #[error("{}: {}", shown(path), escape_lines(msg))]
     Config { path: PathBuf, msg: String },
     /// An I/O failure on a path we own (output dir, state files). Fatal, exit 1.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", shown(path))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// Anything else that is our fault or the environment's. Exit 1.
-    #[error("{0}")]
+    #[error("{}", escape_lines(.0))]
     Internal(String),
 }
 

@@ -21,6 +21,7 @@ pub mod report;
 pub mod schema;
 pub mod select;
 pub mod status;
+pub mod text;
 pub mod watch;
 pub mod window;
 

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use crate::average::{AveragePlan, Workspace};
-use crate::checkpoint::{Checkpoint, TensorMeta};
+use crate::checkpoint::{self, Checkpoint, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{FileRecord, Manifest, Provenance, rfc3339};
@@ -368,21 +368,34 @@ pub fn newest_side_dir<'c>(inputs: &[&'c Checkpoint]) -> Option<&'c Path> {
         .and_then(|(_, c)| c.side_dir())
 }
 
-/// Copy the HF side files that `src` has into `dir`.
+/// Copy the HF side files that `src` has into `dir`. They are opened the way checkpoint files
+/// are (`checkpoint::open_in_dir`): a side file that is a symlink (`tokenizer.json ->
+/// /etc/shadow`), FIFO or other non-regular file is refused, never followed or copied.
 fn copy_side_files(src: &Path, dir: &Path, manifest: &mut Manifest) -> Result<()> {
     for name in SIDE_FILES {
-        let from = src.join(name);
-        if !from.is_file() {
+        if !checkpoint::has_file(src, Path::new(name))? {
             continue;
         }
-        let to = dir.join(name);
-        fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-        fs::set_permissions(&to, Permissions::from_mode(0o644)).with_path(&to)?;
-        File::open(&to).and_then(|f| f.sync_all()).with_path(&to)?;
+        let from = checkpoint::open_in_dir(src, Path::new(name))?;
+        write_new(&dir.join(name), |to, to_path| copy_to(&src.join(name), from, to, to_path))?;
         manifest.side_files.push(name.to_string());
     }
     manifest.side_source = Some(crate::manifest::absolute(src));
     Ok(())
+}
+
+/// Copy an input file into an output file; read errors are about the input, write errors
+/// about the output.
+fn copy_to(from_path: &Path, mut from: File, to: &mut File, to_path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = from.read(&mut buf).map_err(|e| Error::bad_input(from_path, e.to_string()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).with_path(to_path)?;
+    }
 }
 
 fn finish(manifest: &mut Manifest, clock: Instant) {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, WithPath};
+use crate::text;
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
@@ -131,7 +132,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The status as a short report for people (`sewa status`).
+/// The status as a short report for people (`sewa status`). Paths and reasons come from
+/// checkpoint files (and the file itself may have been edited): they print escaped.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ =
@@ -145,7 +147,7 @@ pub fn render(s: &Status) -> String {
             "  step {:>8}  weight {:.4}  {}{metric}",
             m.step,
             m.weight,
-            m.path.display()
+            text::path(&m.path)
         );
     }
     if let Some(sel) = &s.last_selection {
@@ -171,13 +173,13 @@ pub fn render(s: &Status) -> String {
     if !s.quarantined.is_empty() {
         let _ = writeln!(o, "\nquarantined ({}):", s.quarantined.len());
         for q in &s.quarantined {
-            let _ = writeln!(o, "  {}: {}", q.path.display(), q.reason);
+            let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
         }
     }
     if !s.errors.is_empty() {
         let _ = writeln!(o, "\nrecent errors:");
         for e in s.errors.iter().rev().take(5) {
-            let _ = writeln!(o, "  {} {}", e.at, e.message);
+            let _ = writeln!(o, "  {} {}", e.at, text::escape_lines(&e.message));
         }
     }
     o

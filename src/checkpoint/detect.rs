@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::{Format, InputIo, Storage, TensorMeta, hf_dir, pickle, safetensors, sharded};
+use std::fs::File;
+
+use super::{Format, InputIo, Storage, TensorMeta, files, hf_dir, pickle, safetensors, sharded};
 use crate::error::Result;
 
 /// What a format reader hands back before key normalisation.
@@ -27,20 +29,21 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
     if meta.is_dir() {
         return hf_dir::open(path);
     }
+    let file = files::open_regular(path)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(".index.json") {
-        return sharded::open(path);
+        return sharded::open(path, file);
     }
-    match sniff(path)? {
-        Sniffed::Zip => pickle::open(path),
+    match sniff(path, &file)? {
+        Sniffed::Zip => pickle::open(path, file),
         Sniffed::LegacyPickle => Err(pickle::legacy_error(path)),
         Sniffed::Other if pickle::has_torch_extension(&name) => Err(pickle::not_zip_error(path)),
-        Sniffed::Other => single_safetensors(path),
+        Sniffed::Other => single_safetensors(path, file),
     }
 }
 
-pub(crate) fn single_safetensors(path: &Path) -> Result<Loaded> {
-    let st = safetensors::open(path)?;
+pub(crate) fn single_safetensors(path: &Path, file: File) -> Result<Loaded> {
+    let st = safetensors::open(path, file)?;
     let step = step_from_metadata(&st.header.metadata);
     let (tensors, index) = index_mapped(vec![(0, st.header.tensors)]);
     Ok(Loaded {
@@ -78,15 +81,20 @@ pub(crate) enum Sniffed {
 
 /// Look at the first bytes: zip local header (`PK\x03\x04`), pickle protocol opcode (`\x80`,
 /// the legacy torch format starts with a pickled magic number) or anything else.
-pub(crate) fn sniff(path: &Path) -> Result<Sniffed> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(8);
-    let f = std::fs::File::open(path).input(path)?;
-    f.take(8).read_to_end(&mut head).input(path)?;
-    let n = head.len();
+pub(crate) fn sniff(path: &Path, file: &File) -> Result<Sniffed> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 8];
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64).input(path)? {
+            0 => break,
+            got => n += got,
+        }
+    }
+    let head = &buf[..n];
     // A safetensors file starts with its header length; one above 100 MB is not safetensors.
     let as_len = head.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64);
-    Ok(match head.as_slice() {
+    Ok(match head {
         [b'P', b'K', 3, 4, ..] => Sniffed::Zip,
         [0x80, 2..=5, ..] if n == 8 && as_len > 100_000_000 => Sniffed::LegacyPickle,
         _ => Sniffed::Other,

@@ -1,13 +1,14 @@
 //! HF checkpoint directories (`checkpoint-N/` from the Trainer, or a `save_pretrained` dir):
 //! find the weights (`model.safetensors`, a sharded index, or `pytorch_model.bin`), open them
 //! with the file readers, and read step and eval metric from `trainer_state.json` when present.
+//! Every file is opened through `files` (regular files in the directory, no symlinks).
 //! Side files (config, tokenizer) are only pointed to (`side_dir`), never read here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::detect::{Loaded, single_safetensors};
-use super::{Format, pickle, safetensors, sharded};
+use super::{Format, files, pickle, safetensors, sharded};
 use crate::error::{Error, Result};
 
 /// The weights a checkpoint directory holds, in order of preference.
@@ -17,19 +18,18 @@ pub(crate) enum Weights {
     TorchBin(PathBuf),
 }
 
-/// Which weight files `dir` holds (safetensors preferred over `pytorch_model.bin`).
+/// Which weight files `dir` holds (safetensors preferred over `pytorch_model.bin`). Each must
+/// be a regular file in `dir`: a symlink or FIFO under one of these names is an error.
 pub(crate) fn find_weights(dir: &Path) -> Result<Weights> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let bin = dir.join("pytorch_model.bin");
-    if single.is_file() {
-        Ok(Weights::Single(single))
-    } else if index.is_file() {
-        Ok(Weights::Index(index))
-    } else if bin.is_file() {
-        Ok(Weights::TorchBin(bin))
+    let has = |name: &str| files::has_file(dir, Path::new(name));
+    if has("model.safetensors")? {
+        Ok(Weights::Single(dir.join("model.safetensors")))
+    } else if has("model.safetensors.index.json")? {
+        Ok(Weights::Index(dir.join("model.safetensors.index.json")))
+    } else if has("pytorch_model.bin")? {
+        Ok(Weights::TorchBin(dir.join("pytorch_model.bin")))
     } else {
-        let hint = if dir.join("pytorch_model.bin.index.json").is_file() {
+        let hint = if dir.join("pytorch_model.bin.index.json").exists() {
             " (sharded pytorch_model-*.bin is not supported: re-save with \
              save_pretrained(..., safe_serialization=True))"
         } else {
@@ -47,15 +47,14 @@ pub(crate) fn find_weights(dir: &Path) -> Result<Weights> {
 
 pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     let mut loaded = match find_weights(dir)? {
-        Weights::Single(p) => single_safetensors(&p)?,
-        Weights::Index(p) => sharded::open(&p)?,
-        Weights::TorchBin(p) => pickle::open(&p)?,
+        Weights::Single(p) => single_safetensors(&p, files::open_child(&p)?)?,
+        Weights::Index(p) => sharded::open(&p, files::open_child(&p)?)?,
+        Weights::TorchBin(p) => pickle::open(&p, files::open_child(&p)?)?,
     };
     loaded.format = Format::HfDir;
     loaded.side_dir = Some(dir.to_path_buf());
-    let state = dir.join("trainer_state.json");
-    if state.is_file() {
-        let (step, extra) = read_trainer_state(&state)?;
+    if files::has_file(dir, Path::new(TRAINER_STATE))? {
+        let (step, extra) = read_trainer_state(&dir.join(TRAINER_STATE))?;
         loaded.step = step.or(loaded.step);
         for (k, v) in extra {
             loaded.metadata.entry(k).or_insert(v);
@@ -64,12 +63,14 @@ pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     Ok(loaded)
 }
 
+const TRAINER_STATE: &str = "trainer_state.json";
+
 /// `global_step`, and as metadata: `global_step`; every numeric `eval_*` value of the last
 /// evaluation in `log_history` (this checkpoint's own evaluation) under its own name, e.g.
 /// `eval_loss`, `eval_accuracy`; `metric` = that `eval_loss` (lower is better) with
 /// `metric_name` and `metric_step`; `best_metric` (the run's best so far, per the Trainer).
 fn read_trainer_state(path: &Path) -> Result<(Option<u64>, BTreeMap<String, String>)> {
-    let json = safetensors::read_small_json(path)?;
+    let json = safetensors::read_small_json(path, files::open_child(path)?)?;
     let mut meta = BTreeMap::new();
     let step = json.get("global_step").and_then(|v| v.as_u64());
     if let Some(s) = step {

@@ -1,9 +1,12 @@
 //! What a checkpoint is: a named set of tensors (name, dtype, shape) whose bytes can be viewed
 //! without copying when the format allows (safetensors is memory-mapped; torch zip pickles are
-//! read tensor by tensor). Formats, validation and the one `unsafe` mmap constructor live here.
+//! read tensor by tensor). Formats, validation, how files are opened (`files`: regular files
+//! only, no symlinks inside a checkpoint directory) and the one `unsafe` mmap constructor live
+//! here.
 //! This module does not average, select or publish.
 
 mod detect;
+mod files;
 mod hf_dir;
 mod identity;
 mod keys;
@@ -22,8 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
 pub use identity::Identity;
-pub use names::{is_temp_name, parse_step};
+pub use names::{is_temp_name, parse_step, step_of};
 pub use validate::quick_check;
 
 use crate::error::{Error, Result};
@@ -212,12 +216,11 @@ impl Checkpoint {
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let orig_names = to_orig.into_iter().filter(|(new, orig)| new != orig).collect();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Checkpoint {
             path: path.to_path_buf(),
             format: loaded.format,
             tensors,
-            step: parse_step(&name).or(loaded.step),
+            step: step_of(path).or(loaded.step),
             metadata: loaded.metadata,
             side_dir: loaded.side_dir,
             renamed,

@@ -1,10 +1,19 @@
 //! What a file name tells us: the training step it holds (`parse_step`) and whether it is a
 //! writer's temporary file that must never be validated (`is_temp_name`). Pure string logic;
-//! this module does not look at files.
+//! this module does not look at files. Names are untrusted: any UTF-8 (or, through `step_of`,
+//! any bytes) must give an answer, never a panic.
+
+use std::path::Path;
 
 /// Extensions stripped before looking for a step number.
 const EXTENSIONS: &[&str] =
     &[".safetensors.index.json", ".safetensors", ".index.json", ".ckpt", ".pth", ".pt", ".bin"];
+
+/// [`parse_step`] of a path's file name. Names that are not UTF-8 are read lossily: the
+/// replaced bytes are never digits, so the step is the same as their owner would read it.
+pub fn step_of(path: &Path) -> Option<u64> {
+    parse_step(&path.file_name()?.to_string_lossy())
+}
 
 /// Training step from a checkpoint file or directory name, e.g. `checkpoint-500`,
 /// `step_0000500`, `step=500`, `epoch=3-step=500`, `global_step500`, `iter_0000500`,
@@ -53,7 +62,10 @@ fn leading_digits(s: &str) -> &str {
 
 /// `model_500` / `model-500` / `500` → 500; not `epoch=3`, `last-v1`, `resnet50x`.
 fn trailing_number(stem: &str) -> Option<u64> {
-    let start = stem.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1);
+    // Count digit bytes from the end: an ASCII digit byte is never part of a multi-byte
+    // character, so `start` is a char boundary whatever precedes it (`café_1`, `é1`).
+    let digits_len = stem.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let start = stem.len() - digits_len;
     let digits = &stem[start..];
     if digits.is_empty() {
         return None;
@@ -118,6 +130,39 @@ mod tests {
         ];
         for (name, want) in table {
             assert_eq!(parse_step(name), *want, "{name}");
+        }
+    }
+
+    /// `café.safetensors` used to panic (a byte index + 1 inside `é`) and crash-loop the daemon.
+    #[test]
+    fn non_ascii_and_non_utf8_names_never_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let table: &[(&str, Option<u64>)] = &[
+            ("café.safetensors", None),
+            ("modèle_final_é.safetensors", None),
+            ("modèle_500.safetensors", Some(500)),
+            ("é500.pt", None),
+            ("step_é", None),
+            ("ステップ_7.ckpt", Some(7)),
+            ("ステップ=7.ckpt", None),
+            ("checkpoint-3é", Some(3)),
+        ];
+        for (name, want) in table {
+            assert_eq!(parse_step(name), *want, "{name}");
+            let _ = is_temp_name(name);
+        }
+        let raw = Path::new(std::ffi::OsStr::from_bytes(b"model_\xfe\xff_42.safetensors"));
+        assert_eq!(step_of(raw), Some(42));
+        assert_eq!(step_of(Path::new(std::ffi::OsStr::from_bytes(b"\xfe.pt"))), None);
+        // Every char boundary mix: suffixes of multi-byte text followed by digits and keywords.
+        let pieces = ["é", "日本", "🦀", "_", "-", "=", "step", "ckpt", "1", "20", ".pt", "."];
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    let name = format!("{a}{b}{c}");
+                    let _ = (parse_step(&name), is_temp_name(&name));
+                }
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::detect::Loaded;
 use super::identity::Identity;
-use super::strided::{gather, is_contiguous, numel, view_span};
+use super::strided::{gather, is_contiguous, is_non_overlapping, numel, view_span};
 use super::torch_objects::{
     NESTED_KEYS, RawTensor, dtype_of_storage, model_checkpoint_score, state_dict, tensor_of,
 };
@@ -125,8 +125,7 @@ fn lightning_score(
 
 /// Cheap completeness check: the zip's central directory (end record) is present and the
 /// archive holds a `data.pkl`. A half-written torch.save file has no end record.
-pub(crate) fn check_zip(path: &Path) -> Result<()> {
-    let file = File::open(path).input(path)?;
+pub(crate) fn check_zip(path: &Path, file: File) -> Result<()> {
     let zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| zip_error(path, e))?;
     find_pickle(path, &zip).map(|_| ())
 }
@@ -150,18 +149,18 @@ fn find_pickle<R: Read + std::io::Seek>(path: &Path, zip: &zip::ZipArchive<R>) -
         .ok_or_else(|| Error::bad_input(path, "zip file has no data.pkl: not a torch.save file"))
 }
 
-/// Open a torch zip pickle and index the tensors of its state dict.
-pub(crate) fn open(path: &Path) -> Result<Loaded> {
-    let file = File::open(path).input(path)?;
-    let identity = Identity::from_metadata(&file.metadata().input(path)?);
+/// Open a torch zip pickle (opened by `files` from `path`) and index its state dict's tensors.
+pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
+    let meta = file.metadata().input(path)?;
+    let identity = Identity::from_metadata(&meta);
     let mut zip = zip::ZipArchive::new(BufReader::new(file.try_clone().input(path)?))
         .map_err(|e| zip_error(path, e))?;
     let pkl = find_pickle(path, &zip)?;
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
     check_byteorder(path, &mut zip, &prefix)?;
-    let pk = decode_pickle(path, &mut zip, &pkl)?;
+    let pk = decode_pickle(path, &mut zip, &pkl, meta.len())?;
     let (dict, format, mut metadata) = state_dict(path, &pk)?;
-    let entries = entry_offsets(path, &mut zip, &prefix)?;
+    let entries = entry_offsets(path, &mut zip, &prefix, meta.len())?;
     let mut metas = Vec::new();
     let mut tensors = HashMap::new();
     for (key, value) in dict {
@@ -202,10 +201,21 @@ type Zip = zip::ZipArchive<BufReader<File>>;
 /// Storage key → (absolute data offset, stored length); `None` for compressed entries.
 type Entries = HashMap<String, Option<(u64, u64)>>;
 
-fn read_entry(path: &Path, zip: &mut Zip, name: &str) -> Result<Vec<u8>> {
-    let mut entry = zip.by_name(name).map_err(|e| zip_error(path, e))?;
+/// A whole (small) entry. Its declared size is checked against `cap` before reading: sizes in
+/// the central directory are numbers from the file, not facts.
+fn read_entry(path: &Path, zip: &mut Zip, name: &str, cap: u64) -> Result<Vec<u8>> {
+    let entry = zip.by_name(name).map_err(|e| zip_error(path, e))?;
+    if entry.size() > cap {
+        return Err(Error::bad_input(
+            path,
+            format!(
+                "zip entry {name} claims {} bytes, more than the {cap} it can hold",
+                entry.size()
+            ),
+        ));
+    }
     let mut buf = Vec::new();
-    entry.read_to_end(&mut buf).input(path)?;
+    entry.take(cap).read_to_end(&mut buf).input(path)?;
     Ok(buf)
 }
 
@@ -214,7 +224,7 @@ fn check_byteorder(path: &Path, zip: &mut Zip, prefix: &str) -> Result<()> {
     if zip.index_for_name(&name).is_none() {
         return Ok(()); // older torch versions wrote no byteorder record: little-endian
     }
-    let order = read_entry(path, zip, &name)?;
+    let order = read_entry(path, zip, &name, 16)?;
     if order.trim_ascii() != b"little" {
         return Err(Error::bad_input(
             path,
@@ -224,8 +234,8 @@ fn check_byteorder(path: &Path, zip: &mut Zip, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Pickle> {
-    let bytes = read_entry(path, zip, pkl)?;
+fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str, file_len: u64) -> Result<Pickle> {
+    let bytes = read_entry(path, zip, pkl, file_len)?;
     unpickle::load(&bytes).map_err(|e| {
         Error::bad_input(path, format!("cannot decode the pickle in {pkl}: {e}; {RESAVE}"))
     })
@@ -233,7 +243,8 @@ fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str) -> Result<Pickle> {
 
 /// Zip entry name → (absolute data offset, stored length), for uncompressed entries;
 /// compressed entries map to `None` (torch never compresses; a re-zipped file might).
-fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str) -> Result<Entries> {
+/// Every stored entry must lie inside the file: later reads are sized from these lengths.
+fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str, file_len: u64) -> Result<Entries> {
     let mut out = HashMap::new();
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| zip_error(path, e))?;
@@ -244,6 +255,17 @@ fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str) -> Result<Entries> {
         let key = key.to_string();
         let stored = entry.compression() == zip::CompressionMethod::Stored;
         let loc = entry.data_start().filter(|_| stored).map(|s| (s, entry.size()));
+        if let Some((start, len)) = loc
+            && start.checked_add(len).is_none_or(|end| end > file_len)
+        {
+            return Err(Error::bad_input(
+                path,
+                format!(
+                    "storage data/{key} claims {len} bytes at offset {start}, past the end of \
+                     the {file_len}-byte file: truncated or corrupt"
+                ),
+            ));
+        }
         out.insert(key, loc);
     }
     Ok(out)
@@ -268,6 +290,13 @@ fn locate(path: &Path, name: &str, raw: RawTensor, entries: &Entries) -> Result<
         Some(Some(loc)) => *loc,
     };
     let numel = numel(&raw.shape).ok_or_else(|| bad(format!("shape {:?} overflows", raw.shape)))?;
+    if !is_non_overlapping(&raw.shape, &raw.stride) {
+        return Err(bad(format!(
+            "view (shape {:?}, stride {:?}) repeats storage elements (a broadcast/expanded or \
+             overlapping as_strided view); save t.contiguous() instead",
+            raw.shape, raw.stride
+        )));
+    }
     let end = view_span(&raw.shape, &raw.stride).and_then(|s| s.checked_add(raw.offset));
     let need = end.and_then(|e| e.checked_mul(dtype.size()));
     let fits = |e: usize, n: usize| e <= raw.numel && n as u64 <= storage_len;
@@ -300,7 +329,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lightning.ckpt");
         let mut zip = Zip::new(BufReader::new(File::open(&path).unwrap())).unwrap();
         let pkl = find_pickle(&path, &zip).unwrap();
-        let bytes = read_entry(&path, &mut zip, &pkl).unwrap();
+        let bytes = read_entry(&path, &mut zip, &pkl, u64::MAX).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let (mut decoded, mut failed) = (0, 0);
         for i in 0..3000 {

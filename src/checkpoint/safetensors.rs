@@ -1,11 +1,13 @@
 //! safetensors files: parse and validate the header with plain reads (never through the map),
-//! then map the file so tensor bytes are handed out without copying. Checks: header length sane,
-//! header is JSON, dtypes supported, each tensor's byte range matches dtype × shape, ranges do
-//! not overlap and end exactly at the end of the file. Sharding and directories live elsewhere.
+//! then map the file so tensor bytes are handed out without copying. Checks, at least as strict
+//! as the safetensors crate: header length sane, header is JSON with every key once (tensors,
+//! `__metadata__` keys, entry fields), at least one tensor, dtypes supported, each tensor's
+//! byte range matches dtype × shape, and the ranges tile the data exactly — no overlap, no gap,
+//! ending at the end of the file. Files are opened by `files`; sharding and directories live
+//! elsewhere.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -33,9 +35,8 @@ pub(crate) struct SafetensorsFile {
     pub mapped: MappedFile,
 }
 
-/// Open, validate and map one safetensors file.
-pub(crate) fn open(path: &Path) -> Result<SafetensorsFile> {
-    let file = File::open(path).input(path)?;
+/// Validate and map one safetensors file, opened by `files` from `path`.
+pub(crate) fn open(path: &Path, file: File) -> Result<SafetensorsFile> {
     let header = read_header(path, &file)?;
     let mapped = MappedFile::map(path, file)?;
     Ok(SafetensorsFile { header, mapped })
@@ -61,11 +62,12 @@ pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
         ));
     }
     if header_len > MAX_HEADER || 8 + header_len > file_len {
+        // Not the number itself: for a file that is not safetensors it is its first 8 bytes.
         return Err(Error::bad_input(
             path,
             format!(
-                "safetensors header length {header_len} does not fit in the file ({file_len} \
-                 bytes): truncated or not safetensors"
+                "not a safetensors file, or truncated: its first 8 bytes are not a header \
+                 length that fits in its {file_len} bytes"
             ),
         ));
     }
@@ -77,21 +79,21 @@ pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
 /// Validate a header given its JSON bytes and the total file length.
 pub(crate) fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let data_start = 8 + json.len() as u64;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(json).map_err(|e| {
+    let raw: RawHeader = serde_json::from_slice(json).map_err(|e| {
         Error::bad_input(
             path,
             format!("safetensors header is not valid JSON ({e}): corrupt or zero-filled"),
         )
     })?;
-    let mut metadata = BTreeMap::new();
     let mut tensors = Vec::new();
-    for (name, value) in raw {
-        if name == "__metadata__" {
-            metadata = parse_metadata(path, value)?;
-            continue;
-        }
-        let (meta, rel) = parse_entry(path, name, value)?;
-        tensors.push((meta, rel));
+    for (name, entry) in raw.tensors {
+        tensors.push(parse_entry(path, name, entry)?);
+    }
+    if tensors.is_empty() {
+        return Err(Error::bad_input(
+            path,
+            "safetensors header lists no tensors: nothing to average (an empty model)",
+        ));
     }
     check_layout(path, &mut tensors, file_len - data_start)?;
     let tensors = tensors
@@ -101,13 +103,82 @@ pub(crate) fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<He
             (m, start..data_start as usize + r.end)
         })
         .collect();
-    Ok(Header { tensors, metadata })
+    Ok(Header { tensors, metadata: raw.metadata.into_iter().collect() })
 }
 
-fn parse_metadata(path: &Path, value: serde_json::Value) -> Result<BTreeMap<String, String>> {
-    serde_json::from_value(value).map_err(|e| {
-        Error::bad_input(path, format!("safetensors __metadata__ must map strings to strings: {e}"))
-    })
+/// The header as written: tensor entries in file order plus `__metadata__`. Stricter than a
+/// JSON map: a key given twice (a tensor, or a metadata key) is an error, where a map would
+/// silently keep the last one — two readers could then disagree about the file.
+struct RawHeader {
+    tensors: Vec<(String, RawEntry)>,
+    metadata: Vec<(String, String)>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
+                use serde::de::Error as _;
+                let mut seen = std::collections::HashSet::new();
+                let mut header = RawHeader { tensors: Vec::new(), metadata: Vec::new() };
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(A::Error::custom(format!("key {key:?} appears twice")));
+                    }
+                    if key == "__metadata__" {
+                        header.metadata = map.next_value::<UniqueStrings>()?.0;
+                        continue;
+                    }
+                    let entry = map.next_value::<RawEntry>().map_err(|e| {
+                        A::Error::custom(format!("tensor {key}: bad header entry: {e}"))
+                    })?;
+                    header.tensors.push((key, entry));
+                }
+                Ok(header)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// `__metadata__`: strings to strings, each key once.
+struct UniqueStrings(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for UniqueStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueStrings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("__metadata__ mapping strings to strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<UniqueStrings, A::Error> {
+                use serde::de::Error as _;
+                let mut out: Vec<(String, String)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(A::Error::custom(format!(
+                            "__metadata__ key {k:?} appears twice"
+                        )));
+                    }
+                    out.push((k, v));
+                }
+                Ok(UniqueStrings(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -117,13 +188,7 @@ struct RawEntry {
     data_offsets: (usize, usize),
 }
 
-fn parse_entry(
-    path: &Path,
-    name: String,
-    value: serde_json::Value,
-) -> Result<(TensorMeta, Range<usize>)> {
-    let raw: RawEntry = serde_json::from_value(value)
-        .map_err(|e| Error::bad_input(path, format!("tensor {name}: bad header entry: {e}")))?;
+fn parse_entry(path: &Path, name: String, raw: RawEntry) -> Result<(TensorMeta, Range<usize>)> {
     let dtype = dtype_from_str(&raw.dtype).ok_or_else(|| {
         Error::bad_input(
             path,
@@ -151,28 +216,35 @@ fn parse_entry(
     Ok((TensorMeta { name, dtype, shape: raw.shape }, begin..end))
 }
 
-/// Ranges must not overlap and must cover the data region up to its exact end.
+/// As the safetensors library requires: in file order, each tensor starts exactly where the
+/// previous one ended (the first at 0) — no overlap, no gap — and the last ends at the end of
+/// the file.
 fn check_layout(
     path: &Path,
     tensors: &mut [(TensorMeta, Range<usize>)],
     data_len: u64,
 ) -> Result<()> {
     tensors.sort_by_key(|(_, r)| (r.start, r.end));
-    let mut prev: Option<(&str, usize)> = None;
+    let mut prev: Option<&str> = None;
+    let mut end = 0usize;
     for (meta, r) in tensors.iter() {
-        if let Some((pname, pend)) = prev
-            && r.start < pend
-        {
+        if r.start != end {
+            let what = if r.start < end { "overlaps" } else { "leaves a gap after" };
+            let other = prev.map_or("the start of the data".to_string(), |p| format!("tensor {p}"));
             return Err(Error::bad_input(
                 path,
-                format!("tensors {pname} and {} overlap in the file (corrupt header)", meta.name),
+                format!(
+                    "tensor {} (data bytes {}..{}) {what} {other} (ending at {end}): corrupt \
+                     header",
+                    meta.name, r.start, r.end
+                ),
             ));
         }
-        prev = Some((&meta.name, r.end));
+        prev = Some(&meta.name);
+        end = r.end;
     }
-    let end = tensors.iter().map(|(_, r)| r.end as u64).max().unwrap_or(0);
-    if end != data_len {
-        let what = if end > data_len { "truncated" } else { "has trailing bytes" };
+    if end as u64 != data_len {
+        let what = if end as u64 > data_len { "truncated" } else { "has trailing bytes" };
         return Err(Error::bad_input(
             path,
             format!(
@@ -204,16 +276,14 @@ fn dtype_from_str(s: &str) -> Option<DType> {
     })
 }
 
-/// Length-and-header check of a file by path, without mapping (used by `quick_check`).
-pub(crate) fn check_file(path: &Path) -> Result<()> {
-    let file = File::open(path).input(path)?;
+/// Length-and-header check of an opened file, without mapping (used by `quick_check`).
+pub(crate) fn check_file(path: &Path, file: File) -> Result<()> {
     read_header(path, &file).map(|_| ())
 }
 
-/// Read a small JSON file (index, trainer_state) with a size cap.
-pub(crate) fn read_small_json(path: &Path) -> Result<serde_json::Value> {
-    let mut text = Vec::new();
-    File::open(path).input(path)?.take(MAX_HEADER).read_to_end(&mut text).input(path)?;
+/// Read a small JSON file (index, trainer_state), opened by `files`, with a size cap.
+pub(crate) fn read_small_json(path: &Path, file: File) -> Result<serde_json::Value> {
+    let text = super::files::read_capped(path, file, MAX_HEADER)?;
     serde_json::from_slice(&text)
         .map_err(|e| Error::bad_input(path, format!("not valid JSON ({e}): truncated or corrupt")))
 }

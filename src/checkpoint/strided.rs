@@ -18,6 +18,32 @@ pub(crate) fn view_span(shape: &[usize], stride: &[usize]) -> Option<usize> {
     })
 }
 
+/// True when no two elements of the view can share a storage element: taking the dimensions
+/// of size > 1 by increasing stride, each stride exceeds the furthest offset the smaller ones
+/// reach. Slices, transposes and permutes of a tensor pass; broadcast views (`expand`: a
+/// stride of 0) and overlapping `as_strided`/`unfold` views do not. A passing view has at
+/// most as many elements as it spans in storage, so reading it never allocates more than the
+/// storage's real bytes.
+pub(crate) fn is_non_overlapping(shape: &[usize], stride: &[usize]) -> bool {
+    if shape.contains(&0) {
+        return true; // no elements
+    }
+    let mut dims: Vec<(usize, usize)> =
+        shape.iter().zip(stride).filter(|(d, _)| **d > 1).map(|(&d, &s)| (s, d)).collect();
+    dims.sort_unstable();
+    let mut reach = 0usize;
+    for (s, d) in dims {
+        if s <= reach {
+            return false;
+        }
+        match (d - 1).checked_mul(s).and_then(|x| x.checked_add(reach)) {
+            Some(r) => reach = r,
+            None => return false,
+        }
+    }
+    true
+}
+
 pub(crate) fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
     let mut expect = 1;
     for (&d, &s) in shape.iter().zip(stride).rev() {
@@ -64,5 +90,28 @@ mod tests {
         assert_eq!(view_span(&[1 << 40, 2], &[1 << 40, 1]), None);
         assert_eq!(numel(&[1 << 40, 1 << 40]), None);
         assert_eq!(numel(&[1 << 40, 1 << 40, 0]), Some(0));
+    }
+
+    /// A 1-element storage viewed as [2^24, 2^24] with strides (0, 0) asked for a petabyte.
+    #[test]
+    fn broadcast_and_overlapping_views_are_not_readable() {
+        assert!(!is_non_overlapping(&[1 << 24, 1 << 24], &[0, 0]));
+        assert!(!is_non_overlapping(&[4, 3], &[0, 1]), "expand of a row");
+        assert!(!is_non_overlapping(&[1 << 24, 1 << 24], &[1, 1]), "as_strided overlap");
+        assert!(!is_non_overlapping(&[3, 4], &[1, 2]), "unfold-like windows");
+        assert!(!is_non_overlapping(&[2, 1 << 62], &[1 << 62, 4]), "overflowing reach");
+        for (shape, stride) in [
+            (vec![2, 3], vec![3, 1]),
+            (vec![2, 3], vec![1, 2]),
+            (vec![4, 1, 5], vec![5, 0, 1]),
+            (vec![3], vec![7]),
+            (vec![2, 2, 2], vec![1, 4, 2]),
+            (vec![], vec![]),
+            (vec![0, 5], vec![0, 0]),
+        ] {
+            assert!(is_non_overlapping(&shape, &stride), "{shape:?} {stride:?}");
+            let n = numel(&shape).unwrap();
+            assert!(n == 0 || n <= view_span(&shape, &stride).unwrap(), "{shape:?} {stride:?}");
+        }
     }
 }

@@ -74,7 +74,7 @@ pub(crate) fn tensor_of(
     value: Id,
 ) -> Result<Option<RawTensor>> {
     match pk.get(value) {
-        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args, 0),
+        Value::Call(c) => rebuild(path, pk, name, c.func, c.args, 0),
         _ => Ok(None),
     }
 }
@@ -100,7 +100,7 @@ fn rebuild(
     }
     let a = pk.tuple(args).unwrap_or_default();
     let inner = |id: Id| match pk.get(id) {
-        Value::Call { func, args, .. } => rebuild(path, pk, name, *func, *args, depth + 1),
+        Value::Call(c) => rebuild(path, pk, name, c.func, c.args, depth + 1),
         _ => Ok(None),
     };
     match (module, fname) {

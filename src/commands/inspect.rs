@@ -1,11 +1,13 @@
 //! `sewa inspect`: describe one checkpoint for people (a table) or programs (`--json`).
-//! Reads only the tensor list and metadata, never tensor bytes.
+//! Reads only the tensor list and metadata, never tensor bytes. JSON output escapes control
+//! characters by itself (serde_json writes them as `\u001b`); the table escapes them here.
 
 use std::fmt::Write;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::InspectArgs;
 use crate::error::Result;
+use crate::text::{self, escape};
 
 /// Run `sewa inspect` and return the text to print.
 pub fn run(args: &InspectArgs) -> Result<String> {
@@ -15,45 +17,49 @@ pub fn run(args: &InspectArgs) -> Result<String> {
 
 pub fn json(c: &Checkpoint) -> String {
     let v = serde_json::json!({
-        "path": c.path(),
+        // Lossy: a name that is not UTF-8 cannot be a JSON string (and must not panic).
+        "path": c.path().to_string_lossy(),
         "format": c.format(),
         "step": c.step(),
         "tensor_bytes": c.total_bytes(),
         "tensors": c.tensors(),
         "metadata": c.metadata(),
         "renamed_keys": c.renamed_keys(),
-        "side_dir": c.side_dir(),
+        "side_dir": c.side_dir().map(|d| d.to_string_lossy()),
     });
     serde_json::to_string_pretty(&v).expect("serialises") + "\n"
 }
 
+/// The table for people. Names, metadata and paths come from the file: each is escaped
+/// (`crate::text`) so a name holding terminal controls prints as text.
 pub fn table(c: &Checkpoint) -> String {
     let mut s = String::new();
     let step = c.step().map_or("unknown".to_string(), |s| s.to_string());
-    let _ = writeln!(s, "path:    {}", c.path().display());
+    let _ = writeln!(s, "path:    {}", text::path(c.path()));
     let _ = writeln!(s, "format:  {}", crate::manifest::format_name(c.format()));
     let _ = writeln!(s, "step:    {step}");
     let _ = writeln!(s, "tensors: {} ({})", c.tensors().len(), human_bytes(c.total_bytes()));
     if let Some(d) = c.side_dir() {
-        let _ = writeln!(s, "side files from: {}", d.display());
+        let _ = writeln!(s, "side files from: {}", text::path(d));
     }
     if !c.metadata().is_empty() {
         let _ = writeln!(s, "metadata:");
         for (k, v) in c.metadata() {
-            let _ = writeln!(s, "  {k}: {v}");
+            let _ = writeln!(s, "  {}: {}", escape(k), escape(v));
         }
     }
     if !c.renamed_keys().is_empty() {
         let _ = writeln!(s, "renamed keys:");
         for (from, to) in c.renamed_keys() {
-            let _ = writeln!(s, "  {from} -> {to}");
+            let _ = writeln!(s, "  {} -> {}", escape(from), escape(to));
         }
     }
-    let width = c.tensors().iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let names: Vec<_> = c.tensors().iter().map(|t| escape(&t.name)).collect();
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(4).max(4);
     let _ = writeln!(s, "\n{:width$}  {:5}  SHAPE", "NAME", "DTYPE");
-    for t in c.tensors() {
+    for (t, name) in c.tensors().iter().zip(&names) {
         let dtype = format!("{:?}", t.dtype).to_lowercase();
-        let _ = writeln!(s, "{:width$}  {dtype:5}  {:?}", t.name, t.shape);
+        let _ = writeln!(s, "{name:width$}  {dtype:5}  {:?}", t.shape);
     }
     s
 }

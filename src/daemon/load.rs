@@ -29,8 +29,7 @@ pub fn load(
     // for the whole quiet period is broken (it is retried anyway once it changes).
     checkpoint::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
     let ckpt = Checkpoint::open(path, &OpenOptions::default()).map_err(|e| refuse(e, false))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let step = ckpt.step().or_else(|| checkpoint::parse_step(name)).ok_or_else(|| Refusal {
+    let step = ckpt.step().or_else(|| checkpoint::step_of(path)).ok_or_else(|| Refusal {
         reason: "no training step in its name or metadata (name checkpoints like \
                  step_500.safetensors, checkpoint-500 or epoch=1-step=500.ckpt)"
             .into(),
@@ -47,7 +46,7 @@ pub fn load(
 /// Error text without the leading "path: " (the log line names the path once).
 fn strip_path(e: &Error, path: &Path) -> String {
     let text = e.to_string();
-    let prefix = format!("{}: ", path.display());
+    let prefix = format!("{}: ", crate::text::path(path));
     text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
 }
 
@@ -78,7 +77,10 @@ fn read_metric(ckpt: &Checkpoint, key: &str) -> Option<f64> {
         return Some(v);
     }
     let dir = if ckpt.path().is_dir() { ckpt.path() } else { ckpt.side_dir()? };
-    let text = std::fs::read(dir.join("trainer_state.json")).ok()?;
+    // Through `checkpoint`'s opener: a FIFO or symlink here must not block or leak.
+    let state = dir.join("trainer_state.json");
+    let text =
+        checkpoint::read_capped(&state, checkpoint::open_child(&state).ok()?, 100 << 20).ok()?;
     let state: serde_json::Value = serde_json::from_slice(&text).ok()?;
     let history = state.get("log_history")?.as_array()?;
     history.iter().rev().find_map(|e| e.get(key)?.as_f64())

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, ModelContext, Selection, SewaState, WindowView};
 use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
+use crate::text;
 use crate::watch::{Settled, Sig};
 use crate::window::{Action, Event, Member, Window};
 
@@ -102,8 +103,7 @@ impl Pipeline {
             .into_iter()
             .map(|s| match s {
                 Settled::Ready(path, sig) => {
-                    let step =
-                        path.file_name().and_then(|n| n.to_str()).and_then(checkpoint::parse_step);
+                    let step = checkpoint::step_of(&path);
                     Event::Settled { path, sig, step }
                 }
                 Settled::Gone(path) => Event::Gone { path },
@@ -155,15 +155,15 @@ impl Pipeline {
             match action {
                 Action::Load { path, sig } => self.load(path, sig),
                 Action::Evict { path } => {
-                    debug!(path = %path.display(), "evicted from the window");
+                    debug!(path = %text::path(&path), "evicted from the window");
                     self.open.remove(&path);
                 }
                 Action::Quarantine { path, reason } => {
                     let q = self.window.rejected().find(|r| r.path == path);
                     if q.is_some_and(|r| r.incomplete) {
-                        info!(path = %path.display(), %reason, "not complete yet; waiting for it to change");
+                        info!(path = %text::path(&path), %reason, "not complete yet; waiting for it to change");
                     } else {
-                        warn!(path = %path.display(), %reason, "quarantined");
+                        warn!(path = %text::path(&path), %reason, "quarantined");
                         self.status.counters.quarantined += 1;
                     }
                 }
@@ -173,7 +173,8 @@ impl Pipeline {
     }
 
     fn load(&mut self, path: PathBuf, sig: Sig) {
-        let span = info_span!("checkpoint", step = tracing::field::Empty, path = %path.display());
+        let span =
+            info_span!("checkpoint", step = tracing::field::Empty, path = %text::path(&path));
         let _enter = span.enter();
         let reference = self.open.values().next().map(|c| c.tensors().to_vec());
         let (marker, metric) = (&self.cfg.watch.marker, &self.cfg.select.metric);

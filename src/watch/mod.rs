@@ -48,13 +48,14 @@ impl Filter {
     }
 
     /// Name rules: hidden, temporary, sewa's own and pattern-mismatched entries are not candidates.
+    /// Names that are not UTF-8 are matched lossily (the replaced bytes match `*` and `?`).
     pub fn accepts(&self, top: &Path) -> bool {
-        let Some(name) = top.file_name().and_then(|n| n.to_str()) else { return false };
+        let Some(name) = top.file_name().map(|n| n.to_string_lossy()) else { return false };
         !name.starts_with('.')
-            && !crate::checkpoint::is_temp_name(name)
+            && !crate::checkpoint::is_temp_name(&name)
             && !self.own.iter().any(|o| o == top)
-            && self.pattern.matches(name)
-            && looks_like_checkpoint(top, name)
+            && self.pattern.matches(&name)
+            && looks_like_checkpoint(top, &name)
     }
 
     /// Every candidate in the directory now.
@@ -70,9 +71,14 @@ impl Filter {
 const CHECKPOINT_ENDINGS: &[&str] =
     &[".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"];
 
-/// Directories (HF `checkpoint-N/`) and files with a checkpoint ending. A path that no longer
-/// exists passes, so the settler can report it gone.
+/// Directories (HF `checkpoint-N/`) and regular files with a checkpoint ending. A path that
+/// no longer exists passes, so the settler can report it gone. FIFOs, sockets and devices are
+/// never candidates (opening a FIFO blocks); `checkpoint::open_regular` refuses them too, in
+/// case one replaces a file after this look.
 fn looks_like_checkpoint(path: &Path, name: &str) -> bool {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return false;
+    }
     let lower = name.to_ascii_lowercase();
     CHECKPOINT_ENDINGS.iter().any(|e| lower.ends_with(e))
         || std::fs::symlink_metadata(path).map_or(true, |m| m.is_dir())
@@ -215,5 +221,8 @@ mod tests {
         std::fs::create_dir(&sub).unwrap();
         assert!(looks_like_checkpoint(&sub, "checkpoint-5"));
         assert!(looks_like_checkpoint(&dir.path().join("gone"), "gone"), "deletions pass");
+        let fifo = dir.path().join("step_000400.safetensors");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(!looks_like_checkpoint(&fifo, "step_000400.safetensors"), "a FIFO is no candidate");
     }
 }

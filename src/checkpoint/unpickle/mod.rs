@@ -3,6 +3,8 @@
 //! cannot run code. Class references, calls (`REDUCE`, `NEWOBJ`) and persistent ids are kept
 //! as data for the caller to interpret. Values are shared through the memo exactly as Python
 //! shares objects (an `Id` per object), so a dict filled after it was memoised is seen filled.
+//! Decoding is bounded by the pickle's size (objects, stack and memo; see `vm`), so a small
+//! hostile file cannot make us allocate gigabytes.
 //! We own this instead of using `candle_core::pickle` because that reader rejects common real
 //! files (Lightning's `AttributeDict` hyper-parameters, protocol ≥ 3 opcodes).
 
@@ -27,21 +29,30 @@ pub(crate) enum Value {
     Dict(Vec<(Id, Id)>),
     Set(Vec<Id>),
     /// `module.name`, as referenced by GLOBAL / STACK_GLOBAL (never resolved).
-    Global {
-        module: String,
-        name: String,
-    },
+    Global(Box<Global>),
     /// The result of calling `func(*args)` (REDUCE, NEWOBJ, INST, OBJ), plus what BUILD,
     /// SETITEMS and APPENDS later put into it (dict and list subclasses).
-    Call {
-        func: Id,
-        args: Id,
-        state: Option<Id>,
-        items: Vec<(Id, Id)>,
-        list: Vec<Id>,
-    },
+    Call(Box<Call>),
     /// `persistent_load(pid)`: torch's reference to a tensor storage.
     Persistent(Id),
+}
+
+/// A class reference. The two large variants are boxed so that every `Value` stays at 32
+/// bytes: memory per decoded object is what the decoder's budget bounds (see `vm`).
+#[derive(Debug)]
+pub(crate) struct Global {
+    pub module: String,
+    pub name: String,
+}
+
+/// A recorded call (see [`Value::Call`]).
+#[derive(Debug)]
+pub(crate) struct Call {
+    pub func: Id,
+    pub args: Id,
+    pub state: Option<Id>,
+    pub items: Vec<(Id, Id)>,
+    pub list: Vec<Id>,
 }
 
 /// A decoded pickle: the arena and the id of the top-level object.
@@ -66,7 +77,7 @@ impl Pickle {
     pub fn dict_items(&self, id: Id) -> Option<&[(Id, Id)]> {
         match self.get(id) {
             Value::Dict(items) => Some(items),
-            Value::Call { items, .. } if !items.is_empty() => Some(items),
+            Value::Call(c) if !c.items.is_empty() => Some(&c.items),
             _ => None,
         }
     }
@@ -82,7 +93,7 @@ impl Pickle {
 
     pub fn global(&self, id: Id) -> Option<(&str, &str)> {
         match self.get(id) {
-            Value::Global { module, name } => Some((module, name)),
+            Value::Global(g) => Some((&g.module, &g.name)),
             _ => None,
         }
     }

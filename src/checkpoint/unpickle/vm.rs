@@ -1,13 +1,37 @@
 //! The pickle virtual machine: one function per opcode family, a value stack with marks, and
 //! a memo that shares ids. Reads a byte slice; never imports, never calls.
+//!
+//! Memory is bounded by the input's size. Unbounded, one opcode byte cost ~90 bytes (100 MB
+//! of `NONE` took 8.7 GB). Now immutable singletons (None, True, False, the empty tuple) are
+//! shared rather than allocated, the memo is a dense table (keys beyond the budget are
+//! refused), and the machine charges what it keeps — each object, stack slot, mark and memo
+//! slot, and string bytes — against [`budget`]: 32 bytes per pickle byte plus 1 MiB. Real
+//! torch state dicts with optimizer state (protocols 2, 4 and 5, short or long names) need
+//! 8–15. A pickle that asks for more is refused with an error; the check runs after every
+//! opcode, and no single opcode allocates more than the pickle's own size.
 
-use std::collections::HashMap;
+use super::{Call, Global, Id, Value};
 
-use super::{Id, Value};
+/// Bytes of decoder state a pickle of `len` bytes may use.
+pub(super) fn budget(len: usize) -> usize {
+    len.saturating_mul(32).saturating_add(1 << 20)
+}
+
+/// Ids of the shared immutable singletons, allocated first in every arena.
+const NONE: Id = 0;
+const TRUE: Id = 1;
+const FALSE: Id = 2;
+const EMPTY_TUPLE: Id = 3;
+
+/// A memo slot never written.
+const HOLE: Id = Id::MAX;
+
+/// What one id costs wherever it is kept (stack, marks, containers, memo).
+const ID: usize = std::mem::size_of::<Id>();
 
 /// Run the machine to STOP; returns the arena and the id of the top-level object.
 pub(super) fn run(bytes: &[u8]) -> Result<(Vec<Value>, Id), String> {
-    let mut vm = Vm { r: Reader { buf: bytes, pos: 0 }, ..Vm::default() };
+    let mut vm = Vm::new(bytes);
     loop {
         let at = vm.r.pos;
         let op = vm.r.byte()?;
@@ -15,6 +39,14 @@ pub(super) fn run(bytes: &[u8]) -> Result<(Vec<Value>, Id), String> {
             Ok(true) => break,
             Ok(false) => {}
             Err(e) => return Err(format!("pickle opcode 0x{op:02x} at byte {at}: {e}")),
+        }
+        if vm.cost > vm.budget {
+            return Err(format!(
+                "decoding needs more than {} MiB by byte {at} of this {}-byte pickle, more \
+                 than a pickle of its size describes: corrupt or hostile",
+                vm.budget >> 20,
+                bytes.len()
+            ));
         }
     }
     let root = vm.pop()?;
@@ -61,16 +93,38 @@ struct Vm<'a> {
     arena: Vec<Value>,
     stack: Vec<Id>,
     marks: Vec<usize>,
-    memo: HashMap<u64, Id>,
+    /// Memo key → id (`HOLE` where unset). Picklers number keys 0, 1, 2...
+    memo: Vec<Id>,
+    /// Bytes charged so far (never refunded: an upper bound of what is kept).
+    cost: usize,
+    budget: usize,
 }
 
-impl Vm<'_> {
+impl<'a> Vm<'a> {
+    fn new(buf: &'a [u8]) -> Vm<'a> {
+        let arena = vec![Value::None, Value::Bool(true), Value::Bool(false), Value::Tuple(vec![])];
+        Vm { r: Reader { buf, pos: 0 }, arena, budget: budget(buf.len()), ..Vm::default() }
+    }
+
     fn new_value(&mut self, v: Value) -> Id {
+        let heap = match &v {
+            Value::Str(s) => s.len(),
+            Value::Global(g) => g.module.len() + g.name.len() + std::mem::size_of::<Global>(),
+            Value::Call(_) => std::mem::size_of::<Call>(),
+            _ => 0,
+        };
+        self.cost += std::mem::size_of::<Value>() + heap;
         self.arena.push(v);
         self.arena.len() - 1
     }
     fn push(&mut self, v: Value) {
         let id = self.new_value(v);
+        self.push_id(id);
+    }
+    /// Every stack push goes through here; the id later moves into a container, so it is
+    /// charged once, here.
+    fn push_id(&mut self, id: Id) {
+        self.cost += ID;
         self.stack.push(id);
     }
     fn pop(&mut self) -> Result<Id, String> {
@@ -88,13 +142,24 @@ impl Vm<'_> {
         Ok(self.stack.split_off(m))
     }
     fn memo_get(&mut self, key: u64) -> Result<(), String> {
-        let id = *self.memo.get(&key).ok_or_else(|| format!("memo key {key} missing"))?;
-        self.stack.push(id);
+        let slot = usize::try_from(key).ok().and_then(|k| self.memo.get(k).copied());
+        let id = slot.filter(|&id| id != HOLE).ok_or_else(|| format!("memo key {key} missing"))?;
+        self.push_id(id);
         Ok(())
     }
     fn memo_put(&mut self, key: u64) -> Result<(), String> {
         let id = self.top()?;
-        self.memo.insert(key, id);
+        let k = usize::try_from(key).unwrap_or(usize::MAX);
+        if k >= self.memo.len() {
+            // Charged before growing: a hostile key must not allocate first.
+            let grow = (k - self.memo.len()).saturating_add(1).saturating_mul(ID);
+            if self.cost.saturating_add(grow) > self.budget {
+                return Err(format!("memo key {key} is far beyond what this pickle can hold"));
+            }
+            self.cost += grow;
+            self.memo.resize(k + 1, HOLE);
+        }
+        self.memo[k] = id;
         Ok(())
     }
 
@@ -108,14 +173,20 @@ impl Vm<'_> {
             0x95 => {
                 self.r.uint(8)?; // FRAME: a length hint only
             }
-            b'(' => self.marks.push(self.stack.len()),
+            b'(' => {
+                self.cost += ID;
+                self.marks.push(self.stack.len())
+            }
             b'0' => {
                 self.pop()?;
             }
             b'1' => {
                 self.pop_mark()?;
             }
-            b'2' => self.stack.push(self.top()?),
+            b'2' => {
+                let id = self.top()?;
+                self.push_id(id)
+            }
             _ => return self.step_value(op),
         }
         Ok(false)
@@ -123,17 +194,14 @@ impl Vm<'_> {
 
     fn step_value(&mut self, op: u8) -> Result<bool, String> {
         match op {
-            b'N' => self.push(Value::None),
-            0x88 => self.push(Value::Bool(true)),
-            0x89 => self.push(Value::Bool(false)),
-            b'I' => {
-                let v = match self.r.line()? {
-                    "00" => Value::Bool(false),
-                    "01" => Value::Bool(true),
-                    s => Value::Int(s.parse().map_err(|_| format!("bad INT {s:?}"))?),
-                };
-                self.push(v)
-            }
+            b'N' => self.push_id(NONE),
+            0x88 => self.push_id(TRUE),
+            0x89 => self.push_id(FALSE),
+            b'I' => match self.r.line()? {
+                "00" => self.push_id(FALSE),
+                "01" => self.push_id(TRUE),
+                s => self.push(Value::Int(s.parse().map_err(|_| format!("bad INT {s:?}"))?)),
+            },
             b'J' => {
                 let v = self.r.uint(4)? as u32 as i32;
                 self.push(Value::Int(v as i64))
@@ -232,7 +300,7 @@ impl Vm<'_> {
 
     fn step_container(&mut self, op: u8) -> Result<bool, String> {
         match op {
-            b')' => self.push(Value::Tuple(vec![])),
+            b')' => self.push_id(EMPTY_TUPLE),
             b't' => {
                 let items = self.pop_mark()?;
                 self.push(Value::Tuple(items))
@@ -289,7 +357,7 @@ impl Vm<'_> {
         let top = self.top()?;
         match &mut self.arena[top] {
             Value::List(v) | Value::Set(v) => v.extend(items),
-            Value::Call { list, .. } => list.extend(items),
+            Value::Call(c) => c.list.extend(items),
             other => return Err(format!("cannot append to {}", kind(other))),
         }
         Ok(())
@@ -299,7 +367,7 @@ impl Vm<'_> {
         let top = self.top()?;
         match &mut self.arena[top] {
             Value::Dict(v) => v.extend(items),
-            Value::Call { items: v, .. } => v.extend(items),
+            Value::Call(c) => c.items.extend(items),
             other => return Err(format!("cannot set items on {}", kind(other))),
         }
         Ok(())
@@ -345,7 +413,7 @@ impl Vm<'_> {
             b'c' => {
                 let module = self.r.line()?.to_string();
                 let name = self.r.line()?.to_string();
-                self.push(Value::Global { module, name })
+                self.push(Value::Global(Box::new(Global { module, name })))
             }
             0x93 => {
                 let name = self.pop()?;
@@ -354,7 +422,7 @@ impl Vm<'_> {
                     (Value::Str(m), Value::Str(n)) => (m.clone(), n.clone()),
                     _ => return Err("STACK_GLOBAL needs two strings".into()),
                 };
-                self.push(Value::Global { module, name })
+                self.push(Value::Global(Box::new(Global { module, name })))
             }
             b'R' | 0x81 => {
                 let args = self.pop()?;
@@ -379,7 +447,7 @@ impl Vm<'_> {
                 let module = self.r.line()?.to_string();
                 let name = self.r.line()?.to_string();
                 let items = self.pop_mark()?;
-                let func = self.new_value(Value::Global { module, name });
+                let func = self.new_value(Value::Global(Box::new(Global { module, name })));
                 let args = self.new_value(Value::Tuple(items));
                 self.call(func, args)
             }
@@ -396,8 +464,8 @@ impl Vm<'_> {
                 let state = self.pop()?;
                 let top = self.top()?;
                 // Dicts (OrderedDict's `_metadata` attribute) keep their items; state is ignored.
-                if let Value::Call { state: s, .. } = &mut self.arena[top] {
-                    *s = Some(state);
+                if let Value::Call(c) = &mut self.arena[top] {
+                    c.state = Some(state);
                 }
             }
             b'Q' => {
@@ -419,15 +487,16 @@ impl Vm<'_> {
     fn call(&mut self, func: Id, args: Id) {
         let dict_like = matches!(
             &self.arena[func],
-            Value::Global { module, name }
-                if (module == "collections" && (name == "OrderedDict" || name == "defaultdict"))
-                    || (module == "builtins" || module == "__builtin__") && name == "dict"
+            Value::Global(g)
+                if (g.module == "collections" && (g.name == "OrderedDict" || g.name == "defaultdict"))
+                    || (g.module == "builtins" || g.module == "__builtin__") && g.name == "dict"
         );
         let empty_args = matches!(&self.arena[args], Value::Tuple(a) if a.is_empty());
         if dict_like && empty_args {
             self.push(Value::Dict(vec![]))
         } else {
-            self.push(Value::Call { func, args, state: None, items: vec![], list: vec![] })
+            let call = Call { func, args, state: None, items: vec![], list: vec![] };
+            self.push(Value::Call(Box::new(call)))
         }
     }
 }
@@ -444,7 +513,56 @@ fn kind(v: &Value) -> &'static str {
         Value::Tuple(_) => "a tuple",
         Value::Dict(_) => "a dict",
         Value::List(_) => "a list",
-        Value::Global { .. } => "a class",
+        Value::Global(_) => "a class",
         _ => "a scalar",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hostile floods (100 MB of NONE took 8.7 GB): each must fail, having charged no more
+    /// than the budget plus one opcode's worth.
+    #[test]
+    fn floods_are_refused_within_the_budget() {
+        let n = 1 << 20;
+        let string = [&b"X\x00\x00\x01\x00"[..], &[b'a'; 65536], b"\x94"].concat();
+        // (what, bytes, whether it keeps more per byte than the budget's rate)
+        let floods: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("NONE", b"N".repeat(n), false),
+            ("EMPTY_LIST", b"]".repeat(n), true),
+            ("EMPTY_LIST POP", b"]0".repeat(n), false),
+            ("MARK", b"(".repeat(n), false),
+            ("MEMOIZE", [&b"N"[..], &b"\x94".repeat(n)].concat(), false),
+            ("DUP", [&b"N"[..], &b"2".repeat(n)].concat(), false),
+            (
+                "GET of a long string",
+                [&string[..], &b"h\x00h\x00\x930".repeat(n / 8)].concat(),
+                true,
+            ),
+            ("far memo key", b"Nr\xff\xff\xff\x7f".repeat(4), true),
+        ];
+        for (what, bytes, over) in floods {
+            let mut vm = Vm::new(&bytes);
+            // Floods cheaper than the budget's rate run to the end of the data and fail there.
+            let err = run(&bytes).err().unwrap_or_else(|| panic!("{what}: decoded"));
+            let bounded = err.contains("corrupt or hostile") || err.contains("far beyond");
+            assert!(if over { bounded } else { err.contains("unexpected end") }, "{what}: {err}");
+            // Replay to the failing opcode and look at what was charged and kept.
+            while vm.cost <= vm.budget {
+                let Ok(op) = vm.r.byte() else { break };
+                if vm.step(op).is_err() {
+                    break;
+                }
+            }
+            assert!(vm.cost <= vm.budget + 256 * 1024, "{what}: charged {}", vm.cost);
+            assert!(vm.memo.len() * ID <= vm.budget, "{what}: memo {}", vm.memo.len());
+        }
+    }
+
+    #[test]
+    fn values_stay_small() {
+        assert!(std::mem::size_of::<Value>() <= 32, "{}", std::mem::size_of::<Value>());
     }
 }
