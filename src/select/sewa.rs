@@ -235,9 +235,10 @@ pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
 }
 
 /// Run SeWA over the oracle's window (members ordered by step, oldest first). `keys` identify
-/// members for warm starts. A warm start that cannot beat the average of the k newest members
-/// is stuck on old members (they are one subset a cold start weighs like any other): it is
-/// abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
+/// members for warm starts. A warm start is kept only if it does at least as well as the
+/// previous selection did and as the average of the k newest members; otherwise it is stuck
+/// on old members (a chosen member left, and the logits of the rest describe the old window),
+/// it is abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
 pub fn run(
     oracle: &mut Oracle,
     keys: &[String],
@@ -252,13 +253,8 @@ pub fn run(
     let mut run = attempt(oracle, start.theta, cold.is_none(), k, estimator, cfg)?;
     let mut abandoned = serde_json::Value::Null;
     if cold.is_none() && k < n {
-        let newest: Vec<usize> = (n - k..n).collect();
-        let anchor = oracle.subset(&newest)?;
-        if run.loss > anchor {
-            let why = format!(
-                "warm start stuck: its loss {:.6} is worse than the newest {k} members' {anchor:.6}",
-                run.loss
-            );
+        let previous = warm.and_then(|w| w.loss).filter(|l| l.is_finite());
+        if let Some(why) = stuck(oracle, run.loss, k, previous)? {
             tracing::info!(%why, "restarting the selection cold");
             abandoned = json!({ "loss": run.loss, "set": run.set, "oracle_calls": run.calls });
             run = attempt(oracle, warm::flat(n, k), false, k, estimator, cfg)?;
@@ -274,8 +270,28 @@ pub fn run(
     details["warm"] = json!(cold.is_none());
     details["cold_reason"] = json!(cold);
     details["abandoned_warm_start"] = abandoned;
-    let state = SewaState { keys: keys.to_vec(), theta: run.theta, warm_runs };
+    let state =
+        SewaState { keys: keys.to_vec(), theta: run.theta, warm_runs, loss: Some(run.loss) };
     Ok((Found { set: run.set, loss: run.loss, details }, state))
+}
+
+/// Why a warm result with `loss` is stuck, if it is: worse than the previous selection's loss
+/// or than the k newest members' average (one more oracle call, unless cached).
+fn stuck(
+    oracle: &mut Oracle,
+    loss: f64,
+    k: usize,
+    previous: Option<f64>,
+) -> Result<Option<String>> {
+    let n = oracle.blend.len();
+    let newest: Vec<usize> = (n - k..n).collect();
+    let lawa = oracle.subset(&newest)?;
+    let why = match previous {
+        Some(p) if loss > p && p <= lawa => format!("the previous selection's {p:.6}"),
+        _ if loss > lawa => format!("the newest {k} members' {lawa:.6}"),
+        _ => return Ok(None),
+    };
+    Ok(Some(format!("warm start stuck: its loss {loss:.6} is worse than {why}")))
 }
 
 /// The estimator `cfg` asks for, checked against what the objective gives.

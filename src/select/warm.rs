@@ -21,6 +21,9 @@ pub struct SewaState {
     /// Warm selections since the last cold one (for `cold_every`).
     #[serde(default)]
     pub warm_runs: usize,
+    /// The selection's loss: the next warm start must do at least as well.
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 /// Where a selection's logits start.
@@ -76,7 +79,7 @@ mod tests {
     }
 
     fn state(names: &[&str], theta: Vec<f64>, warm_runs: usize) -> SewaState {
-        SewaState { keys: keys(names), theta, warm_runs }
+        SewaState { keys: keys(names), theta, warm_runs, loss: None }
     }
 
     #[test]

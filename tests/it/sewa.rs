@@ -253,7 +253,7 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
         ..TaskSpec::default()
     };
     let task = spec.generate();
-    let inputs = spec.train(&task, dir.path(), |_| {}).unwrap();
+    let inputs = spec.train(&task, dir.path(), |_, _| Ok(())).unwrap();
     assert_eq!(inputs.len(), 8);
     let data = dir.path().join("sel.safetensors");
     write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
@@ -489,4 +489,61 @@ fn member_losses_are_remembered_across_selections() {
     assert_eq!(calls(&c, "oracle_calls_report"), 2);
     let (fresh, _) = run_model_based("sewa", 3, &slid, &mut obj, &cfg, None).unwrap();
     assert_eq!(c.details["member_losses"], fresh.details["member_losses"]);
+}
+
+/// A short `sewa demo` (15 checkpoints, window 8, k = 3) in a fresh directory.
+fn short_demo() -> (tempfile::TempDir, sewa::demo::Outcome) {
+    use sewa::demo::{DemoArgs, run_with, task::TaskSpec};
+    let spec = TaskSpec {
+        hidden: 16,
+        train_rows: 400,
+        selection_rows: 300,
+        test_rows: 100,
+        steps: 600,
+        save_every: 40,
+        seed: 1,
+        ..TaskSpec::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = DemoArgs { dir: Some(dir.path().into()), json: None, k: 3, window: 8, seed: 1 };
+    let outcome = run_with(&args, &spec).unwrap();
+    (dir, outcome)
+}
+
+#[test]
+fn demo_is_deterministic_and_says_what_was_published_and_when() {
+    let (dir, a) = short_demo();
+    let (_dir2, b) = short_demo();
+    // Everything but wall times is the same in both runs.
+    let table = |o: &sewa::demo::Outcome| {
+        let rows = o.rows.iter();
+        rows.map(|r| (r.method.clone(), r.steps.clone(), r.heldout_loss, r.oracle_calls))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(table(&a), table(&b));
+    let published = |o: &sewa::demo::Outcome| {
+        let p = o.history.publications.iter();
+        p.map(|p| (p.after_step, p.selection, p.steps.clone(), p.loss)).collect::<Vec<_>>()
+    };
+    assert_eq!(published(&a), published(&b));
+    let status = a.history.last.as_ref().unwrap();
+    assert_eq!(status.counters.loaded, 15, "every checkpoint was taken in, each on its own");
+    assert_eq!(status.counters.selections, 15);
+    assert_eq!(status.counters.publishes as usize, a.history.publications.len());
+    // The last publication recorded is what is on disk, and the final lines say so.
+    let last = a.history.publications.last().expect("the watcher published");
+    let manifest = dir.path().join("published/model.safetensors.manifest.json");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let steps: Vec<u64> =
+        m["inputs"].as_array().unwrap().iter().map(|i| i["step"].as_u64().unwrap()).collect();
+    assert_eq!((steps, m["selection"]["loss"].as_f64()), (last.steps.clone(), last.loss));
+    let said = format!(
+        "published model: selection {} of 15, made when step {} arrived",
+        last.selection, last.after_step
+    );
+    assert!(a.summary.contains(&said), "{}", a.summary);
+    let same =
+        sewa::demo::same_loss(status.last_selection.as_ref().unwrap().loss, a.table_sewa.loss);
+    let claim = if same { "chose the same subset" } else { "chose another subset" };
+    assert!(a.summary.contains(claim), "{}", a.summary);
 }
