@@ -547,3 +547,21 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
     let claim = if same { "chose the same subset" } else { "chose another subset" };
     assert!(a.summary.contains(claim), "{}", a.summary);
 }
+
+#[test]
+fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
+    // Members 10..14 are the best; the window slides past member 10. The newest five are
+    // poor, so only the previous selection's loss shows that the warm start fell behind.
+    let mut bias = vec![0.9; 31];
+    bias[10..15].iter_mut().for_each(|b| *b = 0.4);
+    let (all, mut quad) = graded(&bias, 48, 31);
+    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let first: Vec<&Checkpoint> = all[..20].iter().collect();
+    let (one, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+    assert_eq!(one.members(), (10..15).collect::<Vec<_>>());
+    let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg };
+    let second: Vec<&Checkpoint> = all[11..].iter().collect();
+    let (sel, _) = run_model_based("sewa", 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
+    let why = sel.details["cold_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("previous selection's"), "{}", sel.details);
+}
