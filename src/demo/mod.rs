@@ -76,6 +76,7 @@ pub fn run_with(args: &DemoArgs, spec: &task::TaskSpec) -> Result<Outcome> {
             .keep(),
     };
     let ckpt_dir = dir.join("checkpoints");
+    refuse_earlier_run(&dir)?;
     std::fs::create_dir_all(&ckpt_dir).with_path(&ckpt_dir)?;
     let data = spec.generate();
     let sel_path = dir.join("selection.safetensors");
@@ -100,6 +101,22 @@ pub fn run_with(args: &DemoArgs, spec: &task::TaskSpec) -> Result<Outcome> {
         std::fs::write(p, text).with_path(p)?;
     }
     Ok(Outcome { rows, history, table_sewa: sewa, summary })
+}
+
+/// An earlier run's checkpoints would fill the watcher's window before training starts (and
+/// its published model would be the baseline to beat): the demo needs a fresh directory.
+fn refuse_earlier_run(dir: &Path) -> Result<()> {
+    for sub in ["checkpoints", "published"] {
+        let path = dir.join(sub);
+        let used = std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some());
+        if used {
+            return Err(Error::Usage(format!(
+                "demo: {} holds an earlier run's files; give a new --dir or remove them",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Train into `ckpt_dir` with `sewa watch` running on it; after each checkpoint, training waits
@@ -242,4 +259,20 @@ pub fn same_loss(a: Option<f64>, b: Option<f64>) -> bool {
 fn steps_text(steps: &[u64]) -> String {
     let s: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
     s.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_with_an_earlier_run_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        refuse_earlier_run(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("checkpoints")).unwrap();
+        refuse_earlier_run(dir.path()).unwrap();
+        std::fs::write(dir.path().join("checkpoints/step_000060.safetensors"), b"x").unwrap();
+        let e = refuse_earlier_run(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("earlier run") && e.contains("--dir"), "{e}");
+    }
 }
