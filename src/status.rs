@@ -93,6 +93,9 @@ pub struct Counters {
     pub loaded: u64,
     pub quarantined: u64,
     pub selections: u64,
+    /// Selections that failed (e.g. a non-finite loss); nothing was published from them.
+    #[serde(default)]
+    pub failed_selections: u64,
     pub publishes: u64,
     pub rescans: u64,
 }

@@ -16,8 +16,13 @@ the loss function:
 
     serve(loss_fn)                             # gradients by autograd
 
+With torch, the weights must flow into the loss through autograd: `model.load_state_dict(weights)`
+copies them and cuts the graph, so no weight gets a gradient; the client then fails with a
+message saying so instead of sending zeros.
+
 With numpy (`framework="numpy"`), `loss_fn` receives numpy arrays and returns either a float
-(forward-only) or `(loss, {name: gradient})`. Anything your code prints goes to stderr, which
+(forward-only) or `(loss, {name: gradient})`; a gradient of `None` for every weight is an error
+too. Anything your code prints goes to stderr, which
 sewa logs; stdout is reserved for the protocol.
 
 Needs only `safetensors` and either `torch` or `numpy`.
@@ -31,6 +36,21 @@ import sys
 PROTOCOL = 1
 
 __all__ = ["serve", "PROTOCOL"]
+
+# Why an evaluator gets no gradient, and the fix. Without this check sewa would optimise on
+# zeros: every probability stays at k/K and the "selection" is arbitrary.
+NO_GRADIENT = (
+    "no weight received a gradient: the loss does not depend, through autograd, on the "
+    "weights sewa sent (model.load_state_dict(weights) copies them and cuts the graph). "
+    "In loss_fn, use torch.func.functional_call(model, weights, args); or declare a "
+    "forward-only evaluator with serve(loss_fn, grad=False)"
+)
+
+
+def _require_gradient(grads):
+    """Fail loudly when no weight received a gradient (None, empty, or None for every tensor)."""
+    if not grads or all(g is None for g in grads.values()):
+        raise RuntimeError(NO_GRADIENT)
 
 
 def _protocol_stream():
@@ -71,15 +91,24 @@ class _Torch:
         if isinstance(out, tuple):
             raise TypeError("with torch, return a scalar tensor (the client computes gradients)")
         if not isinstance(out, torch.Tensor):
+            if want_grad:
+                raise RuntimeError(NO_GRADIENT + " (loss_fn returned a number, not a tensor)")
             return float(out), None
         loss = float(out.detach())
-        if not want_grad or not out.requires_grad:
+        if not want_grad:
             return loss, None
+        if not out.requires_grad:
+            raise RuntimeError(NO_GRADIENT)
         names = [n for n, t in weights.items() if t.requires_grad]
-        grads = torch.autograd.grad(out, [weights[n] for n in names], allow_unused=True)
+        inputs = [weights[n] for n in names]
+        grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True))) if names else {}
+        # The load_state_dict case: `out` needs grad (through the model's own parameters), yet
+        # every weight sewa sent comes back None.
+        _require_gradient(grads)
+        # Weights the loss does not use (frozen or unused modules) get zeros.
         return loss, {
             n: (g if g is not None else torch.zeros_like(weights[n])).detach().float().contiguous()
-            for n, g in zip(names, grads)
+            for n, g in grads.items()
         }
 
     def save(self, grads, path):
@@ -102,7 +131,14 @@ class _Numpy:
         out = loss_fn(weights)
         if isinstance(out, tuple):
             loss, grads = out
-            return float(loss), grads if want_grad else None
+            if not want_grad:
+                return float(loss), None
+            _require_gradient(grads)
+            np = self.np
+            # Weights the loss does not use get zeros, as with torch.
+            return float(loss), {
+                n: np.zeros_like(weights[n]) if g is None else g for n, g in grads.items()
+            }
         return float(out), None
 
     def save(self, grads, path):

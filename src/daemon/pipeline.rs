@@ -17,7 +17,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
-use crate::select::{self, ModelContext, Selection, SewaState, WindowView};
+use crate::select::{self, Memory, ModelContext, Selection, WindowView};
 use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::text;
 use crate::watch::{Settled, Sig};
@@ -35,8 +35,8 @@ pub struct Pipeline {
     reselect: bool,
     /// Loss oracle of model-based selectors, built on first use (and again after a reload).
     objective: Option<Box<dyn Objective>>,
-    /// SeWA's state from the previous selection (warm start).
-    warm: Option<SewaState>,
+    /// What earlier selections left for the next (SeWA warm start, members' losses).
+    memory: Memory,
     /// `[publish] on_publish`, run after each publication.
     hook: super::hook::Hook,
 }
@@ -66,7 +66,7 @@ impl Pipeline {
             weights: BTreeMap::new(),
             reselect: false,
             objective: None,
-            warm: None,
+            memory: Memory::default(),
             hook: Default::default(),
         }
     }
@@ -88,7 +88,7 @@ impl Pipeline {
         }
         if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {
             self.objective = None;
-            self.warm = None;
+            self.memory = Memory::default();
         }
         self.cfg = cfg;
         self.apply(actions);
@@ -207,7 +207,10 @@ impl Pipeline {
             .collect::<Result<_>>()?;
         let refs: Vec<&Checkpoint> = ckpts.iter().map(|c| c.as_ref()).collect();
         let view = WindowView { members: &summaries, checkpoints: &refs };
-        let selection = self.run_selector(&view)?;
+        let selection = self.run_selector(&view).inspect_err(|_| {
+            // Nothing is published from a failed selection (e.g. a non-finite loss).
+            self.status.counters.failed_selections += 1;
+        })?;
         self.status.counters.selections += 1;
         let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
         let paired: Vec<(PathBuf, f64)> = paired.collect();
@@ -280,7 +283,7 @@ impl Pipeline {
             self.objective = Some(oc.build(&self.cfg.base_dir())?);
         }
         let objective = self.objective.as_deref_mut().expect("just built");
-        let ctx = ModelContext { objective, sewa: &sewa, warm: &mut self.warm };
+        let ctx = ModelContext { objective, sewa: &sewa, memory: &mut self.memory };
         select::run(&self.cfg.select, view, Some(ctx))
     }
 
@@ -339,18 +342,27 @@ impl Pipeline {
 }
 
 /// Why a selection should not replace the published one, if it should not: it is the same
-/// (members and weights), or with `policy = "best"` its loss does not beat the published loss.
+/// (members and weights), or with `policy = "best"` it has no finite loss or its loss does not
+/// beat the published one's. A published model without a loss is beaten by any finite loss.
 fn skip_reason(
     policy: Policy,
     last: Option<&LastPublished>,
     selection: &Selection,
     inputs: &[(PathBuf, f64)],
 ) -> Option<String> {
+    let new = selection.loss.filter(|l| l.is_finite());
+    if policy == Policy::Best && new.is_none() {
+        return Some(format!(
+            "policy best: the selection has no finite loss ({:?})",
+            selection.loss
+        ));
+    }
     let last = last?;
     if last.same_as(inputs) {
         return Some("same members and weights as the published average".into());
     }
-    if let (Policy::Best, Some(new), Some(old)) = (policy, selection.loss, last.loss)
+    let old = last.loss.filter(|l| l.is_finite());
+    if let (Policy::Best, Some(new), Some(old)) = (policy, new, old)
         && new >= old
     {
         return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
@@ -393,5 +405,23 @@ mod tests {
         assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.30)), &b).is_some(), "tie");
         assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.29)), &b).is_none(), "better");
         assert!(skip_reason(Policy::Latest, Some(&last), &sel(Some(0.9)), &b).is_none(), "latest");
+    }
+
+    #[test]
+    fn best_policy_never_publishes_a_selection_without_a_finite_loss() {
+        let a = vec![(PathBuf::from("a"), 0.5), (PathBuf::from("b"), 0.5)];
+        let b = vec![(PathBuf::from("b"), 0.5), (PathBuf::from("c"), 0.5)];
+        let scored = LastPublished { inputs: a.clone(), loss: Some(0.30) };
+        let unscored = LastPublished { inputs: a, loss: None };
+        for bad in [None, Some(f64::NAN), Some(f64::INFINITY)] {
+            for last in [None, Some(&scored), Some(&unscored)] {
+                let skip = skip_reason(Policy::Best, last, &sel(bad), &b);
+                assert!(
+                    skip.is_some_and(|s| s.contains("no finite loss")),
+                    "{bad:?} over {last:?}"
+                );
+            }
+        }
+        assert!(skip_reason(Policy::Best, Some(&unscored), &sel(Some(9.0)), &b).is_none());
     }
 }

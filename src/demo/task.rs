@@ -93,12 +93,13 @@ impl TaskSpec {
     }
 
     /// Train on `task.train`, writing `step_NNNNNN.safetensors` into `dir` every `save_every`
-    /// steps. `on_save` sees each written path (the demo logs progress with it).
+    /// steps. `on_save` sees each written path and its step before training goes on (the demo
+    /// waits there for its watcher); its error stops training.
     pub fn train(
         &self,
         task: &Task,
         dir: &Path,
-        mut on_save: impl FnMut(&Path),
+        mut on_save: impl FnMut(&Path, u64) -> Result<()>,
     ) -> Result<Vec<PathBuf>> {
         let c = |e: candle_core::Error| Error::Internal(format!("demo training: {e}"));
         let dev = Device::Cpu;
@@ -137,7 +138,7 @@ impl TaskSpec {
             if step % self.save_every == 0 {
                 let path = dir.join(format!("step_{step:06}.safetensors"));
                 save(&path, step, &names, &vars)?;
-                on_save(&path);
+                on_save(&path, step as u64)?;
                 written.push(path);
             }
         }

@@ -1,7 +1,9 @@
 //! The demo's sidecar: the real `sewa watch` pipeline (notify watcher, window, SeWA selection,
 //! atomic publisher) running in-process on the directory the demo trains into, exactly as it
 //! would beside a user's job. Its config is written next to the checkpoints so the user can run
-//! `sewa watch --config` on it again.
+//! `sewa watch --config` on it again. The trainer hands over each checkpoint and waits until the
+//! watcher has selected over it (`admit`), so every checkpoint is a window of its own and the
+//! run is the same every time; `History` records what was published after which checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,7 +11,28 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::daemon::{self, RunOptions};
 use crate::error::{Error, Result, WithPath};
+use crate::manifest::Manifest;
 use crate::status::Status;
+
+/// One publication by the watcher, as its manifest recorded it.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    /// The checkpoint whose arrival led to it.
+    pub after_step: u64,
+    /// Which selection it was (1-based).
+    pub selection: u64,
+    /// Steps of the members averaged.
+    pub steps: Vec<u64>,
+    pub loss: Option<f64>,
+}
+
+/// What the watcher did while the model trained.
+#[derive(Debug, Default)]
+pub struct History {
+    pub publications: Vec<Publication>,
+    /// The status after the last checkpoint was taken in.
+    pub last: Option<Status>,
+}
 
 /// A running in-process `sewa watch`.
 pub struct Sidecar {
@@ -27,7 +50,7 @@ fn config_text(ckpt_dir: &Path, window: usize, k: usize, seed: u64) -> String {
 [watch]
 dir = {dir:?}
 pattern = "step_*.safetensors"
-quiet_ms = 200
+quiet_ms = 50
 [window]
 size = {window}
 [select]
@@ -72,6 +95,28 @@ impl Sidecar {
             }))
         });
         Ok(Sidecar { config_path, config, stop: Some(tx), thread: Some(thread) })
+    }
+
+    /// Wait until the watcher has taken in and selected over the checkpoint at `step`, then
+    /// record in `history` what it published, if it did.
+    pub fn admit(&self, step: u64, history: &mut History) -> Result<()> {
+        let status = self.wait_for_step(step, Duration::from_secs(120))?;
+        let before = history.last.as_ref().map_or(0, |s| s.counters.publishes);
+        if status.counters.publishes > before
+            && let Some(p) = &status.last_publish
+        {
+            let text = std::fs::read(&p.manifest).with_path(&p.manifest)?;
+            let m: Manifest = serde_json::from_slice(&text)
+                .map_err(|e| Error::Internal(format!("demo: {}: {e}", p.manifest.display())))?;
+            history.publications.push(Publication {
+                after_step: step,
+                selection: status.counters.selections,
+                steps: m.inputs.iter().filter_map(|i| i.step).collect(),
+                loss: m.selection.loss,
+            });
+        }
+        history.last = Some(status);
+        Ok(())
     }
 
     /// Wait until the watcher has taken in (and selected over) the checkpoint at `step`.

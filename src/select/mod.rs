@@ -36,11 +36,15 @@ impl Selection {
 }
 
 pub mod blend;
+pub mod memory;
 pub mod oracle;
 pub mod search;
 pub mod sewa;
+pub mod warm;
 
-pub use sewa::{SewaConfig, SewaState};
+pub use memory::Memory;
+pub use sewa::SewaConfig;
+pub use warm::SewaState;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -54,7 +58,7 @@ pub fn is_model_based(method: &str) -> bool {
     MODEL_BASED.contains(&method)
 }
 
-/// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) over the window
+/// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) once over the window
 /// `members` (ordered by step) with `objective`. `k` is clamped to the window size. `warm` is the
 /// state a previous SeWA run returned; the returned state is `Some` only for `sewa`.
 /// Every member is first checked against the objective (errors name the member).
@@ -66,6 +70,23 @@ pub fn run_model_based(
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
 ) -> Result<(Selection, Option<SewaState>)> {
+    let mut memory = Memory::default();
+    memory.sewa = warm.cloned();
+    let selection = run_remembering(method, k, members, objective, cfg, &mut memory)?;
+    Ok((selection, memory.sewa.filter(|_| method == "sewa")))
+}
+
+/// `run_model_based` for a process that selects again and again (the daemon): SeWA warm-starts
+/// from `memory`, members' own losses seen in earlier selections are not computed again, and
+/// `memory` is updated for the next call.
+pub fn run_remembering(
+    method: &str,
+    k: usize,
+    members: &[&Checkpoint],
+    objective: &mut dyn Objective,
+    cfg: &SewaConfig,
+    memory: &mut Memory,
+) -> Result<Selection> {
     if !is_model_based(method) {
         return Err(Error::Usage(format!(
             "unknown model-based method {method:?}: expected one of {MODEL_BASED:?}"
@@ -81,11 +102,10 @@ pub fn run_model_based(
     let started = std::time::Instant::now();
     let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
-    let mut state = None;
     let found = match method {
         "sewa" => {
-            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, warm)?;
-            state = Some(s);
+            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref())?;
+            memory.sewa = Some(s);
             f
         }
         "greedy" => search::greedy(&mut oracle)?,
@@ -95,14 +115,17 @@ pub fn run_model_based(
     let wall = started.elapsed().as_secs_f64();
     let calls = oracle.calls;
     let mut selection = to_selection(method, members, &found, calls, wall, &oracle.describe());
-    if cfg.member_losses && selection.details.get("member_losses").is_none() {
-        // Cached subsets cost nothing; what is new is counted apart from the selection's cost.
-        let own: Vec<f64> =
-            (0..members.len()).map(|i| oracle.subset(&[i])).collect::<Result<_>>()?;
-        selection.details["member_losses"] = serde_json::json!(own);
-        selection.details["oracle_calls_report"] = serde_json::json!(oracle.calls - calls);
+    if cfg.member_losses {
+        // Counted apart from the selection's cost: they are for the report only.
+        let own = memory.member_losses(&mut oracle, members)?;
+        let d = &mut selection.details;
+        if d.get("member_losses").is_none() {
+            d["member_losses"] = serde_json::json!(own.losses);
+        }
+        d["oracle_calls_report"] = serde_json::json!(own.computed);
+        d["member_losses_remembered"] = serde_json::json!(own.remembered);
     }
-    Ok((selection, state))
+    Ok(selection)
 }
 
 /// Identity of a member across windows (warm starts): its path and step.
@@ -166,12 +189,12 @@ pub struct WindowView<'a> {
     pub checkpoints: &'a [&'a Checkpoint],
 }
 
-/// What model-based selectors need beside the window: the loss oracle, SeWA's options and the
-/// SeWA state of the previous run (warm start; updated in place).
+/// What model-based selectors need beside the window: the loss oracle, SeWA's options and
+/// what earlier selections left (warm start, members' losses; updated in place).
 pub struct ModelContext<'a> {
     pub objective: &'a mut dyn Objective,
     pub sewa: &'a SewaConfig,
-    pub warm: &'a mut Option<SewaState>,
+    pub memory: &'a mut Memory,
 }
 
 /// The one entry point the daemon uses: run the configured selector on the window.
@@ -192,13 +215,7 @@ pub fn run(
             let m = model.ok_or_else(|| {
                 Error::Internal(format!("selector {name:?} needs an [objective]"))
             })?;
-            let warm = m.warm.as_ref();
-            let (selection, state) =
-                run_model_based(name, k, view.checkpoints, m.objective, m.sewa, warm)?;
-            if state.is_some() {
-                *m.warm = state;
-            }
-            Ok(selection)
+            run_remembering(name, k, view.checkpoints, m.objective, m.sewa, m.memory)
         }
     }
 }

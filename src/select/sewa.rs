@@ -2,7 +2,9 @@
 //! through binary-concrete (Gumbel-sigmoid) relaxed masks, keep Σ s = k by projection, take the
 //! top-k, then polish with gradient-ranked swaps. Forward-only objectives use a score-function
 //! (REINFORCE, leave-one-out baseline) estimator on hard samples instead. Deterministic for a
-//! seed. It reads members only through the `Oracle`; it writes nothing.
+//! seed. Where a selection's logits start (warm from the previous window, or cold) is `warm`'s;
+//! this module decides only when a warm start is stuck. It reads members only through the
+//! `Oracle`; it writes nothing.
 
 use std::path::Path;
 
@@ -13,13 +15,15 @@ use serde_json::json;
 
 use super::oracle::Oracle;
 use super::search::Found;
+use super::warm::{self, SewaState};
 use crate::error::{Error, Result};
 
 /// How ∂E[F]/∂θ is estimated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Estimator {
-    /// `concrete` when the objective gives gradients, else `reinforce`.
+    /// `concrete` when the objective gives gradients, else `reinforce`. Never switches on its
+    /// own: a gradient that is zero everywhere is an error (`Oracle`), not a reason to fall back.
     #[default]
     Auto,
     /// Relaxed masks and ∂F/∂m_i = ⟨G, w_i − w(m)⟩ / Σ m (needs gradients).
@@ -42,6 +46,9 @@ pub struct SewaConfig {
     pub iterations: usize,
     /// Adam iterations when warm-started from the previous window's θ.
     pub warm_iterations: usize,
+    /// Start cold at least every `cold_every` selections (1: always; 0: only when a warm
+    /// start is stuck, see `sewa::run`).
+    pub cold_every: usize,
     /// Adam learning rate on θ (logits).
     pub lr: f64,
     pub seed: u64,
@@ -65,6 +72,7 @@ impl Default for SewaConfig {
             temperature_end: 0.2,
             iterations: 40,
             warm_iterations: 8,
+            cold_every: 10,
             lr: 0.2,
             seed: 0,
             estimator: Estimator::Auto,
@@ -111,13 +119,6 @@ impl SewaConfig {
     }
 }
 
-/// What survives between selections for a warm start: θ per member, keyed by identity.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct SewaState {
-    pub keys: Vec<String>,
-    pub theta: Vec<f64>,
-}
-
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -132,26 +133,6 @@ pub fn project(theta: &mut [f64], k: usize) {
     }
     let c = 0.5 * (lo + hi);
     theta.iter_mut().for_each(|t| *t += c);
-}
-
-/// θ to start from: the warm state's values for survivors, their mean for newcomers; else a
-/// flat start at s = k/K. Returns θ and whether the start was warm.
-fn initial_theta(keys: &[String], k: usize, warm: Option<&SewaState>) -> (Vec<f64>, bool) {
-    let n = keys.len();
-    // Clamped so k = K (nothing to choose) still gives finite logits.
-    let p = (k as f64 / n as f64).clamp(1e-6, 1.0 - 1e-6);
-    let flat = (p / (1.0 - p)).ln();
-    let Some(w) = warm else { return (vec![flat; n], false) };
-    let old: Vec<Option<f64>> =
-        keys.iter().map(|key| w.keys.iter().position(|o| o == key).map(|j| w.theta[j])).collect();
-    let kept: Vec<f64> = old.iter().flatten().copied().collect();
-    if kept.is_empty() {
-        return (vec![flat; n], false);
-    }
-    let mean = kept.iter().sum::<f64>() / kept.len() as f64;
-    let mut theta: Vec<f64> = old.iter().map(|o| o.unwrap_or(mean)).collect();
-    project(&mut theta, k);
-    (theta, true)
 }
 
 /// Adam on θ.
@@ -253,7 +234,11 @@ pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
     set
 }
 
-/// Run SeWA over the oracle's window. `keys` identify members for warm starts.
+/// Run SeWA over the oracle's window (members ordered by step, oldest first). `keys` identify
+/// members for warm starts. A warm start is kept only if it does at least as well as the
+/// previous selection did and as the average of the k newest members; otherwise it is stuck
+/// on old members (a chosen member left, and the logits of the rest describe the old window),
+/// it is abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
 pub fn run(
     oracle: &mut Oracle,
     keys: &[String],
@@ -262,6 +247,55 @@ pub fn run(
     warm: Option<&SewaState>,
 ) -> Result<(Found, SewaState)> {
     let n = keys.len();
+    let estimator = estimator(oracle, cfg)?;
+    let start = warm::start(keys, k, cfg, warm);
+    let mut cold = start.cold;
+    let mut run = attempt(oracle, start.theta, cold.is_none(), k, estimator, cfg)?;
+    let mut abandoned = serde_json::Value::Null;
+    if cold.is_none() && k < n {
+        let previous = warm.and_then(|w| w.loss).filter(|l| l.is_finite());
+        if let Some(why) = stuck(oracle, run.loss, k, previous)? {
+            tracing::info!(%why, "restarting the selection cold");
+            abandoned = json!({ "loss": run.loss, "set": run.set, "oracle_calls": run.calls });
+            run = attempt(oracle, warm::flat(n, k), false, k, estimator, cfg)?;
+            cold = Some(why);
+        }
+    }
+    let warm_runs = match (&cold, warm) {
+        (None, Some(w)) => w.warm_runs + 1,
+        _ => 0,
+    };
+    let mut details = run.details;
+    details["estimator"] = json!(estimator);
+    details["warm"] = json!(cold.is_none());
+    details["cold_reason"] = json!(cold);
+    details["abandoned_warm_start"] = abandoned;
+    let state =
+        SewaState { keys: keys.to_vec(), theta: run.theta, warm_runs, loss: Some(run.loss) };
+    Ok((Found { set: run.set, loss: run.loss, details }, state))
+}
+
+/// Why a warm result with `loss` is stuck, if it is: worse than the previous selection's loss
+/// or than the k newest members' average (one more oracle call, unless cached).
+fn stuck(
+    oracle: &mut Oracle,
+    loss: f64,
+    k: usize,
+    previous: Option<f64>,
+) -> Result<Option<String>> {
+    let n = oracle.blend.len();
+    let newest: Vec<usize> = (n - k..n).collect();
+    let lawa = oracle.subset(&newest)?;
+    let why = match previous {
+        Some(p) if loss > p && p <= lawa => format!("the previous selection's {p:.6}"),
+        _ if loss > lawa => format!("the newest {k} members' {lawa:.6}"),
+        _ => return Ok(None),
+    };
+    Ok(Some(format!("warm start stuck: its loss {loss:.6} is worse than {why}")))
+}
+
+/// The estimator `cfg` asks for, checked against what the objective gives.
+fn estimator(oracle: &Oracle, cfg: &SewaConfig) -> Result<Estimator> {
     let estimator = match cfg.estimator {
         Estimator::Auto if oracle.supports_grad() => Estimator::Concrete,
         Estimator::Auto => Estimator::Reinforce,
@@ -273,14 +307,34 @@ pub fn run(
             oracle.describe()
         )));
     }
-    let (mut theta, is_warm) = initial_theta(keys, k, warm);
-    let iters = if k >= n {
-        0
-    } else if is_warm {
-        cfg.warm_iterations
-    } else {
-        cfg.iterations
+    Ok(estimator)
+}
+
+/// One optimisation from `theta`, then top-k and polishing.
+struct Attempt {
+    theta: Vec<f64>,
+    set: Vec<usize>,
+    loss: f64,
+    /// Oracle calls this attempt made.
+    calls: usize,
+    details: serde_json::Value,
+}
+
+fn attempt(
+    oracle: &mut Oracle,
+    mut theta: Vec<f64>,
+    is_warm: bool,
+    k: usize,
+    estimator: Estimator,
+    cfg: &SewaConfig,
+) -> Result<Attempt> {
+    let n = theta.len();
+    let iters = match (k >= n, is_warm) {
+        (true, _) => 0,
+        (false, true) => cfg.warm_iterations,
+        (false, false) => cfg.iterations,
     };
+    let calls0 = oracle.calls;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut adam = Adam::new(n, cfg.lr);
     let mut trace = Vec::with_capacity(iters);
@@ -293,14 +347,13 @@ pub fn run(
         project(&mut theta, k);
         trace.push(mean);
     }
-    let optimise_calls = oracle.calls;
+    let optimise_calls = oracle.calls - calls0;
     let probs: Vec<f64> = theta.iter().map(|t| sigmoid(*t)).collect();
     let start = top_k(&probs, k);
     let use_grad = estimator == Estimator::Concrete;
     let (set, loss, start_loss, rounds) = polish(oracle, start.clone(), &probs, cfg, use_grad)?;
+    let calls = oracle.calls - calls0;
     let details = json!({
-        "estimator": estimator,
-        "warm": is_warm,
         "iterations": iters,
         "probabilities": probs,
         "top_k": start,
@@ -308,11 +361,10 @@ pub fn run(
         "polish_changed": set != start,
         "polish_rounds": rounds,
         "oracle_calls_optimise": optimise_calls,
-        "oracle_calls_polish": oracle.calls - optimise_calls,
+        "oracle_calls_polish": calls - optimise_calls,
         "mean_sample_loss": trace,
     });
-    let state = SewaState { keys: keys.to_vec(), theta };
-    Ok((Found { set, loss, details }, state))
+    Ok(Attempt { theta, set, loss, calls, details })
 }
 
 /// Swap local search from `set`: each round ranks (out, in) pairs by the first-order predicted
@@ -374,20 +426,6 @@ mod tests {
         project(&mut th, 2);
         let s: f64 = th.iter().map(|t| sigmoid(*t)).sum();
         assert!((s - 2.0).abs() < 1e-9, "{s}");
-    }
-
-    #[test]
-    fn warm_start_keeps_survivors_and_seeds_newcomers_at_mean() {
-        let old = SewaState {
-            keys: vec!["a".into(), "b".into(), "c".into()],
-            theta: vec![2.0, -2.0, 0.0],
-        };
-        let keys: Vec<String> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let (th, warm) = initial_theta(&keys, 1, Some(&old));
-        assert!(warm);
-        // Shifted by one constant: differences survive; the newcomer sits at the survivors' mean.
-        assert!(((th[1] - th[0]) - 2.0).abs() < 1e-9);
-        assert!(((th[2] - th[0]) - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -4,6 +4,8 @@ hand-written backprop. It must agree with sewa's builtin candle objective on the
 
 usage: mlp_numpy.py DATA.safetensors [--mode MODE]
 MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | nan | version
+      zero-grad: the true loss with an all-zero gradient (a broken autograd that sends zeros)
+      no-grad: the true loss with no gradient for any weight (the client must refuse it)
       constant: loss 1.0 and zero gradients, to time the protocol alone (examples/bench_evaluator.rs)
 """
 
@@ -89,6 +91,10 @@ def main():
         loss, grads = loss_and_grad(w, x, y)
         if args.mode == "forward-only":
             return float(loss)
+        if args.mode == "zero-grad":
+            return loss, {n: np.zeros_like(t) for n, t in w.items()}
+        if args.mode == "no-grad":
+            return loss, {n: None for n in w}
         return loss, grads
 
     sewa_evaluator.serve(loss_fn, framework="numpy", grad=args.mode != "forward-only",

@@ -296,3 +296,43 @@ fn objective_table_with_kind_command_starts_the_evaluator() {
     let err = ObjectiveConfig::from_toml(&missing, Path::new("sewa.toml")).unwrap_err();
     assert!(err.to_string().contains("command must name a program"), "{err}");
 }
+
+#[test]
+fn client_refuses_a_loss_with_no_gradient_for_any_weight() {
+    let (_dir, mut obj) = start("no-grad", 60.0);
+    let p = mlp_params(12);
+    let err = obj.evaluate(&p, true).unwrap_err().to_string();
+    assert!(err.contains("no weight received a gradient"), "{err}");
+    assert!(err.contains("use torch.func.functional_call(model, weights, args)"), "{err}");
+    // Forward-only calls are unaffected (after the restart the failure triggers).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match obj.evaluate(&p, false) {
+            Ok(ev) => break assert!(ev.loss.is_finite()),
+            Err(e) if Instant::now() < deadline && e.to_string().contains("restart") => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("forward call failed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn zero_gradient_evaluator_is_refused_unless_reinforce_is_configured() {
+    let (_dir, mut zero) = start("zero-grad", 60.0);
+    let members = window(6);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let cfg = SewaConfig { iterations: 10, ..SewaConfig::default() };
+    let err = run_model_based("sewa", 2, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
+    for part in ["mlp_numpy", "exactly zero", "torch.func.functional_call", "\"reinforce\""] {
+        assert!(err.contains(part), "{part:?} missing: {err}");
+    }
+    // With the forward-only estimator configured, the same evaluator selects exactly what a
+    // forward-only evaluator does: only losses are used.
+    let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
+    let (sel, _) = run_model_based("sewa", 2, &refs, &mut zero, &reinforce, None).unwrap();
+    let (_dir2, mut fwd) = start("forward-only", 60.0);
+    let (want, _) = run_model_based("sewa", 2, &refs, &mut fwd, &reinforce, None).unwrap();
+    assert_eq!(sel.details["estimator"], "reinforce");
+    assert_eq!(sel.weights, want.weights, "{} vs {}", sel.why, want.why);
+}

@@ -8,6 +8,7 @@ use sewa::select::blend::Blend;
 use sewa::select::{SewaConfig, run_model_based};
 
 /// F(w) = Σ_j a_j (w_j − t_j)², computed in f64; exact gradient when `grad` is on.
+#[derive(Clone)]
 struct Quad {
     target: Vec<f64>,
     scale: Vec<f64>,
@@ -252,7 +253,7 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
         ..TaskSpec::default()
     };
     let task = spec.generate();
-    let inputs = spec.train(&task, dir.path(), |_| {}).unwrap();
+    let inputs = spec.train(&task, dir.path(), |_, _| Ok(())).unwrap();
     assert_eq!(inputs.len(), 8);
     let data = dir.path().join("sel.safetensors");
     write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
@@ -329,7 +330,7 @@ fn bare_config_name_starts_a_command_evaluator_and_one_shot_failures_announce_no
         ..TaskSpec::default()
     };
     let task = spec.generate();
-    let inputs = spec.train(&task, dir.path(), |_| {}).unwrap();
+    let inputs = spec.train(&task, dir.path(), |_, _| Ok(())).unwrap();
     let data = dir.path().join("selection.safetensors");
     write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
         .unwrap();
@@ -366,4 +367,259 @@ fn bare_config_name_starts_a_command_evaluator_and_one_shot_failures_announce_no
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{err}");
     assert!(err.contains("evaluator") && !err.contains("will be restarted"), "{err}");
+}
+
+/// Members around one target with their own bias scale: `bias[i]` times a shared direction,
+/// plus noise. Larger bias is worse; no mix of biased members cancels the bias.
+fn graded(bias: &[f64], dim: usize, seed: u64) -> (Vec<Checkpoint>, Quad) {
+    let target = noise(seed, dim);
+    let dir = noise(seed + 1, dim);
+    let members = bias
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let z = noise(seed + 10 + i as u64, dim);
+            let w: Vec<f64> =
+                target.iter().zip(&z).zip(&dir).map(|((t, z), d)| t + 0.1 * z + b * d).collect();
+            member(i, &w)
+        })
+        .collect();
+    let scale = noise(seed + 2, dim).iter().map(|a| 1.0 + 0.5 * a).collect();
+    (members, Quad { target, scale, grad: true })
+}
+
+/// Window 20, k = 5. In the first window members 10..14 are the best (bias 0.4, the rest 0.9);
+/// the window then slides by 5 and the five newcomers 20..24 are better still (bias 0). A warm
+/// start carries 10..14 at high logits and 5..9, 15..19 far below.
+fn slide() -> (Vec<Checkpoint>, Quad) {
+    let mut bias = vec![0.9; 25];
+    bias[10..15].iter_mut().for_each(|b| *b = 0.4);
+    bias[20..25].iter_mut().for_each(|b| *b = 0.0);
+    graded(&bias, 48, 31)
+}
+
+#[test]
+fn warm_start_finds_the_best_subset_among_the_newest_members_after_a_slide() {
+    let (all, mut quad) = slide();
+    let newest: Vec<usize> = (15..20).collect();
+    for polish in [true, false] {
+        let cfg = SewaConfig { polish, cold_every: 0, ..SewaConfig::default() };
+        let first: Vec<&Checkpoint> = all[..20].iter().collect();
+        let (one, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+        assert_eq!(one.members(), (10..15).collect::<Vec<_>>(), "first window: {}", one.why);
+        let second: Vec<&Checkpoint> = all[5..].iter().collect();
+        let (ex, _) = run_model_based("exhaustive", 5, &second, &mut quad, &cfg, None).unwrap();
+        assert_eq!(ex.members(), newest, "the planted optimum is the newcomers");
+        let (warm, _) =
+            run_model_based("sewa", 5, &second, &mut quad, &cfg, state.as_ref()).unwrap();
+        assert_eq!(warm.members(), newest, "polish {polish}: {}", warm.why);
+        assert_eq!(warm.details["warm"], true, "found warm, not by a restart: {}", warm.details);
+    }
+}
+
+#[test]
+fn a_stuck_warm_start_restarts_cold_and_cold_every_forces_one() {
+    let (all, mut quad) = slide();
+    let (first, second): (Vec<&Checkpoint>, Vec<&Checkpoint>) =
+        (all[..20].iter().collect(), all[5..].iter().collect());
+    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let (_, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+    // No warm iterations and no polishing: the warm start can only return its starting top 5
+    // (the old survivors), which lose to the five newest members.
+    let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg.clone() };
+    let (sel, next) =
+        run_model_based("sewa", 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
+    let d = &sel.details;
+    assert_eq!(d["warm"], false, "{d}");
+    assert!(d["cold_reason"].as_str().unwrap().contains("stuck"), "{d}");
+    assert_eq!(d["abandoned_warm_start"]["set"], serde_json::json!([5, 6, 7, 8, 9]), "{d}");
+    assert!(d["abandoned_warm_start"]["loss"].as_f64().unwrap() > sel.loss.unwrap());
+    assert_eq!(sel.members(), (15..20).collect::<Vec<_>>(), "{}", sel.why);
+    assert_eq!(next.unwrap().warm_runs, 0, "a restart counts as a cold start");
+    // cold_every = 2: the selection after one warm one starts cold, whatever the warm start.
+    let every2 = SewaConfig { cold_every: 2, ..cfg };
+    let (w1, s1) = run_model_based("sewa", 5, &second, &mut quad, &every2, state.as_ref()).unwrap();
+    assert_eq!((w1.details["warm"].clone(), s1.as_ref().unwrap().warm_runs), (true.into(), 1));
+    let (c2, s2) = run_model_based("sewa", 5, &second, &mut quad, &every2, s1.as_ref()).unwrap();
+    assert_eq!(c2.details["cold_reason"], "cold_every = 2", "{}", c2.details);
+    assert_eq!(s2.unwrap().warm_runs, 0);
+}
+
+/// A `Quad` gone wrong in one way.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    NanLoss,
+    NanGrad,
+    ZeroGrad,
+}
+
+struct Faulty(Quad, Fault);
+
+impl Objective for Faulty {
+    fn evaluate(&mut self, p: &Params, want_grad: bool) -> Result<Evaluation> {
+        let mut ev = self.0.evaluate(p, want_grad)?;
+        match self.1 {
+            Fault::NanLoss => ev.loss = f64::NAN,
+            Fault::NanGrad => ev.grad.iter_mut().for_each(|g| g[0].data[3] = f32::INFINITY),
+            Fault::ZeroGrad => ev.grad.iter_mut().for_each(|g| g[0].data.fill(0.0)),
+        }
+        Ok(ev)
+    }
+    fn supports_grad(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        format!("faulty quadratic ({:?})", self.1)
+    }
+}
+
+#[test]
+fn non_finite_loss_or_gradient_fails_the_selection() {
+    let (members, quad) = planted(8, 16, &[1, 2], 3);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let cfg = SewaConfig::default();
+    for method in ["sewa", "greedy", "exhaustive", "random"] {
+        let mut nan = Faulty(quad.clone(), Fault::NanLoss);
+        let e = run_model_based(method, 3, &refs, &mut nan, &cfg, None).unwrap_err().to_string();
+        assert!(e.contains("non-finite loss (NaN)") && e.contains("faulty quadratic"), "{e}");
+    }
+    let mut inf = Faulty(quad, Fault::NanGrad);
+    let e = run_model_based("sewa", 3, &refs, &mut inf, &cfg, None).unwrap_err().to_string();
+    assert!(e.contains("non-finite gradient for w"), "{e}");
+}
+
+#[test]
+fn zero_gradient_is_refused_unless_the_forward_only_estimator_is_configured() {
+    let (members, quad) = planted(10, 32, &[1, 3, 8], 5);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let mut zero = Faulty(quad.clone(), Fault::ZeroGrad);
+    let cfg = SewaConfig::default();
+    let e = run_model_based("sewa", 3, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
+    for part in ["faulty quadratic", "exactly zero", "functional_call(model, weights, args)"] {
+        assert!(e.contains(part), "{part:?} missing: {e}");
+    }
+    assert!(e.contains("estimator = \"reinforce\""), "the fallback is named: {e}");
+    // Configured: the forward-only estimator never asks for the (broken) gradient.
+    let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
+    let (sel, _) = run_model_based("sewa", 3, &refs, &mut zero, &reinforce, None).unwrap();
+    assert_eq!(sel.details["estimator"], "reinforce");
+    assert_eq!(sel.members(), vec![1, 3, 8], "{}", sel.why);
+}
+
+/// Counts every objective call.
+struct Counting(Quad, usize);
+
+impl Objective for Counting {
+    fn evaluate(&mut self, p: &Params, want_grad: bool) -> Result<Evaluation> {
+        self.1 += 1;
+        self.0.evaluate(p, want_grad)
+    }
+    fn supports_grad(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        "counted quadratic".into()
+    }
+}
+
+#[test]
+fn member_losses_are_remembered_across_selections() {
+    use sewa::select::{Memory, run_remembering};
+    let (all, quad) = planted(12, 24, &[2, 5, 7], 9);
+    let mut obj = Counting(quad, 0);
+    let cfg = SewaConfig::default();
+    let mut memory = Memory::default();
+    let calls = |s: &sewa::select::Selection, key: &str| s.details[key].as_u64().unwrap() as usize;
+    let window: Vec<&Checkpoint> = all[..10].iter().collect();
+    let a = run_remembering("sewa", 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+    assert_eq!(calls(&a, "oracle_calls_report"), 10, "first selection: every member is new");
+    assert_eq!(obj.1, calls(&a, "oracle_calls") + 10, "counted apart from the selection");
+    let before = obj.1;
+    let b = run_remembering("sewa", 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+    assert_eq!(calls(&b, "oracle_calls_report"), 0, "the same members again cost nothing");
+    assert_eq!(calls(&b, "member_losses_remembered"), 10);
+    assert_eq!(obj.1 - before, calls(&b, "oracle_calls"), "no call beyond the selection's own");
+    assert_eq!(b.details["member_losses"], a.details["member_losses"]);
+    // The window slides by two: only the two newcomers are evaluated, and the remembered
+    // losses are the ones a fresh run computes.
+    let slid: Vec<&Checkpoint> = all[2..].iter().collect();
+    let c = run_remembering("sewa", 3, &slid, &mut obj, &cfg, &mut memory).unwrap();
+    assert_eq!(calls(&c, "oracle_calls_report"), 2);
+    let (fresh, _) = run_model_based("sewa", 3, &slid, &mut obj, &cfg, None).unwrap();
+    assert_eq!(c.details["member_losses"], fresh.details["member_losses"]);
+}
+
+/// A short `sewa demo` (15 checkpoints, window 8, k = 3) in a fresh directory.
+fn short_demo() -> (tempfile::TempDir, sewa::demo::Outcome) {
+    use sewa::demo::{DemoArgs, run_with, task::TaskSpec};
+    let spec = TaskSpec {
+        hidden: 16,
+        train_rows: 400,
+        selection_rows: 300,
+        test_rows: 100,
+        steps: 600,
+        save_every: 40,
+        seed: 1,
+        ..TaskSpec::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = DemoArgs { dir: Some(dir.path().into()), json: None, k: 3, window: 8, seed: 1 };
+    let outcome = run_with(&args, &spec).unwrap();
+    (dir, outcome)
+}
+
+#[test]
+fn demo_is_deterministic_and_says_what_was_published_and_when() {
+    let (dir, a) = short_demo();
+    let (_dir2, b) = short_demo();
+    // Everything but wall times is the same in both runs.
+    let table = |o: &sewa::demo::Outcome| {
+        let rows = o.rows.iter();
+        rows.map(|r| (r.method.clone(), r.steps.clone(), r.heldout_loss, r.oracle_calls))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(table(&a), table(&b));
+    let published = |o: &sewa::demo::Outcome| {
+        let p = o.history.publications.iter();
+        p.map(|p| (p.after_step, p.selection, p.steps.clone(), p.loss)).collect::<Vec<_>>()
+    };
+    assert_eq!(published(&a), published(&b));
+    let status = a.history.last.as_ref().unwrap();
+    assert_eq!(status.counters.loaded, 15, "every checkpoint was taken in, each on its own");
+    assert_eq!(status.counters.selections, 15);
+    assert_eq!(status.counters.publishes as usize, a.history.publications.len());
+    // The last publication recorded is what is on disk, and the final lines say so.
+    let last = a.history.publications.last().expect("the watcher published");
+    let manifest = dir.path().join("published/model.safetensors.manifest.json");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let steps: Vec<u64> =
+        m["inputs"].as_array().unwrap().iter().map(|i| i["step"].as_u64().unwrap()).collect();
+    assert_eq!((steps, m["selection"]["loss"].as_f64()), (last.steps.clone(), last.loss));
+    let said = format!(
+        "published model: selection {} of 15, made when step {} arrived",
+        last.selection, last.after_step
+    );
+    assert!(a.summary.contains(&said), "{}", a.summary);
+    let same =
+        sewa::demo::same_loss(status.last_selection.as_ref().unwrap().loss, a.table_sewa.loss);
+    let claim = if same { "chose the same subset" } else { "chose another subset" };
+    assert!(a.summary.contains(claim), "{}", a.summary);
+}
+
+#[test]
+fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
+    // Members 10..14 are the best; the window slides past member 10. The newest five are
+    // poor, so only the previous selection's loss shows that the warm start fell behind.
+    let mut bias = vec![0.9; 31];
+    bias[10..15].iter_mut().for_each(|b| *b = 0.4);
+    let (all, mut quad) = graded(&bias, 48, 31);
+    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let first: Vec<&Checkpoint> = all[..20].iter().collect();
+    let (one, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+    assert_eq!(one.members(), (10..15).collect::<Vec<_>>());
+    let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg };
+    let second: Vec<&Checkpoint> = all[11..].iter().collect();
+    let (sel, _) = run_model_based("sewa", 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
+    let why = sel.details["cold_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("previous selection's"), "{}", sel.details);
 }

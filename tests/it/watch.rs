@@ -476,7 +476,7 @@ fn status_command_prints_the_window() {
 
 /// A one-layer classifier `0.weight = a·[[1, -1], [-1, 1]]`, `0.bias = 0`: larger `a` is better
 /// on data labelled by `x0 > x1`, negative `a` is worse than chance.
-fn write_mlp(dir: &Path, step: u64, a: f32) {
+pub(crate) fn write_mlp(dir: &Path, step: u64, a: f32) {
     let w: Vec<u8> = [a, -a, -a, a].iter().flat_map(|v| v.to_le_bytes()).collect();
     let b: Vec<u8> = [0f32, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     let views = vec![
@@ -494,7 +494,7 @@ fn write_mlp(dir: &Path, step: u64, a: f32) {
     std::fs::rename(&tmp, dir.join(format!("step_{step}.safetensors"))).unwrap();
 }
 
-fn write_selection_data(path: &Path) {
+pub(crate) fn write_selection_data(path: &Path) {
     let n = 64;
     let xs: Vec<f32> = (0..2 * n).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
     let ys: Vec<i64> = xs.chunks(2).map(|p| if p[0] > p[1] { 0 } else { 1 }).collect();
