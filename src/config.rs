@@ -197,6 +197,11 @@ pub struct RuntimeConfig {
     /// Exact recompute of the running average after this many incremental updates.
     #[serde(default = "default_recompute_every")]
     pub recompute_every: Positive,
+    /// Seconds one unit of pipeline work (a load, an evaluator call, an average, a publish)
+    /// may take before the pipeline counts as stuck and the systemd watchdog is no longer fed.
+    /// Default: 60, plus the evaluator's longer timeout with `[objective] kind = "command"`.
+    #[serde(default)]
+    pub stall_s: Option<Positive>,
 }
 
 impl Default for RuntimeConfig {
@@ -206,6 +211,7 @@ impl Default for RuntimeConfig {
             status_file: None,
             state_dir: None,
             recompute_every: default_recompute_every(),
+            stall_s: None,
         }
     }
 }

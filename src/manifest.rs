@@ -54,6 +54,10 @@ pub struct InputRecord {
     pub format: String,
     /// Normalised weight.
     pub weight: f64,
+    /// (device, inode, size, mtime) of the file version averaged; lets a restarted daemon
+    /// tell a checkpoint replaced at the same path from the one it published.
+    #[serde(default)]
+    pub identity: Option<crate::checkpoint::Identity>,
 }
 
 /// One key renamed while opening an input (e.g. torch.compile's `_orig_mod.` prefix).
@@ -119,6 +123,7 @@ impl Manifest {
                 bytes: c.total_bytes(),
                 format: format_name(c.format()),
                 weight: *w,
+                identity: Some(c.identity().clone()),
             })
             .collect();
         let renamed_keys = (plan.inputs().iter())

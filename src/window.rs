@@ -1,7 +1,9 @@
 //! The rolling window, as pure decisions: events in (a candidate settled, a load succeeded or
 //! failed, a member vanished or was rewritten), actions out (load, evict, quarantine,
 //! reselect). It keeps the last `size` valid checkpoints by training step and remembers every
-//! rejected candidate with its signature so it is never retried until it changes.
+//! rejected candidate with its signature so it is never retried until it changes, and every
+//! member evicted as too old with its signature and step, so a rescan does not load it again
+//! (a step-less name only shows its step once loaded) while the window is full of newer ones.
 //! This module opens no files and holds no tensors: the daemon carries out the actions.
 
 use std::collections::BTreeMap;
@@ -63,6 +65,8 @@ pub struct Window {
     members: Vec<Member>,
     loading: BTreeMap<PathBuf, Sig>,
     rejected: BTreeMap<PathBuf, Rejection>,
+    /// Members trimmed as the oldest: the signature they had and the step they showed.
+    evicted: BTreeMap<PathBuf, (Sig, u64)>,
     new_since_select: usize,
 }
 
@@ -74,6 +78,7 @@ impl Window {
             members: Vec::new(),
             loading: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            evicted: BTreeMap::new(),
             new_since_select: 0,
         }
     }
@@ -119,6 +124,7 @@ impl Window {
             }
             Event::Gone { path } => {
                 self.rejected.remove(&path);
+                self.evicted.remove(&path);
                 self.loading.remove(&path);
                 Vec::new()
             }
@@ -148,13 +154,19 @@ impl Window {
             return Vec::new(); // nothing new about it
         }
         self.rejected.remove(&path);
-        if let (Some(step), true) = (step, self.members.len() >= self.size) {
-            let oldest = self.members.first().map(|m| m.step).unwrap_or(0);
+        // An unchanged evicted checkpoint is judged by the step it showed when loaded.
+        let shown = self.evicted.get(&path).filter(|(was, _)| *was == sig).map(|(_, s)| *s);
+        let step = step.or(shown);
+        let full = self.members.len() >= self.size;
+        if let (Some(step), Some(oldest), true) = (step, self.members.first(), full) {
+            // Members are ordered by (step, path): this is where trim() would evict it.
+            let older = (step, &path) < (oldest.step, &oldest.path);
             let replaces_member = self.members.iter().any(|m| m.path == path);
-            if step < oldest && !replaces_member {
+            if older && !replaces_member {
                 return Vec::new(); // older than the whole late window
             }
         }
+        self.evicted.remove(&path);
         self.loading.insert(path.clone(), sig);
         vec![Action::Load { path, sig }]
     }
@@ -181,11 +193,16 @@ impl Window {
         actions
     }
 
-    /// Evict the oldest members beyond `size`.
+    /// Evict the oldest members beyond `size`, remembering them.
     fn trim(&mut self) -> Vec<Action> {
         let extra = self.members.len().saturating_sub(self.size);
-        let gone = self.members.drain(..extra);
-        gone.map(|m| Action::Evict { path: m.path }).collect()
+        let gone: Vec<Member> = self.members.drain(..extra).collect();
+        let mut actions = Vec::new();
+        for m in gone {
+            self.evicted.insert(m.path.clone(), (m.sig, m.step));
+            actions.push(Action::Evict { path: m.path });
+        }
+        actions
     }
 
     /// Remove `path` if it is a member: evict it and reselect (the selection used it).
@@ -286,6 +303,67 @@ mod tests {
         assert!(a.contains(&Action::Evict { path: p(1) }) && a.contains(&Action::Reselect));
         assert_eq!(steps(&w), vec![2]);
         assert!(w.handle(Event::Settled { path: p(1), sig: sig(1), step: Some(1) }).is_empty());
+    }
+
+    /// Settle `path` (no step in its name) and load it, showing `step` from its metadata.
+    fn admit_stepless(w: &mut Window, path: &str, s: Sig, step: u64) -> Vec<Action> {
+        let path = PathBuf::from(path);
+        let a = w.handle(Event::Settled { path: path.clone(), sig: s, step: None });
+        assert_eq!(a, vec![Action::Load { path: path.clone(), sig: s }], "first settle loads");
+        w.handle(Event::Loaded(Member { path, sig: s, step, metric: None }))
+    }
+
+    #[test]
+    fn evicted_stepless_checkpoint_is_not_reloaded_by_rescans() {
+        let mut w = Window::new(2, 1);
+        admit(&mut w, 5, sig(5));
+        admit(&mut w, 6, sig(6));
+        // `model.safetensors` shows step 1 only once opened: loaded, then evicted at once.
+        let a = admit_stepless(&mut w, "model.safetensors", sig(100), 1);
+        assert_eq!(a, vec![Action::Evict { path: PathBuf::from("model.safetensors") }]);
+        // Every rescan settles it again, unchanged: no second open, NaN scan and eviction.
+        for _ in 0..3 {
+            let again =
+                Event::Settled { path: "model.safetensors".into(), sig: sig(100), step: None };
+            assert_eq!(w.handle(again), vec![], "reloaded an evicted checkpoint");
+        }
+        // Changed on disk: it may hold a newer step now, so it is loaded again.
+        let changed =
+            Event::Settled { path: "model.safetensors".into(), sig: sig(101), step: None };
+        assert_eq!(w.handle(changed).len(), 1);
+    }
+
+    #[test]
+    fn evicted_checkpoint_refills_the_window_when_room_opens_and_is_forgotten_when_gone() {
+        let mut w = Window::new(2, 1);
+        admit_stepless(&mut w, "old.safetensors", sig(100), 1);
+        admit(&mut w, 5, sig(5));
+        admit(&mut w, 6, sig(6));
+        assert_eq!(steps(&w), vec![5, 6]);
+        let again = || Event::Settled { path: "old.safetensors".into(), sig: sig(100), step: None };
+        assert_eq!(w.handle(again()), vec![]);
+        // Step 6 turns out rewritten: the window has room, the evicted one may come back.
+        w.handle(Event::Invalidated { path: p(6), reason: "rewritten".into() });
+        let a = w.handle(again());
+        assert_eq!(a, vec![Action::Load { path: "old.safetensors".into(), sig: sig(100) }]);
+        // Deleted and recreated with the same signature: nothing is remembered about it.
+        let mut w = Window::new(1, 1);
+        admit(&mut w, 5, sig(5));
+        admit_stepless(&mut w, "old.safetensors", sig(100), 1);
+        w.handle(Event::Gone { path: "old.safetensors".into() });
+        assert_eq!(w.handle(again()).len(), 1);
+    }
+
+    #[test]
+    fn same_step_under_two_names_is_not_reloaded_forever() {
+        let mut w = Window::new(1, 1);
+        let named =
+            |path: &str, s: u64| Event::Settled { path: path.into(), sig: sig(s), step: Some(5) };
+        w.handle(named("b_step_5.safetensors", 1));
+        let m = Member { path: "b_step_5.safetensors".into(), sig: sig(1), step: 5, metric: None };
+        w.handle(Event::Loaded(m));
+        // "a_step_5" sorts before "b_step_5": trim() would evict it, so it is not loaded.
+        assert_eq!(w.handle(named("a_step_5.safetensors", 2)), vec![]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::error::Result;
 /// (device, inode, size, mtime in ns). For a directory: the directory's device and inode, the
 /// total size and newest mtime of the weight files inside, plus a digest of each weight file's
 /// own identity (so replacing one shard by a same-sized file is still a change).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub dev: u64,
     pub ino: u64,

@@ -1,6 +1,8 @@
 //! `sewa watch`, `sewa status`, `sewa check-config`: load the config, then run the daemon,
 //! print its status file, or report that the config is valid.
 
+use std::path::{Path, PathBuf};
+
 use crate::cli::{CheckConfigArgs, StatusArgs, WatchArgs};
 use crate::config::Config;
 use crate::daemon::{self, RunOptions};
@@ -9,14 +11,36 @@ use crate::status::{self, Status};
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn watch(args: &WatchArgs) -> Result<()> {
-    let mut cfg = Config::load(&args.config)?;
-    if let Some(dir) = &args.dir {
-        cfg.watch.dir = dir.clone();
-        cfg.check().map_err(|msg| Error::config(&args.config, msg))?;
+    let cfg = configure(&args.config, args.dir.as_deref())?;
+    let blocking = cfg.runtime.threads.get() + 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(blocking)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
+    // SIGHUP builds the configuration the same way: the command line's overrides survive.
+    let (file, dir): (PathBuf, Option<PathBuf>) = (args.config.clone(), args.dir.clone());
+    let reload: daemon::Reload = Box::new(move || configure(&file, dir.as_deref()));
+    let opts = RunOptions { reload: Some(reload), systemd: true };
+    let result = rt.block_on(daemon::run(cfg, opts, daemon::termination()));
+    // Do not wait for a publish still running on a blocking thread: it renames a complete
+    // file or nothing, so leaving now cannot tear the output.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
+}
+
+/// The daemon's configuration: `file` with the command-line overrides (`--dir`) applied and
+/// checked, the watched directory present, the output writable and its directories created.
+fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
+    let mut cfg = Config::load(file)?;
+    if let Some(dir) = dir {
+        cfg.watch.dir = dir.to_path_buf();
+        cfg.check().map_err(|msg| Error::config(file, msg))?;
     }
     if !cfg.watch.dir.is_dir() {
         return Err(Error::config(
-            &args.config,
+            file,
             format!(
                 "[watch] dir {} is not a directory; create it or fix the path",
                 cfg.watch.dir.display()
@@ -31,19 +55,7 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     }
     let state = cfg.state_dir();
     std::fs::create_dir_all(&state).map_err(|e| Error::io(&state, e))?;
-    let blocking = cfg.runtime.threads.get() + 1;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .max_blocking_threads(blocking)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
-    let opts = RunOptions { config_path: Some(args.config.clone()), systemd: true };
-    let result = rt.block_on(daemon::run(cfg, opts, daemon::termination()));
-    // Do not wait for a publish still running on a blocking thread: it renames a complete
-    // file or nothing, so leaving now cannot tear the output.
-    rt.shutdown_timeout(std::time::Duration::from_millis(100));
-    result
+    Ok(cfg)
 }
 
 /// The status file as text (or raw JSON).

@@ -1,16 +1,21 @@
 //! `sewa watch`: the pipeline loop, read top to bottom. Hints from the watcher feed the settler;
 //! settled candidates go, in batches, to the blocking `Pipeline` (load → window → select →
 //! average → publish → status). Around it: rescans (start, overflow, errors, slow timer),
-//! SIGHUP reload, systemd notifications and a shutdown that never leaves a torn output.
+//! SIGHUP reload (also run on the blocking side), systemd notifications with a watchdog fed
+//! from its own task while the pipeline makes progress (`progress`), a panic policy
+//! (`contain`) and a shutdown that never leaves a torn output.
 //! Only I/O orchestration lives here; decisions are in `watch::settler`, `window`, `select`.
 
 mod hook;
 mod load;
 mod output;
+mod panics;
 mod pipeline;
+mod progress;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,54 +23,70 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info, warn};
 
-pub use output::{LastPublished, read_last};
+pub use output::{LastPublished, PublishedInput, read_last};
 pub use pipeline::Pipeline;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::watch::{self, Filter, Hint, Settler, Sig};
 
-/// How long a shutdown waits for an in-flight publish before leaving (the output is old or
-/// new either way: publishing renames a complete file into place).
+/// How long a shutdown waits for a publish in flight before leaving (the output is old or
+/// new either way: publishing renames a complete file into place). Other work is abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Hints queued between the notify thread and the loop; beyond it, hints are dropped and a
 /// rescan is scheduled.
 const HINT_QUEUE: usize = 4096;
 
+/// Builds the configuration again on SIGHUP: the config file with the command line's
+/// overrides applied and checked, so an override (`--dir`) survives every reload.
+pub type Reload = Box<dyn Fn() -> Result<Config> + Send>;
+
 /// Options of one daemon run.
 #[derive(Default)]
 pub struct RunOptions {
-    /// Config file to re-read on SIGHUP (None: no reload, e.g. in-process use).
-    pub config_path: Option<PathBuf>,
+    /// How SIGHUP re-reads the configuration (None: no reload, e.g. in-process use).
+    pub reload: Option<Reload>,
     /// Talk to systemd (READY, STATUS, WATCHDOG) when NOTIFY_SOCKET is set.
     pub systemd: bool,
 }
 
 /// Watch, select and publish until `shutdown` resolves. Errors only for fatal problems
-/// (the watcher cannot start, a blocking task panicked); bad checkpoints never stop it.
+/// (the watcher cannot start, the pipeline panicked); bad checkpoints never stop it.
 pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
-    claim_output(&cfg, &opts)?;
-    let mut sighup = hangup_stream(opts.config_path.is_some())?;
+    claim_output(&cfg)?;
+    let mut sighup = hangup_stream(opts.reload.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
     let mut front = Front::start(&cfg, tx)?;
     let mut rescan_every = interval(Duration::from_secs(cfg.watch.rescan_s.0));
-    let mut watchdog = interval(watchdog_period(opts.systemd));
     let mut pipeline = Pipeline::new(cfg);
+    // Fed from its own task: a long batch keeps the service alive, a stuck one does not.
+    let _watchdog = watchdog_period(opts.systemd).map(|period| {
+        Aborting(tokio::spawn(progress::feed_watchdog(pipeline.progress.clone(), period)))
+    });
     pipeline.set_state("watching");
     front.rescan(&mut pipeline, "start-up");
     info!(dir = %front.filter.dir().display(), "watching");
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
     loop {
+        pipeline.alive();
         let wake = front.settler.next_deadline().map(Instant::from_std);
         let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let mut hangup = false;
         tokio::select! {
             _ = &mut shutdown => break,
             Some(hint) = rx.recv() => front.on_hint(hint, &mut pipeline),
             _ = tokio::time::sleep_until(wake) => {}
             _ = rescan_every.tick() => front.rescan(&mut pipeline, "periodic"),
-            _ = watchdog.tick() => notify(opts.systemd, &[sd_notify::NotifyState::Watchdog]),
-            Some(()) = sighup.recv() => front.reload(opts.config_path.as_deref(), &mut pipeline),
+            Some(()) = sighup.recv() => hangup = true,
+        }
+        if hangup && let Some(new) = front.reload(opts.reload.as_ref(), &mut pipeline) {
+            // Selection, evaluator start-up and publishing run on the blocking side, as batches do.
+            let Some(p) = run_job(pipeline, move |p| p.reload(new), &mut shutdown).await? else {
+                return Ok(()); // stopped mid-reload; the output is old or new
+            };
+            pipeline = p;
+            front.rescan(&mut pipeline, "config reload");
         }
         if front.watch.overflowed.swap(false, Ordering::Relaxed) {
             front.rescan(&mut pipeline, "hint queue full");
@@ -74,7 +95,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
         if batch.is_empty() {
             continue;
         }
-        pipeline = match run_batch(pipeline, batch, &mut shutdown).await? {
+        pipeline = match run_job(pipeline, move |p| p.step(batch), &mut shutdown).await? {
             Some(p) => p,
             None => return Ok(()), // stopped mid-batch; the output is old or new
         };
@@ -91,38 +112,60 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
 /// Take the output's lock for the life of the process (a second daemon or a `sewa average` on
 /// the same output is refused: a config error, which systemd does not restart), then clean up
 /// what a previous run killed mid-publish (OOM, SIGKILL) left of the output.
-fn claim_output(cfg: &Config, opts: &RunOptions) -> Result<()> {
-    let lock =
-        crate::publish::hold(&cfg.publish.out).map_err(|e| match (e, &opts.config_path) {
-            (Error::Usage(msg), Some(path)) => Error::config(path, msg),
-            (e, _) => e,
-        })?;
+fn claim_output(cfg: &Config) -> Result<()> {
+    let lock = crate::publish::hold(&cfg.publish.out).map_err(|e| match (e, &cfg.source) {
+        (Error::Usage(msg), Some(path)) => Error::config(path, msg),
+        (e, _) => e,
+    })?;
     for done in crate::publish::recover(&lock) {
         warn!(%done, "cleaned up after an interrupted publish");
     }
     Ok(())
 }
 
-/// Run one batch on a blocking thread. On shutdown, give an in-flight publish a grace period
-/// and return `None`.
-async fn run_batch(
-    mut p: Pipeline,
-    batch: Vec<watch::Settled>,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+/// Run `job` on the pipeline on a blocking thread, so loads, selections, evaluator start-up
+/// and publishing never hold the async worker (signals, hints, the watchdog task). On shutdown
+/// a publish in flight gets a grace period and other work is abandoned: `None` either way.
+async fn run_job(
+    p: Pipeline,
+    job: impl FnOnce(&mut Pipeline) + Send + 'static,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Pipeline>> {
-    let job = tokio::task::spawn_blocking(move || {
-        p.step(batch);
-        p
-    });
-    tokio::pin!(job);
+    let progress = p.progress.clone();
+    let task = tokio::task::spawn_blocking(move || contain(p, job));
+    tokio::pin!(task);
     tokio::select! {
-        done = &mut job => Ok(Some(done.map_err(panicked)?)),
+        done = &mut task => done.map_err(panicked)?.map(Some),
         _ = shutdown.as_mut() => {
-            info!("stopping: waiting for the in-flight publish");
-            if let Ok(Ok(mut p)) = tokio::time::timeout(SHUTDOWN_GRACE, job).await {
-                p.set_state("stopped");
+            if progress.publishing() {
+                info!("stopping: waiting for the in-flight publish");
+                if let Ok(Ok(Ok(mut p))) = tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+                    p.set_state("stopped");
+                }
+            } else {
+                info!("stopping: abandoning the work in progress (nothing is being published)");
             }
             Ok(None)
+        }
+    }
+}
+
+/// Run `job`. One checkpoint's panics are caught where it is loaded; a panic anywhere else
+/// (selection, averaging, publishing) leaves the pipeline's state suspect, so the daemon stops
+/// with the message, noted in the status file first. Publishing renames complete files into
+/// place, so the last complete publication stays; the service manager restarts sewa.
+fn contain(mut p: Pipeline, job: impl FnOnce(&mut Pipeline)) -> Result<Pipeline> {
+    // AssertUnwindSafe: after a panic `p` is only used to write the status file, then dropped.
+    match panics::catch(AssertUnwindSafe(|| job(&mut p))) {
+        Ok(()) => Ok(p),
+        Err(msg) => {
+            let msg = format!(
+                "the pipeline panicked (a bug in sewa, please report it): {msg}; the last \
+                 complete publication stays at {}; stopping",
+                p.cfg.publish.out.display()
+            );
+            let _ = panics::catch(AssertUnwindSafe(|| p.record_failure(&msg)));
+            Err(Error::Internal(msg))
         }
     }
 }
@@ -146,6 +189,7 @@ impl Front {
     fn on_hint(&mut self, hint: Hint, p: &mut Pipeline) {
         match hint {
             Hint::Candidate(path) => {
+                self.follow(&path);
                 let sig = Sig::of(&path);
                 self.settler.hint(path, sig, std::time::Instant::now());
             }
@@ -162,12 +206,14 @@ impl Front {
         p.status.counters.rescans += 1;
         match self.filter.scan() {
             Ok(paths) => {
+                self.watch.prune(&paths);
                 let now = std::time::Instant::now();
                 for path in paths {
+                    self.follow(&path);
                     let sig = Sig::of(&path);
                     self.settler.hint(path, sig, now);
                 }
-                tracing::debug!(%why, "rescan");
+                tracing::debug!(%why, dirs = self.watch.followed(), "rescan");
             }
             Err(e) => {
                 error!(error = %e, %why, "rescan failed");
@@ -176,36 +222,46 @@ impl Front {
         }
     }
 
-    /// SIGHUP: re-read the config; a new watcher must start before anything changes.
-    fn reload(&mut self, path: Option<&std::path::Path>, p: &mut Pipeline) {
-        let Some(new) = reload(path, p) else { return };
+    /// Watch a candidate directory's files; without the watch, rescans still find them.
+    fn follow(&mut self, path: &std::path::Path) {
+        if let Err(e) = self.watch.follow(path) {
+            warn!(error = %e, "candidate directory not watched; rescans will see its files");
+        }
+    }
+
+    /// SIGHUP: build the configuration again; a new watcher must start before anything
+    /// changes. Returns the configuration for the pipeline to take on.
+    fn reload(&mut self, build: Option<&Reload>, p: &mut Pipeline) -> Option<Config> {
+        let new = match build?() {
+            Ok(new) => new,
+            Err(e) => {
+                error!(error = %e, "reload failed; keeping the running configuration");
+                p.note_error(format!("reload failed: {e}"));
+                return None;
+            }
+        };
+        let source = new.source.as_deref().unwrap_or(std::path::Path::new("?"));
+        info!(config = %source.display(), dir = %new.watch.dir.display(), "configuration reloaded");
         match Front::start(&new, self.tx.clone()) {
             Ok(front) => {
                 *self = front;
-                p.reload(new);
-                self.rescan(p, "config reload");
+                Some(new)
             }
             Err(e) => {
                 error!(error = %e, "reload refused; keeping the running configuration");
                 p.note_error(format!("reload refused: {e}"));
+                None
             }
         }
     }
 }
 
-/// Re-read the config; on error keep the old one and say so.
-fn reload(path: Option<&std::path::Path>, p: &mut Pipeline) -> Option<Config> {
-    let path = path?;
-    match Config::load(path) {
-        Ok(new) => {
-            info!(config = %path.display(), "configuration reloaded");
-            Some(new)
-        }
-        Err(e) => {
-            error!(error = %e, "reload failed; keeping the running configuration");
-            p.note_error(format!("reload failed: {e}"));
-            None
-        }
+/// Aborts its task when dropped (the watchdog feeder must not outlive `run`).
+struct Aborting(tokio::task::JoinHandle<()>);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -232,14 +288,11 @@ fn interval(period: Duration) -> tokio::time::Interval {
     i
 }
 
-/// Half the systemd watchdog period, or a day when there is none.
-fn watchdog_period(systemd: bool) -> Duration {
+/// Half the systemd watchdog period, when systemd asks for a watchdog.
+fn watchdog_period(systemd: bool) -> Option<Duration> {
     let mut usec = 0u64;
-    if systemd && sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Duration::from_micros(usec / 2)
-    } else {
-        Duration::from_secs(86_400)
-    }
+    let on = systemd && sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
+    on.then(|| Duration::from_micros(usec / 2))
 }
 
 fn notify(enabled: bool, state: &[sd_notify::NotifyState<'_>]) {
@@ -262,5 +315,35 @@ pub async fn termination() {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(dir: &std::path::Path) -> Pipeline {
+        let out = dir.join("out/model.safetensors");
+        let text = format!("[watch]\ndir = {dir:?}\n[publish]\nout = {out:?}\n");
+        let cfg = Config::parse(&text, &dir.join("sewa.toml")).unwrap();
+        std::fs::create_dir_all(cfg.status_file().parent().unwrap()).unwrap();
+        Pipeline::new(cfg)
+    }
+
+    #[test]
+    fn a_panic_outside_one_checkpoint_stops_with_its_message_recorded_in_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline(dir.path());
+        let status_file = p.cfg.status_file();
+        let err = contain(p, |_| panic!("index out of bounds: the len is 2 but the index is 7"));
+        let msg = err.err().expect("a panic is an error").to_string();
+        assert!(msg.contains("index out of bounds") && msg.contains("bug"), "{msg}");
+        assert!(msg.contains("out/model.safetensors"), "names what stays published: {msg}");
+        let status = crate::status::Status::read(&status_file).unwrap();
+        assert_eq!(status.state, "failed");
+        assert!(status.errors.iter().any(|e| e.message.contains("index out of bounds")));
+        // A job that returns hands the pipeline back.
+        let p = contain(pipeline(dir.path()), |p| p.set_state("watching")).unwrap();
+        assert_eq!(p.status.state, "watching");
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::accumulate::{OutTensor, UpdateReport};
 use crate::average::{AverageOptions, AveragePlan, IntPolicy, OutDType};
-use crate::checkpoint::{Checkpoint, TensorMeta};
+use crate::checkpoint::{Checkpoint, Identity, TensorMeta};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::manifest::{InputRecord, Manifest, Provenance, format_name};
@@ -20,16 +20,39 @@ use crate::window::Member;
 /// What the last manifest says was published.
 #[derive(Clone, Debug, Default)]
 pub struct LastPublished {
-    /// `(path, weight)` of every input with a non-zero weight, in window order.
-    pub inputs: Vec<(PathBuf, f64)>,
+    /// Every input with a non-zero weight, in window order.
+    pub inputs: Vec<PublishedInput>,
     pub loss: Option<f64>,
 }
 
+/// One published input: which file version went in, with what weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublishedInput {
+    pub path: PathBuf,
+    pub step: Option<u64>,
+    /// The checkpoint's identity when it was averaged (None: a manifest without one).
+    pub identity: Option<Identity>,
+    pub weight: f64,
+}
+
 impl LastPublished {
-    /// True when `inputs` equals this publication (same paths, same weights).
-    pub fn same_as(&self, inputs: &[(PathBuf, f64)]) -> bool {
-        self.inputs.len() == inputs.len()
-            && self.inputs.iter().zip(inputs).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-9)
+    /// True when `inputs` is this publication again: same paths, steps, file versions and
+    /// weights. A member rewritten in place or replaced by rename at the same path is a new
+    /// input; an input of unknown identity is never the same.
+    pub fn same_as(&self, inputs: &[PublishedInput]) -> bool {
+        let same = |a: &PublishedInput, b: &PublishedInput| {
+            a.path == b.path
+                && a.step == b.step
+                && a.identity.is_some()
+                && a.identity == b.identity
+                && (a.weight - b.weight).abs() < 1e-9
+        };
+        self.inputs.len() == inputs.len() && self.inputs.iter().zip(inputs).all(|(a, b)| same(a, b))
+    }
+
+    /// The published input with the highest step.
+    pub fn newest(&self) -> Option<&PublishedInput> {
+        self.inputs.iter().filter(|i| i.step.is_some()).max_by_key(|i| i.step)
     }
 }
 
@@ -37,7 +60,12 @@ impl LastPublished {
 pub fn read_last(cfg: &Config) -> Option<LastPublished> {
     let text = std::fs::read(cfg.manifest_path()).ok()?;
     let m: Manifest = serde_json::from_slice(&text).ok()?;
-    let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| (i.path, i.weight));
+    let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| PublishedInput {
+        path: i.path,
+        step: i.step,
+        identity: i.identity,
+        weight: i.weight,
+    });
     Some(LastPublished { inputs: inputs.collect(), loss: m.selection.loss })
 }
 
@@ -106,6 +134,7 @@ fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {
             bytes: ckpt.total_bytes(),
             format: format_name(ckpt.format()),
             weight: *w,
+            identity: Some(ckpt.identity().clone()),
         })
         .collect();
     m.weights = selected.iter().map(|x| x.2).collect();

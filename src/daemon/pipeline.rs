@@ -1,26 +1,30 @@
 //! The daemon's blocking half: settled candidates → window actions (load, evict, quarantine)
 //! → selection → running average → publish → status. Runs on a blocking thread, one batch at
 //! a time; owns the opened members and the accumulator. Never returns an error for bad input:
-//! it quarantines, records and carries on.
+//! it quarantines, records and carries on. A panic while handling one checkpoint quarantines
+//! that checkpoint. As it works it beats `progress` (the systemd watchdog's evidence).
 
 use std::collections::BTreeMap;
+use std::panic::UnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, info_span, warn};
 
-use super::load;
-use super::output::{self, LastPublished};
+use super::load::{self, Refusal};
+use super::output::{self, LastPublished, PublishedInput};
+use super::panics;
+use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
 use crate::accumulate::Accumulator;
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, Memory, ModelContext, Selection, WindowView};
 use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::text;
-use crate::watch::{Settled, Sig};
+use crate::watch::{Filter, Settled, Sig};
 use crate::window::{Action, Event, Member, Window};
 
 pub struct Pipeline {
@@ -39,6 +43,10 @@ pub struct Pipeline {
     memory: Memory,
     /// `[publish] on_publish`, run after each publication.
     hook: super::hook::Hook,
+    /// The promise of progress the watchdog task reads (see `progress`).
+    pub progress: Arc<Progress>,
+    /// How long one unit of work may take before the pipeline counts as stuck.
+    stall: Duration,
 }
 
 impl Pipeline {
@@ -56,6 +64,7 @@ impl Pipeline {
             method: cfg.select.method.name().into(),
             ..Status::default()
         };
+        let stall = stall_bound(&cfg);
         Pipeline {
             cfg,
             window,
@@ -68,6 +77,8 @@ impl Pipeline {
             objective: None,
             memory: Memory::default(),
             hook: Default::default(),
+            progress: Arc::new(Progress::new(stall)),
+            stall,
         }
     }
 
@@ -86,7 +97,9 @@ impl Pipeline {
         if cfg.publish != self.cfg.publish {
             self.last = output::read_last(&cfg);
         }
+        self.stall = stall_bound(&cfg);
         if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {
+            self.progress.beat(self.stall); // dropping an evaluator waits for it to exit
             self.objective = None;
             self.memory = Memory::default();
         }
@@ -97,14 +110,17 @@ impl Pipeline {
 
     /// Process one batch of settled candidates, then reselect/publish if the window asks.
     pub fn step(&mut self, batch: Vec<Settled>) {
+        self.beat(self.window_bytes());
         self.check_members();
         // Newest first: at start-up a full window is built without loading older candidates.
         let mut events: Vec<Event> = batch
             .into_iter()
             .map(|s| match s {
                 Settled::Ready(path, sig) => {
-                    let step = checkpoint::step_of(&path);
-                    Event::Settled { path, sig, step }
+                    // A name the step parser chokes on gets no step here; its load (guarded
+                    // below) quarantines it with the panic message.
+                    let step = panics::catch(|| checkpoint::step_of(&path));
+                    Event::Settled { path, sig, step: step.unwrap_or(None) }
                 }
                 Settled::Gone(path) => Event::Gone { path },
             })
@@ -125,6 +141,7 @@ impl Pipeline {
     /// Reselect if asked, then write the status file.
     fn finish(&mut self) {
         if std::mem::take(&mut self.reselect) && !self.window.members().is_empty() {
+            self.beat(self.window_bytes());
             self.check_members();
             if let Err(e) = self.select_and_publish() {
                 // Only a publish that renamed its model in but not its manifest changes the output.
@@ -176,9 +193,19 @@ impl Pipeline {
         let span =
             info_span!("checkpoint", step = tracing::field::Empty, path = %text::path(&path));
         let _enter = span.enter();
+        self.beat(disk_bytes(&path));
         let reference = self.open.values().next().map(|c| c.tensors().to_vec());
         let (marker, metric) = (&self.cfg.watch.marker, &self.cfg.select.metric);
-        match load::load(&path, marker, metric, reference.as_deref()) {
+        // Unwind-safe: the loader keeps no state and only reads its arguments (a path, two
+        // strings, a copy of the window's schema); what it opens lives in its own frames and
+        // is dropped while unwinding. The window and `self` change only after it returns.
+        let loaded = guarded(|| load::load(&path, marker, metric, reference.as_deref()));
+        self.admit(path, sig, &span, loaded);
+    }
+
+    /// Carry out a load's outcome: a member (if the window keeps it) or a quarantine.
+    fn admit(&mut self, path: PathBuf, sig: Sig, span: &tracing::Span, loaded: Loaded) {
+        match loaded {
             Ok((ckpt, step, metric)) => {
                 span.record("step", step);
                 info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
@@ -213,12 +240,20 @@ impl Pipeline {
         })?;
         self.status.counters.selections += 1;
         let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
-        let paired: Vec<(PathBuf, f64)> = paired.collect();
-        self.weights = paired.iter().cloned().collect();
+        self.weights = paired.collect();
         // Window order (by step), as the manifest lists them.
-        let inputs: Vec<(PathBuf, f64)> = paired.into_iter().filter(|(_, w)| *w > 0.0).collect();
-        if let Some(skip) =
-            skip_reason(self.cfg.publish.policy, self.last.as_ref(), &selection, &inputs)
+        let inputs: Vec<PublishedInput> = (summaries.iter().zip(&ckpts).zip(&selection.weights))
+            .filter(|(_, w)| **w > 0.0)
+            .map(|((m, c), w)| PublishedInput {
+                path: m.path.clone(),
+                step: m.step,
+                identity: Some(c.identity().clone()),
+                weight: *w,
+            })
+            .collect();
+        let (policy, filter) = (self.cfg.publish.policy, Filter::new(&self.cfg));
+        let available = |i: &PublishedInput| still_candidate(&filter, i) && on_disk(i);
+        if let Some(skip) = skip_reason(policy, self.last.as_ref(), &selection, &inputs, available)
         {
             info!(why = %selection.why, %skip, "selection not published");
             self.record_selection(&selection, skip);
@@ -234,9 +269,10 @@ impl Pipeline {
         &mut self,
         selection: Selection,
         members: Vec<(Arc<Checkpoint>, f64)>,
-        inputs: Vec<(PathBuf, f64)>,
+        inputs: Vec<PublishedInput>,
         t0: Instant,
     ) -> Result<()> {
+        self.beat(self.window_bytes());
         let t_avg = Instant::now();
         let report = match self.acc.update(&members, trusted) {
             Ok(r) => r,
@@ -248,7 +284,11 @@ impl Pipeline {
         let window = self.window.members();
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
         let prov = output::Provenanced { selection: &selection, members: with_ckpts, report };
-        let published = output::publish(&self.cfg, tensors, &prov)?;
+        self.beat(self.window_bytes());
+        self.progress.set_publishing(true);
+        let published = output::publish(&self.cfg, tensors, &prov);
+        self.progress.set_publishing(false);
+        let published = published?;
         self.hook.run(&self.cfg.publish.on_publish, &published.path, &published.manifest_path);
         let millis = t0.elapsed().as_millis() as u64;
         let (reads, exact) = (report.reads, report.exact);
@@ -278,12 +318,15 @@ impl Pipeline {
         let path = self.cfg.source.clone().unwrap_or_else(|| PathBuf::from("config"));
         let sewa = self.cfg.sewa_config(&path)?;
         if self.objective.is_none() {
+            self.beat(0); // an evaluator start is bounded by its startup_timeout_s
             let oc = self.cfg.objective_config(&path)?;
             let oc = oc.ok_or_else(|| Error::config(&path, "the selector needs an [objective]"))?;
             self.objective = Some(oc.build(&self.cfg.base_dir())?);
         }
-        let objective = self.objective.as_deref_mut().expect("just built");
-        let ctx = ModelContext { objective, sewa: &sewa, memory: &mut self.memory };
+        let allowed = self.allowed(self.window_bytes());
+        let inner = self.objective.as_deref_mut().expect("just built");
+        let mut objective = Beating { inner, progress: &self.progress, allowed };
+        let ctx = ModelContext { objective: &mut objective, sewa: &sewa, memory: &mut self.memory };
         select::run(&self.cfg.select, view, Some(ctx))
     }
 
@@ -320,6 +363,31 @@ impl Pipeline {
         self.write_status();
     }
 
+    /// The pipeline cannot go on (a panic outside one checkpoint's work): say so in the status.
+    pub fn record_failure(&mut self, msg: &str) {
+        self.status.push_error(msg);
+        self.set_state("failed");
+    }
+
+    /// How long the next unit of work (over about `bytes` of checkpoint data) may take.
+    fn allowed(&self, bytes: u64) -> Duration {
+        progress::allowance(self.stall, bytes)
+    }
+
+    fn beat(&self, bytes: u64) {
+        self.progress.beat(self.allowed(bytes));
+    }
+
+    /// The async loop is alive between jobs (it beats for the pipeline while it holds it).
+    pub fn alive(&self) {
+        self.beat(0);
+    }
+
+    /// Bytes of the open window members (what an average or a selection streams at most).
+    fn window_bytes(&self) -> u64 {
+        self.open.values().map(|c| c.total_bytes()).sum()
+    }
+
     pub fn write_status(&mut self) {
         let members = self.window.members().iter().map(|m| MemberStatus {
             path: m.path.clone(),
@@ -342,13 +410,17 @@ impl Pipeline {
 }
 
 /// Why a selection should not replace the published one, if it should not: it is the same
-/// (members and weights), or with `policy = "best"` it has no finite loss or its loss does not
-/// beat the published one's. A published model without a loss is beaten by any finite loss.
+/// (members, file versions and weights); with `policy = "best"` it has no finite loss or its
+/// loss does not beat the published one's (a published model without a loss is beaten by any
+/// finite loss); with `policy = "latest"` it is older than the published one while that is
+/// available (see `older_than_published`). `available` says whether a published input is
+/// still a candidate on disk as it was averaged.
 fn skip_reason(
     policy: Policy,
     last: Option<&LastPublished>,
     selection: &Selection,
-    inputs: &[(PathBuf, f64)],
+    inputs: &[PublishedInput],
+    available: impl Fn(&PublishedInput) -> bool,
 ) -> Option<String> {
     let new = selection.loss.filter(|l| l.is_finite());
     if policy == Policy::Best && new.is_none() {
@@ -359,7 +431,7 @@ fn skip_reason(
     }
     let last = last?;
     if last.same_as(inputs) {
-        return Some("same members and weights as the published average".into());
+        return Some("same members, file versions and weights as the published average".into());
     }
     let old = last.loss.filter(|l| l.is_finite());
     if let (Policy::Best, Some(new), Some(old)) = (policy, new, old)
@@ -367,7 +439,65 @@ fn skip_reason(
     {
         return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
     }
+    if policy == Policy::Latest {
+        return older_than_published(last, inputs, available);
+    }
     None
+}
+
+/// `policy = "latest"` never goes back in training time: when newer members left the window
+/// and it refilled from older checkpoints, the published average (with the newer ones) stays.
+/// Unless the published newest member is gone (deleted or replaced on disk: the trainer went
+/// back; or no longer a candidate: the config now watches another directory or pattern), then
+/// the older selection is what exists now and is published.
+fn older_than_published(
+    last: &LastPublished,
+    inputs: &[PublishedInput],
+    available: impl Fn(&PublishedInput) -> bool,
+) -> Option<String> {
+    let published = last.newest()?;
+    let old = published.step?;
+    let new = inputs.iter().filter_map(|i| i.step).max()?;
+    if new >= old {
+        return None;
+    }
+    let path = published.path.display();
+    if !available(published) {
+        info!(new, old, published = %path, "policy latest: publishing an older selection, \
+              the published newest member is gone");
+        return None;
+    }
+    Some(format!(
+        "policy latest: its newest member (step {new}) is older than the published one \
+         (step {old}, {path}, still there)"
+    ))
+}
+
+/// Whether a published input is still a candidate of the watched directory.
+fn still_candidate(filter: &Filter, input: &PublishedInput) -> bool {
+    filter.candidate(&input.path).is_some_and(|top| top == input.path)
+}
+
+/// Whether a published input is still on disk as it was averaged (same identity).
+fn on_disk(input: &PublishedInput) -> bool {
+    match &input.identity {
+        Some(id) => Identity::of(&input.path).is_ok_and(|now| &now == id),
+        None => input.path.exists(),
+    }
+}
+
+type Loaded = std::result::Result<(Checkpoint, u64, Option<f64>), Refusal>;
+
+/// Run one checkpoint's load; a panic in it (a bug in sewa or a library) becomes that
+/// checkpoint's refusal, so the daemon quarantines it and carries on instead of dying on it
+/// at every restart.
+fn guarded(load: impl FnOnce() -> Loaded + UnwindSafe) -> Loaded {
+    panics::catch(load).unwrap_or_else(|msg| {
+        Err(Refusal {
+            reason: format!("sewa panicked reading it (a bug in sewa, please report it): {msg}"),
+            incomplete: false,
+        })
+    })
 }
 
 fn missing(path: &Path) -> Error {
@@ -394,34 +524,137 @@ mod tests {
         }
     }
 
+    /// A file version: identities are opaque outside `checkpoint`, but they round-trip JSON.
+    fn version(n: u64) -> Identity {
+        let v = serde_json::json!({"dev": 1, "ino": n, "size": 8, "mtime_ns": n, "members": 0});
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn input(step: u64, v: u64, weight: f64) -> PublishedInput {
+        let path = PathBuf::from(format!("step_{step}.safetensors"));
+        PublishedInput { path, step: Some(step), identity: Some(version(v)), weight }
+    }
+
+    fn published(inputs: Vec<PublishedInput>, loss: Option<f64>) -> LastPublished {
+        LastPublished { inputs, loss }
+    }
+
+    const THERE: fn(&PublishedInput) -> bool = |_| true;
+    const GONE: fn(&PublishedInput) -> bool = |_| false;
+
     #[test]
     fn best_policy_never_replaces_a_better_published_model() {
-        let a = vec![(PathBuf::from("a"), 0.5), (PathBuf::from("b"), 0.5)];
-        let b = vec![(PathBuf::from("b"), 0.5), (PathBuf::from("c"), 0.5)];
-        let last = LastPublished { inputs: a.clone(), loss: Some(0.30) };
-        assert!(skip_reason(Policy::Best, None, &sel(Some(9.0)), &b).is_none(), "first publish");
-        assert!(skip_reason(Policy::Latest, Some(&last), &sel(Some(0.2)), &a).is_some(), "same");
-        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.31)), &b).is_some(), "worse");
-        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.30)), &b).is_some(), "tie");
-        assert!(skip_reason(Policy::Best, Some(&last), &sel(Some(0.29)), &b).is_none(), "better");
-        assert!(skip_reason(Policy::Latest, Some(&last), &sel(Some(0.9)), &b).is_none(), "latest");
+        let a = vec![input(1, 1, 0.5), input(2, 2, 0.5)];
+        let b = vec![input(2, 2, 0.5), input(3, 3, 0.5)];
+        let last = published(a.clone(), Some(0.30));
+        let skip = |policy, loss, inputs: &[PublishedInput]| {
+            skip_reason(policy, Some(&last), &sel(loss), inputs, THERE)
+        };
+        assert!(skip_reason(Policy::Best, None, &sel(Some(9.0)), &b, THERE).is_none(), "first");
+        assert!(skip(Policy::Latest, Some(0.2), &a).is_some(), "same");
+        assert!(skip(Policy::Best, Some(0.31), &b).is_some(), "worse");
+        assert!(skip(Policy::Best, Some(0.30), &b).is_some(), "tie");
+        assert!(skip(Policy::Best, Some(0.29), &b).is_none(), "better");
+        assert!(skip(Policy::Latest, Some(0.9), &b).is_none(), "latest");
+    }
+
+    #[test]
+    fn a_member_replaced_at_the_same_path_is_not_the_published_average() {
+        let last = published(vec![input(1, 1, 0.5), input(2, 2, 0.5)], None);
+        let skip = |inputs: &[PublishedInput]| {
+            skip_reason(Policy::Latest, Some(&last), &sel(None), inputs, THERE)
+        };
+        assert!(skip(&[input(1, 1, 0.5), input(2, 2, 0.5)]).is_some(), "same versions");
+        // Step 2 rewritten in place or replaced by rename: same path and step, new version.
+        assert!(skip(&[input(1, 1, 0.5), input(2, 22, 0.5)]).is_none(), "new file version");
+        let mut renumbered = input(2, 2, 0.5);
+        renumbered.step = Some(7);
+        assert!(skip(&[input(1, 1, 0.5), renumbered]).is_none(), "new step in metadata");
+        // A manifest without identities (older sewa) cannot prove sameness: publish again.
+        let mut old = published(vec![input(1, 1, 0.5), input(2, 2, 0.5)], None);
+        old.inputs.iter_mut().for_each(|i| i.identity = None);
+        let again = [input(1, 1, 0.5), input(2, 2, 0.5)];
+        assert!(skip_reason(Policy::Latest, Some(&old), &sel(None), &again, THERE).is_none());
+    }
+
+    #[test]
+    fn latest_policy_never_publishes_an_older_selection_while_the_published_one_exists() {
+        let last = published(vec![input(3, 3, 0.4), input(4, 4, 0.3), input(5, 5, 0.3)], None);
+        let skip = |inputs: &[PublishedInput], on_disk: fn(&PublishedInput) -> bool| {
+            skip_reason(Policy::Latest, Some(&last), &sel(None), inputs, on_disk)
+        };
+        // Step 5 left the window and it refilled from step 2: older than what is published.
+        let refilled = [input(2, 2, 0.4), input(3, 3, 0.3), input(4, 4, 0.3)];
+        let why = skip(&refilled, THERE).expect("an older selection must not be published");
+        assert!(why.contains("step 4") && why.contains("step 5"), "{why}");
+        // The published step 5 is gone from disk (the trainer went back): publish what exists.
+        assert!(skip(&refilled, GONE).is_none());
+        // Newer or as new: published as usual.
+        assert!(skip(&[input(4, 4, 0.5), input(5, 5, 0.5)], THERE).is_none());
+        assert!(skip(&[input(5, 5, 0.5), input(6, 6, 0.5)], THERE).is_none());
+        // `best` judges by loss, not by age.
+        let best = skip_reason(Policy::Best, Some(&last), &sel(None), &refilled, THERE);
+        assert!(best.is_none());
+    }
+
+    #[test]
+    fn on_disk_means_the_same_file_version_is_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("step_5.safetensors");
+        std::fs::write(&path, b"version one").unwrap();
+        let identity = Some(Identity::of(&path).unwrap());
+        let input = PublishedInput { path: path.clone(), step: Some(5), identity, weight: 1.0 };
+        assert!(on_disk(&input));
+        let replacement = dir.path().join("new");
+        std::fs::write(&replacement, b"version two, longer").unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert!(!on_disk(&input), "replaced by rename");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!on_disk(&input), "deleted");
+    }
+
+    fn pipeline(dir: &Path) -> Pipeline {
+        let text = format!(
+            "[watch]\ndir = {:?}\n[publish]\nout = {:?}\n",
+            dir.join("runs"),
+            dir.join("out.safetensors")
+        );
+        Pipeline::new(Config::parse(&text, &dir.join("sewa.toml")).unwrap())
+    }
+
+    #[test]
+    fn a_panic_while_loading_quarantines_that_checkpoint_with_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline(dir.path());
+        let path = dir.path().join("runs/modèle_é.safetensors");
+        let sig = Sig { dev: 1, ino: 2, size: 3, mtime_ns: 4, files: 0 };
+        let loaded = guarded(|| -> Loaded { panic!("byte index 13 is not a char boundary") });
+        p.admit(path.clone(), sig, &tracing::Span::none(), loaded);
+        let q: Vec<_> = p.window.rejected().collect();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].path, path);
+        assert!(q[0].reason.contains("panicked") && q[0].reason.contains("char boundary"));
+        assert!(!q[0].incomplete, "a panic is not 'still being written'");
+        assert_eq!(p.status.counters.quarantined, 1);
+        assert!(p.window.members().is_empty());
     }
 
     #[test]
     fn best_policy_never_publishes_a_selection_without_a_finite_loss() {
-        let a = vec![(PathBuf::from("a"), 0.5), (PathBuf::from("b"), 0.5)];
-        let b = vec![(PathBuf::from("b"), 0.5), (PathBuf::from("c"), 0.5)];
-        let scored = LastPublished { inputs: a.clone(), loss: Some(0.30) };
-        let unscored = LastPublished { inputs: a, loss: None };
+        let a = vec![input(1, 1, 0.5), input(2, 2, 0.5)];
+        let b = vec![input(2, 2, 0.5), input(3, 3, 0.5)];
+        let scored = published(a.clone(), Some(0.30));
+        let unscored = published(a, None);
         for bad in [None, Some(f64::NAN), Some(f64::INFINITY)] {
             for last in [None, Some(&scored), Some(&unscored)] {
-                let skip = skip_reason(Policy::Best, last, &sel(bad), &b);
+                let skip = skip_reason(Policy::Best, last, &sel(bad), &b, THERE);
                 assert!(
                     skip.is_some_and(|s| s.contains("no finite loss")),
-                    "{bad:?} over {last:?}"
+                    "{bad:?} over {:?}",
+                    last.map(|l| l.loss)
                 );
             }
         }
-        assert!(skip_reason(Policy::Best, Some(&unscored), &sel(Some(9.0)), &b).is_none());
+        assert!(skip_reason(Policy::Best, Some(&unscored), &sel(Some(9.0)), &b, THERE).is_none());
     }
 }

@@ -89,7 +89,7 @@ impl Sidecar {
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Internal(format!("demo: tokio runtime: {e}")))?;
-            let opts = RunOptions { config_path: None, systemd: false };
+            let opts = RunOptions { reload: None, systemd: false };
             rt.block_on(daemon::run(cfg, opts, async {
                 let _ = rx.await;
             }))

@@ -3,9 +3,14 @@
 //! on a bounded channel; a full channel or a notify rescan flag asks for a full rescan instead
 //! (events are hints, the rescan is the truth). Debouncing lives in `settler`; validation in
 //! `checkpoint`. This module decides nothing about checkpoints beyond their names.
+//!
+//! What is watched: the run directory itself, not recursively, plus each candidate directory
+//! (`checkpoint-N/`) one level down, added as it appears and dropped as it goes (`Watch::follow`).
+//! Symlinks are never followed into other trees: a `data -> /usr` link costs no watch at all.
 
 pub mod settler;
 
+use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,12 +120,54 @@ pub enum Hint {
 
 /// A running watcher; dropping it stops the watch.
 pub struct Watch {
-    _watcher: Box<dyn Watcher + Send>,
+    watcher: Box<dyn Watcher + Send>,
+    /// Candidate directories watched one level down.
+    dirs: BTreeSet<PathBuf>,
     /// Set when a hint could not be queued: the daemon rescans.
     pub overflowed: Arc<AtomicBool>,
 }
 
-/// Start watching `filter.dir()` recursively (inotify) or by polling every `poll_ms`.
+impl Watch {
+    /// Keep candidate `path`'s watch in line with what it is now: a real directory (not a
+    /// symlink) is watched, without recursion, so the files written into it are events;
+    /// anything else has no watch of its own (the directory's watch sees files). An error
+    /// (e.g. the inotify watch limit) leaves the candidate to the rescans.
+    pub fn follow(&mut self, path: &Path) -> Result<()> {
+        let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+        match (is_dir, self.dirs.contains(path)) {
+            (true, false) => {
+                self.watcher
+                    .watch(path, RecursiveMode::NonRecursive)
+                    .map_err(|e| watch_err(path, e))?;
+                self.dirs.insert(path.to_path_buf());
+            }
+            (false, true) => self.unfollow(path),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Drop the watches of directories that are no longer among `candidates` (a rescan).
+    pub fn prune(&mut self, candidates: &[PathBuf]) {
+        let keep: BTreeSet<&PathBuf> = candidates.iter().collect();
+        let gone: Vec<PathBuf> = self.dirs.iter().filter(|d| !keep.contains(d)).cloned().collect();
+        gone.iter().for_each(|d| self.unfollow(d));
+    }
+
+    /// How many candidate directories are watched (the run directory's own watch aside).
+    pub fn followed(&self) -> usize {
+        self.dirs.len()
+    }
+
+    fn unfollow(&mut self, path: &Path) {
+        self.dirs.remove(path);
+        // A deleted directory's watch is already gone in the kernel: nothing to report.
+        let _ = self.watcher.unwatch(path);
+    }
+}
+
+/// Start watching `filter.dir()` (inotify, or polling every `poll_ms`), without recursion;
+/// candidate directories are added with `Watch::follow`.
 pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Watch> {
     let overflowed = Arc::new(AtomicBool::new(false));
     let flag = overflowed.clone();
@@ -140,14 +187,16 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
             }
         }
     };
+    let cfg = notify::Config::default().with_follow_symlinks(false);
     let mut watcher: Box<dyn Watcher + Send> = if poll_ms > 0 {
-        let cfg = notify::Config::default().with_poll_interval(Duration::from_millis(poll_ms));
+        let cfg = cfg.with_poll_interval(Duration::from_millis(poll_ms));
         Box::new(notify::PollWatcher::new(handler, cfg).map_err(|e| watch_err(&dir, e))?)
     } else {
-        Box::new(notify::recommended_watcher(handler).map_err(|e| watch_err(&dir, e))?)
+        let w = notify::RecommendedWatcher::new(handler, cfg).map_err(|e| watch_err(&dir, e))?;
+        Box::new(w)
     };
-    watcher.watch(&dir, RecursiveMode::Recursive).map_err(|e| watch_err(&dir, e))?;
-    Ok(Watch { _watcher: watcher, overflowed })
+    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| watch_err(&dir, e))?;
+    Ok(Watch { watcher, dirs: BTreeSet::new(), overflowed })
 }
 
 /// Opens and reads (ours included: stat walks, mapping, validation) change nothing; only a
@@ -201,6 +250,36 @@ mod tests {
         assert!(!f.accepts(Path::new("/runs/x/avg.safetensors")));
         assert!(!f.accepts(Path::new("/runs/x/avg.safetensors.manifest.json")));
         assert!(f.accepts(Path::new("/runs/x/step_1.safetensors")));
+    }
+
+    #[test]
+    fn only_real_candidate_directories_get_a_watch_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("avg.safetensors");
+        let text = format!("[watch]\ndir = {:?}\n[publish]\nout = {out:?}\n", dir.path());
+        let filter = Filter::new(&Config::parse(&text, Path::new("t.toml")).unwrap());
+        let (tx, _rx) = mpsc::channel(16);
+        let mut w = start(filter, 0, tx).unwrap();
+        let ckpt = dir.path().join("checkpoint-5");
+        std::fs::create_dir(&ckpt).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let link = dir.path().join("data");
+        std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+        let file = dir.path().join("step_1.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        for path in [&ckpt, &link, &file, &ckpt] {
+            w.follow(path).unwrap();
+        }
+        assert_eq!(w.followed(), 1, "the directory, once; never through the symlink");
+        std::fs::remove_dir(&ckpt).unwrap();
+        w.follow(&ckpt).unwrap();
+        assert_eq!(w.followed(), 0, "gone, so no watch");
+        std::fs::create_dir(&ckpt).unwrap();
+        w.follow(&ckpt).unwrap();
+        w.prune(std::slice::from_ref(&ckpt));
+        assert_eq!(w.followed(), 1, "still a candidate");
+        w.prune(&[]);
+        assert_eq!(w.followed(), 0, "no longer a candidate");
     }
 
     #[test]
