@@ -593,7 +593,7 @@ mod tests {
         assert!(skip(&[input(4, 4, 0.5), input(5, 5, 0.5)], THERE).is_none());
         assert!(skip(&[input(5, 5, 0.5), input(6, 6, 0.5)], THERE).is_none());
         // `best` judges by loss, not by age.
-        let best = skip_reason(Policy::Best, Some(&last), &sel(None), &refilled, THERE);
+        let best = skip_reason(Policy::Best, Some(&last), &sel(Some(0.1)), &refilled, THERE);
         assert!(best.is_none());
     }
 
