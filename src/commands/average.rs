@@ -23,7 +23,8 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
-    let opened = super::open_all(&args.inputs, &super::open_options(&args.strip_prefix))?;
+    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref());
+    let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
     let opts =
         AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };
