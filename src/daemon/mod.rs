@@ -6,6 +6,7 @@
 
 mod hook;
 mod load;
+mod loudness;
 mod output;
 mod pipeline;
 
