@@ -46,9 +46,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AverageArgs {
     /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
-    /// directory (model.safetensors or shards, side files, manifest.json).
+    /// directory (model.safetensors or shards, side files, manifest.json). Its parent
+    /// directory must exist (or pass --parents).
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+    /// Create --out's missing parent directories (without it a missing one is an error).
+    #[arg(long)]
+    pub parents: bool,
     /// Non-negative weights, one per input (after --last), comma-separated; normalised to sum 1.
     /// Default: uniform.
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_name = "W,W,...")]

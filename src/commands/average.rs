@@ -14,11 +14,14 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::AverageArgs;
 use crate::error::{Error, Result};
 use crate::manifest::Provenance;
-use crate::publish::{self, PublishOptions, Published, check_destination, publish};
+use crate::publish::{self, PublishOptions, Published, check_destination, check_parent, publish};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
     check_destination(&args.out)?;
+    for dir in check_parent(&args.out, args.parents)? {
+        tracing::info!(dir = %dir.display(), "created (--parents)");
+    }
     let lock = publish::hold(&args.out)?;
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
