@@ -346,6 +346,9 @@ mod tests {
                 continue;
             };
             decoded += 1;
+            // The paths taken when no state dict is found, or one is named, must not panic.
+            let _ = no_state_dict(&path, &pk);
+            let _ = state_dict(&path, &pk, Some("state_dict"));
             if let Ok((items, _, _)) = state_dict(&path, &pk, None) {
                 for (k, v) in items {
                     if let Some(name) = pk.str(k) {
