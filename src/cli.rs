@@ -46,9 +46,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AverageArgs {
     /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
-    /// directory (model.safetensors or shards, side files, manifest.json).
+    /// directory (model.safetensors or shards, side files, manifest.json). Its parent
+    /// directory must exist (or pass --parents).
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+    /// Create --out's missing parent directories (without it a missing one is an error).
+    #[arg(long)]
+    pub parents: bool,
     /// Non-negative weights, one per input (after --last), comma-separated; normalised to sum 1.
     /// Default: uniform.
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_name = "W,W,...")]
@@ -70,6 +74,11 @@ pub struct AverageArgs {
     /// Strip this key prefix from every input (repeatable; `_orig_mod.` is always stripped).
     #[arg(long = "strip-prefix", value_name = "PREFIX")]
     pub strip_prefix: Vec<String>,
+    /// Torch checkpoints: the top-level entry holding the state dict (`net` for
+    /// `torch.save({"net": model.state_dict(), "step": s})`). Default: the top level itself, or
+    /// `state_dict`, `model_state_dict`, `model` or `module`.
+    #[arg(long, value_name = "KEY")]
+    pub state_key: Option<String>,
     /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
     #[arg(long, default_value = "5GiB", value_parser = crate::commands::parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
@@ -95,6 +104,9 @@ pub struct InspectArgs {
     /// Strip this key prefix (repeatable; `_orig_mod.` is always stripped).
     #[arg(long = "strip-prefix", value_name = "PREFIX")]
     pub strip_prefix: Vec<String>,
+    /// Torch checkpoints: the top-level entry holding the state dict (see `average --help`).
+    #[arg(long, value_name = "KEY")]
+    pub state_key: Option<String>,
     /// A checkpoint file or directory.
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,

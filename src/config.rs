@@ -59,6 +59,10 @@ pub struct WatchConfig {
     /// File whose presence marks an HF checkpoint directory as complete.
     #[serde(default = "default_marker")]
     pub marker: String,
+    /// Torch checkpoints: the top-level entry holding the state dict (`sewa average
+    /// --state-key`); `None`: the top level or `state_dict`, `model_state_dict`, `model`, `module`.
+    #[serde(default)]
+    pub state_key: Option<String>,
     /// Full rescan period, the backstop for missed events.
     #[serde(default = "default_rescan_s")]
     pub rescan_s: Positive,
@@ -420,6 +424,9 @@ impl Config {
                  none; use policy = \"latest\" or a model-based method (sewa, greedy, ...)",
                 self.select.method.name()
             ));
+        }
+        if self.watch.state_key.as_deref() == Some("") {
+            return Err("[watch] state_key is empty; remove it to use the default keys".into());
         }
         if self.watch.marker.is_empty() || self.watch.marker.contains('/') {
             return Err("[watch] marker must be a plain file name".to_string());

@@ -15,6 +15,10 @@ pub enum Error {
     /// The message often quotes the file (tensor names, metadata): it prints on one line.
     #[error("{}: {}", shown(path), escape(msg))]
     BadInput { path: PathBuf, msg: String },
+    /// An input that holds no model weights (optimizer, scheduler or RNG state, another
+    /// model's tensors). Bad input to a command (exit 2); the daemon skips it quietly.
+    #[error("{}: {}", shown(path), escape(msg))]
+    NotWeights { path: PathBuf, msg: String },
     /// The command line is wrong. Exit 2.
     #[error("{}", escape_lines(.0))]
     Usage(String),
@@ -38,6 +42,10 @@ impl Error {
         Error::BadInput { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 
+    pub fn not_weights(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::NotWeights { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io { path: path.as_ref().to_path_buf(), source }
     }
@@ -48,13 +56,13 @@ impl Error {
 
     /// True for errors about one input: skip (quarantine) it and keep running.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Error::BadInput { .. })
+        matches!(self, Error::BadInput { .. } | Error::NotWeights { .. })
     }
 
     /// Process exit code for the CLI: 2 bad input or usage, 78 config, 1 internal.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::BadInput { .. } | Error::Usage(_) => 2,
+            Error::BadInput { .. } | Error::NotWeights { .. } | Error::Usage(_) => 2,
             Error::Config { .. } => 78,
             Error::Io { .. } | Error::Internal(_) => 1,
         }

@@ -141,6 +141,37 @@ pub fn check_destination(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The directory `out` goes in must exist, or be created when `create` (`--parents`) says so:
+/// a typo in `--out` must not quietly build a directory tree. Returns the directories it
+/// created, outermost first.
+pub fn check_parent(out: &Path, create: bool) -> Result<Vec<PathBuf>> {
+    let parent = parent_dir(out);
+    match parent.metadata() {
+        Ok(m) if m.is_dir() => return Ok(Vec::new()),
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "--out {}: {} is not a directory",
+                out.display(),
+                parent.display()
+            )));
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(parent, e)),
+        Err(_) => {}
+    }
+    if !create {
+        return Err(Error::Usage(format!(
+            "--out {}: directory {} does not exist; create it, or pass --parents to have sewa \
+             create it",
+            out.display(),
+            parent.display()
+        )));
+    }
+    let missing: Vec<PathBuf> =
+        parent.ancestors().take_while(|a| !a.exists()).map(Path::to_path_buf).collect();
+    fs::create_dir_all(parent).with_path(parent)?;
+    Ok(missing.into_iter().rev().collect())
+}
+
 fn written_by_sewa(dir: &Path) -> bool {
     let Ok(bytes) = fs::read(dir.join("manifest.json")) else { return false };
     serde_json::from_slice::<serde_json::Value>(&bytes)

@@ -14,6 +14,8 @@ use crate::text;
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
+/// Skipped files listed by `render` (optimizer files pile up beside checkpoints).
+const SKIPPED_SHOWN: usize = 5;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -80,6 +82,9 @@ pub struct QuarantineStatus {
     pub path: PathBuf,
     pub reason: String,
     pub incomplete: bool,
+    /// Not a checkpoint to average (optimizer state, a copy such as last.pt): not counted.
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,10 +178,20 @@ pub fn render(s: &Status) -> String {
         }
         None => o.push_str("nothing published yet\n"),
     }
-    if !s.quarantined.is_empty() {
-        let _ = writeln!(o, "\nquarantined ({}):", s.quarantined.len());
-        for q in &s.quarantined {
+    let (skipped, quarantined): (Vec<_>, Vec<_>) = s.quarantined.iter().partition(|q| q.skipped);
+    if !quarantined.is_empty() {
+        let _ = writeln!(o, "\nquarantined ({}):", quarantined.len());
+        for q in &quarantined {
             let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
+        }
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(o, "\nskipped, not checkpoints to average ({}):", skipped.len());
+        for q in skipped.iter().take(SKIPPED_SHOWN) {
+            let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
+        }
+        if skipped.len() > SKIPPED_SHOWN {
+            let _ = writeln!(o, "  ... and {} more", skipped.len() - SKIPPED_SHOWN);
         }
     }
     if !s.errors.is_empty() {

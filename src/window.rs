@@ -1,15 +1,19 @@
 //! The rolling window, as pure decisions: events in (a candidate settled, a load succeeded or
 //! failed, a member vanished or was rewritten), actions out (load, evict, quarantine,
 //! reselect). It keeps the last `size` valid checkpoints by training step and remembers every
-//! rejected candidate with its signature so it is never retried until it changes, and every
-//! member evicted as too old with its signature and step, so a rescan does not load it again
-//! (a step-less name only shows its step once loaded) while the window is full of newer ones.
+//! rejected candidate with its signature so it is never retried until it changes (and, once
+//! it changes, whether it failed the same way again), and every member evicted as too old with
+//! its signature and step, so a rescan does not load it again (a step-less name only shows its
+//! step once loaded) while the window is full of newer ones. A file whose name has no step
+//! holding a member's step (`last.pt`) is a copy of that member, not a second one.
 //! This module opens no files and holds no tensors: the daemon carries out the actions.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::checkpoint::step_of;
 use crate::select::MemberSummary;
+use crate::text;
 use crate::watch::Sig;
 
 /// One admitted checkpoint, as the window sees it.
@@ -28,8 +32,9 @@ pub enum Event {
     /// The daemon opened and validated it.
     Loaded(Member),
     /// The daemon could not use it. `incomplete` means "not finished yet" (no marker, no zip
-    /// end record): logged quietly, retried when it changes, like any rejection.
-    Rejected { path: PathBuf, sig: Sig, reason: String, incomplete: bool },
+    /// end record): logged quietly, retried when it changes, like any rejection. `skipped`
+    /// means it is not a checkpoint to average (optimizer state, ...): reported quietly too.
+    Rejected { path: PathBuf, sig: Sig, reason: String, incomplete: bool, skipped: bool },
     /// The path no longer exists (rotation). Members stay: their mapping pins the data.
     Gone { path: PathBuf },
     /// A member's pages can no longer be trusted (rewritten in place under its mapping).
@@ -53,6 +58,12 @@ pub struct Rejection {
     pub path: PathBuf,
     pub reason: String,
     pub incomplete: bool,
+    /// Not a checkpoint to average: not model weights, or a copy of a member (`last.pt`).
+    pub skipped: bool,
+    /// The path was rejected for the same reason before it last changed (a file rewritten in
+    /// place on every save, such as `last.pt`): worth no new warning.
+    #[serde(skip)]
+    pub repeated: bool,
     #[serde(skip)]
     sig: Sig,
 }
@@ -114,12 +125,10 @@ impl Window {
         match event {
             Event::Settled { path, sig, step } => self.on_settled(path, sig, step),
             Event::Loaded(member) => self.on_loaded(member),
-            Event::Rejected { path, sig, reason, incomplete } => {
+            Event::Rejected { path, sig, reason, incomplete, skipped } => {
                 self.loading.remove(&path);
                 let mut actions = self.remove_member(&path);
-                let r = Rejection { path: path.clone(), reason: reason.clone(), incomplete, sig };
-                self.rejected.insert(path.clone(), r);
-                actions.push(Action::Quarantine { path, reason });
+                actions.extend(self.reject(path, sig, reason, incomplete, skipped));
                 actions
             }
             Event::Gone { path } => {
@@ -132,14 +141,7 @@ impl Window {
                 let sig = self.members.iter().find(|m| m.path == path).map(|m| m.sig);
                 let mut actions = self.remove_member(&path);
                 if let Some(sig) = sig {
-                    let r = Rejection {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                        incomplete: false,
-                        sig,
-                    };
-                    self.rejected.insert(path.clone(), r);
-                    actions.push(Action::Quarantine { path, reason });
+                    actions.extend(self.reject(path, sig, reason, false, false));
                 }
                 actions
             }
@@ -153,7 +155,8 @@ impl Window {
         {
             return Vec::new(); // nothing new about it
         }
-        self.rejected.remove(&path);
+        // A rejection is kept while its path is retried, so that the same reason again is
+        // known to be a repeat (see `reject`); a successful load removes it.
         // An unchanged evicted checkpoint is judged by the step it showed when loaded.
         let shown = self.evicted.get(&path).filter(|(was, _)| *was == sig).map(|(_, s)| *s);
         let step = step.or(shown);
@@ -177,7 +180,15 @@ impl Window {
             return Vec::new();
         }
         self.loading.remove(&member.path);
+        if let Some(original) = self.copy_of(&member) {
+            let reason = copy_reason(&original, member.step);
+            let mut actions = self.remove_member(&member.path);
+            actions.extend(self.reject(member.path, member.sig, reason, false, true));
+            return actions;
+        }
+        self.rejected.remove(&member.path);
         let mut actions = self.remove_member(&member.path);
+        actions.extend(self.drop_copies_of(&member));
         let key = (member.step, member.path.clone());
         let at = self.members.partition_point(|m| (m.step, m.path.clone()) < key);
         let path = member.path.clone();
@@ -189,6 +200,59 @@ impl Window {
                 self.new_since_select = 0;
                 actions.push(Action::Reselect);
             }
+        }
+        actions
+    }
+
+    /// Remember a rejection and ask for it to be reported.
+    fn reject(
+        &mut self,
+        path: PathBuf,
+        sig: Sig,
+        reason: String,
+        incomplete: bool,
+        skipped: bool,
+    ) -> Vec<Action> {
+        let repeated = self.rejected.get(&path).is_some_and(|r| r.reason == reason);
+        let r = Rejection {
+            path: path.clone(),
+            reason: reason.clone(),
+            incomplete,
+            skipped,
+            repeated,
+            sig,
+        };
+        self.rejected.insert(path.clone(), r);
+        vec![Action::Quarantine { path, reason }]
+    }
+
+    /// The member `m` is a copy of, if it is one: `m`'s name has no step (`last.pt`,
+    /// `last.ckpt`: aliases rewritten on every save, whose step comes from their contents)
+    /// and another member is at the same step. Averaging both would count that step twice.
+    fn copy_of(&self, m: &Member) -> Option<PathBuf> {
+        if step_of(&m.path).is_some() {
+            return None;
+        }
+        let same = self.members.iter().find(|o| o.step == m.step && o.path != m.path)?;
+        Some(same.path.clone())
+    }
+
+    /// Members that are copies of `m` (aliases at `m`'s step, admitted before `m` arrived):
+    /// dropped and remembered as skipped, so they are not loaded again until they change.
+    fn drop_copies_of(&mut self, m: &Member) -> Vec<Action> {
+        if step_of(&m.path).is_none() {
+            return Vec::new();
+        }
+        let copies: Vec<Member> = self
+            .members
+            .iter()
+            .filter(|o| o.step == m.step && o.path != m.path && step_of(&o.path).is_none())
+            .cloned()
+            .collect();
+        let mut actions = Vec::new();
+        for c in copies {
+            actions.extend(self.remove_member(&c.path));
+            actions.extend(self.reject(c.path, c.sig, copy_reason(&m.path, m.step), false, true));
         }
         actions
     }
@@ -215,6 +279,14 @@ impl Window {
             None => Vec::new(),
         }
     }
+}
+
+fn copy_reason(original: &Path, step: u64) -> String {
+    let name = original.file_name().map_or(original, Path::new);
+    format!(
+        "a copy of {} (both hold step {step}; a name without a step is an alias)",
+        text::path(name)
+    )
 }
 
 #[cfg(test)]
@@ -272,6 +344,7 @@ mod tests {
             sig: sig(1),
             reason: reason.clone(),
             incomplete: false,
+            skipped: false,
         });
         assert_eq!(a, vec![Action::Quarantine { path: p(1), reason }]);
         assert!(w.handle(Event::Settled { path: p(1), sig: sig(1), step: Some(1) }).is_empty());
@@ -374,5 +447,64 @@ mod tests {
         let a = w.handle(Event::Loaded(Member { path: p(1), sig: sig(1), step: 1, metric: None }));
         assert!(a.is_empty());
         assert!(w.members().is_empty());
+    }
+
+    fn load(w: &mut Window, name: &str, s: Sig, step: u64) -> Vec<Action> {
+        let path = PathBuf::from(name);
+        let a = w.handle(Event::Settled { path: path.clone(), sig: s, step: step_of(&path) });
+        assert_eq!(a, vec![Action::Load { path: path.clone(), sig: s }]);
+        w.handle(Event::Loaded(Member { path, sig: s, step, metric: None }))
+    }
+
+    fn names(w: &Window) -> Vec<String> {
+        w.members().iter().map(|m| m.path.display().to_string()).collect()
+    }
+
+    /// `last.pt` holding `{"model": sd, "step": 2}` is the step-2 checkpoint again: averaging
+    /// both would count step 2 twice, whichever of the two arrives first.
+    #[test]
+    fn an_alias_without_a_step_in_its_name_is_not_a_second_member() {
+        let mut w = Window::new(4, 1);
+        load(&mut w, "ckpt_1.pt", sig(1), 1);
+        load(&mut w, "ckpt_2.pt", sig(2), 2);
+        let a = load(&mut w, "last.pt", sig(20), 2);
+        assert!(
+            matches!(&a[..], [Action::Quarantine { reason, .. }] if reason.contains("ckpt_2.pt"))
+        );
+        let r = w.rejected().find(|r| r.path == Path::new("last.pt")).unwrap();
+        assert!(r.skipped && !r.repeated);
+        assert_eq!(names(&w), ["ckpt_1.pt", "ckpt_2.pt"]);
+        // Rewritten for step 3 before ckpt_3.pt arrives: a member until its original comes.
+        load(&mut w, "last.pt", sig(30), 3);
+        assert_eq!(names(&w), ["ckpt_1.pt", "ckpt_2.pt", "last.pt"]);
+        assert!(w.rejected().next().is_none(), "a successful load clears the rejection");
+        let a = load(&mut w, "ckpt_3.pt", sig(3), 3);
+        assert!(a.contains(&Action::Evict { path: PathBuf::from("last.pt") }), "{a:?}");
+        assert_eq!(names(&w), ["ckpt_1.pt", "ckpt_2.pt", "ckpt_3.pt"]);
+        assert!(w.rejected().any(|r| r.path == Path::new("last.pt") && r.skipped));
+        // Unchanged, it is not loaded again.
+        let settled = Event::Settled { path: "last.pt".into(), sig: sig(30), step: None };
+        assert!(w.handle(settled).is_empty());
+        // Two names with steps at one step are both kept (not aliases: e.g. model and EMA).
+        load(&mut w, "ema_3.pt", sig(33), 3);
+        assert_eq!(names(&w).len(), 4);
+    }
+
+    #[test]
+    fn the_same_reason_after_a_rewrite_is_a_repeat() {
+        let mut w = Window::new(3, 1);
+        let reject = |w: &mut Window, n: u64, reason: &str| {
+            let path = PathBuf::from("last.pt");
+            w.handle(Event::Settled { path: path.clone(), sig: sig(n), step: None });
+            let reason = reason.to_string();
+            let (incomplete, skipped) = (false, false);
+            w.handle(Event::Rejected { path, sig: sig(n), reason, incomplete, skipped });
+            w.rejected().next().unwrap().repeated
+        };
+        assert!(!reject(&mut w, 1, "no step"));
+        assert!(reject(&mut w, 2, "no step"), "rewritten in place, same problem");
+        assert!(!reject(&mut w, 3, "NaN"));
+        w.handle(Event::Gone { path: "last.pt".into() });
+        assert!(!reject(&mut w, 4, "NaN"), "deleted and written again: news");
     }
 }

@@ -23,8 +23,9 @@ pub(crate) struct Loaded {
     pub side_dir: Option<PathBuf>,
 }
 
-/// Detect the format of `path` and read it.
-pub(crate) fn load(path: &Path) -> Result<Loaded> {
+/// Detect the format of `path` and read it. `state_key` names the entry of a torch pickle
+/// that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
+pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
         return hf_dir::open(path);
@@ -35,7 +36,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         return sharded::open(path, file);
     }
     match sniff(path, &file)? {
-        Sniffed::Zip => pickle::open(path, file),
+        Sniffed::Zip => pickle::open(path, file, state_key),
         Sniffed::LegacyPickle => Err(pickle::legacy_error(path)),
         Sniffed::Other if pickle::has_torch_extension(&name) => Err(pickle::not_zip_error(path)),
         Sniffed::Other => single_safetensors(path, file),

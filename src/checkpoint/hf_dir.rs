@@ -49,7 +49,7 @@ pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     let mut loaded = match find_weights(dir)? {
         Weights::Single(p) => single_safetensors(&p, files::open_child(&p)?)?,
         Weights::Index(p) => sharded::open(&p, files::open_child(&p)?)?,
-        Weights::TorchBin(p) => pickle::open(&p, files::open_child(&p)?)?,
+        Weights::TorchBin(p) => pickle::open(&p, files::open_child(&p)?, None)?,
     };
     loaded.format = Format::HfDir;
     loaded.side_dir = Some(dir.to_path_buf());

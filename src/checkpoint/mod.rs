@@ -5,6 +5,7 @@
 //! here.
 //! This module does not average, select or publish.
 
+mod classify;
 mod detect;
 mod files;
 mod hf_dir;
@@ -25,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use classify::not_model_weights;
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
@@ -150,11 +152,15 @@ pub enum Format {
 pub struct OpenOptions {
     /// Key prefixes to strip (default: `_orig_mod.`, which torch.compile adds).
     pub strip_prefixes: Vec<String>,
+    /// The top-level entry of a torch checkpoint dict that holds the state dict (`net` in
+    /// `{"net": sd, "step": 500}`). `None`: the top level itself or one of the usual keys
+    /// (`state_dict`, `model_state_dict`, `model`, `module`). Other formats ignore it.
+    pub state_key: Option<String>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { strip_prefixes: vec!["_orig_mod.".to_string()] }
+        OpenOptions { strip_prefixes: vec!["_orig_mod.".to_string()], state_key: None }
     }
 }
 
@@ -201,7 +207,7 @@ impl Checkpoint {
     /// cheaply and mapping (safetensors) or indexing (torch zip) its tensors.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         let before = Identity::of(path)?;
-        let loaded = load(path)?;
+        let loaded = load(path, opts.state_key.as_deref())?;
         if Identity::of(path)? != before {
             return Err(Error::bad_input(
                 path,
@@ -280,8 +286,10 @@ impl Checkpoint {
         self.tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &self.tensors[i])
     }
     /// Training step: parsed from the file or directory name, else from the checkpoint's own
-    /// records (safetensors metadata `step`, HF `trainer_state.json` `global_step`, Lightning
-    /// `global_step`).
+    /// records (safetensors metadata `step`, HF `trainer_state.json` `global_step`, a torch
+    /// checkpoint dict's `step`, `global_step`, `iteration` or, last, `epoch` entry — which
+    /// covers Lightning's `global_step`). The name wins: a trainer that names files by step
+    /// and stores an epoch counter inside gets its step.
     pub fn step(&self) -> Option<u64> {
         self.step
     }

@@ -15,7 +15,8 @@ use super::detect::Loaded;
 use super::identity::Identity;
 use super::strided::{gather, is_contiguous, is_non_overlapping, numel, view_span};
 use super::torch_objects::{
-    NESTED_KEYS, RawTensor, dtype_of_storage, model_checkpoint_score, state_dict, tensor_of,
+    RawTensor, dtype_of_storage, model_checkpoint_score, no_state_dict, state_dict,
+    step_of_entries, tensor_of,
 };
 use super::unpickle::{self, Pickle, Value};
 use super::{DType, InputIo, Storage, TensorMeta};
@@ -149,8 +150,9 @@ fn find_pickle<R: Read + std::io::Seek>(path: &Path, zip: &zip::ZipArchive<R>) -
         .ok_or_else(|| Error::bad_input(path, "zip file has no data.pkl: not a torch.save file"))
 }
 
-/// Open a torch zip pickle (opened by `files` from `path`) and index its state dict's tensors.
-pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
+/// Open a torch zip pickle (opened by `files` from `path`) and index its state dict's tensors
+/// (those under the top-level entry `state_key` when given).
+pub(crate) fn open(path: &Path, file: File, state_key: Option<&str>) -> Result<Loaded> {
     let meta = file.metadata().input(path)?;
     let identity = Identity::from_metadata(&meta);
     let mut zip = zip::ZipArchive::new(BufReader::new(file.try_clone().input(path)?))
@@ -159,7 +161,7 @@ pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
     check_byteorder(path, &mut zip, &prefix)?;
     let pk = decode_pickle(path, &mut zip, &pkl, meta.len())?;
-    let (dict, format, mut metadata) = state_dict(path, &pk)?;
+    let (dict, format, mut metadata) = state_dict(path, &pk, state_key)?;
     let entries = entry_offsets(path, &mut zip, &prefix, meta.len())?;
     let mut metas = Vec::new();
     let mut tensors = HashMap::new();
@@ -172,15 +174,12 @@ pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
         tensors.insert(name, t);
     }
     if metas.is_empty() {
-        return Err(Error::bad_input(
-            path,
-            format!(
-                "no tensors found: expected a state dict at the top level or under one of \
-                 {NESTED_KEYS:?}"
-            ),
-        ));
+        return Err(match state_key {
+            Some(key) => Error::bad_input(path, format!("state key {key:?} holds no tensors")),
+            None => no_state_dict(path, &pk),
+        });
     }
-    let step = metadata.get("global_step").and_then(|s| s.parse().ok());
+    let step = step_of_entries(&metadata);
     let store = PickleStore { path: path.to_path_buf(), file, identity, tensors };
     if let Some((monitor, score)) = lightning_score(path, &pk, &entries, &store) {
         metadata.insert("metric".to_string(), score.to_string());
@@ -347,7 +346,10 @@ mod tests {
                 continue;
             };
             decoded += 1;
-            if let Ok((items, _, _)) = state_dict(&path, &pk) {
+            // The paths taken when no state dict is found, or one is named, must not panic.
+            let _ = no_state_dict(&path, &pk);
+            let _ = state_dict(&path, &pk, Some("state_dict"));
+            if let Ok((items, _, _)) = state_dict(&path, &pk, None) {
                 for (k, v) in items {
                     if let Some(name) = pk.str(k) {
                         let _ = tensor_of(&path, &pk, name, v);

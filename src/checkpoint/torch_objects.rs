@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::classify::{self, Holds, NoStateDict};
 use super::unpickle::{Id, Pickle, Value};
 use super::{DType, Format};
 use crate::error::{Error, Result};
@@ -16,11 +17,17 @@ pub(crate) const NESTED_KEYS: &[&str] = &["state_dict", "model_state_dict", "mod
 
 type Items = Vec<(Id, Id)>;
 
-/// The dict of tensors: the top-level dict, or a nested state dict (see `NESTED_KEYS`).
-/// Also returns the top level's scalar entries (`epoch`, `global_step`, ...) as metadata.
+/// Top-level entries that may hold the training step, in order of preference: `epoch` only as
+/// a last resort (it orders checkpoints, but one epoch spans many steps).
+pub(crate) const STEP_KEYS: &[&str] = &["step", "global_step", "iteration", "epoch"];
+
+/// The dict of tensors: the entry `state_key` when given, else the top-level dict or a nested
+/// state dict (see `NESTED_KEYS`). Also returns the top level's scalar entries (`epoch`,
+/// `global_step`, ...) as metadata when the state dict is nested.
 pub(crate) fn state_dict(
     path: &Path,
     pk: &Pickle,
+    state_key: Option<&str>,
 ) -> Result<(Items, Format, BTreeMap<String, String>)> {
     let items = pk.dict_items(pk.root).ok_or_else(|| {
         Error::bad_input(
@@ -30,12 +37,17 @@ pub(crate) fn state_dict(
         )
     })?;
     let mut nested: BTreeMap<usize, Id> = BTreeMap::new();
+    let mut named = None;
     let mut metadata = BTreeMap::new();
     let mut lightning = path.extension().is_some_and(|e| e == "ckpt");
     for &(k, v) in items {
         let Some(key) = pk.str(k) else { continue };
+        if state_key == Some(key) {
+            named = Some(v);
+            continue;
+        }
         match NESTED_KEYS.iter().position(|n| *n == key) {
-            Some(rank) if pk.dict_items(v).is_some() => {
+            Some(rank) if pk.dict_items(v).is_some() && state_key.is_none() => {
                 nested.insert(rank, v);
             }
             _ => {
@@ -46,13 +58,91 @@ pub(crate) fn state_dict(
             }
         }
     }
+    let format = if lightning { Format::Lightning } else { Format::TorchZip };
+    if let Some(key) = state_key {
+        let d = named.ok_or_else(|| missing_key(path, pk, key))?;
+        let items = pk.dict_items(d).ok_or_else(|| {
+            Error::bad_input(path, format!("--state-key {key:?}: that entry is not a dict"))
+        })?;
+        return Ok((items.to_vec(), format, metadata));
+    }
     match nested.into_values().next() {
-        Some(d) => {
-            let format = if lightning { Format::Lightning } else { Format::TorchZip };
-            Ok((pk.dict_items(d).unwrap_or_default().to_vec(), format, metadata))
-        }
+        Some(d) => Ok((pk.dict_items(d).unwrap_or_default().to_vec(), format, metadata)),
         None => Ok((items.to_vec(), Format::TorchZip, BTreeMap::new())),
     }
+}
+
+fn missing_key(path: &Path, pk: &Pickle, key: &str) -> Error {
+    let keys = top_level(path, pk).into_iter().map(|(k, _)| format!("{k:?}"));
+    let mut listed: Vec<String> = keys.take(12).collect();
+    if listed.is_empty() {
+        listed.push("none".into());
+    }
+    Error::bad_input(
+        path,
+        format!("state key {key:?} is not in the file (top-level keys: {})", listed.join(", ")),
+    )
+}
+
+/// The training step recorded in the top-level entries (see `STEP_KEYS`).
+pub(crate) fn step_of_entries(metadata: &BTreeMap<String, String>) -> Option<u64> {
+    STEP_KEYS.iter().find_map(|k| metadata.get(*k)?.trim().parse().ok())
+}
+
+/// Why a pickle holds no state dict we found: not weights at all (optimizer or trainer
+/// state, `Error::NotWeights`), or weights under an unknown key (the error lists the keys).
+pub(crate) fn no_state_dict(path: &Path, pk: &Pickle) -> Error {
+    match classify::no_state_dict(&top_level(path, pk), NESTED_KEYS) {
+        NoStateDict::UnknownKey(msg) => Error::bad_input(path, msg),
+        NoStateDict::NotWeights(msg) => Error::not_weights(path, msg),
+    }
+}
+
+/// What each top-level entry holds (string keys only; a non-dict root has none).
+fn top_level(path: &Path, pk: &Pickle) -> Vec<(String, Holds)> {
+    let items = pk.dict_items(pk.root).unwrap_or_default();
+    // `torch.save(optimizer.state_dict())`: its two entries are the optimizer's state.
+    let optimizer = is_optimizer(pk, items);
+    let entries = items.iter().filter_map(|&(k, v)| Some((pk.str(k)?.to_string(), v)));
+    let holds = |k: &str, v| match k {
+        "state" | "param_groups" if optimizer => Holds::Optimizer,
+        _ => holds(path, pk, v),
+    };
+    entries.map(|(k, v)| (k.clone(), holds(&k, v))).collect()
+}
+
+/// The entries of an `optimizer.state_dict()`: `state` and `param_groups`.
+fn is_optimizer(pk: &Pickle, items: &[(Id, Id)]) -> bool {
+    let has = |name: &str| items.iter().any(|&(k, _)| pk.str(k) == Some(name));
+    has("state") && has("param_groups")
+}
+
+fn holds(path: &Path, pk: &Pickle, v: Id) -> Holds {
+    if is_tensor(path, pk, v) {
+        return Holds::Tensor;
+    }
+    if let Some(text) = scalar_text(pk.get(v)) {
+        return Holds::Scalar(text);
+    }
+    let Some(items) = pk.dict_items(v) else {
+        return Holds::Other(match pk.get(v) {
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::None => "None",
+            _ => "object",
+        });
+    };
+    if is_optimizer(pk, items) {
+        return Holds::Optimizer;
+    }
+    match items.iter().filter(|&&(_, v)| is_tensor(path, pk, v)).count() {
+        0 => Holds::Other("dict without tensors"),
+        n => Holds::Tensors(n),
+    }
+}
+
+fn is_tensor(path: &Path, pk: &Pickle, v: Id) -> bool {
+    tensor_of(path, pk, "", v).is_ok_and(|t| t.is_some())
 }
 
 fn scalar_text(v: &Value) -> Option<String> {

@@ -14,16 +14,20 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::AverageArgs;
 use crate::error::{Error, Result};
 use crate::manifest::Provenance;
-use crate::publish::{self, PublishOptions, Published, check_destination, publish};
+use crate::publish::{self, PublishOptions, Published, check_destination, check_parent, publish};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
     check_destination(&args.out)?;
+    for dir in check_parent(&args.out, args.parents)? {
+        tracing::info!(dir = %dir.display(), "created (--parents)");
+    }
     let lock = publish::hold(&args.out)?;
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
-    let opened = super::open_all(&args.inputs, &super::open_options(&args.strip_prefix))?;
+    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref());
+    let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
     let opts =
         AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };

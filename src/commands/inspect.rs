@@ -11,7 +11,10 @@ use crate::text::{self, escape};
 
 /// Run `sewa inspect` and return the text to print.
 pub fn run(args: &InspectArgs) -> Result<String> {
-    let ckpt = Checkpoint::open(&args.input, &super::open_options(&args.strip_prefix))?;
+    let ckpt = Checkpoint::open(
+        &args.input,
+        &super::open_options(&args.strip_prefix, args.state_key.as_deref()),
+    )?;
     Ok(if args.json { json(&ckpt) } else { table(&ckpt) })
 }
 

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use crate::checkpoint::{Checkpoint, OpenOptions};
 use crate::error::Result;
 
-/// Open options with `_orig_mod.` plus the user's extra prefixes.
-pub fn open_options(strip_prefix: &[String]) -> OpenOptions {
-    let mut opts = OpenOptions::default();
+/// Open options with `_orig_mod.` plus the user's extra prefixes, and the state key if given.
+pub fn open_options(strip_prefix: &[String], state_key: Option<&str>) -> OpenOptions {
+    let mut opts = OpenOptions { state_key: state_key.map(str::to_string), ..Default::default() };
     for p in strip_prefix {
         if !opts.strip_prefixes.contains(p) {
             opts.strip_prefixes.push(p.clone());

@@ -49,9 +49,10 @@ fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
     }
     // An output we could never write is fatal now, not a log line per checkpoint later.
     crate::publish::check_destination(&cfg.publish.out)?;
-    let parent = cfg.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(parent) = parent {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    // The daemon creates the output's directory (a service's first start on a fresh
+    // machine), but says so: a typo in `out` should not pass unnoticed.
+    if let Some(first) = crate::publish::check_parent(&cfg.publish.out, true)?.first() {
+        tracing::info!(dir = %first.display(), "created the directory of [publish] out");
     }
     let state = cfg.state_dir();
     std::fs::create_dir_all(&state).map_err(|e| Error::io(&state, e))?;

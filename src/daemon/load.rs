@@ -1,12 +1,13 @@
 //! Turning a settled candidate into a window member: cheap completeness check, open (mapped),
 //! step, schema against the window, a full finite scan (NaN/Inf is bad input) and the metric
-//! for best-metric. Every failure is an `Error::BadInput` naming the file; the caller
-//! quarantines. This module keeps no state.
+//! for best-metric. Every failure is a `Refusal` naming the file's problem; the caller
+//! quarantines, or skips quietly what is not model weights. This module keeps no state.
 
 use std::path::Path;
 
 use crate::accumulate::{add_bytes, non_finite};
 use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
+use crate::config::WatchConfig;
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 
@@ -15,25 +16,35 @@ pub struct Refusal {
     pub reason: String,
     /// Still being written (no marker, no end record...), as opposed to broken.
     pub incomplete: bool,
+    /// Not model weights (optimizer or RNG state, another model's tensors): skipped quietly.
+    pub not_weights: bool,
 }
 
-/// Open and validate `path`. `reference` is the schema of the current window, if any.
+/// Open and validate `path` with the `[watch]` options. `reference` is the schema of the
+/// current window, if any.
 pub fn load(
     path: &Path,
-    marker: &str,
+    watch: &WatchConfig,
     metric: &str,
     reference: Option<&[TensorMeta]>,
 ) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
-    let refuse = |e: Error, incomplete| Refusal { reason: strip_path(&e, path), incomplete };
+    let refuse = |e: Error, incomplete| Refusal {
+        reason: strip_path(&e, path),
+        incomplete,
+        not_weights: matches!(e, Error::NotWeights { .. }),
+    };
     // A directory without its marker is still being filled; a file that stayed truncated
     // for the whole quiet period is broken (it is retried anyway once it changes).
-    checkpoint::quick_check(path, marker).map_err(|e| refuse(e, path.is_dir()))?;
-    let ckpt = Checkpoint::open(path, &OpenOptions::default()).map_err(|e| refuse(e, false))?;
+    checkpoint::quick_check(path, &watch.marker).map_err(|e| refuse(e, path.is_dir()))?;
+    let opts = OpenOptions { state_key: watch.state_key.clone(), ..OpenOptions::default() };
+    let ckpt = Checkpoint::open(path, &opts).map_err(|e| refuse(e, false))?;
+    if let Some(why) = checkpoint::not_model_weights(ckpt.tensors(), reference) {
+        return Err(Refusal { reason: why, incomplete: false, not_weights: true });
+    }
     let step = ckpt.step().or_else(|| checkpoint::step_of(path)).ok_or_else(|| Refusal {
-        reason: "no training step in its name or metadata (name checkpoints like \
-                 step_500.safetensors, checkpoint-500 or epoch=1-step=500.ckpt)"
-            .into(),
+        reason: NO_STEP.into(),
         incomplete: false,
+        not_weights: false,
     })?;
     if let Some(schema) = reference {
         check_against("the window", schema, &ckpt).map_err(|e| refuse(e, false))?;
@@ -42,6 +53,14 @@ pub fn load(
     let metric = read_metric(&ckpt, metric);
     Ok((ckpt, step, metric))
 }
+
+/// The refusal of a checkpoint with no step anywhere. Most such files in a run directory are
+/// aliases rewritten on every save (`last.pt`), not checkpoints to average: narrowing
+/// `pattern` comes first (the daemon adds the pattern of the checkpoints it has loaded).
+const NO_STEP: &str = "no training step in its name or contents; if it is not a checkpoint \
+    to average (an alias such as last.pt), narrow [watch] pattern to the checkpoints, else name \
+    them like step_500.pt, checkpoint-500 or epoch=1-step=500.ckpt or save a \
+    {\"model\": ..., \"step\": N} dict";
 
 /// Error text without the leading "path: " (the log line names the path once).
 fn strip_path(e: &Error, path: &Path) -> String {

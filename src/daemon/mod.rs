@@ -8,6 +8,7 @@
 
 mod hook;
 mod load;
+mod loudness;
 mod output;
 mod panics;
 mod pipeline;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, info_span, warn};
 
 use super::load::{self, Refusal};
+use super::loudness::{Level, Loudness};
 use super::output::{self, LastPublished, PublishedInput};
 use super::panics;
 use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
@@ -47,6 +48,8 @@ pub struct Pipeline {
     pub progress: Arc<Progress>,
     /// How long one unit of work may take before the pipeline counts as stuck.
     stall: Duration,
+    /// How loudly rejections are logged (one warning per reason, one line per skipped pattern).
+    loudness: Loudness,
 }
 
 impl Pipeline {
@@ -79,6 +82,7 @@ impl Pipeline {
             hook: Default::default(),
             progress: Arc::new(Progress::new(stall)),
             stall,
+            loudness: Loudness::default(),
         }
     }
 
@@ -113,6 +117,8 @@ impl Pipeline {
         self.beat(self.window_bytes());
         self.check_members();
         // Newest first: at start-up a full window is built without loading older candidates.
+        // Names without a step last: a copy such as last.pt then meets its original, and a
+        // refusal's hint can name the pattern of the checkpoints loaded before it.
         let mut events: Vec<Event> = batch
             .into_iter()
             .map(|s| match s {
@@ -127,8 +133,8 @@ impl Pipeline {
             .collect();
         events.sort_by_key(|e| {
             std::cmp::Reverse(match e {
-                Event::Settled { step, .. } => step.unwrap_or(u64::MAX),
-                _ => u64::MAX,
+                Event::Settled { step, .. } => (false, *step),
+                _ => (true, None),
             })
         });
         for event in events {
@@ -175,17 +181,33 @@ impl Pipeline {
                     debug!(path = %text::path(&path), "evicted from the window");
                     self.open.remove(&path);
                 }
-                Action::Quarantine { path, reason } => {
-                    let q = self.window.rejected().find(|r| r.path == path);
-                    if q.is_some_and(|r| r.incomplete) {
-                        info!(path = %text::path(&path), %reason, "not complete yet; waiting for it to change");
-                    } else {
-                        warn!(path = %text::path(&path), %reason, "quarantined");
-                        self.status.counters.quarantined += 1;
-                    }
-                }
+                Action::Quarantine { path, reason } => self.report_rejection(&path, &reason),
                 Action::Reselect => self.reselect = true,
             }
+        }
+    }
+
+    /// Log a rejection as loudly as `Loudness` decides; only warnings count as quarantined.
+    fn report_rejection(&mut self, path: &Path, reason: &str) {
+        let Some(r) = self.window.rejected().find(|r| r.path == path) else { return };
+        let (incomplete, skipped) = (r.incomplete, r.skipped);
+        let report = self.loudness.judge(r);
+        let hint = report.hint.unwrap_or_default();
+        let path = text::path(path);
+        match report.level {
+            Level::Warn => {
+                warn!(%path, %reason, %hint, "quarantined");
+                self.status.counters.quarantined += 1;
+            }
+            Level::Info if incomplete => {
+                info!(%path, %reason, "not complete yet; waiting for it to change")
+            }
+            Level::Info => info!(
+                files = %text::escape(&report.files), %reason, %hint,
+                "skipping files like this, which are not checkpoints to average; more are logged at debug level"
+            ),
+            Level::Debug if skipped => debug!(%path, %reason, "skipped"),
+            Level::Debug => debug!(%path, %reason, "rejected again for the same reason"),
         }
     }
 
@@ -195,11 +217,11 @@ impl Pipeline {
         let _enter = span.enter();
         self.beat(disk_bytes(&path));
         let reference = self.open.values().next().map(|c| c.tensors().to_vec());
-        let (marker, metric) = (&self.cfg.watch.marker, &self.cfg.select.metric);
-        // Unwind-safe: the loader keeps no state and only reads its arguments (a path, two
-        // strings, a copy of the window's schema); what it opens lives in its own frames and
+        let (watch, metric) = (&self.cfg.watch, &self.cfg.select.metric);
+        // Unwind-safe: the loader keeps no state and only reads its arguments (a path, the
+        // watch config, a copy of the window's schema); what it opens lives in its own frames and
         // is dropped while unwinding. The window and `self` change only after it returns.
-        let loaded = guarded(|| load::load(&path, marker, metric, reference.as_deref()));
+        let loaded = guarded(|| load::load(&path, watch, metric, reference.as_deref()));
         self.admit(path, sig, &span, loaded);
     }
 
@@ -208,18 +230,22 @@ impl Pipeline {
         match loaded {
             Ok((ckpt, step, metric)) => {
                 span.record("step", step);
-                info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
-                self.status.counters.loaded += 1;
                 let member = Member { path: path.clone(), sig, step, metric };
                 let actions = self.window.handle(Event::Loaded(member));
                 self.apply(actions);
+                // Not admitted: older than the window, or a copy of a member (reported above).
                 if self.window.members().iter().any(|m| m.path == path && m.sig == sig) {
+                    info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
+                    self.status.counters.loaded += 1;
+                    self.loudness.loaded(&path);
                     self.open.insert(path, Arc::new(ckpt));
                 }
             }
             Err(refusal) => {
                 let (reason, incomplete) = (refusal.reason, refusal.incomplete);
-                let actions = self.window.handle(Event::Rejected { path, sig, reason, incomplete });
+                let skipped = refusal.not_weights;
+                let event = Event::Rejected { path, sig, reason, incomplete, skipped };
+                let actions = self.window.handle(event);
                 self.apply(actions);
             }
         }
@@ -400,6 +426,7 @@ impl Pipeline {
             path: r.path.clone(),
             reason: r.reason.clone(),
             incomplete: r.incomplete,
+            skipped: r.skipped,
         });
         self.status.quarantined = q.collect();
         let path = self.cfg.status_file();
@@ -496,6 +523,7 @@ fn guarded(load: impl FnOnce() -> Loaded + UnwindSafe) -> Loaded {
         Err(Refusal {
             reason: format!("sewa panicked reading it (a bug in sewa, please report it): {msg}"),
             incomplete: false,
+            not_weights: false,
         })
     })
 }

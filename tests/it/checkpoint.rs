@@ -113,7 +113,8 @@ fn orig_mod_prefix_is_stripped_and_reported() {
     assert_eq!(ck.renamed_keys(), [("_orig_mod.fc.weight".to_string(), "fc.weight".to_string())]);
     assert_eq!(&*ck.data("fc.weight").unwrap(), f32s(&[1.0]).as_slice());
     // Without stripping, the original names stay.
-    let raw = Checkpoint::open(&p, &OpenOptions { strip_prefixes: vec![] }).unwrap();
+    let raw = Checkpoint::open(&p, &OpenOptions { strip_prefixes: vec![], ..Default::default() })
+        .unwrap();
     assert!(raw.tensor("_orig_mod.fc.weight").is_some());
 
     let c = dir.path().join("collide.safetensors");

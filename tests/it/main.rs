@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod evaluator;
 mod faults;
+mod layouts;
 mod objective;
 mod publish;
 mod sewa;

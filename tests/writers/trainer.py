@@ -8,6 +8,9 @@ Styles (--style):
   inplace     torch.save-like: the final name written in place in slow chunks
   rename-in   Lightning: serialised in $TMPDIR (another dir), then moved in (one rename event)
   hf-dir      HF Trainer: checkpoint-N/ filled file by file, trainer_state.json last
+  torch-run   a plain PyTorch loop, torch.save in place each save: ckpt_N.pt, optim_N.pt (the
+              optimizer's state_dict) and last.pt rewritten at the same path; with --embed-step
+              the checkpoints are {"model": sd, "step": N} (written by torch_zip.py, no torch)
 Options: --keep N rotates (deletes the oldest) like save_total_limit; --corrupt S,S writes a
 truncated file at those steps, --nan S,S writes a NaN; --fixture F writes the bytes of a
 real torch.save (.pt) or Lightning (.ckpt) file instead (inplace and rename-in styles); --rewrite S rewrites step S's file in
@@ -24,6 +27,9 @@ import time
 
 import numpy as np
 from safetensors.numpy import save
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_zip  # noqa: E402  (stdlib-only torch.save format writer beside this file)
 
 N_W, N_B = 64, 16
 
@@ -104,6 +110,21 @@ def save_hf_dir(d, step, args):
     return cdir
 
 
+def save_torch_run(d, step, args):
+    sd = torch_zip.model(step)
+    obj = {"model": sd, "step": step} if args.embed_step else sd
+    ckpt = os.path.join(d, f"ckpt_{step}.pt")
+    files = [
+        (ckpt, torch_zip.dumps(obj)),
+        (os.path.join(d, f"optim_{step}.pt"), torch_zip.dumps(torch_zip.optimizer(step))),
+        (os.path.join(d, "last.pt"), torch_zip.dumps(obj)),  # "wb": truncated, same inode
+    ]
+    for path, data in files:
+        with open(path, "wb") as f:
+            slow_write(f, data, args.chunks, args.chunk_ms)
+    return ckpt
+
+
 def rotate(saved, keep):
     while keep and len(saved) > keep:
         old = saved.pop(0)
@@ -128,7 +149,7 @@ def steps_arg(s):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("dir")
-    p.add_argument("--style", required=True, choices=["st-rename", "inplace", "rename-in", "hf-dir"])
+    p.add_argument("--style", required=True, choices=["st-rename", "inplace", "rename-in", "hf-dir", "torch-run"])
     p.add_argument("--steps", default="100,200,300,400,500,600")
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--chunks", type=int, default=4)
@@ -138,6 +159,7 @@ def main():
     p.add_argument("--nan", type=steps_arg, default=set())
     p.add_argument("--rewrite", type=int, default=0)
     p.add_argument("--fixture", default="", help="write this file's bytes (inplace, rename-in)")
+    p.add_argument("--embed-step", action="store_true", help="torch-run: {model, step} dicts")
     args = p.parse_args()
     if args.rewrite:
         names = [n for n in os.listdir(args.dir) if f"_{args.rewrite}." in n or n.endswith(f"-{args.rewrite}")]
@@ -154,6 +176,8 @@ def main():
             path = save_inplace(args.dir, step, args)
         elif args.style == "rename-in":
             path = save_rename_in(args.dir, step, args, tmpdir)
+        elif args.style == "torch-run":
+            path = save_torch_run(args.dir, step, args)
         else:
             path = save_hf_dir(args.dir, step, args)
         print(f"saved {path}", flush=True)
