@@ -28,9 +28,9 @@ pub enum Event {
     /// The daemon could not use it. `incomplete` means "not finished yet" (no marker, no zip
     /// end record): logged quietly, retried when it changes, like any rejection.
     Rejected { path: PathBuf, sig: Sig, reason: String, incomplete: bool },
-    /// The path no longer exists (rotation). Members stay: their mapping pins the data.
+    /// The path no longer exists (rotation). Members stay: their open file pins the data.
     Gone { path: PathBuf },
-    /// A member's pages can no longer be trusted (rewritten in place under its mapping).
+    /// A member's bytes can no longer be trusted (rewritten in place since it was opened).
     Invalidated { path: PathBuf, reason: String },
 }
 
@@ -267,7 +267,7 @@ mod tests {
         let mut w = Window::new(3, 1);
         admit(&mut w, 1, sig(1));
         assert!(w.handle(Event::Gone { path: p(1) }).is_empty());
-        assert_eq!(steps(&w), vec![1], "a mapped member survives deletion of its path");
+        assert_eq!(steps(&w), vec![1], "an open member survives deletion of its path");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! safetensors files: parse and validate the header with plain reads (never through the map),
-//! then map the file so tensor bytes are handed out without copying. Checks: header length sane,
+//! safetensors files: parse and validate the header with plain reads, then hold the file open
+//! so tensor bytes are read on demand (`pinned`). Checks: header length sane,
 //! header is JSON, dtypes supported, each tensor's byte range matches dtype × shape, ranges do
 //! not overlap and end exactly at the end of the file. Sharding and directories live elsewhere.
 
@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::InputIo;
-use super::mmap::MappedFile;
+use super::pinned::PinnedFile;
 use super::{DType, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -27,21 +27,21 @@ pub(crate) struct Header {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// One validated, mapped safetensors file.
+/// One validated safetensors file, held open.
 pub(crate) struct SafetensorsFile {
     pub header: Header,
-    pub mapped: MappedFile,
+    pub file: PinnedFile,
 }
 
-/// Open, validate and map one safetensors file.
+/// Open and validate one safetensors file.
 pub(crate) fn open(path: &Path) -> Result<SafetensorsFile> {
     let file = File::open(path).input(path)?;
     let header = read_header(path, &file)?;
-    let mapped = MappedFile::map(path, file)?;
-    Ok(SafetensorsFile { header, mapped })
+    let file = PinnedFile::new(path, file)?;
+    Ok(SafetensorsFile { header, file })
 }
 
-/// Read and validate the header of an open file (no mapping).
+/// Read and validate the header of an open file.
 pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
     let file_len = file.metadata().input(path)?.len();
     if file_len < 8 {
@@ -204,7 +204,7 @@ fn dtype_from_str(s: &str) -> Option<DType> {
     })
 }
 
-/// Length-and-header check of a file by path, without mapping (used by `quick_check`).
+/// Length-and-header check of a file by path, without holding it (used by `quick_check`).
 pub(crate) fn check_file(path: &Path) -> Result<()> {
     let file = File::open(path).input(path)?;
     read_header(path, &file).map(|_| ())

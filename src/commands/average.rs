@@ -19,8 +19,12 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     check_destination(&args.out)?;
     let opened = super::open_all(&args.inputs, &super::open_options(&args.strip_prefix))?;
     let chosen = choose_last(&opened, args.last)?;
-    let opts =
-        AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };
+    let opts = AverageOptions {
+        dtype: args.dtype,
+        int_policy: args.int_policy,
+        overflow: args.dtype_overflow,
+        threads: args.threads,
+    };
     let (weights, provenance) = match &args.select {
         Some(method) => {
             let sel = select_with_config(args, method, &chosen)?;
