@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::pinned::PinnedFile;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// One tensor's little-endian bytes, to read by range or chunk. Not aligned: decode elements
 /// with `from_le_bytes` or check alignment. Get one from `Checkpoint::reader`.
@@ -67,6 +67,7 @@ impl<'c> TensorReader<'c> {
     /// (which must be at least `range.len()` long). Fails, naming the file and the tensor, if
     /// the file was truncated or changed since it was opened.
     pub fn bytes<'b>(&'b self, range: Range<usize>, buf: &'b mut [u8]) -> Result<&'b [u8]> {
+        self.check(&range, buf.len())?;
         match &self.src {
             Source::Memory(b) => Ok(&b[range]),
             Source::File { file, range: at } => {
@@ -79,12 +80,27 @@ impl<'c> TensorReader<'c> {
 
     /// Copy bytes from `offset` on into all of `buf` (for callers that keep the whole tensor).
     pub fn read_into(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        let range = offset..offset + buf.len();
+        let range = offset..offset.saturating_add(buf.len());
+        self.check(&range, buf.len())?;
         match &self.src {
             Source::Memory(b) => buf.copy_from_slice(&b[range]),
             Source::File { file, range: at } => {
                 file.read_at((at.start + range.start) as u64, buf, self.name)?
             }
+        }
+        Ok(())
+    }
+
+    /// A range outside the tensor (or a buffer too small for it) is a caller's bug: an error,
+    /// not a read of the neighbouring tensor's bytes or a panic.
+    fn check(&self, range: &Range<usize>, buf_len: usize) -> Result<()> {
+        let file = matches!(self.src, Source::File { .. });
+        if range.start > range.end || range.end > self.len() || (file && buf_len < range.len()) {
+            return Err(Error::Internal(format!(
+                "tensor {}: bytes {range:?} requested of {} (buffer of {buf_len})",
+                self.name,
+                self.len()
+            )));
         }
         Ok(())
     }
@@ -123,5 +139,30 @@ impl<'c> TensorReader<'c> {
             offset = end;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checkpoint::{Checkpoint, DType};
+
+    #[test]
+    fn chunks_cover_the_tensor_in_whole_elements_and_bad_ranges_are_errors() {
+        let bytes: Vec<u8> = (0..60).collect();
+        let t = vec![("w".to_string(), DType::F32, vec![15], bytes.clone())];
+        let ck = Checkpoint::from_memory("m.safetensors", None, t).unwrap();
+        let reader = ck.reader("w").unwrap();
+        let mut seen = Vec::new();
+        reader
+            .for_each_chunk(13, &mut Vec::new(), |offset, b| {
+                assert_eq!((offset % 8, b.len() <= 8), (0, true), "pieces of 13 round to 8");
+                seen.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, bytes);
+        assert!(reader.bytes(56..64, &mut [0; 8]).is_err(), "past the end");
+        assert!(reader.read_into(50, &mut [0; 20]).is_err(), "past the end");
+        assert!(ck.reader("nope").is_err());
     }
 }
