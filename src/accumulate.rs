@@ -3,14 +3,17 @@
 //! (LAWA sliding by one, EMA gaining one), only those are added or subtracted, so the cost of
 //! an update does not grow with k; every `recompute_every` updates (and whenever a contributor
 //! can no longer be trusted) it recomputes exactly from the selected members.
-//! It holds its contributors' mappings (so rotation cannot pull them away) and produces output
-//! tensors; it does not select, validate files or write anything.
+//! Members are read chunk by chunk (positioned reads: a member truncated meanwhile is an
+//! error, never a crash). It holds its contributors open (so rotation cannot pull their files
+//! away) and produces output tensors, refusing or saturating values beyond the output dtype's
+//! range; it does not select, validate files or write anything.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::average::overflow_error;
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
-use crate::config::{IntPolicy, OutDType};
+use crate::config::{DtypeOverflow, IntPolicy, OutDType};
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 
@@ -19,6 +22,8 @@ pub type OutTensor = (String, DType, Vec<usize>, Vec<u8>);
 
 /// Relative tolerance under which two coefficients are "the same".
 const TOL: f64 = 1e-9;
+/// Bytes of a member read at a time (their f64 sums stay in L2 beside them).
+const READ_CHUNK: usize = 1 << 18;
 
 /// How the last update was done (for logs, status and the benchmark).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -61,7 +66,8 @@ impl Accumulator {
     }
 
     /// Make the accumulator hold `Σ wᵢ·xᵢ` for the given members (weights ≥ 0, zeros ignored).
-    /// `trusted` says whether a checkpoint's pages may still be read (see `still_valid`).
+    /// `trusted` says whether a checkpoint may still be read (not rewritten in place since it
+    /// was opened, see `still_valid`); a contributor that is not forces an exact recompute.
     pub fn update(
         &mut self,
         members: &[(Arc<Checkpoint>, f64)],
@@ -123,14 +129,20 @@ impl Accumulator {
         }
     }
 
-    /// Paths of the checkpoints currently summed (their mappings are held).
+    /// Paths of the checkpoints currently summed (their files are held open).
     pub fn contributors(&self) -> Vec<PathBuf> {
         self.contributors.iter().map(|c| c.ckpt.path().to_path_buf()).collect()
     }
 
     /// The average `S / A` as output tensors. Integer tensors come from one contributor by
-    /// `int_policy` (contributors are in window order: oldest first).
-    pub fn output(&self, dtype: OutDType, int_policy: IntPolicy) -> Result<Vec<OutTensor>> {
+    /// `int_policy` (contributors are in window order: oldest first). Values beyond `dtype`'s
+    /// range are refused, or clamped to its largest finite value when `overflow` saturates.
+    pub fn output(
+        &self,
+        dtype: OutDType,
+        int_policy: IntPolicy,
+        overflow: DtypeOverflow,
+    ) -> Result<Vec<OutTensor>> {
         let (first, last) = match (self.contributors.first(), self.contributors.last()) {
             (Some(f), Some(l)) => (&f.ckpt, &l.ckpt),
             _ => return Err(Error::Internal("nothing accumulated yet".into())),
@@ -142,7 +154,13 @@ impl Accumulator {
                 continue;
             }
             let target = dtype.resolve(meta.dtype);
-            let bytes = encode(sum, self.total, target);
+            let (bytes, overflowed) =
+                encode(sum, self.total, target, overflow == DtypeOverflow::Saturate);
+            if overflowed && overflow == DtypeOverflow::Error {
+                let at = (0..sum.len()).max_by(|&i, &j| sum[i].abs().total_cmp(&sum[j].abs()));
+                let at = at.unwrap_or(0);
+                return Err(overflow_error(&meta.name, target, sum[at] / self.total, at));
+            }
             out.push((meta.name.clone(), target, meta.shape.clone(), bytes));
         }
         Ok(out)
@@ -200,18 +218,24 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= TOL * a.abs().max(b.abs()).max(1e-300)
 }
 
-/// `sums += coef · x` for every float tensor of `ckpt`; non-finite inputs are bad input.
+/// `sums += coef · x` for every float tensor of `ckpt`, read chunk by chunk; non-finite
+/// inputs are bad input.
 fn add(sums: &mut [Vec<f64>], schema: &[TensorMeta], ckpt: &Checkpoint, coef: f64) -> Result<()> {
+    let mut buf = Vec::new();
     for (meta, sum) in schema.iter().zip(sums.iter_mut()) {
         if !meta.dtype.is_float() {
             continue;
         }
-        let bytes = ckpt.data(&meta.name)?;
-        let bad = add_bytes(sum, &bytes, meta.dtype, coef);
-        ckpt.release(&meta.name);
-        if let Some(i) = bad {
-            return Err(non_finite(ckpt.path(), &meta.name, i));
-        }
+        let size = meta.dtype.size();
+        ckpt.for_each_chunk(&meta.name, READ_CHUNK, &mut buf, |offset, bytes| {
+            let first = offset / size;
+            // Shapes were checked against the schema; `get` keeps a mismatch from panicking.
+            let sum = sum.get_mut(first..).unwrap_or_default();
+            match add_bytes(sum, bytes, meta.dtype, coef) {
+                Some(i) => Err(non_finite(ckpt.path(), &meta.name, first + i)),
+                None => Ok(()),
+            }
+        })?;
     }
     Ok(())
 }
@@ -250,20 +274,51 @@ pub fn add_bytes(sum: &mut [f64], bytes: &[u8], dtype: DType, coef: f64) -> Opti
     }
 }
 
-/// `sum / total` in `dtype`, little-endian. One loop per dtype (no per-element dispatch).
-fn encode(sum: &[f64], total: f64, dtype: DType) -> Vec<u8> {
-    fn go<const N: usize>(sum: &[f64], total: f64, enc: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
+/// `sum / total` in `dtype`, little-endian, and whether a finite value overflowed the dtype
+/// (then written as ±inf, or ±max when `saturate`). One loop per dtype (no per-element
+/// dispatch).
+fn encode(sum: &[f64], total: f64, dtype: DType, saturate: bool) -> (Vec<u8>, bool) {
+    fn go<const N: usize>(
+        sum: &[f64],
+        total: f64,
+        enc: impl Fn(f64) -> ([u8; N], bool),
+    ) -> (Vec<u8>, bool) {
         let mut out = vec![0u8; sum.len() * N];
+        let mut over = false;
         for (o, s) in out.chunks_exact_mut(N).zip(sum) {
-            o.copy_from_slice(&enc(s / total));
+            let (bytes, o_) = enc(s / total);
+            o.copy_from_slice(&bytes);
+            over |= o_;
         }
-        out
+        (out, over)
     }
+    // `rounded` unless it overflowed from the finite `v`: then ±max when saturating.
+    fn fit<T>(v: f64, rounded: T, infinite: bool, (max, min): (T, T), sat: bool) -> (T, bool) {
+        let over = infinite && v.is_finite();
+        match (over && sat, v > 0.0) {
+            (true, true) => (max, true),
+            (true, false) => (min, true),
+            _ => (rounded, over),
+        }
+    }
+    use half::{bf16, f16};
     match dtype {
-        DType::F64 => go::<8>(sum, total, f64::to_le_bytes),
-        DType::F16 => go::<2>(sum, total, |v| half::f16::from_f64(v).to_le_bytes()),
-        DType::BF16 => go::<2>(sum, total, |v| half::bf16::from_f64(v).to_le_bytes()),
-        _ => go::<4>(sum, total, |v| (v as f32).to_le_bytes()),
+        DType::F64 => go::<8>(sum, total, |v| (v.to_le_bytes(), false)),
+        DType::F16 => go::<2>(sum, total, |v| {
+            let h = f16::from_f64(v);
+            let (h, o) = fit(v, h, h.is_infinite(), (f16::MAX, f16::MIN), saturate);
+            (h.to_le_bytes(), o)
+        }),
+        DType::BF16 => go::<2>(sum, total, |v| {
+            let h = bf16::from_f64(v);
+            let (h, o) = fit(v, h, h.is_infinite(), (bf16::MAX, bf16::MIN), saturate);
+            (h.to_le_bytes(), o)
+        }),
+        _ => go::<4>(sum, total, |v| {
+            let x = v as f32;
+            let (x, o) = fit(v, x, x.is_infinite(), (f32::MAX, f32::MIN), saturate);
+            (x.to_le_bytes(), o)
+        }),
     }
 }
 
@@ -327,7 +382,7 @@ mod tests {
             if end > 8 && !rep.exact {
                 assert!(rep.reads <= max_reads, "update read {} checkpoints", rep.reads);
             }
-            let out = acc.output(OutDType::Keep, IntPolicy::Latest).unwrap();
+            let out = acc.output(OutDType::Keep, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
             for (got, want) in f32s(&out[0].3).iter().zip(reference(&members, "a")) {
                 assert!((got - want).abs() < 1e-5, "end {end}: {got} vs {want}");
             }
@@ -372,5 +427,30 @@ mod tests {
         let c = Arc::new(Checkpoint::from_memory("bad.safetensors", Some(1), bad).unwrap());
         let err = Accumulator::new(4).update(&[(c, 1.0)], |_| true).unwrap_err().to_string();
         assert!(err.contains("bad.safetensors") && err.contains("tensor a"), "{err}");
+    }
+
+    #[test]
+    fn output_overflowing_f16_is_refused_or_saturated() {
+        let t = |v: [f32; 3]| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = vec![("a".to_string(), DType::F32, vec![3], bytes)];
+            Arc::new(Checkpoint::from_memory("big.safetensors", Some(1), t).unwrap())
+        };
+        let members = [(t([1.0e5, 2.0, -3.0e5]), 0.5), (t([1.0e5, 2.0, -3.0e5]), 0.5)];
+        let mut acc = Accumulator::new(4);
+        acc.update(&members, |_| true).unwrap();
+        let err = acc.output(OutDType::F16, IntPolicy::Latest, DtypeOverflow::Error).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("tensor a") && msg.contains("-3e5 at element 2"), "{msg}");
+        assert!(msg.contains("dtype_overflow = \"saturate\""), "{msg}");
+        let out = acc.output(OutDType::F16, IntPolicy::Latest, DtypeOverflow::Saturate).unwrap();
+        let got: Vec<f32> = out[0]
+            .3
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        assert_eq!(got, vec![65504.0, 2.0, -65504.0]);
+        let kept = acc.output(OutDType::F32, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
+        assert_eq!(f32s(&kept[0].3), vec![1.0e5, 2.0, -3.0e5], "f32 holds them");
     }
 }

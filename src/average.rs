@@ -3,23 +3,26 @@
 //! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
 //! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
 //! for f64 inputs) slab by slab, each input in turn streaming its slab through the
-//! cache-resident accumulator slab and releasing its pages right after (see `kernel`), so every
-//! input is read once and RSS does not grow with the number of inputs; integer/bool tensors are
-//! copied from one input chosen by [`IntPolicy`]. This module does not open files or write
-//! outputs (see `publish`); a slow f64 twin lives in the tests.
+//! cache-resident accumulator slab (read with a positioned read into a per-thread buffer, or
+//! in place when in memory; see `kernel`), so every input byte is read once and RSS does not
+//! grow with the number or size of the inputs; integer/bool tensors are copied from one input
+//! chosen by [`IntPolicy`]. Values beyond a narrower output dtype's range are refused or
+//! saturated ([`DtypeOverflow`]). This module does not open files or write outputs (see
+//! `publish`); a slow f64 twin lives in the tests.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::checkpoint::{Checkpoint, DType, TensorMeta};
+use crate::checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
 use crate::error::{Error, Result};
 use crate::schema::check_schema;
-use kernel::{Acc, Pass, first_non_finite};
+use kernel::{Acc, Pass, Stored, first_non_finite};
 
-/// Owned (copied, e.g. pickle) input bytes held at once before folding them into the
-/// accumulator; borrowed (mapped) views cost no memory and are never split.
-const OWNED_BUDGET: usize = 32 << 20;
+/// Decoded (pickle) input bytes held at once before folding them into the accumulator; file
+/// and in-memory inputs cost only their slab and are never split into groups.
+const COPY_BUDGET: usize = 32 << 20;
+/// Bytes read at a time when scanning an input for the NaN/Inf that spoiled an average.
+const SCAN_CHUNK: usize = 1 << 20;
 
 /// Output dtype of floating tensors. Integer and bool tensors always keep their dtype.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -105,18 +108,73 @@ impl fmt::Display for IntPolicy {
     }
 }
 
+/// What to do when an average is finite but beyond the output dtype's range (f16 above
+/// 65504, bf16 or f32 above about 3.4e38): never written as inf silently.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeOverflow {
+    /// Refuse the output, naming the tensor and its largest value.
+    #[default]
+    Error,
+    /// Clamp such values to the dtype's largest finite value of the same sign.
+    Saturate,
+}
+
+impl FromStr for DtypeOverflow {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "error" => Ok(DtypeOverflow::Error),
+            "saturate" => Ok(DtypeOverflow::Saturate),
+            _ => Err(format!("unknown dtype overflow policy {s:?}; expected error or saturate")),
+        }
+    }
+}
+
+impl fmt::Display for DtypeOverflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DtypeOverflow::Error => "error",
+            DtypeOverflow::Saturate => "saturate",
+        })
+    }
+}
+
+/// The refusal of an average whose tensor `tensor` reaches `largest` (at element `at`), a
+/// finite value beyond the range of the output dtype `dtype`.
+pub fn overflow_error(tensor: &str, dtype: DType, largest: impl fmt::LowerExp, at: usize) -> Error {
+    let max = match dtype {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    };
+    let name = format!("{dtype:?}").to_lowercase();
+    Error::Usage(format!(
+        "tensor {tensor}: the average reaches {largest:e} at element {at}, beyond the range of \
+         {name} (±{max:e}); refusing to write inf. Write a wider dtype, or clamp to ±{max:e} \
+         with --dtype-overflow saturate (sewa watch: [publish] dtype_overflow = \"saturate\")"
+    ))
+}
+
 /// How to average, independent of which inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AverageOptions {
     pub dtype: OutDType,
     pub int_policy: IntPolicy,
+    /// Finite averages beyond a narrower output dtype's range: refuse or saturate.
+    pub overflow: DtypeOverflow,
     /// Worker threads per tensor (at least 1).
     pub threads: usize,
 }
 
 impl Default for AverageOptions {
     fn default() -> Self {
-        AverageOptions { dtype: OutDType::Keep, int_policy: IntPolicy::Latest, threads: 1 }
+        AverageOptions {
+            dtype: OutDType::Keep,
+            int_policy: IntPolicy::Latest,
+            overflow: DtypeOverflow::Error,
+            threads: 1,
+        }
     }
 }
 
@@ -131,12 +189,14 @@ pub struct AveragePlan<'a> {
     int_source: usize,
 }
 
-/// Reused buffers: one accumulator and one output buffer, grown to the largest tensor once.
+/// Reused buffers: one accumulator and one output buffer, grown to the largest tensor once,
+/// and one slab-sized read buffer per kernel thread.
 #[derive(Default)]
 pub struct Workspace {
     acc32: Vec<f32>,
     acc64: Vec<f64>,
     out: Vec<u8>,
+    slabs: Vec<Vec<u64>>,
 }
 
 impl<'a> AveragePlan<'a> {
@@ -213,32 +273,27 @@ impl<'a> AveragePlan<'a> {
     /// Average output tensor `index` into `ws` and return its little-endian bytes.
     pub fn average_tensor<'w>(&self, index: usize, ws: &'w mut Workspace) -> Result<&'w [u8]> {
         let meta = &self.outputs[index];
-        let result = match self.inputs[0].tensors()[index].dtype {
-            DType::F64 => self.average_float::<f64>(index, ws),
-            d if d.is_float() => self.average_float::<f32>(index, ws),
-            _ => self.copy_int(index, ws),
-        };
-        // Done with this tensor in every input, even on error: give the pages back.
-        for input in &self.inputs {
-            input.release(&meta.name);
+        match self.inputs[0].tensors()[index].dtype {
+            DType::F64 => self.average_float::<f64>(index, ws)?,
+            d if d.is_float() => self.average_float::<f32>(index, ws)?,
+            _ => self.copy_int(index, ws)?,
         }
-        result.map(|()| &ws.out[..meta.nbytes()])
+        Ok(&ws.out[..meta.nbytes()])
     }
 
     fn copy_int(&self, index: usize, ws: &mut Workspace) -> Result<()> {
         let source = self.inputs[self.int_source];
-        let meta = &source.tensors()[index];
-        let data = checked_data(source, meta)?;
-        ws.out.clear();
-        ws.out.extend_from_slice(&data);
-        Ok(())
+        let reader = source.reader(&source.tensors()[index].name)?;
+        ws.out.resize(ws.out.len().max(reader.len()), 0);
+        reader.read_into(0, &mut ws.out[..reader.len()])
     }
 
     fn average_float<A: Acc>(&self, index: usize, ws: &mut Workspace) -> Result<()> {
         let in_meta = &self.inputs[0].tensors()[index];
         let out_dtype = self.outputs[index].dtype;
         let n = in_meta.numel();
-        let (acc, out) = A::buffers(ws);
+        let Workspace { acc32, acc64, out, slabs } = ws;
+        let acc = A::pick(acc32, acc64);
         if acc.len() < n {
             acc.resize(n, A::default());
         }
@@ -250,45 +305,67 @@ impl<'a> AveragePlan<'a> {
             .filter(|(_, w)| **w > 0.0)
             .map(|(i, w)| (i, A::weight(*w)))
             .collect();
-        let mut views: Vec<(Cow<'a, [u8]>, A)> = Vec::with_capacity(active.len());
-        let (mut group_start, mut owned) = (0usize, 0usize);
+        let mut group: Vec<(TensorReader<'a>, A)> = Vec::with_capacity(active.len());
+        let (mut copied, mut first) = (0usize, true);
         for (pos, &(i, w)) in active.iter().enumerate() {
-            let data = checked_data(self.inputs[i], in_meta)?;
-            owned += matches!(data, Cow::Owned(_)) as usize * data.len();
-            views.push((data, w));
+            let reader = self.inputs[i].reader(&in_meta.name)?;
+            copied += reader.is_copy() as usize * reader.len();
+            group.push((reader, w));
             let last = pos + 1 == active.len();
-            if last || owned >= OWNED_BUDGET {
-                let group = &active[group_start..=pos];
-                let release = |j: usize, bytes: std::ops::Range<usize>| {
-                    self.inputs[group[j].0].release_range(&in_meta.name, bytes)
-                };
-                let (init, in_dtype) = (group_start == 0, in_meta.dtype);
-                let pass = Pass { views: &views, in_dtype, init, last, release: &release };
-                let finite = pass.run(acc, out, out_dtype, self.opts.threads);
-                if last && !finite {
-                    return Err(self.blame_non_finite(in_meta, &active));
+            if last || copied >= COPY_BUDGET {
+                let (in_dtype, overflow) = (in_meta.dtype, self.opts.overflow);
+                let pass = Pass { inputs: &group, in_dtype, init: first, last, overflow };
+                let stored = pass.run(acc, out, out_dtype, slabs, self.opts.threads)?;
+                if last {
+                    self.check_stored(stored, in_meta, out_dtype, acc, &active)?;
                 }
-                (views, owned, group_start) = (Vec::with_capacity(active.len()), 0, pos + 1);
+                (copied, first) = (0, false);
+                group.clear();
             }
+        }
+        Ok(())
+    }
+
+    /// Refuse an average with a NaN/Inf (blaming the input that holds it) or, unless
+    /// saturating, one beyond the output dtype's range.
+    fn check_stored<A: Acc>(
+        &self,
+        stored: Stored,
+        meta: &TensorMeta,
+        out_dtype: DType,
+        acc: &[A],
+        active: &[(usize, A)],
+    ) -> Result<()> {
+        if stored.non_finite {
+            return Err(self.blame_non_finite(meta, active));
+        }
+        if stored.overflow && self.opts.overflow == DtypeOverflow::Error {
+            let at =
+                (0..acc.len()).max_by(|&i, &j| acc[i].magnitude().total_cmp(&acc[j].magnitude()));
+            let at = at.unwrap_or(0);
+            return Err(overflow_error(&meta.name, out_dtype, acc[at], at));
         }
         Ok(())
     }
 
     /// The average came out non-finite: find the input that holds a NaN or Inf.
     fn blame_non_finite<A>(&self, meta: &TensorMeta, active: &[(usize, A)]) -> Error {
+        let mut buf = Vec::new();
         for &(i, _) in active {
             let input = self.inputs[i];
-            if let Ok(data) = input.data(&meta.name)
-                && let Some(at) = first_non_finite(&data, meta.dtype)
-            {
-                return Error::bad_input(
-                    input.path(),
-                    format!(
-                        "tensor {} has a non-finite value (NaN or Inf) at element {at}; \
-                         refusing to average it",
-                        meta.name
-                    ),
-                );
+            match find_non_finite(input, meta, &mut buf) {
+                Ok(None) => {}
+                Ok(Some(at)) => {
+                    return Error::bad_input(
+                        input.path(),
+                        format!(
+                            "tensor {} has a non-finite value (NaN or Inf) at element {at}; \
+                             refusing to average it",
+                            meta.name
+                        ),
+                    );
+                }
+                Err(e) => return e, // the file changed under us: that is the error to report
             }
         }
         Error::bad_input(
@@ -298,31 +375,24 @@ impl<'a> AveragePlan<'a> {
     }
 }
 
-/// The tensor's bytes, checked against its declared size (a reader bug or a lying header).
-/// It first checks that the file was not rewritten in place since it was opened: touching pages
-/// of a truncated mapping would kill the process with SIGBUS.
-fn checked_data<'c>(input: &'c Checkpoint, meta: &TensorMeta) -> Result<Cow<'c, [u8]>> {
-    if !input.still_valid() {
-        return Err(Error::bad_input(
-            input.path(),
-            "changed on disk while being averaged (rewritten in place?); not reading it further",
-        ));
+/// Element index of the first NaN/Inf in `input`'s tensor `meta`, read chunk by chunk.
+fn find_non_finite(
+    input: &Checkpoint,
+    meta: &TensorMeta,
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>> {
+    let reader = input.reader(&meta.name)?;
+    let size = meta.dtype.size();
+    buf.resize(SCAN_CHUNK.min(reader.len()), 0);
+    let mut offset = 0;
+    while offset < reader.len() {
+        let end = reader.len().min(offset + SCAN_CHUNK);
+        if let Some(at) = first_non_finite(reader.bytes(offset..end, buf)?, meta.dtype) {
+            return Ok(Some(offset / size + at));
+        }
+        offset = end;
     }
-    let data = input.data(&meta.name)?;
-    if data.len() != meta.nbytes() {
-        return Err(Error::bad_input(
-            input.path(),
-            format!(
-                "tensor {}: {} bytes of data for {:?} {:?} ({} expected)",
-                meta.name,
-                data.len(),
-                meta.dtype,
-                meta.shape,
-                meta.nbytes()
-            ),
-        ));
-    }
-    Ok(data)
+    Ok(None)
 }
 
 /// Validate and normalise weights: one per input, finite, non-negative, not all zero.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::average::{IntPolicy, OutDType};
+use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 
 #[derive(Debug, Parser)]
 #[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
@@ -68,6 +68,10 @@ pub struct AverageArgs {
     /// the first, or refuse them (error).
     #[arg(long, default_value_t = IntPolicy::Latest, value_name = "POLICY")]
     pub int_policy: IntPolicy,
+    /// Averages beyond a narrower --dtype's range (f16 above 65504): refuse them (error) or
+    /// clamp them to the dtype's largest finite value (saturate).
+    #[arg(long, default_value_t = DtypeOverflow::Error, value_name = "POLICY")]
+    pub dtype_overflow: DtypeOverflow,
     /// Worker threads for the averaging kernel.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub threads: usize,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-pub use crate::average::{IntPolicy, OutDType};
+pub use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 use crate::error::{Error, Result};
 use crate::objective::config::ObjectiveConfig;
 use crate::select::SewaConfig;
@@ -180,6 +180,9 @@ pub struct PublishConfig {
     pub dtype: OutDType,
     #[serde(default = "default_int_policy")]
     pub int_policy: IntPolicy,
+    /// Averages beyond a narrower `dtype`'s range: "error" (not published) or "saturate".
+    #[serde(default)]
+    pub dtype_overflow: DtypeOverflow,
     /// Command run after each publication, with SEWA_MANIFEST and SEWA_OUTPUT in its
     /// environment (e.g. recompute BatchNorm statistics); its failure is logged, never fatal.
     #[serde(default)]

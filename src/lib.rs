@@ -2,7 +2,7 @@
 //!
 //! The data path, in reading order: `watch` → `window` → `select` → `average` → `publish`.
 //! `checkpoint` owns file formats; `objective` owns the differentiable loss used by selectors.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod accumulate;
 pub mod average;

@@ -95,6 +95,9 @@ pub struct Manifest {
     pub selection: Provenance,
     pub dtype: String,
     pub int_policy: String,
+    /// What happened to averages beyond `dtype`'s range: "error" (refused) or "saturate".
+    #[serde(default)]
+    pub dtype_overflow: String,
     /// Input the integer/bool tensors were copied from, when there are any.
     #[serde(with = "path_json::option", default)]
     pub int_source: Option<PathBuf>,
@@ -148,6 +151,7 @@ impl Manifest {
             selection,
             dtype: opts.dtype.to_string(),
             int_policy: opts.int_policy.to_string(),
+            dtype_overflow: opts.overflow.to_string(),
             int_source: plan.int_source().map(|c| absolute(c.path())),
             renamed_keys,
             side_files: Vec::new(),

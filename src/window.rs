@@ -35,9 +35,9 @@ pub enum Event {
     /// end record): logged quietly, retried when it changes, like any rejection. `skipped`
     /// means it is not a checkpoint to average (optimizer state, ...): reported quietly too.
     Rejected { path: PathBuf, sig: Sig, reason: String, incomplete: bool, skipped: bool },
-    /// The path no longer exists (rotation). Members stay: their mapping pins the data.
+    /// The path no longer exists (rotation). Members stay: their open file pins the data.
     Gone { path: PathBuf },
-    /// A member's pages can no longer be trusted (rewritten in place under its mapping).
+    /// A member's bytes can no longer be trusted (rewritten in place since it was opened).
     Invalidated { path: PathBuf, reason: String },
 }
 
@@ -357,7 +357,7 @@ mod tests {
         let mut w = Window::new(3, 1);
         admit(&mut w, 1, sig(1));
         assert!(w.handle(Event::Gone { path: p(1) }).is_empty());
-        assert_eq!(steps(&w), vec![1], "a mapped member survives deletion of its path");
+        assert_eq!(steps(&w), vec![1], "an open member survives deletion of its path");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::kernel::{BLOCK, MIN_PARALLEL};
+use super::kernel::{BLOCK, MIN_PARALLEL, Stored};
 use super::*;
 
 /// Encode f64 values as little-endian `dtype` bytes.
@@ -166,16 +166,18 @@ fn unaligned_bytes_read_like_aligned_ones() {
     assert_eq!(c, values.iter().map(|v| v * 2.0).collect::<Vec<_>>());
 }
 
-/// Input views with their weights, as a pass sees them.
-type Views<'a> = [(Cow<'a, [u8]>, f32)];
+/// Input readers with their weights, as a pass sees them.
+type Inputs<'a> = [(TensorReader<'a>, f32)];
 
-/// Fold `groups` of views into one accumulator, pass by pass, and return the output bytes.
-fn run_groups(groups: &[&Views<'_>], n: usize) -> Vec<u8> {
-    let (mut acc, mut out) = (vec![0f32; n], vec![0u8; 4 * n]);
-    for (g, views) in groups.iter().enumerate() {
+/// Fold `groups` of inputs into one accumulator, pass by pass, and return the output bytes.
+fn run_groups(groups: &[&Inputs<'_>], n: usize) -> Vec<u8> {
+    let (mut acc, mut out, mut slabs) = (vec![0f32; n], vec![0u8; 4 * n], Vec::new());
+    for (g, inputs) in groups.iter().enumerate() {
         let (init, last) = (g == 0, g + 1 == groups.len());
-        let pass = Pass { views, in_dtype: DType::F32, init, last, release: &|_, _| {} };
-        assert!(pass.run(&mut acc, &mut out, DType::F32, 1));
+        let overflow = DtypeOverflow::Error;
+        let pass = Pass { inputs, in_dtype: DType::F32, init, last, overflow };
+        let stored = pass.run(&mut acc, &mut out, DType::F32, &mut slabs, 1).unwrap();
+        assert_eq!(stored, Stored::default());
     }
     out
 }
@@ -185,24 +187,25 @@ fn unaligned_output_written_like_aligned() {
     let acc: Vec<f32> = (0..100).map(|i| i as f32 * 0.25 - 3.0).collect();
     let mut aligned = vec![0u8; 400];
     let mut shifted = vec![0u8; 401];
-    assert!(f32::store_block(&acc, &mut aligned, DType::F32));
-    assert!(f32::store_block(&acc, &mut shifted[1..], DType::F32));
+    let clean = Stored::default();
+    assert_eq!(f32::store_block(&acc, &mut aligned, DType::F32, false), clean);
+    assert_eq!(f32::store_block(&acc, &mut shifted[1..], DType::F32, false), clean);
     assert_eq!(aligned, shifted[1..]);
     assert_eq!(aligned, encode(&acc.iter().map(|&x| x as f64).collect::<Vec<_>>(), DType::F32));
     let mut bad = acc.clone();
     bad[7] = f32::INFINITY;
-    assert!(!f32::store_block(&bad, &mut aligned, DType::F32));
-    assert!(!f32::store_block(&bad, &mut shifted[1..], DType::F32));
+    assert!(f32::store_block(&bad, &mut aligned, DType::F32, false).non_finite);
+    assert!(f32::store_block(&bad, &mut shifted[1..], DType::F32, false).non_finite);
 }
 
 #[test]
 fn grouped_passes_equal_one_pass() {
-    // Owned (pickle) inputs are folded in groups; the result must not depend on grouping.
+    // Copied (pickle) inputs are folded in groups; the result must not depend on grouping.
     let (ckpts, _) = float_inputs(DType::F32, 5000, 3, 13);
-    let views: Vec<(Cow<'_, [u8]>, f32)> =
-        ckpts.iter().map(|c| (c.data("w").unwrap(), 1.0 / 3.0)).collect();
-    let one = run_groups(&[&views], 5000);
-    assert_eq!(one, run_groups(&[&views[..1], &views[1..2], &views[2..]], 5000));
+    let inputs: Vec<(TensorReader<'_>, f32)> =
+        ckpts.iter().map(|c| (c.reader("w").unwrap(), 1.0 / 3.0)).collect();
+    let one = run_groups(&[&inputs], 5000);
+    assert_eq!(one, run_groups(&[&inputs[..1], &inputs[1..2], &inputs[2..]], 5000));
 }
 
 fn int_inputs(steps: &[Option<u64>]) -> Vec<Checkpoint> {
@@ -315,4 +318,108 @@ fn many_inputs_are_swept_in_slabs() {
     let out = average_one(&ckpts, Some(&weights), opts);
     assert_close(&decode(&out, DType::F64), &reference(&stored, &weights), 1e-12);
     assert_eq!(out, average_one(&ckpts, Some(&weights), AverageOptions::default()));
+}
+
+/// Inputs whose average is `values` exactly (two equal f32 inputs).
+fn equal_inputs(values: &[f64]) -> Vec<Checkpoint> {
+    let t = || vec![("w".to_string(), DType::F32, vec![values.len()], encode(values, DType::F32))];
+    (0..2)
+        .map(|i| Checkpoint::from_memory(format!("in{i}.safetensors"), None, t()).unwrap())
+        .collect()
+}
+
+#[test]
+fn overflowing_a_narrower_dtype_is_refused_with_tensor_and_largest_value() {
+    let f16 = AverageOptions { dtype: OutDType::F16, ..Default::default() };
+    let cases = [
+        (vec![1.0, 7.0e4, -2.0e5, 3.0], f16, "-2e5 at element 2"),
+        (vec![1.0, 7.0e4, -2.0e5, 3.0], AverageOptions { dtype: OutDType::BF16, ..f16 }, ""),
+        (
+            vec![f32::MAX as f64, 1.0],
+            AverageOptions { dtype: OutDType::BF16, ..f16 },
+            "3.4028235e38 at element 0",
+        ),
+    ];
+    for (values, opts, needle) in cases {
+        let ckpts = equal_inputs(&values);
+        let plan = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap();
+        let mut ws = Workspace::default();
+        let got = plan.average_tensor(0, &mut ws);
+        if needle.is_empty() {
+            assert!(got.is_ok(), "bf16 holds 2e5");
+            continue;
+        }
+        let msg = got.err().unwrap().to_string();
+        assert!(msg.contains("tensor w") && msg.contains(needle), "{msg}");
+        assert!(msg.contains("--dtype-overflow saturate"), "{msg}");
+    }
+    // f64 in, f32 out.
+    let wide = vec![("w".to_string(), DType::F64, vec![2], encode(&[1.0, -1.0e39], DType::F64))];
+    let ckpt = Checkpoint::from_memory("wide.safetensors", None, wide).unwrap();
+    let opts = AverageOptions { dtype: OutDType::F32, ..Default::default() };
+    let plan = AveragePlan::new(vec![&ckpt], None, opts).unwrap();
+    let msg = plan.average_tensor(0, &mut Workspace::default()).err().unwrap().to_string();
+    assert!(msg.contains("-1e39 at element 1") && msg.contains("f32"), "{msg}");
+}
+
+#[test]
+fn saturate_clamps_overflow_to_the_dtype_max_on_every_path() {
+    let values = [1.0e5, -2.0e5, 0.5, 65504.0, 65519.0];
+    let (max, big) = (half::f16::MAX.to_f64(), MIN_PARALLEL * 2 + 5);
+    let want = [max, -max, 0.5, max, max];
+    // One slab, then enough elements for two threads.
+    for n in [values.len(), big] {
+        let v: Vec<f64> = (0..n).map(|i| values[i % values.len()]).collect();
+        let ckpts = equal_inputs(&v);
+        for threads in [1, 2] {
+            let opts = AverageOptions {
+                dtype: OutDType::F16,
+                overflow: DtypeOverflow::Saturate,
+                threads,
+                ..Default::default()
+            };
+            let plan = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap();
+            let out =
+                decode(plan.average_tensor(0, &mut Workspace::default()).unwrap(), DType::F16);
+            let expect: Vec<f64> = (0..n).map(|i| want[i % want.len()]).collect();
+            assert_eq!(out, expect, "n {n}, threads {threads}");
+        }
+    }
+    let wide =
+        vec![("w".to_string(), DType::F64, vec![2], encode(&[1.0e39, -1.0e300], DType::F64))];
+    let ckpt = Checkpoint::from_memory("wide.safetensors", None, wide).unwrap();
+    for (dtype, max) in [
+        (OutDType::F32, f32::MAX as f64),
+        (OutDType::BF16, half::bf16::MAX.to_f64()),
+        (OutDType::F16, half::f16::MAX.to_f64()),
+    ] {
+        let opts =
+            AverageOptions { dtype, overflow: DtypeOverflow::Saturate, ..Default::default() };
+        let plan = AveragePlan::new(vec![&ckpt], None, opts).unwrap();
+        let d = plan.outputs()[0].dtype;
+        let out = decode(plan.average_tensor(0, &mut Workspace::default()).unwrap(), d);
+        assert_eq!(out, vec![max, -max], "{dtype}");
+    }
+}
+
+#[test]
+fn nan_is_blamed_on_its_input_even_when_saturating() {
+    let mut ckpts = equal_inputs(&[1.0, 2.0]);
+    let t = vec![("w".to_string(), DType::F32, vec![2], encode(&[1.0, f64::NAN], DType::F32))];
+    ckpts.push(Checkpoint::from_memory("nan.safetensors", None, t).unwrap());
+    let opts = AverageOptions {
+        dtype: OutDType::F16,
+        overflow: DtypeOverflow::Saturate,
+        ..Default::default()
+    };
+    let plan = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap();
+    let msg = plan.average_tensor(0, &mut Workspace::default()).err().unwrap().to_string();
+    assert!(msg.starts_with("nan.safetensors:") && msg.contains("element 1"), "{msg}");
+}
+
+#[test]
+fn dtype_overflow_names_parse() {
+    assert_eq!("Saturate".parse::<DtypeOverflow>(), Ok(DtypeOverflow::Saturate));
+    assert_eq!(DtypeOverflow::default().to_string(), "error");
+    assert!("clamp".parse::<DtypeOverflow>().is_err());
 }

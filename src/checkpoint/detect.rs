@@ -46,23 +46,21 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
 pub(crate) fn single_safetensors(path: &Path, file: File) -> Result<Loaded> {
     let st = safetensors::open(path, file)?;
     let step = step_from_metadata(&st.header.metadata);
-    let (tensors, index) = index_mapped(vec![(0, st.header.tensors)]);
+    let (tensors, index) = index_files(vec![(0, st.header.tensors)]);
     Ok(Loaded {
         format: Format::Safetensors,
         tensors,
-        storage: Storage::Mapped { files: vec![st.mapped], index },
+        storage: Storage::Files { files: vec![st.file], index },
         metadata: st.header.metadata,
         step,
         side_dir: None,
     })
 }
 
-pub(crate) type MappedIndex = HashMap<String, (usize, Range<usize>)>;
+pub(crate) type FileIndex = HashMap<String, (usize, Range<usize>)>;
 
 /// Flatten per-file tensor lists into the tensor list and the name → (file, range) index.
-fn index_mapped(
-    per_file: Vec<(usize, safetensors::TensorRanges)>,
-) -> (Vec<TensorMeta>, MappedIndex) {
+fn index_files(per_file: Vec<(usize, safetensors::TensorRanges)>) -> (Vec<TensorMeta>, FileIndex) {
     let mut metas = Vec::new();
     let mut index = HashMap::new();
     for (f, tensors) in per_file {

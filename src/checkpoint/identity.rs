@@ -1,6 +1,6 @@
 //! Identity of the files behind a checkpoint: (device, inode, size, mtime). The watcher compares
 //! identities across its quiet period; an opened checkpoint compares the files it holds with
-//! their identity at open time to detect an in-place rewrite before touching mapped pages.
+//! their identity at open time to detect an in-place rewrite (after every read, see `pinned`).
 //! This module does not read file contents.
 
 use std::fs::Metadata;

@@ -1,9 +1,9 @@
-//! What a checkpoint is: a named set of tensors (name, dtype, shape) whose bytes can be viewed
-//! without copying when the format allows (safetensors is memory-mapped; torch zip pickles are
-//! read tensor by tensor). Formats, validation, how files are opened (`files`: regular files
-//! only, no symlinks inside a checkpoint directory) and the one `unsafe` mmap constructor live
-//! here.
-//! This module does not average, select or publish.
+//! What a checkpoint is: a named set of tensors (name, dtype, shape) whose bytes are read on
+//! demand, piece by piece, through a [`TensorReader`] (safetensors files are held open and read
+//! with positioned reads, never mapped, so a file changed underneath gives an error, never
+//! SIGBUS: see `pinned`; torch zip pickles are read tensor by tensor). Formats, validation and
+//! how files are opened (`files`: regular files only, no symlinks inside a checkpoint
+//! directory) live here. This module does not average, select or publish.
 
 mod classify;
 mod detect;
@@ -11,9 +11,10 @@ mod files;
 mod hf_dir;
 mod identity;
 mod keys;
-mod mmap;
 mod names;
 mod pickle;
+mod pinned;
+mod reader;
 mod safetensors;
 mod sharded;
 mod strided;
@@ -30,12 +31,13 @@ pub use classify::not_model_weights;
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
+pub use reader::TensorReader;
 pub use validate::quick_check;
 
 use crate::error::{Error, Result};
 use detect::load;
-use mmap::MappedFile;
 use pickle::PickleStore;
+use pinned::PinnedFile;
 
 /// Element type of a tensor, as stored on disk (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -133,7 +135,7 @@ impl TensorMeta {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
-    /// One `.safetensors` file, memory-mapped.
+    /// One `.safetensors` file.
     Safetensors,
     /// `*.safetensors.index.json` plus shards.
     ShardedSafetensors,
@@ -164,7 +166,7 @@ impl Default for OpenOptions {
     }
 }
 
-/// An opened checkpoint: tensor list plus byte access. Cheap to keep open (mapped, not read).
+/// An opened checkpoint: tensor list plus byte access. Cheap to keep open (files held, not read).
 pub struct Checkpoint {
     path: PathBuf,
     format: Format,
@@ -182,9 +184,10 @@ pub struct Checkpoint {
 /// Where tensor bytes come from. Keys are the names as stored in the file.
 enum Storage {
     Memory(BTreeMap<String, Vec<u8>>),
-    /// safetensors (one file or shards): tensor → (file index, absolute byte range).
-    Mapped {
-        files: Vec<MappedFile>,
+    /// safetensors (one file or shards): tensor → (file index, absolute byte range), read with
+    /// positioned reads from the files held open since `open`.
+    Files {
+        files: Vec<PinnedFile>,
         index: HashMap<String, (usize, Range<usize>)>,
     },
     /// torch zip pickle: tensors read on demand.
@@ -204,7 +207,7 @@ impl<T> InputIo<T> for std::io::Result<T> {
 
 impl Checkpoint {
     /// Open any supported checkpoint (file or directory), detecting the format, validating it
-    /// cheaply and mapping (safetensors) or indexing (torch zip) its tensors.
+    /// cheaply and holding open (safetensors) or indexing (torch zip) its tensors.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         let before = Identity::of(path)?;
         let loaded = load(path, opts.state_key.as_deref())?;
@@ -320,14 +323,14 @@ impl Checkpoint {
         self.identity.as_ref().unwrap_or_else(|| NONE.get_or_init(Identity::none))
     }
 
-    /// True while the files we hold (mapped or open) still have the size and mtime they had
-    /// when opened, i.e. nobody rewrote them in place. Check this before touching a mapped
-    /// checkpoint's data after a pause: an in-place rewrite would make page accesses SIGBUS.
+    /// True while the files we hold still have the size and mtime they had when opened, i.e.
+    /// nobody rewrote them in place. Reads check this themselves (a changed file is an error,
+    /// never a crash); callers check it to drop such a checkpoint before using it at all.
     /// A file renamed over or unlinked is still valid (we hold the old inode).
     pub fn still_valid(&self) -> bool {
         match &self.storage {
             Storage::Memory(_) => true,
-            Storage::Mapped { files, .. } => files.iter().all(MappedFile::still_valid),
+            Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
             Storage::Pickle(p) => p.still_valid(),
         }
     }
@@ -340,45 +343,55 @@ impl Checkpoint {
         Error::bad_input(&self.path, format!("no tensor named {name}"))
     }
 
-    /// The tensor's little-endian bytes: borrowed straight from the map for safetensors,
-    /// owned for pickles. Not aligned: read elements with `from_le_bytes` or check alignment.
-    pub fn data(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+    /// A reader of the tensor's little-endian bytes, piece by piece: in place for tensors in
+    /// memory, positioned reads for files (a pickle tensor is decoded into memory here).
+    /// Its length is checked against the tensor's dtype and shape.
+    pub fn reader(&self, name: &str) -> Result<TensorReader<'_>> {
+        let meta = self.tensor(name).ok_or_else(|| self.no_tensor(name))?;
         let key = self.stored_name(name);
-        match &self.storage {
+        let reader = match &self.storage {
             Storage::Memory(m) => {
-                m.get(key).map(|v| Cow::Borrowed(v.as_slice())).ok_or_else(|| self.no_tensor(name))
+                let bytes = m.get(key).ok_or_else(|| self.no_tensor(name))?;
+                TensorReader::memory(&meta.name, Cow::Borrowed(bytes))
             }
-            Storage::Mapped { files, index } => {
+            Storage::Files { files, index } => {
                 let (f, range) = index.get(key).ok_or_else(|| self.no_tensor(name))?;
-                Ok(Cow::Borrowed(files[*f].bytes(range.clone())))
+                TensorReader::file(&meta.name, &files[*f], range.clone())
             }
-            Storage::Pickle(p) => {
-                let meta = self.tensor(name).ok_or_else(|| self.no_tensor(name))?;
-                p.read(key, meta).map(Cow::Owned)
-            }
+            Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
+        };
+        if reader.len() != meta.nbytes() {
+            return Err(Error::bad_input(
+                &self.path,
+                format!(
+                    "tensor {name}: {} bytes of data for {:?} {:?} ({} expected)",
+                    reader.len(),
+                    meta.dtype,
+                    meta.shape,
+                    meta.nbytes()
+                ),
+            ));
         }
+        Ok(reader)
     }
 
-    /// Tell the kernel we are done with this tensor's pages (keeps RSS flat over many inputs).
-    /// A no-op for storages that are not mapped.
-    pub fn release(&self, name: &str) {
-        if let Storage::Mapped { files, index } = &self.storage
-            && let Some((f, range)) = index.get(self.stored_name(name))
-        {
-            files[*f].release(range.clone());
-        }
+    /// `f(offset, bytes)` over the tensor in pieces of at most `chunk` bytes (see
+    /// [`TensorReader::for_each_chunk`]); `buf` is the reusable read buffer.
+    pub fn for_each_chunk(
+        &self,
+        name: &str,
+        chunk: usize,
+        buf: &mut Vec<u8>,
+        f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.reader(name)?.for_each_chunk(chunk, buf, f)
     }
 
-    /// Like [`release`](Self::release) for the bytes `part` of the tensor only (offsets within
-    /// the tensor's data), so a streaming reader can drop pages as it goes. `part` may run past
-    /// the tensor's end: pages the kernel mapped ahead of the reader (fault-around maps whole
-    /// large folios) are dropped too.
-    pub fn release_range(&self, name: &str, part: std::ops::Range<usize>) {
-        if let Storage::Mapped { files, index } = &self.storage
-            && let Some((f, range)) = index.get(self.stored_name(name))
-        {
-            let (start, end) = (range.start + part.start, range.start.saturating_add(part.end));
-            files[*f].release(start..end);
-        }
+    /// The whole tensor's little-endian bytes: borrowed when in memory, else read into a new
+    /// buffer of the tensor's size (bounded: its range was checked against the file's length
+    /// at open). For whole tensors only (integer buffers, small tensors, tests); stream large
+    /// ones with [`reader`](Self::reader) or [`for_each_chunk`](Self::for_each_chunk).
+    pub fn data(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        self.reader(name)?.into_bytes()
     }
 }

@@ -1,10 +1,9 @@
-//! safetensors files: parse and validate the header with plain reads (never through the map),
-//! then map the file so tensor bytes are handed out without copying. Checks, at least as strict
-//! as the safetensors crate: header length sane, header is JSON with every key once (tensors,
-//! `__metadata__` keys, entry fields), at least one tensor, dtypes supported, each tensor's
-//! byte range matches dtype × shape, and the ranges tile the data exactly — no overlap, no gap,
-//! ending at the end of the file. Files are opened by `files`; sharding and directories live
-//! elsewhere.
+//! safetensors files: parse and validate the header with plain reads, then hold the file open
+//! so tensor bytes are read on demand (`pinned`). Checks, at least as strict as the safetensors
+//! crate: header length sane, header is JSON with every key once (tensors, `__metadata__` keys,
+//! entry fields), at least one tensor, dtypes supported, each tensor's byte range matches
+//! dtype × shape, and the ranges tile the data exactly — no overlap, no gap, ending at the end
+//! of the file. Files are opened by `files`; sharding and directories live elsewhere.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::InputIo;
-use super::mmap::MappedFile;
+use super::pinned::PinnedFile;
 use super::{DType, TensorMeta};
 use crate::error::{Error, Result};
 
@@ -29,20 +28,20 @@ pub(crate) struct Header {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// One validated, mapped safetensors file.
+/// One validated safetensors file, held open.
 pub(crate) struct SafetensorsFile {
     pub header: Header,
-    pub mapped: MappedFile,
+    pub file: PinnedFile,
 }
 
-/// Validate and map one safetensors file, opened by `files` from `path`.
+/// Validate one safetensors file, opened by `files` from `path`, and hold it open.
 pub(crate) fn open(path: &Path, file: File) -> Result<SafetensorsFile> {
     let header = read_header(path, &file)?;
-    let mapped = MappedFile::map(path, file)?;
-    Ok(SafetensorsFile { header, mapped })
+    let file = PinnedFile::new(path, file)?;
+    Ok(SafetensorsFile { header, file })
 }
 
-/// Read and validate the header of an open file (no mapping).
+/// Read and validate the header of an open file.
 pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
     let file_len = file.metadata().input(path)?.len();
     if file_len < 8 {
@@ -276,7 +275,7 @@ fn dtype_from_str(s: &str) -> Option<DType> {
     })
 }
 
-/// Length-and-header check of an opened file, without mapping (used by `quick_check`).
+/// Length-and-header check of an opened file, without holding it (used by `quick_check`).
 pub(crate) fn check_file(path: &Path, file: File) -> Result<()> {
     read_header(path, &file).map(|_| ())
 }

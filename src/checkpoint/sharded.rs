@@ -89,7 +89,7 @@ fn json_to_string(v: &serde_json::Value) -> String {
     }
 }
 
-/// Length-and-header check of every shard, without mapping (for `quick_check`).
+/// Length-and-header check of every shard, without holding them open (for `quick_check`).
 pub(crate) fn check(index_path: &Path, file: File) -> Result<()> {
     let index = read_index(index_path, file)?;
     index.shards.values().try_for_each(|rel| {
@@ -98,7 +98,7 @@ pub(crate) fn check(index_path: &Path, file: File) -> Result<()> {
     })
 }
 
-/// Open the index (opened by `files` from `index_path`) and map every shard.
+/// Open the index (opened by `files` from `index_path`) and every shard.
 pub(crate) fn open(index_path: &Path, file: File) -> Result<Loaded> {
     let index = read_index(index_path, file)?;
     let mut files = Vec::new();
@@ -113,7 +113,7 @@ pub(crate) fn open(index_path: &Path, file: File) -> Result<Loaded> {
         let by_name: HashMap<String, _> =
             st.header.tensors.into_iter().map(|(m, r)| (m.name.clone(), (m, r))).collect();
         per_shard.insert(name.as_str(), (files.len(), by_name));
-        files.push(st.mapped);
+        files.push(st.file);
     }
     let mut tensors = Vec::new();
     let mut idx = HashMap::new();
@@ -138,7 +138,7 @@ pub(crate) fn open(index_path: &Path, file: File) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::ShardedSafetensors,
         tensors,
-        storage: Storage::Mapped { files, index: idx },
+        storage: Storage::Files { files, index: idx },
         metadata,
         step,
         side_dir: None,

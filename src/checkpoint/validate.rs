@@ -1,4 +1,4 @@
-//! Cheap validation for the watcher, without mapping or reading tensor data: safetensors
+//! Cheap validation for the watcher, without reading tensor data: safetensors
 //! header and length, zip end-of-central-directory record for torch files, HF directory marker
 //! and shard completeness. Opening (`Checkpoint::open`) repeats these checks and more.
 

@@ -29,8 +29,12 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref());
     let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
-    let opts =
-        AverageOptions { dtype: args.dtype, int_policy: args.int_policy, threads: args.threads };
+    let opts = AverageOptions {
+        dtype: args.dtype,
+        int_policy: args.int_policy,
+        overflow: args.dtype_overflow,
+        threads: args.threads,
+    };
     let (weights, provenance) = match &args.select {
         Some(method) => {
             let sel = select_with_config(args, method, &chosen)?;

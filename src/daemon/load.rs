@@ -1,4 +1,4 @@
-//! Turning a settled candidate into a window member: cheap completeness check, open (mapped),
+//! Turning a settled candidate into a window member: cheap completeness check, open,
 //! step, schema against the window, a full finite scan (NaN/Inf is bad input) and the metric
 //! for best-metric. Every failure is a `Refusal` naming the file's problem; the caller
 //! quarantines, or skips quietly what is not model weights. This module keeps no state.
@@ -10,6 +10,9 @@ use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::config::WatchConfig;
 use crate::error::{Error, Result};
 use crate::schema::check_against;
+
+/// Bytes read at a time by the finite scan (and decoded into an f64 scratch buffer).
+const SCAN_CHUNK: usize = 1 << 18;
 
 /// Why a candidate cannot be admitted.
 pub struct Refusal {
@@ -69,22 +72,20 @@ fn strip_path(e: &Error, path: &Path) -> String {
     text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
 }
 
-/// Read every float tensor once; the first NaN/Inf is bad input. Pages are released after.
+/// Read every float tensor once, chunk by chunk (a file truncated meanwhile is an error, like
+/// any other); the first NaN/Inf is bad input.
 fn scan_finite(ckpt: &Checkpoint) -> Result<()> {
-    let mut scratch = Vec::new();
+    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
     for meta in ckpt.tensors().iter().filter(|t| t.dtype.is_float()) {
-        let bytes = ckpt.data(&meta.name)?;
-        // Chunks keep the scratch buffer small whatever the tensor size.
-        let per = 1 << 16;
-        for (c, chunk) in bytes.chunks(per * meta.dtype.size()).enumerate() {
+        let size = meta.dtype.size();
+        ckpt.for_each_chunk(&meta.name, SCAN_CHUNK, &mut buf, |offset, bytes| {
             scratch.clear();
-            scratch.resize(chunk.len() / meta.dtype.size(), 0.0);
-            if let Some(i) = add_bytes(&mut scratch, chunk, meta.dtype, 1.0) {
-                return Err(non_finite(ckpt.path(), &meta.name, c * per + i));
+            scratch.resize(bytes.len() / size, 0.0);
+            match add_bytes(&mut scratch, bytes, meta.dtype, 1.0) {
+                Some(i) => Err(non_finite(ckpt.path(), &meta.name, offset / size + i)),
+                None => Ok(()),
             }
-        }
-        drop(bytes);
-        ckpt.release(&meta.name);
+        })?;
     }
     Ok(())
 }

@@ -95,6 +95,8 @@ pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Re
     let opts = AverageOptions {
         dtype: OutDType::Keep,
         int_policy: IntPolicy::Latest,
+        // Already converted, so nothing can overflow here; recorded in the manifest.
+        overflow: cfg.publish.dtype_overflow,
         threads: cfg.runtime.threads.get(),
     };
     let plan = AveragePlan::new(vec![&average], None, opts)?;

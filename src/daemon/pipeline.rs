@@ -162,7 +162,7 @@ impl Pipeline {
         self.write_status();
     }
 
-    /// Drop members whose file was rewritten in place under the mapping (before any read).
+    /// Drop members whose file was rewritten in place (before reading them again).
     fn check_members(&mut self) {
         let stale: Vec<PathBuf> =
             self.open.iter().filter(|(_, c)| !trusted(c)).map(|(p, _)| p.clone()).collect();
@@ -305,7 +305,8 @@ impl Pipeline {
             Err(e) if e.is_bad_input() => return self.drop_bad_member(e),
             Err(e) => return Err(e),
         };
-        let tensors = self.acc.output(self.cfg.publish.dtype, self.cfg.publish.int_policy)?;
+        let publish = &self.cfg.publish;
+        let tensors = self.acc.output(publish.dtype, publish.int_policy, publish.dtype_overflow)?;
         let average_ms = t_avg.elapsed().as_millis() as u64;
         let window = self.window.members();
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
@@ -532,7 +533,7 @@ fn missing(path: &Path) -> Error {
     Error::Internal(format!("{}: window member has no open checkpoint", path.display()))
 }
 
-/// Whether a checkpoint's pages may still be read (not rewritten in place under its mapping).
+/// Whether a checkpoint may still be read (not rewritten in place since it was opened).
 fn trusted(c: &Checkpoint) -> bool {
     c.still_valid()
 }

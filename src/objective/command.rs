@@ -462,9 +462,24 @@ fn write_params(params: &Params, path: &Path) -> Result<()> {
         .map_err(|e| Error::Internal(format!("{}: cannot write candidate: {e}", path.display())))
 }
 
-/// Read a gradient file and check it covers every parameter with the right shape.
+/// Read a gradient file and check it covers every parameter with the right shape. The file
+/// is read into memory (never mapped: the evaluator may still be writing it) and only up to
+/// the largest size a gradient of `params` can have, so a runaway evaluator cannot make us
+/// allocate more.
 fn read_grad(path: &Path, params: &Params) -> Result<Params> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    use std::io::Read;
+    // f64 elements at most, plus the safetensors length prefix and its 100 MB header cap.
+    let numel: u64 = params.iter().map(|p| p.data.len() as u64).sum();
+    let limit = numel.saturating_mul(8).saturating_add(8 + 100_000_000);
+    let mut bytes = Vec::new();
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::Internal(format!(
+            "{}: gradient file is larger than any gradient of these {numel} parameters",
+            path.display()
+        )));
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
         Error::Internal(format!("{}: gradient file unreadable: {e}", path.display()))
     })?;

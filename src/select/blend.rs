@@ -1,11 +1,15 @@
 //! Forming candidate averages from window members for model-based selectors: w(m) = Σ m_i w_i /
-//! Σ m_i streamed from each member's byte views into a reused f32 buffer, and the mask gradient's
-//! dot products ⟨G, w_i − c⟩ streamed the same way. Only floating tensors take part (integer
+//! Σ m_i streamed chunk by chunk from each member (positioned reads: a member truncated
+//! meanwhile is an error, never a crash) into a reused f32 buffer, and the mask gradient's dot
+//! products ⟨G, w_i − c⟩ streamed the same way. Only floating tensors take part (integer
 //! buffers are not differentiable). This module does not call the objective or write files.
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
 use crate::objective::{NamedTensor, Params};
+
+/// Bytes of a member read at a time.
+const CHUNK: usize = 1 << 18;
 
 /// The window's members, checked to share one float-tensor layout.
 pub struct Blend<'a> {
@@ -61,12 +65,17 @@ impl<'a> Blend<'a> {
         if total <= 0.0 {
             return Err(Error::Internal("mix: all coefficients are zero".into()));
         }
+        let mut buf = Vec::new();
         for (meta, dst) in self.layout.iter().zip(out.iter_mut()) {
             dst.data.iter_mut().for_each(|x| *x = 0.0);
+            let size = meta.dtype.size();
             for (m, &c) in self.members.iter().zip(coeffs) {
                 if c > 0.0 {
-                    let bytes = m.data(&meta.name)?;
-                    axpy(&mut dst.data, &bytes, meta.dtype, (c / total) as f32);
+                    m.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                        let dst = dst.data.get_mut(offset / size..).unwrap_or_default();
+                        axpy(dst, bytes, meta.dtype, (c / total) as f32);
+                        Ok(())
+                    })?;
                 }
             }
         }
@@ -76,10 +85,22 @@ impl<'a> Blend<'a> {
     /// `⟨g, w_i − center⟩` for every member, accumulated in f64.
     pub fn dots(&self, g: &Params, center: &Params) -> Result<Vec<f64>> {
         let mut out = vec![0f64; self.members.len()];
+        let mut buf = Vec::new();
         for ((meta, gt), ct) in self.layout.iter().zip(g).zip(center) {
             let gc: f64 = gt.data.iter().zip(&ct.data).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let size = meta.dtype.size();
             for (o, m) in out.iter_mut().zip(&self.members) {
-                *o += dot(&gt.data, &m.data(&meta.name)?, meta.dtype) - gc;
+                let mut d = 0f64;
+                m.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                    dot(
+                        &mut d,
+                        gt.data.get(offset / size..).unwrap_or_default(),
+                        bytes,
+                        meta.dtype,
+                    );
+                    Ok(())
+                })?;
+                *o += d - gc;
             }
         }
         Ok(out)
@@ -117,13 +138,11 @@ fn axpy(dst: &mut [f32], src: &[u8], dtype: DType, a: f32) {
     }
 }
 
-/// `⟨g, src⟩` in f64 with `src` as raw bytes of `dtype`.
-fn dot(g: &[f32], src: &[u8], dtype: DType) -> f64 {
-    let mut acc = 0f64;
+/// `acc += ⟨g, src⟩` in f64 with `src` as raw bytes of `dtype`.
+fn dot(acc: &mut f64, g: &[f32], src: &[u8], dtype: DType) {
     for (x, c) in g.iter().zip(src.chunks_exact(dtype.size())) {
-        acc += *x as f64 * decode(dtype, c) as f64;
+        *acc += *x as f64 * decode(dtype, c) as f64;
     }
-    acc
 }
 
 #[cfg(test)]

@@ -199,7 +199,7 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
     Ok(Watch { watcher, dirs: BTreeSet::new(), overflowed })
 }
 
-/// Opens and reads (ours included: stat walks, mapping, validation) change nothing; only a
+/// Opens and reads (ours included: stat walks, validation, tensor reads) change nothing; only a
 /// close after writing says a writer finished. Without this, reading a candidate re-hints it.
 fn is_own_read(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};

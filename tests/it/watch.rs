@@ -358,8 +358,8 @@ fn member_rewritten_in_place_is_dropped_without_sigbus() {
     let mut d = Daemon::start("[select]\nmethod = \"uniform\"\n");
     write(&d.runs, &["--style", "inplace", "--steps", "1,2,3", "--chunk-ms", "20"]);
     d.wait_published(&[1, 2, 3]);
-    // Truncate step 2 under its mapping and rewrite it slowly (~1 s) while step 4 arrives and
-    // forces a re-average: reading member 2's pages now would SIGBUS.
+    // Truncate step 2 under the open checkpoint and rewrite it slowly (~1 s) while step 4
+    // arrives and forces a re-average: reading member 2 through a map now would SIGBUS.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/writers/trainer.py");
     let mut rewriter = Command::new("python3")
         .arg(script)

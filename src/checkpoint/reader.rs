@@ -1,0 +1,168 @@
+//! Reading one tensor's bytes piece by piece, whatever the storage: bytes already in memory are
+//! borrowed in place (zero-copy), file bytes are read on demand with positioned reads into the
+//! caller's buffer (see `pinned` for why that is safe when the file changes). Every consumer
+//! of tensor bytes (averaging kernel, running average, blends, NaN scan) reads through here.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use super::pinned::PinnedFile;
+use crate::error::{Error, Result};
+
+/// One tensor's little-endian bytes, to read by range or chunk. Not aligned: decode elements
+/// with `from_le_bytes` or check alignment. Get one from `Checkpoint::reader`.
+pub struct TensorReader<'c> {
+    name: &'c str,
+    src: Source<'c>,
+}
+
+enum Source<'c> {
+    /// Built in memory (borrowed) or decoded from a pickle (owned).
+    Memory(Cow<'c, [u8]>),
+    /// Absolute byte range in a held file.
+    File { file: &'c PinnedFile, range: Range<usize> },
+}
+
+impl<'c> TensorReader<'c> {
+    pub(super) fn memory(name: &'c str, bytes: Cow<'c, [u8]>) -> Self {
+        TensorReader { name, src: Source::Memory(bytes) }
+    }
+
+    pub(super) fn file(name: &'c str, file: &'c PinnedFile, range: Range<usize>) -> Self {
+        TensorReader { name, src: Source::File { file, range } }
+    }
+
+    /// The tensor's name (as the checkpoint lists it).
+    pub fn name(&self) -> &str {
+        self.name
+    }
+
+    /// Bytes in the tensor.
+    pub fn len(&self) -> usize {
+        match &self.src {
+            Source::Memory(b) => b.len(),
+            Source::File { range, .. } => range.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, when they are in memory: read them in place.
+    pub fn in_memory(&self) -> Option<&[u8]> {
+        match &self.src {
+            Source::Memory(b) => Some(b),
+            Source::File { .. } => None,
+        }
+    }
+
+    /// True when this reader holds its own copy of the tensor (a decoded pickle tensor), which
+    /// costs memory as long as the reader lives.
+    pub fn is_copy(&self) -> bool {
+        matches!(self.src, Source::Memory(Cow::Owned(_)))
+    }
+
+    /// Bytes `range` of the tensor: borrowed when in memory, else read into the front of `buf`
+    /// (which must be at least `range.len()` long). Fails, naming the file and the tensor, if
+    /// the file was truncated or changed since it was opened.
+    pub fn bytes<'b>(&'b self, range: Range<usize>, buf: &'b mut [u8]) -> Result<&'b [u8]> {
+        self.check(&range, buf.len())?;
+        match &self.src {
+            Source::Memory(b) => Ok(&b[range]),
+            Source::File { file, range: at } => {
+                let out = &mut buf[..range.len()];
+                file.read_at((at.start + range.start) as u64, out, self.name)?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Copy bytes from `offset` on into all of `buf` (for callers that keep the whole tensor).
+    pub fn read_into(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let range = offset..offset.saturating_add(buf.len());
+        self.check(&range, buf.len())?;
+        match &self.src {
+            Source::Memory(b) => buf.copy_from_slice(&b[range]),
+            Source::File { file, range: at } => {
+                file.read_at((at.start + range.start) as u64, buf, self.name)?
+            }
+        }
+        Ok(())
+    }
+
+    /// A range outside the tensor (or a buffer too small for it) is a caller's bug: an error,
+    /// not a read of the neighbouring tensor's bytes or a panic.
+    fn check(&self, range: &Range<usize>, buf_len: usize) -> Result<()> {
+        let file = matches!(self.src, Source::File { .. });
+        if range.start > range.end || range.end > self.len() || (file && buf_len < range.len()) {
+            return Err(Error::Internal(format!(
+                "tensor {}: bytes {range:?} requested of {} (buffer of {buf_len})",
+                self.name,
+                self.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// All the bytes: as they are when in memory, else read into a new buffer of the
+    /// tensor's size.
+    pub fn into_bytes(self) -> Result<Cow<'c, [u8]>> {
+        match self.src {
+            Source::Memory(b) => Ok(b),
+            Source::File { file, range } => {
+                let mut out = vec![0u8; range.len()];
+                file.read_at(range.start as u64, &mut out, self.name)?;
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+
+    /// Call `f(offset, bytes)` on consecutive pieces of the tensor of at most `chunk` bytes
+    /// (rounded down to a multiple of 8, so pieces hold whole elements of any dtype). File
+    /// bytes are read into `buf`, which grows to one piece and can be reused across calls.
+    pub fn for_each_chunk(
+        &self,
+        chunk: usize,
+        buf: &mut Vec<u8>,
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let chunk = (chunk / 8).max(1) * 8;
+        let len = self.len();
+        if self.in_memory().is_none() && buf.len() < chunk.min(len) {
+            buf.resize(chunk.min(len), 0);
+        }
+        let mut offset = 0;
+        while offset < len {
+            let end = len.min(offset + chunk);
+            f(offset, self.bytes(offset..end, buf)?)?;
+            offset = end;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checkpoint::{Checkpoint, DType};
+
+    #[test]
+    fn chunks_cover_the_tensor_in_whole_elements_and_bad_ranges_are_errors() {
+        let bytes: Vec<u8> = (0..60).collect();
+        let t = vec![("w".to_string(), DType::F32, vec![15], bytes.clone())];
+        let ck = Checkpoint::from_memory("m.safetensors", None, t).unwrap();
+        let reader = ck.reader("w").unwrap();
+        let mut seen = Vec::new();
+        reader
+            .for_each_chunk(13, &mut Vec::new(), |offset, b| {
+                assert_eq!((offset % 8, b.len() <= 8), (0, true), "pieces of 13 round to 8");
+                seen.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, bytes);
+        assert!(reader.bytes(56..64, &mut [0; 8]).is_err(), "past the end");
+        assert!(reader.read_into(50, &mut [0; 20]).is_err(), "past the end");
+        assert!(ck.reader("nope").is_err());
+    }
+}
