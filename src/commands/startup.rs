@@ -1,7 +1,8 @@
 //! What `sewa watch` checks on disk before it starts, shared with `sewa check-config` so that a
 //! config one accepts the other accepts too: the watched directory (there, or able to appear),
 //! the output (a destination sewa may replace, its directories creatable), and the objective's
-//! files (the builtin's data; the evaluator program, resolved exactly as it will be started).
+//! files (the evaluator program, resolved exactly as it will be started; the builtin's data,
+//! only noted when missing, since it is read at the first selection).
 //! It creates and starts nothing; `watch` creates the output's directories once these pass.
 //! The config's own rules (values, cross-field) are `config`'s.
 
@@ -22,14 +23,14 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     if let Some(oc) = &cfg.objective {
         let base = cfg.base_dir();
         match oc.kind {
-            ObjectiveKind::Builtin => data_file(&oc.data_path(&base), "[objective] data"),
+            ObjectiveKind::Builtin => notes.extend(data_file(&oc.data_path(&base))),
             ObjectiveKind::Command => {
                 let c = oc.command_config(&base);
                 let cwd = c.cwd.unwrap_or(base);
-                evaluator_program(&c.command[0], &cwd, c.env.get("PATH")).map(|_| ())
+                evaluator_program(&c.command[0], &cwd, c.env.get("PATH"))
+                    .map_err(|m| Error::config(file, m))?;
             }
         }
-        .map_err(|m| Error::config(file, m))?;
     }
     Ok(notes)
 }
@@ -87,13 +88,18 @@ fn output(cfg: &Config) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The builtin objective's data: an existing regular file.
-fn data_file(path: &Path, key: &str) -> std::result::Result<(), String> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(format!("{key} {} is not a file", path.display())),
-        Err(e) => Err(format!("{key} {}: {e}", path.display())),
-    }
+/// The builtin objective's data, read at the first selection (not at start-up: a trainer may
+/// write it after sewa starts): a note when it is not a readable file now.
+fn data_file(path: &Path) -> Option<String> {
+    let why = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => return None,
+        Ok(_) => "is not a file".to_string(),
+        Err(e) => e.to_string(),
+    };
+    Some(format!(
+        "[objective] data {}: {why}; selections fail (and are retried) until it is there",
+        path.display()
+    ))
 }
 
 /// Where the evaluator program is, found as the operating system will find it when the

@@ -45,7 +45,7 @@ fn broken_configs_exit_78_with_position_and_hint() {
     std::fs::write(&path, bad_objective).unwrap();
     let (code, out) = check(&path);
     assert_eq!(code, 78, "{out}");
-    assert!(out.contains("modle") && out.contains("[objective]"), "{out}");
+    assert!(out.contains("modle") && out.contains("line 134, column 1"), "{out}");
     let (code, out) = check(&dir.path().join("missing.toml"));
     assert_eq!(code, 78, "{out}");
 }
