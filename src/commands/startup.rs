@@ -20,14 +20,17 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     notes.extend(watch_dir(&cfg.watch.dir).map_err(|m| Error::config(file, m))?);
     output(cfg).map_err(|m| Error::config(file, m))?;
-    if let Some(oc) = &cfg.objective {
+    // An [objective] beside a fixed rule (lawa, ema, ...) is never started: nothing to check.
+    let used = cfg.objective.as_ref().filter(|_| cfg.select.method.needs_objective());
+    if let Some(oc) = used {
         let base = cfg.base_dir();
         match oc.kind {
             ObjectiveKind::Builtin => notes.extend(data_file(&oc.data_path(&base))),
             ObjectiveKind::Command => {
                 let c = oc.command_config(&base);
                 let cwd = c.cwd.unwrap_or(base);
-                evaluator_program(&c.command[0], &cwd, c.env.get("PATH"))
+                let program = c.command.first().map_or("", String::as_str);
+                evaluator_program(program, &cwd, c.env.get("PATH"))
                     .map_err(|m| Error::config(file, m))?;
             }
         }
