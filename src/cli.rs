@@ -32,7 +32,7 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print a running (or stopped) `sewa watch`'s status file for people.
     Status(StatusArgs),
-    /// Validate a config file and exit (0 valid, 78 invalid).
+    /// Run every check `sewa watch` runs at start-up, then exit (0 valid, 78 invalid).
     CheckConfig(CheckConfigArgs),
     /// Print an example config that documents every key (`sewa example-config > sewa.toml`).
     ExampleConfig,
@@ -141,4 +141,8 @@ pub struct CheckConfigArgs {
     /// The TOML file to check.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+    /// Also start the [objective] (evaluator or builtin), evaluate it once on the first
+    /// checkpoint in [watch] dir, and print how long each took.
+    #[arg(long)]
+    pub objective: bool,
 }

@@ -3,8 +3,10 @@
 //! during deserialisation so the error carries a line and column, and one `check()` does the
 //! cross-field rules. This module does not watch, select or publish anything.
 //!
-//! The `[objective]` and `[select.sewa]` tables belong to the model-based selectors; they are
-//! kept here as raw TOML so configs written for them parse today.
+//! The `[objective]` and `[select.sewa]` tables are typed by their owners (`objective::config`,
+//! `select::sewa`) but parsed here, in the same pass, so their errors carry a line and column
+//! too. What the file names on disk (directories, the evaluator program) is checked by
+//! `commands::startup`, not here.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,9 +36,9 @@ pub struct Config {
     pub publish: PublishConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
-    /// Loss oracle for model-based selectors (owned by `objective`), kept raw here.
+    /// Loss oracle for model-based selectors (the type is `objective`'s).
     #[serde(default)]
-    pub objective: Option<toml::Value>,
+    pub objective: Option<ObjectiveConfig>,
     /// The file this was read from (relative objective data paths start at its directory).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -141,9 +143,9 @@ pub struct SelectConfig {
     /// Whether smaller (min) or larger (max) metric values are better.
     #[serde(default = "default_metric_mode")]
     pub metric_mode: MetricMode,
-    /// SeWA options (owned by the SeWA selector), kept raw here.
+    /// SeWA options (the type is the SeWA selector's); defaults when the table is absent.
     #[serde(default)]
-    pub sewa: Option<toml::Value>,
+    pub sewa: SewaConfig,
 }
 
 impl Default for SelectConfig {
@@ -155,7 +157,7 @@ impl Default for SelectConfig {
             ema_decay: default_ema_decay(),
             metric: default_metric(),
             metric_mode: default_metric_mode(),
-            sewa: None,
+            sewa: SewaConfig::default(),
         }
     }
 }
@@ -240,6 +242,31 @@ impl<'de> Deserialize<'de> for Positive {
             return Err(serde::de::Error::custom(format!("must be at least 1, got {v}")));
         }
         Ok(Positive(v as u64))
+    }
+}
+
+/// `deserialize_with` helpers for the owners' tables (`[objective]`, `[select.sewa]`), whose
+/// plain-number fields must reject themselves at their line as this module's types do.
+pub mod de {
+    use serde::{Deserialize, Deserializer};
+
+    /// An integer ≥ 1.
+    pub fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        super::Positive::deserialize(d).map(|p| p.get())
+    }
+
+    /// An optional integer ≥ 1.
+    pub fn opt_at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        at_least_one(d).map(Some)
+    }
+
+    /// A finite number > 0.
+    pub fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(serde::de::Error::custom(format!("must be a positive number, got {v}")));
+        }
+        Ok(v)
     }
 }
 
@@ -384,22 +411,10 @@ impl Config {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end())))?;
         cfg.check().map_err(|msg| Error::config(path, format!("{msg}\n{HINT}")))?;
-        cfg.sewa_config(path)?;
-        cfg.objective_config(path)?;
+        // The owners' cross-field rules (their single values rejected themselves above).
+        cfg.select.sewa.check(path)?;
+        cfg.objective.as_ref().map(|o| o.check(path)).transpose()?;
         Ok(cfg)
-    }
-
-    /// `[select.sewa]`, validated by its owner (defaults when absent).
-    pub fn sewa_config(&self, path: &Path) -> Result<SewaConfig> {
-        match &self.select.sewa {
-            Some(v) => SewaConfig::from_toml(v, path),
-            None => Ok(SewaConfig::default()),
-        }
-    }
-
-    /// `[objective]`, validated by its owner.
-    pub fn objective_config(&self, path: &Path) -> Result<Option<ObjectiveConfig>> {
-        self.objective.as_ref().map(|v| ObjectiveConfig::from_toml(v, path)).transpose()
     }
 
     /// Directory relative objective paths start from: the config file's.
@@ -526,7 +541,31 @@ mod tests {
              [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n"
         );
         let c = parse(&text).unwrap();
-        assert!(c.objective.is_some() && c.select.sewa.is_some());
+        assert_eq!(c.select.sewa.samples, 8);
+        assert_eq!(c.objective.unwrap().data, PathBuf::from("sel.safetensors"));
+    }
+
+    /// The model-based tables used to be kept raw and parsed again later, which lost the
+    /// position of their errors; parsed in the one pass, they point at the line.
+    #[test]
+    fn errors_inside_objective_and_sewa_tables_have_line_and_column() {
+        let head = format!("{MIN}[select]\nmethod = \"sewa\"\n");
+        let cases = [
+            ("[select.sewa]\nsamples = 4\nsampels = 8\n", "sampels", "line 9, column 1"),
+            ("[select.sewa]\nsamples = 0\n", "at least 1", "line 8, column 11"),
+            ("[select.sewa]\nlr = -1.0\n", "positive", "line 8, column 6"),
+            ("[objective]\ndata = \"d\"\nmodle = \"mlp\"\n", "modle", "line 9, column 1"),
+            ("[objective]\ndata = \"d\"\nbatch = 0\n", "at least 1", "line 9, column 9"),
+            (
+                "[objective]\nkind = \"command\"\ncommand = [\"x\"]\ntimeout_s = 0\n",
+                "> 0",
+                "line 10",
+            ),
+        ];
+        for (table, want, at) in cases {
+            let err = parse(&format!("{head}{table}")).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains(at), "{table}: {err}");
+        }
     }
 
     /// Relative paths mean "relative to the config file", whatever the cwd: a bare file name

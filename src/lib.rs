@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod layout;
 pub mod manifest;
+pub mod meter;
 pub mod objective;
 pub mod publish;
 pub mod report;

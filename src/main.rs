@@ -20,9 +20,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
         Command::Watch(args) => commands::watch::watch(args),
         Command::Status(args) => commands::watch::status(args).map(|text| print!("{text}")),
-        Command::CheckConfig(args) => {
-            commands::watch::check_config(args).map(|text| println!("{text}"))
-        }
+        Command::CheckConfig(args) => commands::check::run(args).map(|text| println!("{text}")),
         Command::ExampleConfig => {
             print!("{}", sewa::config::EXAMPLE);
             Ok(())

@@ -2,8 +2,10 @@
 //! for `main` to print. No flag definitions (see `cli`) and no process exit codes (see `main`).
 
 pub mod average;
+pub mod check;
 pub mod inspect;
 pub mod select;
+pub mod startup;
 pub mod watch;
 
 use std::path::PathBuf;

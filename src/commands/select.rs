@@ -5,25 +5,42 @@
 
 use std::path::Path;
 
+use serde::Deserialize;
+
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::objective::ObjectiveConfig;
 use crate::objective::config::build_objective;
 use crate::select::{Selection, SewaConfig, run_model_based};
+
+/// The two tables a one-shot selection reads, typed in one pass (errors keep their line);
+/// any other table (a full daemon config) is ignored here.
+#[derive(Deserialize)]
+struct SelectionTables {
+    objective: Option<ObjectiveConfig>,
+    #[serde(default)]
+    select: SelectTable,
+}
+
+#[derive(Default, Deserialize)]
+struct SelectTable {
+    #[serde(default)]
+    sewa: SewaConfig,
+}
 
 /// Run `method` with `k` over `members` using the objective configured in `config`.
 pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Result<Selection> {
     let text = std::fs::read_to_string(config).map_err(|e| Error::io(config, e))?;
-    let doc: toml::Value =
-        toml::from_str(&text).map_err(|e| Error::config(config, format!("not TOML: {e}")))?;
-    let table = doc.get("objective").ok_or_else(|| {
+    let tables: SelectionTables = toml::from_str(&text)
+        .map_err(|e| Error::config(config, e.to_string().trim_end().to_string()))?;
+    let objective = tables.objective.ok_or_else(|| {
         Error::config(config, "no [objective] table: model-based selection needs one")
     })?;
-    let mut objective = build_objective(table, config)?;
-    let sewa = match doc.get("select").and_then(|s| s.get("sewa")) {
-        Some(v) => SewaConfig::from_toml(v, config)?,
-        None => SewaConfig::default(),
-    };
-    let (sel, _) = run_model_based(method, k, members, objective.as_mut(), &sewa, None)?;
+    objective.check(config)?;
+    tables.select.sewa.check(config)?;
+    let mut objective = build_objective(&objective, config)?;
+    let sewa = &tables.select.sewa;
+    let (sel, _) = run_model_based(method, k, members, objective.as_mut(), sewa, None)?;
     tracing::info!("{}", sel.why);
     Ok(sel)
 }

@@ -1,9 +1,9 @@
-//! `sewa watch`, `sewa status`, `sewa check-config`: load the config, then run the daemon,
-//! print its status file, or report that the config is valid.
+//! `sewa watch`, `sewa status`: load the config, then run the daemon or print its status file.
+//! (`sewa check-config` is `check`.)
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::{CheckConfigArgs, StatusArgs, WatchArgs};
+use crate::cli::{StatusArgs, WatchArgs};
 use crate::config::Config;
 use crate::daemon::{self, RunOptions};
 use crate::error::{Error, Result};
@@ -31,24 +31,16 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
 }
 
 /// The daemon's configuration: `file` with the command-line overrides (`--dir`) applied and
-/// checked, the watched directory present, the output writable and its directories created.
+/// checked, every start-up check passed (`startup`, the same as `check-config`'s), the output's
+/// and state's directories created. A watched directory that does not exist yet is waited for
+/// by the daemon.
 fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
     let mut cfg = Config::load(file)?;
     if let Some(dir) = dir {
         cfg.watch.dir = dir.to_path_buf();
         cfg.check().map_err(|msg| Error::config(file, msg))?;
     }
-    if !cfg.watch.dir.is_dir() {
-        return Err(Error::config(
-            file,
-            format!(
-                "[watch] dir {} is not a directory; create it or fix the path",
-                cfg.watch.dir.display()
-            ),
-        ));
-    }
-    // An output we could never write is fatal now, not a log line per checkpoint later.
-    crate::publish::check_destination(&cfg.publish.out)?;
+    super::startup::check(&cfg, file)?;
     // The daemon creates the output's directory (a service's first start on a fresh
     // machine), but says so: a typo in `out` should not pass unnoticed.
     if let Some(first) = crate::publish::check_parent(&cfg.publish.out, true)?.first() {
@@ -75,20 +67,4 @@ pub fn status(args: &StatusArgs) -> Result<String> {
         return serde_json::to_string_pretty(&s).map_err(|e| Error::Internal(e.to_string()));
     }
     Ok(status::render(&s))
-}
-
-/// A one-line summary of a valid config.
-pub fn check_config(args: &CheckConfigArgs) -> Result<String> {
-    let c = Config::load(&args.file)?;
-    Ok(format!(
-        "{}: ok — watch {} ({}), window {}, {} k={}, publish {} ({:?})",
-        args.file.display(),
-        c.watch.dir.display(),
-        c.watch.pattern.0.as_str(),
-        c.window.size.0,
-        c.select.method.name(),
-        c.select.k.0,
-        c.publish.out.display(),
-        c.publish.policy
-    ))
 }

@@ -1,8 +1,9 @@
 //! `sewa watch`: the pipeline loop, read top to bottom. Hints from the watcher feed the settler;
 //! settled candidates go, in batches, to the blocking `Pipeline` (load → window → select →
-//! average → publish → status). Around it: rescans (start, overflow, errors, slow timer),
-//! SIGHUP reload (also run on the blocking side), systemd notifications with a watchdog fed
-//! from its own task while the pipeline makes progress (`progress`), a panic policy
+//! average → publish → status), once the watched directory exists (it is waited for). Around
+//! it: rescans (start, overflow, errors, slow timer), SIGHUP reload (also run on the blocking
+//! side), systemd notifications with a watchdog fed from its own task while the pipeline makes
+//! progress (`progress`), a panic policy
 //! (`contain`) and a shutdown that never leaves a torn output.
 //! Only I/O orchestration lives here; decisions are in `watch::settler`, `window`, `select`.
 
@@ -34,6 +35,10 @@ use crate::watch::{self, Filter, Hint, Settler, Sig};
 /// How long a shutdown waits for a publish in flight before leaving (the output is old or
 /// new either way: publishing renames a complete file into place). Other work is abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+/// While waiting for the watched directory to appear: the first poll interval, doubled up to
+/// the last (a trainer started right after sewa is seen quickly, a late one costs little).
+const DIR_POLL_FIRST: Duration = Duration::from_millis(100);
+const DIR_POLL_MAX: Duration = Duration::from_secs(2);
 /// Hints queued between the notify thread and the loop; beyond it, hints are dropped and a
 /// rescan is scheduled.
 const HINT_QUEUE: usize = 4096;
@@ -58,13 +63,17 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     claim_output(&cfg)?;
     let mut sighup = hangup_stream(opts.reload.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
-    let mut front = Front::start(&cfg, tx)?;
-    let mut rescan_every = interval(Duration::from_secs(cfg.watch.rescan_s.0));
     let mut pipeline = Pipeline::new(cfg);
     // Fed from its own task: a long batch keeps the service alive, a stuck one does not.
     let _watchdog = watchdog_period(opts.systemd).map(|period| {
         Aborting(tokio::spawn(progress::feed_watchdog(pipeline.progress.clone(), period)))
     });
+    if !wait_for_dir(&mut pipeline, opts.systemd, &mut shutdown).await? {
+        pipeline.set_state("stopped");
+        return Ok(());
+    }
+    let mut front = Front::start(&pipeline.cfg, tx)?;
+    let mut rescan_every = interval(Duration::from_secs(pipeline.cfg.watch.rescan_s.0));
     pipeline.set_state("watching");
     front.rescan(&mut pipeline, "start-up");
     info!(dir = %front.filter.dir().display(), "watching");
@@ -108,6 +117,44 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     notify(opts.systemd, &[sd_notify::NotifyState::Stopping]);
     pipeline.set_state("stopped");
     Ok(())
+}
+
+/// Wait for `[watch] dir` to exist: the sidecar may start before the trainer creates it.
+/// Logged once; the status file and systemd (READY, so a start timeout does not kill the wait)
+/// say so, the watchdog stays fed. A SIGHUP meanwhile is applied once the wait is over.
+/// `false`: shutdown came first.
+async fn wait_for_dir(
+    p: &mut Pipeline,
+    systemd: bool,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool> {
+    let dir = p.cfg.watch.dir.clone();
+    if dir.is_dir() {
+        return Ok(true);
+    }
+    info!(dir = %dir.display(), "waiting for the watched directory to appear");
+    p.set_state("waiting for the watched directory");
+    let status = format!("waiting for {}", dir.display());
+    notify(systemd, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    let mut pause = DIR_POLL_FIRST;
+    loop {
+        p.alive();
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(false),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {
+                info!(dir = %dir.display(), "the watched directory appeared");
+                return Ok(true);
+            }
+            Ok(_) => {
+                let msg = format!("[watch] dir {} appeared but is not a directory", dir.display());
+                return Err(Error::config(p.cfg.source.as_deref().unwrap_or(&dir), msg));
+            }
+            Err(_) => pause = (pause * 2).min(DIR_POLL_MAX),
+        }
+    }
 }
 
 /// Take the output's lock for the life of the process (a second daemon or a `sewa average` on

@@ -342,18 +342,18 @@ impl Pipeline {
         if !self.cfg.select.method.needs_objective() {
             return select::run(&self.cfg.select, view, None);
         }
-        let path = self.cfg.source.clone().unwrap_or_else(|| PathBuf::from("config"));
-        let sewa = self.cfg.sewa_config(&path)?;
         if self.objective.is_none() {
             self.beat(0); // an evaluator start is bounded by its startup_timeout_s
-            let oc = self.cfg.objective_config(&path)?;
+            let path = self.cfg.source.clone().unwrap_or_else(|| PathBuf::from("config"));
+            let oc = self.cfg.objective.as_ref();
             let oc = oc.ok_or_else(|| Error::config(&path, "the selector needs an [objective]"))?;
             self.objective = Some(oc.build(&self.cfg.base_dir())?);
         }
         let allowed = self.allowed(self.window_bytes());
         let inner = self.objective.as_deref_mut().expect("just built");
         let mut objective = Beating { inner, progress: &self.progress, allowed };
-        let ctx = ModelContext { objective: &mut objective, sewa: &sewa, memory: &mut self.memory };
+        let sewa = &self.cfg.select.sewa;
+        let ctx = ModelContext { objective: &mut objective, sewa, memory: &mut self.memory };
         select::run(&self.cfg.select, view, Some(ctx))
     }
 

@@ -7,7 +7,7 @@
 //! unit of work may take (`stall_bound`, `allowance`), the objective wrapper that makes every
 //! evaluator call a beat, and the watchdog feeder.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -86,9 +86,8 @@ pub fn stall_bound(cfg: &Config) -> Duration {
     if let Some(s) = cfg.runtime.stall_s {
         return Duration::from_secs(s.0);
     }
-    let path = cfg.source.clone().unwrap_or_else(|| PathBuf::from("config"));
-    let evaluator = match cfg.objective_config(&path) {
-        Ok(Some(oc)) if oc.kind == ObjectiveKind::Command => {
+    let evaluator = match &cfg.objective {
+        Some(oc) if oc.kind == ObjectiveKind::Command => {
             let c = oc.command_config(Path::new("."));
             Duration::try_from_secs_f64(c.timeout_s.max(c.startup_timeout_s))
                 .unwrap_or(Duration::MAX)

@@ -55,6 +55,22 @@ pub struct CommandConfig {
     pub one_shot: bool,
 }
 
+/// `deserialize_with` for an optional `timeout_s` / `startup_timeout_s`: out of range is an
+/// error at its line (`CommandConfig::check` repeats the rule for configs built in code).
+pub fn opt_timeout_s<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
+        return Err(serde::de::Error::custom(timeout_range(v)));
+    }
+    Ok(Some(v))
+}
+
+fn timeout_range(v: f64) -> String {
+    format!("{v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
+}
+
 fn default_timeout_s() -> f64 {
     300.0
 }
@@ -72,12 +88,8 @@ impl CommandConfig {
             [("timeout_s", self.timeout_s), ("startup_timeout_s", self.startup_timeout_s)]
         {
             if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
-                return Err(Error::config(
-                    config_path,
-                    format!(
-                        "[objective] {key} = {v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)"
-                    ),
-                ));
+                let msg = format!("[objective] {key} = {}", timeout_range(v));
+                return Err(Error::config(config_path, msg));
             }
         }
         Ok(())

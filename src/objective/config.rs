@@ -1,6 +1,6 @@
-//! `[objective]` table: which loss oracle to build and from what data. Parses and validates the
-//! raw TOML table the daemon's config reserves for it; builds the `Objective`. It does not
-//! evaluate anything itself.
+//! `[objective]` table: which loss oracle to build and from what data. Its type and cross-field
+//! checks (the config file is parsed in one pass by `config`, so errors keep their line);
+//! builds the `Objective`. It does not evaluate anything itself.
 
 use std::path::{Path, PathBuf};
 
@@ -21,12 +21,12 @@ pub enum ObjectiveKind {
     Command,
 }
 
-/// Build the objective a raw `[objective]` table describes: `kind = "builtin"` (default) or
+/// Build the objective an `[objective]` table describes: `kind = "builtin"` (default) or
 /// `kind = "command"` (external evaluator). Relative paths resolve against the config's dir.
 /// For one-shot commands: an evaluator failure ends the command, so nothing is restarted.
-pub fn build_objective(value: &toml::Value, config_path: &Path) -> Result<Box<dyn Objective>> {
+pub fn build_objective(cfg: &ObjectiveConfig, config_path: &Path) -> Result<Box<dyn Objective>> {
     let base = crate::config::config_dir(config_path);
-    ObjectiveConfig::from_toml(value, config_path)?.build_as(&base, Lifetime::OneShot)
+    cfg.build_as(&base, Lifetime::OneShot)
 }
 
 /// Whether the objective serves one command or a daemon that restarts failed evaluators.
@@ -83,14 +83,14 @@ pub struct ObjectiveConfig {
     #[serde(default)]
     pub loss: LossKind,
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::de::opt_at_least_one")]
     pub batch: Option<usize>,
     /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
     #[serde(default)]
     pub command: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
     pub timeout_s: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
     pub startup_timeout_s: Option<f64>,
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
@@ -100,16 +100,6 @@ pub struct ObjectiveConfig {
 }
 
 impl ObjectiveConfig {
-    /// Parse the raw `[objective]` table; `config_path` names the file in errors.
-    pub fn from_toml(value: &toml::Value, config_path: &Path) -> Result<Self> {
-        let cfg: ObjectiveConfig = value
-            .clone()
-            .try_into()
-            .map_err(|e| Error::config(config_path, format!("[objective]: {e}")))?;
-        cfg.check(config_path)?;
-        Ok(cfg)
-    }
-
     /// Cross-field checks that serde cannot express.
     pub fn check(&self, config_path: &Path) -> Result<()> {
         if self.batch == Some(0) {
@@ -174,15 +164,13 @@ mod tests {
 
     #[test]
     fn defaults_and_unknown_keys() {
-        let v: toml::Value = toml::from_str("data = \"sel.safetensors\"").unwrap();
-        let c = ObjectiveConfig::from_toml(&v, Path::new("c.toml")).unwrap();
+        let c: ObjectiveConfig = toml::from_str("data = \"sel.safetensors\"").unwrap();
+        c.check(Path::new("c.toml")).unwrap();
         assert_eq!(c.activation, Activation::Relu);
         assert_eq!(c.loss, LossKind::CrossEntropy);
         assert_eq!(c.batch, None);
-        let v: toml::Value = toml::from_str("data = \"x\"\nlr = 1").unwrap();
-        let e = ObjectiveConfig::from_toml(&v, Path::new("c.toml")).unwrap_err().to_string();
-        assert!(e.contains("c.toml") && e.contains("lr"), "{e}");
-        let v: toml::Value = toml::from_str("data = \"x\"\nactivation = \"swish\"").unwrap();
-        assert!(ObjectiveConfig::from_toml(&v, Path::new("c.toml")).is_err());
+        let e = toml::from_str::<ObjectiveConfig>("data = \"x\"\nlr = 1").unwrap_err();
+        assert!(e.to_string().contains("lr"), "{e}");
+        assert!(toml::from_str::<ObjectiveConfig>("data = \"x\"\nactivation = \"swish\"").is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Baseline subset searches with the same objective as SeWA: `greedy` (a greedy soup), `exhaustive`
 //! (every k-subset, the certificate of optimality on small windows) and `random` (k members,
-//! seeded). Each returns the chosen set, its loss and a JSON report; none writes files.
+//! seeded). Each returns the chosen set, its loss and a JSON report; none writes files. A long
+//! exhaustive search shows a progress bar on a terminal (`meter`).
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -8,6 +9,7 @@ use serde_json::json;
 
 use super::oracle::Oracle;
 use crate::error::{Error, Result};
+use crate::meter::Meter;
 
 /// A search's answer: member indices, the loss of their uniform average, a report.
 pub struct Found {
@@ -64,8 +66,11 @@ pub fn exhaustive(oracle: &mut Oracle, k: usize, limit: u64) -> Result<Found> {
     }
     let mut idx: Vec<usize> = (0..k).collect();
     let mut best = (f64::INFINITY, idx.clone());
-    loop {
+    let mut meter =
+        Meter::new(count, "exhaustive search {wide_bar} {pos}/{len} subsets, eta {eta}");
+    for done in 1.. {
         let l = oracle.subset(&idx)?;
+        meter.set(done);
         if l < best.0 {
             best = (l, idx.clone());
         }

@@ -37,12 +37,16 @@ pub enum Estimator {
 #[serde(deny_unknown_fields, default)]
 pub struct SewaConfig {
     /// Mask samples M per iteration (one oracle call each).
+    #[serde(deserialize_with = "crate::config::de::at_least_one")]
     pub samples: usize,
     /// Relaxation temperature τ at the first iteration.
+    #[serde(deserialize_with = "crate::config::de::positive")]
     pub temperature: f64,
     /// τ at the last iteration (geometric annealing); equal to `temperature` for none.
+    #[serde(deserialize_with = "crate::config::de::positive")]
     pub temperature_end: f64,
     /// Adam iterations of a cold start.
+    #[serde(deserialize_with = "crate::config::de::at_least_one")]
     pub iterations: usize,
     /// Adam iterations when warm-started from the previous window's θ.
     pub warm_iterations: usize,
@@ -50,6 +54,7 @@ pub struct SewaConfig {
     /// start is stuck, see `sewa::run`).
     pub cold_every: usize,
     /// Adam learning rate on θ (logits).
+    #[serde(deserialize_with = "crate::config::de::positive")]
     pub lr: f64,
     pub seed: u64,
     pub estimator: Estimator,
@@ -85,16 +90,8 @@ impl Default for SewaConfig {
 }
 
 impl SewaConfig {
-    /// Parse the raw `[select.sewa]` table; `config_path` names the file in errors.
-    pub fn from_toml(value: &toml::Value, config_path: &Path) -> Result<Self> {
-        let cfg: SewaConfig = value
-            .clone()
-            .try_into()
-            .map_err(|e| Error::config(config_path, format!("[select.sewa]: {e}")))?;
-        cfg.check(config_path)?;
-        Ok(cfg)
-    }
-
+    /// What deserialisation cannot see (a config built in code, not parsed); `config_path`
+    /// names the file in errors. Parsed tables already rejected these values at their line.
     pub fn check(&self, config_path: &Path) -> Result<()> {
         let bad = |m: &str| Err(Error::config(config_path, format!("[select.sewa] {m}")));
         let pos = |x: f64| x.is_finite() && x > 0.0;
@@ -431,8 +428,7 @@ mod tests {
     #[test]
     fn defaults_pass_check_and_unknown_keys_fail() {
         SewaConfig::default().check(Path::new("x")).unwrap();
-        let v: toml::Value = toml::from_str("samples = 2\nbogus = 1").unwrap();
-        let e = SewaConfig::from_toml(&v, Path::new("c.toml")).unwrap_err().to_string();
+        let e = toml::from_str::<SewaConfig>("samples = 2\nbogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
     }
 }

@@ -284,16 +284,16 @@ fn objective_table_with_kind_command_starts_the_evaluator() {
         "kind = \"command\"\ncommand = [\"python3\", {:?}, \"selection.safetensors\"]\ntimeout_s = 30\n",
         script.display().to_string()
     );
-    let table: toml::Value = toml::from_str(&text).unwrap();
-    let cfg = ObjectiveConfig::from_toml(&table, &dir.path().join("sewa.toml")).unwrap();
+    let cfg: ObjectiveConfig = toml::from_str(&text).unwrap();
+    cfg.check(&dir.path().join("sewa.toml")).unwrap();
     // cwd defaults to the config file's directory, so the relative data path resolves there.
     let mut obj = cfg.build(dir.path()).unwrap();
     assert!(obj.supports_grad() && obj.describe().contains("mlp_numpy"), "{}", obj.describe());
     let direct = builtin(&data).evaluate(&mlp_params(9), false).unwrap().loss;
     assert!((obj.evaluate(&mlp_params(9), false).unwrap().loss - direct).abs() < 1e-5);
 
-    let missing: toml::Value = toml::from_str("kind = \"command\"").unwrap();
-    let err = ObjectiveConfig::from_toml(&missing, Path::new("sewa.toml")).unwrap_err();
+    let missing: ObjectiveConfig = toml::from_str("kind = \"command\"").unwrap();
+    let err = missing.check(Path::new("sewa.toml")).unwrap_err();
     assert!(err.to_string().contains("command must name a program"), "{err}");
 }
 

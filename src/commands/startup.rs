@@ -1,0 +1,234 @@
+//! What `sewa watch` checks on disk before it starts, shared with `sewa check-config` so that a
+//! config one accepts the other accepts too: the watched directory (there, or able to appear),
+//! the output (a destination sewa may replace, its directories creatable), and the objective's
+//! files (the evaluator program, resolved exactly as it will be started; the builtin's data,
+//! only noted when missing, since it is read at the first selection).
+//! It creates and starts nothing; `watch` creates the output's directories once these pass.
+//! The config's own rules (values, cross-field) are `config`'s.
+
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::objective::config::ObjectiveKind;
+
+/// Run every start-up check on `cfg`, read from `file` (named in errors, all of them config
+/// errors: exit 78). Returns notes for people: facts that are fine but worth saying.
+pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    notes.extend(watch_dir(&cfg.watch.dir).map_err(|m| Error::config(file, m))?);
+    output(cfg).map_err(|m| Error::config(file, m))?;
+    // An [objective] beside a fixed rule (lawa, ema, ...) is never started: nothing to check.
+    let used = cfg.objective.as_ref().filter(|_| cfg.select.method.needs_objective());
+    if let Some(oc) = used {
+        let base = cfg.base_dir();
+        match oc.kind {
+            ObjectiveKind::Builtin => notes.extend(data_file(&oc.data_path(&base))),
+            ObjectiveKind::Command => {
+                let c = oc.command_config(&base);
+                let cwd = c.cwd.unwrap_or(base);
+                let program = c.command.first().map_or("", String::as_str);
+                evaluator_program(program, &cwd, c.env.get("PATH"))
+                    .map_err(|m| Error::config(file, m))?;
+            }
+        }
+    }
+    Ok(notes)
+}
+
+/// The watched directory: a readable directory, or missing with nothing in the way of its
+/// creation (then `watch` waits for it: the sidecar may start before the trainer).
+fn watch_dir(dir: &Path) -> std::result::Result<Option<String>, String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            std::fs::read_dir(dir).map_err(|e| format!("[watch] dir {}: {e}", dir.display()))?;
+            Ok(None)
+        }
+        Ok(_) => Err(format!(
+            "[watch] dir {} is not a directory; fix the path or remove what is there",
+            dir.display()
+        )),
+        // ENOTDIR: a file where a parent directory should be (reported just below).
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            let (ancestor, _) = nearest_existing(dir);
+            if !ancestor.is_dir() {
+                return Err(format!(
+                    "[watch] dir {} can never appear: {} is not a directory",
+                    dir.display(),
+                    ancestor.display()
+                ));
+            }
+            Ok(Some(format!(
+                "[watch] dir {} does not exist yet; `sewa watch` waits for it to appear",
+                dir.display()
+            )))
+        }
+        Err(e) => Err(format!("[watch] dir {}: {e}", dir.display())),
+    }
+}
+
+/// The output: a destination `publish` may replace, and its directory and the state
+/// directory writable or creatable by this user.
+fn output(cfg: &Config) -> std::result::Result<(), String> {
+    // Its messages name the command-line flag; here the value came from the file.
+    crate::publish::check_destination(&cfg.publish.out)
+        .map_err(|e| e.to_string().replacen("--out ", "[publish] out ", 1))?;
+    let out_dir = cfg.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
+    let out_dir = out_dir.unwrap_or(Path::new("."));
+    for (what, dir) in [("[publish] out", out_dir), ("the state directory", &cfg.state_dir())] {
+        let (ancestor, exists) = nearest_existing(dir);
+        let verb = if exists { "written" } else { "created" };
+        if !ancestor.is_dir() || !accessible(&ancestor, rustix::fs::Access::WRITE_OK) {
+            return Err(format!(
+                "{what}: {} cannot be {verb}: {} is not a directory this user may write to",
+                dir.display(),
+                ancestor.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The builtin objective's data, read at the first selection (not at start-up: a trainer may
+/// write it after sewa starts): a note when it is not a readable file now.
+fn data_file(path: &Path) -> Option<String> {
+    let why = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => return None,
+        Ok(_) => "is not a file".to_string(),
+        Err(e) => e.to_string(),
+    };
+    Some(format!(
+        "[objective] data {}: {why}; selections fail (and are retried) until it is there",
+        path.display()
+    ))
+}
+
+/// Where the evaluator program is, found as the operating system will find it when the
+/// evaluator starts in `cwd`: a name with a '/' relative to `cwd`, a bare name on `PATH` (the
+/// evaluator's own `env` PATH if configured, else sewa's; relative entries against `cwd`).
+pub fn evaluator_program(
+    program: &str,
+    cwd: &Path,
+    env_path: Option<&String>,
+) -> std::result::Result<PathBuf, String> {
+    if !cwd.is_dir() {
+        return Err(format!("[objective] cwd {} is not a directory", cwd.display()));
+    }
+    if program.contains('/') {
+        let path = cwd.join(program);
+        return match executable(&path) {
+            Ok(()) => Ok(path),
+            Err(why) => {
+                let rel = if Path::new(program).is_relative() {
+                    format!(
+                        " (a relative program starts at the evaluator's cwd, {})",
+                        cwd.display()
+                    )
+                } else {
+                    String::new()
+                };
+                Err(format!(
+                    "[objective] command program {program:?}: {} {why}{rel}",
+                    path.display()
+                ))
+            }
+        };
+    }
+    let search: OsString = match env_path {
+        Some(p) => p.into(),
+        None => std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into()),
+    };
+    let mut seen = Vec::new();
+    for dir in std::env::split_paths(&search) {
+        let path = cwd.join(dir).join(program);
+        match executable(&path) {
+            Ok(()) => return Ok(path),
+            Err(why) if path.exists() => seen.push(format!("{} {why}", path.display())),
+            Err(_) => {}
+        }
+    }
+    let found = if seen.is_empty() { String::new() } else { format!(" ({})", seen.join("; ")) };
+    Err(format!(
+        "[objective] command program {program:?} is not an executable on PATH{found}; give its \
+         path (relative paths start at the evaluator's cwd, {}) or fix PATH",
+        cwd.display()
+    ))
+}
+
+/// Why `path` cannot be executed by this user, if it cannot.
+fn executable(path: &Path) -> std::result::Result<(), &'static str> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            accessible(path, rustix::fs::Access::EXEC_OK).then_some(()).ok_or("is not executable")
+        }
+        Ok(_) => Err("is not a file"),
+        Err(_) => Err("does not exist"),
+    }
+}
+
+fn accessible(path: &Path, how: rustix::fs::Access) -> bool {
+    rustix::fs::access(path, how).is_ok()
+}
+
+/// The longest existing prefix of `path` (made absolute), and whether that is `path` itself.
+fn nearest_existing(path: &Path) -> (PathBuf, bool) {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut p = abs.as_path();
+    loop {
+        if p.symlink_metadata().is_ok() {
+            return (p.to_path_buf(), p == abs);
+        }
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => return (PathBuf::from("/"), false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn evaluator_programs_resolve_against_cwd_and_path_as_exec_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let prog = bin.join("eval");
+        std::fs::write(&prog, "#!/bin/sh\n").unwrap();
+        let plain = dir.path().join("plain.py");
+        std::fs::write(&plain, "").unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cwd = dir.path();
+        assert_eq!(evaluator_program("bin/eval", cwd, None), Ok(prog.clone()));
+        assert_eq!(evaluator_program("./bin/eval", cwd, None).unwrap(), cwd.join("./bin/eval"));
+        assert_eq!(
+            evaluator_program("eval", cwd, Some(&"bin".to_string())),
+            Ok(cwd.join("bin/eval"))
+        );
+        assert!(evaluator_program("sh", cwd, None).is_ok(), "found on sewa's PATH");
+        let err = evaluator_program("eval", cwd, None).unwrap_err();
+        assert!(err.contains("not an executable on PATH"), "{err}");
+        let err = evaluator_program("./plain.py", cwd, None).unwrap_err();
+        assert!(err.contains("is not executable"), "{err}");
+        let err = evaluator_program("./nope.py", cwd, None).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = evaluator_program("sh", &cwd.join("missing"), None).unwrap_err();
+        assert!(err.contains("cwd"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_watch_dir_is_a_note_unless_it_can_never_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        let note = watch_dir(&dir.path().join("later/runs")).unwrap().unwrap();
+        assert!(note.contains("waits for it"), "{note}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(watch_dir(&file).unwrap_err().contains("not a directory"));
+        assert!(watch_dir(&file.join("runs")).unwrap_err().contains("can never appear"));
+        assert_eq!(watch_dir(dir.path()), Ok(None));
+    }
+}
