@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
 use crate::error::{Error, Result};
-use crate::schema::check_schema;
+use crate::schema::check_schema_with;
 use kernel::{Acc, Pass, Stored, first_non_finite};
 
 /// Decoded (pickle) input bytes held at once before folding them into the accumulator; file
@@ -207,7 +207,9 @@ impl<'a> AveragePlan<'a> {
         weights: Option<&[f64]>,
         opts: AverageOptions,
     ) -> Result<Self> {
-        check_schema(&inputs)?;
+        // With an explicit output dtype, float tensors may differ in dtype across inputs
+        // (an f16 export beside f32 checkpoints): each is decoded in its own dtype.
+        check_schema_with(&inputs, opts.dtype != OutDType::Keep)?;
         let weights = normalise_weights(weights, inputs.len())?;
         let int_source = pick_int_source(&inputs, &weights, opts.int_policy);
         let reference = inputs[0];
@@ -273,8 +275,11 @@ impl<'a> AveragePlan<'a> {
     /// Average output tensor `index` into `ws` and return its little-endian bytes.
     pub fn average_tensor<'w>(&self, index: usize, ws: &'w mut Workspace) -> Result<&'w [u8]> {
         let meta = &self.outputs[index];
+        let dtype_of = |c: &&Checkpoint| c.tensors()[index].dtype;
         match self.inputs[0].tensors()[index].dtype {
-            DType::F64 => self.average_float::<f64>(index, ws)?,
+            _ if self.inputs.iter().any(|c| dtype_of(c) == DType::F64) => {
+                self.average_float::<f64>(index, ws)?
+            }
             d if d.is_float() => self.average_float::<f32>(index, ws)?,
             _ => self.copy_int(index, ws)?,
         }
@@ -307,13 +312,16 @@ impl<'a> AveragePlan<'a> {
             .collect();
         let mut group: Vec<(TensorReader<'a>, A)> = Vec::with_capacity(active.len());
         let (mut copied, mut first) = (0usize, true);
+        let dtype_of = |i: usize| self.inputs[i].tensors()[index].dtype;
         for (pos, &(i, w)) in active.iter().enumerate() {
             let reader = self.inputs[i].reader(&in_meta.name)?;
             copied += reader.is_copy() as usize * reader.len();
             group.push((reader, w));
             let last = pos + 1 == active.len();
-            if last || copied >= COPY_BUDGET {
-                let (in_dtype, overflow) = (in_meta.dtype, self.opts.overflow);
+            // One pass reads one dtype: the group ends where the next input's dtype differs.
+            let switch = !last && dtype_of(active[pos + 1].0) != dtype_of(i);
+            if last || switch || copied >= COPY_BUDGET {
+                let (in_dtype, overflow) = (dtype_of(i), self.opts.overflow);
                 let pass = Pass { inputs: &group, in_dtype, init: first, last, overflow };
                 let stored = pass.run(acc, out, out_dtype, slabs, self.opts.threads)?;
                 if last {
@@ -353,7 +361,9 @@ impl<'a> AveragePlan<'a> {
         let mut buf = Vec::new();
         for &(i, _) in active {
             let input = self.inputs[i];
-            match find_non_finite(input, meta, &mut buf) {
+            // Each input in its own dtype (mixed-dtype averages).
+            let own = input.tensor(&meta.name).unwrap_or(meta);
+            match find_non_finite(input, own, &mut buf) {
                 Ok(None) => {}
                 Ok(Some(at)) => {
                     return Error::bad_input(

@@ -8,12 +8,18 @@ use crate::error::{Error, Result};
 /// Check that every input has exactly the tensors of the first one. `Error::BadInput` names the
 /// offending input (not the reference) with both sides of the first difference.
 pub fn check_schema(inputs: &[&Checkpoint]) -> Result<()> {
+    check_schema_with(inputs, false)
+}
+
+/// [`check_schema`], where `mixed_floats` lets a float tensor's dtype differ across inputs
+/// (allowed when the output dtype is given, so no input's dtype has to be chosen for it).
+pub fn check_schema_with(inputs: &[&Checkpoint], mixed_floats: bool) -> Result<()> {
     let Some((first, rest)) = inputs.split_first() else {
         return Err(Error::Usage("no input checkpoints given".into()));
     };
     let reference = first.path().display().to_string();
     for other in rest {
-        check_against(&reference, first.tensors(), other)?;
+        walk(&reference, first.tensors(), other, mixed_floats)?;
     }
     Ok(())
 }
@@ -21,13 +27,17 @@ pub fn check_schema(inputs: &[&Checkpoint]) -> Result<()> {
 /// Check `other` against the tensor list `a` of `reference` (a file, or a description such as
 /// "the window"); the error names `other` with both sides of the first difference.
 pub fn check_against(reference: &str, a: &[TensorMeta], other: &Checkpoint) -> Result<()> {
+    walk(reference, a, other, false)
+}
+
+fn walk(reference: &str, a: &[TensorMeta], other: &Checkpoint, mixed_floats: bool) -> Result<()> {
     let b = other.tensors();
     // Both lists are sorted by name: walk them together to find the first name in one only.
     let (mut i, mut j) = (0, 0);
     while i < a.len() || j < b.len() {
         match (a.get(i), b.get(j)) {
             (Some(x), Some(y)) if x.name == y.name => {
-                compare_meta(reference, other, x, y)?;
+                compare_meta(reference, other, x, y, mixed_floats)?;
                 i += 1;
                 j += 1;
             }
@@ -41,12 +51,24 @@ pub fn check_against(reference: &str, a: &[TensorMeta], other: &Checkpoint) -> R
     Ok(())
 }
 
-fn compare_meta(reference: &str, other: &Checkpoint, x: &TensorMeta, y: &TensorMeta) -> Result<()> {
-    if x.dtype != y.dtype {
+fn compare_meta(
+    reference: &str,
+    other: &Checkpoint,
+    x: &TensorMeta,
+    y: &TensorMeta,
+    mixed_floats: bool,
+) -> Result<()> {
+    let both_float = x.dtype.is_float() && y.dtype.is_float();
+    if x.dtype != y.dtype && !(mixed_floats && both_float) {
+        let hint = if both_float {
+            "; give an output dtype (--dtype f32, bf16 or f16) to average mixed float dtypes"
+        } else {
+            ""
+        };
         return Err(Error::bad_input(
             other.path(),
             format!(
-                "tensor {}: dtype {:?} here but {:?} in {} (all inputs must share dtypes)",
+                "tensor {}: dtype {:?} here but {:?} in {} (all inputs must share dtypes{hint})",
                 x.name, y.dtype, x.dtype, reference
             ),
         ));

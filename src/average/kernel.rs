@@ -300,15 +300,32 @@ impl Acc for f64 {
         self.abs()
     }
     fn add_block(acc: &mut [f64], bytes: &[u8], dtype: DType, w: f64, init: bool) {
-        assert_eq!(dtype, DType::F64, "f64 accumulator fed {dtype:?}");
-        match bytemuck::try_cast_slice::<u8, f64>(bytes) {
-            Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
-            _ => axpy(
+        match dtype {
+            DType::F64 => match bytemuck::try_cast_slice::<u8, f64>(bytes) {
+                Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
+                _ => axpy(
+                    acc,
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                    w,
+                    init,
+                ),
+            },
+            // Mixed-dtype averages (an f64 input beside narrower ones) widen the others.
+            DType::F32 => axpy(
                 acc,
-                bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
                 w,
                 init,
             ),
+            DType::BF16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]]) as f64), w, init)
+            }
+            DType::F16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]]) as f64), w, init)
+            }
+            other => unreachable!("f64 accumulator fed {other:?}"),
         }
     }
     fn store_block(acc: &[f64], out: &mut [u8], dtype: DType, saturate: bool) -> Stored {

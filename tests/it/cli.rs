@@ -316,3 +316,40 @@ fn missing_shard_and_escaping_shard_path_are_refused() {
         sc.assert_refused(&o, &[needle], &before);
     }
 }
+
+/// An f16 export beside f32 checkpoints (and an f64 one) used to be refused even with an output
+/// dtype given; with `--dtype` each input is decoded in its own dtype. Without it the error says
+/// how to proceed.
+#[test]
+fn mixed_float_dtypes_average_when_an_output_dtype_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let vals = [0.5f32, -1.25, 3.0, 1024.0];
+    let f16: Vec<u8> =
+        vals.iter().flat_map(|v| half::f16::from_f32(*v + 1.0).to_le_bytes()).collect();
+    let f64b: Vec<u8> = vals.iter().flat_map(|v| (*v as f64 - 2.0).to_le_bytes()).collect();
+    let a = dir.path().join("step_1.safetensors");
+    let b = dir.path().join("step_2.safetensors");
+    let c = dir.path().join("step_3.safetensors");
+    write_st(&a, &[("w", Dtype::F32, vec![4], f32_bytes(&vals))]);
+    write_st(&b, &[("w", Dtype::F16, vec![4], f16)]);
+    write_st(&c, &[("w", Dtype::F64, vec![4], f64b)]);
+    let out = dir.path().join("avg.safetensors");
+    let o = sewa(&["average", "--out", s(&out), s(&a), s(&b)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--dtype f32"), "{}", stderr(&o));
+    for (inputs, want) in [(vec![&a, &b], 0.5f64), (vec![&a, &b, &c], -1.0 / 3.0)] {
+        let mut args = vec!["average", "--dtype", "f32", "--out", s(&out)];
+        args.extend(inputs.iter().map(|p| s(p)));
+        let o = sewa(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (dtype, bytes) = read_tensors(&out)["w"].clone();
+        assert_eq!(dtype, "F32 [4]");
+        let got: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        for (g, v) in got.iter().zip(vals) {
+            let expect = v as f64 + want;
+            let tol = 1e-6 * expect.abs().max(1.0);
+            assert!((*g as f64 - expect).abs() < tol, "{got:?} vs {vals:?} + {want}");
+        }
+    }
+}
