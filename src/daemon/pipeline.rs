@@ -101,7 +101,7 @@ impl Pipeline {
         self.status.method = cfg.select.method.name().into();
         if cfg.publish != self.cfg.publish {
             self.last = output::read_last(&cfg);
-            self.acceptance.reset();
+            self.acceptance.now_published(None); // another output: judged again from its file
         }
         self.stall = stall_bound(&cfg);
         if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {

@@ -147,11 +147,32 @@ fn write_flipped_data(path: &Path) {
 /// loss there is computed from the published file after a restart.
 #[test]
 fn policy_best_accepts_on_the_acceptance_data_when_given() {
+    let objective = "kind = \"builtin\"\ndata = \"sel.safetensors\"\n\
+                     acceptance_data = \"acc.safetensors\"";
+    let d = accepts_on_the_other_split(objective);
+    restart_judges_the_published_file(d);
+}
+
+/// The same with evaluator processes: `acceptance_command` is a second evaluator on the other
+/// split (the protocol never names data).
+#[test]
+fn policy_best_accepts_with_a_second_evaluator_when_given_acceptance_command() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/evaluators/mlp_numpy.py");
+    let objective = format!(
+        "kind = \"command\"\ncommand = [\"python3\", {script:?}, \"sel.safetensors\"]\n\
+         acceptance_command = [\"python3\", {script:?}, \"acc.safetensors\"]"
+    );
+    accepts_on_the_other_split(&objective);
+}
+
+/// Steps 1 (published), 2 (better on the selection data, worse on the acceptance data: held
+/// back) and 3 (the other way round: published).
+fn accepts_on_the_other_split(objective: &str) -> Daemon {
     // Window of one, k = 1: each selection is the newest checkpoint alone.
-    let cfg = "[window]\nsize = 1\n[select]\nmethod = \"sewa\"\nk = 1\n\
-               [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n\
-               acceptance_data = \"acc.safetensors\"\n";
-    let mut d = Daemon::start_full(cfg, "averaged/model.safetensors", "policy = \"best\"");
+    let cfg = format!(
+        "[window]\nsize = 1\n[select]\nmethod = \"sewa\"\nk = 1\n[objective]\n{objective}\n"
+    );
+    let mut d = Daemon::start_full(&cfg, "averaged/model.safetensors", "policy = \"best\"");
     write_selection_data(&d.tmp.path().join("sel.safetensors"));
     write_flipped_data(&d.tmp.path().join("acc.safetensors"));
     write_mlp(&d.runs, 1, 1.0);
@@ -169,11 +190,16 @@ fn policy_best_accepts_on_the_acceptance_data_when_given() {
     // Worse on the selection data, better on the acceptance data: published.
     write_mlp(&d.runs, 3, -1.0);
     let third = d.wait_published(&[3]);
-    let accepted = third["selection"]["details"]["acceptance_loss"].as_f64().unwrap();
-    assert!(
-        third["selection"]["loss"].as_f64().unwrap() > first["selection"]["loss"].as_f64().unwrap()
-    );
-    // After a restart the published model's acceptance loss comes from the published file.
+    let loss = |m: &Value| m["selection"]["loss"].as_f64().unwrap();
+    assert!(loss(&third) > loss(&first), "{third}");
+    d
+}
+
+/// After a restart the published model's acceptance loss is not known: it is computed from the
+/// published file, and a selection worse there is held back.
+fn restart_judges_the_published_file(mut d: Daemon) {
+    let m = d.manifest().unwrap();
+    let accepted = m["selection"]["details"]["acceptance_loss"].as_f64().unwrap();
     d.terminate();
     let log = std::fs::File::create(d.tmp.path().join("sewa2.log")).unwrap();
     d.child = Command::new(env!("CARGO_BIN_EXE_sewa"))
