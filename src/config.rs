@@ -143,6 +143,9 @@ pub struct SelectConfig {
     /// Whether smaller (min) or larger (max) metric values are better.
     #[serde(default = "default_metric_mode")]
     pub metric_mode: MetricMode,
+    /// Window members needed before the first selection (see `min_members()` for the default).
+    #[serde(default)]
+    pub min_members: Option<Positive>,
     /// SeWA options (the type is the SeWA selector's); defaults when the table is absent.
     #[serde(default)]
     pub sewa: SewaConfig,
@@ -157,7 +160,25 @@ impl Default for SelectConfig {
             ema_decay: default_ema_decay(),
             metric: default_metric(),
             metric_mode: default_metric_mode(),
+            min_members: None,
             sewa: SewaConfig::default(),
+        }
+    }
+}
+
+impl SelectConfig {
+    /// Window members needed before the daemon selects at all: `min_members`, or by default `k`
+    /// for the methods that average k members (lawa, best-metric, sewa, exhaustive, random: an
+    /// "average of the last 5" made of 1 checkpoint is that checkpoint under a false name) and 1
+    /// for those that average whatever the window holds (uniform, ema) or grow their own set
+    /// (greedy).
+    pub fn min_members(&self) -> usize {
+        if let Some(n) = self.min_members {
+            return n.get();
+        }
+        match self.method {
+            Method::Uniform | Method::Ema | Method::Greedy => 1,
+            _ => self.k.get(),
         }
     }
 }
@@ -189,6 +210,10 @@ pub struct PublishConfig {
     /// environment (e.g. recompute BatchNorm statistics); its failure is logged, never fatal.
     #[serde(default)]
     pub on_publish: Vec<String>,
+    /// `policy = "best"`: a published model whose newest member is more than this many steps
+    /// older than the window's newest member no longer blocks a selection with a worse loss.
+    #[serde(default)]
+    pub max_age_steps: Option<Positive>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -414,6 +439,14 @@ impl Config {
         // The owners' cross-field rules (their single values rejected themselves above).
         cfg.select.sewa.check(path)?;
         cfg.objective.as_ref().map(|o| o.check(path)).transpose()?;
+        if cfg.objective.as_ref().is_some_and(|o| o.has_acceptance())
+            && cfg.publish.policy != Policy::Best
+        {
+            let msg = "[objective] acceptance_data / acceptance_command are only used with \
+                       [publish] policy = \"best\" (they judge whether a selection replaces the \
+                       published model)";
+            return Err(Error::config(path, format!("{msg}\n{HINT}")));
+        }
         Ok(cfg)
     }
 
@@ -445,6 +478,16 @@ impl Config {
         }
         if self.watch.state_key.as_deref() == Some("") {
             return Err("[watch] state_key is empty; remove it to use the default keys".into());
+        }
+        if self.publish.max_age_steps.is_some() && self.publish.policy != Policy::Best {
+            return Err("[publish] max_age_steps is only used with policy = \"best\"".to_string());
+        }
+        let min = self.select.min_members();
+        if min > size {
+            return Err(format!(
+                "[select] min_members = {min} is larger than [window] size = {size}: nothing \
+                 would ever be selected; lower min_members (or k) or raise size"
+            ));
         }
         if self.watch.marker.is_empty() || self.watch.marker.contains('/') {
             return Err("[watch] marker must be a plain file name".to_string());
@@ -566,6 +609,42 @@ mod tests {
             let err = parse(&format!("{head}{table}")).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains(at), "{table}: {err}");
         }
+    }
+
+    /// Issue 9 item 12: LAWA published 1-member "averages" before k checkpoints existed.
+    #[test]
+    fn methods_that_average_k_members_wait_for_k_unless_min_members_says_otherwise() {
+        let min = |select: &str| {
+            let text = format!("{MIN}[select]\n{select}\n[objective]\ndata = \"d\"\n");
+            parse(&text).unwrap().select.min_members()
+        };
+        for method in ["lawa", "best-metric", "sewa", "exhaustive", "random"] {
+            assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 3, "{method}");
+        }
+        for method in ["uniform", "ema", "greedy"] {
+            assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 1, "{method}");
+        }
+        assert_eq!(min("method = \"lawa\"\nk = 3\nmin_members = 1"), 1);
+        assert_eq!(min("method = \"uniform\"\nmin_members = 4"), 4);
+        let err = parse(&format!(
+            "{MIN}[window]\nsize = 4\n[select]\nmethod = \"uniform\"\nk = 2\nmin_members = 5\n"
+        ));
+        assert!(err.unwrap_err().to_string().contains("min_members = 5"));
+        let err = parse(&format!("{MIN}[select]\nmin_members = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("at least 1") && err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn best_only_options_are_refused_under_policy_latest() {
+        let err = parse(&format!("{MIN}max_age_steps = 100\n")).unwrap_err().to_string();
+        assert!(err.contains("max_age_steps") && err.contains("policy = \"best\""), "{err}");
+        let objective = "[objective]\ndata = \"d\"\nacceptance_data = \"a\"\n";
+        let sewa = format!("[select]\nmethod = \"sewa\"\n{objective}");
+        let err = parse(&format!("{MIN}{sewa}")).unwrap_err().to_string();
+        assert!(err.contains("acceptance_data") && err.contains("policy = \"best\""), "{err}");
+        let best = format!("{MIN}policy = \"best\"\nmax_age_steps = 100\n{sewa}");
+        let c = parse(&best).unwrap();
+        assert_eq!(c.publish.max_age_steps, Some(Positive(100)));
     }
 
     /// Relative paths mean "relative to the config file", whatever the cwd: a bare file name

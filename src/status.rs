@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Identity;
 use crate::error::{Error, Result, WithPath};
 use crate::text;
 
@@ -30,7 +31,16 @@ pub struct Status {
     #[serde(with = "crate::manifest::path_json")]
     pub out: PathBuf,
     pub method: String,
+    /// The window, oldest first.
     pub members: Vec<MemberStatus>,
+    /// Why the daemon does not select yet (fewer members than `[select] min_members`).
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// What the published output holds (from its manifest at start-up, then from each
+    /// publication); its members may have left the window.
+    #[serde(default)]
+    pub published: Option<PublishedSelection>,
+    /// The last selection, published or not (see its `outcome`).
     pub last_selection: Option<SelectionStatus>,
     pub last_publish: Option<PublishStatus>,
     pub quarantined: Vec<QuarantineStatus>,
@@ -44,8 +54,77 @@ pub struct MemberStatus {
     pub path: PathBuf,
     pub step: u64,
     pub metric: Option<f64>,
-    /// Weight in the last selection.
+    /// Weight in the last selection (published or not).
     pub weight: f64,
+    /// Weight in the published average (0: not in it).
+    #[serde(default)]
+    pub published_weight: f64,
+    /// Whether the file version this member holds is still at its path.
+    #[serde(default)]
+    pub on_disk: OnDisk,
+}
+
+/// Whether the file version sewa holds is still at its path. A member whose file the trainer's
+/// rotation unlinked stays usable while sewa has it mapped, but it will not come back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisk {
+    #[default]
+    Present,
+    /// Nothing is at the path any more (deleted, e.g. by rotation).
+    Deleted,
+    /// Something else is at the path (replaced or rewritten since it was read), or it cannot
+    /// be examined.
+    Changed,
+}
+
+impl OnDisk {
+    /// Compare what is at `path` now with the `identity` it had when read (one `stat`, or one
+    /// per weight file of a directory). Without a recorded identity, only existence counts.
+    pub fn check(path: &Path, identity: Option<&Identity>) -> OnDisk {
+        match Identity::of(path) {
+            Ok(now) if identity.is_none_or(|id| *id == now) => OnDisk::Present,
+            Err(_) if std::fs::symlink_metadata(path).is_err() => OnDisk::Deleted,
+            _ => OnDisk::Changed,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            OnDisk::Present => "",
+            OnDisk::Deleted => "  [deleted from disk]",
+            OnDisk::Changed => "  [changed on disk]",
+        }
+    }
+}
+
+/// The selection the published output holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PublishedSelection {
+    /// When it was published (RFC 3339).
+    pub at: String,
+    pub method: String,
+    pub why: String,
+    /// Its loss on the selection data.
+    pub loss: Option<f64>,
+    /// Its loss on `[objective] acceptance_data`, when known.
+    #[serde(default)]
+    pub acceptance_loss: Option<f64>,
+    /// Inputs with a non-zero weight, oldest first.
+    pub members: Vec<PublishedMember>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishedMember {
+    #[serde(with = "crate::manifest::path_json")]
+    pub path: PathBuf,
+    pub step: Option<u64>,
+    pub weight: f64,
+    /// The member's own loss on the selection data, when the selector recorded it.
+    pub loss: Option<f64>,
+    /// Whether it is (this file version) still in the window.
+    pub in_window: bool,
+    pub on_disk: OnDisk,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,7 +133,13 @@ pub struct SelectionStatus {
     pub method: String,
     pub why: String,
     pub loss: Option<f64>,
-    /// Published, or why not.
+    /// Its loss on `[objective] acceptance_data`, when one is configured.
+    #[serde(default)]
+    pub acceptance_loss: Option<f64>,
+    /// Whether it was published (then it is `published` too).
+    #[serde(default)]
+    pub published: bool,
+    /// "published", or why not.
     pub outcome: String,
 }
 
@@ -147,20 +232,14 @@ pub fn render(s: &Status) -> String {
     let _ =
         writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
     let _ = writeln!(o, "watching {}  →  {}", s.dir.display(), s.out.display());
-    let _ = writeln!(o, "\nwindow: {} members, method {}", s.members.len(), s.method);
-    for m in &s.members {
-        let metric = m.metric.map(|v| format!("  metric {v:.6}")).unwrap_or_default();
-        let _ = writeln!(
-            o,
-            "  step {:>8}  weight {:.4}  {}{metric}",
-            m.step,
-            m.weight,
-            text::path(&m.path)
-        );
-    }
+    render_window(&mut o, s);
+    render_published(&mut o, s.published.as_ref());
     if let Some(sel) = &s.last_selection {
         let loss = sel.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
-        let _ = writeln!(o, "\nlast selection {}: {}{loss} — {}", sel.at, sel.why, sel.outcome);
+        let acc = sel.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
+        let (why, outcome) = (text::escape(&sel.why), text::escape(&sel.outcome));
+        let acc = acc.unwrap_or_default();
+        let _ = writeln!(o, "\nlast selection {}: {why}{loss}{acc} — {outcome}", sel.at);
     }
     match &s.last_publish {
         Some(p) => {
@@ -176,7 +255,8 @@ pub fn render(s: &Status) -> String {
                 p.average_ms
             );
         }
-        None => o.push_str("nothing published yet\n"),
+        None if s.published.is_none() => o.push_str("nothing published yet\n"),
+        None => {}
     }
     let (skipped, quarantined): (Vec<_>, Vec<_>) = s.quarantined.iter().partition(|q| q.skipped);
     if !quarantined.is_empty() {
@@ -203,6 +283,48 @@ pub fn render(s: &Status) -> String {
     o
 }
 
+/// The window: each member's weight in the published average and in the last selection.
+fn render_window(o: &mut String, s: &Status) {
+    let _ = writeln!(o, "\nwindow: {} members, method {}", s.members.len(), s.method);
+    if let Some(w) = &s.waiting {
+        let _ = writeln!(o, "  {}", text::escape(w));
+    }
+    for m in &s.members {
+        let metric = m.metric.map(|v| format!("  metric {v:.6}")).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  step {:>8}  published {:.4}  last selection {:.4}  {}{metric}{}",
+            m.step,
+            m.published_weight,
+            m.weight,
+            text::path(&m.path),
+            m.on_disk.label()
+        );
+    }
+}
+
+/// The published selection, members that left the window included.
+fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
+    let Some(p) = p else { return };
+    let loss = p.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
+    let acc = p.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
+    let (method, why) = (text::escape(&p.method), text::escape(&p.why));
+    let acc = acc.unwrap_or_default();
+    let _ = writeln!(o, "\npublished {} ({method}{loss}{acc}): {why}", p.at);
+    for m in &p.members {
+        let step = m.step.map_or("?".into(), |s| s.to_string());
+        let loss = m.loss.map(|l| format!("  loss {l:.6}")).unwrap_or_default();
+        let gone = if m.in_window { "" } else { "  [left the window]" };
+        let _ = writeln!(
+            o,
+            "  step {step:>8}  weight {:.4}{loss}  {}{gone}{}",
+            m.weight,
+            text::path(&m.path),
+            m.on_disk.label()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +346,69 @@ mod tests {
         assert_eq!(leftovers, 1, "no temp file left behind");
     }
 
+    /// A status file written before the published selection and on-disk marks existed still
+    /// reads (`sewa status` of an older running daemon).
+    #[test]
+    fn an_older_status_file_still_reads() {
+        let old = serde_json::json!({
+            "pid": 1, "version": "0.1.0", "state": "watching", "started_at": "t",
+            "updated_at": "t", "dir": "runs", "out": "out.safetensors", "method": "lawa",
+            "members": [{"path": "runs/step_1", "step": 1, "metric": null, "weight": 1.0}],
+            "last_selection": {"at": "t", "method": "lawa", "why": "w", "loss": null,
+                               "outcome": "published"},
+            "last_publish": null, "quarantined": [], "errors": [],
+            "counters": {"loaded": 1, "quarantined": 0, "selections": 1, "publishes": 1,
+                         "rescans": 0}
+        });
+        let s: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(s.members[0].on_disk, OnDisk::Present);
+        assert!(s.published.is_none() && s.waiting.is_none());
+        assert!(render(&s).contains("step        1"));
+    }
+
+    #[test]
+    fn render_lists_the_published_members_apart_from_the_window() {
+        let gone = PublishedMember {
+            path: "runs/step_1".into(),
+            step: Some(1),
+            weight: 0.25,
+            loss: Some(0.5),
+            in_window: false,
+            on_disk: OnDisk::Deleted,
+        };
+        let published = PublishedSelection {
+            at: "t0".into(),
+            method: "sewa".into(),
+            why: "sewa: 4 of 8".into(),
+            loss: Some(0.125),
+            acceptance_loss: Some(0.25),
+            members: vec![gone],
+        };
+        let s = Status { published: Some(published), ..Status::default() };
+        let text = render(&s);
+        assert!(
+            text.contains("published t0 (sewa, loss 0.125000 (0.250000 on the acceptance data))")
+        );
+        assert!(text.contains("step        1  weight 0.2500  loss 0.500000  runs/step_1  [left the window]  [deleted from disk]"), "{text}");
+        assert!(!text.contains("nothing published yet"), "{text}");
+    }
+
+    #[test]
+    fn on_disk_tells_deleted_from_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("step_5.safetensors");
+        std::fs::write(&path, b"version one").unwrap();
+        let id = Identity::of(&path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Present);
+        assert_eq!(OnDisk::check(&path, None), OnDisk::Present);
+        std::fs::write(dir.path().join("new"), b"version two, longer").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Changed);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Deleted);
+        assert_eq!(OnDisk::check(&path, None), OnDisk::Deleted);
+    }
+
     #[test]
     fn non_utf8_paths_are_written_losslessly() {
         use std::os::unix::ffi::OsStringExt;
@@ -231,7 +416,14 @@ mod tests {
         let path = dir.path().join("status.json");
         let odd =
             PathBuf::from(std::ffi::OsString::from_vec(b"runs/step_\xff.safetensors".to_vec()));
-        let member = MemberStatus { path: odd.clone(), step: 1, metric: None, weight: 1.0 };
+        let member = MemberStatus {
+            path: odd.clone(),
+            step: 1,
+            metric: None,
+            weight: 1.0,
+            published_weight: 1.0,
+            on_disk: OnDisk::Present,
+        };
         let mut s = Status { members: vec![member], out: odd.clone(), ..Status::default() };
         s.write(&path).unwrap();
         let back = Status::read(&path).unwrap();

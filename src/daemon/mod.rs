@@ -7,13 +7,16 @@
 //! (`contain`) and a shutdown that never leaves a torn output.
 //! Only I/O orchestration lives here; decisions are in `watch::settler`, `window`, `select`.
 
+mod accept;
 mod hook;
 mod load;
 mod loudness;
 mod output;
 mod panics;
 mod pipeline;
+mod policy;
 mod progress;
+mod status_view;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

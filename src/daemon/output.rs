@@ -23,6 +23,11 @@ pub struct LastPublished {
     /// Every input with a non-zero weight, in window order.
     pub inputs: Vec<PublishedInput>,
     pub loss: Option<f64>,
+    /// The selection's method and one-line reason (for the status file).
+    pub method: String,
+    pub why: String,
+    /// When it was published (RFC 3339).
+    pub at: String,
 }
 
 /// One published input: which file version went in, with what weight.
@@ -33,6 +38,8 @@ pub struct PublishedInput {
     /// The checkpoint's identity when it was averaged (None: a manifest without one).
     pub identity: Option<Identity>,
     pub weight: f64,
+    /// The member's own loss on the selection data, when the selector recorded it.
+    pub loss: Option<f64>,
 }
 
 impl LastPublished {
@@ -60,13 +67,36 @@ impl LastPublished {
 pub fn read_last(cfg: &Config) -> Option<LastPublished> {
     let text = std::fs::read(cfg.manifest_path()).ok()?;
     let m: Manifest = serde_json::from_slice(&text).ok()?;
+    let losses = recorded_member_losses(&m.selection.details);
     let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| PublishedInput {
+        loss: losses.iter().find(|(p, s, _)| *p == i.path && *s == i.step).map(|x| x.2),
         path: i.path,
         step: i.step,
         identity: i.identity,
         weight: i.weight,
     });
-    Some(LastPublished { inputs: inputs.collect(), loss: m.selection.loss })
+    Some(LastPublished {
+        inputs: inputs.collect(),
+        loss: m.selection.loss,
+        method: m.selection.method,
+        why: m.selection.why,
+        at: m.finished,
+    })
+}
+
+/// (path, step, own loss) of the window members a model-based selection recorded losses for
+/// (`details.members` and `details.member_losses`, both in window order).
+pub fn recorded_member_losses(details: &serde_json::Value) -> Vec<(PathBuf, Option<u64>, f64)> {
+    let (Some(members), Some(losses)) =
+        (details["members"].as_array(), details["member_losses"].as_array())
+    else {
+        return Vec::new();
+    };
+    let each = members.iter().zip(losses).filter_map(|(m, l)| {
+        let path = PathBuf::from(m["path"].as_str()?);
+        Some((path, m["step"].as_u64(), l.as_f64()?))
+    });
+    each.collect()
 }
 
 /// The selected members and how the running average was updated, for the manifest.

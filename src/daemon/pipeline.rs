@@ -12,18 +12,20 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, info_span, warn};
 
+use super::accept::{self, Acceptance};
 use super::load::{self, Refusal};
 use super::loudness::{Level, Loudness};
 use super::output::{self, LastPublished, PublishedInput};
-use super::panics;
+use super::policy::{self, Candidate, Rules, Verdict};
 use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
+use super::{panics, status_view};
 use crate::accumulate::Accumulator;
-use crate::checkpoint::{self, Checkpoint, Identity};
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, Memory, ModelContext, Selection, WindowView};
-use crate::status::{self, MemberStatus, PublishStatus, QuarantineStatus, SelectionStatus, Status};
+use crate::status::{self, OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::text;
 use crate::watch::{Filter, Settled, Sig};
 use crate::window::{Action, Event, Member, Window};
@@ -42,6 +44,8 @@ pub struct Pipeline {
     objective: Option<Box<dyn Objective>>,
     /// What earlier selections left for the next (SeWA warm start, members' losses).
     memory: Memory,
+    /// `[objective] acceptance_data`: the split `policy = "best"` judges on, when configured.
+    acceptance: Acceptance,
     /// `[publish] on_publish`, run after each publication.
     hook: super::hook::Hook,
     /// The promise of progress the watchdog task reads (see `progress`).
@@ -79,6 +83,7 @@ impl Pipeline {
             reselect: false,
             objective: None,
             memory: Memory::default(),
+            acceptance: Acceptance::default(),
             hook: Default::default(),
             progress: Arc::new(Progress::new(stall)),
             stall,
@@ -100,12 +105,14 @@ impl Pipeline {
         self.status.method = cfg.select.method.name().into();
         if cfg.publish != self.cfg.publish {
             self.last = output::read_last(&cfg);
+            self.acceptance.now_published(None); // another output: judged again from its file
         }
         self.stall = stall_bound(&cfg);
         if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {
             self.progress.beat(self.stall); // dropping an evaluator waits for it to exit
             self.objective = None;
             self.memory = Memory::default();
+            self.acceptance.reset();
         }
         self.cfg = cfg;
         self.apply(actions);
@@ -144,9 +151,10 @@ impl Pipeline {
         self.finish();
     }
 
-    /// Reselect if asked, then write the status file.
+    /// Reselect if asked and the window holds enough members, then write the status file.
     fn finish(&mut self) {
-        if std::mem::take(&mut self.reselect) && !self.window.members().is_empty() {
+        if self.reselect && self.enough_members() {
+            self.reselect = false;
             self.beat(self.window_bytes());
             self.check_members();
             if let Err(e) = self.select_and_publish() {
@@ -160,6 +168,24 @@ impl Pipeline {
             }
         }
         self.write_status();
+    }
+
+    /// Whether the window holds `[select] min_members`; if not, the reselection waits (it stays
+    /// asked for) and the status says why.
+    fn enough_members(&mut self) -> bool {
+        let (have, need) = (self.window.members().len(), self.cfg.select.min_members().max(1));
+        if have >= need {
+            self.status.waiting = None;
+            return true;
+        }
+        let why = format!(
+            "selection waits for {need} window members ([select] min_members), {have} so far"
+        );
+        if self.status.waiting.as_ref() != Some(&why) {
+            info!(have, need, "{why}");
+        }
+        self.status.waiting = Some(why);
+        false
     }
 
     /// Drop members whose file was rewritten in place (before reading them again).
@@ -267,27 +293,92 @@ impl Pipeline {
         self.status.counters.selections += 1;
         let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
         self.weights = paired.collect();
-        // Window order (by step), as the manifest lists them.
-        let inputs: Vec<PublishedInput> = (summaries.iter().zip(&ckpts).zip(&selection.weights))
-            .filter(|(_, w)| **w > 0.0)
-            .map(|((m, c), w)| PublishedInput {
-                path: m.path.clone(),
-                step: m.step,
-                identity: Some(c.identity().clone()),
-                weight: *w,
-            })
-            .collect();
-        let (policy, filter) = (self.cfg.publish.policy, Filter::new(&self.cfg));
-        let available = |i: &PublishedInput| still_candidate(&filter, i) && on_disk(i);
-        if let Some(skip) = skip_reason(policy, self.last.as_ref(), &selection, &inputs, available)
-        {
-            info!(why = %selection.why, %skip, "selection not published");
-            self.record_selection(&selection, skip);
+        let inputs = published_inputs(&summaries, &ckpts, &selection);
+        let mut selection = selection;
+        let newest = summaries.last().and_then(|m| m.step);
+        let Some(go) = self.verdict(&mut selection, &refs, &inputs, newest)? else {
             return Ok(());
-        }
+        };
         let members: Vec<(Arc<Checkpoint>, f64)> =
             ckpts.into_iter().zip(selection.weights.iter().copied()).collect();
-        self.publish(selection, members, inputs, t0)
+        let before = self.status.counters.publishes;
+        self.publish(selection, members, inputs, t0, go.note)?;
+        if go.acceptance.is_some() && self.status.counters.publishes > before {
+            self.acceptance.now_published(go.acceptance);
+        }
+        Ok(())
+    }
+
+    /// Whether `selection` replaces the published model (`policy`): None when it does not
+    /// (recorded in the status), else why it does when the rules usually hold it back, and its
+    /// loss on the acceptance split when that judged it.
+    fn verdict(
+        &mut self,
+        selection: &mut Selection,
+        refs: &[&Checkpoint],
+        inputs: &[PublishedInput],
+        newest_step: Option<u64>,
+    ) -> Result<Option<Go>> {
+        let (judged, published, split) = match self.judge(selection, refs, inputs) {
+            Ok(j) => j,
+            Err(e) => {
+                self.record_selection(selection, false, format!("not published: {e}"));
+                return Err(e);
+            }
+        };
+        let loss = selection.loss;
+        let c = Candidate { inputs, loss, judged, published, split, newest_step };
+        let max_age_steps = self.cfg.publish.max_age_steps.map(|n| n.0);
+        let rules = Rules { policy: self.cfg.publish.policy, max_age_steps };
+        let filter = Filter::new(&self.cfg);
+        let available = |i: &PublishedInput| still_candidate(&filter, i) && on_disk(i);
+        match policy::decide(rules, self.last.as_ref(), &c, available) {
+            Verdict::Skip(skip) => {
+                info!(why = %selection.why, %skip, "selection not published");
+                self.record_selection(selection, false, skip);
+                Ok(None)
+            }
+            Verdict::Publish { note } => {
+                if let Some(note) = &note {
+                    info!(why = %selection.why, %note, "publishing");
+                }
+                Ok(Some(Go { note, acceptance: judged.filter(|_| split == ACCEPTANCE) }))
+            }
+        }
+    }
+
+    /// The losses `policy = "best"` compares and on what split: on `[objective]
+    /// acceptance_data` when one is configured (evaluated here, counted apart in the
+    /// selection's details as `oracle_calls_acceptance`), else the selection's own loss and
+    /// the published one's. Nothing is evaluated for a selection that is the published one.
+    fn judge(
+        &mut self,
+        selection: &mut Selection,
+        refs: &[&Checkpoint],
+        inputs: &[PublishedInput],
+    ) -> Result<(Option<f64>, Option<f64>, &'static str)> {
+        let plain = (selection.loss, self.last.as_ref().and_then(|l| l.loss), "selection data");
+        let same = self.last.as_ref().is_some_and(|l| l.same_as(inputs));
+        if self.cfg.publish.policy != Policy::Best || same {
+            return Ok(plain);
+        }
+        let Some(oc) = self.cfg.objective.clone().filter(|o| o.has_acceptance()) else {
+            return Ok(plain);
+        };
+        let base_dir = self.cfg.base_dir();
+        let setting = accept::Setting {
+            objective: &oc,
+            base_dir: &base_dir,
+            out: &self.cfg.publish.out,
+            progress: &self.progress,
+            allowed: self.allowed(self.window_bytes()),
+        };
+        let j = self.acceptance.judge(&setting, refs, &selection.weights)?;
+        let d = &mut selection.details;
+        d["acceptance_loss"] = serde_json::json!(j.candidate);
+        d["acceptance_published_loss"] = serde_json::json!(j.published);
+        d["oracle_calls_acceptance"] = serde_json::json!(j.calls);
+        Ok((Some(j.candidate), j.published, ACCEPTANCE))
     }
 
     /// Update the running average to `members` and publish it with its manifest.
@@ -297,6 +388,7 @@ impl Pipeline {
         members: Vec<(Arc<Checkpoint>, f64)>,
         inputs: Vec<PublishedInput>,
         t0: Instant,
+        note: Option<String>,
     ) -> Result<()> {
         self.beat(self.window_bytes());
         let t_avg = Instant::now();
@@ -331,9 +423,15 @@ impl Pipeline {
             average_ms,
             millis,
         });
-        self.record_selection(&selection, "published".into());
-        self.last = Some(LastPublished { inputs, loss: selection.loss });
-
+        let outcome = note.map_or("published".into(), |n| format!("published: {n}"));
+        self.record_selection(&selection, true, outcome);
+        self.last = Some(LastPublished {
+            inputs,
+            loss: selection.loss,
+            method: selection.method,
+            why: selection.why,
+            at: status::now_rfc3339(),
+        });
         Ok(())
     }
 
@@ -369,12 +467,14 @@ impl Pipeline {
         Ok(())
     }
 
-    fn record_selection(&mut self, sel: &Selection, outcome: String) {
+    fn record_selection(&mut self, sel: &Selection, published: bool, outcome: String) {
         self.status.last_selection = Some(SelectionStatus {
             at: status::now_rfc3339(),
             method: sel.method.clone(),
             why: sel.why.clone(),
             loss: sel.loss,
+            acceptance_loss: sel.details["acceptance_loss"].as_f64(),
+            published,
             outcome,
         });
     }
@@ -416,13 +516,10 @@ impl Pipeline {
     }
 
     pub fn write_status(&mut self) {
-        let members = self.window.members().iter().map(|m| MemberStatus {
-            path: m.path.clone(),
-            step: m.step,
-            metric: m.metric,
-            weight: self.weights.get(&m.path).copied().unwrap_or(0.0),
-        });
-        self.status.members = members.collect();
+        let (window, last) = (self.window.members(), self.last.as_ref());
+        self.status.members = status_view::members(window, &self.open, &self.weights, last);
+        let acceptance = self.acceptance.published_loss();
+        self.status.published = status_view::published(last, window, &self.open, acceptance);
         let q = self.window.rejected().map(|r| QuarantineStatus {
             path: r.path.clone(),
             reason: r.reason.clone(),
@@ -437,70 +534,6 @@ impl Pipeline {
     }
 }
 
-/// Why a selection should not replace the published one, if it should not: it is the same
-/// (members, file versions and weights); with `policy = "best"` it has no finite loss or its
-/// loss does not beat the published one's (a published model without a loss is beaten by any
-/// finite loss); with `policy = "latest"` it is older than the published one while that is
-/// available (see `older_than_published`). `available` says whether a published input is
-/// still a candidate on disk as it was averaged.
-fn skip_reason(
-    policy: Policy,
-    last: Option<&LastPublished>,
-    selection: &Selection,
-    inputs: &[PublishedInput],
-    available: impl Fn(&PublishedInput) -> bool,
-) -> Option<String> {
-    let new = selection.loss.filter(|l| l.is_finite());
-    if policy == Policy::Best && new.is_none() {
-        return Some(format!(
-            "policy best: the selection has no finite loss ({:?})",
-            selection.loss
-        ));
-    }
-    let last = last?;
-    if last.same_as(inputs) {
-        return Some("same members, file versions and weights as the published average".into());
-    }
-    let old = last.loss.filter(|l| l.is_finite());
-    if let (Policy::Best, Some(new), Some(old)) = (policy, new, old)
-        && new >= old
-    {
-        return Some(format!("policy best: loss {new:.6} does not beat {old:.6}"));
-    }
-    if policy == Policy::Latest {
-        return older_than_published(last, inputs, available);
-    }
-    None
-}
-
-/// `policy = "latest"` never goes back in training time: when newer members left the window
-/// and it refilled from older checkpoints, the published average (with the newer ones) stays.
-/// Unless the published newest member is gone (deleted or replaced on disk: the trainer went
-/// back; or no longer a candidate: the config now watches another directory or pattern), then
-/// the older selection is what exists now and is published.
-fn older_than_published(
-    last: &LastPublished,
-    inputs: &[PublishedInput],
-    available: impl Fn(&PublishedInput) -> bool,
-) -> Option<String> {
-    let published = last.newest()?;
-    let old = published.step?;
-    let new = inputs.iter().filter_map(|i| i.step).max()?;
-    if new >= old {
-        return None;
-    }
-    let path = published.path.display();
-    if !available(published) {
-        info!(new, old, published = %path, "policy latest: publishing an older selection, \
-              the published newest member is gone");
-        return None;
-    }
-    Some(format!(
-        "policy latest: its newest member (step {new}) is older than the published one \
-         (step {old}, {path}, still there)"
-    ))
-}
-
 /// Whether a published input is still a candidate of the watched directory.
 fn still_candidate(filter: &Filter, input: &PublishedInput) -> bool {
     filter.candidate(&input.path).is_some_and(|top| top == input.path)
@@ -508,11 +541,40 @@ fn still_candidate(filter: &Filter, input: &PublishedInput) -> bool {
 
 /// Whether a published input is still on disk as it was averaged (same identity).
 fn on_disk(input: &PublishedInput) -> bool {
-    match &input.identity {
-        Some(id) => Identity::of(&input.path).is_ok_and(|now| &now == id),
-        None => input.path.exists(),
-    }
+    OnDisk::check(&input.path, input.identity.as_ref()) == OnDisk::Present
 }
+
+/// A selection the policy lets through.
+struct Go {
+    /// Why, when the rules usually hold such a selection back.
+    note: Option<String>,
+    /// Its loss on the acceptance split, when that judged it.
+    acceptance: Option<f64>,
+}
+
+/// The selection's inputs with a non-zero weight, in window order (as the manifest lists
+/// them), with each member's own loss when the selector recorded it.
+fn published_inputs(
+    summaries: &[select::MemberSummary],
+    ckpts: &[Arc<Checkpoint>],
+    selection: &Selection,
+) -> Vec<PublishedInput> {
+    let own = &selection.details["member_losses"];
+    (summaries.iter().zip(ckpts).zip(&selection.weights))
+        .enumerate()
+        .filter(|(_, (_, w))| **w > 0.0)
+        .map(|(i, ((m, c), w))| PublishedInput {
+            path: m.path.clone(),
+            step: m.step,
+            identity: Some(c.identity().clone()),
+            weight: *w,
+            loss: own[i].as_f64(),
+        })
+        .collect()
+}
+
+/// The split `judge` names when it judged on `[objective] acceptance_data`.
+const ACCEPTANCE: &str = "acceptance data";
 
 type Loaded = std::result::Result<(Checkpoint, u64, Option<f64>), Refusal>;
 
@@ -541,90 +603,7 @@ fn trusted(c: &Checkpoint) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sel(loss: Option<f64>) -> Selection {
-        let details = serde_json::Value::Null;
-        Selection {
-            method: "sewa".into(),
-            weights: vec![0.5, 0.5],
-            why: String::new(),
-            loss,
-            details,
-        }
-    }
-
-    /// A file version: identities are opaque outside `checkpoint`, but they round-trip JSON.
-    fn version(n: u64) -> Identity {
-        let v = serde_json::json!({"dev": 1, "ino": n, "size": 8, "mtime_ns": n, "members": 0});
-        serde_json::from_value(v).unwrap()
-    }
-
-    fn input(step: u64, v: u64, weight: f64) -> PublishedInput {
-        let path = PathBuf::from(format!("step_{step}.safetensors"));
-        PublishedInput { path, step: Some(step), identity: Some(version(v)), weight }
-    }
-
-    fn published(inputs: Vec<PublishedInput>, loss: Option<f64>) -> LastPublished {
-        LastPublished { inputs, loss }
-    }
-
-    const THERE: fn(&PublishedInput) -> bool = |_| true;
-    const GONE: fn(&PublishedInput) -> bool = |_| false;
-
-    #[test]
-    fn best_policy_never_replaces_a_better_published_model() {
-        let a = vec![input(1, 1, 0.5), input(2, 2, 0.5)];
-        let b = vec![input(2, 2, 0.5), input(3, 3, 0.5)];
-        let last = published(a.clone(), Some(0.30));
-        let skip = |policy, loss, inputs: &[PublishedInput]| {
-            skip_reason(policy, Some(&last), &sel(loss), inputs, THERE)
-        };
-        assert!(skip_reason(Policy::Best, None, &sel(Some(9.0)), &b, THERE).is_none(), "first");
-        assert!(skip(Policy::Latest, Some(0.2), &a).is_some(), "same");
-        assert!(skip(Policy::Best, Some(0.31), &b).is_some(), "worse");
-        assert!(skip(Policy::Best, Some(0.30), &b).is_some(), "tie");
-        assert!(skip(Policy::Best, Some(0.29), &b).is_none(), "better");
-        assert!(skip(Policy::Latest, Some(0.9), &b).is_none(), "latest");
-    }
-
-    #[test]
-    fn a_member_replaced_at_the_same_path_is_not_the_published_average() {
-        let last = published(vec![input(1, 1, 0.5), input(2, 2, 0.5)], None);
-        let skip = |inputs: &[PublishedInput]| {
-            skip_reason(Policy::Latest, Some(&last), &sel(None), inputs, THERE)
-        };
-        assert!(skip(&[input(1, 1, 0.5), input(2, 2, 0.5)]).is_some(), "same versions");
-        // Step 2 rewritten in place or replaced by rename: same path and step, new version.
-        assert!(skip(&[input(1, 1, 0.5), input(2, 22, 0.5)]).is_none(), "new file version");
-        let mut renumbered = input(2, 2, 0.5);
-        renumbered.step = Some(7);
-        assert!(skip(&[input(1, 1, 0.5), renumbered]).is_none(), "new step in metadata");
-        // A manifest without identities (older sewa) cannot prove sameness: publish again.
-        let mut old = published(vec![input(1, 1, 0.5), input(2, 2, 0.5)], None);
-        old.inputs.iter_mut().for_each(|i| i.identity = None);
-        let again = [input(1, 1, 0.5), input(2, 2, 0.5)];
-        assert!(skip_reason(Policy::Latest, Some(&old), &sel(None), &again, THERE).is_none());
-    }
-
-    #[test]
-    fn latest_policy_never_publishes_an_older_selection_while_the_published_one_exists() {
-        let last = published(vec![input(3, 3, 0.4), input(4, 4, 0.3), input(5, 5, 0.3)], None);
-        let skip = |inputs: &[PublishedInput], on_disk: fn(&PublishedInput) -> bool| {
-            skip_reason(Policy::Latest, Some(&last), &sel(None), inputs, on_disk)
-        };
-        // Step 5 left the window and it refilled from step 2: older than what is published.
-        let refilled = [input(2, 2, 0.4), input(3, 3, 0.3), input(4, 4, 0.3)];
-        let why = skip(&refilled, THERE).expect("an older selection must not be published");
-        assert!(why.contains("step 4") && why.contains("step 5"), "{why}");
-        // The published step 5 is gone from disk (the trainer went back): publish what exists.
-        assert!(skip(&refilled, GONE).is_none());
-        // Newer or as new: published as usual.
-        assert!(skip(&[input(4, 4, 0.5), input(5, 5, 0.5)], THERE).is_none());
-        assert!(skip(&[input(5, 5, 0.5), input(6, 6, 0.5)], THERE).is_none());
-        // `best` judges by loss, not by age.
-        let best = skip_reason(Policy::Best, Some(&last), &sel(Some(0.1)), &refilled, THERE);
-        assert!(best.is_none());
-    }
+    use crate::checkpoint::Identity;
 
     #[test]
     fn on_disk_means_the_same_file_version_is_still_there() {
@@ -632,7 +611,8 @@ mod tests {
         let path = dir.path().join("step_5.safetensors");
         std::fs::write(&path, b"version one").unwrap();
         let identity = Some(Identity::of(&path).unwrap());
-        let input = PublishedInput { path: path.clone(), step: Some(5), identity, weight: 1.0 };
+        let (step, weight) = (Some(5), 1.0);
+        let input = PublishedInput { path: path.clone(), step, identity, weight, loss: None };
         assert!(on_disk(&input));
         let replacement = dir.path().join("new");
         std::fs::write(&replacement, b"version two, longer").unwrap();
@@ -666,24 +646,5 @@ mod tests {
         assert!(!q[0].incomplete, "a panic is not 'still being written'");
         assert_eq!(p.status.counters.quarantined, 1);
         assert!(p.window.members().is_empty());
-    }
-
-    #[test]
-    fn best_policy_never_publishes_a_selection_without_a_finite_loss() {
-        let a = vec![input(1, 1, 0.5), input(2, 2, 0.5)];
-        let b = vec![input(2, 2, 0.5), input(3, 3, 0.5)];
-        let scored = published(a.clone(), Some(0.30));
-        let unscored = published(a, None);
-        for bad in [None, Some(f64::NAN), Some(f64::INFINITY)] {
-            for last in [None, Some(&scored), Some(&unscored)] {
-                let skip = skip_reason(Policy::Best, last, &sel(bad), &b, THERE);
-                assert!(
-                    skip.is_some_and(|s| s.contains("no finite loss")),
-                    "{bad:?} over {:?}",
-                    last.map(|l| l.loss)
-                );
-            }
-        }
-        assert!(skip_reason(Policy::Best, Some(&unscored), &sel(Some(9.0)), &b, THERE).is_none());
     }
 }

@@ -97,6 +97,15 @@ pub struct ObjectiveConfig {
     /// Working directory of the evaluator, relative to the config file.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// `kind = "builtin"`, `policy = "best"`: a second held-out file (same layout as `data`) on
+    /// which a selection is compared with the published model, so that acceptance is not judged
+    /// on the split the selection optimised. Without it the selection's own loss is compared.
+    #[serde(default)]
+    pub acceptance_data: Option<PathBuf>,
+    /// `kind = "command"`, `policy = "best"`: the same, as a second evaluator process (same
+    /// protocol and settings as `command`) that computes the loss on the other split.
+    #[serde(default)]
+    pub acceptance_command: Vec<String>,
 }
 
 impl ObjectiveConfig {
@@ -105,6 +114,7 @@ impl ObjectiveConfig {
         if self.batch == Some(0) {
             return Err(Error::config(config_path, "[objective] batch must be at least 1"));
         }
+        self.check_acceptance(config_path)?;
         match self.kind {
             ObjectiveKind::Builtin if self.data.as_os_str().is_empty() => Err(Error::config(
                 config_path,
@@ -117,6 +127,39 @@ impl ObjectiveConfig {
             ObjectiveKind::Builtin => Ok(()),
             ObjectiveKind::Command => self.command_config(Path::new(".")).check(config_path),
         }
+    }
+
+    /// Whether a separate acceptance split is configured.
+    pub fn has_acceptance(&self) -> bool {
+        self.acceptance_data.is_some() || !self.acceptance_command.is_empty()
+    }
+
+    /// Each kind has its own way to name the acceptance split.
+    fn check_acceptance(&self, config_path: &Path) -> Result<()> {
+        let msg = match self.kind {
+            ObjectiveKind::Builtin if !self.acceptance_command.is_empty() => {
+                "[objective] acceptance_command is for kind = \"command\"; with the builtin \
+                 objective name the file: acceptance_data = \"acceptance.safetensors\""
+            }
+            ObjectiveKind::Builtin
+                if self.acceptance_data.as_ref().is_some_and(|p| p.as_os_str().is_empty()) =>
+            {
+                "[objective] acceptance_data is empty"
+            }
+            ObjectiveKind::Command if self.acceptance_data.is_some() => {
+                "[objective] acceptance_data is not supported with kind = \"command\" (sewa \
+                 never tells an evaluator which data to use); start a second evaluator on the \
+                 other split instead: acceptance_command = [\"python3\", \"eval.py\", \
+                 \"acceptance.safetensors\"]"
+            }
+            ObjectiveKind::Command
+                if self.acceptance_command.first().is_some_and(|c| c.is_empty()) =>
+            {
+                "[objective] acceptance_command must name a program"
+            }
+            _ => return Ok(()),
+        };
+        Err(Error::config(config_path, msg))
     }
 
     /// The data path, resolved against the directory of the config file.
@@ -156,6 +199,21 @@ impl ObjectiveConfig {
         let data = Dataset::load(&path, self.loss)?;
         Ok(Box::new(MlpObjective::new(data, self.activation, self.loss, self.batch)))
     }
+
+    /// The acceptance objective (`acceptance_data` or `acceptance_command`), if configured:
+    /// the same model, loss and evaluator settings as the selection's, on the other split.
+    /// Daemon lifetime: only `sewa watch` publishes under `policy = "best"`.
+    pub fn build_acceptance(&self, base_dir: &Path) -> Result<Option<Box<dyn Objective>>> {
+        if !self.has_acceptance() {
+            return Ok(None);
+        }
+        let mut other = self.clone();
+        match self.kind {
+            ObjectiveKind::Builtin => other.data = self.acceptance_data.clone().unwrap_or_default(),
+            ObjectiveKind::Command => other.command = self.acceptance_command.clone(),
+        }
+        other.build(base_dir).map(Some)
+    }
 }
 
 #[cfg(test)]
@@ -172,5 +230,22 @@ mod tests {
         let e = toml::from_str::<ObjectiveConfig>("data = \"x\"\nlr = 1").unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
         assert!(toml::from_str::<ObjectiveConfig>("data = \"x\"\nactivation = \"swish\"").is_err());
+    }
+
+    #[test]
+    fn acceptance_split_is_named_the_way_each_kind_takes_data() {
+        let parse = |text: &str| {
+            let c: ObjectiveConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.check(Path::new("c.toml")).map(|()| c).map_err(|e| e.to_string())
+        };
+        let c = parse("data = \"sel\"\nacceptance_data = \"acc\"").unwrap();
+        assert!(c.has_acceptance());
+        assert!(!parse("data = \"sel\"").unwrap().has_acceptance());
+        let e = parse("kind = \"command\"\ncommand = [\"e\"]\nacceptance_data = \"acc\"");
+        assert!(e.unwrap_err().contains("acceptance_command = ["));
+        let e = parse("data = \"sel\"\nacceptance_command = [\"e\"]").unwrap_err();
+        assert!(e.contains("acceptance_data = "), "{e}");
+        let c = parse("kind = \"command\"\ncommand = [\"e\"]\nacceptance_command = [\"f\"]");
+        assert!(c.unwrap().has_acceptance());
     }
 }

@@ -586,7 +586,8 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
     assert_eq!(published(&a), published(&b));
     let status = a.history.last.as_ref().unwrap();
     assert_eq!(status.counters.loaded, 15, "every checkpoint was taken in, each on its own");
-    assert_eq!(status.counters.selections, 15);
+    // k = 3: the watcher selects once the window holds 3 members ([select] min_members).
+    assert_eq!(status.counters.selections, 15 - 2);
     assert_eq!(status.counters.publishes as usize, a.history.publications.len());
     // The last publication recorded is what is on disk, and the final lines say so.
     let last = a.history.publications.last().expect("the watcher published");
@@ -596,8 +597,8 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
         m["inputs"].as_array().unwrap().iter().map(|i| i["step"].as_u64().unwrap()).collect();
     assert_eq!((steps, m["selection"]["loss"].as_f64()), (last.steps.clone(), last.loss));
     let said = format!(
-        "published model: selection {} of 15, made when step {} arrived",
-        last.selection, last.after_step
+        "published model: selection {} of {}, made when step {} arrived",
+        last.selection, status.counters.selections, last.after_step
     );
     assert!(a.summary.contains(&said), "{}", a.summary);
     let same =

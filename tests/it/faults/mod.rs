@@ -7,4 +7,5 @@ mod losses;
 mod publish;
 mod reads;
 mod service;
+mod status;
 mod validation;
