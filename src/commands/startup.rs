@@ -25,13 +25,23 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     if let Some(oc) = used {
         let base = cfg.base_dir();
         match oc.kind {
-            ObjectiveKind::Builtin => notes.extend(data_file(&oc.data_path(&base))),
+            ObjectiveKind::Builtin => {
+                notes.extend(data_file(&oc.data_path(&base)));
+                if let Some(acc) = &oc.acceptance_data {
+                    let path = if acc.is_absolute() { acc.clone() } else { base.join(acc) };
+                    notes
+                        .extend(data_file(&path).map(|n| n.replacen("data", "acceptance_data", 1)));
+                }
+            }
             ObjectiveKind::Command => {
                 let c = oc.command_config(&base);
                 let cwd = c.cwd.unwrap_or(base);
-                let program = c.command.first().map_or("", String::as_str);
-                evaluator_program(program, &cwd, c.env.get("PATH"))
-                    .map_err(|m| Error::config(file, m))?;
+                // The acceptance evaluator starts the same way, with its own program.
+                let programs = [c.command.first(), oc.acceptance_command.first()];
+                for program in programs.into_iter().flatten() {
+                    evaluator_program(program, &cwd, c.env.get("PATH"))
+                        .map_err(|m| Error::config(file, m))?;
+                }
             }
         }
     }

@@ -94,6 +94,15 @@ fn check_config_refuses_what_watch_refuses_with_line_and_column() {
             "sampels",
             "line 8, column 1",
         ),
+        (
+            // The acceptance evaluator starts like the main one: its program is checked too.
+            "[watch]\ndir = \"runs\"\n[publish]\nout = \"avg/model.safetensors\"\n\
+             policy = \"best\"\n[select]\nmethod = \"sewa\"\n[objective]\nkind = \"command\"\n\
+             command = [\"python3\"]\nacceptance_command = [\"./accept.py\"]\n"
+                .to_string(),
+            "accept.py",
+            "does not exist",
+        ),
     ];
     for (i, (config, want, also)) in cases.iter().enumerate() {
         let path = tmp.path().join(format!("case{i}.toml"));
