@@ -17,6 +17,7 @@ pub mod layout;
 pub mod manifest;
 pub mod meter;
 pub mod objective;
+pub mod path_json;
 pub mod publish;
 pub mod report;
 pub mod schema;

@@ -3,7 +3,7 @@
 //! This module only describes and serialises the record; `publish` decides where and when.
 //! Paths are recorded losslessly (see [`path_json`]): a non-UTF-8 name never fails or panics.
 
-pub mod path_json;
+use crate::path_json;
 
 use std::path::PathBuf;
 use std::time::SystemTime;

@@ -26,9 +26,9 @@ pub struct Status {
     pub state: String,
     pub started_at: String,
     pub updated_at: String,
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub dir: PathBuf,
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub out: PathBuf,
     pub method: String,
     /// The window, oldest first.
@@ -50,7 +50,7 @@ pub struct Status {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MemberStatus {
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub path: PathBuf,
     pub step: u64,
     pub metric: Option<f64>,
@@ -116,7 +116,7 @@ pub struct PublishedSelection {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PublishedMember {
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub path: PathBuf,
     pub step: Option<u64>,
     pub weight: f64,
@@ -146,9 +146,9 @@ pub struct SelectionStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PublishStatus {
     pub at: String,
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub path: PathBuf,
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub manifest: PathBuf,
     pub members: usize,
     /// Checkpoints read to update the running average (incremental updates read few).
@@ -163,7 +163,7 @@ pub struct PublishStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QuarantineStatus {
-    #[serde(with = "crate::manifest::path_json")]
+    #[serde(with = "crate::path_json")]
     pub path: PathBuf,
     pub reason: String,
     pub incomplete: bool,

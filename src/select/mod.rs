@@ -49,6 +49,7 @@ pub use warm::SewaState;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::objective::Objective;
+use crate::path_json;
 
 /// Model-based methods, as named in `method = "..."`.
 pub const MODEL_BASED: &[&str] = &["sewa", "greedy", "exhaustive", "random"];
@@ -144,8 +145,10 @@ fn to_selection(
     let mut weights = vec![0.0; members.len()];
     let w = 1.0 / found.set.len() as f64;
     found.set.iter().for_each(|&i| weights[i] = w);
-    let list: Vec<serde_json::Value> =
-        members.iter().map(|m| serde_json::json!({ "path": m.path(), "step": m.step() })).collect();
+    let list: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| serde_json::json!({ "path": path_json::value(m.path()), "step": m.step() }))
+        .collect();
     let mut details = serde_json::json!({
         "chosen": found.set,
         "loss": found.loss,

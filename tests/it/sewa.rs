@@ -624,3 +624,37 @@ fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
     let why = sel.details["cold_reason"].as_str().unwrap_or_default();
     assert!(why.contains("previous selection's"), "{}", sel.details);
 }
+
+/// A model-based selection over members whose paths are not UTF-8 used to panic building its
+/// details (`json!` of such a `Path`), outside any per-checkpoint guard: the daemon died.
+#[test]
+fn model_based_selection_records_non_utf8_member_paths_losslessly() {
+    use std::os::unix::ffi::OsStrExt;
+    let (members, mut quad) = graded(&[0.5, 0.1, 0.3], 8, 3);
+    let renamed: Vec<Checkpoint> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let name =
+                std::ffi::OsStr::from_bytes(format!("m{i}_\u{e9}").as_bytes()).to_os_string();
+            let mut raw = name.into_encoded_bytes();
+            raw.push(0xfe); // invalid UTF-8
+            let path = std::path::PathBuf::from(
+                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(raw),
+            );
+            let tensors = m
+                .tensors()
+                .iter()
+                .map(|t| {
+                    (t.name.clone(), t.dtype, t.shape.clone(), m.data(&t.name).unwrap().to_vec())
+                })
+                .collect();
+            Checkpoint::from_memory(path, m.step(), tensors).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Checkpoint> = renamed.iter().collect();
+    let (sel, _) =
+        run_model_based("greedy", 2, &refs, &mut quad, &SewaConfig::default(), None).unwrap();
+    let first = &sel.details["members"][0]["path"];
+    assert!(first["bytes_hex"].as_str().is_some_and(|h| h.ends_with("fe")), "{first}");
+}

@@ -50,6 +50,11 @@ impl Repr {
     }
 }
 
+/// The path as a JSON value (for `json!` bodies, which would panic on a non-UTF-8 `Path`).
+pub fn value(p: &Path) -> serde_json::Value {
+    serde_json::to_value(Repr::of(p)).unwrap_or(serde_json::Value::Null)
+}
+
 pub fn serialize<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     Repr::of(p).serialize(s)
 }
