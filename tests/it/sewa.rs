@@ -629,19 +629,15 @@ fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
 /// details (`json!` of such a `Path`), outside any per-checkpoint guard: the daemon died.
 #[test]
 fn model_based_selection_records_non_utf8_member_paths_losslessly() {
-    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::ffi::OsStringExt;
     let (members, mut quad) = graded(&[0.5, 0.1, 0.3], 8, 3);
     let renamed: Vec<Checkpoint> = members
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let name =
-                std::ffi::OsStr::from_bytes(format!("m{i}_\u{e9}").as_bytes()).to_os_string();
-            let mut raw = name.into_encoded_bytes();
+            let mut raw = format!("m{i}_").into_bytes();
             raw.push(0xfe); // invalid UTF-8
-            let path = std::path::PathBuf::from(
-                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(raw),
-            );
+            let path = std::path::PathBuf::from(std::ffi::OsString::from_vec(raw));
             let tensors = m
                 .tensors()
                 .iter()
