@@ -22,7 +22,7 @@ const SKIPPED_SHOWN: usize = 5;
 pub struct Status {
     pub pid: u32,
     pub version: String,
-    /// starting | watching | stopping | stopped
+    /// starting | waiting for the watched directory | watching | stopping | stopped | failed
     pub state: String,
     pub started_at: String,
     pub updated_at: String,
