@@ -45,6 +45,16 @@ impl Daemon {
              [publish]\nout = {out:?}\n{publish}\n"
         );
         std::fs::write(&config, text).unwrap();
+        Daemon::spawn(tmp, runs, out, config)
+    }
+
+    /// Start `sewa watch --config config` (already written), logging to `tmp/sewa.log`.
+    pub(crate) fn spawn(
+        tmp: tempfile::TempDir,
+        runs: PathBuf,
+        out: PathBuf,
+        config: PathBuf,
+    ) -> Daemon {
         let log = std::fs::File::create(tmp.path().join("sewa.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sewa"))
             .args(["watch", "--config"])

@@ -203,16 +203,7 @@ fn daemon_before_its_directory() -> Daemon {
          k = 2\n[publish]\nout = {out:?}\n"
     );
     std::fs::write(&config, text).unwrap();
-    let log = std::fs::File::create(tmp.path().join("sewa.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sewa"))
-        .args(["watch", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "sewa=debug,info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Daemon { child, tmp, runs, out, config }
+    Daemon::spawn(tmp, runs, out, config)
 }
 
 fn wait_for_log(d: &mut Daemon, what: &str) {

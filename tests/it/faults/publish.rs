@@ -118,13 +118,7 @@ fn non_utf8_input_file_names_are_recorded_losslessly_by_the_publisher() {
         .collect();
     let plan = AveragePlan::new(ckpts.iter().collect(), None, AverageOptions::default()).unwrap();
     let out = dir.path().join(raw(b"out_\xfd.safetensors"));
-    let why = sewa::manifest::Provenance {
-        method: "test".into(),
-        why: "test".into(),
-        loss: None,
-        details: Value::Null,
-    };
-    let opts = sewa::publish::PublishOptions::default();
+    let (why, opts) = test_publish();
     sewa::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap();
     let m: Manifest = serde_json::from_slice(&fs::read(manifest_of(&out)).unwrap()).unwrap();
     // Two names that read alike once lossy (both "in_\u{fffd}...") stay two names.
@@ -262,13 +256,7 @@ fn a_manifest_that_cannot_be_replaced_after_the_model_is_reported_and_completed_
     let mpath = manifest_of(&out);
     // A directory where the manifest goes: the model's rename works, the manifest's cannot.
     fs::create_dir_all(mpath.join("blocker")).unwrap();
-    let why = sewa::manifest::Provenance {
-        method: "test".into(),
-        why: "test".into(),
-        loss: None,
-        details: Value::Null,
-    };
-    let opts = sewa::publish::PublishOptions::default();
+    let (why, opts) = test_publish();
     let err = sewa::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap_err();
     assert!(sewa::publish::is_partly_published(&err), "{err}");
     let msg = err.to_string();
@@ -553,4 +541,15 @@ fn a_crash_before_the_model_rename_keeps_the_old_pair_at_start_up() {
     assert_eq!(fs::read(&d.out).unwrap(), old_model);
     assert_eq!(fs::read(manifest_of(&d.out)).unwrap(), old_manifest);
     assert!(litter(&dir).is_empty(), "{:?}", litter(&dir));
+}
+
+/// The provenance and options the library-level publish tests use.
+fn test_publish() -> (sewa::manifest::Provenance, sewa::publish::PublishOptions) {
+    let why = sewa::manifest::Provenance {
+        method: "test".into(),
+        why: "test".into(),
+        loss: None,
+        details: Value::Null,
+    };
+    (why, sewa::publish::PublishOptions::default())
 }
