@@ -44,6 +44,66 @@ pub enum ModelKind {
     Mlp,
 }
 
+/// Where the builtin objective computes: `"cpu"` (default), `"cuda"` or `"cuda:N"`. CUDA needs
+/// a build with `--features cuda`; asking for it otherwise is a config error with its position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The candle device (CUDA is initialised here, at the objective's first use).
+    pub fn open(self) -> Result<candle_core::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
+                Error::Internal(format!("[objective] device = \"cuda:{n}\" cannot be opened: {e}"))
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let cuda = |n: usize| {
+            if cfg!(feature = "cuda") {
+                Ok(DeviceSpec::Cuda(n))
+            } else {
+                Err(format!(
+                    "device {s:?} needs CUDA, and this sewa was built without it \
+                     (cargo install --features cuda)"
+                ))
+            }
+        };
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => cuda(0),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => cuda(n),
+                _ => Err(format!("unknown device {s:?}; expected \"cpu\", \"cuda\" or \"cuda:N\"")),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            DeviceSpec::Cpu => s.serialize_str("cpu"),
+            DeviceSpec::Cuda(n) => s.serialize_str(&format!("cuda:{n}")),
+        }
+    }
+}
+
 /// Non-linearity between the MLP's linear layers (none after the last).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -82,6 +142,9 @@ pub struct ObjectiveConfig {
     pub activation: Activation,
     #[serde(default)]
     pub loss: LossKind,
+    /// `kind = "builtin"`: where the model is evaluated (`"cpu"`, `"cuda"`, `"cuda:N"`).
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
     #[serde(default, deserialize_with = "crate::config::de::opt_at_least_one")]
     pub batch: Option<usize>,
@@ -197,7 +260,9 @@ impl ObjectiveConfig {
         }
         let path = self.data_path(base_dir);
         let data = Dataset::load(&path, self.loss)?;
-        Ok(Box::new(MlpObjective::new(data, self.activation, self.loss, self.batch)))
+        let device = self.device.open()?;
+        let mlp = MlpObjective::new(data, self.activation, self.loss, self.batch);
+        Ok(Box::new(mlp.on(&device)?))
     }
 
     /// The acceptance objective (`acceptance_data` or `acceptance_command`), if configured:
@@ -247,5 +312,23 @@ mod tests {
         assert!(e.contains("acceptance_data = "), "{e}");
         let c = parse("kind = \"command\"\ncommand = [\"e\"]\nacceptance_command = [\"f\"]");
         assert!(c.unwrap().has_acceptance());
+    }
+
+    /// The `cuda` feature is real: `device` picks where the builtin objective computes. Without
+    /// the feature, asking for CUDA is a config error naming the key's position and the fix.
+    #[test]
+    fn device_is_parsed_with_its_position_and_cuda_needs_the_feature() {
+        let parse = |text: &str| toml::from_str::<ObjectiveConfig>(text).map_err(|e| e.to_string());
+        assert_eq!(parse("data = \"x\"").unwrap().device, DeviceSpec::Cpu);
+        assert_eq!(parse("data = \"x\"\ndevice = \"cpu\"").unwrap().device, DeviceSpec::Cpu);
+        let e = parse("data = \"x\"\ndevice = \"gpu\"").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("unknown device"), "{e}");
+        let cuda = parse("data = \"x\"\ndevice = \"cuda:1\"");
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap().device, DeviceSpec::Cuda(1));
+        } else {
+            let e = cuda.unwrap_err();
+            assert!(e.contains("line 2") && e.contains("--features cuda"), "{e}");
+        }
     }
 }

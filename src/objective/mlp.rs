@@ -137,6 +137,18 @@ impl MlpObjective {
         MlpObjective { data, activation, loss, batch, device: Device::Cpu }
     }
 
+    /// The same objective computing on `device` (its held-out data moved there once).
+    pub fn on(mut self, device: &Device) -> Result<Self> {
+        if device.same_device(&self.device) {
+            return Ok(self);
+        }
+        let c = |e: candle_core::Error| Error::Internal(format!("moving data to {device:?}: {e}"));
+        self.data.inputs = self.data.inputs.to_device(device).map_err(c)?;
+        self.data.targets = self.data.targets.to_device(device).map_err(c)?;
+        self.device = device.clone();
+        Ok(self)
+    }
+
     /// The layer chain for these parameters, checked against the data's shapes.
     fn layers_for(&self, tensors: &[(&str, &[usize])]) -> std::result::Result<Vec<Layer>, String> {
         let layers = infer_layers(tensors)?;
