@@ -1,4 +1,4 @@
-//! Two classes of error (STYLE.md §4): *fatal* stops the daemon or the command (bad config,
+//! Two classes of error (the project's style guide, example 4): *fatal* stops the daemon or the command (bad config,
 //! unwritable output, internal failure); *bad input* skips one checkpoint (truncated, bad header,
 //! shape mismatch, NaN...). Every error names the file it is about. Paths and messages are
 //! printed through `crate::text`, so names taken from hostile files cannot drive the terminal.

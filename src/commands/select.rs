@@ -1,7 +1,7 @@
 //! Model-based selection driven by a config file, for one-shot commands (`average --select`,
 //! `report --config`): read the file's `[objective]` and `[select.sewa]` tables, build the
-//! objective, run the selector once. The daemon parses its config itself and calls
-//! `select::run_model_based` directly.
+//! objective, run the selector once. The daemon runs the same selectors through
+//! `select::run_remembering`, keeping warm starts and member losses between selections.
 
 use std::path::Path;
 
