@@ -1,4 +1,5 @@
 //! Command-line flags (clap derive). Flags only: no logic here; `commands` does the work.
+//! The one helper here, `parse_size`, is clap's value parser for a size flag.
 
 use std::path::PathBuf;
 
@@ -38,9 +39,9 @@ pub enum Command {
     ExampleConfig,
     /// Train a small model on a synthetic noisy task, then compare every selector (SeWA too)
     /// on its checkpoint window and publish SeWA's average. Self-contained, no downloads.
-    Demo(crate::demo::DemoArgs),
+    Demo(DemoArgs),
     /// Draw an SVG of a selection over its window (member losses, SeWA probabilities, chosen).
-    Report(crate::report::ReportArgs),
+    Report(ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,7 +85,7 @@ pub struct AverageArgs {
     #[arg(long, value_name = "KEY")]
     pub state_key: Option<String>,
     /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
-    #[arg(long, default_value = "5GiB", value_parser = crate::commands::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
     /// Config file whose `[objective]` (and `[select.sewa]`) tables drive --select.
     #[arg(long, value_name = "FILE", requires = "select")]
@@ -145,4 +146,84 @@ pub struct CheckConfigArgs {
     /// checkpoint in [watch] dir, and print how long each took.
     #[arg(long)]
     pub objective: bool,
+}
+
+/// `sewa demo` flags.
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Directory for checkpoints and outputs (default: a new one under the temp dir, kept).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Write the table rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Members averaged by the k-subset methods.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Window size (the last N checkpoints).
+    #[arg(long, default_value_t = 20)]
+    pub window: usize,
+    /// Seed for the task, the training run and the selectors.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `sewa report` flags: `sewa report MANIFEST.json`, or `sewa report --config FILE CKPT...`.
+#[derive(Clone, Debug, Args)]
+pub struct ReportArgs {
+    /// A selection JSON (the demo's `selection.json`, a published manifest); with --config, the
+    /// window's checkpoints instead.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Run a selection now with this config's objective over the checkpoints given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Method for --config.
+    #[arg(long, default_value = "sewa", requires = "config")]
+    pub select: String,
+    /// Members to choose with --config.
+    #[arg(long, default_value_t = 5, requires = "config")]
+    pub k: usize,
+    /// SVG to write.
+    #[arg(long, default_value = "sewa-report.svg")]
+    pub out: PathBuf,
+}
+
+/// Parse a byte size: `1048576`, `64KiB`, `512MiB`, `5GiB`, `5GB` (powers of 1000), `1.5GiB`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 5GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)")),
+    };
+    let bytes = num * mult as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("size {s:?} must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("GiB").is_err());
+    }
 }

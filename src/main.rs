@@ -25,8 +25,8 @@ fn main() -> ExitCode {
             print!("{}", sewa::config::EXAMPLE);
             Ok(())
         }
-        Command::Demo(args) => sewa::demo::run(args).map(|_| ()),
-        Command::Report(args) => sewa::report::run(args),
+        Command::Demo(args) => commands::demo::run(args).map(|_| ()),
+        Command::Report(args) => commands::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,35 +1,15 @@
 //! `sewa report`: an SVG picture of one selection over its window — each member's own loss
 //! (when the selection recorded it), SeWA's probabilities, and the chosen set — for people who
-//! would rather look than read. Reads a selection JSON (a `Selection`, or any JSON with one under
-//! `selection`, such as a manifest); draws with plotters. It does not select anything.
+//! would rather look than read. Extracts what to draw from a parsed selection JSON (a
+//! `Selection`, or any JSON with one under `selection`, such as a manifest); draws with
+//! plotters. It reads no input file and selects nothing: `commands::report` does both.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use plotters::prelude::*;
 use serde_json::Value;
 
-use crate::error::{Error, Result, WithPath};
-
-/// `sewa report` flags: `sewa report MANIFEST.json`, or `sewa report --config FILE CKPT...`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct ReportArgs {
-    /// A selection JSON (the demo's `selection.json`, a published manifest); with --config, the
-    /// window's checkpoints instead.
-    #[arg(required = true, value_name = "INPUT")]
-    pub inputs: Vec<PathBuf>,
-    /// Run a selection now with this config's objective over the checkpoints given.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Method for --config.
-    #[arg(long, default_value = "sewa", requires = "config")]
-    pub select: String,
-    /// Members to choose with --config.
-    #[arg(long, default_value_t = 5, requires = "config")]
-    pub k: usize,
-    /// SVG to write.
-    #[arg(long, default_value = "sewa-report.svg")]
-    pub out: PathBuf,
-}
+use crate::error::{Error, Result};
 
 /// What the picture shows, per member.
 #[derive(Debug, Default, PartialEq)]
@@ -125,33 +105,6 @@ impl Window {
             loss: sel["loss"].as_f64().filter(|l| l.is_finite() && l.abs() <= 1e150),
         })
     }
-}
-
-/// Read the selection (or make one with `--config`), write `args.out`.
-pub fn run(args: &ReportArgs) -> Result<()> {
-    let (v, source) = match &args.config {
-        Some(config) => {
-            let opts = crate::checkpoint::OpenOptions::default();
-            let opened = crate::commands::open_all(&args.inputs, &opts)?;
-            let mut members: Vec<&crate::checkpoint::Checkpoint> = opened.iter().collect();
-            members.sort_by_key(|c| c.step());
-            let sel = crate::commands::select::run(config, &args.select, args.k, &members)?;
-            (serde_json::to_value(&sel).map_err(|e| Error::Internal(e.to_string()))?, config)
-        }
-        None => {
-            let [input] = args.inputs.as_slice() else {
-                return Err(Error::Usage("report takes one selection JSON (or --config)".into()));
-            };
-            let text = std::fs::read_to_string(input).with_path(input)?;
-            let v = serde_json::from_str(&text)
-                .map_err(|e| Error::bad_input(input, format!("not JSON: {e}")))?;
-            (v, input)
-        }
-    };
-    let w = Window::from_json(&v).map_err(|m| Error::bad_input(source, m))?;
-    draw(&w, &args.out)?;
-    eprintln!("wrote {}", args.out.display());
-    Ok(())
 }
 
 fn plot_err(out: &Path, e: impl std::fmt::Display) -> Error {

@@ -4,11 +4,13 @@
 //! (held-out loss, test accuracy, selection cost). No downloads. Deterministic for a seed: the
 //! trainer waits for the watcher after each checkpoint, so no run depends on timing.
 //! Training lives in `task`; the watcher in `watcher`; the comparison table in `table`.
+//! The command's entry (flags in, `--json` out) is `commands::demo`.
 
 mod table;
 pub mod task;
 mod watcher;
 
+pub use crate::cli::DemoArgs;
 pub use table::Row;
 pub use watcher::{History, Publication};
 
@@ -25,26 +27,6 @@ use crate::objective::{Activation, Objective, ObjectiveConfig};
 use crate::select::{Selection, SewaConfig};
 use table::Scorer;
 
-/// `sewa demo` flags.
-#[derive(Clone, Debug, clap::Args)]
-pub struct DemoArgs {
-    /// Directory for checkpoints and outputs (default: a new one under the temp dir, kept).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Write the table rows as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Members averaged by the k-subset methods.
-    #[arg(long, default_value_t = 5)]
-    pub k: usize,
-    /// Window size (the last N checkpoints).
-    #[arg(long, default_value_t = 20)]
-    pub window: usize,
-    /// Seed for the task, the training run and the selectors.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
 /// What one demo run produced (tests compare two runs of one seed).
 pub struct Outcome {
     pub rows: Vec<Row>,
@@ -54,12 +36,6 @@ pub struct Outcome {
     pub table_sewa: Selection,
     /// The final lines printed: what the watcher published, when, and its last selection.
     pub summary: String,
-}
-
-/// Run the demo and print the table. Returns the rows (`--json` writes them).
-pub fn run(args: &DemoArgs) -> Result<Vec<Row>> {
-    let spec = task::TaskSpec { seed: args.seed, ..Default::default() };
-    Ok(run_with(args, &spec)?.rows)
 }
 
 /// The demo with the task and training knobs given (tests use a shorter run).
@@ -95,11 +71,6 @@ pub fn run_with(args: &DemoArgs, spec: &task::TaskSpec) -> Result<Outcome> {
     warm_vs_cold(&ckpt_dir, args, objective.as_mut(), &sewa_cfg)?;
     let summary = watcher_summary(&history, &config_path, &sewa);
     print!("{summary}");
-    if let Some(p) = &args.json {
-        let text =
-            serde_json::to_string_pretty(&rows).map_err(|e| Error::Internal(e.to_string()))?;
-        std::fs::write(p, text).with_path(p)?;
-    }
     Ok(Outcome { rows, history, table_sewa: sewa, summary })
 }
 

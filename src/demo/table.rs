@@ -1,6 +1,6 @@
 //! The demo's comparison: every selector over the same final window, scored on the held-out
 //! selection loss and on clean test accuracy, with its selection cost; rendering of the table.
-//! Fixed rules are computed here directly (their weights are simple).
+//! Fixed rules come from `select::rules`, as in the daemon.
 
 use std::time::Instant;
 
@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::objective::{Activation, Objective, mlp};
 use crate::select::blend::Blend;
-use crate::select::{Selection, SewaConfig, run_model_based};
+use crate::select::{MemberSummary, Selection, SewaConfig, rules, run_model_based};
 
 /// One line of the table (also the `--json` record).
 #[derive(Clone, Debug, Serialize)]
@@ -50,21 +50,20 @@ fn steps(members: &[Checkpoint], w: &[f64]) -> Vec<u64> {
     w.iter().zip(members).filter(|(w, _)| **w > 0.0).filter_map(|(_, m)| m.step()).collect()
 }
 
-/// Fixed rules' weights over a window of `n`: last, uniform, LAWA (last k), EMA (decay 0.8).
-fn fixed_rules(n: usize, k: usize) -> Vec<(String, Vec<f64>)> {
-    let k = k.min(n);
-    let mut last = vec![0.0; n];
-    last[n - 1] = 1.0;
-    let uniform = vec![1.0 / n as f64; n];
-    let lawa: Vec<f64> = (0..n).map(|i| if i + k >= n { 1.0 / k as f64 } else { 0.0 }).collect();
-    let ema: Vec<f64> = (0..n).map(|i| 0.8f64.powi((n - 1 - i) as i32)).collect();
-    let total: f64 = ema.iter().sum();
-    vec![
-        ("last".into(), last),
-        (format!("uniform {n}"), uniform),
-        (format!("lawa {k}"), lawa),
-        ("ema 0.8".into(), ema.iter().map(|w| w / total).collect()),
-    ]
+/// Fixed rules' weights over the window, from `select::rules` (the daemon's own): last (LAWA
+/// with k = 1), uniform, LAWA (last k), EMA (decay 0.8).
+fn fixed_rules(members: &[Checkpoint], k: usize) -> Result<Vec<(String, Vec<f64>)>> {
+    let summaries: Vec<MemberSummary> = members
+        .iter()
+        .map(|m| MemberSummary { path: m.path().to_path_buf(), step: m.step(), metric: None })
+        .collect();
+    let (n, k) = (members.len(), k.min(members.len()));
+    Ok(vec![
+        ("last".into(), rules::lawa(&summaries, 1)?.weights),
+        (format!("uniform {n}"), rules::uniform(&summaries)?.weights),
+        (format!("lawa {k}"), rules::lawa(&summaries, k)?.weights),
+        ("ema 0.8".into(), rules::ema(&summaries, 0.8)?.weights),
+    ])
 }
 
 /// All rows, plus SeWA's selection (the one the demo publishes).
@@ -78,7 +77,7 @@ pub fn rows(
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let blend = Blend::new(&refs)?;
     let mut rows = Vec::new();
-    for (name, w) in fixed_rules(members.len(), k) {
+    for (name, w) in fixed_rules(members, k)? {
         let (loss, acc) = scorer.score(&blend, obj, &w)?;
         let steps = steps(members, &w);
         let size = steps.len() as f64;
