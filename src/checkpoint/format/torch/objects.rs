@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::classify::{self, Holds, NoStateDict};
-use super::unpickle::{Id, Pickle, Value};
-use super::{DType, Format};
+use crate::checkpoint::classify::{self, Holds, NoStateDict};
+use crate::checkpoint::unpickle::{Id, Pickle, Value};
+use crate::checkpoint::{DType, Format};
 use crate::error::{Error, Result};
 
 /// Keys under which checkpoints nest their state dict, in order of preference (Lightning and
