@@ -1,9 +1,10 @@
 //! torch zip pickles (`torch.save`: `.pt`, `.pth`, `.bin`) and Lightning `.ckpt` files. The
 //! pickle is decoded by our own `unpickle` into plain values — no Python code runs, so
 //! untrusted files are safe — and we walk those values to index each tensor's
-//! storage entry, dtype, offset, shape and strides (with errors naming the tensor). Tensor
-//! bytes are read on demand from the zip with positioned reads on the file opened at open
-//! time (never mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
+//! storage entry, dtype, offset, shape and strides (with errors naming the tensor; which
+//! entry holds the state dict is `torch/objects.rs`). Tensor bytes are read on demand from the
+//! zip with positioned reads on the file opened at open time (`storage::PickleStore`; never
+//! mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
 
 use std::collections::HashMap;
 use std::fs::File;

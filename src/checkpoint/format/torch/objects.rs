@@ -1,7 +1,7 @@
 //! What `torch.save` puts in `data.pkl`, read from decoded pickle values: where the state
 //! dict is (top level, or nested under `state_dict` etc.), which entries are tensors, and for
 //! each tensor its storage reference, dtype, offset, shape and strides. Pure interpretation:
-//! no zip or file access (that is `pickle.rs`) and no decoding (that is `unpickle`).
+//! no zip or file access (that is `torch.rs`) and no decoding (that is `unpickle`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
