@@ -566,7 +566,7 @@ fn published_inputs(
         .map(|(i, ((m, c), w))| PublishedInput {
             path: m.path.clone(),
             step: m.step,
-            identity: Some(c.identity().clone()),
+            identity: Some(*c.identity()),
             weight: *w,
             loss: own[i].as_f64(),
         })
