@@ -12,9 +12,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sewa::checkpoint::Identity;
 use sewa::config::Config;
 use sewa::daemon::Pipeline;
-use sewa::watch::{Settled, Sig};
+use sewa::watch::Settled;
 
 const TENSORS: usize = 16;
 const K: usize = 5;
@@ -95,7 +96,7 @@ fn latencies(
     let order = ckpts[..WARM].iter().chain(&ckpts[WARM + offset..WARM + offset + MEASURED]);
     let mut lat = Vec::new();
     for (i, path) in order.enumerate() {
-        let sig = Sig::of(path).ok_or("checkpoint vanished")?;
+        let sig = Identity::stat(path).ok_or("checkpoint vanished")?;
         let t0 = Instant::now();
         p.step(vec![Settled::Ready(path.clone(), sig)]);
         if i >= WARM {

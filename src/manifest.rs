@@ -126,7 +126,7 @@ impl Manifest {
                 bytes: c.total_bytes(),
                 format: format_name(c.format()),
                 weight: *w,
-                identity: Some(c.identity().clone()),
+                identity: Some(*c.identity()),
             })
             .collect();
         let renamed_keys = (plan.inputs().iter())

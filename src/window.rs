@@ -11,16 +11,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::step_of;
+use crate::checkpoint::{Identity, step_of};
 use crate::select::MemberSummary;
 use crate::text;
-use crate::watch::Sig;
 
 /// One admitted checkpoint, as the window sees it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Member {
     pub path: PathBuf,
-    pub sig: Sig,
+    pub sig: Identity,
     pub step: u64,
     pub metric: Option<f64>,
 }
@@ -28,13 +27,13 @@ pub struct Member {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// The settler found `path` quiet; `step` is parsed from its name when it has one.
-    Settled { path: PathBuf, sig: Sig, step: Option<u64> },
+    Settled { path: PathBuf, sig: Identity, step: Option<u64> },
     /// The daemon opened and validated it.
     Loaded(Member),
     /// The daemon could not use it. `incomplete` means "not finished yet" (no marker, no zip
     /// end record): logged quietly, retried when it changes, like any rejection. `skipped`
     /// means it is not a checkpoint to average (optimizer state, ...): reported quietly too.
-    Rejected { path: PathBuf, sig: Sig, reason: String, incomplete: bool, skipped: bool },
+    Rejected { path: PathBuf, sig: Identity, reason: String, incomplete: bool, skipped: bool },
     /// The path no longer exists (rotation). Members stay: their open file pins the data.
     Gone { path: PathBuf },
     /// A member's bytes can no longer be trusted (rewritten in place since it was opened).
@@ -44,7 +43,7 @@ pub enum Event {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Open and validate this candidate, then report `Loaded` or `Rejected`.
-    Load { path: PathBuf, sig: Sig },
+    Load { path: PathBuf, sig: Identity },
     /// Drop this member (unmap it).
     Evict { path: PathBuf },
     /// Log one line naming the file and the reason; the window remembers it.
@@ -65,7 +64,7 @@ pub struct Rejection {
     #[serde(skip)]
     pub repeated: bool,
     #[serde(skip)]
-    sig: Sig,
+    sig: Identity,
 }
 
 #[derive(Debug)]
@@ -74,10 +73,10 @@ pub struct Window {
     every: usize,
     /// Sorted by (step, path).
     members: Vec<Member>,
-    loading: BTreeMap<PathBuf, Sig>,
+    loading: BTreeMap<PathBuf, Identity>,
     rejected: BTreeMap<PathBuf, Rejection>,
     /// Members trimmed as the oldest: the signature they had and the step they showed.
-    evicted: BTreeMap<PathBuf, (Sig, u64)>,
+    evicted: BTreeMap<PathBuf, (Identity, u64)>,
     new_since_select: usize,
 }
 
@@ -148,7 +147,7 @@ impl Window {
         }
     }
 
-    fn on_settled(&mut self, path: PathBuf, sig: Sig, step: Option<u64>) -> Vec<Action> {
+    fn on_settled(&mut self, path: PathBuf, sig: Identity, step: Option<u64>) -> Vec<Action> {
         if self.rejected.get(&path).is_some_and(|r| r.sig == sig)
             || self.members.iter().any(|m| m.path == path && m.sig == sig)
             || self.loading.get(&path) == Some(&sig)
@@ -208,7 +207,7 @@ impl Window {
     fn reject(
         &mut self,
         path: PathBuf,
-        sig: Sig,
+        sig: Identity,
         reason: String,
         incomplete: bool,
         skipped: bool,
@@ -293,8 +292,8 @@ fn copy_reason(original: &Path, step: u64) -> String {
 mod tests {
     use super::*;
 
-    fn sig(n: u64) -> Sig {
-        Sig { dev: 1, ino: n, size: n, mtime_ns: n as i128, files: 0 }
+    fn sig(n: u64) -> Identity {
+        Identity { dev: 1, ino: n, size: n, mtime_ns: n as i128, members: 0 }
     }
 
     fn p(step: u64) -> PathBuf {
@@ -302,7 +301,7 @@ mod tests {
     }
 
     /// Settle and load `step` successfully; returns the actions of the load.
-    fn admit(w: &mut Window, step: u64, s: Sig) -> Vec<Action> {
+    fn admit(w: &mut Window, step: u64, s: Identity) -> Vec<Action> {
         let a = w.handle(Event::Settled { path: p(step), sig: s, step: Some(step) });
         assert_eq!(a, vec![Action::Load { path: p(step), sig: s }]);
         w.handle(Event::Loaded(Member { path: p(step), sig: s, step, metric: None }))
@@ -379,7 +378,7 @@ mod tests {
     }
 
     /// Settle `path` (no step in its name) and load it, showing `step` from its metadata.
-    fn admit_stepless(w: &mut Window, path: &str, s: Sig, step: u64) -> Vec<Action> {
+    fn admit_stepless(w: &mut Window, path: &str, s: Identity, step: u64) -> Vec<Action> {
         let path = PathBuf::from(path);
         let a = w.handle(Event::Settled { path: path.clone(), sig: s, step: None });
         assert_eq!(a, vec![Action::Load { path: path.clone(), sig: s }], "first settle loads");
@@ -449,7 +448,7 @@ mod tests {
         assert!(w.members().is_empty());
     }
 
-    fn load(w: &mut Window, name: &str, s: Sig, step: u64) -> Vec<Action> {
+    fn load(w: &mut Window, name: &str, s: Identity, step: u64) -> Vec<Action> {
         let path = PathBuf::from(name);
         let a = w.handle(Event::Settled { path: path.clone(), sig: s, step: step_of(&path) });
         assert_eq!(a, vec![Action::Load { path: path.clone(), sig: s }]);

@@ -8,36 +8,30 @@
 mod classify;
 mod detect;
 mod files;
-mod hf_dir;
+mod format;
 mod identity;
 mod keys;
 mod names;
-mod pickle;
 mod pinned;
 mod reader;
-mod safetensors;
-mod sharded;
+mod storage;
 mod strided;
-mod torch_objects;
 mod unpickle;
-mod validate;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use classify::not_model_weights;
+pub use detect::quick_check;
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
 pub use reader::TensorReader;
-pub use validate::quick_check;
 
 use crate::error::{Error, Result};
 use detect::load;
-use pickle::PickleStore;
-use pinned::PinnedFile;
+use storage::Storage;
 
 /// Element type of a tensor, as stored on disk (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -181,19 +175,6 @@ pub struct Checkpoint {
     storage: Storage,
 }
 
-/// Where tensor bytes come from. Keys are the names as stored in the file.
-enum Storage {
-    Memory(BTreeMap<String, Vec<u8>>),
-    /// safetensors (one file or shards): tensor → (file index, absolute byte range), read with
-    /// positioned reads from the files held open since `open`.
-    Files {
-        files: Vec<PinnedFile>,
-        index: HashMap<String, (usize, Range<usize>)>,
-    },
-    /// torch zip pickle: tensors read on demand.
-    Pickle(PickleStore),
-}
-
 /// I/O errors on checkpoint inputs are bad input (skip the checkpoint), not fatal errors.
 trait InputIo<T> {
     fn input(self, path: impl AsRef<Path>) -> Result<T>;
@@ -328,11 +309,7 @@ impl Checkpoint {
     /// never a crash); callers check it to drop such a checkpoint before using it at all.
     /// A file renamed over or unlinked is still valid (we hold the old inode).
     pub fn still_valid(&self) -> bool {
-        match &self.storage {
-            Storage::Memory(_) => true,
-            Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
-            Storage::Pickle(p) => p.still_valid(),
-        }
+        self.storage.still_valid()
     }
 
     fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
@@ -349,17 +326,7 @@ impl Checkpoint {
     pub fn reader(&self, name: &str) -> Result<TensorReader<'_>> {
         let meta = self.tensor(name).ok_or_else(|| self.no_tensor(name))?;
         let key = self.stored_name(name);
-        let reader = match &self.storage {
-            Storage::Memory(m) => {
-                let bytes = m.get(key).ok_or_else(|| self.no_tensor(name))?;
-                TensorReader::memory(&meta.name, Cow::Borrowed(bytes))
-            }
-            Storage::Files { files, index } => {
-                let (f, range) = index.get(key).ok_or_else(|| self.no_tensor(name))?;
-                TensorReader::file(&meta.name, &files[*f], range.clone())
-            }
-            Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
-        };
+        let reader = self.storage.reader(key, meta)?.ok_or_else(|| self.no_tensor(name))?;
         if reader.len() != meta.nbytes() {
             return Err(Error::bad_input(
                 &self.path,

@@ -112,7 +112,7 @@ pub fn name_pattern(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watch::Sig;
+    use crate::checkpoint::Identity;
     use crate::window::{Action, Event, Window};
     use std::path::PathBuf;
 
@@ -137,7 +137,7 @@ mod tests {
     /// Rejections as the window records them, for `judge`.
     fn rejection(w: &mut Window, name: &str, n: u64, reason: &str, skipped: bool) -> Rejection {
         let path = PathBuf::from(name);
-        let sig = Sig { dev: 1, ino: 1, size: n, mtime_ns: n as i128, files: 0 };
+        let sig = Identity { dev: 1, ino: 1, size: n, mtime_ns: n as i128, members: 0 };
         let a = w.handle(Event::Settled { path: path.clone(), sig, step: None });
         assert_eq!(a, vec![Action::Load { path: path.clone(), sig }]);
         let reason = reason.to_string();

@@ -31,9 +31,10 @@ use tracing::{error, info, warn};
 pub use output::{LastPublished, PublishedInput, read_last};
 pub use pipeline::Pipeline;
 
+use crate::checkpoint::Identity;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::watch::{self, Filter, Hint, Settler, Sig};
+use crate::watch::{self, Filter, Hint, Settler};
 
 /// How long a shutdown waits for a publish in flight before leaving (the output is old or
 /// new either way: publishing renames a complete file into place). Other work is abandoned.
@@ -104,7 +105,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
         if front.watch.overflowed.swap(false, Ordering::Relaxed) {
             front.rescan(&mut pipeline, "hint queue full");
         }
-        let batch = front.settler.poll(std::time::Instant::now(), Sig::of);
+        let batch = front.settler.poll(std::time::Instant::now(), Identity::stat);
         if batch.is_empty() {
             continue;
         }
@@ -241,7 +242,7 @@ impl Front {
         match hint {
             Hint::Candidate(path) => {
                 self.follow(&path);
-                let sig = Sig::of(&path);
+                let sig = Identity::stat(&path);
                 self.settler.hint(path, sig, std::time::Instant::now());
             }
             Hint::Rescan(why) => {
@@ -261,7 +262,7 @@ impl Front {
                 let now = std::time::Instant::now();
                 for path in paths {
                     self.follow(&path);
-                    let sig = Sig::of(&path);
+                    let sig = Identity::stat(&path);
                     self.settler.hint(path, sig, now);
                 }
                 tracing::debug!(%why, dirs = self.watch.followed(), "rescan");

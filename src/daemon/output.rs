@@ -166,7 +166,7 @@ fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {
             bytes: ckpt.total_bytes(),
             format: format_name(ckpt.format()),
             weight: *w,
-            identity: Some(ckpt.identity().clone()),
+            identity: Some(*ckpt.identity()),
         })
         .collect();
     m.weights = selected.iter().map(|x| x.2).collect();

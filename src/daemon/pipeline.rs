@@ -20,14 +20,14 @@ use super::policy::{self, Candidate, Rules, Verdict};
 use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
 use super::{panics, status_view};
 use crate::accumulate::Accumulator;
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, Memory, ModelContext, Selection, WindowView};
 use crate::status::{self, OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::text;
-use crate::watch::{Filter, Settled, Sig};
+use crate::watch::{Filter, Settled};
 use crate::window::{Action, Event, Member, Window};
 
 pub struct Pipeline {
@@ -237,7 +237,7 @@ impl Pipeline {
         }
     }
 
-    fn load(&mut self, path: PathBuf, sig: Sig) {
+    fn load(&mut self, path: PathBuf, sig: Identity) {
         let span =
             info_span!("checkpoint", step = tracing::field::Empty, path = %text::path(&path));
         let _enter = span.enter();
@@ -252,7 +252,7 @@ impl Pipeline {
     }
 
     /// Carry out a load's outcome: a member (if the window keeps it) or a quarantine.
-    fn admit(&mut self, path: PathBuf, sig: Sig, span: &tracing::Span, loaded: Loaded) {
+    fn admit(&mut self, path: PathBuf, sig: Identity, span: &tracing::Span, loaded: Loaded) {
         match loaded {
             Ok((ckpt, step, metric)) => {
                 span.record("step", step);
@@ -566,7 +566,7 @@ fn published_inputs(
         .map(|(i, ((m, c), w))| PublishedInput {
             path: m.path.clone(),
             step: m.step,
-            identity: Some(c.identity().clone()),
+            identity: Some(*c.identity()),
             weight: *w,
             loss: own[i].as_f64(),
         })
@@ -603,7 +603,6 @@ fn trusted(c: &Checkpoint) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Identity;
 
     #[test]
     fn on_disk_means_the_same_file_version_is_still_there() {
@@ -636,7 +635,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = pipeline(dir.path());
         let path = dir.path().join("runs/modèle_é.safetensors");
-        let sig = Sig { dev: 1, ino: 2, size: 3, mtime_ns: 4, files: 0 };
+        let sig = Identity { dev: 1, ino: 2, size: 3, mtime_ns: 4, members: 0 };
         let loaded = guarded(|| -> Loaded { panic!("byte index 13 is not a char boundary") });
         p.admit(path.clone(), sig, &tracing::Span::none(), loaded);
         let q: Vec<_> = p.window.rejected().collect();

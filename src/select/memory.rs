@@ -26,7 +26,7 @@ impl MemberId {
             objective: objective.to_string(),
             path: c.path().to_path_buf(),
             step: c.step(),
-            identity: c.identity().clone(),
+            identity: *c.identity(),
         }
     }
 }

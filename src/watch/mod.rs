@@ -19,7 +19,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-pub use settler::{Settled, Settler, Sig};
+pub use settler::{Settled, Settler};
 
 use crate::config::{Config, Pattern};
 use crate::error::{Error, Result};

@@ -1,67 +1,19 @@
 //! Quiet-period debouncing, as a plain struct with the clock passed in. A candidate settles once
 //! it has had no hint for `quiet` AND its stat signature did not change across that period; a
 //! candidate that disappears is reported gone. This module does no I/O: the caller passes the
-//! signatures (see `Sig::of`), so tests step a fake clock through every trainer's write style.
+//! signatures (see `Identity::stat`), so tests step a fake clock through every trainer's write style.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// What `stat` says about a candidate: enough to notice any write, rename or rewrite.
-/// For a directory it folds in every file below it (HF checkpoint dirs hold a handful).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Sig {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i128,
-    /// Number of files below a directory (0 for a file).
-    pub files: u64,
-}
-
-impl Sig {
-    /// Stat `path` (following no symlinks below a directory). `None` if it does not exist.
-    pub fn of(path: &Path) -> Option<Sig> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        let mut sig = Sig {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: if m.is_dir() { 0 } else { m.size() },
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            files: 0,
-        };
-        if m.is_dir() {
-            fold_dir(path, &mut sig, 2);
-        }
-        Some(sig)
-    }
-}
-
-fn fold_dir(dir: &Path, sig: &mut Sig, depth: u32) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    for entry in rd.flatten() {
-        let Ok(m) = entry.metadata() else { continue };
-        let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
-        sig.mtime_ns = sig.mtime_ns.max(mtime);
-        if m.is_dir() {
-            if depth > 0 {
-                fold_dir(&entry.path(), sig, depth - 1);
-            }
-        } else {
-            sig.files += 1;
-            // Wrapping sum: sizes plus inodes notice a file replaced by one of the same size.
-            sig.size = sig.size.wrapping_add(m.size()).wrapping_add(m.ino() << 20);
-        }
-    }
-}
+use crate::checkpoint::Identity;
 
 /// What the settler concluded about one candidate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Settled {
     /// Quiet and unchanged for the whole period: worth validating.
-    Ready(PathBuf, Sig),
+    Ready(PathBuf, Identity),
     /// It no longer exists (rotation, or a temp name renamed away).
     Gone(PathBuf),
 }
@@ -69,7 +21,7 @@ pub enum Settled {
 #[derive(Debug)]
 struct Pending {
     deadline: Instant,
-    sig: Option<Sig>,
+    sig: Option<Identity>,
 }
 
 /// Per-candidate quiet timers.
@@ -85,7 +37,7 @@ impl Settler {
     }
 
     /// Something happened to `path` at `now`; `sig` is its signature right now (None: missing).
-    pub fn hint(&mut self, path: PathBuf, sig: Option<Sig>, now: Instant) {
+    pub fn hint(&mut self, path: PathBuf, sig: Option<Identity>, now: Instant) {
         let deadline = now + self.quiet;
         self.pending.insert(path, Pending { deadline, sig });
     }
@@ -101,7 +53,7 @@ impl Settler {
 
     /// Candidates whose quiet period is over. `stat` is asked only for those; a signature that
     /// moved since the hint re-arms the timer (a writer that makes no events, e.g. over NFS).
-    pub fn poll(&mut self, now: Instant, stat: impl Fn(&Path) -> Option<Sig>) -> Vec<Settled> {
+    pub fn poll(&mut self, now: Instant, stat: impl Fn(&Path) -> Option<Identity>) -> Vec<Settled> {
         let due: Vec<PathBuf> = self
             .pending
             .iter()
@@ -141,13 +93,13 @@ mod tests {
     struct World {
         t0: Instant,
         now: Duration,
-        files: RefCell<HashMap<PathBuf, Sig>>,
+        files: RefCell<HashMap<PathBuf, Identity>>,
         settler: Settler,
         seen: Vec<Settled>,
     }
 
-    fn sig(ino: u64, size: u64, mtime: i128, files: u64) -> Sig {
-        Sig { dev: 1, ino, size, mtime_ns: mtime, files }
+    fn sig(ino: u64, size: u64, mtime: i128, files: u64) -> Identity {
+        Identity { dev: 1, ino, size, mtime_ns: mtime, members: files }
     }
 
     impl World {
@@ -164,7 +116,7 @@ mod tests {
             self.t0 + self.now
         }
         /// The file system changes `path` and notify reports it (when `event`).
-        fn write(&mut self, path: &str, s: Option<Sig>, event: bool) {
+        fn write(&mut self, path: &str, s: Option<Identity>, event: bool) {
             let p = PathBuf::from(path);
             match s {
                 Some(s) => self.files.borrow_mut().insert(p.clone(), s),
@@ -257,7 +209,7 @@ mod tests {
         w.run(200);
         assert_eq!(w.ready(), vec![d]);
         let Settled::Ready(_, s) = &w.seen[0] else { panic!() };
-        assert_eq!(s.files, 4);
+        assert_eq!(s.members, 4);
     }
 
     #[test]

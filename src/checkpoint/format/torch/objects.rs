@@ -1,14 +1,14 @@
 //! What `torch.save` puts in `data.pkl`, read from decoded pickle values: where the state
 //! dict is (top level, or nested under `state_dict` etc.), which entries are tensors, and for
 //! each tensor its storage reference, dtype, offset, shape and strides. Pure interpretation:
-//! no zip or file access (that is `pickle.rs`) and no decoding (that is `unpickle`).
+//! no zip or file access (that is `torch.rs`) and no decoding (that is `unpickle`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::classify::{self, Holds, NoStateDict};
-use super::unpickle::{Id, Pickle, Value};
-use super::{DType, Format};
+use crate::checkpoint::classify::{self, Holds, NoStateDict};
+use crate::checkpoint::unpickle::{Id, Pickle, Value};
+use crate::checkpoint::{DType, Format};
 use crate::error::{Error, Result};
 
 /// Keys under which checkpoints nest their state dict, in order of preference (Lightning and

@@ -1,26 +1,29 @@
 //! torch zip pickles (`torch.save`: `.pt`, `.pth`, `.bin`) and Lightning `.ckpt` files. The
 //! pickle is decoded by our own `unpickle` into plain values — no Python code runs, so
 //! untrusted files are safe — and we walk those values to index each tensor's
-//! storage entry, dtype, offset, shape and strides (with errors naming the tensor). Tensor
-//! bytes are read on demand from the zip with positioned reads on the file opened at open
-//! time (never mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
+//! storage entry, dtype, offset, shape and strides (with errors naming the tensor; which
+//! entry holds the state dict is `torch/objects.rs`). Tensor bytes are read on demand from the
+//! zip with positioned reads on the file opened at open time (`storage::PickleStore`; never
+//! mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::detect::Loaded;
-use super::identity::Identity;
-use super::strided::{gather, is_contiguous, is_non_overlapping, numel, view_span};
-use super::torch_objects::{
+mod objects;
+
+use super::magic::{Magic, sniff};
+use crate::checkpoint::identity::Identity;
+use crate::checkpoint::storage::{Loaded, PickleStore, PickleTensor, Storage};
+use crate::checkpoint::strided::{is_non_overlapping, numel, view_span};
+use crate::checkpoint::unpickle::{self, Pickle, Value};
+use crate::checkpoint::{DType, InputIo, TensorMeta};
+use crate::error::{Error, Result};
+use objects::{
     RawTensor, dtype_of_storage, model_checkpoint_score, no_state_dict, state_dict,
     step_of_entries, tensor_of,
 };
-use super::unpickle::{self, Pickle, Value};
-use super::{DType, InputIo, Storage, TensorMeta};
-use crate::error::{Error, Result};
 
 const RESAVE: &str = "re-save it with torch.save(obj, path, _use_new_zipfile_serialization=True) \
                       or convert it to safetensors";
@@ -42,57 +45,6 @@ pub(crate) fn not_zip_error(path: &Path) -> Error {
         "not a torch zip file (no zip header): zero-filled, truncated or not written by \
          torch.save",
     )
-}
-
-/// Where one tensor's elements live: a stored zip entry plus a strided view into it.
-struct PickleTensor {
-    /// Absolute file offset of the storage entry's bytes.
-    data_start: u64,
-    dtype: DType,
-    /// View, in elements: offset into the storage and strides per dimension.
-    offset: usize,
-    /// Storage elements from the view's first to its last element (checked at open).
-    span: usize,
-    shape: Vec<usize>,
-    stride: Vec<usize>,
-}
-
-/// An open torch zip file and the index of its state-dict tensors.
-pub(crate) struct PickleStore {
-    path: PathBuf,
-    file: File,
-    identity: Identity,
-    tensors: HashMap<String, PickleTensor>,
-}
-
-impl PickleStore {
-    pub fn still_valid(&self) -> bool {
-        self.file.metadata().map(|m| Identity::from_metadata(&m) == self.identity).unwrap_or(false)
-    }
-
-    /// The tensor's bytes in row-major order (strided views are made contiguous).
-    pub fn read(&self, key: &str, meta: &TensorMeta) -> Result<Vec<u8>> {
-        let t = self
-            .tensors
-            .get(key)
-            .ok_or_else(|| Error::bad_input(&self.path, format!("no tensor named {key}")))?;
-        self.read_tensor(t, meta.numel())
-    }
-
-    fn read_tensor(&self, t: &PickleTensor, numel: usize) -> Result<Vec<u8>> {
-        let es = t.dtype.size();
-        if numel == 0 {
-            return Ok(Vec::new());
-        }
-        let mut raw = vec![0u8; t.span * es];
-        let at = t.data_start + (t.offset * es) as u64;
-        self.file.read_exact_at(&mut raw, at).input(&self.path)?;
-        if is_contiguous(&t.shape, &t.stride) {
-            raw.truncate(numel * es);
-            return Ok(raw);
-        }
-        Ok(gather(&raw, &t.shape, &t.stride, es))
-    }
 }
 
 /// The score Lightning's `ModelCheckpoint` callback recorded when it saved this file
@@ -124,8 +76,18 @@ fn lightning_score(
     Some((monitor, v))
 }
 
-/// Cheap completeness check: the zip's central directory (end record) is present and the
-/// archive holds a `data.pkl`. A half-written torch.save file has no end record.
+/// Cheap completeness check of a torch file (opened by `files` from `path`, named as a torch
+/// file): a zip (not a legacy or zero-filled file) whose end record is present.
+pub(crate) fn quick_check(path: &Path, file: File) -> Result<()> {
+    match sniff(path, &file)? {
+        Magic::Zip => check_zip(path, file),
+        Magic::LegacyPickle => Err(legacy_error(path)),
+        Magic::Other => Err(not_zip_error(path)),
+    }
+}
+
+/// The zip's central directory (end record) is present and the archive holds a `data.pkl`.
+/// A half-written torch.save file has no end record.
 pub(crate) fn check_zip(path: &Path, file: File) -> Result<()> {
     let zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| zip_error(path, e))?;
     find_pickle(path, &zip).map(|_| ())
@@ -180,7 +142,7 @@ pub(crate) fn open(path: &Path, file: File, state_key: Option<&str>) -> Result<L
         });
     }
     let step = step_of_entries(&metadata);
-    let store = PickleStore { path: path.to_path_buf(), file, identity, tensors };
+    let store = PickleStore::new(path, file, identity, tensors);
     if let Some((monitor, score)) = lightning_score(path, &pk, &entries, &store) {
         metadata.insert("metric".to_string(), score.to_string());
         metadata.insert("metric_name".to_string(), monitor);

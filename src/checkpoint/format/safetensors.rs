@@ -5,15 +5,15 @@
 //! dtype × shape, and the ranges tile the data exactly — no overlap, no gap, ending at the end
 //! of the file. Files are opened by `files`; sharding and directories live elsewhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::InputIo;
-use super::pinned::PinnedFile;
-use super::{DType, TensorMeta};
+use crate::checkpoint::pinned::PinnedFile;
+use crate::checkpoint::storage::{FileIndex, Loaded, Storage};
+use crate::checkpoint::{DType, Format, InputIo, TensorMeta};
 use crate::error::{Error, Result};
 
 /// Same cap as the safetensors crate: a header above this is corrupt, not big.
@@ -34,8 +34,42 @@ pub(crate) struct SafetensorsFile {
     pub file: PinnedFile,
 }
 
+/// Open one safetensors checkpoint file (opened by `files` from `path`): validate it, hold it
+/// open and index its tensors.
+pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
+    let st = open_file(path, file)?;
+    let step = step_from_metadata(&st.header.metadata);
+    let (tensors, index) = index_files(vec![(0, st.header.tensors)]);
+    Ok(Loaded {
+        format: Format::Safetensors,
+        tensors,
+        storage: Storage::Files { files: vec![st.file], index },
+        metadata: st.header.metadata,
+        step,
+        side_dir: None,
+    })
+}
+
+/// Flatten per-file tensor lists into the tensor list and the name → (file, range) index.
+fn index_files(per_file: Vec<(usize, TensorRanges)>) -> (Vec<TensorMeta>, FileIndex) {
+    let mut metas = Vec::new();
+    let mut index = HashMap::new();
+    for (f, tensors) in per_file {
+        for (meta, range) in tensors {
+            index.insert(meta.name.clone(), (f, range));
+            metas.push(meta);
+        }
+    }
+    (metas, index)
+}
+
+/// Step recorded in safetensors `__metadata__`: `step`, else `global_step`.
+pub(crate) fn step_from_metadata(meta: &BTreeMap<String, String>) -> Option<u64> {
+    ["step", "global_step"].iter().find_map(|k| meta.get(*k)?.trim().parse().ok())
+}
+
 /// Validate one safetensors file, opened by `files` from `path`, and hold it open.
-pub(crate) fn open(path: &Path, file: File) -> Result<SafetensorsFile> {
+pub(crate) fn open_file(path: &Path, file: File) -> Result<SafetensorsFile> {
     let header = read_header(path, &file)?;
     let file = PinnedFile::new(path, file)?;
     Ok(SafetensorsFile { header, file })
@@ -276,13 +310,13 @@ fn dtype_from_str(s: &str) -> Option<DType> {
 }
 
 /// Length-and-header check of an opened file, without holding it (used by `quick_check`).
-pub(crate) fn check_file(path: &Path, file: File) -> Result<()> {
+pub(crate) fn quick_check(path: &Path, file: File) -> Result<()> {
     read_header(path, &file).map(|_| ())
 }
 
 /// Read a small JSON file (index, trainer_state), opened by `files`, with a size cap.
 pub(crate) fn read_small_json(path: &Path, file: File) -> Result<serde_json::Value> {
-    let text = super::files::read_capped(path, file, MAX_HEADER)?;
+    let text = crate::checkpoint::files::read_capped(path, file, MAX_HEADER)?;
     serde_json::from_slice(&text)
         .map_err(|e| Error::bad_input(path, format!("not valid JSON ({e}): truncated or corrupt")))
 }

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
-use super::detect::{Loaded, step_from_metadata};
-use super::{Format, Storage, files, safetensors};
+use super::safetensors::{self, step_from_metadata};
+use crate::checkpoint::storage::{Loaded, Storage};
+use crate::checkpoint::{Format, files};
 use crate::error::{Error, Result};
 
 /// The parsed index: tensor → shard name, shard name → path relative to `dir` (the index's
@@ -90,11 +91,11 @@ fn json_to_string(v: &serde_json::Value) -> String {
 }
 
 /// Length-and-header check of every shard, without holding them open (for `quick_check`).
-pub(crate) fn check(index_path: &Path, file: File) -> Result<()> {
+pub(crate) fn quick_check(index_path: &Path, file: File) -> Result<()> {
     let index = read_index(index_path, file)?;
     index.shards.values().try_for_each(|rel| {
         let (path, file) = index.open_shard(rel)?;
-        safetensors::check_file(&path, file)
+        safetensors::quick_check(&path, file)
     })
 }
 
@@ -106,7 +107,7 @@ pub(crate) fn open(index_path: &Path, file: File) -> Result<Loaded> {
     let mut metadata = BTreeMap::new();
     for (name, rel) in &index.shards {
         let (path, file) = index.open_shard(rel)?;
-        let st = safetensors::open(&path, file)?;
+        let st = safetensors::open_file(&path, file)?;
         if files.is_empty() {
             metadata = st.header.metadata.clone();
         }

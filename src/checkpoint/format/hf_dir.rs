@@ -7,12 +7,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::detect::{Loaded, single_safetensors};
-use super::{Format, files, pickle, safetensors, sharded};
+use super::{safetensors, sharded, torch};
+use crate::checkpoint::storage::Loaded;
+use crate::checkpoint::{Format, files};
 use crate::error::{Error, Result};
 
 /// The weights a checkpoint directory holds, in order of preference.
-pub(crate) enum Weights {
+enum Weights {
     Single(PathBuf),
     Index(PathBuf),
     TorchBin(PathBuf),
@@ -20,7 +21,7 @@ pub(crate) enum Weights {
 
 /// Which weight files `dir` holds (safetensors preferred over `pytorch_model.bin`). Each must
 /// be a regular file in `dir`: a symlink or FIFO under one of these names is an error.
-pub(crate) fn find_weights(dir: &Path) -> Result<Weights> {
+fn find_weights(dir: &Path) -> Result<Weights> {
     let has = |name: &str| files::has_file(dir, Path::new(name));
     if has("model.safetensors")? {
         Ok(Weights::Single(dir.join("model.safetensors")))
@@ -45,11 +46,29 @@ pub(crate) fn find_weights(dir: &Path) -> Result<Weights> {
     }
 }
 
+/// Is the directory complete enough to open? `marker` is the file it must contain (the
+/// Trainer writes `trainer_state.json` last); empty = no marker. Then its weights' own check.
+pub(crate) fn quick_check(dir: &Path, marker: &str) -> Result<()> {
+    if !marker.is_empty() && !files::has_file(dir, Path::new(marker))? {
+        return Err(Error::bad_input(
+            dir,
+            format!("no {marker} yet (HF Trainer writes it last): checkpoint still being written"),
+        ));
+    }
+    match find_weights(dir)? {
+        Weights::Single(p) => safetensors::quick_check(&p, files::open_child(&p)?),
+        Weights::Index(p) => sharded::quick_check(&p, files::open_child(&p)?),
+        Weights::TorchBin(p) => torch::quick_check(&p, files::open_child(&p)?),
+    }
+}
+
+/// Open the directory's weights (its `pytorch_model.bin` is always a bare state dict), with
+/// step and metric from `trainer_state.json` when present.
 pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     let mut loaded = match find_weights(dir)? {
-        Weights::Single(p) => single_safetensors(&p, files::open_child(&p)?)?,
+        Weights::Single(p) => safetensors::open(&p, files::open_child(&p)?)?,
         Weights::Index(p) => sharded::open(&p, files::open_child(&p)?)?,
-        Weights::TorchBin(p) => pickle::open(&p, files::open_child(&p)?, None)?,
+        Weights::TorchBin(p) => torch::open(&p, files::open_child(&p)?, None)?,
     };
     loaded.format = Format::HfDir;
     loaded.side_dir = Some(dir.to_path_buf());
