@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod manifest;

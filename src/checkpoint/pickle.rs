@@ -114,13 +114,7 @@ fn lightning_score(
         return None;
     }
     let b = store.read_tensor(&t, 1).ok()?;
-    let v = match t.dtype {
-        DType::F32 => f32::from_le_bytes(b.try_into().ok()?) as f64,
-        DType::F64 => f64::from_le_bytes(b.try_into().ok()?),
-        DType::F16 => half::f16::from_le_bytes(b.try_into().ok()?).to_f64(),
-        DType::BF16 => half::bf16::from_le_bytes(b.try_into().ok()?).to_f64(),
-        _ => return None,
-    };
+    let v = crate::dtype::decode_f64(t.dtype, &b)?;
     Some((monitor, v))
 }
 
