@@ -25,6 +25,7 @@ pub mod schema;
 pub mod select;
 pub mod status;
 pub mod text;
+pub mod timestamp;
 pub mod watch;
 pub mod window;
 
