@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::average::overflow_error;
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::config::{DtypeOverflow, IntPolicy, OutDType};
+use crate::dtype;
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 
@@ -268,8 +269,8 @@ pub fn add_bytes(sum: &mut [f64], bytes: &[u8], dtype: DType, coef: f64) -> Opti
     match dtype {
         DType::F32 => go::<4>(sum, bytes, coef, |b| f32::from_le_bytes(b) as f64),
         DType::F64 => go::<8>(sum, bytes, coef, f64::from_le_bytes),
-        DType::F16 => go::<2>(sum, bytes, coef, |b| half::f16::from_le_bytes(b).to_f64()),
-        DType::BF16 => go::<2>(sum, bytes, coef, |b| half::bf16::from_le_bytes(b).to_f64()),
+        DType::F16 => go::<2>(sum, bytes, coef, |b| dtype::f16_to_f32(b) as f64),
+        DType::BF16 => go::<2>(sum, bytes, coef, |b| dtype::bf16_to_f32(b) as f64),
         _ => None,
     }
 }

@@ -14,9 +14,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
+use crate::dtype::first_non_finite;
 use crate::error::{Error, Result};
 use crate::schema::check_schema_with;
-use kernel::{Acc, Pass, Stored, first_non_finite};
+use kernel::{Acc, Pass, Stored};
 
 /// Decoded (pickle) input bytes held at once before folding them into the accumulator; file
 /// and in-memory inputs cost only their slab and are never split into groups.

@@ -116,6 +116,12 @@ impl Method {
     }
 }
 
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MetricMode {
@@ -514,18 +520,6 @@ impl Config {
     pub fn status_file(&self) -> PathBuf {
         self.runtime.status_file.clone().unwrap_or_else(|| self.state_dir().join("status.json"))
     }
-
-    /// Manifest path of the published output (file: `<out>.manifest.json`; dir: `manifest.json`).
-    pub fn manifest_path(&self) -> PathBuf {
-        let out = &self.publish.out;
-        if out.extension().is_some_and(|e| e == "safetensors") {
-            let mut s = out.clone().into_os_string();
-            s.push(".manifest.json");
-            PathBuf::from(s)
-        } else {
-            out.join("manifest.json")
-        }
-    }
 }
 
 #[cfg(test)]
@@ -547,7 +541,10 @@ mod tests {
         assert_eq!(c.select.k, Positive(5));
         assert_eq!(c.publish.policy, Policy::Latest);
         assert_eq!(c.state_dir(), PathBuf::from("runs/avg/.sewa"));
-        assert_eq!(c.manifest_path(), PathBuf::from("runs/avg/model.safetensors.manifest.json"));
+        assert_eq!(
+            crate::publish::manifest_path(&c.publish.out),
+            PathBuf::from("runs/avg/model.safetensors.manifest.json")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod manifest;
@@ -24,6 +25,7 @@ pub mod schema;
 pub mod select;
 pub mod status;
 pub mod text;
+pub mod timestamp;
 pub mod watch;
 pub mod window;
 

@@ -6,7 +6,6 @@
 use crate::path_json;
 
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 use crate::average::AveragePlan;
 use crate::error::{Error, Result};
@@ -156,7 +155,7 @@ impl Manifest {
             renamed_keys,
             side_files: Vec::new(),
             side_source: None,
-            started: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            started: crate::timestamp::now_micros(),
             finished: String::new(),
             wall_time_s: 0.0,
             notes: vec![BATCHNORM_NOTE.to_string()],
@@ -185,9 +184,4 @@ pub fn format_name(f: crate::checkpoint::Format) -> String {
 /// from elsewhere still points at the right files; `p` itself if that fails.
 pub fn absolute(p: &std::path::Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// RFC 3339 UTC timestamp with milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }

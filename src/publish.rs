@@ -30,13 +30,13 @@ use std::fs::{self, File, Permissions};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use crate::average::{AveragePlan, Workspace};
 use crate::checkpoint::{self, Checkpoint, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
-use crate::manifest::{FileRecord, Manifest, Provenance, rfc3339};
+use crate::manifest::{FileRecord, Manifest, Provenance};
 
 mod atomic;
 pub mod lock;
@@ -430,7 +430,7 @@ fn copy_to(from_path: &Path, mut from: File, to: &mut File, to_path: &Path) -> R
 }
 
 fn finish(manifest: &mut Manifest, clock: Instant) {
-    manifest.finished = rfc3339(SystemTime::now());
+    manifest.finished = crate::timestamp::now();
     manifest.wall_time_s = clock.elapsed().as_secs_f64();
 }
 

@@ -1,5 +1,5 @@
 //! The daemon's status file: what is in the window, what was selected and published last,
-//! what is quarantined and the recent errors. Written atomically (temp file, rename) so
+//! what is quarantined and the recent errors. Written atomically (temp file, fsync, rename) so
 //! `sewa status` and monitoring never read half of it; `render` formats it for people.
 //! This module only records; the daemon decides what goes in.
 
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Identity;
 use crate::error::{Error, Result, WithPath};
-use crate::text;
+use crate::{text, timestamp};
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
@@ -190,20 +190,16 @@ pub struct Counters {
     pub rescans: u64,
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
 impl Status {
     pub fn push_error(&mut self, message: impl Into<String>) {
-        self.errors.push(ErrorStatus { at: now_rfc3339(), message: message.into() });
+        self.errors.push(ErrorStatus { at: timestamp::now(), message: message.into() });
         let extra = self.errors.len().saturating_sub(MAX_ERRORS);
         self.errors.drain(..extra);
     }
 
-    /// Write to `path` atomically: a temp file in the same directory, then rename.
+    /// Write to `path` atomically: a temp file in the same directory, fsync, then rename.
     pub fn write(&mut self, path: &Path) -> Result<()> {
-        self.updated_at = now_rfc3339();
+        self.updated_at = timestamp::now();
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(path, &json)
     }
@@ -215,14 +211,12 @@ impl Status {
     }
 }
 
-/// Temp file beside `path`, then rename over it (no fsync: status is advisory).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Create `path`'s directory, then write through the publisher's atomic writer (temp file,
+/// fsync, rename, directory fsync), so a reader never sees half a status file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_path(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-status").tempfile_in(dir).with_path(dir)?;
-    tmp.write_all(bytes).with_path(tmp.path())?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    crate::publish::write_atomic(path, |f, p| f.write_all(bytes).with_path(p))
 }
 
 /// The status as a short report for people (`sewa status`). Paths and reasons come from

@@ -8,6 +8,7 @@ use std::ops::{Add, BitOr, Mul};
 
 use super::DtypeOverflow;
 use crate::checkpoint::{DType, TensorReader};
+use crate::dtype::{bf16_to_f32, f16_to_f32};
 use crate::error::Result;
 
 /// Thread ranges are multiples of this many elements (so, page-aligned within a tensor).
@@ -17,28 +18,6 @@ pub(super) const BLOCK: usize = 8192;
 const SLAB: usize = 1 << 16;
 /// Below this many elements a tensor is not worth spawning threads for.
 pub(super) const MIN_PARALLEL: usize = 1 << 16;
-
-/// Position of the first NaN/Inf in little-endian float bytes.
-pub(super) fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
-    let size = dtype.size();
-    bytes.chunks_exact(size).position(|c| match dtype {
-        DType::F64 => !f64::from_le_bytes(c.try_into().expect("8 bytes")).is_finite(),
-        DType::F32 => !f32::from_le_bytes(c.try_into().expect("4 bytes")).is_finite(),
-        DType::BF16 => !bf16_to_f32([c[0], c[1]]).is_finite(),
-        DType::F16 => !f16_to_f32([c[0], c[1]]).is_finite(),
-        _ => false,
-    })
-}
-
-#[inline(always)]
-fn bf16_to_f32(b: [u8; 2]) -> f32 {
-    f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
-}
-
-#[inline(always)]
-fn f16_to_f32(b: [u8; 2]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
-}
 
 /// What storing a pass's results found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! Model-based selection driven by a config file, for one-shot commands (`average --select`,
 //! `report --config`): read the file's `[objective]` and `[select.sewa]` tables, build the
-//! objective, run the selector once. The daemon runs the same selectors through
-//! `select::run_remembering`, keeping warm starts and member losses between selections.
+//! objective, run the selector once (the method name is parsed into a `Method` first). The
+//! daemon runs the same selectors through `select::run_remembering`, keeping warm starts and
+//! member losses between selections.
 
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::objective::ObjectiveConfig;
 use crate::objective::config::build_objective;
-use crate::select::{Selection, SewaConfig, run_model_based};
+use crate::select::{Selection, SewaConfig, model_based, run_model_based};
 
 /// The two tables a one-shot selection reads, typed in one pass (errors keep their line);
 /// any other table (a full daemon config) is ignored here.
@@ -30,6 +31,7 @@ struct SelectTable {
 
 /// Run `method` with `k` over `members` using the objective configured in `config`.
 pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Result<Selection> {
+    let method = model_based(method)?;
     let text = std::fs::read_to_string(config).map_err(|e| Error::io(config, e))?;
     let tables: SelectionTables = toml::from_str(&text)
         .map_err(|e| Error::config(config, e.to_string().trim_end().to_string()))?;

@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
-use crate::accumulate::{add_bytes, non_finite};
+use crate::accumulate::non_finite;
 use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::config::WatchConfig;
+use crate::dtype::first_non_finite;
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 
@@ -75,17 +76,18 @@ fn strip_path(e: &Error, path: &Path) -> String {
 /// Read every float tensor once, chunk by chunk (a file truncated meanwhile is an error, like
 /// any other); the first NaN/Inf is bad input.
 fn scan_finite(ckpt: &Checkpoint) -> Result<()> {
-    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     for meta in ckpt.tensors().iter().filter(|t| t.dtype.is_float()) {
         let size = meta.dtype.size();
-        ckpt.for_each_chunk(&meta.name, SCAN_CHUNK, &mut buf, |offset, bytes| {
-            scratch.clear();
-            scratch.resize(bytes.len() / size, 0.0);
-            match add_bytes(&mut scratch, bytes, meta.dtype, 1.0) {
+        ckpt.for_each_chunk(
+            &meta.name,
+            SCAN_CHUNK,
+            &mut buf,
+            |offset, bytes| match first_non_finite(bytes, meta.dtype) {
                 Some(i) => Err(non_finite(ckpt.path(), &meta.name, offset / size + i)),
                 None => Ok(()),
-            }
-        })?;
+            },
+        )?;
     }
     Ok(())
 }

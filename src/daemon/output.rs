@@ -65,7 +65,7 @@ impl LastPublished {
 
 /// Read the manifest of the published output, if there is a readable one.
 pub fn read_last(cfg: &Config) -> Option<LastPublished> {
-    let text = std::fs::read(cfg.manifest_path()).ok()?;
+    let text = std::fs::read(crate::publish::manifest_path(&cfg.publish.out)).ok()?;
     let m: Manifest = serde_json::from_slice(&text).ok()?;
     let losses = recorded_member_losses(&m.selection.details);
     let inputs = m.inputs.into_iter().filter(|i| i.weight > 0.0).map(|i| PublishedInput {

@@ -25,7 +25,7 @@ use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, Memory, ModelContext, Selection, WindowView};
-use crate::status::{self, OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, Status};
+use crate::status::{OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, Status};
 use crate::text;
 use crate::watch::{Filter, Settled};
 use crate::window::{Action, Event, Member, Window};
@@ -65,7 +65,7 @@ impl Pipeline {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             state: "starting".into(),
-            started_at: status::now_rfc3339(),
+            started_at: crate::timestamp::now(),
             dir: cfg.watch.dir.clone(),
             out: cfg.publish.out.clone(),
             method: cfg.select.method.name().into(),
@@ -414,7 +414,7 @@ impl Pipeline {
         info!(why = %selection.why, reads, exact, average_ms, millis, "published");
         self.status.counters.publishes += 1;
         self.status.last_publish = Some(PublishStatus {
-            at: status::now_rfc3339(),
+            at: crate::timestamp::now(),
             path: published.path,
             manifest: published.manifest_path,
             members: inputs.len(),
@@ -430,7 +430,7 @@ impl Pipeline {
             loss: selection.loss,
             method: selection.method,
             why: selection.why,
-            at: status::now_rfc3339(),
+            at: crate::timestamp::now(),
         });
         Ok(())
     }
@@ -469,7 +469,7 @@ impl Pipeline {
 
     fn record_selection(&mut self, sel: &Selection, published: bool, outcome: String) {
         self.status.last_selection = Some(SelectionStatus {
-            at: status::now_rfc3339(),
+            at: crate::timestamp::now(),
             method: sel.method.clone(),
             why: sel.why.clone(),
             loss: sel.loss,

@@ -144,10 +144,10 @@ fn warm_vs_cold(
     }
     let before: Vec<&Checkpoint> = all[..args.window].iter().collect();
     let after: Vec<&Checkpoint> = all[2..].iter().collect();
-    let run = crate::select::run_model_based;
-    let (_, state) = run("sewa", args.k, &before, objective, cfg, None)?;
-    let (cold, _) = run("sewa", args.k, &after, objective, cfg, None)?;
-    let (warm, _) = run("sewa", args.k, &after, objective, cfg, state.as_ref())?;
+    let (run, sewa) = (crate::select::run_model_based, crate::select::Method::Sewa);
+    let (_, state) = run(sewa, args.k, &before, objective, cfg, None)?;
+    let (cold, _) = run(sewa, args.k, &after, objective, cfg, None)?;
+    let (warm, _) = run(sewa, args.k, &after, objective, cfg, state.as_ref())?;
     let calls = |s: &crate::select::Selection| s.details["oracle_calls"].as_u64().unwrap_or(0);
     let secs = |s: &crate::select::Selection| s.details["wall_seconds"].as_f64().unwrap_or(0.0);
     println!(

@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::objective::{Activation, Objective, mlp};
 use crate::select::blend::Blend;
-use crate::select::{MemberSummary, Selection, SewaConfig, rules, run_model_based};
+use crate::select::{MemberSummary, Method, Selection, SewaConfig, rules, run_model_based};
 
 /// One line of the table (also the `--json` record).
 #[derive(Clone, Debug, Serialize)]
@@ -93,13 +93,14 @@ pub fn rows(
     }
     rows.push(random_mean(members, obj, scorer, k, cfg, &blend)?);
     let mut sewa = None;
-    for method in ["greedy", "sewa", "exhaustive"] {
+    for method in [Method::Greedy, Method::Sewa, Method::Exhaustive] {
         let t = Instant::now();
         let (sel, _) = run_model_based(method, k, &refs, obj, cfg, None)?;
         let wall = t.elapsed().as_secs_f64();
         let (loss, acc) = scorer.score(&blend, obj, &sel.weights)?;
         let steps = steps(members, &sel.weights);
-        let label = if method == "greedy" { method.to_string() } else { format!("{method} {k}") };
+        let name = method.name();
+        let label = if method == Method::Greedy { name.to_string() } else { format!("{name} {k}") };
         rows.push(Row {
             method: label,
             size: steps.len() as f64,
@@ -109,7 +110,7 @@ pub fn rows(
             wall_seconds: wall,
             oracle_calls: sel.details["oracle_calls"].as_f64().unwrap_or(0.0),
         });
-        if method == "sewa" {
+        if method == Method::Sewa {
             sewa = Some(sel);
         }
     }
@@ -130,7 +131,7 @@ fn random_mean(
     for s in 0..10 {
         let c = SewaConfig { seed: cfg.seed.wrapping_add(s), ..cfg.clone() };
         let t = Instant::now();
-        let (sel, _) = run_model_based("random", k, &refs, obj, &c, None)?;
+        let (sel, _) = run_model_based(Method::Random, k, &refs, obj, &c, None)?;
         wall += t.elapsed().as_secs_f64() / 10.0;
         let (l, a) = scorer.score(blend, obj, &sel.weights)?;
         loss += l / 10.0;

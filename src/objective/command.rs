@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Evaluation, NamedTensor, Objective, Params};
+use crate::checkpoint::DType;
 use crate::error::{Error, Result};
 
 /// Protocol version sewa speaks; the evaluator's hello must carry the same.
@@ -510,34 +511,15 @@ fn read_grad(path: &Path, params: &Params) -> Result<Params> {
                     p.shape
                 )));
             }
-            let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                bad(format!("gradient of {} is {:?}, not float", p.name, view.dtype()))
-            })?;
-            if data.iter().any(|x| !x.is_finite()) {
+            let data = DType::from_safetensors(view.dtype())
+                .and_then(|d| crate::dtype::to_f32_vec(d, view.data()))
+                .ok_or_else(|| {
+                    bad(format!("gradient of {} is {:?}, not float", p.name, view.dtype()))
+                })?;
+            if crate::dtype::first_non_finite(bytemuck::cast_slice(&data), DType::F32).is_some() {
                 return Err(bad(format!("gradient of {} has NaN or Inf", p.name)));
             }
             Ok(NamedTensor { name: p.name.clone(), shape: p.shape.clone(), data })
         })
         .collect()
-}
-
-fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    use safetensors::Dtype as D;
-    Some(match dtype {
-        D::F32 => {
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-        }
-        D::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        D::F16 => {
-            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-        }
-        D::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
 }

@@ -48,7 +48,8 @@ impl Dataset {
         if n == 0 {
             return Err(bad("`inputs` has no rows".into()));
         }
-        let inputs = Tensor::from_vec(f32s(x.data()), (n, d), &Device::Cpu).map_err(internal)?;
+        let inputs = Tensor::from_vec(crate::dtype::f32s(x.data()), (n, d), &Device::Cpu)
+            .map_err(internal)?;
         let t = st.tensor("targets").map_err(|_| bad("missing tensor `targets`".into()))?;
         if t.shape().first() != Some(&n) {
             return Err(bad(format!("`targets` has shape {:?}, expected {n} rows", t.shape())));
@@ -77,7 +78,11 @@ impl Dataset {
                     )));
                 }
                 let c = t.shape().get(1).copied().unwrap_or(1);
-                (Tensor::from_vec(f32s(t.data()), (n, c), &Device::Cpu).map_err(internal)?, None)
+                (
+                    Tensor::from_vec(crate::dtype::f32s(t.data()), (n, c), &Device::Cpu)
+                        .map_err(internal)?,
+                    None,
+                )
             }
         };
         Ok(Dataset { path: path.to_path_buf(), inputs, targets, max_class })
@@ -86,11 +91,6 @@ impl Dataset {
 
 fn internal(e: candle_core::Error) -> Error {
     Error::Internal(format!("candle: {e}"))
-}
-
-/// Little-endian f32s from unaligned bytes.
-pub(crate) fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Class ids as u32; `None` for a non-integer dtype, `Some(Err)` for negative or huge ids.

@@ -119,29 +119,17 @@ fn first_difference(a: &[TensorMeta], b: &[&TensorMeta]) -> String {
     format!("{} floating tensors, expected {}", b.len(), a.len())
 }
 
-/// Decode element `i`'s little-endian bytes as f32 (float dtypes only).
-#[inline]
-fn decode(dtype: DType, c: &[u8]) -> f32 {
-    match dtype {
-        DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-        DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-        DType::F64 => f64::from_le_bytes(c[..8].try_into().unwrap()) as f32,
-        _ => 0.0,
-    }
-}
-
 /// `dst += a * src` with `src` as raw bytes of `dtype`.
 fn axpy(dst: &mut [f32], src: &[u8], dtype: DType, a: f32) {
     for (d, c) in dst.iter_mut().zip(src.chunks_exact(dtype.size())) {
-        *d += a * decode(dtype, c);
+        *d += a * crate::dtype::decode_f32(dtype, c).unwrap_or(0.0);
     }
 }
 
 /// `acc += ⟨g, src⟩` in f64 with `src` as raw bytes of `dtype`.
 fn dot(acc: &mut f64, g: &[f32], src: &[u8], dtype: DType) {
     for (x, c) in g.iter().zip(src.chunks_exact(dtype.size())) {
-        *acc += *x as f64 * decode(dtype, c) as f64;
+        *acc += *x as f64 * crate::dtype::decode_f32(dtype, c).unwrap_or(0.0) as f64;
     }
 }
 

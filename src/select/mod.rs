@@ -47,16 +47,22 @@ pub use sewa::SewaConfig;
 pub use warm::SewaState;
 
 use crate::checkpoint::Checkpoint;
+pub use crate::config::Method;
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::path_json;
 
-/// Model-based methods, as named in `method = "..."`.
-pub const MODEL_BASED: &[&str] = &["sewa", "greedy", "exhaustive", "random"];
+/// Model-based methods, in the order their names are listed in errors.
+pub const MODEL_BASED: [Method; 4] =
+    [Method::Sewa, Method::Greedy, Method::Exhaustive, Method::Random];
 
-/// Whether `method` needs an objective (and so `run_model_based`).
-pub fn is_model_based(method: &str) -> bool {
-    MODEL_BASED.contains(&method)
+/// The model-based method a command line or request names, parsed once at the edge; anything
+/// else is a usage error listing the methods.
+pub fn model_based(name: &str) -> Result<Method> {
+    MODEL_BASED.into_iter().find(|m| m.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = MODEL_BASED.iter().map(|m| m.name()).collect();
+        Error::Usage(format!("unknown model-based method {name:?}: expected one of {names:?}"))
+    })
 }
 
 /// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) once over the window
@@ -64,7 +70,7 @@ pub fn is_model_based(method: &str) -> bool {
 /// state a previous SeWA run returned; the returned state is `Some` only for `sewa`.
 /// Every member is first checked against the objective (errors name the member).
 pub fn run_model_based(
-    method: &str,
+    method: Method,
     k: usize,
     members: &[&Checkpoint],
     objective: &mut dyn Objective,
@@ -74,24 +80,23 @@ pub fn run_model_based(
     let mut memory = Memory::default();
     memory.sewa = warm.cloned();
     let selection = run_remembering(method, k, members, objective, cfg, &mut memory)?;
-    Ok((selection, memory.sewa.filter(|_| method == "sewa")))
+    Ok((selection, memory.sewa.filter(|_| method == Method::Sewa)))
 }
 
 /// `run_model_based` for a process that selects again and again (the daemon): SeWA warm-starts
 /// from `memory`, members' own losses seen in earlier selections are not computed again, and
 /// `memory` is updated for the next call.
 pub fn run_remembering(
-    method: &str,
+    method: Method,
     k: usize,
     members: &[&Checkpoint],
     objective: &mut dyn Objective,
     cfg: &SewaConfig,
     memory: &mut Memory,
 ) -> Result<Selection> {
-    if !is_model_based(method) {
-        return Err(Error::Usage(format!(
-            "unknown model-based method {method:?}: expected one of {MODEL_BASED:?}"
-        )));
+    if !method.needs_objective() {
+        let method = method.name();
+        return Err(Error::Usage(format!("{method}: not a model-based method")));
     }
     if members.is_empty() || k == 0 {
         return Err(Error::Usage(format!("{method}: need k >= 1 and a non-empty window")));
@@ -104,18 +109,22 @@ pub fn run_remembering(
     let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
     let found = match method {
-        "sewa" => {
+        Method::Sewa => {
             let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref())?;
             memory.sewa = Some(s);
             f
         }
-        "greedy" => search::greedy(&mut oracle)?,
-        "exhaustive" => search::exhaustive(&mut oracle, k, cfg.exhaustive_limit)?,
-        _ => search::random(&mut oracle, k, cfg.seed)?,
+        Method::Greedy => search::greedy(&mut oracle)?,
+        Method::Exhaustive => search::exhaustive(&mut oracle, k, cfg.exhaustive_limit)?,
+        Method::Random => search::random(&mut oracle, k, cfg.seed)?,
+        Method::Uniform | Method::Lawa | Method::Ema | Method::BestMetric => {
+            unreachable!("rule-based methods were refused above")
+        }
     };
     let wall = started.elapsed().as_secs_f64();
     let calls = oracle.calls;
-    let mut selection = to_selection(method, members, &found, calls, wall, &oracle.describe());
+    let mut selection =
+        to_selection(method.name(), members, &found, calls, wall, &oracle.describe());
     if cfg.member_losses {
         // Counted apart from the selection's cost: they are for the report only.
         let own = memory.member_losses(&mut oracle, members)?;
@@ -183,7 +192,7 @@ fn to_selection(
 
 pub mod rules;
 
-use crate::config::{Method, SelectConfig};
+use crate::config::SelectConfig;
 
 /// What a selector sees of the window: summaries (oldest first, by step) and, for model-based
 /// selectors, the opened members in the same order.
@@ -214,11 +223,29 @@ pub fn run(
         Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
         Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
         Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa => {
-            let name = cfg.method.name();
             let m = model.ok_or_else(|| {
+                let name = cfg.method.name();
                 Error::Internal(format!("selector {name:?} needs an [objective]"))
             })?;
-            run_remembering(name, k, view.checkpoints, m.objective, m.sewa, m.memory)
+            run_remembering(cfg.method, k, view.checkpoints, m.objective, m.sewa, m.memory)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_based_names_parse_once_and_others_are_a_usage_error() {
+        for m in MODEL_BASED {
+            assert_eq!(model_based(m.name()).unwrap(), m);
+        }
+        for bad in ["lawa", "SEWA", ""] {
+            let e = model_based(bad).unwrap_err();
+            assert!(matches!(e, Error::Usage(_)), "{bad:?}: {e}");
+            let text = e.to_string();
+            assert!(text.contains("sewa") && text.contains("random"), "lists the methods: {text}");
         }
     }
 }

@@ -36,8 +36,12 @@ pub struct Filter {
 impl Filter {
     pub fn new(cfg: &Config) -> Filter {
         let dir = absolute(&cfg.watch.dir);
-        let own_paths =
-            [cfg.publish.out.clone(), cfg.manifest_path(), cfg.state_dir(), cfg.status_file()];
+        let own_paths = [
+            cfg.publish.out.clone(),
+            crate::publish::manifest_path(&cfg.publish.out),
+            cfg.state_dir(),
+            cfg.status_file(),
+        ];
         let own = own_paths.iter().filter_map(|p| top_level(&dir, &absolute(p))).collect();
         Filter { dir, pattern: cfg.watch.pattern.clone(), own }
     }

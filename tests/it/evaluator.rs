@@ -8,7 +8,7 @@ use sewa::checkpoint::{Checkpoint, DType};
 use sewa::objective::command::{CommandConfig, CommandObjective};
 use sewa::objective::config::ObjectiveConfig;
 use sewa::objective::{NamedTensor, Objective, Params};
-use sewa::select::{SewaConfig, run_model_based};
+use sewa::select::{Method, SewaConfig, run_model_based};
 
 const D: usize = 5;
 const H: usize = 7;
@@ -250,7 +250,7 @@ fn sewa_and_greedy_run_through_the_protocol_and_agree_with_builtin() {
     let members = window(6);
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let cfg = SewaConfig { iterations: 15, ..SewaConfig::default() };
-    for method in ["sewa", "greedy"] {
+    for method in [Method::Sewa, Method::Greedy] {
         let (via_cmd, _) = run_model_based(method, 2, &refs, &mut cmd, &cfg, None).unwrap();
         let (via_candle, _) =
             run_model_based(method, 2, &refs, candle.as_mut(), &cfg, None).unwrap();
@@ -266,12 +266,12 @@ fn forward_only_evaluator_drives_sewa_with_the_score_function_estimator() {
     let members = window(5);
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let cfg = SewaConfig { iterations: 10, ..SewaConfig::default() };
-    let (sel, _) = run_model_based("sewa", 2, &refs, &mut cmd, &cfg, None).unwrap();
+    let (sel, _) = run_model_based(Method::Sewa, 2, &refs, &mut cmd, &cfg, None).unwrap();
     assert_eq!(sel.members().len(), 2);
     assert!(sel.loss.unwrap().is_finite());
     assert_eq!(sel.details["estimator"], "reinforce", "{}", sel.details);
     // Exhaustive needs no gradient either, and certifies the best pair.
-    let (best, _) = run_model_based("exhaustive", 2, &refs, &mut cmd, &cfg, None).unwrap();
+    let (best, _) = run_model_based(Method::Exhaustive, 2, &refs, &mut cmd, &cfg, None).unwrap();
     assert!(best.loss.unwrap() <= sel.loss.unwrap() + 1e-9);
 }
 
@@ -323,16 +323,17 @@ fn zero_gradient_evaluator_is_refused_unless_reinforce_is_configured() {
     let members = window(6);
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let cfg = SewaConfig { iterations: 10, ..SewaConfig::default() };
-    let err = run_model_based("sewa", 2, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
+    let err =
+        run_model_based(Method::Sewa, 2, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
     for part in ["mlp_numpy", "exactly zero", "torch.func.functional_call", "\"reinforce\""] {
         assert!(err.contains(part), "{part:?} missing: {err}");
     }
     // With the forward-only estimator configured, the same evaluator selects exactly what a
     // forward-only evaluator does: only losses are used.
     let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
-    let (sel, _) = run_model_based("sewa", 2, &refs, &mut zero, &reinforce, None).unwrap();
+    let (sel, _) = run_model_based(Method::Sewa, 2, &refs, &mut zero, &reinforce, None).unwrap();
     let (_dir2, mut fwd) = start("forward-only", 60.0);
-    let (want, _) = run_model_based("sewa", 2, &refs, &mut fwd, &reinforce, None).unwrap();
+    let (want, _) = run_model_based(Method::Sewa, 2, &refs, &mut fwd, &reinforce, None).unwrap();
     assert_eq!(sel.details["estimator"], "reinforce");
     assert_eq!(sel.weights, want.weights, "{} vs {}", sel.why, want.why);
 }

@@ -5,7 +5,7 @@ use sewa::checkpoint::{Checkpoint, DType};
 use sewa::error::Result;
 use sewa::objective::{Evaluation, NamedTensor, Objective, Params};
 use sewa::select::blend::Blend;
-use sewa::select::{SewaConfig, run_model_based};
+use sewa::select::{Method, SewaConfig, run_model_based};
 
 /// F(w) = Σ_j a_j (w_j − t_j)², computed in f64; exact gradient when `grad` is on.
 #[derive(Clone)]
@@ -131,7 +131,7 @@ fn mask_gradient_matches_finite_differences_in_f64() {
 }
 
 fn run(
-    method: &str,
+    method: Method,
     k: usize,
     members: &[Checkpoint],
     quad: &mut Quad,
@@ -146,14 +146,14 @@ fn sewa_finds_the_exhaustive_best_on_planted_windows() {
     for (seed, good) in [(1u64, vec![2, 5, 7]), (2, vec![0, 9, 11]), (3, vec![4, 6, 10])] {
         let (members, mut quad) = planted(12, 64, &good, seed);
         let cfg = SewaConfig::default();
-        let ex = run("exhaustive", 3, &members, &mut quad, &cfg);
-        let sw = run("sewa", 3, &members, &mut quad, &cfg);
+        let ex = run(Method::Exhaustive, 3, &members, &mut quad, &cfg);
+        let sw = run(Method::Sewa, 3, &members, &mut quad, &cfg);
         assert_eq!(ex.members(), good, "planted subset is the optimum (seed {seed})");
         assert_eq!(sw.members(), ex.members(), "seed {seed}: {}", sw.why);
         assert_eq!(sw.details["chosen"], serde_json::json!(good));
         // The optimiser alone (no polishing) must already rank the planted members on top:
         // polishing would otherwise hide a broken gradient.
-        let raw = run("sewa", 3, &members, &mut quad, &SewaConfig { polish: false, ..cfg });
+        let raw = run(Method::Sewa, 3, &members, &mut quad, &SewaConfig { polish: false, ..cfg });
         assert_eq!(raw.details["top_k"], serde_json::json!(good), "seed {seed}: {}", raw.why);
         assert_eq!(raw.details["polish_changed"], false);
     }
@@ -164,12 +164,12 @@ fn reinforce_estimator_works_without_gradients() {
     let (members, mut quad) = planted(10, 32, &[1, 3, 8], 5);
     quad.grad = false;
     let cfg = SewaConfig::default();
-    let sw = run("sewa", 3, &members, &mut quad, &cfg);
+    let sw = run(Method::Sewa, 3, &members, &mut quad, &cfg);
     assert_eq!(sw.details["estimator"], "reinforce");
     assert_eq!(sw.members(), vec![1, 3, 8], "{}", sw.why);
     let concrete = SewaConfig { estimator: sewa::select::sewa::Estimator::Concrete, ..cfg };
     let refs: Vec<&Checkpoint> = members.iter().collect();
-    let e = run_model_based("sewa", 3, &refs, &mut quad, &concrete, None).unwrap_err();
+    let e = run_model_based(Method::Sewa, 3, &refs, &mut quad, &concrete, None).unwrap_err();
     assert!(e.to_string().contains("reinforce"), "{e}");
 }
 
@@ -177,10 +177,10 @@ fn reinforce_estimator_works_without_gradients() {
 fn sewa_is_deterministic_for_a_seed() {
     let (members, mut quad) = planted(10, 32, &[0, 2, 3], 11);
     let cfg = SewaConfig { polish: false, ..SewaConfig::default() };
-    let a = run("sewa", 3, &members, &mut quad, &cfg);
-    let b = run("sewa", 3, &members, &mut quad, &cfg);
+    let a = run(Method::Sewa, 3, &members, &mut quad, &cfg);
+    let b = run(Method::Sewa, 3, &members, &mut quad, &cfg);
     assert_eq!(a.details["probabilities"], b.details["probabilities"]);
-    let c = run("sewa", 3, &members, &mut quad, &SewaConfig { seed: 9, ..cfg });
+    let c = run(Method::Sewa, 3, &members, &mut quad, &SewaConfig { seed: 9, ..cfg });
     assert_ne!(a.details["probabilities"], c.details["probabilities"], "seed changes the samples");
 }
 
@@ -189,11 +189,12 @@ fn warm_start_uses_under_30_percent_of_cold_oracle_calls() {
     let (all, mut quad) = planted(14, 48, &[3, 6, 9, 12], 21);
     let cfg = SewaConfig::default();
     let first: Vec<&Checkpoint> = all[..12].iter().collect();
-    let (_, state) = run_model_based("sewa", 4, &first, &mut quad, &cfg, None).unwrap();
+    let (_, state) = run_model_based(Method::Sewa, 4, &first, &mut quad, &cfg, None).unwrap();
     // The window slides by two: two members leave, two arrive.
     let second: Vec<&Checkpoint> = all[2..].iter().collect();
-    let (cold, _) = run_model_based("sewa", 4, &second, &mut quad, &cfg, None).unwrap();
-    let (warm, _) = run_model_based("sewa", 4, &second, &mut quad, &cfg, state.as_ref()).unwrap();
+    let (cold, _) = run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, None).unwrap();
+    let (warm, _) =
+        run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, state.as_ref()).unwrap();
     let calls = |s: &sewa::select::Selection| s.details["oracle_calls"].as_u64().unwrap();
     assert_eq!(warm.details["warm"], true);
     assert!(
@@ -210,18 +211,18 @@ fn baselines_behave() {
     let (members, mut quad) = planted(8, 16, &[1, 2], 3);
     let cfg = SewaConfig { exhaustive_limit: 10, ..SewaConfig::default() };
     let refs: Vec<&Checkpoint> = members.iter().collect();
-    let e = run_model_based("exhaustive", 3, &refs, &mut quad, &cfg, None).unwrap_err();
+    let e = run_model_based(Method::Exhaustive, 3, &refs, &mut quad, &cfg, None).unwrap_err();
     assert!(e.to_string().contains("C(8,3) = 56"), "{e}");
-    let r1 = run("random", 3, &members, &mut quad, &cfg);
-    let r2 = run("random", 3, &members, &mut quad, &cfg);
+    let r1 = run(Method::Random, 3, &members, &mut quad, &cfg);
+    let r2 = run(Method::Random, 3, &members, &mut quad, &cfg);
     assert_eq!(r1.members(), r2.members());
     assert_eq!(r1.members().len(), 3);
-    let g = run("greedy", 3, &members, &mut quad, &cfg);
+    let g = run(Method::Greedy, 3, &members, &mut quad, &cfg);
     let first = g.details["order"][0].as_u64().unwrap() as usize;
     assert!(g.members().contains(&first), "the soup starts from the best single member");
     let single = g.details["member_losses"][first].as_f64().unwrap();
     assert!(g.loss.unwrap() <= single);
-    let all = run("sewa", 20, &members, &mut quad, &cfg);
+    let all = run(Method::Sewa, 20, &members, &mut quad, &cfg);
     assert_eq!(all.members(), (0..8).collect::<Vec<_>>(), "k above the window takes it all");
     assert!(
         all.details["probabilities"]
@@ -405,13 +406,14 @@ fn warm_start_finds_the_best_subset_among_the_newest_members_after_a_slide() {
     for polish in [true, false] {
         let cfg = SewaConfig { polish, cold_every: 0, ..SewaConfig::default() };
         let first: Vec<&Checkpoint> = all[..20].iter().collect();
-        let (one, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+        let (one, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
         assert_eq!(one.members(), (10..15).collect::<Vec<_>>(), "first window: {}", one.why);
         let second: Vec<&Checkpoint> = all[5..].iter().collect();
-        let (ex, _) = run_model_based("exhaustive", 5, &second, &mut quad, &cfg, None).unwrap();
+        let (ex, _) =
+            run_model_based(Method::Exhaustive, 5, &second, &mut quad, &cfg, None).unwrap();
         assert_eq!(ex.members(), newest, "the planted optimum is the newcomers");
         let (warm, _) =
-            run_model_based("sewa", 5, &second, &mut quad, &cfg, state.as_ref()).unwrap();
+            run_model_based(Method::Sewa, 5, &second, &mut quad, &cfg, state.as_ref()).unwrap();
         assert_eq!(warm.members(), newest, "polish {polish}: {}", warm.why);
         assert_eq!(warm.details["warm"], true, "found warm, not by a restart: {}", warm.details);
     }
@@ -423,12 +425,12 @@ fn a_stuck_warm_start_restarts_cold_and_cold_every_forces_one() {
     let (first, second): (Vec<&Checkpoint>, Vec<&Checkpoint>) =
         (all[..20].iter().collect(), all[5..].iter().collect());
     let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
-    let (_, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+    let (_, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
     // No warm iterations and no polishing: the warm start can only return its starting top 5
     // (the old survivors), which lose to the five newest members.
     let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg.clone() };
     let (sel, next) =
-        run_model_based("sewa", 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
+        run_model_based(Method::Sewa, 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
     let d = &sel.details;
     assert_eq!(d["warm"], false, "{d}");
     assert!(d["cold_reason"].as_str().unwrap().contains("stuck"), "{d}");
@@ -438,9 +440,11 @@ fn a_stuck_warm_start_restarts_cold_and_cold_every_forces_one() {
     assert_eq!(next.unwrap().warm_runs, 0, "a restart counts as a cold start");
     // cold_every = 2: the selection after one warm one starts cold, whatever the warm start.
     let every2 = SewaConfig { cold_every: 2, ..cfg };
-    let (w1, s1) = run_model_based("sewa", 5, &second, &mut quad, &every2, state.as_ref()).unwrap();
+    let (w1, s1) =
+        run_model_based(Method::Sewa, 5, &second, &mut quad, &every2, state.as_ref()).unwrap();
     assert_eq!((w1.details["warm"].clone(), s1.as_ref().unwrap().warm_runs), (true.into(), 1));
-    let (c2, s2) = run_model_based("sewa", 5, &second, &mut quad, &every2, s1.as_ref()).unwrap();
+    let (c2, s2) =
+        run_model_based(Method::Sewa, 5, &second, &mut quad, &every2, s1.as_ref()).unwrap();
     assert_eq!(c2.details["cold_reason"], "cold_every = 2", "{}", c2.details);
     assert_eq!(s2.unwrap().warm_runs, 0);
 }
@@ -478,13 +482,13 @@ fn non_finite_loss_or_gradient_fails_the_selection() {
     let (members, quad) = planted(8, 16, &[1, 2], 3);
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let cfg = SewaConfig::default();
-    for method in ["sewa", "greedy", "exhaustive", "random"] {
+    for method in [Method::Sewa, Method::Greedy, Method::Exhaustive, Method::Random] {
         let mut nan = Faulty(quad.clone(), Fault::NanLoss);
         let e = run_model_based(method, 3, &refs, &mut nan, &cfg, None).unwrap_err().to_string();
         assert!(e.contains("non-finite loss (NaN)") && e.contains("faulty quadratic"), "{e}");
     }
     let mut inf = Faulty(quad, Fault::NanGrad);
-    let e = run_model_based("sewa", 3, &refs, &mut inf, &cfg, None).unwrap_err().to_string();
+    let e = run_model_based(Method::Sewa, 3, &refs, &mut inf, &cfg, None).unwrap_err().to_string();
     assert!(e.contains("non-finite gradient for w"), "{e}");
 }
 
@@ -494,14 +498,14 @@ fn zero_gradient_is_refused_unless_the_forward_only_estimator_is_configured() {
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let mut zero = Faulty(quad.clone(), Fault::ZeroGrad);
     let cfg = SewaConfig::default();
-    let e = run_model_based("sewa", 3, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
+    let e = run_model_based(Method::Sewa, 3, &refs, &mut zero, &cfg, None).unwrap_err().to_string();
     for part in ["faulty quadratic", "exactly zero", "functional_call(model, weights, args)"] {
         assert!(e.contains(part), "{part:?} missing: {e}");
     }
     assert!(e.contains("estimator = \"reinforce\""), "the fallback is named: {e}");
     // Configured: the forward-only estimator never asks for the (broken) gradient.
     let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
-    let (sel, _) = run_model_based("sewa", 3, &refs, &mut zero, &reinforce, None).unwrap();
+    let (sel, _) = run_model_based(Method::Sewa, 3, &refs, &mut zero, &reinforce, None).unwrap();
     assert_eq!(sel.details["estimator"], "reinforce");
     assert_eq!(sel.members(), vec![1, 3, 8], "{}", sel.why);
 }
@@ -531,11 +535,11 @@ fn member_losses_are_remembered_across_selections() {
     let mut memory = Memory::default();
     let calls = |s: &sewa::select::Selection, key: &str| s.details[key].as_u64().unwrap() as usize;
     let window: Vec<&Checkpoint> = all[..10].iter().collect();
-    let a = run_remembering("sewa", 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+    let a = run_remembering(Method::Sewa, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&a, "oracle_calls_report"), 10, "first selection: every member is new");
     assert_eq!(obj.1, calls(&a, "oracle_calls") + 10, "counted apart from the selection");
     let before = obj.1;
-    let b = run_remembering("sewa", 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+    let b = run_remembering(Method::Sewa, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&b, "oracle_calls_report"), 0, "the same members again cost nothing");
     assert_eq!(calls(&b, "member_losses_remembered"), 10);
     assert_eq!(obj.1 - before, calls(&b, "oracle_calls"), "no call beyond the selection's own");
@@ -543,9 +547,9 @@ fn member_losses_are_remembered_across_selections() {
     // The window slides by two: only the two newcomers are evaluated, and the remembered
     // losses are the ones a fresh run computes.
     let slid: Vec<&Checkpoint> = all[2..].iter().collect();
-    let c = run_remembering("sewa", 3, &slid, &mut obj, &cfg, &mut memory).unwrap();
+    let c = run_remembering(Method::Sewa, 3, &slid, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&c, "oracle_calls_report"), 2);
-    let (fresh, _) = run_model_based("sewa", 3, &slid, &mut obj, &cfg, None).unwrap();
+    let (fresh, _) = run_model_based(Method::Sewa, 3, &slid, &mut obj, &cfg, None).unwrap();
     assert_eq!(c.details["member_losses"], fresh.details["member_losses"]);
 }
 
@@ -616,11 +620,12 @@ fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
     let (all, mut quad) = graded(&bias, 48, 31);
     let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
     let first: Vec<&Checkpoint> = all[..20].iter().collect();
-    let (one, state) = run_model_based("sewa", 5, &first, &mut quad, &cfg, None).unwrap();
+    let (one, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
     assert_eq!(one.members(), (10..15).collect::<Vec<_>>());
     let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg };
     let second: Vec<&Checkpoint> = all[11..].iter().collect();
-    let (sel, _) = run_model_based("sewa", 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
+    let (sel, _) =
+        run_model_based(Method::Sewa, 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
     let why = sel.details["cold_reason"].as_str().unwrap_or_default();
     assert!(why.contains("previous selection's"), "{}", sel.details);
 }
@@ -650,7 +655,7 @@ fn model_based_selection_records_non_utf8_member_paths_losslessly() {
         .collect();
     let refs: Vec<&Checkpoint> = renamed.iter().collect();
     let (sel, _) =
-        run_model_based("greedy", 2, &refs, &mut quad, &SewaConfig::default(), None).unwrap();
+        run_model_based(Method::Greedy, 2, &refs, &mut quad, &SewaConfig::default(), None).unwrap();
     let first = &sel.details["members"][0]["path"];
     assert!(first["bytes_hex"].as_str().is_some_and(|h| h.ends_with("fe")), "{first}");
 }

@@ -18,7 +18,7 @@ use crate::checkpoint::identity::Identity;
 use crate::checkpoint::storage::{Loaded, PickleStore, PickleTensor, Storage};
 use crate::checkpoint::strided::{is_non_overlapping, numel, view_span};
 use crate::checkpoint::unpickle::{self, Pickle, Value};
-use crate::checkpoint::{DType, InputIo, TensorMeta};
+use crate::checkpoint::{InputIo, TensorMeta};
 use crate::error::{Error, Result};
 use objects::{
     RawTensor, dtype_of_storage, model_checkpoint_score, no_state_dict, state_dict,
@@ -66,13 +66,7 @@ fn lightning_score(
         return None;
     }
     let b = store.read_tensor(&t, 1).ok()?;
-    let v = match t.dtype {
-        DType::F32 => f32::from_le_bytes(b.try_into().ok()?) as f64,
-        DType::F64 => f64::from_le_bytes(b.try_into().ok()?),
-        DType::F16 => half::f16::from_le_bytes(b.try_into().ok()?).to_f64(),
-        DType::BF16 => half::bf16::from_le_bytes(b.try_into().ok()?).to_f64(),
-        _ => return None,
-    };
+    let v = crate::dtype::decode_f64(t.dtype, &b)?;
     Some((monitor, v))
 }
 
