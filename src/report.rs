@@ -73,7 +73,8 @@ impl Window {
             let idx = d["chosen"]
                 .as_array()
                 .ok_or("weights do not cover the window and there is no `chosen` list")?;
-            let idx: Vec<u64> = idx.iter().filter_map(|i| i.as_u64()).collect();
+            let idx: std::collections::HashSet<u64> =
+                idx.iter().filter_map(|i| i.as_u64()).collect();
             if let Some(bad) = idx.iter().find(|i| **i >= labels.len() as u64) {
                 return Err(format!(
                     "`chosen` names member {bad}, outside the window of {}",
@@ -85,7 +86,8 @@ impl Window {
         // SeWA records its top-k before polishing; chosen members outside it were swapped in.
         let (polished, dropped) = match d["top_k"].as_array() {
             Some(top) => {
-                let top: Vec<u64> = top.iter().filter_map(|i| i.as_u64()).collect();
+                let top: std::collections::HashSet<u64> =
+                    top.iter().filter_map(|i| i.as_u64()).collect();
                 let in_top = |i: usize| top.contains(&(i as u64));
                 let pairs =
                     chosen.iter().enumerate().map(|(i, c)| (*c && !in_top(i), !*c && in_top(i)));

@@ -198,9 +198,11 @@ impl<'de> serde::Deserialize<'de> for UniqueStrings {
                 mut map: A,
             ) -> std::result::Result<UniqueStrings, A::Error> {
                 use serde::de::Error as _;
+                // A set, not a scan of `out`: a hostile 100 MB header can hold millions of keys.
+                let mut seen = std::collections::HashSet::new();
                 let mut out: Vec<(String, String)> = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, String>()? {
-                    if out.iter().any(|(seen, _)| *seen == k) {
+                    if !seen.insert(k.clone()) {
                         return Err(A::Error::custom(format!(
                             "__metadata__ key {k:?} appears twice"
                         )));
