@@ -235,30 +235,40 @@ fn baselines_behave() {
     assert!((w - 1.0).abs() < 1e-12);
 }
 
+/// A short candle training run in `dir` (a checkpoint every 30 steps) plus its selection split
+/// written as `data`: `(hidden, train rows, selection rows, steps, seed)`.
+fn trained(
+    dir: &std::path::Path,
+    (hidden, train_rows, selection_rows, steps, seed): (usize, usize, usize, usize, u64),
+    data: &str,
+) -> Vec<std::path::PathBuf> {
+    use sewa::demo::task::TaskSpec;
+    use sewa::objective::data::{Targets, write_dataset};
+    let spec = TaskSpec {
+        hidden,
+        train_rows,
+        selection_rows,
+        test_rows: 10,
+        steps,
+        save_every: 30,
+        seed,
+        ..TaskSpec::default()
+    };
+    let task = spec.generate();
+    let inputs = spec.train(&task, dir, |_, _| Ok(())).unwrap();
+    let x = &task.selection.x;
+    write_dataset(&dir.join(data), x, spec.features, Targets::Classes(&task.selection.y)).unwrap();
+    inputs
+}
+
 /// Real files end to end: a short candle training run writes checkpoints; `sewa average
 /// --select sewa` (builtin MLP objective from a config file) publishes the same subset and loss
 /// as `--select exhaustive`; `sewa report` draws the manifest.
 #[test]
 fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
-    use sewa::demo::task::TaskSpec;
-    use sewa::objective::data::{Targets, write_dataset};
     let dir = tempfile::tempdir().unwrap();
-    let spec = TaskSpec {
-        hidden: 12,
-        train_rows: 400,
-        selection_rows: 300,
-        test_rows: 10,
-        steps: 240,
-        save_every: 30,
-        seed: 3,
-        ..TaskSpec::default()
-    };
-    let task = spec.generate();
-    let inputs = spec.train(&task, dir.path(), |_, _| Ok(())).unwrap();
+    let inputs = trained(dir.path(), (12, 400, 300, 240, 3), "sel.safetensors");
     assert_eq!(inputs.len(), 8);
-    let data = dir.path().join("sel.safetensors");
-    write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
-        .unwrap();
     let config = dir.path().join("sewa.toml");
     std::fs::write(&config, "[objective]\ndata = \"sel.safetensors\"\n\n[select.sewa]\nseed = 4\n")
         .unwrap();
@@ -317,24 +327,8 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
 /// cwd. A one-shot command whose evaluator fails does not announce a restart it will not make.
 #[test]
 fn bare_config_name_starts_a_command_evaluator_and_one_shot_failures_announce_no_restart() {
-    use sewa::demo::task::TaskSpec;
-    use sewa::objective::data::{Targets, write_dataset};
     let dir = tempfile::tempdir().unwrap();
-    let spec = TaskSpec {
-        hidden: 6,
-        train_rows: 200,
-        selection_rows: 100,
-        test_rows: 10,
-        steps: 90,
-        save_every: 30,
-        seed: 5,
-        ..TaskSpec::default()
-    };
-    let task = spec.generate();
-    let inputs = spec.train(&task, dir.path(), |_, _| Ok(())).unwrap();
-    let data = dir.path().join("selection.safetensors");
-    write_dataset(&data, &task.selection.x, spec.features, Targets::Classes(&task.selection.y))
-        .unwrap();
+    let inputs = trained(dir.path(), (6, 200, 100, 90, 5), "selection.safetensors");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/evaluators/mlp_numpy.py");
     let config = |mode: &str| {
         format!(
