@@ -20,15 +20,15 @@ pub fn run(args: &InspectArgs) -> Result<String> {
 
 pub fn json(c: &Checkpoint) -> String {
     let v = serde_json::json!({
-        // Lossy: a name that is not UTF-8 cannot be a JSON string (and must not panic).
-        "path": c.path().to_string_lossy(),
+        // A name that is not UTF-8 cannot be a JSON string: lossless form, as in manifests.
+        "path": crate::path_json::value(c.path()),
         "format": c.format(),
         "step": c.step(),
         "tensor_bytes": c.total_bytes(),
         "tensors": c.tensors(),
         "metadata": c.metadata(),
         "renamed_keys": c.renamed_keys(),
-        "side_dir": c.side_dir().map(|d| d.to_string_lossy()),
+        "side_dir": c.side_dir().map(crate::path_json::value),
     });
     serde_json::to_string_pretty(&v).expect("serialises") + "\n"
 }
