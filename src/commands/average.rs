@@ -4,11 +4,6 @@
 //! file. Another sewa process publishing to the same output is refused before any input is
 //! opened; the lock is held until this process exits.
 
-use std::io::IsTerminal;
-use std::time::{Duration, Instant};
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
 use crate::average::{AverageOptions, AveragePlan};
 use crate::checkpoint::Checkpoint;
 use crate::cli::AverageArgs;
@@ -43,16 +38,18 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         None => (args.weights.clone(), provenance(args, opened.len(), chosen.len())),
     };
     let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
-    let mut progress = Progress::new(plan.output_bytes());
-    let published = publish(
+    // Cleared when dropped, after the publish.
+    let mut meter = crate::meter::Meter::new(
+        plan.output_bytes(),
+        "{spinner} averaging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
+    );
+    publish(
         &plan,
         &args.out,
         provenance,
         &PublishOptions { shard_bytes: args.max_shard_size },
-        &mut |done| progress.update(done),
-    );
-    progress.bar.finish_and_clear();
-    published
+        &mut |done| meter.set(done),
+    )
 }
 
 /// The inputs to average: all, or the last `n` by step (by order given if a step is unknown).
@@ -96,35 +93,5 @@ fn provenance(args: &AverageArgs, given: usize, used: usize) -> Provenance {
         why,
         loss: None,
         details: serde_json::json!({ "command": "sewa average" }),
-    }
-}
-
-/// A byte progress bar, drawn only on a terminal and only once the job has run a second.
-struct Progress {
-    bar: ProgressBar,
-    start: Instant,
-    tty: bool,
-    shown: bool,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-        if let Ok(style) = ProgressStyle::with_template(
-            "{spinner} averaging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style);
-        }
-        let tty = std::io::stderr().is_terminal();
-        Progress { bar, start: Instant::now(), tty, shown: false }
-    }
-
-    fn update(&mut self, done: u64) {
-        self.bar.set_position(done);
-        if self.tty && !self.shown && self.start.elapsed() > Duration::from_secs(1) {
-            self.bar.set_draw_target(ProgressDrawTarget::stderr());
-            self.bar.enable_steady_tick(Duration::from_millis(200));
-            self.shown = true;
-        }
     }
 }
