@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::average::overflow_error;
+use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
-use crate::config::{DtypeOverflow, IntPolicy, OutDType};
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::schema::check_against;

@@ -6,6 +6,7 @@
 
 pub mod accumulate;
 pub mod average;
+pub mod checked;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;

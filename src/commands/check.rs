@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, OpenOptions};
 use crate::cli::CheckConfigArgs;
-use crate::config::{Config, Method};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::objective::ObjectiveConfig;
 use crate::objective::config::{ObjectiveKind, build_objective};
+use crate::select::Method;
 use crate::select::blend::Blend;
 use crate::select::oracle::Oracle;
 

@@ -146,7 +146,7 @@ pub struct ObjectiveConfig {
     #[serde(default)]
     pub device: DeviceSpec,
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
-    #[serde(default, deserialize_with = "crate::config::de::opt_at_least_one")]
+    #[serde(default, deserialize_with = "crate::checked::de::opt_at_least_one")]
     pub batch: Option<usize>,
     /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
     #[serde(default)]

@@ -5,8 +5,8 @@
 
 use serde_json::json;
 
+use super::MetricMode;
 use super::{MemberSummary, Selection};
-use crate::config::MetricMode;
 use crate::error::{Error, Result};
 
 fn empty(method: &str) -> Error {
