@@ -406,6 +406,36 @@ fn find_non_finite(
     Ok(None)
 }
 
+/// Output tensors by index: the streaming average of an [`AveragePlan`], or any other producer
+/// (the daemon's running average) that wants the same atomic publication.
+pub trait TensorSource {
+    /// Output tensors (name, dtype, shape), sorted by name.
+    fn tensors(&self) -> &[TensorMeta];
+    /// Little-endian bytes of tensor `index`, valid until the next call.
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]>;
+}
+
+/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace.
+pub struct PlanSource<'p, 'a> {
+    plan: &'p AveragePlan<'a>,
+    ws: Workspace,
+}
+
+impl<'p, 'a> PlanSource<'p, 'a> {
+    pub fn new(plan: &'p AveragePlan<'a>) -> Self {
+        PlanSource { plan, ws: Workspace::default() }
+    }
+}
+
+impl TensorSource for PlanSource<'_, '_> {
+    fn tensors(&self) -> &[TensorMeta] {
+        self.plan.outputs()
+    }
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
+        self.plan.average_tensor(index, &mut self.ws)
+    }
+}
+
 /// Validate and normalise weights: one per input, finite, non-negative, not all zero.
 pub fn normalise_weights(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> {
     if n == 0 {
@@ -450,6 +480,7 @@ fn pick_int_source(inputs: &[&Checkpoint], weights: &[f64], policy: IntPolicy) -
 }
 
 mod kernel;
+pub mod running;
 
 #[cfg(test)]
 mod tests;

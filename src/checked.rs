@@ -103,3 +103,85 @@ impl<'de> Deserialize<'de> for Pattern {
             .map_err(|e| serde::de::Error::custom(format!("bad glob {s:?}: {e}")))
     }
 }
+
+/// Parse a byte size: `1048576`, `64KiB`, `512MiB`, `5GiB`, `5GB` (powers of 1000), `1.5GiB`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 5GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)")),
+    };
+    let bytes = num * mult as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("size {s:?} must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `[runtime] memory_budget`: how many bytes sewa may keep between publications.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBudget {
+    /// A quarter of the memory available when the daemon starts (the trainer needs the rest).
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        let err = |m: String| serde::de::Error::custom(m);
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 1 => Ok(MemoryBudget::Bytes(n as u64)),
+            Raw::Int(n) => Err(err(format!("must be at least 1 byte, got {n}"))),
+            Raw::Text(t) if t == "auto" => Ok(MemoryBudget::Auto),
+            Raw::Text(t) => parse_size(&t).map(MemoryBudget::Bytes).map_err(|e| {
+                err(format!("{e}; expected \"auto\", a number of bytes or a size like \"8GiB\""))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("GiB").is_err());
+    }
+
+    #[test]
+    fn memory_budget_is_auto_bytes_or_a_size() {
+        #[derive(Deserialize)]
+        struct T {
+            b: MemoryBudget,
+        }
+        let b = |s: &str| toml::from_str::<T>(&format!("b = {s}")).map(|t| t.b);
+        assert_eq!(b("\"auto\"").unwrap(), MemoryBudget::Auto);
+        assert_eq!(b("1024").unwrap(), MemoryBudget::Bytes(1024));
+        assert_eq!(b("\"2GiB\"").unwrap(), MemoryBudget::Bytes(2 << 30));
+        assert!(b("0").unwrap_err().to_string().contains("at least 1 byte"));
+        assert!(b("\"lots\"").unwrap_err().to_string().contains("\"auto\""));
+    }
+}

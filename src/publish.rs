@@ -32,11 +32,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::average::{AveragePlan, Workspace};
+use crate::average::{AveragePlan, PlanSource, TensorSource};
 use crate::checkpoint::{self, Checkpoint, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
-use crate::manifest::{FileRecord, Manifest, Provenance};
+use crate::manifest::{AverageRecord, FileRecord, Manifest, Provenance};
 
 mod atomic;
 pub mod lock;
@@ -178,36 +178,6 @@ fn written_by_sewa(dir: &Path) -> bool {
         .is_ok_and(|v| v.get("sewa_version").is_some())
 }
 
-/// Output tensors by index: the streaming average of an [`AveragePlan`], or any other producer
-/// (e.g. a daemon's incremental accumulator) that wants the same atomic publication.
-pub trait TensorSource {
-    /// Output tensors (name, dtype, shape), sorted by name.
-    fn tensors(&self) -> &[TensorMeta];
-    /// Little-endian bytes of tensor `index`, valid until the next call.
-    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]>;
-}
-
-/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace.
-pub struct PlanSource<'p, 'a> {
-    plan: &'p AveragePlan<'a>,
-    ws: Workspace,
-}
-
-impl<'p, 'a> PlanSource<'p, 'a> {
-    pub fn new(plan: &'p AveragePlan<'a>) -> Self {
-        PlanSource { plan, ws: Workspace::default() }
-    }
-}
-
-impl TensorSource for PlanSource<'_, '_> {
-    fn tensors(&self) -> &[TensorMeta] {
-        self.plan.outputs()
-    }
-    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
-        self.plan.average_tensor(index, &mut self.ws)
-    }
-}
-
 /// Average `plan` into `out` and publish it atomically, then its manifest. `progress` is
 /// called with the tensor bytes done so far.
 pub fn publish(
@@ -217,9 +187,24 @@ pub fn publish(
     opts: &PublishOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
-    let manifest = Manifest::new(plan, out.to_path_buf(), provenance);
+    let manifest = Manifest::new(record_of(plan), out.to_path_buf(), provenance);
     let side_dir = newest_side_dir(plan.inputs());
     publish_tensors(&mut PlanSource::new(plan), manifest, side_dir, out, opts, progress)
+}
+
+/// The manifest's record of `plan`: its inputs (steps as the checkpoints say), weights,
+/// renamed keys and options.
+pub fn record_of(plan: &AveragePlan<'_>) -> AverageRecord {
+    let inputs = plan.inputs().iter().zip(plan.weights()).map(|(c, w)| (*c, c.step(), *w));
+    let opts = plan.options();
+    AverageRecord {
+        outputs: plan.outputs().to_vec(),
+        dtype: opts.dtype.to_string(),
+        int_policy: opts.int_policy.to_string(),
+        dtype_overflow: opts.overflow.to_string(),
+        int_source: plan.int_source().map(|c| c.path().to_path_buf()),
+        ..AverageRecord::new(inputs)
+    }
 }
 
 /// Publish any tensor source at `out` with `manifest` (whose `output`, `layout`, `files`,

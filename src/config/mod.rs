@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::average::{DtypeOverflow, IntPolicy, OutDType};
-use crate::checked::{Pattern, Positive};
+use crate::checked::{MemoryBudget, Pattern, Positive};
 use crate::error::{Error, Result};
 use crate::objective::config::ObjectiveConfig;
 use crate::select::SelectConfig;
@@ -132,6 +132,11 @@ pub struct RuntimeConfig {
     /// Exact recompute of the running average after this many incremental updates.
     #[serde(default = "default_recompute_every")]
     pub recompute_every: Positive,
+    /// Bytes sewa may keep between publications: the running average (4 bytes per float
+    /// parameter) is kept only when it fits; otherwise every publication streams the selected
+    /// members (k reads). "auto": a quarter of the memory available at start-up.
+    #[serde(default)]
+    pub memory_budget: MemoryBudget,
     /// Seconds one unit of pipeline work (a load, an evaluator call, an average, a publish)
     /// may take before the pipeline counts as stuck and the systemd watchdog is no longer fed.
     /// Default: 60, plus the evaluator's longer timeout with `[objective] kind = "command"`.
@@ -146,6 +151,7 @@ impl Default for RuntimeConfig {
             status_file: None,
             state_dir: None,
             recompute_every: default_recompute_every(),
+            memory_budget: MemoryBudget::Auto,
             stall_s: None,
         }
     }

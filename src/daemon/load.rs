@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::accumulate::non_finite;
+use crate::average::running::non_finite;
 use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::config::WatchConfig;
 use crate::dtype::first_non_finite;

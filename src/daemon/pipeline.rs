@@ -19,7 +19,7 @@ use super::output::{self, LastPublished, PublishedInput};
 use super::policy::{self, Candidate, Rules, Verdict};
 use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
 use super::{panics, status_view};
-use crate::accumulate::Accumulator;
+use crate::average::running::{RunningAverage, UpdateReport};
 use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
@@ -34,7 +34,10 @@ pub struct Pipeline {
     pub cfg: Config,
     pub window: Window,
     open: BTreeMap<PathBuf, Arc<Checkpoint>>,
-    acc: Accumulator,
+    /// Kept between publications when it fits `budget` (else every publication streams).
+    running: RunningAverage,
+    /// `[runtime] memory_budget` in bytes.
+    budget: u64,
     last: Option<LastPublished>,
     pub status: Status,
     /// Weights of the last selection, by member path (for the status file).
@@ -59,7 +62,9 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(cfg: Config) -> Pipeline {
         let window = Window::new(cfg.window.size.get(), cfg.select.every.get());
-        let acc = Accumulator::new(cfg.runtime.recompute_every.get());
+        let running = RunningAverage::new(cfg.runtime.recompute_every.get());
+        let budget = super::budget::resolve(cfg.runtime.memory_budget);
+        info!(bytes = budget, "memory budget");
         let last = output::read_last(&cfg);
         let status = Status {
             pid: std::process::id(),
@@ -76,7 +81,8 @@ impl Pipeline {
             cfg,
             window,
             open: BTreeMap::new(),
-            acc,
+            running,
+            budget,
             last,
             status,
             weights: BTreeMap::new(),
@@ -99,7 +105,8 @@ impl Pipeline {
             self.open.clear();
         }
         let actions = self.window.resize(cfg.window.size.get(), cfg.select.every.get());
-        self.acc = Accumulator::new(cfg.runtime.recompute_every.get());
+        self.running = RunningAverage::new(cfg.runtime.recompute_every.get());
+        self.budget = super::budget::resolve(cfg.runtime.memory_budget);
         self.status.dir = cfg.watch.dir.clone();
         self.status.out = cfg.publish.out.clone();
         self.status.method = cfg.select.method.name().into();
@@ -381,7 +388,8 @@ impl Pipeline {
         Ok((Some(j.candidate), j.published, ACCEPTANCE))
     }
 
-    /// Update the running average to `members` and publish it with its manifest.
+    /// Average `members` (in the running average when it fits the budget, else streamed from
+    /// their files) and publish the result with its manifest.
     fn publish(
         &mut self,
         selection: Selection,
@@ -392,22 +400,35 @@ impl Pipeline {
     ) -> Result<()> {
         self.beat(self.window_bytes());
         let t_avg = Instant::now();
-        let report = match self.acc.update(&members, trusted) {
-            Ok(r) => r,
-            Err(e) if e.is_bad_input() => return self.drop_bad_member(e),
-            Err(e) => return Err(e),
+        let schema = members.iter().find(|m| m.1 > 0.0).map(|m| m.0.tensors()).unwrap_or(&[]);
+        let keep = RunningAverage::fits(schema, self.budget);
+        let report = if keep {
+            match self.running.update(&members, trusted) {
+                Ok(r) => Some(r),
+                Err(e) if e.is_bad_input() => return self.drop_bad_member(e),
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.running.reset(); // nothing model-sized is held between publications
+            None
         };
-        let publish = &self.cfg.publish;
-        let tensors = self.acc.output(publish.dtype, publish.int_policy, publish.dtype_overflow)?;
         let average_ms = t_avg.elapsed().as_millis() as u64;
         let window = self.window.members();
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
-        let prov = output::Provenanced { selection: &selection, members: with_ckpts, report };
+        let prov = output::Provenanced { selection: &selection, members: with_ckpts };
+        let averaged = match report {
+            Some(r) => output::Averaged::Running(&self.running, r),
+            None => output::Averaged::Streamed,
+        };
         self.beat(self.window_bytes());
         self.progress.set_publishing(true);
-        let published = output::publish(&self.cfg, tensors, &prov);
+        let published = output::publish(&self.cfg, averaged, &prov);
         self.progress.set_publishing(false);
-        let published = published?;
+        let published = match published {
+            Err(e) if e.is_bad_input() && report.is_none() => return self.drop_bad_member(e),
+            other => other?,
+        };
+        let report = report.unwrap_or(UpdateReport { reads: inputs.len(), exact: true });
         self.hook.run(&self.cfg.publish.on_publish, &published.path, &published.manifest_path);
         let millis = t0.elapsed().as_millis() as u64;
         let (reads, exact) = (report.reads, report.exact);
@@ -463,7 +484,7 @@ impl Pipeline {
             let actions = self.window.handle(Event::Invalidated { path, reason: msg });
             self.apply(actions);
         }
-        self.acc.reset();
+        self.running.reset();
         Ok(())
     }
 

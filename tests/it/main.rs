@@ -7,6 +7,7 @@ mod config;
 mod evaluator;
 mod faults;
 mod layouts;
+mod memory;
 mod objective;
 mod publish;
 mod sewa;
