@@ -20,7 +20,7 @@ pub struct Blend<'a> {
 impl<'a> Blend<'a> {
     /// Fails, naming the member, if float tensor names or shapes differ from the first member's.
     pub fn new(members: &[&'a Checkpoint]) -> Result<Self> {
-        let first = members.first().ok_or_else(|| Error::Internal("empty window".into()))?;
+        let first = members.first().ok_or_else(|| Error::Selection("empty window".into()))?;
         let layout: Vec<TensorMeta> =
             first.tensors().iter().filter(|t| t.dtype.is_float()).cloned().collect();
         for m in &members[1..] {
@@ -63,7 +63,7 @@ impl<'a> Blend<'a> {
     pub fn mix(&self, coeffs: &[f64], out: &mut Params) -> Result<()> {
         let total: f64 = coeffs.iter().filter(|c| **c > 0.0).sum();
         if total <= 0.0 {
-            return Err(Error::Internal("mix: all coefficients are zero".into()));
+            return Err(Error::Selection("mix: all coefficients are zero".into()));
         }
         let mut buf = Vec::new();
         for (meta, dst) in self.layout.iter().zip(out.iter_mut()) {

@@ -178,7 +178,7 @@ fn concrete_grad(
             .collect();
         let total: f64 = m.iter().sum();
         let ev = oracle.soft(&m, true)?;
-        let g = ev.grad.ok_or_else(|| Error::Internal("objective gave no gradient".into()))?;
+        let g = ev.grad.ok_or_else(|| Error::Selection("objective gave no gradient".into()))?;
         let d = oracle.blend.dots(&g, &oracle.point)?;
         for i in 0..n {
             grad[i] += d[i] / total * m[i] * (1.0 - m[i]) / tau / samples as f64;
