@@ -86,7 +86,7 @@ fn try_objective(cfg: &Config, file: &Path) -> Result<String> {
     })?;
     let ckpt = first_checkpoint(cfg)?;
     let t0 = Instant::now();
-    let mut objective = build_objective(oc, file)?;
+    let mut objective = build_objective(oc, &crate::config::config_dir(file))?;
     let startup_ms = ms(t0);
     objective.check(&ckpt)?;
     let mut oracle = Oracle::new(Blend::new(&[&ckpt])?, objective.as_mut());
