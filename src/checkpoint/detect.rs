@@ -1,5 +1,6 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
-//! directories are HF checkpoints, `*.index.json` is a shard index, and files are told apart
+//! directories are DCP checkpoints when they hold `.metadata`, else HF checkpoints,
+//! `*.index.json` is a shard index, and files are told apart
 //! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
 //! The formats themselves live in `format/`; this module only dispatches.
 
@@ -7,7 +8,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::format::magic::{Magic, sniff};
-use super::format::{hf_dir, safetensors, sharded, torch};
+use super::format::{dcp, hf_dir, safetensors, sharded, torch};
 use super::storage::Loaded;
 use super::{InputIo, files};
 use crate::error::Result;
@@ -39,6 +40,9 @@ fn detect(path: &Path, file: &File) -> Result<FileFormat> {
 pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if dcp::is_dcp(path)? {
+            return dcp::open(path, state_key);
+        }
         return hf_dir::open(path);
     }
     let file = files::open_regular(path)?;
@@ -58,6 +62,9 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
 pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if dcp::is_dcp(path)? {
+            return dcp::quick_check(path); // `.metadata` is its marker: renamed in last
+        }
         return hf_dir::quick_check(path, marker);
     }
     let file = files::open_regular(path)?;

@@ -139,6 +139,8 @@ pub enum Format {
     TorchZip,
     /// Lightning `.ckpt` (tensors under `state_dict`).
     Lightning,
+    /// torch.distributed.checkpoint directory (`.metadata` + `*.distcp`).
+    Dcp,
     /// Built in memory (tests, demo).
     Memory,
 }

@@ -1,7 +1,7 @@
 //! Where an opened checkpoint's tensor bytes come from (`Storage`: memory, safetensors files
-//! held open, or a torch zip read tensor by tensor) and what a format reader hands back
-//! (`Loaded`). The format readers in `format/` build these; `Checkpoint` reads through them.
-//! This module parses no format.
+//! held open, a torch zip read tensor by tensor, or a DCP directory's chunks) and what a
+//! format reader hands back (`Loaded`). The format readers in `format/` build these;
+//! `Checkpoint` reads through them. This module parses no format.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::format::dcp::DcpStore;
 use super::identity::Identity;
 use super::pinned::PinnedFile;
 use super::strided::{gather, is_contiguous};
@@ -41,6 +42,8 @@ pub(crate) enum Storage {
     },
     /// torch zip pickle: tensors read on demand.
     Pickle(PickleStore),
+    /// torch.distributed.checkpoint directory: each tensor assembled from its chunks.
+    Dcp(DcpStore),
 }
 
 impl Storage {
@@ -50,6 +53,7 @@ impl Storage {
             Storage::Memory(_) => true,
             Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
             Storage::Pickle(p) => p.still_valid(),
+            Storage::Dcp(d) => d.still_valid(),
         }
     }
 
@@ -70,6 +74,7 @@ impl Storage {
                 TensorReader::file(&meta.name, &files[*f], range.clone())
             }
             Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
+            Storage::Dcp(d) => return d.reader(key, meta),
         }))
     }
 }

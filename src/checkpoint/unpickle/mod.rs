@@ -98,6 +98,15 @@ impl Pickle {
         }
     }
 
+    /// Every class or function the pickle references (`module`, `name`), in the order
+    /// referenced, repeats included: what a reader checks against the classes it expects.
+    pub fn globals(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.arena.iter().filter_map(|v| match v {
+            Value::Global(g) => Some((g.module.as_str(), g.name.as_str())),
+            _ => None,
+        })
+    }
+
     pub fn usize(&self, id: Id) -> Option<usize> {
         match self.get(id) {
             Value::Int(i) => usize::try_from(*i).ok(),
