@@ -85,13 +85,13 @@ def save_expected(name, sd):
 
 def single_process():
     sd = model_sd(10)
-    out = os.path.join(ROOT, "accelerate", "pytorch_model_fsdp_0")
+    out = os.path.join("accelerate", "pytorch_model_fsdp_0")
     dcp.save({"model": sd}, checkpoint_id=out)
     save_expected("accelerate.safetensors", sd)
     steps = [5, 10]
     for step in steps:
         sd = model_sd(step)
-        out = os.path.join(ROOT, "lightning", f"epoch=0-step={step}.ckpt")
+        out = os.path.join("lightning", f"epoch=0-step={step}.ckpt")
         exp_avg = {k: torch.full_like(v, 0.5) for k, v in sd.items() if v.is_floating_point()}
         state = {"model": sd, "optimizer_0": {"state": {"exp_avg": exp_avg}, "step": step}}
         dcp.save(state, checkpoint_id=out)
@@ -118,7 +118,7 @@ def distributed():
         state["lr_scheduler"] = {"last_epoch": step, "_step_count": step + 1}
         state["dataloader"] = {"rank": dist.get_rank(), "position": 17 * step}
         state["train_state"] = {"step": step}
-        dcp.save(state, checkpoint_id=os.path.join(ROOT, "torchtitan", f"step-{step}"))
+        dcp.save(state, checkpoint_id=os.path.join("torchtitan", f"step-{step}"))
     dist.barrier()
     if dist.get_rank() == 0:
         save_expected("torchtitan_avg.safetensors", average([model_sd(10), model_sd(20)]))
@@ -158,10 +158,14 @@ def errors():
 
 
 def main():
+    # Checkpoint ids relative to ROOT: .metadata records them (storage_meta.checkpoint_id).
     if os.environ.get("LOCAL_RANK") is not None:
+        os.chdir(ROOT)
         distributed()
         return
     shutil.rmtree(ROOT, ignore_errors=True)
+    os.makedirs(ROOT)
+    os.chdir(ROOT)
     single_process()
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            os.path.abspath(__file__)]

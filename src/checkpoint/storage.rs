@@ -28,6 +28,18 @@ pub(crate) struct Loaded {
     pub side_dir: Option<PathBuf>,
 }
 
+/// One stored piece of a tensor kept in pieces (a DCP chunk), for `inspect`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkInfo {
+    /// Where the piece starts in the tensor, per dimension.
+    pub offsets: Vec<usize>,
+    pub sizes: Vec<usize>,
+    /// The file holding it, relative to the checkpoint directory.
+    pub file: String,
+    /// The rank that wrote it (from the file name `__{rank}_{k}.distcp`).
+    pub rank: Option<u32>,
+}
+
 /// Tensor name (as stored) → (file index, absolute byte range).
 pub(crate) type FileIndex = HashMap<String, (usize, Range<usize>)>;
 
@@ -54,6 +66,14 @@ impl Storage {
             Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
             Storage::Pickle(p) => p.still_valid(),
             Storage::Dcp(d) => d.still_valid(),
+        }
+    }
+
+    /// The pieces tensor `key` is stored in, for formats that store tensors in pieces.
+    pub fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
+        match self {
+            Storage::Dcp(d) => d.chunks(key),
+            _ => None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! We own this instead of using `candle_core::pickle` because that reader rejects common real
 //! files (Lightning's `AttributeDict` hyper-parameters, protocol ≥ 3 opcodes).
 
+mod op;
 mod vm;
 
 /// Index of a value in the arena.

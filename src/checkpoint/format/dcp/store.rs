@@ -14,7 +14,7 @@ use crate::checkpoint::format::torch::{self, Window};
 use crate::checkpoint::identity::Identity;
 use crate::checkpoint::pinned::PinnedFile;
 use crate::checkpoint::reader::{Piece, Run};
-use crate::checkpoint::storage::PickleTensor;
+use crate::checkpoint::storage::{ChunkInfo, PickleTensor};
 use crate::checkpoint::strided::{gather, is_contiguous, numel};
 use crate::checkpoint::{DType, InputIo, TensorMeta, TensorReader, files};
 use crate::error::{Error, Result};
@@ -96,10 +96,15 @@ impl DcpStore {
         self.files.iter().all(LazyFile::still_valid)
     }
 
-    /// The stored tensor `key` (for `inspect`) and the relative path of each file.
-    pub fn tensor(&self, key: &str) -> Option<(&DcpTensor, Vec<&str>)> {
+    /// Tensor `key`'s chunks (for `inspect`).
+    pub fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
         let t = self.tensors.get(key)?;
-        Some((t, t.chunks.iter().map(|c| self.files[c.file].rel.as_str()).collect()))
+        let info = |c: &DcpChunk| {
+            let rel = &self.files[c.file].rel;
+            let (offsets, sizes) = (c.offsets.clone(), c.sizes.clone());
+            ChunkInfo { offsets, sizes, file: rel.clone(), rank: super::rank_of(rel) }
+        };
+        Some(t.chunks.iter().map(info).collect())
     }
 
     /// A reader of tensor `key` assembled from its chunks; `None` when there is none.
