@@ -323,3 +323,83 @@ fn check_chunks(size: &[usize], chunks: &[Chunk]) -> Res<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn fixture() -> (std::path::PathBuf, Vec<u8>) {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dcp/torchtitan/step-10");
+        let path = dir.join(".metadata");
+        let bytes = std::fs::read(&path).unwrap();
+        (path, bytes)
+    }
+
+    #[test]
+    fn the_real_metadata_decodes_to_its_tensors_and_chunks() {
+        let (path, bytes) = fixture();
+        let md = decode(&path, &bytes).unwrap();
+        assert_eq!(md.version.as_deref(), Some("1.0.0"));
+        assert_eq!((md.tensors.len(), md.bytes.len()), (11, 6));
+        let wq = md.tensors.iter().find(|t| t.fqn == "layers.0.attention.wq.weight").unwrap();
+        assert_eq!(
+            (wq.dtype.clone(), wq.size.clone(), wq.top.as_str()),
+            (Ok(DType::F32), vec![4, 6], wq.fqn.as_str())
+        );
+        let split: Vec<_> =
+            wq.chunks.iter().map(|c| (c.offsets.clone(), c.sizes.clone())).collect();
+        assert_eq!(split, [(vec![0, 0], vec![4, 3]), (vec![0, 3], vec![4, 3])]);
+        let opt = md.tensors.iter().find(|t| t.fqn.starts_with("optimizer.")).unwrap();
+        assert_eq!(opt.top, "optimizer", "from planner_data");
+        assert_eq!(md.storage.len(), 11 * 2 - 2 + 6, "every chunk and byte item");
+    }
+
+    /// Untrusted files: random corruptions of a real `.metadata` give errors, never panics
+    /// (the decoder's memory is bounded by the pickle's size, see `unpickle::vm`).
+    #[test]
+    fn mutated_metadata_never_panics() {
+        let (path, bytes) = fixture();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (mut decoded, mut failed) = (0, 0);
+        for i in 0..3000 {
+            let mut b = bytes.clone();
+            if i % 3 == 0 {
+                b.truncate(rng.random_range(0..b.len()));
+            } else {
+                for _ in 0..rng.random_range(1..4) {
+                    let j = rng.random_range(0..b.len());
+                    b[j] = rng.random();
+                }
+            }
+            match decode(&path, &b) {
+                Ok(_) => decoded += 1,
+                Err(e) => {
+                    assert!(e.to_string().contains(".metadata"), "{e}");
+                    failed += 1
+                }
+            }
+        }
+        assert!(decoded > 0 && failed > 0, "decoded {decoded}, failed {failed}");
+    }
+
+    #[test]
+    fn classes_outside_dcp_are_refused_by_name() {
+        // A pickle of os.system("x"): refused before anything is looked at.
+        let p = b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.";
+        let err = decode(Path::new(".metadata"), p).err().unwrap().to_string();
+        assert!(err.contains("os.system"), "{err}");
+        for (m, n) in [
+            ("torch", "load"),
+            ("torch.serialization", "load"),
+            ("pathlib", "Path"),
+            ("builtins", "eval"),
+        ] {
+            assert!(!allowed(m, n), "{m}.{n}");
+        }
+        assert!(
+            allowed(OLD_PROPERTIES, "TensorProperties") && allowed("pathlib._local", "PosixPath")
+        );
+    }
+}
