@@ -8,7 +8,9 @@ The tests never need torch: they read these directories and compare what sewa ma
 with the safetensors files torch computed here (expected/).
 
 Directories:
-  accelerate/pytorch_model_fsdp_0/   single-process dcp.save({"model": sd}) (Accelerate's layout)
+  accelerate/checkpoint-10/pytorch_model_fsdp_0/
+                                     single-process dcp.save({"model": sd}) (Accelerate's layout,
+                                     inside an HF Trainer checkpoint with trainer_state.json)
   torchtitan/step-10/, step-20/      2 processes, DTensors sharded on dim 0 (uneven), dim 1 and
                                      replicated; model FQNs at the top level beside optimizer
                                      (sharded exp_avg), lr_scheduler, dataloader, train_state
@@ -85,8 +87,10 @@ def save_expected(name, sd):
 
 def single_process():
     sd = model_sd(10)
-    out = os.path.join("accelerate", "pytorch_model_fsdp_0")
+    out = os.path.join("accelerate", "checkpoint-10", "pytorch_model_fsdp_0")
     dcp.save({"model": sd}, checkpoint_id=out)
+    with open(os.path.join("accelerate", "checkpoint-10", "trainer_state.json"), "w") as f:
+        f.write('{"global_step": 10, "log_history": []}\n')
     save_expected("accelerate.safetensors", sd)
     steps = [5, 10]
     for step in steps:

@@ -24,7 +24,7 @@ const TITAN_10: &str = "torchtitan/step-10";
 const TITAN_20: &str = "torchtitan/step-20";
 const LIGHTNING_5: &str = "lightning/epoch=0-step=5.ckpt";
 const LIGHTNING_10: &str = "lightning/epoch=0-step=10.ckpt";
-const ACCELERATE: &str = "accelerate/pytorch_model_fsdp_0";
+const ACCELERATE: &str = "accelerate/checkpoint-10";
 
 fn sewa(args: &[&str], paths: &[&Path]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sewa")).args(args).args(paths).output().unwrap()
@@ -76,7 +76,7 @@ fn inspect_shows_the_model_tensors_chunks_and_ranks_of_each_layout() {
     let names: Vec<String> =
         read_tensors(&fixture("expected/accelerate.safetensors")).into_keys().collect();
     for (rel, step, ranks) in
-        [(TITAN_10, Some(10), 2), (LIGHTNING_5, Some(5), 1), (ACCELERATE, None, 1)]
+        [(TITAN_10, Some(10), 2), (LIGHTNING_5, Some(5), 1), (ACCELERATE, Some(10), 1)]
     {
         let v = inspect_json(&fixture(rel), &[]);
         assert_eq!(v["format"], "dcp", "{rel}");
@@ -336,4 +336,26 @@ fn overlapping_chunks_are_refused_when_read() {
     let o = sewa(&["average", "--out"], &[&tmp.path().join("o.safetensors"), &dir]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("tensor w: its chunks overlap"), "{}", stderr(&o));
+}
+
+/// The HF Trainer with FSDP's sharded state dict: `checkpoint-N/pytorch_model_fsdp_0/` (a DCP
+/// directory written by Accelerate) beside `trainer_state.json`, which the Trainer writes last.
+#[test]
+fn accelerate_inside_an_hf_checkpoint_is_read_with_its_step_and_marker() {
+    let v = inspect_json(&fixture(ACCELERATE), &[]);
+    assert_eq!(
+        v["side_dir"].as_str().map(|p| p.ends_with("checkpoint-10")),
+        Some(true),
+        "{v}"
+    );
+    let inner = inspect_json(&fixture(ACCELERATE).join("pytorch_model_fsdp_0"), &[]);
+    assert_eq!((inner["format"].as_str(), inner["step"].as_u64()), (Some("dcp"), None));
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("checkpoint-10");
+    copy(&format!("{ACCELERATE}/pytorch_model_fsdp_0"), &ck);
+    let err = sewa::checkpoint::quick_check(&ck, "trainer_state.json").unwrap_err().to_string();
+    assert!(err.contains("no trainer_state.json yet"), "{err}");
+    fs::copy(fixture(ACCELERATE).join("trainer_state.json"), ck.join("trainer_state.json"))
+        .unwrap();
+    sewa::checkpoint::quick_check(&ck, "trainer_state.json").unwrap();
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::checkpoint::identity::Identity;
 use crate::checkpoint::storage::{Loaded, Storage};
-use crate::checkpoint::{Format, InputIo, TensorMeta, files};
+use crate::checkpoint::{DType, Format, InputIo, TensorMeta, files};
 use crate::error::{Error, Result};
 use metadata::{Metadata, StorageInfo};
 pub(crate) use store::DcpStore;
@@ -28,9 +28,18 @@ pub(crate) const METADATA: &str = ".metadata";
 /// Largest `.metadata` read: ~200 bytes per chunk, so over a million chunks.
 const METADATA_CAP: u64 = 256 << 20;
 
-/// Whether `dir` is a DCP checkpoint (holds `.metadata` as a regular file).
-pub(crate) fn is_dcp(dir: &Path) -> Result<bool> {
-    files::has_file(dir, Path::new(METADATA))
+/// Where Accelerate (and so the HF Trainer with FSDP's sharded state dict) puts the model
+/// inside a checkpoint directory.
+const ACCELERATE_MODEL: &str = "pytorch_model_fsdp_0";
+
+/// The DCP checkpoint `dir` is: itself when it holds `.metadata` (a regular file), else its
+/// `pytorch_model_fsdp_0/` when that does (`nested`); `None` when neither.
+pub(crate) fn find(dir: &Path) -> Result<Option<(std::path::PathBuf, bool)>> {
+    if files::has_file(dir, Path::new(METADATA))? {
+        return Ok(Some((dir.to_path_buf(), false)));
+    }
+    let nested = Path::new(ACCELERATE_MODEL).join(METADATA);
+    Ok(files::has_file(dir, &nested)?.then(|| (dir.join(ACCELERATE_MODEL), true)))
 }
 
 fn read_metadata(dir: &Path) -> Result<Metadata> {
@@ -54,33 +63,14 @@ pub(crate) fn open(dir: &Path, state_key: Option<&str>) -> Result<Loaded> {
     let md = read_metadata(dir)?;
     let mpath = dir.join(METADATA);
     let picked = layout::select(dir, &md, state_key)?;
-    for (_, t) in &picked {
-        if let Err(d) = &t.dtype {
-            return Err(Error::bad_input(
-                &mpath,
-                format!("tensor {}: dtype {d} is not supported", t.fqn),
-            ));
-        }
-        if let Some(c) = t.chunks.iter().find(|c| !c.storage.transforms.is_empty()) {
-            return Err(Error::bad_input(
-                &mpath,
-                format!(
-                    "tensor {} is stored transformed ({}: compressed or otherwise encoded by a \
-                     storage extension), which sewa does not decode; save without extensions",
-                    t.fqn,
-                    c.storage.transforms.join(", ")
-                ),
-            ));
-        }
-    }
+    let dtypes = (picked.iter().map(|(_, t)| readable(&mpath, t))).collect::<Result<Vec<_>>>()?;
     let used = picked.iter().flat_map(|(_, t)| t.chunks.iter().map(|c| &c.storage));
     let lazies = stat_files(dir, used)?;
     let index: HashMap<&str, usize> =
         lazies.iter().enumerate().map(|(i, f)| (f.rel.as_str(), i)).collect();
     let mut metas = Vec::with_capacity(picked.len());
     let mut tensors = HashMap::with_capacity(picked.len());
-    for (name, t) in picked {
-        let dtype = t.dtype.clone().unwrap_or(crate::checkpoint::DType::U8);
+    for ((name, t), dtype) in picked.into_iter().zip(dtypes) {
         let chunks = t.chunks.iter().map(|c| chunk(&mpath, t, c, &index, dtype.size()));
         let chunks = chunks.collect::<Result<Vec<_>>>()?;
         metas.push(TensorMeta { name: name.clone(), dtype, shape: t.size.clone() });
@@ -96,6 +86,25 @@ pub(crate) fn open(dir: &Path, state_key: Option<&str>) -> Result<Loaded> {
         step: None,
         side_dir: None,
     })
+}
+
+/// The dtype of `t`, which must be one sewa reads, stored as plain `torch.save` streams.
+fn readable(mpath: &Path, t: &metadata::TensorItem) -> Result<DType> {
+    let dtype = t.dtype.clone().map_err(|d| {
+        Error::bad_input(mpath, format!("tensor {}: dtype {d} is not supported", t.fqn))
+    })?;
+    if let Some(c) = t.chunks.iter().find(|c| !c.storage.transforms.is_empty()) {
+        return Err(Error::bad_input(
+            mpath,
+            format!(
+                "tensor {} is stored transformed ({}: compressed or otherwise encoded by a \
+                 storage extension), which sewa does not decode; save without extensions",
+                t.fqn,
+                c.storage.transforms.join(", ")
+            ),
+        ));
+    }
+    Ok(dtype)
 }
 
 /// A chunk of `t` with its file resolved; its stored stream must be able to hold its bytes.
