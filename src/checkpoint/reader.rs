@@ -253,7 +253,37 @@ impl<'c> TensorReader<'c> {
 
 #[cfg(test)]
 mod tests {
+    use super::{Piece, Run, TensorReader};
     use crate::checkpoint::{Checkpoint, DType};
+
+    fn run(at: usize, len: usize, piece: usize, from: usize) -> Run {
+        Run { at, len, piece, from }
+    }
+
+    /// Two pieces interleaved row by row (a tensor split along its last dimension) read back
+    /// in order across run boundaries; runs that overlap, leave a gap or reach past their
+    /// piece are bad input, never a read of the wrong bytes.
+    #[test]
+    fn pieces_read_as_one_tensor_and_bad_tilings_are_refused() {
+        let path = std::path::Path::new("d");
+        let pieces = || vec![Piece::Memory(b"abef".to_vec()), Piece::Memory(b"cdgh".to_vec())];
+        let runs = vec![run(0, 2, 0, 0), run(4, 2, 0, 2), run(2, 2, 1, 0), run(6, 2, 1, 2)];
+        let r = TensorReader::pieces(path, "t", pieces(), runs, 8).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(r.bytes(1..7, &mut buf).unwrap(), b"bcdefg");
+        assert_eq!(&*r.into_bytes().unwrap(), b"abcdefgh");
+        let bad = [
+            (vec![run(0, 4, 0, 0), run(2, 4, 1, 0)], "overlap"),
+            (vec![run(0, 2, 0, 0), run(4, 4, 1, 0)], "gap"),
+            (vec![run(0, 4, 0, 2), run(4, 4, 1, 0)], "past their stored data"),
+            (vec![run(0, 4, 0, 0), run(4, 2, 1, 0)], "do not cover"),
+            (vec![run(0, 4, 0, 0), run(4, 4, 7, 0)], "past their stored data"),
+        ];
+        for (runs, says) in bad {
+            let err = TensorReader::pieces(path, "t", pieces(), runs, 8).err().unwrap();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+    }
 
     #[test]
     fn chunks_cover_the_tensor_in_whole_elements_and_bad_ranges_are_errors() {

@@ -343,11 +343,7 @@ fn overlapping_chunks_are_refused_when_read() {
 #[test]
 fn accelerate_inside_an_hf_checkpoint_is_read_with_its_step_and_marker() {
     let v = inspect_json(&fixture(ACCELERATE), &[]);
-    assert_eq!(
-        v["side_dir"].as_str().map(|p| p.ends_with("checkpoint-10")),
-        Some(true),
-        "{v}"
-    );
+    assert_eq!(v["side_dir"].as_str().map(|p| p.ends_with("checkpoint-10")), Some(true), "{v}");
     let inner = inspect_json(&fixture(ACCELERATE).join("pytorch_model_fsdp_0"), &[]);
     assert_eq!((inner["format"].as_str(), inner["step"].as_u64()), (Some("dcp"), None));
     let tmp = tempfile::tempdir().unwrap();
