@@ -1,5 +1,7 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
-//! directories are HF checkpoints, `*.index.json` is a shard index, and files are told apart
+//! directories are DCP checkpoints when they hold `.metadata` (or Accelerate's
+//! `pytorch_model_fsdp_0/` does), else HF checkpoints,
+//! `*.index.json` is a shard index, and files are told apart
 //! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
 //! The formats themselves live in `format/`; this module only dispatches.
 
@@ -7,7 +9,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::format::magic::{Magic, sniff};
-use super::format::{hf_dir, safetensors, sharded, torch};
+use super::format::{dcp, hf_dir, safetensors, sharded, torch};
 use super::storage::Loaded;
 use super::{InputIo, files};
 use crate::error::Result;
@@ -39,6 +41,12 @@ fn detect(path: &Path, file: &File) -> Result<FileFormat> {
 pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if let Some((dir, nested)) = dcp::find(path)? {
+            let mut loaded = dcp::open(&dir, state_key)?;
+            // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
+            loaded.side_dir = nested.then(|| path.to_path_buf());
+            return Ok(loaded);
+        }
         return hf_dir::open(path);
     }
     let file = files::open_regular(path)?;
@@ -58,7 +66,17 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
 pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
-        return hf_dir::quick_check(path, marker);
+        // `.metadata` is a DCP directory's marker (renamed in last); one nested in an HF
+        // Trainer checkpoint also waits for the Trainer's marker.
+        return match dcp::find(path)? {
+            Some((dir, nested)) => {
+                if nested {
+                    hf_dir::check_marker(path, marker)?;
+                }
+                dcp::quick_check(&dir)
+            }
+            None => hf_dir::quick_check(path, marker),
+        };
     }
     let file = files::open_regular(path)?;
     match detect(path, &file)? {

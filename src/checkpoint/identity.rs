@@ -123,4 +123,6 @@ pub(crate) fn is_weight_file(name: &str) -> bool {
         || name.ends_with(".index.json")
         || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
         || name == "trainer_state.json"
+        || name.ends_with(".distcp")
+        || name == ".metadata"
 }

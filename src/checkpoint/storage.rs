@@ -1,7 +1,7 @@
 //! Where an opened checkpoint's tensor bytes come from (`Storage`: memory, safetensors files
-//! held open, or a torch zip read tensor by tensor) and what a format reader hands back
-//! (`Loaded`). The format readers in `format/` build these; `Checkpoint` reads through them.
-//! This module parses no format.
+//! held open, a torch zip read tensor by tensor, or a DCP directory's chunks) and what a
+//! format reader hands back (`Loaded`). The format readers in `format/` build these;
+//! `Checkpoint` reads through them. This module parses no format.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::format::dcp::DcpStore;
 use super::identity::Identity;
 use super::pinned::PinnedFile;
 use super::strided::{gather, is_contiguous};
@@ -27,6 +28,18 @@ pub(crate) struct Loaded {
     pub side_dir: Option<PathBuf>,
 }
 
+/// One stored piece of a tensor kept in pieces (a DCP chunk), for `inspect`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkInfo {
+    /// Where the piece starts in the tensor, per dimension.
+    pub offsets: Vec<usize>,
+    pub sizes: Vec<usize>,
+    /// The file holding it, relative to the checkpoint directory.
+    pub file: String,
+    /// The rank that wrote it (from the file name `__{rank}_{k}.distcp`).
+    pub rank: Option<u32>,
+}
+
 /// Tensor name (as stored) → (file index, absolute byte range).
 pub(crate) type FileIndex = HashMap<String, (usize, Range<usize>)>;
 
@@ -41,6 +54,8 @@ pub(crate) enum Storage {
     },
     /// torch zip pickle: tensors read on demand.
     Pickle(PickleStore),
+    /// torch.distributed.checkpoint directory: each tensor assembled from its chunks.
+    Dcp(DcpStore),
 }
 
 impl Storage {
@@ -50,6 +65,15 @@ impl Storage {
             Storage::Memory(_) => true,
             Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
             Storage::Pickle(p) => p.still_valid(),
+            Storage::Dcp(d) => d.still_valid(),
+        }
+    }
+
+    /// The pieces tensor `key` is stored in, for formats that store tensors in pieces.
+    pub fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
+        match self {
+            Storage::Dcp(d) => d.chunks(key),
+            _ => None,
         }
     }
 
@@ -70,6 +94,7 @@ impl Storage {
                 TensorReader::file(&meta.name, &files[*f], range.clone())
             }
             Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
+            Storage::Dcp(d) => return d.reader(key, meta),
         }))
     }
 }
