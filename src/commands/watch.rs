@@ -23,7 +23,10 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     let (file, dir): (PathBuf, Option<PathBuf>) = (args.config.clone(), args.dir.clone());
     let reload: daemon::Reload = Box::new(move || configure(&file, dir.as_deref()));
     let opts = RunOptions { reload: Some(reload), systemd: true };
-    let result = rt.block_on(daemon::run(cfg, opts, daemon::termination()));
+    let result = rt.block_on(async {
+        let stop = daemon::termination()?; // before anything is logged: see `termination`
+        daemon::run(cfg, opts, stop).await
+    });
     // Do not wait for a publish still running on a blocking thread: it renames a complete
     // file or nothing, so leaving now cannot tear the output.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -358,17 +358,18 @@ fn panicked(e: tokio::task::JoinError) -> Error {
     Error::Internal(format!("the pipeline thread failed: {e}"))
 }
 
-/// Resolves on SIGTERM or SIGINT (for the CLI; in-process users pass their own future).
-pub async fn termination() {
+/// A future that resolves on SIGTERM or SIGINT (for the CLI; in-process users pass their
+/// own). The handlers are installed here, when it is called (inside the runtime), not when the
+/// future is first polled: the daemon logs before its first wait, and a SIGTERM sent on seeing
+/// that line used to find no handler and kill it with the default action.
+pub fn termination() -> Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-        }
-        _ => std::future::pending().await,
-    }
+    let fail = |e: std::io::Error| Error::Internal(format!("cannot handle SIGTERM/SIGINT: {e}"));
+    let mut term = signal(SignalKind::terminate()).map_err(fail)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
+    Ok(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    })
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
-use crate::schema::check_schema_with;
 use crate::objective::{NamedTensor, Params};
+use crate::schema::check_schema_with;
 
 /// Bytes of a member read at a time.
 const CHUNK: usize = 1 << 18;
