@@ -1,5 +1,6 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
-//! directories are HF checkpoints, `*.index.json` is a shard index, and files are told apart
+//! directories are DeepSpeed checkpoints (`global_stepN/` content or a `latest` tag), PEFT
+//! adapters (`adapter_config.json`) or else HF checkpoints, `*.index.json` is a shard index, and files are told apart
 //! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
 //! The formats themselves live in `format/`; this module only dispatches.
 
@@ -7,9 +8,9 @@ use std::fs::File;
 use std::path::Path;
 
 use super::format::magic::{Magic, sniff};
-use super::format::{hf_dir, safetensors, sharded, torch};
+use super::format::{deepspeed, hf_dir, peft, safetensors, sharded, torch};
 use super::storage::Loaded;
-use super::{InputIo, files};
+use super::{InputIo, OpenOptions, files};
 use crate::error::Result;
 
 /// The format of a checkpoint file (a directory is always an HF checkpoint).
@@ -34,11 +35,18 @@ fn detect(path: &Path, file: &File) -> Result<FileFormat> {
     }
 }
 
-/// Detect the format of `path` and read it. `state_key` names the entry of a torch pickle
-/// that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
-pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
+/// Detect the format of `path` and read it. `opts.state_key` names the entry of a torch
+/// pickle that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
+pub(crate) fn load(path: &Path, opts: &OpenOptions) -> Result<Loaded> {
+    let state_key = opts.state_key.as_deref();
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if let Some(dir) = deepspeed::detect(path)? {
+            return deepspeed::open(&dir, opts.deepspeed_weights);
+        }
+        if peft::is_adapter_dir(path) {
+            return peft::open(path);
+        }
         return hf_dir::open(path);
     }
     let file = files::open_regular(path)?;
@@ -56,8 +64,21 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
 /// last); empty = no marker. Never call this on temp names (see `is_temp_name`): a
 /// preallocated temp file can pass.
 pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
+    quick_check_with(path, marker, &OpenOptions::default())
+}
+
+/// [`quick_check`] for the weights `opts` asks for (DeepSpeed fp32 masters need every rank's
+/// optimizer states). The HF `marker` does not apply to DeepSpeed and PEFT directories:
+/// they have their own completion rules (see their modules).
+pub fn quick_check_with(path: &Path, marker: &str, opts: &OpenOptions) -> Result<()> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if let Some(dir) = deepspeed::detect(path)? {
+            return deepspeed::quick_check(&dir, opts.deepspeed_weights);
+        }
+        if peft::is_adapter_dir(path) {
+            return peft::quick_check(path);
+        }
         return hf_dir::quick_check(path, marker);
     }
     let file = files::open_regular(path)?;

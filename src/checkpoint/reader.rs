@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::pinned::PinnedFile;
+use super::storage::Segment;
 use crate::error::{Error, Result};
 
 /// One tensor's little-endian bytes, to read by range or chunk. Not aligned: decode elements
@@ -21,6 +22,8 @@ enum Source<'c> {
     Memory(Cow<'c, [u8]>),
     /// Absolute byte range in a held file.
     File { file: &'c PinnedFile, range: Range<usize> },
+    /// Consecutive pieces of held files (`len` = their total).
+    Segments { files: &'c [PinnedFile], segs: &'c [Segment], len: usize },
 }
 
 impl<'c> TensorReader<'c> {
@@ -30,6 +33,15 @@ impl<'c> TensorReader<'c> {
 
     pub(super) fn file(name: &'c str, file: &'c PinnedFile, range: Range<usize>) -> Self {
         TensorReader { name, src: Source::File { file, range } }
+    }
+
+    pub(super) fn segments(
+        name: &'c str,
+        files: &'c [PinnedFile],
+        segs: &'c [Segment],
+    ) -> Self {
+        let len = segs.iter().map(|s| s.len).sum();
+        TensorReader { name, src: Source::Segments { files, segs, len } }
     }
 
     /// The tensor's name (as the checkpoint lists it).
@@ -42,6 +54,7 @@ impl<'c> TensorReader<'c> {
         match &self.src {
             Source::Memory(b) => b.len(),
             Source::File { range, .. } => range.len(),
+            Source::Segments { len, .. } => *len,
         }
     }
 
@@ -53,7 +66,7 @@ impl<'c> TensorReader<'c> {
     pub fn in_memory(&self) -> Option<&[u8]> {
         match &self.src {
             Source::Memory(b) => Some(b),
-            Source::File { .. } => None,
+            Source::File { .. } | Source::Segments { .. } => None,
         }
     }
 
@@ -75,6 +88,11 @@ impl<'c> TensorReader<'c> {
                 file.read_at((at.start + range.start) as u64, out, self.name)?;
                 Ok(out)
             }
+            Source::Segments { files, segs, .. } => {
+                let out = &mut buf[..range.len()];
+                read_segments(files, segs, range.start, out, self.name)?;
+                Ok(out)
+            }
         }
     }
 
@@ -87,6 +105,9 @@ impl<'c> TensorReader<'c> {
             Source::File { file, range: at } => {
                 file.read_at((at.start + range.start) as u64, buf, self.name)?
             }
+            Source::Segments { files, segs, .. } => {
+                read_segments(files, segs, range.start, buf, self.name)?
+            }
         }
         Ok(())
     }
@@ -94,7 +115,7 @@ impl<'c> TensorReader<'c> {
     /// A range outside the tensor (or a buffer too small for it) is a caller's bug: an error,
     /// not a read of the neighbouring tensor's bytes or a panic.
     fn check(&self, range: &Range<usize>, buf_len: usize) -> Result<()> {
-        let file = matches!(self.src, Source::File { .. });
+        let file = !matches!(self.src, Source::Memory(_));
         if range.start > range.end || range.end > self.len() || (file && buf_len < range.len()) {
             return Err(Error::Internal(format!(
                 "tensor {}: bytes {range:?} requested of {} (buffer of {buf_len})",
@@ -113,6 +134,11 @@ impl<'c> TensorReader<'c> {
             Source::File { file, range } => {
                 let mut out = vec![0u8; range.len()];
                 file.read_at(range.start as u64, &mut out, self.name)?;
+                Ok(Cow::Owned(out))
+            }
+            Source::Segments { files, segs, len } => {
+                let mut out = vec![0u8; len];
+                read_segments(files, segs, 0, &mut out, self.name)?;
                 Ok(Cow::Owned(out))
             }
         }
@@ -140,6 +166,33 @@ impl<'c> TensorReader<'c> {
         }
         Ok(())
     }
+}
+
+/// Fill `out` with the bytes from `offset` on of the concatenation of `segs`: each piece that
+/// overlaps is read straight into its place in `out` (the caller checked the range).
+fn read_segments(
+    files: &[PinnedFile],
+    segs: &[Segment],
+    offset: usize,
+    out: &mut [u8],
+    name: &str,
+) -> Result<()> {
+    let (mut at, mut done) = (0usize, 0usize);
+    for seg in segs {
+        let (start, end) = (at, at + seg.len);
+        at = end;
+        if end <= offset + done || done == out.len() {
+            continue;
+        }
+        let from = offset + done - start;
+        let n = (seg.len - from).min(out.len() - done);
+        let file = files.get(seg.file).ok_or_else(|| {
+            Error::Internal(format!("tensor {name}: segment names file {}", seg.file))
+        })?;
+        file.read_at(seg.start + from as u64, &mut out[done..done + n], name)?;
+        done += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Where an opened checkpoint's tensor bytes come from (`Storage`: memory, safetensors files
-//! held open, or a torch zip read tensor by tensor) and what a format reader hands back
+//! held open, a torch zip read tensor by tensor, or pieces of several files) and what a format reader hands back
 //! (`Loaded`). The format readers in `format/` build these; `Checkpoint` reads through them.
 //! This module parses no format.
 
@@ -41,6 +41,22 @@ pub(crate) enum Storage {
     },
     /// torch zip pickle: tensors read on demand.
     Pickle(PickleStore),
+    /// Tensors pieced together from byte ranges of several held files, in order (DeepSpeed
+    /// ZeRO partitions: one parameter = a slice of each rank's flat fp32 group). Read in
+    /// place, piece by piece, like `Files`: nothing is gathered into memory.
+    Segments {
+        files: Vec<PinnedFile>,
+        index: HashMap<String, Vec<Segment>>,
+    },
+}
+
+/// One piece of a tensor's bytes: `len` bytes at absolute offset `start` of file `file`
+/// (an index into the storage's files). Built only from ranges checked against the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub file: usize,
+    pub start: u64,
+    pub len: usize,
 }
 
 impl Storage {
@@ -48,7 +64,9 @@ impl Storage {
     pub fn still_valid(&self) -> bool {
         match self {
             Storage::Memory(_) => true,
-            Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
+            Storage::Files { files, .. } | Storage::Segments { files, .. } => {
+                files.iter().all(PinnedFile::still_valid)
+            }
             Storage::Pickle(p) => p.still_valid(),
         }
     }
@@ -70,6 +88,10 @@ impl Storage {
                 TensorReader::file(&meta.name, &files[*f], range.clone())
             }
             Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
+            Storage::Segments { files, index } => {
+                let Some(segs) = index.get(key) else { return Ok(None) };
+                TensorReader::segments(&meta.name, files, segs)
+            }
         }))
     }
 }

@@ -21,7 +21,7 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
-    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref());
+    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
     let opts = AverageOptions {

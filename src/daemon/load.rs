@@ -39,8 +39,13 @@ pub fn load(
     };
     // A directory without its marker is still being filled; a file that stayed truncated
     // for the whole quiet period is broken (it is retried anyway once it changes).
-    checkpoint::quick_check(path, &watch.marker).map_err(|e| refuse(e, path.is_dir()))?;
-    let opts = OpenOptions { state_key: watch.state_key.clone(), ..OpenOptions::default() };
+    let opts = OpenOptions {
+        state_key: watch.state_key.clone(),
+        deepspeed_weights: watch.deepspeed_weights,
+        ..OpenOptions::default()
+    };
+    checkpoint::quick_check_with(path, &watch.marker, &opts)
+        .map_err(|e| refuse(e, path.is_dir()))?;
     let ckpt = Checkpoint::open(path, &opts).map_err(|e| refuse(e, false))?;
     if let Some(why) = checkpoint::not_model_weights(ckpt.tensors(), reference) {
         return Err(Refusal { reason: why, incomplete: false, not_weights: true });

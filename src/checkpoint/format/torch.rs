@@ -272,6 +272,37 @@ fn locate(path: &Path, name: &str, raw: RawTensor, entries: &Entries) -> Result<
     })
 }
 
+/// A torch zip whose pickle a caller walks itself (DeepSpeed's model and optimizer states):
+/// the decoded pickle, and its tensors located on request with the same checks as `open`.
+pub(crate) struct RawZip {
+    pub pk: Pickle,
+    entries: Entries,
+}
+
+impl RawZip {
+    /// Decode the pickle of the torch zip `file` (opened by `files` from `path`).
+    pub fn open(path: &Path, file: &File) -> Result<RawZip> {
+        let len = file.metadata().input(path)?.len();
+        let mut zip = zip::ZipArchive::new(BufReader::new(file.try_clone().input(path)?))
+            .map_err(|e| zip_error(path, e))?;
+        let pkl = find_pickle(path, &zip)?;
+        let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
+        check_byteorder(path, &mut zip, &prefix)?;
+        let pk = decode_pickle(path, &mut zip, &pkl, len)?;
+        let entries = entry_offsets(path, &mut zip, &prefix, len)?;
+        Ok(RawZip { pk, entries })
+    }
+
+    /// The tensor `value` describes (`None` if it is no tensor), its view checked to lie in
+    /// its storage and the storage in the file.
+    pub fn tensor(&self, path: &Path, name: &str, value: unpickle::Id) -> Result<Option<PickleTensor>> {
+        match tensor_of(path, &self.pk, name, value)? {
+            Some(raw) => locate(path, name, raw, &self.entries).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
