@@ -2,7 +2,9 @@
 //!
 //! `PATH` ending in `.safetensors` is one file; any other `PATH` is a directory in Hugging Face
 //! layout (`model.safetensors` or shards plus `model.safetensors.index.json`, side files such
-//! as `config.json` and tokenizer files copied from the newest input, `manifest.json`).
+//! as `config.json` and tokenizer files copied from the newest input, `manifest.json`) — or,
+//! when the inputs are PEFT adapters, an adapter directory (`adapter_model.safetensors`,
+//! `adapter_config.json`, `manifest.json`).
 //!
 //! Guarantee: a reader of `PATH` sees the complete old output or the complete new one, never a
 //! mix or a torn file, and the new one is durable (fsynced, directory entry fsynced) before its
@@ -69,6 +71,10 @@ pub const SIDE_FILES: &[&str] = &[
     "chat_template.jinja",
     "chat_template.json",
 ];
+
+/// Copied into the output as well when it is a PEFT adapter directory (never otherwise:
+/// transformers takes a model directory holding one for an adapter).
+const ADAPTER_CONFIG: &str = "adapter_config.json";
 
 #[derive(Clone, Debug)]
 pub struct PublishOptions {
@@ -244,9 +250,16 @@ pub fn publish_tensors(
     if is_file_output(out) {
         publish_file(&mut writer, &outputs, &metadata, out, &mut manifest, clock)?;
     } else {
-        let layouts = plan_files(&outputs, "model.safetensors", opts.shard_bytes, &metadata)?;
+        // Averaged PEFT adapters are published as an adapter directory (what
+        // `PeftModel.from_pretrained` loads): never sharded, its config copied.
+        let adapter = side_dir.is_some_and(checkpoint::is_adapter_dir);
+        let (single, shard_bytes) = match adapter {
+            true => ("adapter_model.safetensors", u64::MAX),
+            false => ("model.safetensors", opts.shard_bytes),
+        };
+        let layouts = plan_files(&outputs, single, shard_bytes, &metadata)?;
         let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs)).transpose()?;
-        let dir = DirOutput { layouts: &layouts, index, side_dir, clock };
+        let dir = DirOutput { layouts: &layouts, index, side_dir, adapter, clock };
         dir.publish(&mut writer, out, &mut manifest)?;
     }
     tracing::debug!(out = %out.display(), bytes = writer.done, "published average");
@@ -332,6 +345,8 @@ struct DirOutput<'l> {
     /// `model.safetensors.index.json` when sharded.
     index: Option<Vec<u8>>,
     side_dir: Option<&'l Path>,
+    /// A PEFT adapter directory (`adapter_config.json` copied too).
+    adapter: bool,
     clock: Instant,
 }
 
@@ -360,9 +375,10 @@ impl DirOutput<'_> {
             manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
         }
         if let Some(src) = self.side_dir {
-            copy_side_files(src, dir, manifest)?;
+            let extra: &[&str] = if self.adapter { &[ADAPTER_CONFIG] } else { &[] };
+            copy_side_files(src, extra, dir, manifest)?;
         }
-        manifest.layout = "dir".into();
+        manifest.layout = if self.adapter { "adapter" } else { "dir" }.into();
         finish(manifest, self.clock);
         let json = manifest.to_json()?;
         write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
@@ -402,8 +418,8 @@ pub fn newest_side_dir<'c>(inputs: &[&'c Checkpoint]) -> Option<&'c Path> {
 /// Copy the HF side files that `src` has into `dir`. They are opened the way checkpoint files
 /// are (`checkpoint::open_in_dir`): a side file that is a symlink (`tokenizer.json ->
 /// /etc/shadow`), FIFO or other non-regular file is refused, never followed or copied.
-fn copy_side_files(src: &Path, dir: &Path, manifest: &mut Manifest) -> Result<()> {
-    for name in SIDE_FILES {
+fn copy_side_files(src: &Path, extra: &[&str], dir: &Path, manifest: &mut Manifest) -> Result<()> {
+    for name in SIDE_FILES.iter().chain(extra) {
         if !checkpoint::has_file(src, Path::new(name))? {
             continue;
         }

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 pub use classify::not_model_weights;
 pub use detect::{quick_check, quick_check_with};
-pub use format::peft::{check_same_adapter, is_adapter_dir};
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
+pub use format::peft::{check_same_adapter, is_adapter_dir};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
 pub use reader::TensorReader;

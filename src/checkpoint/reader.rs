@@ -35,11 +35,7 @@ impl<'c> TensorReader<'c> {
         TensorReader { name, src: Source::File { file, range } }
     }
 
-    pub(super) fn segments(
-        name: &'c str,
-        files: &'c [PinnedFile],
-        segs: &'c [Segment],
-    ) -> Self {
+    pub(super) fn segments(name: &'c str, files: &'c [PinnedFile], segs: &'c [Segment]) -> Self {
         let len = segs.iter().map(|s| s.len).sum();
         TensorReader { name, src: Source::Segments { files, segs, len } }
     }

@@ -21,9 +21,13 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
-    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
+    let opts =
+        super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
+    for c in chosen.iter().skip(1) {
+        crate::checkpoint::check_same_adapter(chosen[0], c)?;
+    }
     let opts = AverageOptions {
         dtype: args.dtype,
         int_policy: args.int_policy,

@@ -38,9 +38,9 @@ pub(crate) struct Layout {
 impl Layout {
     /// The model-states file whose `param_shapes`, buffers and `dp_world_size` are read.
     pub fn first_model(&self) -> Result<&Path> {
-        self.module.as_deref().or(self.rank_models.first().map(PathBuf::as_path)).ok_or_else(
-            || Error::bad_input(&self.dir, "no *_model_states.pt: not a DeepSpeed checkpoint"),
-        )
+        self.module.as_deref().or(self.rank_models.first().map(PathBuf::as_path)).ok_or_else(|| {
+            Error::bad_input(&self.dir, "no *_model_states.pt: not a DeepSpeed checkpoint")
+        })
     }
 }
 
@@ -120,12 +120,16 @@ fn scan(dir: &Path) -> Result<Option<Layout>> {
         }
         match ranks(&name) {
             Some((_, mp)) if mp != 0 => {
-                return refuse("tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not supported");
+                return refuse(
+                    "tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not supported",
+                );
             }
             Some((dp, _)) if is_model => models.push((dp, dir.join(&name))),
             Some((dp, _)) => optim.push((dp, dir.join(&name))),
             None if name.starts_with("mp_rank_") => {
-                return refuse("tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not supported");
+                return refuse(
+                    "tensor-parallel DeepSpeed checkpoints (mp_rank > 0) are not supported",
+                );
             }
             None => continue,
         }
@@ -144,10 +148,13 @@ fn by_rank(dir: &Path, mut found: Vec<(usize, PathBuf)>, suffix: &str) -> Result
     for (i, (rank, path)) in found.iter().enumerate() {
         if *rank != i {
             let what = if *rank < i { "a second file for rank" } else { "no file for rank" };
-            let (bad, missing) = if *rank < i { (*rank, path.clone()) } else { (i, dir.to_path_buf()) };
+            let (bad, missing) =
+                if *rank < i { (*rank, path.clone()) } else { (i, dir.to_path_buf()) };
             return Err(Error::bad_input(
                 missing,
-                format!("{what} {bad} (*zero_pp_rank_{bad}_mp_rank_00{suffix}): incomplete or mixed checkpoint"),
+                format!(
+                    "{what} {bad} (*zero_pp_rank_{bad}_mp_rank_00{suffix}): incomplete or mixed checkpoint"
+                ),
             ));
         }
     }
@@ -178,7 +185,10 @@ pub(crate) fn open(layout: &Layout, weights: DeepSpeedWeights) -> Result<Loaded>
         (DeepSpeedWeights::Fp32, _) => zero::open_fp32(layout)?,
     };
     loaded.format = Format::DeepSpeed;
-    loaded.side_dir = layout.parent.clone().filter(|p| files::has_file(p, Path::new("config.json")).unwrap_or(false));
+    loaded.side_dir = layout
+        .parent
+        .clone()
+        .filter(|p| files::has_file(p, Path::new("config.json")).unwrap_or(false));
     loaded.metadata.insert("deepspeed_weights".into(), weights.to_string());
     Ok(loaded)
 }

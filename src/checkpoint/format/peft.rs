@@ -54,7 +54,11 @@ pub(crate) fn quick_check(dir: &Path) -> Result<()> {
     read_config(dir)?;
     let w = weights(dir)?;
     let file = files::open_child(&w)?;
-    if w.ends_with(SAFETENSORS) { safetensors::quick_check(&w, file) } else { torch::quick_check(&w, file) }
+    if w.ends_with(SAFETENSORS) {
+        safetensors::quick_check(&w, file)
+    } else {
+        torch::quick_check(&w, file)
+    }
 }
 
 /// Open the adapter: its tensors, with the config's settings as `peft_*` metadata.
@@ -87,7 +91,10 @@ fn read_config(dir: &Path) -> Result<Vec<(String, String)>> {
     }
     for key in ["r", "lora_alpha"] {
         if !obj.get(key).is_some_and(|v| v.as_f64().is_some_and(|x| x > 0.0)) {
-            return Err(Error::bad_input(&path, format!("{key} is missing or not a positive number")));
+            return Err(Error::bad_input(
+                &path,
+                format!("{key} is missing or not a positive number"),
+            ));
         }
     }
     Ok(SETTINGS

@@ -295,7 +295,12 @@ impl RawZip {
 
     /// The tensor `value` describes (`None` if it is no tensor), its view checked to lie in
     /// its storage and the storage in the file.
-    pub fn tensor(&self, path: &Path, name: &str, value: unpickle::Id) -> Result<Option<PickleTensor>> {
+    pub fn tensor(
+        &self,
+        path: &Path,
+        name: &str,
+        value: unpickle::Id,
+    ) -> Result<Option<PickleTensor>> {
         match tensor_of(path, &self.pk, name, value)? {
             Some(raw) => locate(path, name, raw, &self.entries).map(Some),
             None => Ok(None),

@@ -40,7 +40,8 @@ pub(super) fn dp_world_size(path: &Path) -> Result<usize> {
     let zip = RawZip::open(path, &files::open_child(path)?)?;
     let pk = &zip.pk;
     let v = entry(pk, pk.root, "dp_world_size").and_then(|v| int(pk, v));
-    v.filter(|&w| w > 0).ok_or_else(|| bad(path, "no dp_world_size: not a DeepSpeed model-states file"))
+    v.filter(|&w| w > 0)
+        .ok_or_else(|| bad(path, "no dp_world_size: not a DeepSpeed model-states file"))
 }
 
 /// As many optimizer-states files (and, for ZeRO-3, model-states files) as ranks.
@@ -111,7 +112,6 @@ struct ModelStates {
     shared: Vec<(String, String)>,
     frozen: Vec<(String, Vec<usize>)>,
     module: Id,
-    fragments: Option<Id>,
     step: Option<u64>,
 }
 
@@ -119,12 +119,14 @@ fn model_states(path: &Path, pk: &Pickle) -> Result<ModelStates> {
     let root = pk.root;
     let get = |k: &str| entry(pk, root, k);
     let missing = |k: &str| bad(path, format!("no {k}: not a DeepSpeed model-states file"));
-    let shapes_list = get("param_shapes").and_then(|v| list(pk, v)).ok_or_else(|| missing("param_shapes"))?;
+    let shapes_list =
+        get("param_shapes").and_then(|v| list(pk, v)).ok_or_else(|| missing("param_shapes"))?;
     let param_shapes = shapes_list
         .iter()
         .map(|&g| shape_map(pk, g).ok_or_else(|| bad(path, "param_shapes holds a non-dict group")))
         .collect::<Result<Vec<_>>>()?;
-    let names = get("buffer_names").and_then(|v| list(pk, v)).ok_or_else(|| missing("buffer_names"))?;
+    let names =
+        get("buffer_names").and_then(|v| list(pk, v)).ok_or_else(|| missing("buffer_names"))?;
     let buffers = names.iter().filter_map(|&n| pk.str(n).map(str::to_string)).collect();
     let shared = get("shared_params")
         .and_then(|v| items(pk, v))
@@ -133,10 +135,10 @@ fn model_states(path: &Path, pk: &Pickle) -> Result<ModelStates> {
         .filter_map(|&(k, v)| Some((pk.str(k)?.to_string(), pk.str(v)?.to_string())))
         .collect();
     let frozen = get("frozen_param_shapes").and_then(|v| shape_map(pk, v)).unwrap_or_default();
-    let module = get("module").filter(|&m| items(pk, m).is_some()).ok_or_else(|| missing("module"))?;
-    let fragments = get("frozen_param_fragments");
+    let module =
+        get("module").filter(|&m| items(pk, m).is_some()).ok_or_else(|| missing("module"))?;
     let step = get("global_steps").and_then(|v| int(pk, v)).map(|s| s as u64);
-    Ok(ModelStates { param_shapes, buffers, shared, frozen, module, fragments, step })
+    Ok(ModelStates { param_shapes, buffers, shared, frozen, module, step })
 }
 
 /// What zero_to_fp32.py reads from one rank's optimizer-states file.
@@ -148,8 +150,9 @@ struct OptimStates {
 }
 
 fn optim_states(path: &Path, pk: &Pickle) -> Result<OptimStates> {
-    let osd = entry(pk, pk.root, "optimizer_state_dict")
-        .ok_or_else(|| bad(path, "no optimizer_state_dict: not a DeepSpeed optimizer-states file"))?;
+    let osd = entry(pk, pk.root, "optimizer_state_dict").ok_or_else(|| {
+        bad(path, "no optimizer_state_dict: not a DeepSpeed optimizer-states file")
+    })?;
     let get = |k: &str| entry(pk, osd, k);
     let stage = get("zero_stage")
         .and_then(|v| int(pk, v))
@@ -165,9 +168,12 @@ fn optim_states(path: &Path, pk: &Pickle) -> Result<OptimStates> {
         3 => "fp32_flat_groups",
         s => return Err(bad(path, format!("unknown ZeRO stage {s}"))),
     };
-    let groups = get(key).and_then(|v| list(pk, v)).ok_or_else(|| bad(path, format!("no {key}")))?;
+    let groups =
+        get(key).and_then(|v| list(pk, v)).ok_or_else(|| bad(path, format!("no {key}")))?;
     let alignment = get("param_alignment_paddings").and_then(|v| list(pk, v)).map(|gs| {
-        gs.iter().map(|&g| list(pk, g).unwrap_or_default().iter().filter_map(|&p| int(pk, p)).collect()).collect()
+        gs.iter()
+            .map(|&g| list(pk, g).unwrap_or_default().iter().filter_map(|&p| int(pk, p)).collect())
+            .collect()
     });
     Ok(OptimStates { stage, world, groups: groups.to_vec(), alignment })
 }
@@ -258,7 +264,13 @@ fn buffers(opened: &Opened, ms: &ModelStates, out: &mut Tensors) -> Result<()> {
 
 /// Frozen parameters: whole in the module file's fragments (ZeRO-1/2), or each rank's
 /// fragment concatenated and cut to numel (ZeRO-3).
-fn frozen(opened: &Opened, ms: &ModelStates, n_models: usize, stage: usize, out: &mut Tensors) -> Result<()> {
+fn frozen(
+    opened: &Opened,
+    ms: &ModelStates,
+    n_models: usize,
+    stage: usize,
+    out: &mut Tensors,
+) -> Result<()> {
     for (name, shape) in &ms.frozen {
         let path = &opened.paths[0];
         let n = numel(shape).ok_or_else(|| bad(path, format!("{name}: shape overflows")))?;
@@ -267,15 +279,18 @@ fn frozen(opened: &Opened, ms: &ModelStates, n_models: usize, stage: usize, out:
         let mut dtype = None;
         for i in 0..files {
             let pk = &opened.zips[i].pk;
-            let frag = ms.fragments.and_then(|_| fragments_of(pk)).and_then(|f| entry(pk, f, name));
-            let frag = frag.ok_or_else(|| bad(&opened.paths[i], format!("frozen parameter {name} has no fragment")))?;
+            let frag = fragments_of(pk).and_then(|f| entry(pk, f, name));
+            let frag = frag.ok_or_else(|| {
+                bad(&opened.paths[i], format!("frozen parameter {name} has no fragment"))
+            })?;
             let (piece, t) = opened.piece(i, name, frag)?;
             dtype = Some(t.dtype);
             pieces.push(piece);
         }
         let dtype = dtype.ok_or_else(|| bad(path, format!("{name}: no fragments")))?;
-        let segs = take(&pieces, n, dtype.size())
-            .ok_or_else(|| bad(path, format!("frozen parameter {name}: fragments hold fewer than {n} elements")))?;
+        let segs = take(&pieces, n, dtype.size()).ok_or_else(|| {
+            bad(path, format!("frozen parameter {name}: fragments hold fewer than {n} elements"))
+        })?;
         out.push(name.clone(), dtype, shape.clone(), segs);
     }
     Ok(())
@@ -301,7 +316,10 @@ fn rank_pieces(opened: &Opened, optim: &[OptimStates], first: usize) -> Result<R
         for (g, &id) in o.groups.iter().enumerate() {
             let (piece, t) = opened.piece(i, &format!("fp32 group {g}"), id)?;
             if t.shape.len() != 1 || !t.dtype.is_float() || dtype.is_some_and(|d| d != t.dtype) {
-                return Err(bad(path, format!("fp32 group {g} is not a flat float tensor like the others")));
+                return Err(bad(
+                    path,
+                    format!("fp32 group {g} is not a flat float tensor like the others"),
+                ));
             }
             dtype = Some(t.dtype);
             groups.push(piece);
@@ -350,7 +368,10 @@ fn zero2(
     let world = ranks.len();
     let n_groups = ranks[0].len();
     if shapes.len() != n_groups {
-        return Err(bad(dir, format!("{} param_shapes groups for {n_groups} fp32 groups", shapes.len())));
+        return Err(bad(
+            dir,
+            format!("{} param_shapes groups for {n_groups} fp32 groups", shapes.len()),
+        ));
     }
     let align = |x: usize| x.div_ceil(2 * world) * 2 * world;
     let mut out = Vec::new();
@@ -359,7 +380,10 @@ fn zero2(
         let avail: usize = pieces.iter().map(|p| p.numel).sum();
         let pads = alignment.and_then(|a| a.get(g));
         if pads.is_some_and(|p| p.len() != group.len()) {
-            return Err(bad(dir, format!("group {g}: param_alignment_paddings do not match param_shapes")));
+            return Err(bad(
+                dir,
+                format!("group {g}: param_alignment_paddings do not match param_shapes"),
+            ));
         }
         let mut offset = 0usize;
         for (i, (name, shape)) in group.iter().enumerate() {
@@ -378,7 +402,12 @@ fn zero2(
 }
 
 /// ZeRO-3 (see the module header).
-fn zero3(dir: &Path, shapes: &[Vec<(String, Vec<usize>)>], ranks: &[Vec<Piece>], dtype: DType) -> Result<Params> {
+fn zero3(
+    dir: &Path,
+    shapes: &[Vec<(String, Vec<usize>)>],
+    ranks: &[Vec<Piece>],
+    dtype: DType,
+) -> Result<Params> {
     let world = ranks.len();
     let sizes = |r: &Vec<Piece>| r.iter().map(|p| p.numel).collect::<Vec<_>>();
     if ranks.iter().any(|r| sizes(r) != sizes(&ranks[0])) {
@@ -393,16 +422,29 @@ fn zero3(dir: &Path, shapes: &[Vec<(String, Vec<usize>)>], ranks: &[Vec<Piece>],
         let mut pieces = Vec::new();
         for r in ranks {
             let segs = slice(r, offset, part, dtype.size()).ok_or_else(|| {
-                bad(dir, format!("parameter {name} needs elements {offset}..{} of each rank's {per_rank}", offset.saturating_add(part)))
+                bad(
+                    dir,
+                    format!(
+                        "parameter {name} needs elements {offset}..{} of each rank's {per_rank}",
+                        offset.saturating_add(part)
+                    ),
+                )
             })?;
-            pieces.extend(segs.into_iter().map(|s| Piece { file: s.file, start: s.start, numel: s.len / dtype.size() }));
+            pieces.extend(segs.into_iter().map(|s| Piece {
+                file: s.file,
+                start: s.start,
+                numel: s.len / dtype.size(),
+            }));
         }
         let segs = take(&pieces, n, dtype.size()).expect("world * ceil(n / world) >= n");
         out.push((name.clone(), shape.clone(), segs));
         offset += part;
     }
     if offset != per_rank {
-        return Err(bad(dir, format!("consumed {} elements out of {}", offset * world, per_rank * world)));
+        return Err(bad(
+            dir,
+            format!("consumed {} elements out of {}", offset * world, per_rank * world),
+        ));
     }
     Ok(out)
 }
@@ -479,7 +521,10 @@ mod tests {
     fn slices_cross_piece_boundaries_and_stop_at_the_end() {
         let p = pieces(&[3, 4]);
         let s = slice(&p, 2, 3, 4).unwrap();
-        assert_eq!(s, vec![Segment { file: 0, start: 8, len: 4 }, Segment { file: 1, start: 1000, len: 8 }]);
+        assert_eq!(
+            s,
+            vec![Segment { file: 0, start: 8, len: 4 }, Segment { file: 1, start: 1000, len: 8 }]
+        );
         assert!(slice(&p, 5, 3, 4).is_none(), "past the end");
         assert!(slice(&p, usize::MAX, 2, 4).is_none(), "overflow");
     }
@@ -490,8 +535,14 @@ mod tests {
         let ranks = vec![pieces(&[3]), vec![Piece { file: 9, start: 0, numel: 3 }]];
         let shapes = vec![vec![("a".to_string(), vec![3]), ("b".to_string(), vec![2])]];
         let out = zero3(Path::new("d"), &shapes, &ranks, DType::F32).unwrap();
-        assert_eq!(out[0].2, vec![Segment { file: 0, start: 0, len: 8 }, Segment { file: 9, start: 0, len: 4 }]);
-        assert_eq!(out[1].2, vec![Segment { file: 0, start: 8, len: 4 }, Segment { file: 9, start: 8, len: 4 }]);
+        assert_eq!(
+            out[0].2,
+            vec![Segment { file: 0, start: 0, len: 8 }, Segment { file: 9, start: 0, len: 4 }]
+        );
+        assert_eq!(
+            out[1].2,
+            vec![Segment { file: 0, start: 8, len: 4 }, Segment { file: 9, start: 8, len: 4 }]
+        );
         let short = vec![vec![("a".to_string(), vec![8])]];
         assert!(zero3(Path::new("d"), &short, &ranks, DType::F32).is_err());
     }

@@ -1,0 +1,102 @@
+//! PEFT LoRA adapter directories saved by real peft (scripts/make_ds_peft_fixtures.py: a tiny
+//! module, r = 4, alpha = 8, targets q and v; `mismatch-r8` has r = 8), averaged by `sewa
+//! average` and `sewa watch` into an adapter directory and compared with the averages torch
+//! computed (tests/fixtures/peft/expected.safetensors).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::deepspeed::{assert_matches, copy_dir, fixture, s, sewa, stderr};
+use crate::watch::Daemon;
+
+fn adapter(name: &str) -> PathBuf {
+    fixture(&format!("peft/{name}"))
+}
+
+fn expected() -> PathBuf {
+    fixture("peft/expected.safetensors")
+}
+
+#[test]
+fn averaged_adapters_are_published_as_an_adapter_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("avg");
+    let o = sewa(&[
+        "average",
+        "--out",
+        s(&out),
+        s(&adapter("checkpoint-100")),
+        s(&adapter("checkpoint-200")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    // What PeftModel.from_pretrained(base, out) reads: the weights and the config, as saved.
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]);
+    assert_eq!(
+        fs::read(out.join("adapter_config.json")).unwrap(),
+        fs::read(adapter("checkpoint-200").join("adapter_config.json")).unwrap()
+    );
+    assert_matches(&out.join("adapter_model.safetensors"), &expected(), "adapter", 1e-6);
+    let o = sewa(&["inspect", "--json", s(&adapter("checkpoint-100"))]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["format"].as_str(), v["metadata"]["peft_r"].as_str()),
+        (Some("peft-adapter"), Some("4"))
+    );
+}
+
+fn refused(inputs: &[&Path]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("avg");
+    let mut args = vec!["average", "--out", s(&out)];
+    args.extend(inputs.iter().map(|p| s(p)));
+    let o = sewa(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!out.exists(), "nothing is written");
+    stderr(&o)
+}
+
+#[test]
+fn mismatched_lora_ranks_are_refused_naming_both_adapters() {
+    let (a, b) = (adapter("checkpoint-100"), adapter("mismatch-r8"));
+    let err = refused(&[&a, &b]);
+    assert!(err.contains("differ in r") && err.contains(s(&a)) && err.contains(s(&b)), "{err}");
+}
+
+#[test]
+fn mismatched_lora_alpha_is_refused_although_shapes_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("checkpoint-300");
+    copy_dir(&adapter("checkpoint-200"), &b);
+    let cfg = fs::read_to_string(b.join("adapter_config.json")).unwrap();
+    fs::write(
+        b.join("adapter_config.json"),
+        cfg.replace("\"lora_alpha\": 8", "\"lora_alpha\": 16"),
+    )
+    .unwrap();
+    let err = refused(&[&adapter("checkpoint-100"), &b]);
+    assert!(err.contains("differ in lora_alpha") && err.contains(s(&b)), "{err}");
+}
+
+#[test]
+fn an_adapter_and_a_full_model_are_refused() {
+    let err = refused(&[&adapter("checkpoint-100"), &adapter("base")]);
+    assert!(err.contains("full model") && err.contains(s(&adapter("base"))), "{err}");
+}
+
+#[test]
+fn watch_publishes_averaged_adapters_as_an_adapter_directory() {
+    let mut d = Daemon::start_with_out("[select]\nmethod = \"uniform\"\n", "averaged");
+    for name in ["checkpoint-100", "checkpoint-200"] {
+        let staged = d.tmp.path().join(name);
+        copy_dir(&adapter(name), &staged);
+        fs::rename(&staged, d.runs.join(name)).unwrap();
+    }
+    d.wait_published(&[100, 200]);
+    assert!(d.out.join("adapter_config.json").is_file());
+    assert_matches(&d.out.join("adapter_model.safetensors"), &expected(), "adapter", 1e-6);
+}
