@@ -38,9 +38,12 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "
 # ---------------------------------------------------------------- DeepSpeed (worker side)
 class DsNet(nn.Module):
     # Odd parameter sizes (35, 7, 7, 7, 21, 3) so partitions need padding; two buffers (float
-    # and int64) that live only in the model-states file.
+    # and int64) that live only in the model-states file; a frozen layer (its weights are in
+    # frozen_param_fragments, partitioned by rank under ZeRO-3).
     def __init__(self):
         super().__init__()
+        self.frozen = nn.Linear(5, 5)
+        self.frozen.requires_grad_(False)
         self.fc1 = nn.Linear(5, 7)
         self.norm = nn.LayerNorm(7)
         self.fc2 = nn.Linear(7, 3)
@@ -49,6 +52,7 @@ class DsNet(nn.Module):
 
     def forward(self, x):
         self.calls += 1
+        x = self.frozen(x)
         return self.fc2(torch.relu(self.norm(self.fc1(x)))) + self.shift.to(x.dtype)
 
 
@@ -69,7 +73,8 @@ def ds_worker(stage, out):
         "optimizer": {"type": "AdamW", "params": {"lr": 0.05}},
         "bf16": {"enabled": True},
     }
-    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                    config=cfg)
     gen = torch.Generator().manual_seed(100 + eng.global_rank)
     for step in range(1, 5):
         x = torch.randn(4, 5, generator=gen).to(torch.bfloat16)
