@@ -151,9 +151,10 @@ def tiny_base():
 def make_adapter(out, r, seed):
     from peft import LoraConfig, get_peft_model
 
+    base = tiny_base()  # seeds itself: seed the adapter's own initialisation after it
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
-    model = get_peft_model(tiny_base(), cfg)
+    model = get_peft_model(base, cfg)
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
     os.remove(os.path.join(out, "README.md"))  # a generated model card: not needed

@@ -100,3 +100,69 @@ fn watch_publishes_averaged_adapters_as_an_adapter_directory() {
     assert!(d.out.join("adapter_config.json").is_file());
     assert_matches(&d.out.join("adapter_model.safetensors"), &expected(), "adapter", 1e-6);
 }
+
+#[test]
+fn merge_delta_adds_the_average_merged_delta_to_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let (a, b, base) = (adapter("checkpoint-100"), adapter("checkpoint-200"), adapter("base"));
+    let o = sewa(&[
+        "average",
+        "--lora",
+        "merge-delta",
+        "--base",
+        s(&base),
+        "--out",
+        s(&out),
+        s(&a),
+        s(&b),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A full model in the base's layout, its side files copied, no adapter files.
+    assert!(out.join("config.json").is_file() && !out.join("adapter_config.json").exists());
+    let merged = out.join("model.safetensors");
+    assert_matches(&merged, &expected(), "merged", 1e-6);
+    // The caveat: merging the averaged adapter (base + s·avg(B)·avg(A)) is another model.
+    let e = crate::average::read_tensors(&expected());
+    let f = |k: &str| -> Vec<f32> {
+        e[k].1.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let (qa, qb) = (
+        f("adapter.base_model.model.q.lora_A.weight"),
+        f("adapter.base_model.model.q.lora_B.weight"),
+    );
+    let (w, m) =
+        (f("merged.q.weight"), crate::average::read_tensors(&merged)["q.weight"].1.clone());
+    let m: Vec<f32> =
+        m.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let base_q: Vec<f32> =
+        crate::average::read_tensors(&base.join("model.safetensors"))["q.weight"]
+            .1
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+    let (r, inp) = (4, 6);
+    let naive = |o: usize, i: usize| {
+        base_q[o * inp + i] + 2.0 * (0..r).map(|k| qb[o * r + k] * qa[k * inp + i]).sum::<f32>()
+    };
+    let gap = (0..5)
+        .flat_map(|o| (0..inp).map(move |i| (o, i)))
+        .map(|(o, i)| (naive(o, i) - m[o * inp + i]).abs())
+        .fold(0.0, f32::max);
+    assert!(gap > 1e-3, "avg(B)·avg(A) should differ from avg(B·A) here (gap {gap})");
+    assert_eq!(w.len(), m.len());
+}
+
+#[test]
+fn merge_delta_refuses_a_base_without_the_target_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let (a, other) = (adapter("checkpoint-100"), fixture("state_dict.safetensors"));
+    let o =
+        sewa(&["average", "--lora", "merge-delta", "--base", s(&other), "--out", s(&out), s(&a)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(s(&a)) && stderr(&o).contains("q.weight"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let o = sewa(&["average", "--lora", "merge-delta", "--out", s(&out), s(&a)]);
+    assert!(!o.status.success() && stderr(&o).contains("--base"), "{}", stderr(&o));
+}
