@@ -10,6 +10,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
+mod partition;
+mod pickled;
 mod zero;
 
 use super::torch;
@@ -52,7 +54,8 @@ pub(crate) fn detect(path: &Path) -> Result<Option<Layout>> {
         return Ok(Some(layout));
     }
     let has = |n: &str| files::has_file(path, Path::new(n));
-    if !has("latest")? || has("model.safetensors")? || has("model.safetensors.index.json")? {
+    let hf = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
+    if !has("latest")? || hf.iter().try_fold(false, |any, n| Ok::<_, Error>(any || has(n)?))? {
         return Ok(None);
     }
     let tag = read_latest(&path.join("latest"))?;
@@ -64,6 +67,10 @@ pub(crate) fn detect(path: &Path) -> Result<Option<Layout>> {
             format!("names the tag {tag:?}, but {} holds no *_model_states.pt", text(&dir)),
         )),
     }
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> Error {
+    Error::bad_input(path, msg.into())
 }
 
 fn text(p: &Path) -> String {
