@@ -204,3 +204,40 @@ fn watch_publishes_the_fp32_average_of_zero3_steps() {
     assert!(m["inputs"].as_array().unwrap().iter().all(|i| i["format"] == "deepspeed"), "{m:#}");
     assert_matches(&d.model_file(), &expected(), "z3_fp32", 1e-6);
 }
+
+#[test]
+fn quick_check_waits_for_every_rank_the_weights_need() {
+    use sewa::checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
+    let fp32 = OpenOptions { deepspeed_weights: DeepSpeedWeights::Fp32, ..Default::default() };
+    let module = OpenOptions::default();
+    let (_tmp, dir) = copy_step("z2");
+    assert!(quick_check_with(&dir, "trainer_state.json", &fp32).is_ok(), "no HF marker needed");
+    let rank1 = dir.join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt");
+    let full = fs::read(&rank1).unwrap();
+    fs::write(&rank1, &full[..full.len() - 100]).unwrap(); // still being written: no end record
+    let err = quick_check_with(&dir, "", &fp32).unwrap_err().to_string();
+    assert!(err.contains(s(&rank1)), "{err}");
+    assert!(quick_check_with(&dir, "", &module).is_ok(), "the module alone is complete");
+    fs::remove_file(&rank1).unwrap();
+    assert!(quick_check_with(&dir, "", &fp32).is_err());
+    fs::write(&rank1, &full).unwrap();
+    assert!(quick_check_with(&dir, "", &fp32).is_ok());
+    let model = dir.join("mp_rank_00_model_states.pt");
+    let full = fs::read(&model).unwrap();
+    fs::write(&model, &full[..full.len() / 2]).unwrap();
+    assert!(quick_check_with(&dir, "", &module).is_err());
+}
+
+#[test]
+fn watch_publishes_the_module_average_of_zero2_steps_written_in_place() {
+    let mut d = Daemon::start("[select]\nmethod = \"uniform\"\n");
+    // Written file by file into global_stepN/ and `latest` last, as DeepSpeed does; the
+    // watcher's quiet period and completeness check decide when a step is whole.
+    for step in steps("z2") {
+        copy_dir(&step, &d.runs.join(step.file_name().unwrap()));
+        fs::write(d.runs.join("latest"), step.file_name().unwrap().as_encoded_bytes()).unwrap();
+    }
+    let m = d.wait_published(&[2, 4]);
+    assert!(m["inputs"].as_array().unwrap().iter().all(|i| i["format"] == "deepspeed"), "{m:#}");
+    assert_matches(&d.model_file(), &expected(), "z2_module", 0.0);
+}

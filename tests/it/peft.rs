@@ -166,3 +166,20 @@ fn merge_delta_refuses_a_base_without_the_target_modules() {
     let o = sewa(&["average", "--lora", "merge-delta", "--out", s(&out), s(&a)]);
     assert!(!o.status.success() && stderr(&o).contains("--base"), "{}", stderr(&o));
 }
+
+#[test]
+fn quick_check_needs_a_config_and_complete_weights() {
+    use sewa::checkpoint::quick_check;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoint-100");
+    copy_dir(&adapter("checkpoint-100"), &dir);
+    assert!(quick_check(&dir, "trainer_state.json").is_ok(), "the HF marker is not needed");
+    let weights = dir.join("adapter_model.safetensors");
+    let full = fs::read(&weights).unwrap();
+    fs::write(&weights, &full[..full.len() - 8]).unwrap();
+    let err = quick_check(&dir, "").unwrap_err().to_string();
+    assert!(err.contains(s(&weights)), "{err}");
+    fs::write(&weights, &full).unwrap();
+    fs::write(dir.join("adapter_config.json"), "{\"r\": 4").unwrap(); // half written
+    assert!(quick_check(&dir, "").is_err());
+}
