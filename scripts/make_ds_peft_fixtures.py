@@ -14,12 +14,13 @@ The expected fp32 weights are DeepSpeed's own `get_fp32_state_dict_from_zero_che
 
 PEFT: a tiny nn.Module wrapped with real peft LoRA (r=4, alpha=8, target q and v), two adapters
 (`checkpoint-100`, `checkpoint-200`) saved with save_pretrained, one with r=8
-(`mismatch-r8`), and the base model's weights as an HF-style directory (`base/`).
+(`mismatch-r8`), one saved as adapter_model.bin (`bin-300`), and the base model's weights as an HF-style directory (`base/`).
 
 expected.safetensors (one per family) holds the averages computed here with torch:
   deepspeed: z2_fp32.<name>, z2_module.<name>, z3_fp32.<name> (uniform average of the two steps,
              computed in float64), z2_fp32_step4.<name> (one step, converted)
-  peft:      adapter.<key> (average of the two adapters' tensors), merged.<name> (base +
+  peft:      adapter.<key> (average of the two adapters' tensors), with_bin.<key> (of
+             checkpoint-100 and bin-300), merged.<name> (base +
              mean over adapters of (alpha/r) * B @ A for target modules, else base)
 """
 import json
@@ -148,7 +149,7 @@ def tiny_base():
     return Tiny()
 
 
-def make_adapter(out, r, seed):
+def make_adapter(out, r, seed, safe=True):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_base()  # seeds itself: seed the adapter's own initialisation after it
@@ -156,10 +157,12 @@ def make_adapter(out, r, seed):
     cfg = LoraConfig(r=r, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
     model = get_peft_model(base, cfg)
     shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=safe)
     os.remove(os.path.join(out, "README.md"))  # a generated model card: not needed
     from safetensors.torch import load_file
 
+    if not safe:
+        return torch.load(os.path.join(out, "adapter_model.bin")), cfg
     return load_file(os.path.join(out, "adapter_model.safetensors")), cfg
 
 
@@ -174,7 +177,9 @@ def make_peft():
     a1, cfg = make_adapter(os.path.join(d, "checkpoint-100"), 4, 10)
     a2, _ = make_adapter(os.path.join(d, "checkpoint-200"), 4, 20)
     make_adapter(os.path.join(d, "mismatch-r8"), 8, 30)
+    a3, _ = make_adapter(os.path.join(d, "bin-300"), 4, 40, safe=False)
     expected = {f"adapter.{k}": avg([a1[k], a2[k]]) for k in a1}
+    expected.update({f"with_bin.{k}": avg([a1[k], a3[k]]) for k in a1})
     scale = cfg.lora_alpha / cfg.r
     for name, w in base.items():
         module = name.rsplit(".", 1)[0]

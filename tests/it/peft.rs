@@ -183,3 +183,13 @@ fn quick_check_needs_a_config_and_complete_weights() {
     fs::write(dir.join("adapter_config.json"), "{\"r\": 4").unwrap(); // half written
     assert!(quick_check(&dir, "").is_err());
 }
+
+#[test]
+fn adapter_model_bin_averages_with_safetensors_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("avg");
+    let (a, b) = (adapter("checkpoint-100"), adapter("bin-300"));
+    let o = sewa(&["average", "--out", s(&out), s(&a), s(&b)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_matches(&out.join("adapter_model.safetensors"), &expected(), "with_bin", 1e-6);
+}
