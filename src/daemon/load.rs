@@ -25,12 +25,14 @@ pub struct Refusal {
 }
 
 /// Open and validate `path` with the `[watch]` options. `reference` is the schema of the
-/// current window, if any.
+/// current window, if any, and `peer` one of its members (PEFT adapters must share its LoRA
+/// settings).
 pub fn load(
     path: &Path,
     watch: &WatchConfig,
     metric: &str,
     reference: Option<&[TensorMeta]>,
+    peer: Option<&Checkpoint>,
 ) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
     let refuse = |e: Error, incomplete| Refusal {
         reason: strip_path(&e, path),
@@ -57,6 +59,9 @@ pub fn load(
     })?;
     if let Some(schema) = reference {
         check_against("the window", schema, &ckpt).map_err(|e| refuse(e, false))?;
+    }
+    if let Some(peer) = peer {
+        checkpoint::check_same_adapter(peer, &ckpt).map_err(|e| refuse(e, false))?;
     }
     scan_finite(&ckpt).map_err(|e| refuse(e, false))?;
     let metric = read_metric(&ckpt, metric);

@@ -193,3 +193,36 @@ fn adapter_model_bin_averages_with_safetensors_adapters() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_matches(&out.join("adapter_model.safetensors"), &expected(), "with_bin", 1e-6);
 }
+
+#[test]
+fn watch_quarantines_an_adapter_with_other_lora_settings() {
+    let mut d = Daemon::start_with_out("[select]\nmethod = \"uniform\"\n", "averaged");
+    let first = d.tmp.path().join("checkpoint-100");
+    copy_dir(&adapter("checkpoint-100"), &first);
+    fs::rename(&first, d.runs.join("checkpoint-100")).unwrap();
+    d.wait_published(&[100]);
+    let other = d.tmp.path().join("checkpoint-200");
+    copy_dir(&adapter("checkpoint-200"), &other);
+    let cfg = fs::read_to_string(other.join("adapter_config.json")).unwrap();
+    fs::write(
+        other.join("adapter_config.json"),
+        cfg.replace("\"lora_alpha\": 8", "\"lora_alpha\": 16"),
+    )
+    .unwrap();
+    fs::rename(&other, d.runs.join("checkpoint-200")).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let status = d.status().map(|s| s["quarantined"].to_string()).unwrap_or_default();
+        if status.contains("lora_alpha") {
+            break;
+        }
+        assert!(d.alive(), "sewa exited:\n{}", d.log());
+        assert!(
+            start.elapsed() < crate::watch::DEADLINE,
+            "never quarantined: {status}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(crate::watch::input_steps(&d.manifest().unwrap()), [100], "still the first alone");
+}
