@@ -123,4 +123,10 @@ pub(crate) fn is_weight_file(name: &str) -> bool {
         || name.ends_with(".index.json")
         || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
         || name == "trainer_state.json"
+        // DeepSpeed (`global_stepN/`, and the tag in `latest` beside it) and PEFT adapters.
+        || name.ends_with("_model_states.pt")
+        || name.ends_with("_optim_states.pt")
+        || name == "latest"
+        || name == "adapter_model.bin"
+        || name == "adapter_config.json"
 }

@@ -241,3 +241,18 @@ fn watch_publishes_the_module_average_of_zero2_steps_written_in_place() {
     assert!(m["inputs"].as_array().unwrap().iter().all(|i| i["format"] == "deepspeed"), "{m:#}");
     assert_matches(&d.model_file(), &expected(), "z2_module", 0.0);
 }
+
+#[test]
+fn rewriting_a_rank_file_changes_the_step_directory_identity() {
+    use sewa::checkpoint::Identity;
+    let (_tmp, dir) = copy_step("z2");
+    let before = Identity::of(&dir).unwrap();
+    // Same size, new bytes and mtime: DeepSpeed re-saving the same tag.
+    let rank1 = dir.join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt");
+    let bytes = fs::read(&rank1).unwrap();
+    fs::remove_file(&rank1).unwrap();
+    fs::write(&rank1, &bytes).unwrap();
+    let f = fs::File::options().write(true).open(&rank1).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    assert_ne!(Identity::of(&dir).unwrap(), before);
+}
