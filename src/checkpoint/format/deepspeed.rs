@@ -114,7 +114,8 @@ fn scan(dir: &Path) -> Result<Option<Layout>> {
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let refuse = |why: &str| Err(Error::bad_input(dir.join(&name), why.to_string()));
-        if name.starts_with("layer_") && name.ends_with(MODEL_SUFFIX) {
+        // Pipeline stages: `layer_01-model_00-model_states.pt`.
+        if name.starts_with("layer_") && name.ends_with("model_states.pt") {
             return refuse("pipeline-parallel DeepSpeed checkpoints (layer_*) are not supported");
         }
         let is_model = name.ends_with(MODEL_SUFFIX);
@@ -221,7 +222,22 @@ fn open_module(path: &Path) -> Result<Loaded> {
 
 #[cfg(test)]
 mod tests {
-    use super::ranks;
+    use super::{ranks, scan};
+
+    #[test]
+    fn pipeline_and_tensor_parallel_layouts_are_refused_by_name() {
+        for (other, what) in [
+            ("layer_01-model_00-model_states.pt", "pipeline-parallel"),
+            ("mp_rank_01_model_states.pt", "tensor-parallel"),
+            ("zero_pp_rank_0_mp_rank_01_optim_states.pt", "tensor-parallel"),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            std::fs::write(tmp.path().join(super::MODULE_FILE), b"").unwrap();
+            std::fs::write(tmp.path().join(other), b"").unwrap();
+            let err = scan(tmp.path()).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(what) && err.contains(other), "{other}: {err}");
+        }
+    }
 
     #[test]
     fn rank_names() {
