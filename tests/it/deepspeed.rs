@@ -256,3 +256,20 @@ fn rewriting_a_rank_file_changes_the_step_directory_identity() {
     f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
     assert_ne!(Identity::of(&dir).unwrap(), before);
 }
+
+#[test]
+fn latest_never_leads_out_of_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    fs::create_dir(&run).unwrap();
+    // A tag that is a symlink to a step elsewhere, then a tag that climbs out.
+    std::os::unix::fs::symlink(&steps("z2")[1], run.join("global_step4")).unwrap();
+    fs::write(run.join("latest"), "global_step4").unwrap();
+    let o = sewa(&["inspect", s(&run)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a directory here"), "{}", stderr(&o));
+    fs::write(run.join("latest"), "../z2/global_step4").unwrap();
+    let o = sewa(&["inspect", s(&run)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a plain directory name"), "{}", stderr(&o));
+}

@@ -60,6 +60,13 @@ pub(crate) fn detect(path: &Path) -> Result<Option<Layout>> {
     }
     let tag = read_latest(&path.join("latest"))?;
     let dir = path.join(&tag);
+    // Inside the checkpoint directory: never through a symlink (it could lead anywhere).
+    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::bad_input(
+            path.join("latest"),
+            format!("names the tag {tag:?}, but {} is not a directory here", text(&dir)),
+        ));
+    }
     match scan(&dir)? {
         Some(layout) => Ok(Some(Layout { parent: Some(path.to_path_buf()), ..layout })),
         None => Err(Error::bad_input(
