@@ -193,7 +193,42 @@ fn read_segments(
 
 #[cfg(test)]
 mod tests {
+    use super::{PinnedFile, Segment, TensorReader};
     use crate::checkpoint::{Checkpoint, DType};
+
+    /// A tensor pieced from byte ranges of two files reads, by any range or chunk size, as the
+    /// concatenation of its pieces (ranges start and end inside pieces and span several).
+    #[test]
+    fn segments_read_as_their_concatenation_whatever_the_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data: Vec<Vec<u8>> = (0..2u8).map(|f| (0..64).map(|i| f * 100 + i).collect()).collect();
+        let files: Vec<PinnedFile> = (0..2)
+            .map(|f| {
+                let p = tmp.path().join(format!("f{f}"));
+                std::fs::write(&p, &data[f]).unwrap();
+                PinnedFile::new(&p, std::fs::File::open(&p).unwrap()).unwrap()
+            })
+            .collect();
+        let segs = [(1, 3, 10), (0, 40, 7), (1, 50, 13)].map(|(file, start, len)| Segment {
+            file,
+            start,
+            len,
+        });
+        let want: Vec<u8> =
+            segs.iter().flat_map(|s| data[s.file][s.start as usize..][..s.len].to_vec()).collect();
+        let r = TensorReader::segments("t", &files, &segs);
+        assert_eq!(r.len(), 30);
+        for chunk in [8, 16, 64] {
+            let mut seen = Vec::new();
+            r.for_each_chunk(chunk, &mut Vec::new(), |_, b| Ok(seen.extend_from_slice(b))).unwrap();
+            assert_eq!(seen, want, "chunks of {chunk}");
+        }
+        for (a, b) in [(0, 30), (9, 11), (12, 25), (17, 17), (29, 30)] {
+            let mut buf = vec![0u8; 30];
+            assert_eq!(r.bytes(a..b, &mut buf).unwrap(), &want[a..b], "{a}..{b}");
+        }
+        assert!(r.bytes(20..31, &mut [0; 16]).is_err(), "past the end");
+    }
 
     #[test]
     fn chunks_cover_the_tensor_in_whole_elements_and_bad_ranges_are_errors() {
