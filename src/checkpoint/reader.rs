@@ -220,7 +220,11 @@ mod tests {
         assert_eq!(r.len(), 30);
         for chunk in [8, 16, 64] {
             let mut seen = Vec::new();
-            r.for_each_chunk(chunk, &mut Vec::new(), |_, b| Ok(seen.extend_from_slice(b))).unwrap();
+            r.for_each_chunk(chunk, &mut Vec::new(), |_, b| {
+                seen.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
             assert_eq!(seen, want, "chunks of {chunk}");
         }
         for (a, b) in [(0, 30), (9, 11), (12, 25), (17, 17), (29, 30)] {
