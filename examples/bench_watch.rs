@@ -3,11 +3,13 @@
 //! 1. Latency from a checkpoint's completion (the end of its quiet period, when the settler
 //!    hands it over) to the new average being published, LAWA k = 5 over 256 MiB f32
 //!    checkpoints (16 tensors each): incremental running average vs a full re-average
-//!    (`recompute_every = 1`). Includes validation (open + NaN scan) and the durable publish.
+//!    (`recompute_every = 1`) vs no running average at all (`memory_budget = 1`: every
+//!    publication streams the k members through the kernel, as a model too large for the
+//!    budget does). Includes validation (open + NaN scan) and the durable publish.
 //! 2. Idle CPU of the `sewa watch` binary over a minute, from /proc/<pid>/stat.
 //!
 //! Run: `cargo run --release --example bench_watch -- [MiB per checkpoint] [idle seconds]`
-//! (defaults 256 and 60). Needs ~3 GiB of free disk in the temp dir.
+//! (defaults 256 and 60). Needs ~5 GiB of free disk in the temp dir.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,13 +31,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tmp = tempfile::tempdir()?;
     let runs = tmp.path().join("runs");
     std::fs::create_dir(&runs)?;
-    println!("writing {} checkpoints of {mib} MiB...", WARM + 2 * MEASURED);
-    let ckpts: Vec<PathBuf> = (0..WARM + 2 * MEASURED)
+    println!("writing {} checkpoints of {mib} MiB...", WARM + 3 * MEASURED);
+    let ckpts: Vec<PathBuf> = (0..WARM + 3 * MEASURED)
         .map(|i| write_checkpoint(&runs, (i as u64 + 1) * 100, mib))
         .collect();
-    for (label, recompute_every) in [("incremental", 16), ("full re-average", 1)] {
-        let offset = if recompute_every == 1 { MEASURED } else { 0 };
-        let lat = latencies(tmp.path(), &runs, &ckpts, offset, recompute_every)?;
+    let modes = [
+        ("incremental", 16, "\"auto\""),
+        ("full re-average", 1, "\"auto\""),
+        ("streamed, no running average", 16, "1"),
+    ];
+    for (m, (label, recompute_every, budget)) in modes.into_iter().enumerate() {
+        let offset = m * MEASURED;
+        let lat = latencies(tmp.path(), &runs, &ckpts, offset, (recompute_every, budget))?;
         let ms: Vec<String> =
             lat.iter().map(|(d, _)| format!("{:.0}", d.as_secs_f64() * 1e3)).collect();
         let n = lat.len() as f64;
@@ -84,12 +91,13 @@ fn latencies(
     runs: &Path,
     ckpts: &[PathBuf],
     offset: usize,
-    recompute_every: usize,
+    (recompute_every, budget): (usize, &str),
 ) -> Result<Vec<(Duration, u64)>, Box<dyn std::error::Error>> {
-    let out = base.join(format!("out-{recompute_every}/model.safetensors"));
+    let out = base.join(format!("out-{offset}/model.safetensors"));
     let text = format!(
         "[watch]\ndir = {runs:?}\n[window]\nsize = 20\n[select]\nmethod = \"lawa\"\nk = {K}\n\
-         [publish]\nout = {out:?}\n[runtime]\nrecompute_every = {recompute_every}\n"
+         [publish]\nout = {out:?}\n[runtime]\nrecompute_every = {recompute_every}\n\
+         memory_budget = {budget}\n"
     );
     let cfg = Config::parse(&text, Path::new("bench.toml"))?;
     let mut p = Pipeline::new(cfg);

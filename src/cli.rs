@@ -1,11 +1,11 @@
 //! Command-line flags (clap derive). Flags only: no logic here; `commands` does the work.
-//! The one helper here, `parse_size`, is clap's value parser for a size flag.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::average::{DtypeOverflow, IntPolicy, OutDType};
+use crate::checked::parse_size;
 use crate::checkpoint::DeepSpeedWeights;
 
 #[derive(Debug, Parser)]
@@ -214,43 +214,4 @@ pub struct ReportArgs {
     /// SVG to write.
     #[arg(long, default_value = "sewa-report.svg")]
     pub out: PathBuf,
-}
-
-/// Parse a byte size: `1048576`, `64KiB`, `512MiB`, `5GiB`, `5GB` (powers of 1000), `1.5GiB`.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 5GiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)")),
-    };
-    let bytes = num * mult as f64;
-    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("size {s:?} must be at least 1 byte"));
-    }
-    Ok(bytes as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
-        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
-        assert_eq!(parse_size("1024"), Ok(1024));
-        assert_eq!(parse_size("1.5KiB"), Ok(1536));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("GiB").is_err());
-    }
 }

@@ -6,7 +6,80 @@
 
 use half::slice::HalfFloatSliceExt;
 
-use crate::checkpoint::DType;
+/// Element type of a tensor, as stored on disk (little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Bool,
+    U8,
+    I8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bool | DType::U8 | DType::I8 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::I64 | DType::U64 | DType::F64 => 8,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+
+    pub fn to_safetensors(self) -> ::safetensors::Dtype {
+        use ::safetensors::Dtype as S;
+        match self {
+            DType::Bool => S::BOOL,
+            DType::U8 => S::U8,
+            DType::I8 => S::I8,
+            DType::I16 => S::I16,
+            DType::U16 => S::U16,
+            DType::I32 => S::I32,
+            DType::U32 => S::U32,
+            DType::I64 => S::I64,
+            DType::U64 => S::U64,
+            DType::F16 => S::F16,
+            DType::BF16 => S::BF16,
+            DType::F32 => S::F32,
+            DType::F64 => S::F64,
+        }
+    }
+
+    /// `None` for safetensors dtypes sewa does not average (fp8, complex, ...).
+    pub fn from_safetensors(d: ::safetensors::Dtype) -> Option<Self> {
+        use ::safetensors::Dtype as S;
+        Some(match d {
+            S::BOOL => DType::Bool,
+            S::U8 => DType::U8,
+            S::I8 => DType::I8,
+            S::I16 => DType::I16,
+            S::U16 => DType::U16,
+            S::I32 => DType::I32,
+            S::U32 => DType::U32,
+            S::I64 => DType::I64,
+            S::U64 => DType::U64,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            _ => return None,
+        })
+    }
+}
 
 /// A bf16 element as f32 (exact: bf16 is f32's upper half).
 #[inline(always)]

@@ -1,7 +1,9 @@
-//! Two classes of error (the project's style guide, example 4): *fatal* stops the daemon or the command (bad config,
-//! unwritable output, internal failure); *bad input* skips one checkpoint (truncated, bad header,
-//! shape mismatch, NaN...). Every error names the file it is about. Paths and messages are
-//! printed through `crate::text`, so names taken from hostile files cannot drive the terminal.
+//! Two classes of error (the project's style guide, example 4): *fatal* stops the daemon or
+//! the command (bad config, unwritable output, internal failure); *bad input* skips one
+//! checkpoint (truncated, bad header, shape mismatch, NaN...). Between them, conditions the
+//! user can fix that stop one selection (`Selection`) or one evaluator run (`Evaluator`).
+//! Every error about a file names it. Paths and messages are printed through `crate::text`,
+//! so names taken from hostile files cannot drive the terminal.
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// No selection can be made from this window with this selector (an empty window, no
+    /// member with the metric, a non-finite loss from the objective). The daemon records it
+    /// and publishes nothing from it; the CLI exits 2 (it is about the inputs, not sewa).
+    #[error("{}", escape_lines(.0))]
+    Selection(String),
+    /// The external evaluator failed (would not start, crashed, timed out, broke the
+    /// protocol). The daemon restarts it with backoff; the CLI exits 1.
+    #[error("evaluator {}: {}", escape(command), escape_lines(msg))]
+    Evaluator { command: String, msg: String },
     /// Anything else that is our fault or the environment's. Exit 1.
     #[error("{}", escape_lines(.0))]
     Internal(String),
@@ -54,6 +65,21 @@ impl Error {
         Error::Config { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 
+    pub fn evaluator(command: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Evaluator { command: command.into(), msg: msg.into() }
+    }
+
+    /// What is wrong, without the path when the error is about `path` itself (for records
+    /// that already name the file, such as a quarantine entry).
+    pub fn reason_about(&self, path: &Path) -> String {
+        match self {
+            Error::BadInput { path: p, msg } | Error::NotWeights { path: p, msg } if p == path => {
+                escape(msg).into_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// True for errors about one input: skip (quarantine) it and keep running.
     pub fn is_bad_input(&self) -> bool {
         matches!(self, Error::BadInput { .. } | Error::NotWeights { .. })
@@ -62,9 +88,12 @@ impl Error {
     /// Process exit code for the CLI: 2 bad input or usage, 78 config, 1 internal.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::BadInput { .. } | Error::NotWeights { .. } | Error::Usage(_) => 2,
+            Error::BadInput { .. }
+            | Error::NotWeights { .. }
+            | Error::Usage(_)
+            | Error::Selection(_) => 2,
             Error::Config { .. } => 78,
-            Error::Io { .. } | Error::Internal(_) => 1,
+            Error::Io { .. } | Error::Evaluator { .. } | Error::Internal(_) => 1,
         }
     }
 }

@@ -4,8 +4,8 @@
 //! `checkpoint` owns file formats; `objective` owns the differentiable loss used by selectors.
 #![forbid(unsafe_code)]
 
-pub mod accumulate;
 pub mod average;
+pub mod checked;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;

@@ -3,12 +3,11 @@
 //! This module only describes and serialises the record; `publish` decides where and when.
 //! Paths are recorded losslessly (see [`path_json`]): a non-UTF-8 name never fails or panics.
 
-use crate::path_json;
-
 use std::path::PathBuf;
 
-use crate::average::AveragePlan;
+use crate::checkpoint::{Checkpoint, TensorMeta};
 use crate::error::{Error, Result};
+use crate::path_json;
 use crate::select::Selection;
 
 /// Note carried by every manifest: averaging does not fix normalisation statistics.
@@ -57,6 +56,63 @@ pub struct InputRecord {
     /// tell a checkpoint replaced at the same path from the one it published.
     #[serde(default)]
     pub identity: Option<crate::checkpoint::Identity>,
+}
+
+impl InputRecord {
+    /// `ckpt` averaged with normalised `weight`; `step` as the caller knows it (the daemon's
+    /// window also takes steps from names).
+    pub fn of(ckpt: &Checkpoint, step: Option<u64>, weight: f64) -> Self {
+        InputRecord {
+            path: absolute(ckpt.path()),
+            step,
+            bytes: ckpt.total_bytes(),
+            format: format_name(ckpt.format()),
+            weight,
+            identity: Some(*ckpt.identity()),
+        }
+    }
+}
+
+/// What was averaged, as the manifest records it: a plain record that `sewa average` fills
+/// from its plan and `sewa watch` from its members (streamed or kept in its running average),
+/// so both list the same things (renamed keys included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AverageRecord {
+    /// Inputs with their normalised weights, in the order they were averaged.
+    pub inputs: Vec<InputRecord>,
+    pub renamed_keys: Vec<RenameRecord>,
+    /// Output tensors.
+    pub outputs: Vec<TensorMeta>,
+    /// `--dtype`, `--int-policy`, `--dtype-overflow` as written in the config.
+    pub dtype: String,
+    pub int_policy: String,
+    pub dtype_overflow: String,
+    /// Input the integer/bool tensors were copied from, when there are any.
+    pub int_source: Option<PathBuf>,
+}
+
+impl AverageRecord {
+    /// The record of `inputs` (checkpoint, step, weight), with everything else empty.
+    pub fn new<'c>(inputs: impl IntoIterator<Item = (&'c Checkpoint, Option<u64>, f64)>) -> Self {
+        let (mut records, mut renamed_keys) = (Vec::new(), Vec::new());
+        for (ckpt, step, weight) in inputs {
+            records.push(InputRecord::of(ckpt, step, weight));
+            renamed_keys.extend(ckpt.renamed_keys().iter().map(|(from, to)| RenameRecord {
+                input: absolute(ckpt.path()),
+                from: from.clone(),
+                to: to.clone(),
+            }));
+        }
+        AverageRecord {
+            inputs: records,
+            renamed_keys,
+            outputs: Vec::new(),
+            dtype: String::new(),
+            int_policy: String::new(),
+            dtype_overflow: String::new(),
+            int_source: None,
+        }
+    }
 }
 
 /// One key renamed while opening an input (e.g. torch.compile's `_orig_mod.` prefix).
@@ -115,43 +171,24 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The record of `plan`, before the output-specific fields (files, side files, finish
+    /// The manifest of `record`, before the output-specific fields (files, side files, finish
     /// time) are known.
-    pub fn new(plan: &AveragePlan<'_>, output: PathBuf, selection: Provenance) -> Self {
-        let inputs = (plan.inputs().iter().zip(plan.weights()))
-            .map(|(c, w)| InputRecord {
-                path: absolute(c.path()),
-                step: c.step(),
-                bytes: c.total_bytes(),
-                format: format_name(c.format()),
-                weight: *w,
-                identity: Some(*c.identity()),
-            })
-            .collect();
-        let renamed_keys = (plan.inputs().iter())
-            .flat_map(|c| {
-                c.renamed_keys().iter().map(|(from, to)| RenameRecord {
-                    input: absolute(c.path()),
-                    from: from.clone(),
-                    to: to.clone(),
-                })
-            })
-            .collect();
-        let opts = plan.options();
+    pub fn new(record: AverageRecord, output: PathBuf, selection: Provenance) -> Self {
+        let AverageRecord { inputs, renamed_keys, outputs, dtype, int_policy, .. } = record;
         Manifest {
             sewa_version: env!("CARGO_PKG_VERSION").to_string(),
             output: absolute(&output),
             layout: String::new(),
             files: Vec::new(),
-            tensor_bytes: plan.output_bytes(),
-            tensors: plan.outputs().len(),
+            tensor_bytes: outputs.iter().map(|t| t.nbytes() as u64).sum(),
+            tensors: outputs.len(),
+            weights: inputs.iter().map(|i| i.weight).collect(),
             inputs,
-            weights: plan.weights().to_vec(),
             selection,
-            dtype: opts.dtype.to_string(),
-            int_policy: opts.int_policy.to_string(),
-            dtype_overflow: opts.overflow.to_string(),
-            int_source: plan.int_source().map(|c| absolute(c.path())),
+            dtype,
+            int_policy,
+            dtype_overflow: record.dtype_overflow,
+            int_source: record.int_source.map(|p| absolute(&p)),
             renamed_keys,
             side_files: Vec::new(),
             side_source: None,

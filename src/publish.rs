@@ -25,28 +25,33 @@
 //! manifest's `started`, so a reader can check that the two belong together
 //! ([`model_started`]). Who may publish to an output at all is `lock`'s business.
 //!
-//! This module does not average (see `average`) and does not decide what to average.
+//! `destination.rs` refuses outputs that are not ours to replace; `dir.rs` builds a directory
+//! output. This module does not average (see `average`) and does not decide what to average.
 
 use std::collections::HashMap;
-use std::fs::{self, File, Permissions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::average::{AveragePlan, Workspace};
-use crate::checkpoint::{self, Checkpoint, TensorMeta};
+use crate::average::{AveragePlan, PlanSource, TensorSource};
+use crate::checkpoint::{self, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
-use crate::manifest::{FileRecord, Manifest, Provenance};
+use crate::manifest::{AverageRecord, FileRecord, Manifest, Provenance};
 
 mod atomic;
+mod destination;
+mod dir;
 pub mod lock;
 mod recover;
 pub use atomic::write_atomic;
 use atomic::{
     PairError, commit_pair, hidden_prefix, parent_dir, stage, swap_in, sync_dir, write_new,
 };
+pub use destination::{check_destination, check_parent};
+use dir::DirOutput;
+pub use dir::newest_side_dir;
 pub use lock::{OutputLock, hold};
 pub use recover::{Recovered, STALE_AGE, model_started, recover};
 
@@ -71,10 +76,6 @@ pub const SIDE_FILES: &[&str] = &[
     "chat_template.jinja",
     "chat_template.json",
 ];
-
-/// Copied into the output as well when it is a PEFT adapter directory (never otherwise:
-/// transformers takes a model directory holding one for an adapter).
-const ADAPTER_CONFIG: &str = "adapter_config.json";
 
 #[derive(Clone, Debug)]
 pub struct PublishOptions {
@@ -112,108 +113,6 @@ pub fn manifest_path(out: &Path) -> PathBuf {
     }
 }
 
-/// Refuse destinations we must not replace, before anything is written.
-pub fn check_destination(out: &Path) -> Result<()> {
-    let name = out.file_name().ok_or_else(|| {
-        Error::Usage(format!("--out {}: needs a file or directory name", out.display()))
-    })?;
-    let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
-    if is_file_output(out) {
-        if meta.is_dir() {
-            return Err(Error::Usage(format!(
-                "--out {}: is a directory, but a path ending in .safetensors is written as a \
-                 file (drop the extension to write a directory)",
-                out.display()
-            )));
-        }
-        return Ok(());
-    }
-    if !meta.is_dir() {
-        return Err(Error::Usage(format!(
-            "--out {}: exists and is not a directory (a path without .safetensors is written \
-             as a Hugging Face directory)",
-            out.display()
-        )));
-    }
-    let empty = fs::read_dir(out).with_path(out)?.next().is_none();
-    if !empty && !written_by_sewa(out) {
-        return Err(Error::Usage(format!(
-            "--out {}: directory exists and was not written by sewa (no sewa manifest.json); \
-             refusing to replace it — choose a new path such as {}-averaged",
-            out.display(),
-            name.to_string_lossy()
-        )));
-    }
-    Ok(())
-}
-
-/// The directory `out` goes in must exist, or be created when `create` (`--parents`) says so:
-/// a typo in `--out` must not quietly build a directory tree. Returns the directories it
-/// created, outermost first.
-pub fn check_parent(out: &Path, create: bool) -> Result<Vec<PathBuf>> {
-    let parent = parent_dir(out);
-    match parent.metadata() {
-        Ok(m) if m.is_dir() => return Ok(Vec::new()),
-        Ok(_) => {
-            return Err(Error::Usage(format!(
-                "--out {}: {} is not a directory",
-                out.display(),
-                parent.display()
-            )));
-        }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(parent, e)),
-        Err(_) => {}
-    }
-    if !create {
-        return Err(Error::Usage(format!(
-            "--out {}: directory {} does not exist; create it, or pass --parents to have sewa \
-             create it",
-            out.display(),
-            parent.display()
-        )));
-    }
-    let missing: Vec<PathBuf> =
-        parent.ancestors().take_while(|a| !a.exists()).map(Path::to_path_buf).collect();
-    fs::create_dir_all(parent).with_path(parent)?;
-    Ok(missing.into_iter().rev().collect())
-}
-
-fn written_by_sewa(dir: &Path) -> bool {
-    let Ok(bytes) = fs::read(dir.join("manifest.json")) else { return false };
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .is_ok_and(|v| v.get("sewa_version").is_some())
-}
-
-/// Output tensors by index: the streaming average of an [`AveragePlan`], or any other producer
-/// (e.g. a daemon's incremental accumulator) that wants the same atomic publication.
-pub trait TensorSource {
-    /// Output tensors (name, dtype, shape), sorted by name.
-    fn tensors(&self) -> &[TensorMeta];
-    /// Little-endian bytes of tensor `index`, valid until the next call.
-    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]>;
-}
-
-/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace.
-pub struct PlanSource<'p, 'a> {
-    plan: &'p AveragePlan<'a>,
-    ws: Workspace,
-}
-
-impl<'p, 'a> PlanSource<'p, 'a> {
-    pub fn new(plan: &'p AveragePlan<'a>) -> Self {
-        PlanSource { plan, ws: Workspace::default() }
-    }
-}
-
-impl TensorSource for PlanSource<'_, '_> {
-    fn tensors(&self) -> &[TensorMeta] {
-        self.plan.outputs()
-    }
-    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
-        self.plan.average_tensor(index, &mut self.ws)
-    }
-}
-
 /// Average `plan` into `out` and publish it atomically, then its manifest. `progress` is
 /// called with the tensor bytes done so far.
 pub fn publish(
@@ -223,9 +122,24 @@ pub fn publish(
     opts: &PublishOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
-    let manifest = Manifest::new(plan, out.to_path_buf(), provenance);
+    let manifest = Manifest::new(record_of(plan), out.to_path_buf(), provenance);
     let side_dir = newest_side_dir(plan.inputs());
     publish_tensors(&mut PlanSource::new(plan), manifest, side_dir, out, opts, progress)
+}
+
+/// The manifest's record of `plan`: its inputs (steps as the checkpoints say), weights,
+/// renamed keys and options.
+pub fn record_of(plan: &AveragePlan<'_>) -> AverageRecord {
+    let inputs = plan.inputs().iter().zip(plan.weights()).map(|(c, w)| (*c, c.step(), *w));
+    let opts = plan.options();
+    AverageRecord {
+        outputs: plan.outputs().to_vec(),
+        dtype: opts.dtype.to_string(),
+        int_policy: opts.int_policy.to_string(),
+        dtype_overflow: opts.overflow.to_string(),
+        int_source: plan.int_source().map(|c| c.path().to_path_buf()),
+        ..AverageRecord::new(inputs)
+    }
 }
 
 /// Publish any tensor source at `out` with `manifest` (whose `output`, `layout`, `files`,
@@ -339,54 +253,6 @@ pub fn is_partly_published(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.get_ref().is_some_and(|s| s.is::<PartlyPublished>()))
 }
 
-/// What goes into a directory output.
-struct DirOutput<'l> {
-    layouts: &'l [FileLayout],
-    /// `model.safetensors.index.json` when sharded.
-    index: Option<Vec<u8>>,
-    side_dir: Option<&'l Path>,
-    /// A PEFT adapter directory (`adapter_config.json` copied too).
-    adapter: bool,
-    clock: Instant,
-}
-
-impl DirOutput<'_> {
-    fn publish(
-        &self,
-        writer: &mut TensorWriter<'_>,
-        out: &Path,
-        manifest: &mut Manifest,
-    ) -> Result<()> {
-        let parent = parent_dir(out);
-        let tmp = tempfile::Builder::new()
-            .prefix(&hidden_prefix(out))
-            .suffix(".sewa-tmp")
-            .tempdir_in(parent)
-            .with_path(parent)?;
-        let dir = tmp.path();
-        fs::set_permissions(dir, Permissions::from_mode(0o755)).with_path(dir)?;
-        for layout in self.layouts {
-            write_new(&dir.join(&layout.name), |f, p| writer.write(f, p, layout))?;
-            manifest.files.push(FileRecord { name: (&layout.name).into(), bytes: layout.size });
-        }
-        if let Some(index) = &self.index {
-            let name = "model.safetensors.index.json";
-            write_new(&dir.join(name), |f, p| f.write_all(index).with_path(p))?;
-            manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
-        }
-        if let Some(src) = self.side_dir {
-            let extra: &[&str] = if self.adapter { &[ADAPTER_CONFIG] } else { &[] };
-            copy_side_files(src, extra, dir, manifest)?;
-        }
-        manifest.layout = if self.adapter { "adapter" } else { "dir" }.into();
-        finish(manifest, self.clock);
-        let json = manifest.to_json()?;
-        write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
-        sync_dir(dir)?;
-        swap_in(tmp, out)
-    }
-}
-
 /// Streams tensors into files in layout order.
 struct TensorWriter<'s> {
     source: &'s mut dyn TensorSource,
@@ -404,44 +270,6 @@ impl TensorWriter<'_> {
             (self.progress)(self.done);
         }
         Ok(())
-    }
-}
-
-/// Side directory of the newest input (highest step, else the last given) that has one.
-pub fn newest_side_dir<'c>(inputs: &[&'c Checkpoint]) -> Option<&'c Path> {
-    (inputs.iter().enumerate())
-        .filter(|(_, c)| c.side_dir().is_some())
-        .max_by_key(|(i, c)| (c.step(), *i))
-        .and_then(|(_, c)| c.side_dir())
-}
-
-/// Copy the HF side files that `src` has into `dir`. They are opened the way checkpoint files
-/// are (`checkpoint::open_in_dir`): a side file that is a symlink (`tokenizer.json ->
-/// /etc/shadow`), FIFO or other non-regular file is refused, never followed or copied.
-fn copy_side_files(src: &Path, extra: &[&str], dir: &Path, manifest: &mut Manifest) -> Result<()> {
-    for name in SIDE_FILES.iter().chain(extra) {
-        if !checkpoint::has_file(src, Path::new(name))? {
-            continue;
-        }
-        let from = checkpoint::open_in_dir(src, Path::new(name))?;
-        write_new(&dir.join(name), |to, to_path| copy_to(&src.join(name), from, to, to_path))?;
-        manifest.side_files.push(name.to_string());
-    }
-    manifest.side_source = Some(crate::manifest::absolute(src));
-    Ok(())
-}
-
-/// Copy an input file into an output file; read errors are about the input, write errors
-/// about the output.
-fn copy_to(from_path: &Path, mut from: File, to: &mut File, to_path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = from.read(&mut buf).map_err(|e| Error::bad_input(from_path, e.to_string()))?;
-        if n == 0 {
-            return Ok(());
-        }
-        to.write_all(&buf[..n]).with_path(to_path)?;
     }
 }
 

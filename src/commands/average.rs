@@ -82,7 +82,9 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
         super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let base = Checkpoint::open(base, &opts)?;
     let mut source = super::lora::MergedDelta::new(&base, plan)?;
-    let mut manifest = crate::manifest::Manifest::new(plan, args.out.clone(), why);
+    let mut record = publish::record_of(plan);
+    record.outputs = crate::average::TensorSource::tensors(&source).to_vec();
+    let mut manifest = crate::manifest::Manifest::new(record, args.out.clone(), why);
     source.describe(&mut manifest);
     let mut meter = crate::meter::Meter::new(
         source.output_bytes(),

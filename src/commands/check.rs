@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, OpenOptions};
 use crate::cli::CheckConfigArgs;
-use crate::config::{Config, Method};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::objective::ObjectiveConfig;
 use crate::objective::config::{ObjectiveKind, build_objective};
+use crate::select::Method;
 use crate::select::blend::Blend;
 use crate::select::oracle::Oracle;
 
@@ -85,7 +86,7 @@ fn try_objective(cfg: &Config, file: &Path) -> Result<String> {
     })?;
     let ckpt = first_checkpoint(cfg)?;
     let t0 = Instant::now();
-    let mut objective = build_objective(oc, file)?;
+    let mut objective = build_objective(oc, &crate::config::config_dir(file))?;
     let startup_ms = ms(t0);
     objective.check(&ckpt)?;
     let mut oracle = Oracle::new(Blend::new(&[&ckpt])?, objective.as_mut());

@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use half::{bf16, f16};
 
 use crate::average::AveragePlan;
+use crate::average::TensorSource;
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::publish::TensorSource;
 
 const PREFIX: &str = "base_model.model.";
 const A: &str = ".lora_A.weight";
@@ -141,8 +141,6 @@ impl<'a> MergedDelta<'a> {
 
     /// Record the base and the method in a manifest made from the adapters' plan.
     pub fn describe(&self, manifest: &mut Manifest) {
-        manifest.tensor_bytes = self.output_bytes();
-        manifest.tensors = self.outputs.len();
         manifest.notes.push(format!(
             "--lora merge-delta: base {} plus the weighted average of each adapter's merged delta \
              (lora_alpha/r)·B·A on {} target weights (not avg(B)·avg(A))",

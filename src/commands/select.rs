@@ -40,7 +40,7 @@ pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Re
     })?;
     objective.check(config)?;
     tables.select.sewa.check(config)?;
-    let mut objective = build_objective(&objective, config)?;
+    let mut objective = build_objective(&objective, &crate::config::config_dir(config))?;
     let sewa = &tables.select.sewa;
     let (sel, _) = run_model_based(method, k, members, objective.as_mut(), sewa, None)?;
     tracing::info!("{}", sel.why);

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::accumulate::non_finite;
+use crate::average::running::non_finite;
 use crate::checkpoint::{self, Checkpoint, OpenOptions, TensorMeta};
 use crate::config::WatchConfig;
 use crate::dtype::first_non_finite;
@@ -35,7 +35,7 @@ pub fn load(
     peer: Option<&Checkpoint>,
 ) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
     let refuse = |e: Error, incomplete| Refusal {
-        reason: strip_path(&e, path),
+        reason: e.reason_about(path),
         incomplete,
         not_weights: matches!(e, Error::NotWeights { .. }),
     };
@@ -75,13 +75,6 @@ const NO_STEP: &str = "no training step in its name or contents; if it is not a 
     to average (an alias such as last.pt), narrow [watch] pattern to the checkpoints, else name \
     them like step_500.pt, checkpoint-500 or epoch=1-step=500.ckpt or save a \
     {\"model\": ..., \"step\": N} dict";
-
-/// Error text without the leading "path: " (the log line names the path once).
-fn strip_path(e: &Error, path: &Path) -> String {
-    let text = e.to_string();
-    let prefix = format!("{}: ", crate::text::path(path));
-    text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
-}
 
 /// Read every float tensor once, chunk by chunk (a file truncated meanwhile is an error, like
 /// any other); the first NaN/Inf is bad input.

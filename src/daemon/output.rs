@@ -1,19 +1,19 @@
-//! Handing the running average to the shared publisher (`publish::publish_tensors`, the same
-//! atomic path and manifest as `sewa average`), and reading back what was published last
+//! Handing the average of a selection to the shared publisher (`publish::publish_tensors`,
+//! the same atomic path and manifest record as `sewa average`): from the running average, or
+//! streamed from the members like `sewa average` does; and reading back what was published last
 //! (restart: the window is rebuilt from the directory, the published selection from its
 //! manifest). This module owns only the daemon's additions to the manifest.
 
-use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::accumulate::{OutTensor, UpdateReport};
-use crate::average::{AverageOptions, AveragePlan, IntPolicy, OutDType};
-use crate::checkpoint::{Checkpoint, Identity, TensorMeta};
+use crate::average::running::{OutputOptions, RunningAverage, UpdateReport};
+use crate::average::{AverageOptions, AveragePlan, PlanSource, TensorSource};
+use crate::checkpoint::{Checkpoint, Identity};
 use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::manifest::{InputRecord, Manifest, Provenance, format_name};
-use crate::publish::{self, PublishOptions, Published, TensorSource};
+use crate::error::Result;
+use crate::manifest::{AverageRecord, Manifest, Provenance};
+use crate::publish::{self, PublishOptions, Published};
 use crate::select::Selection;
 use crate::window::Member;
 
@@ -99,18 +99,25 @@ pub fn recorded_member_losses(details: &serde_json::Value) -> Vec<(PathBuf, Opti
     each.collect()
 }
 
-/// The selected members and how the running average was updated, for the manifest.
+/// How the published average was made: the running average (updated by `reads` checkpoint
+/// reads, incrementally or by exact recompute), or the selected members streamed through the
+/// kernel (when the running average does not fit `[runtime] memory_budget`).
+pub enum Averaged<'a> {
+    Running(&'a RunningAverage, UpdateReport),
+    Streamed,
+}
+
+/// The selection and its window members, for the manifest.
 pub struct Provenanced<'a> {
     pub selection: &'a Selection,
     /// Window members with their opened checkpoints and weights, in window order.
     pub members: Vec<(&'a Member, &'a Arc<Checkpoint>, f64)>,
-    pub report: UpdateReport,
 }
 
-/// Publish the averaged `tensors` at `[publish] out`, manifest last, under the output's lock
-/// (taken at start-up; taken here, and the new output's leftovers cleaned, after a reload
-/// moved `[publish] out`).
-pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Result<Published> {
+/// Publish the average of the selected members at `[publish] out`, manifest last, under the
+/// output's lock (taken at start-up; taken here, and the new output's leftovers cleaned,
+/// after a reload moved `[publish] out`).
+pub fn publish(cfg: &Config, averaged: Averaged<'_>, p: &Provenanced<'_>) -> Result<Published> {
     let out = &cfg.publish.out;
     let lock = publish::hold(out)?;
     if lock.newly_taken {
@@ -118,75 +125,57 @@ pub fn publish(cfg: &Config, tensors: Vec<OutTensor>, p: &Provenanced<'_>) -> Re
             tracing::warn!(%done, "cleaned up after an interrupted publish");
         }
     }
-    let latest = p.members.iter().rev().find(|m| m.2 > 0.0).map(|m| m.0.step);
-    // The average is already in the output dtype; held as a checkpoint so the manifest record
-    // and the publisher read it like any input, without another pass over the data.
-    let average = Checkpoint::from_memory(out.clone(), latest, tensors)?;
-    let opts = AverageOptions {
-        dtype: OutDType::Keep,
-        int_policy: IntPolicy::Latest,
-        // Already converted, so nothing can overflow here; recorded in the manifest.
-        overflow: cfg.publish.dtype_overflow,
-        threads: cfg.runtime.threads.get(),
+    let selected: Vec<_> = p.members.iter().filter(|m| m.2 > 0.0).collect();
+    let inputs = selected.iter().map(|(m, c, w)| (c.as_ref(), Some(m.step), *w));
+    let publish = &cfg.publish;
+    let mut record = AverageRecord {
+        dtype: publish.dtype.to_string(),
+        int_policy: publish.int_policy.to_string(),
+        dtype_overflow: publish.dtype_overflow.to_string(),
+        ..AverageRecord::new(inputs)
     };
-    let plan = AveragePlan::new(vec![&average], None, opts)?;
-    let mut manifest = Manifest::new(&plan, out.clone(), Provenance::from(p.selection));
-    record_members(&mut manifest, cfg, p);
     // Side files (config.json, tokenizer...) from the newest selected member that has them.
-    let side = p.members.iter().rev().filter(|m| m.2 > 0.0).find_map(|m| m.1.side_dir());
-    let mut source = MemorySource(&average);
+    let side = selected.iter().rev().find_map(|m| m.1.side_dir());
     let opts = PublishOptions::default();
-    publish::publish_tensors(&mut source, manifest, side, out, &opts, &mut |_| {})
-}
-
-/// The running average's output tensors, handed to the publisher without a copy.
-struct MemorySource<'a>(&'a Checkpoint);
-
-impl TensorSource for MemorySource<'_> {
-    fn tensors(&self) -> &[TensorMeta] {
-        self.0.tensors()
-    }
-
-    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
-        let ckpt: &Checkpoint = self.0;
-        match ckpt.data(&ckpt.tensors()[index].name)? {
-            Cow::Borrowed(bytes) => Ok(bytes),
-            Cow::Owned(_) => Err(Error::Internal("in-memory tensor was copied".into())),
+    let (note, plan);
+    let mut source: Box<dyn TensorSource + '_> = match averaged {
+        Averaged::Running(avg, report) => {
+            let how = if report.exact { "by exact recompute" } else { "incrementally" };
+            note = format!("running average updated {how} ({} checkpoint reads)", report.reads);
+            record.int_source = avg.int_source(publish.int_policy).map(|c| c.path().into());
+            let out = OutputOptions {
+                dtype: publish.dtype,
+                int_policy: publish.int_policy,
+                overflow: publish.dtype_overflow,
+            };
+            Box::new(avg.source(out)?)
         }
-    }
-}
-
-fn record_members(m: &mut Manifest, cfg: &Config, p: &Provenanced<'_>) {
-    let selected: Vec<_> = p.members.iter().filter(|x| x.2 > 0.0).collect();
-    m.inputs = selected
-        .iter()
-        .map(|(member, ckpt, w)| InputRecord {
-            path: member.path.clone(),
-            step: Some(member.step),
-            bytes: ckpt.total_bytes(),
-            format: format_name(ckpt.format()),
-            weight: *w,
-            identity: Some(*ckpt.identity()),
-        })
-        .collect();
-    m.weights = selected.iter().map(|x| x.2).collect();
-    m.dtype = cfg.publish.dtype.to_string();
-    m.int_policy = cfg.publish.int_policy.to_string();
-    let int_from = match cfg.publish.int_policy {
-        IntPolicy::First => selected.first(),
-        _ => selected.last(),
+        Averaged::Streamed => {
+            note = format!("the {} selected members streamed through the kernel", selected.len());
+            let ckpts = selected.iter().map(|m| m.1.as_ref()).collect();
+            let weights: Vec<f64> = selected.iter().map(|m| m.2).collect();
+            let opts = AverageOptions {
+                dtype: publish.dtype,
+                int_policy: publish.int_policy,
+                overflow: publish.dtype_overflow,
+                threads: cfg.runtime.threads.get(),
+            };
+            plan = AveragePlan::new(ckpts, Some(&weights), opts)?;
+            record.int_source = plan.int_source().map(|c| c.path().into());
+            Box::new(PlanSource::new(&plan))
+        }
     };
-    m.int_source = m.int_source.as_ref().and(int_from.map(|x| x.0.path.clone()));
+    record.outputs = source.tensors().to_vec();
+    let mut manifest = Manifest::new(record, out.clone(), Provenance::from(p.selection));
     let window: Vec<String> = p
         .members
         .iter()
         .map(|(m, _, w)| format!("{} (step {}, weight {w:.6})", m.path.display(), m.step))
         .collect();
-    m.notes.push(format!(
-        "sewa watch: window of {} members: {}; running average updated {} ({} checkpoint reads)",
+    manifest.notes.push(format!(
+        "sewa watch: window of {} members: {}; {note}",
         p.members.len(),
         window.join(", "),
-        if p.report.exact { "by exact recompute" } else { "incrementally" },
-        p.report.reads
     ));
+    publish::publish_tensors(source.as_mut(), manifest, side, out, &opts, &mut |_| {})
 }

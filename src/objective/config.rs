@@ -22,11 +22,11 @@ pub enum ObjectiveKind {
 }
 
 /// Build the objective an `[objective]` table describes: `kind = "builtin"` (default) or
-/// `kind = "command"` (external evaluator). Relative paths resolve against the config's dir.
-/// For one-shot commands: an evaluator failure ends the command, so nothing is restarted.
-pub fn build_objective(cfg: &ObjectiveConfig, config_path: &Path) -> Result<Box<dyn Objective>> {
-    let base = crate::config::config_dir(config_path);
-    cfg.build_as(&base, Lifetime::OneShot)
+/// `kind = "command"` (external evaluator). Relative paths resolve against `base_dir` (the
+/// config file's directory). For one-shot commands: an evaluator failure ends the command, so
+/// nothing is restarted.
+pub fn build_objective(cfg: &ObjectiveConfig, base_dir: &Path) -> Result<Box<dyn Objective>> {
+    cfg.build_as(base_dir, Lifetime::OneShot)
 }
 
 /// Whether the objective serves one command or a daemon that restarts failed evaluators.
@@ -146,7 +146,7 @@ pub struct ObjectiveConfig {
     #[serde(default)]
     pub device: DeviceSpec,
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
-    #[serde(default, deserialize_with = "crate::config::de::opt_at_least_one")]
+    #[serde(default, deserialize_with = "crate::checked::de::opt_at_least_one")]
     pub batch: Option<usize>,
     /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
     #[serde(default)]

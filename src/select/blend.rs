@@ -7,6 +7,7 @@
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
 use crate::objective::{NamedTensor, Params};
+use crate::schema::check_schema_with;
 
 /// Bytes of a member read at a time.
 const CHUNK: usize = 1 << 18;
@@ -18,24 +19,14 @@ pub struct Blend<'a> {
 }
 
 impl<'a> Blend<'a> {
-    /// Fails, naming the member, if float tensor names or shapes differ from the first member's.
+    /// Fails, naming the member, if the members' tensors differ (the averaging kernel's own
+    /// schema check: names, shapes, integer dtypes). Float dtypes may differ (an f16 export
+    /// beside f32 checkpoints): each member is decoded in its own.
     pub fn new(members: &[&'a Checkpoint]) -> Result<Self> {
-        let first = members.first().ok_or_else(|| Error::Internal("empty window".into()))?;
+        let first = members.first().ok_or_else(|| Error::Selection("empty window".into()))?;
+        check_schema_with(members, true)?;
         let layout: Vec<TensorMeta> =
             first.tensors().iter().filter(|t| t.dtype.is_float()).cloned().collect();
-        for m in &members[1..] {
-            let other: Vec<&TensorMeta> =
-                m.tensors().iter().filter(|t| t.dtype.is_float()).collect();
-            let same = other.len() == layout.len()
-                && other.iter().zip(&layout).all(|(a, b)| a.name == b.name && a.shape == b.shape);
-            if !same {
-                let diff = first_difference(&layout, &other);
-                return Err(Error::bad_input(
-                    m.path(),
-                    format!("floating tensors differ from {}: {diff}", first.path().display()),
-                ));
-            }
-        }
         Ok(Blend { members: members.to_vec(), layout })
     }
 
@@ -63,17 +54,17 @@ impl<'a> Blend<'a> {
     pub fn mix(&self, coeffs: &[f64], out: &mut Params) -> Result<()> {
         let total: f64 = coeffs.iter().filter(|c| **c > 0.0).sum();
         if total <= 0.0 {
-            return Err(Error::Internal("mix: all coefficients are zero".into()));
+            return Err(Error::Selection("mix: all coefficients are zero".into()));
         }
         let mut buf = Vec::new();
         for (meta, dst) in self.layout.iter().zip(out.iter_mut()) {
             dst.data.iter_mut().for_each(|x| *x = 0.0);
-            let size = meta.dtype.size();
             for (m, &c) in self.members.iter().zip(coeffs) {
                 if c > 0.0 {
+                    let dtype = own_dtype(m, meta);
                     m.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
-                        let dst = dst.data.get_mut(offset / size..).unwrap_or_default();
-                        axpy(dst, bytes, meta.dtype, (c / total) as f32);
+                        let dst = dst.data.get_mut(offset / dtype.size()..).unwrap_or_default();
+                        axpy(dst, bytes, dtype, (c / total) as f32);
                         Ok(())
                     })?;
                 }
@@ -88,16 +79,11 @@ impl<'a> Blend<'a> {
         let mut buf = Vec::new();
         for ((meta, gt), ct) in self.layout.iter().zip(g).zip(center) {
             let gc: f64 = gt.data.iter().zip(&ct.data).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let size = meta.dtype.size();
             for (o, m) in out.iter_mut().zip(&self.members) {
-                let mut d = 0f64;
+                let (mut d, dtype) = (0f64, own_dtype(m, meta));
                 m.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
-                    dot(
-                        &mut d,
-                        gt.data.get(offset / size..).unwrap_or_default(),
-                        bytes,
-                        meta.dtype,
-                    );
+                    let g = gt.data.get(offset / dtype.size()..).unwrap_or_default();
+                    dot(&mut d, g, bytes, dtype);
                     Ok(())
                 })?;
                 *o += d - gc;
@@ -107,16 +93,9 @@ impl<'a> Blend<'a> {
     }
 }
 
-fn first_difference(a: &[TensorMeta], b: &[&TensorMeta]) -> String {
-    for (x, y) in a.iter().zip(b) {
-        if x.name != y.name {
-            return format!("tensor {} where {} was expected", y.name, x.name);
-        }
-        if x.shape != y.shape {
-            return format!("{} has shape {:?}, expected {:?}", x.name, y.shape, x.shape);
-        }
-    }
-    format!("{} floating tensors, expected {}", b.len(), a.len())
+/// The dtype `member` stores tensor `meta` in (schema-checked: same name and shape).
+fn own_dtype(member: &Checkpoint, meta: &TensorMeta) -> DType {
+    member.tensor(&meta.name).map_or(meta.dtype, |t| t.dtype)
 }
 
 /// `dst += a * src` with `src` as raw bytes of `dtype`.
@@ -177,5 +156,32 @@ mod tests {
         let b = ck("b.safetensors", &[1.0, 2.0, 3.0]);
         let e = Blend::new(&[&a, &b]).err().unwrap().to_string();
         assert!(e.contains("b.safetensors") && e.contains("shape"), "{e}");
+    }
+
+    /// Issue 10: `Blend` decoded every member with the first member's dtypes, so an f16
+    /// member beside f32 ones was read as garbage; each is now decoded in its own dtype.
+    #[test]
+    fn members_of_different_float_dtypes_are_each_decoded_in_their_own() {
+        let a = ck("a.safetensors", &[1.0, 2.0]);
+        let halves: Vec<u8> =
+            [3.0f32, 6.0].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let bf: Vec<u8> =
+            [3.0f32, 6.0].iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let tensors = vec![
+            ("a".into(), DType::F16, vec![2], halves),
+            ("b".into(), DType::BF16, vec![2], bf),
+            ("n".into(), DType::I64, vec![1], vec![7u8; 8]),
+        ];
+        let b = Checkpoint::from_memory("b.safetensors", None, tensors).unwrap();
+        let blend = Blend::new(&[&a, &b]).unwrap();
+        let mut out = blend.zeros();
+        blend.mix(&[1.0, 1.0], &mut out).unwrap();
+        assert_eq!(out[0].data, vec![2.0, 4.0], "f32 and f16 members");
+        let g = vec![
+            NamedTensor { name: "a".into(), shape: vec![2], data: vec![1.0, 1.0] },
+            NamedTensor { name: "b".into(), shape: vec![2], data: vec![0.0, 0.0] },
+        ];
+        let d = blend.dots(&g, &out).unwrap();
+        assert_eq!(d, vec![3.0 - 6.0, 9.0 - 6.0]);
     }
 }

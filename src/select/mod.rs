@@ -36,18 +36,19 @@ impl Selection {
 }
 
 pub mod blend;
+pub mod config;
 pub mod memory;
 pub mod oracle;
 pub mod search;
 pub mod sewa;
 pub mod warm;
 
+pub use config::{Method, MetricMode, SelectConfig};
 pub use memory::Memory;
 pub use sewa::SewaConfig;
 pub use warm::SewaState;
 
 use crate::checkpoint::Checkpoint;
-pub use crate::config::Method;
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::path_json;
@@ -191,8 +192,6 @@ fn to_selection(
 }
 
 pub mod rules;
-
-use crate::config::SelectConfig;
 
 /// What a selector sees of the window: summaries (oldest first, by step) and, for model-based
 /// selectors, the opened members in the same order.

@@ -59,7 +59,7 @@ impl<'a, 'o> Oracle<'a, 'o> {
         };
         let who = self.objective.describe();
         if !ev.loss.is_finite() {
-            return Err(Error::Internal(format!(
+            return Err(Error::Selection(format!(
                 "{who} returned a non-finite loss ({}) at {}: the selection is abandoned and \
                  nothing is published from it",
                 ev.loss,
@@ -68,7 +68,7 @@ impl<'a, 'o> Oracle<'a, 'o> {
         }
         let Some(grad) = &ev.grad else { return Ok(()) };
         if let Some(t) = grad.iter().find(|t| t.data.iter().any(|x| !x.is_finite())) {
-            return Err(Error::Internal(format!(
+            return Err(Error::Selection(format!(
                 "{who} returned a non-finite gradient for {} at {}: the selection is abandoned \
                  and nothing is published from it",
                 t.name,
@@ -110,7 +110,7 @@ impl<'a, 'o> Oracle<'a, 'o> {
         key.sort_unstable();
         self.cache.insert(key, ev.loss);
         let g = ev.grad.ok_or_else(|| {
-            Error::Internal(format!("{} returned no gradient", self.objective.describe()))
+            Error::Selection(format!("{} returned no gradient", self.objective.describe()))
         })?;
         let d = self.blend.dots(&g, &self.point)?;
         let k = set.len() as f64;

@@ -5,12 +5,12 @@
 
 use serde_json::json;
 
+use super::MetricMode;
 use super::{MemberSummary, Selection};
-use crate::config::MetricMode;
 use crate::error::{Error, Result};
 
 fn empty(method: &str) -> Error {
-    Error::Internal(format!("{method}: the window is empty, nothing to select"))
+    Error::Selection(format!("{method}: the window is empty, nothing to select"))
 }
 
 /// Every member, equal weights.
@@ -77,7 +77,7 @@ pub fn best_metric(
         .filter_map(|(i, m)| m.metric.filter(|v| v.is_finite()).map(|v| (i, v)))
         .collect();
     if scored.is_empty() {
-        return Err(Error::Internal(format!(
+        return Err(Error::Selection(format!(
             "best-metric: none of the {} window members carries a finite {metric:?} \
              (safetensors __metadata__ or trainer_state.json)",
             members.len()

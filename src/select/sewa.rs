@@ -37,16 +37,16 @@ pub enum Estimator {
 #[serde(deny_unknown_fields, default)]
 pub struct SewaConfig {
     /// Mask samples M per iteration (one oracle call each).
-    #[serde(deserialize_with = "crate::config::de::at_least_one")]
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
     pub samples: usize,
     /// Relaxation temperature τ at the first iteration.
-    #[serde(deserialize_with = "crate::config::de::positive")]
+    #[serde(deserialize_with = "crate::checked::de::positive")]
     pub temperature: f64,
     /// τ at the last iteration (geometric annealing); equal to `temperature` for none.
-    #[serde(deserialize_with = "crate::config::de::positive")]
+    #[serde(deserialize_with = "crate::checked::de::positive")]
     pub temperature_end: f64,
     /// Adam iterations of a cold start.
-    #[serde(deserialize_with = "crate::config::de::at_least_one")]
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
     pub iterations: usize,
     /// Adam iterations when warm-started from the previous window's θ.
     pub warm_iterations: usize,
@@ -54,7 +54,7 @@ pub struct SewaConfig {
     /// start is stuck, see `sewa::run`).
     pub cold_every: usize,
     /// Adam learning rate on θ (logits).
-    #[serde(deserialize_with = "crate::config::de::positive")]
+    #[serde(deserialize_with = "crate::checked::de::positive")]
     pub lr: f64,
     pub seed: u64,
     pub estimator: Estimator,
@@ -178,7 +178,7 @@ fn concrete_grad(
             .collect();
         let total: f64 = m.iter().sum();
         let ev = oracle.soft(&m, true)?;
-        let g = ev.grad.ok_or_else(|| Error::Internal("objective gave no gradient".into()))?;
+        let g = ev.grad.ok_or_else(|| Error::Selection("objective gave no gradient".into()))?;
         let d = oracle.blend.dots(&g, &oracle.point)?;
         for i in 0..n {
             grad[i] += d[i] / total * m[i] * (1.0 - m[i]) / tau / samples as f64;

@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 
 pub use settler::{Settled, Settler};
 
-use crate::config::{Config, Pattern};
+use crate::checked::Pattern;
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// Which top-level entries of the watched directory are candidates.

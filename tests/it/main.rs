@@ -8,6 +8,7 @@ mod deepspeed;
 mod evaluator;
 mod faults;
 mod layouts;
+mod memory;
 mod objective;
 mod peft;
 mod publish;

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-use sewa::accumulate::Accumulator;
+use sewa::average::running::RunningAverage;
 use sewa::average::{AverageOptions, AveragePlan, Workspace};
 use sewa::checkpoint::{Checkpoint, OpenOptions};
 use sewa::select::blend::Blend;
@@ -353,7 +353,7 @@ fn every_tensor_reader_refuses_a_file_truncated_after_open() {
     let plan = AveragePlan::new(vec![&*a, &*b], None, threads).unwrap();
     check(plan.average_tensor(big, &mut Workspace::default()).unwrap_err(), "2 threads");
     let members = [(a.clone(), 0.5), (b.clone(), 0.5)];
-    check(Accumulator::new(4).update(&members, |_| true).unwrap_err(), "running average");
+    check(RunningAverage::new(4).update(&members, |_| true).unwrap_err(), "running average");
     let blend = Blend::new(&[&*a, &*b]).unwrap();
     let mut mixed = blend.zeros();
     check(blend.mix(&[1.0, 1.0], &mut mixed).unwrap_err(), "blend");

@@ -1,29 +1,35 @@
-//! The daemon's running average: an f64 accumulator `S = Σ aᵢ·xᵢ`, `A = Σ aᵢ` over the members
-//! of the current selection. When a new selection differs from the last by a few members
-//! (LAWA sliding by one, EMA gaining one), only those are added or subtracted, so the cost of
-//! an update does not grow with k; every `recompute_every` updates (and whenever a contributor
-//! can no longer be trusted) it recomputes exactly from the selected members.
+//! The daemon's running average: f32 sums `S = Σ aᵢ·xᵢ`, `A = Σ aᵢ` over the members of the
+//! current selection, kept between publications. When a new selection differs from the last by
+//! a few members (LAWA sliding by one, EMA gaining one), only those are added or subtracted, so
+//! the cost of an update does not grow with k; every `recompute_every` updates (and whenever a
+//! contributor can no longer be trusted) it recomputes exactly from the selected members.
+//!
+//! It costs 4 bytes per float parameter, which is why the daemon keeps it only when that fits
+//! `[runtime] memory_budget` (`fits`); otherwise it streams the members through the kernel at
+//! every publication. Precision: every incremental update rounds each sum at most twice (an add
+//! and a subtract) by 2⁻²⁴ of its magnitude, so between exact recomputes the error stays below
+//! `recompute_every · 2⁻²³ · Σ|aᵢ·xᵢ|/A` per element (1.9·10⁻⁶ relative for the default 16) —
+//! under the rounding of a bf16 or f16 output, and the exact recompute resets it. f64 models
+//! are never kept here (`fits` says no): they would lose their precision.
 //! Members are read chunk by chunk (positioned reads: a member truncated meanwhile is an
 //! error, never a crash). It holds its contributors open (so rotation cannot pull their files
-//! away) and produces output tensors, refusing or saturating values beyond the output dtype's
-//! range; it does not select, validate files or write anything.
+//! away) and hands out its average tensor by tensor through [`RunningSource`], encoded by the
+//! kernel's own store (refusing or saturating values beyond the output dtype's range); it does
+//! not select, validate files or write anything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::average::overflow_error;
+use super::kernel::{Acc, Stored};
+use super::{DtypeOverflow, IntPolicy, OutDType, TensorSource, overflow_error};
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
-use crate::config::{DtypeOverflow, IntPolicy, OutDType};
-use crate::dtype;
+use crate::dtype::first_non_finite;
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 
-/// One output tensor: name, dtype, shape, little-endian bytes.
-pub type OutTensor = (String, DType, Vec<usize>, Vec<u8>);
-
 /// Relative tolerance under which two coefficients are "the same".
 const TOL: f64 = 1e-9;
-/// Bytes of a member read at a time (their f64 sums stay in L2 beside them).
+/// Bytes of a member read at a time (their f32 sums stay in L2 beside them).
 const READ_CHUNK: usize = 1 << 18;
 
 /// How the last update was done (for logs, status and the benchmark).
@@ -39,19 +45,19 @@ struct Contributor {
     coef: f64,
 }
 
-pub struct Accumulator {
+pub struct RunningAverage {
     schema: Vec<TensorMeta>,
     /// One buffer per float tensor of `schema` (empty for integer tensors).
-    sums: Vec<Vec<f64>>,
+    sums: Vec<Vec<f32>>,
     total: f64,
     contributors: Vec<Contributor>,
     since_exact: usize,
     recompute_every: usize,
 }
 
-impl Accumulator {
+impl RunningAverage {
     pub fn new(recompute_every: usize) -> Self {
-        Accumulator {
+        RunningAverage {
             schema: Vec::new(),
             sums: Vec::new(),
             total: 0.0,
@@ -61,12 +67,23 @@ impl Accumulator {
         }
     }
 
-    /// Forget everything (config reload).
-    pub fn reset(&mut self) {
-        *self = Accumulator::new(self.recompute_every);
+    /// Bytes the sums of a model with tensors `schema` take (f32 per float element).
+    pub fn bytes_for(schema: &[TensorMeta]) -> u64 {
+        schema.iter().filter(|t| t.dtype.is_float()).map(|t| t.numel() as u64 * 4).sum()
     }
 
-    /// Make the accumulator hold `Σ wᵢ·xᵢ` for the given members (weights ≥ 0, zeros ignored).
+    /// Whether a model with tensors `schema` may be kept here within `budget` bytes: its sums
+    /// fit, and it has no f64 tensor (whose precision f32 sums would lose).
+    pub fn fits(schema: &[TensorMeta], budget: u64) -> bool {
+        !schema.iter().any(|t| t.dtype == DType::F64) && Self::bytes_for(schema) <= budget
+    }
+
+    /// Forget everything (config reload, a member failed mid-update, the budget says no).
+    pub fn reset(&mut self) {
+        *self = RunningAverage::new(self.recompute_every);
+    }
+
+    /// Make the average hold `Σ wᵢ·xᵢ` for the given members (weights ≥ 0, zeros ignored).
     /// `trusted` says whether a checkpoint may still be read (not rewritten in place since it
     /// was opened, see `still_valid`); a contributor that is not forces an exact recompute.
     pub fn update(
@@ -76,7 +93,9 @@ impl Accumulator {
     ) -> Result<UpdateReport> {
         let target: Vec<(Arc<Checkpoint>, f64)> =
             members.iter().filter(|(_, w)| *w > 0.0).cloned().collect();
-        let first = target.first().ok_or_else(|| Error::Internal("empty selection".into()))?;
+        let Some(first) = target.first() else {
+            return Err(Error::Usage("the selection gave every member weight 0".into()));
+        };
         let same_schema = self.schema.as_slice() == first.0.tensors();
         let plan = plan(&self.contributors, &target);
         let stale = self.contributors.iter().any(|c| !trusted(&c.ckpt));
@@ -120,8 +139,8 @@ impl Accumulator {
         Ok(UpdateReport { reads: target.len(), exact: true })
     }
 
-    /// Contributors were given normalised weights, while `plan` worked in the accumulator's
-    /// own scale: store the coefficients actually summed so the next plan matches them.
+    /// Contributors were given normalised weights, while `plan` worked in the average's own
+    /// scale: store the coefficients actually summed so the next plan matches them.
     fn rescale_to_contributors(&mut self) {
         let given: f64 = self.contributors.iter().map(|c| c.coef).sum();
         if given > 0.0 {
@@ -130,53 +149,93 @@ impl Accumulator {
         }
     }
 
-    /// Paths of the checkpoints currently summed (their files are held open).
-    pub fn contributors(&self) -> Vec<PathBuf> {
-        self.contributors.iter().map(|c| c.ckpt.path().to_path_buf()).collect()
+    /// The checkpoints currently summed (their files are held open), oldest first, with their
+    /// normalised weights.
+    pub fn contributors(&self) -> Vec<(&Checkpoint, f64)> {
+        let total = self.total.max(f64::MIN_POSITIVE);
+        self.contributors.iter().map(|c| (c.ckpt.as_ref(), c.coef / total)).collect()
     }
 
-    /// The average `S / A` as output tensors. Integer tensors come from one contributor by
-    /// `int_policy` (contributors are in window order: oldest first). Values beyond `dtype`'s
-    /// range are refused, or clamped to its largest finite value when `overflow` saturates.
-    pub fn output(
-        &self,
-        dtype: OutDType,
-        int_policy: IntPolicy,
-        overflow: DtypeOverflow,
-    ) -> Result<Vec<OutTensor>> {
-        let (first, last) = match (self.contributors.first(), self.contributors.last()) {
-            (Some(f), Some(l)) => (&f.ckpt, &l.ckpt),
-            _ => return Err(Error::Internal("nothing accumulated yet".into())),
-        };
-        let mut out = Vec::with_capacity(self.schema.len());
-        for (meta, sum) in self.schema.iter().zip(&self.sums) {
-            if !meta.dtype.is_float() {
-                out.push(self.int_tensor(meta, first, last, int_policy)?);
-                continue;
-            }
-            let target = dtype.resolve(meta.dtype);
-            let (bytes, overflowed) =
-                encode(sum, self.total, target, overflow == DtypeOverflow::Saturate);
-            if overflowed && overflow == DtypeOverflow::Error {
-                let at = (0..sum.len()).max_by(|&i, &j| sum[i].abs().total_cmp(&sum[j].abs()));
-                let at = at.unwrap_or(0);
-                return Err(overflow_error(&meta.name, target, sum[at] / self.total, at));
-            }
-            out.push((meta.name.clone(), target, meta.shape.clone(), bytes));
+    /// The average `S / A`, tensor by tensor, for the publisher. Integer tensors come from one
+    /// contributor by `int_policy` (contributors are in window order: oldest first).
+    pub fn source(&self, out: OutputOptions) -> Result<RunningSource<'_>> {
+        if self.contributors.is_empty() {
+            return Err(Error::Usage("nothing averaged yet".into()));
         }
-        Ok(out)
+        let outputs = (self.schema.iter())
+            .map(|t| TensorMeta { dtype: out.dtype.resolve(t.dtype), ..t.clone() })
+            .collect();
+        Ok(RunningSource { avg: self, out, outputs, scaled: Vec::new(), bytes: Vec::new() })
     }
 
-    fn int_tensor(
-        &self,
-        meta: &TensorMeta,
-        first: &Checkpoint,
-        last: &Checkpoint,
-        policy: IntPolicy,
-    ) -> Result<OutTensor> {
+    /// The contributor integer tensors are copied from under `policy`.
+    pub fn int_source(&self, policy: IntPolicy) -> Option<&Checkpoint> {
+        let from = match policy {
+            IntPolicy::First => self.contributors.first(),
+            _ => self.contributors.last(),
+        };
+        let has_ints = self.schema.iter().any(|t| !t.dtype.is_float());
+        from.filter(|_| has_ints).map(|c| c.ckpt.as_ref())
+    }
+}
+
+/// How the average is written: the output dtype, the integer policy, what overflow does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputOptions {
+    pub dtype: OutDType,
+    pub int_policy: IntPolicy,
+    pub overflow: DtypeOverflow,
+}
+
+/// A [`RunningAverage`] as output tensors: one tensor at a time is divided by the total and
+/// encoded into reused buffers, so publishing costs one tensor beyond the sums, not a copy
+/// of the model.
+pub struct RunningSource<'r> {
+    avg: &'r RunningAverage,
+    out: OutputOptions,
+    outputs: Vec<TensorMeta>,
+    scaled: Vec<f32>,
+    bytes: Vec<u8>,
+}
+
+impl TensorSource for RunningSource<'_> {
+    fn tensors(&self) -> &[TensorMeta] {
+        &self.outputs
+    }
+
+    fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
+        let meta = &self.avg.schema[index];
+        let target = self.outputs[index].dtype;
+        self.bytes.resize(self.outputs[index].nbytes(), 0);
+        if !meta.dtype.is_float() {
+            return self.int_tensor(index);
+        }
+        let total = self.avg.total;
+        let sum = &self.avg.sums[index];
+        self.scaled.clear();
+        self.scaled.extend(sum.iter().map(|s| (*s as f64 / total) as f32));
+        let saturate = self.out.overflow == DtypeOverflow::Saturate;
+        let stored: Stored = f32::store_block(&self.scaled, &mut self.bytes, target, saturate);
+        if stored.overflow && !saturate {
+            let at = (0..self.scaled.len())
+                .max_by(|&i, &j| self.scaled[i].abs().total_cmp(&self.scaled[j].abs()));
+            let at = at.unwrap_or(0);
+            return Err(overflow_error(&meta.name, target, self.scaled[at], at));
+        }
+        Ok(&self.bytes)
+    }
+}
+
+impl RunningSource<'_> {
+    fn int_tensor(&mut self, index: usize) -> Result<&[u8]> {
+        let meta = &self.avg.schema[index];
+        let policy = self.out.int_policy;
+        let Some(from) = self.avg.int_source(policy) else {
+            return Err(Error::Usage("nothing averaged yet".into()));
+        };
         if policy == IntPolicy::Error {
             return Err(Error::bad_input(
-                last.path(),
+                from.path(),
                 format!(
                     "tensor {} is {:?}, which cannot be averaged and int_policy = \"error\" \
                      (use \"latest\" or \"first\" to copy it from one member)",
@@ -184,9 +243,9 @@ impl Accumulator {
                 ),
             ));
         }
-        let from = if policy == IntPolicy::First { first } else { last };
-        let bytes = from.data(&meta.name)?.into_owned();
-        Ok((meta.name.clone(), meta.dtype, meta.shape.clone(), bytes))
+        let reader = from.reader(&meta.name)?;
+        reader.read_into(0, &mut self.bytes[..reader.len()])?;
+        Ok(&self.bytes)
     }
 }
 
@@ -221,7 +280,7 @@ fn close(a: f64, b: f64) -> bool {
 
 /// `sums += coef · x` for every float tensor of `ckpt`, read chunk by chunk; non-finite
 /// inputs are bad input.
-fn add(sums: &mut [Vec<f64>], schema: &[TensorMeta], ckpt: &Checkpoint, coef: f64) -> Result<()> {
+fn add(sums: &mut [Vec<f32>], schema: &[TensorMeta], ckpt: &Checkpoint, coef: f64) -> Result<()> {
     let mut buf = Vec::new();
     for (meta, sum) in schema.iter().zip(sums.iter_mut()) {
         if !meta.dtype.is_float() {
@@ -230,12 +289,14 @@ fn add(sums: &mut [Vec<f64>], schema: &[TensorMeta], ckpt: &Checkpoint, coef: f6
         let size = meta.dtype.size();
         ckpt.for_each_chunk(&meta.name, READ_CHUNK, &mut buf, |offset, bytes| {
             let first = offset / size;
-            // Shapes were checked against the schema; `get` keeps a mismatch from panicking.
-            let sum = sum.get_mut(first..).unwrap_or_default();
-            match add_bytes(sum, bytes, meta.dtype, coef) {
-                Some(i) => Err(non_finite(ckpt.path(), &meta.name, first + i)),
-                None => Ok(()),
+            if let Some(i) = first_non_finite(bytes, meta.dtype) {
+                return Err(non_finite(ckpt.path(), &meta.name, first + i));
             }
+            // Shapes were checked against the schema; `get` keeps a mismatch from panicking.
+            let n = bytes.len() / size;
+            let sum = sum.get_mut(first..first + n).unwrap_or_default();
+            f32::add_block(sum, &bytes[..sum.len() * size], meta.dtype, coef as f32, false);
+            Ok(())
         })?;
     }
     Ok(())
@@ -248,85 +309,9 @@ pub fn non_finite(path: &Path, tensor: &str, index: usize) -> Error {
     )
 }
 
-/// Add `coef · decode(bytes)` into `sum`; returns the first non-finite element's index.
-pub fn add_bytes(sum: &mut [f64], bytes: &[u8], dtype: DType, coef: f64) -> Option<usize> {
-    fn go<const N: usize>(
-        sum: &mut [f64],
-        bytes: &[u8],
-        coef: f64,
-        dec: impl Fn([u8; N]) -> f64,
-    ) -> Option<usize> {
-        let mut bad = None;
-        for (i, (s, b)) in sum.iter_mut().zip(bytes.chunks_exact(N)).enumerate() {
-            let v = dec(b.try_into().expect("chunk of N"));
-            if !v.is_finite() && bad.is_none() {
-                bad = Some(i);
-            }
-            *s += coef * v;
-        }
-        bad
-    }
-    match dtype {
-        DType::F32 => go::<4>(sum, bytes, coef, |b| f32::from_le_bytes(b) as f64),
-        DType::F64 => go::<8>(sum, bytes, coef, f64::from_le_bytes),
-        DType::F16 => go::<2>(sum, bytes, coef, |b| dtype::f16_to_f32(b) as f64),
-        DType::BF16 => go::<2>(sum, bytes, coef, |b| dtype::bf16_to_f32(b) as f64),
-        _ => None,
-    }
-}
-
-/// `sum / total` in `dtype`, little-endian, and whether a finite value overflowed the dtype
-/// (then written as ±inf, or ±max when `saturate`). One loop per dtype (no per-element
-/// dispatch).
-fn encode(sum: &[f64], total: f64, dtype: DType, saturate: bool) -> (Vec<u8>, bool) {
-    fn go<const N: usize>(
-        sum: &[f64],
-        total: f64,
-        enc: impl Fn(f64) -> ([u8; N], bool),
-    ) -> (Vec<u8>, bool) {
-        let mut out = vec![0u8; sum.len() * N];
-        let mut over = false;
-        for (o, s) in out.chunks_exact_mut(N).zip(sum) {
-            let (bytes, o_) = enc(s / total);
-            o.copy_from_slice(&bytes);
-            over |= o_;
-        }
-        (out, over)
-    }
-    // `rounded` unless it overflowed from the finite `v`: then ±max when saturating.
-    fn fit<T>(v: f64, rounded: T, infinite: bool, (max, min): (T, T), sat: bool) -> (T, bool) {
-        let over = infinite && v.is_finite();
-        match (over && sat, v > 0.0) {
-            (true, true) => (max, true),
-            (true, false) => (min, true),
-            _ => (rounded, over),
-        }
-    }
-    use half::{bf16, f16};
-    match dtype {
-        DType::F64 => go::<8>(sum, total, |v| (v.to_le_bytes(), false)),
-        DType::F16 => go::<2>(sum, total, |v| {
-            let h = f16::from_f64(v);
-            let (h, o) = fit(v, h, h.is_infinite(), (f16::MAX, f16::MIN), saturate);
-            (h.to_le_bytes(), o)
-        }),
-        DType::BF16 => go::<2>(sum, total, |v| {
-            let h = bf16::from_f64(v);
-            let (h, o) = fit(v, h, h.is_infinite(), (bf16::MAX, bf16::MIN), saturate);
-            (h.to_le_bytes(), o)
-        }),
-        _ => go::<4>(sum, total, |v| {
-            let x = v as f32;
-            let (x, o) = fit(v, x, x.is_infinite(), (f32::MAX, f32::MIN), saturate);
-            (x.to_le_bytes(), o)
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::{MemberSummary, rules};
 
     fn ckpt(step: u64, seed: f32) -> Arc<Checkpoint> {
         let a: Vec<u8> =
@@ -348,8 +333,10 @@ mod tests {
         let mut acc: Vec<f64> = Vec::new();
         for (c, w) in members.iter().filter(|m| m.1 > 0.0) {
             let meta = c.tensor(name).unwrap();
-            let mut x = vec![0.0; meta.numel()];
-            add_bytes(&mut x, &c.data(name).unwrap(), meta.dtype, 1.0);
+            let data = c.data(name).unwrap();
+            let x: Vec<f64> = (data.chunks_exact(meta.dtype.size()))
+                .map(|b| crate::dtype::decode_f64(meta.dtype, b).unwrap())
+                .collect();
             if acc.is_empty() {
                 acc = vec![0.0; x.len()];
             }
@@ -358,32 +345,53 @@ mod tests {
         acc
     }
 
+    type OutTensor = (String, DType, Vec<usize>, Vec<u8>);
+
+    /// Every output tensor, as the publisher would take them from the source.
+    fn output(
+        acc: &RunningAverage,
+        dtype: OutDType,
+        int_policy: IntPolicy,
+        overflow: DtypeOverflow,
+    ) -> Result<Vec<OutTensor>> {
+        let mut src = acc.source(OutputOptions { dtype, int_policy, overflow })?;
+        let metas = src.tensors().to_vec();
+        let each = metas.into_iter().enumerate().map(|(i, m)| {
+            Ok((m.name.clone(), m.dtype, m.shape.clone(), src.tensor_bytes(i)?.to_vec()))
+        });
+        each.collect()
+    }
+
     fn f32s(bytes: &[u8]) -> Vec<f64> {
         bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
     }
 
-    fn summaries(ckpts: &[Arc<Checkpoint>]) -> Vec<MemberSummary> {
-        let s = ckpts.iter().map(|c| MemberSummary {
-            path: c.path().to_path_buf(),
-            step: c.step(),
-            metric: None,
-        });
-        s.collect()
+    /// LAWA's weights over a window of `n`: the last `k` equally (as `select::rules::lawa`).
+    fn lawa(n: usize, k: usize) -> Vec<f64> {
+        (0..n).map(|i| if i + k >= n { 1.0 / k.min(n) as f64 } else { 0.0 }).collect()
+    }
+
+    /// EMA weights over a window of `n`: newest 1, then `decay`, `decay²`... normalised.
+    fn ema(n: usize, decay: f64) -> Vec<f64> {
+        let w: Vec<f64> = (0..n).map(|i| decay.powi((n - 1 - i) as i32)).collect();
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
     }
 
     /// Slide a window over 30 checkpoints with `select`; compare every output with the twin.
-    fn slide(select: impl Fn(&[MemberSummary]) -> Vec<f64>, max_reads: usize) {
+    fn slide(select: impl Fn(usize) -> Vec<f64>, max_reads: usize) {
         let all: Vec<_> = (0..30).map(|s| ckpt(s, s as f32 * 0.3 - 2.0)).collect();
-        let mut acc = Accumulator::new(8);
+        let mut acc = RunningAverage::new(8);
         for end in 1..=all.len() {
             let window = &all[end.saturating_sub(6)..end];
-            let weights = select(&summaries(window));
+            let weights = select(window.len());
             let members: Vec<_> = window.iter().cloned().zip(weights).collect();
             let rep = acc.update(&members, |_| true).unwrap();
             if end > 8 && !rep.exact {
                 assert!(rep.reads <= max_reads, "update read {} checkpoints", rep.reads);
             }
-            let out = acc.output(OutDType::Keep, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
+            let out =
+                output(&acc, OutDType::Keep, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
             for (got, want) in f32s(&out[0].3).iter().zip(reference(&members, "a")) {
                 assert!((got - want).abs() < 1e-5, "end {end}: {got} vs {want}");
             }
@@ -395,18 +403,18 @@ mod tests {
 
     #[test]
     fn lawa_sliding_reads_two_checkpoints_and_matches_full_average() {
-        slide(|w| rules::lawa(w, 4).unwrap().weights, 2);
+        slide(|n| lawa(n, 4), 2);
     }
 
     #[test]
     fn ema_window_reads_two_checkpoints_and_matches_full_average() {
-        slide(|w| rules::ema(w, 0.7).unwrap().weights, 2);
+        slide(|n| ema(n, 0.7), 2);
     }
 
     #[test]
     fn untrusted_contributor_forces_exact_recompute() {
         let all: Vec<_> = (0..5).map(|s| ckpt(s, s as f32)).collect();
-        let mut acc = Accumulator::new(100);
+        let mut acc = RunningAverage::new(100);
         let m = |ws: [f64; 5]| all.iter().cloned().zip(ws).collect::<Vec<_>>();
         let t = 1.0 / 3.0;
         acc.update(&m([t, t, t, 0.0, 0.0]), |_| true).unwrap();
@@ -426,7 +434,7 @@ mod tests {
             [1.0f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect(),
         )];
         let c = Arc::new(Checkpoint::from_memory("bad.safetensors", Some(1), bad).unwrap());
-        let err = Accumulator::new(4).update(&[(c, 1.0)], |_| true).unwrap_err().to_string();
+        let err = RunningAverage::new(4).update(&[(c, 1.0)], |_| true).unwrap_err().to_string();
         assert!(err.contains("bad.safetensors") && err.contains("tensor a"), "{err}");
     }
 
@@ -438,20 +446,20 @@ mod tests {
             Arc::new(Checkpoint::from_memory("big.safetensors", Some(1), t).unwrap())
         };
         let members = [(t([1.0e5, 2.0, -3.0e5]), 0.5), (t([1.0e5, 2.0, -3.0e5]), 0.5)];
-        let mut acc = Accumulator::new(4);
+        let mut acc = RunningAverage::new(4);
         acc.update(&members, |_| true).unwrap();
-        let err = acc.output(OutDType::F16, IntPolicy::Latest, DtypeOverflow::Error).unwrap_err();
+        let err = output(&acc, OutDType::F16, IntPolicy::Latest, DtypeOverflow::Error).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("tensor a") && msg.contains("-3e5 at element 2"), "{msg}");
         assert!(msg.contains("dtype_overflow = \"saturate\""), "{msg}");
-        let out = acc.output(OutDType::F16, IntPolicy::Latest, DtypeOverflow::Saturate).unwrap();
+        let out = output(&acc, OutDType::F16, IntPolicy::Latest, DtypeOverflow::Saturate).unwrap();
         let got: Vec<f32> = out[0]
             .3
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect();
         assert_eq!(got, vec![65504.0, 2.0, -65504.0]);
-        let kept = acc.output(OutDType::F32, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
+        let kept = output(&acc, OutDType::F32, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
         assert_eq!(f32s(&kept[0].3), vec![1.0e5, 2.0, -3.0e5], "f32 holds them");
     }
 }

@@ -1,0 +1,136 @@
+//! The config's parsing and cross-field rules.
+
+use super::*;
+use crate::checked::Positive;
+use crate::select::Method;
+
+const MIN: &str = "[watch]\ndir = \"runs\"\n[publish]\nout = \"runs/avg/model.safetensors\"\n";
+
+fn parse(text: &str) -> Result<Config> {
+    Config::parse(text, Path::new("t.toml"))
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MIN).unwrap();
+    assert_eq!(c.watch.quiet_ms, 2000);
+    assert_eq!(c.window.size, Positive(20));
+    assert_eq!(c.select.method, Method::Lawa);
+    assert_eq!(c.select.k, Positive(5));
+    assert_eq!(c.publish.policy, Policy::Latest);
+    assert_eq!(c.state_dir(), PathBuf::from("runs/avg/.sewa"));
+    assert_eq!(
+        crate::publish::manifest_path(&c.publish.out),
+        PathBuf::from("runs/avg/model.safetensors.manifest.json")
+    );
+}
+
+#[test]
+fn unknown_key_is_rejected_with_line() {
+    let err = parse(&format!("{MIN}[window]\nsise = 3\n")).unwrap_err().to_string();
+    assert!(err.contains("sise") && err.contains("line 6"), "{err}");
+}
+
+#[test]
+fn bad_values_reject_themselves_with_position() {
+    let err = parse(&format!("{MIN}[window]\nsize = 0\n")).unwrap_err().to_string();
+    assert!(err.contains("at least 1") && err.contains("line 6"), "{err}");
+    let err = parse(&format!("{MIN}[select]\nema_decay = 1.5\n")).unwrap_err().to_string();
+    assert!(err.contains("between 0 and 1"), "{err}");
+    let err = parse(&format!("{MIN}[select]\nmethod = \"lava\"\n")).unwrap_err().to_string();
+    assert!(err.contains("lava") && err.contains("lawa"), "{err}");
+}
+
+#[test]
+fn cross_field_rules() {
+    let err = parse(&format!("{MIN}[window]\nsize = 3\n[select]\nk = 5\n")).unwrap_err();
+    assert!(err.to_string().contains("larger than [window] size"), "{err}");
+    assert_eq!(err.exit_code(), 78);
+    let err = parse(&format!("{MIN}policy = \"best\"\n")).unwrap_err().to_string();
+    assert!(err.contains("policy = \"best\""), "{err}");
+    let err = parse(&format!("{MIN}[select]\nmethod = \"sewa\"\n")).unwrap_err().to_string();
+    assert!(err.contains("needs an [objective]"), "{err}");
+}
+
+#[test]
+fn reserved_tables_parse() {
+    let text = format!(
+        "{MIN}policy = \"best\"\n[select]\nmethod = \"sewa\"\n[select.sewa]\nsamples = 8\n\
+         [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.select.sewa.samples, 8);
+    assert_eq!(c.objective.unwrap().data, PathBuf::from("sel.safetensors"));
+}
+
+/// The model-based tables used to be kept raw and parsed again later, which lost the
+/// position of their errors; parsed in the one pass, they point at the line.
+#[test]
+fn errors_inside_objective_and_sewa_tables_have_line_and_column() {
+    let head = format!("{MIN}[select]\nmethod = \"sewa\"\n");
+    let cases = [
+        ("[select.sewa]\nsamples = 4\nsampels = 8\n", "sampels", "line 9, column 1"),
+        ("[select.sewa]\nsamples = 0\n", "at least 1", "line 8, column 11"),
+        ("[select.sewa]\nlr = -1.0\n", "positive", "line 8, column 6"),
+        ("[objective]\ndata = \"d\"\nmodle = \"mlp\"\n", "modle", "line 9, column 1"),
+        ("[objective]\ndata = \"d\"\nbatch = 0\n", "at least 1", "line 9, column 9"),
+        ("[objective]\nkind = \"command\"\ncommand = [\"x\"]\ntimeout_s = 0\n", "> 0", "line 10"),
+    ];
+    for (table, want, at) in cases {
+        let err = parse(&format!("{head}{table}")).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains(at), "{table}: {err}");
+    }
+}
+
+/// Issue 9 item 12: LAWA published 1-member "averages" before k checkpoints existed.
+#[test]
+fn methods_that_average_k_members_wait_for_k_unless_min_members_says_otherwise() {
+    let min = |select: &str| {
+        let text = format!("{MIN}[select]\n{select}\n[objective]\ndata = \"d\"\n");
+        parse(&text).unwrap().select.min_members()
+    };
+    for method in ["lawa", "best-metric", "sewa", "exhaustive", "random"] {
+        assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 3, "{method}");
+    }
+    for method in ["uniform", "ema", "greedy"] {
+        assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 1, "{method}");
+    }
+    assert_eq!(min("method = \"lawa\"\nk = 3\nmin_members = 1"), 1);
+    assert_eq!(min("method = \"uniform\"\nmin_members = 4"), 4);
+    let err = parse(&format!(
+        "{MIN}[window]\nsize = 4\n[select]\nmethod = \"uniform\"\nk = 2\nmin_members = 5\n"
+    ));
+    assert!(err.unwrap_err().to_string().contains("min_members = 5"));
+    let err = parse(&format!("{MIN}[select]\nmin_members = 0\n")).unwrap_err().to_string();
+    assert!(err.contains("at least 1") && err.contains("line 6"), "{err}");
+}
+
+#[test]
+fn best_only_options_are_refused_under_policy_latest() {
+    let err = parse(&format!("{MIN}max_age_steps = 100\n")).unwrap_err().to_string();
+    assert!(err.contains("max_age_steps") && err.contains("policy = \"best\""), "{err}");
+    let objective = "[objective]\ndata = \"d\"\nacceptance_data = \"a\"\n";
+    let sewa = format!("[select]\nmethod = \"sewa\"\n{objective}");
+    let err = parse(&format!("{MIN}{sewa}")).unwrap_err().to_string();
+    assert!(err.contains("acceptance_data") && err.contains("policy = \"best\""), "{err}");
+    let best = format!("{MIN}policy = \"best\"\nmax_age_steps = 100\n{sewa}");
+    let c = parse(&best).unwrap();
+    assert_eq!(c.publish.max_age_steps, Some(Positive(100)));
+}
+
+/// Relative paths mean "relative to the config file", whatever the cwd: a bare file name
+/// used to give the evaluator the directory "" and `[watch] dir` depended on the cwd.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sewa.toml");
+    let text = "[watch]\ndir = \"runs\"\n[publish]\nout = \"avg/model.safetensors\"\n\
+                [runtime]\nstate_dir = \"state\"\n";
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    assert_eq!(cfg.watch.dir, tmp.path().join("runs"));
+    assert_eq!(cfg.publish.out, tmp.path().join("avg/model.safetensors"));
+    assert_eq!(cfg.state_dir(), tmp.path().join("state"));
+    assert_eq!(cfg.base_dir(), tmp.path());
+    assert_eq!(config_dir(Path::new("sewa.toml")), std::env::current_dir().unwrap());
+}

@@ -1,0 +1,157 @@
+//! A batch's intake: settled candidates → loads (guarded against panics) → window actions
+//! (members admitted, evicted, quarantined), and how loudly each rejection is logged.
+
+use std::panic::UnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{debug, info, info_span, warn};
+
+use super::super::load::{self, Refusal};
+use super::super::loudness::Level;
+use super::super::panics;
+use super::super::progress::disk_bytes;
+use super::{Pipeline, trusted};
+use crate::checkpoint::{Checkpoint, Identity};
+use crate::text;
+use crate::window::{Action, Event, Member};
+
+impl Pipeline {
+    /// Drop members whose file was rewritten in place (before reading them again).
+    pub(super) fn check_members(&mut self) {
+        let stale: Vec<PathBuf> =
+            self.open.iter().filter(|(_, c)| !trusted(c)).map(|(p, _)| p.clone()).collect();
+        for path in stale {
+            let reason = "rewritten in place while in the window (dropped before reading)".into();
+            let actions = self.window.handle(Event::Invalidated { path, reason });
+            self.apply(actions);
+        }
+    }
+
+    pub(super) fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Load { path, sig } => self.load(path, sig),
+                Action::Evict { path } => {
+                    debug!(path = %text::path(&path), "evicted from the window");
+                    self.open.remove(&path);
+                }
+                Action::Quarantine { path, reason } => self.report_rejection(&path, &reason),
+                Action::Reselect => self.reselect = true,
+            }
+        }
+    }
+
+    /// Log a rejection as loudly as `Loudness` decides; only warnings count as quarantined.
+    fn report_rejection(&mut self, path: &Path, reason: &str) {
+        let Some(r) = self.window.rejected().find(|r| r.path == path) else { return };
+        let (incomplete, skipped) = (r.incomplete, r.skipped);
+        let report = self.loudness.judge(r);
+        let hint = report.hint.unwrap_or_default();
+        let path = text::path(path);
+        match report.level {
+            Level::Warn => {
+                warn!(%path, %reason, %hint, "quarantined");
+                self.status.counters.quarantined += 1;
+            }
+            Level::Info if incomplete => {
+                info!(%path, %reason, "not complete yet; waiting for it to change")
+            }
+            Level::Info => info!(
+                files = %text::escape(&report.files), %reason, %hint,
+                "skipping files like this, which are not checkpoints to average; more are logged at debug level"
+            ),
+            Level::Debug if skipped => debug!(%path, %reason, "skipped"),
+            Level::Debug => debug!(%path, %reason, "rejected again for the same reason"),
+        }
+    }
+
+    fn load(&mut self, path: PathBuf, sig: Identity) {
+        let span =
+            info_span!("checkpoint", step = tracing::field::Empty, path = %text::path(&path));
+        let _enter = span.enter();
+        self.beat(disk_bytes(&path));
+        let reference = self.open.values().next().map(|c| c.tensors().to_vec());
+        let peer = self.open.values().next().cloned();
+        let (watch, metric) = (&self.cfg.watch, &self.cfg.select.metric);
+        // Unwind-safe: the loader keeps no state and only reads its arguments (a path, the
+        // watch config, a copy of the window's schema); what it opens lives in its own frames and
+        // is dropped while unwinding. The window and `self` change only after it returns.
+        let loaded =
+            guarded(|| load::load(&path, watch, metric, reference.as_deref(), peer.as_deref()));
+        self.admit(path, sig, &span, loaded);
+    }
+
+    /// Carry out a load's outcome: a member (if the window keeps it) or a quarantine.
+    fn admit(&mut self, path: PathBuf, sig: Identity, span: &tracing::Span, loaded: Loaded) {
+        match loaded {
+            Ok((ckpt, step, metric)) => {
+                span.record("step", step);
+                let member = Member { path: path.clone(), sig, step, metric };
+                let actions = self.window.handle(Event::Loaded(member));
+                self.apply(actions);
+                // Not admitted: older than the window, or a copy of a member (reported above).
+                if self.window.members().iter().any(|m| m.path == path && m.sig == sig) {
+                    info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
+                    self.status.counters.loaded += 1;
+                    self.loudness.loaded(&path);
+                    self.open.insert(path, Arc::new(ckpt));
+                }
+            }
+            Err(refusal) => {
+                let (reason, incomplete) = (refusal.reason, refusal.incomplete);
+                let skipped = refusal.not_weights;
+                let event = Event::Rejected { path, sig, reason, incomplete, skipped };
+                let actions = self.window.handle(event);
+                self.apply(actions);
+            }
+        }
+    }
+}
+
+type Loaded = std::result::Result<(Checkpoint, u64, Option<f64>), Refusal>;
+
+/// Run one checkpoint's load; a panic in it (a bug in sewa or a library) becomes that
+/// checkpoint's refusal, so the daemon quarantines it and carries on instead of dying on it
+/// at every restart.
+fn guarded(load: impl FnOnce() -> Loaded + UnwindSafe) -> Loaded {
+    panics::catch(load).unwrap_or_else(|msg| {
+        Err(Refusal {
+            reason: format!("sewa panicked reading it (a bug in sewa, please report it): {msg}"),
+            incomplete: false,
+            not_weights: false,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pipeline(dir: &Path) -> Pipeline {
+        let text = format!(
+            "[watch]\ndir = {:?}\n[publish]\nout = {:?}\n",
+            dir.join("runs"),
+            dir.join("out.safetensors")
+        );
+        Pipeline::new(Config::parse(&text, &dir.join("sewa.toml")).unwrap())
+    }
+
+    #[test]
+    fn a_panic_while_loading_quarantines_that_checkpoint_with_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline(dir.path());
+        let path = dir.path().join("runs/modèle_é.safetensors");
+        let sig = Identity { dev: 1, ino: 2, size: 3, mtime_ns: 4, members: 0 };
+        let loaded = guarded(|| -> Loaded { panic!("byte index 13 is not a char boundary") });
+        p.admit(path.clone(), sig, &tracing::Span::none(), loaded);
+        let q: Vec<_> = p.window.rejected().collect();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].path, path);
+        assert!(q[0].reason.contains("panicked") && q[0].reason.contains("char boundary"));
+        assert!(!q[0].incomplete, "a panic is not 'still being written'");
+        assert_eq!(p.status.counters.quarantined, 1);
+        assert!(p.window.members().is_empty());
+    }
+}

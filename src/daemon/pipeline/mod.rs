@@ -1,0 +1,254 @@
+//! The daemon's blocking half: settled candidates → window actions (load, evict, quarantine;
+//! `intake.rs`) → selection → average → publish (`publication.rs`) → status. Runs on a
+//! blocking thread, one batch at a time; owns the opened members and the running average. Never returns an error for bad input:
+//! it quarantines, records and carries on. A panic while handling one checkpoint quarantines
+//! that checkpoint. As it works it beats `progress` (the systemd watchdog's evidence).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::accept::Acceptance;
+use super::loudness::Loudness;
+use super::output::{self, LastPublished};
+use super::progress::{self, Progress, stall_bound};
+use super::{panics, status_view};
+use crate::average::running::RunningAverage;
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::Config;
+use crate::objective::Objective;
+use crate::select::Memory;
+use crate::status::{QuarantineStatus, Status};
+use crate::watch::Settled;
+use crate::window::{Event, Window};
+
+pub struct Pipeline {
+    pub cfg: Config,
+    pub window: Window,
+    open: BTreeMap<PathBuf, Arc<Checkpoint>>,
+    /// Kept between publications when it fits `budget` (else every publication streams).
+    running: RunningAverage,
+    /// `[runtime] memory_budget` in bytes.
+    budget: u64,
+    last: Option<LastPublished>,
+    pub status: Status,
+    /// Weights of the last selection, by member path (for the status file).
+    weights: BTreeMap<PathBuf, f64>,
+    reselect: bool,
+    /// Loss oracle of model-based selectors, built on first use (and again after a reload).
+    objective: Option<Box<dyn Objective>>,
+    /// What earlier selections left for the next (SeWA warm start, members' losses).
+    memory: Memory,
+    /// `[objective] acceptance_data`: the split `policy = "best"` judges on, when configured.
+    acceptance: Acceptance,
+    /// `[publish] on_publish`, run after each publication.
+    hook: super::hook::Hook,
+    /// The promise of progress the watchdog task reads (see `progress`).
+    pub progress: Arc<Progress>,
+    /// How long one unit of work may take before the pipeline counts as stuck.
+    stall: Duration,
+    /// How loudly rejections are logged (one warning per reason, one line per skipped pattern).
+    loudness: Loudness,
+}
+
+impl Pipeline {
+    pub fn new(cfg: Config) -> Pipeline {
+        let window = Window::new(cfg.window.size.get(), cfg.select.every.get());
+        let running = RunningAverage::new(cfg.runtime.recompute_every.get());
+        let budget = super::budget::resolve(cfg.runtime.memory_budget);
+        info!(bytes = budget, "memory budget");
+        let last = output::read_last(&cfg);
+        let status = Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            state: "starting".into(),
+            started_at: crate::timestamp::now(),
+            dir: cfg.watch.dir.clone(),
+            out: cfg.publish.out.clone(),
+            method: cfg.select.method.name().into(),
+            ..Status::default()
+        };
+        let stall = stall_bound(&cfg);
+        Pipeline {
+            cfg,
+            window,
+            open: BTreeMap::new(),
+            running,
+            budget,
+            last,
+            status,
+            weights: BTreeMap::new(),
+            reselect: false,
+            objective: None,
+            memory: Memory::default(),
+            acceptance: Acceptance::default(),
+            hook: Default::default(),
+            progress: Arc::new(Progress::new(stall)),
+            stall,
+            loudness: Loudness::default(),
+        }
+    }
+
+    /// A new config (SIGHUP): keep the window where compatible, recompute the average.
+    pub fn reload(&mut self, cfg: Config) {
+        if cfg.watch != self.cfg.watch {
+            // Another directory or pattern: the old members are not candidates any more.
+            self.window = Window::new(cfg.window.size.get(), cfg.select.every.get());
+            self.open.clear();
+        }
+        let actions = self.window.resize(cfg.window.size.get(), cfg.select.every.get());
+        self.running = RunningAverage::new(cfg.runtime.recompute_every.get());
+        self.budget = super::budget::resolve(cfg.runtime.memory_budget);
+        self.status.dir = cfg.watch.dir.clone();
+        self.status.out = cfg.publish.out.clone();
+        self.status.method = cfg.select.method.name().into();
+        if cfg.publish != self.cfg.publish {
+            self.last = output::read_last(&cfg);
+            self.acceptance.now_published(None); // another output: judged again from its file
+        }
+        self.stall = stall_bound(&cfg);
+        if cfg.objective != self.cfg.objective || cfg.select != self.cfg.select {
+            self.progress.beat(self.stall); // dropping an evaluator waits for it to exit
+            self.objective = None;
+            self.memory = Memory::default();
+            self.acceptance.reset();
+        }
+        self.cfg = cfg;
+        self.apply(actions);
+        self.finish();
+    }
+
+    /// Process one batch of settled candidates, then reselect/publish if the window asks.
+    pub fn step(&mut self, batch: Vec<Settled>) {
+        self.beat(self.window_bytes());
+        self.check_members();
+        // Newest first: at start-up a full window is built without loading older candidates.
+        // Names without a step last: a copy such as last.pt then meets its original, and a
+        // refusal's hint can name the pattern of the checkpoints loaded before it.
+        let mut events: Vec<Event> = batch
+            .into_iter()
+            .map(|s| match s {
+                Settled::Ready(path, sig) => {
+                    // A name the step parser chokes on gets no step here; its load (guarded
+                    // below) quarantines it with the panic message.
+                    let step = panics::catch(|| checkpoint::step_of(&path));
+                    Event::Settled { path, sig, step: step.unwrap_or(None) }
+                }
+                Settled::Gone(path) => Event::Gone { path },
+            })
+            .collect();
+        events.sort_by_key(|e| {
+            std::cmp::Reverse(match e {
+                Event::Settled { step, .. } => (false, *step),
+                _ => (true, None),
+            })
+        });
+        for event in events {
+            let actions = self.window.handle(event);
+            self.apply(actions);
+        }
+        self.finish();
+    }
+
+    /// Reselect if asked and the window holds enough members, then write the status file.
+    fn finish(&mut self) {
+        if self.reselect && self.enough_members() {
+            self.reselect = false;
+            self.beat(self.window_bytes());
+            self.check_members();
+            if let Err(e) = self.select_and_publish() {
+                // Only a publish that renamed its model in but not its manifest changes the output.
+                if crate::publish::is_partly_published(&e) {
+                    error!(error = %e, "publish failed half-way: the new model is out, its manifest is not");
+                } else {
+                    error!(error = %e, "selection/publish failed; the previous output stays");
+                }
+                self.status.push_error(e.to_string());
+            }
+        }
+        self.write_status();
+    }
+
+    /// Whether the window holds `[select] min_members`; if not, the reselection waits (it stays
+    /// asked for) and the status says why.
+    fn enough_members(&mut self) -> bool {
+        let (have, need) = (self.window.members().len(), self.cfg.select.min_members().max(1));
+        if have >= need {
+            self.status.waiting = None;
+            return true;
+        }
+        let why = format!(
+            "selection waits for {need} window members ([select] min_members), {have} so far"
+        );
+        if self.status.waiting.as_ref() != Some(&why) {
+            info!(have, need, "{why}");
+        }
+        self.status.waiting = Some(why);
+        false
+    }
+
+    /// Record a fatal-for-this-step problem (watch errors, reload failures) in the status.
+    pub fn note_error(&mut self, msg: String) {
+        self.status.push_error(msg);
+        self.write_status();
+    }
+
+    pub fn set_state(&mut self, state: &str) {
+        self.status.state = state.into();
+        self.write_status();
+    }
+
+    /// The pipeline cannot go on (a panic outside one checkpoint's work): say so in the status.
+    pub fn record_failure(&mut self, msg: &str) {
+        self.status.push_error(msg);
+        self.set_state("failed");
+    }
+
+    /// How long the next unit of work (over about `bytes` of checkpoint data) may take.
+    fn allowed(&self, bytes: u64) -> Duration {
+        progress::allowance(self.stall, bytes)
+    }
+
+    fn beat(&self, bytes: u64) {
+        self.progress.beat(self.allowed(bytes));
+    }
+
+    /// The async loop is alive between jobs (it beats for the pipeline while it holds it).
+    pub fn alive(&self) {
+        self.beat(0);
+    }
+
+    /// Bytes of the open window members (what an average or a selection streams at most).
+    fn window_bytes(&self) -> u64 {
+        self.open.values().map(|c| c.total_bytes()).sum()
+    }
+
+    pub fn write_status(&mut self) {
+        let (window, last) = (self.window.members(), self.last.as_ref());
+        self.status.members = status_view::members(window, &self.open, &self.weights, last);
+        let acceptance = self.acceptance.published_loss();
+        self.status.published = status_view::published(last, window, &self.open, acceptance);
+        let q = self.window.rejected().map(|r| QuarantineStatus {
+            path: r.path.clone(),
+            reason: r.reason.clone(),
+            incomplete: r.incomplete,
+            skipped: r.skipped,
+        });
+        self.status.quarantined = q.collect();
+        let path = self.cfg.status_file();
+        if let Err(e) = self.status.write(&path) {
+            warn!(error = %e, "cannot write the status file");
+        }
+    }
+}
+
+/// Whether a checkpoint may still be read (not rewritten in place since it was opened).
+fn trusted(c: &Checkpoint) -> bool {
+    c.still_valid()
+}
+
+mod intake;
+mod publication;
