@@ -4,9 +4,13 @@
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_average -- \
-//!     [--inputs 8] [--mib 256] [--tensors 16] [--threads 1] [--dir DIR]
+//!     [--inputs 8] [--mib 256] [--tensors 16] [--threads 1] [--dir DIR] \
+//!     [--format safetensors|dcp] [--ranks 4]
 //! ```
 //! Inputs are written to a fresh temp dir under `--dir` (default `$TMPDIR`) and removed after.
+//! `--format dcp` writes each input as a torch.distributed.checkpoint directory instead
+//! (`tests/writers/dcp.rs`): every tensor `[numel / 256, 256]` split along dim 0 over `--ranks`
+//! ranks, one `__{rank}_0.distcp` per rank, so each tensor is read from `--ranks` chunks.
 //! The binary is `target/release/sewa` (override with `SEWA_BIN`).
 
 use std::fs::{self, File};
@@ -18,16 +22,29 @@ use std::time::{Duration, Instant};
 use sewa::average::{AverageOptions, AveragePlan, Workspace};
 use sewa::checkpoint::{Checkpoint, OpenOptions};
 
+#[path = "../tests/writers/dcp.rs"]
+mod dcp_writer;
+
 struct Args {
     inputs: usize,
     mib: usize,
     tensors: usize,
     threads: usize,
     dir: PathBuf,
+    dcp: bool,
+    ranks: usize,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { inputs: 8, mib: 256, tensors: 16, threads: 1, dir: std::env::temp_dir() };
+    let mut a = Args {
+        inputs: 8,
+        mib: 256,
+        tensors: 16,
+        threads: 1,
+        dir: std::env::temp_dir(),
+        dcp: false,
+        ranks: 4,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let value = pair.get(1).map(String::as_str).unwrap_or_default();
@@ -39,6 +56,14 @@ fn parse_args() -> Args {
             "--tensors" => a.tensors = num(),
             "--threads" => a.threads = num(),
             "--dir" => a.dir = PathBuf::from(value),
+            "--ranks" => a.ranks = num(),
+            "--format" => {
+                a.dcp = match value {
+                    "dcp" => true,
+                    "safetensors" => false,
+                    other => panic!("--format {other}: safetensors or dcp"),
+                }
+            }
             other => panic!("unknown flag {other}; see the header of examples/bench_average.rs"),
         }
     }
@@ -48,18 +73,27 @@ fn parse_args() -> Args {
 fn main() {
     let args = parse_args();
     let work = tempfile::Builder::new().prefix("sewa-bench-").tempdir_in(&args.dir).unwrap();
-    let numel = args.mib * (1 << 20) / 4 / args.tensors;
+    let numel = args.mib * (1 << 20) / 4 / args.tensors / 256 * 256;
     let per_input = (numel * 4 * args.tensors) as u64;
+    let layout = match args.dcp {
+        true => format!("DCP dirs of {} ranks", args.ranks),
+        false => "safetensors".to_string(),
+    };
     println!(
-        "inputs: {} x {:.0} MiB f32 ({} tensors each) in {}; threads {}",
+        "inputs: {} x {:.0} MiB f32 ({} tensors of {:.0} MiB each, {layout}) in {}; threads {}",
         args.inputs,
         per_input as f64 / (1 << 20) as f64,
         args.tensors,
+        (numel * 4) as f64 / (1 << 20) as f64,
         work.path().display(),
         args.threads
     );
-    let paths: Vec<PathBuf> =
-        (0..args.inputs).map(|i| write_input(work.path(), i, args.tensors, numel)).collect();
+    let paths: Vec<PathBuf> = (0..args.inputs)
+        .map(|i| match args.dcp {
+            true => write_dcp_input(work.path(), i, args.tensors, numel, args.ranks as u64),
+            false => write_input(work.path(), i, args.tensors, numel),
+        })
+        .collect();
     kernel_vs_memcpy(&paths, args.threads);
     end_to_end(work.path(), &paths, per_input, args.threads);
 }
@@ -82,6 +116,25 @@ fn write_input(dir: &Path, i: usize, tensors: usize, numel: usize) -> PathBuf {
         .collect();
     let path = dir.join(format!("step_{:05}.safetensors", (i + 1) * 100));
     safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+/// `step-{i}/`, a DCP directory with the same tensors as `write_input`'s, `[numel / 256,
+/// 256]` each, split along dim 0 over `ranks` ranks.
+fn write_dcp_input(dir: &Path, i: usize, tensors: usize, numel: usize, ranks: u64) -> PathBuf {
+    let path = dir.join(format!("step-{}", (i + 1) * 100));
+    let shape = vec![(numel / 256) as u64, 256];
+    let specs: Vec<(String, Vec<u64>)> =
+        (0..tensors).map(|t| (format!("layers.{t:02}.weight"), shape.clone())).collect();
+    dcp_writer::write(&path, &specs, ranks, |t, rows| {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ ((i * tensors + t) as u64 + 1) ^ rows.start;
+        (0..(rows.end - rows.start) * 256)
+            .flat_map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (((state >> 40) as f32) / (1u64 << 24) as f32 - 0.5).to_le_bytes()
+            })
+            .collect()
+    });
     path
 }
 

@@ -1,6 +1,8 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
-//! directories are DeepSpeed checkpoints (`global_stepN/` content or a `latest` tag), PEFT
-//! adapters (`adapter_config.json`) or else HF checkpoints, `*.index.json` is a shard index, and files are told apart
+//! directories are DCP checkpoints when they hold `.metadata` (or Accelerate's
+//! `pytorch_model_fsdp_0/` does), DeepSpeed checkpoints (`global_stepN/` content or a
+//! `latest` tag), PEFT adapters (`adapter_config.json`), else HF checkpoints,
+//! `*.index.json` is a shard index, and files are told apart
 //! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
 //! The formats themselves live in `format/`; this module only dispatches.
 
@@ -8,7 +10,7 @@ use std::fs::File;
 use std::path::Path;
 
 use super::format::magic::{Magic, sniff};
-use super::format::{deepspeed, hf_dir, peft, safetensors, sharded, torch};
+use super::format::{dcp, deepspeed, hf_dir, peft, safetensors, sharded, torch};
 use super::storage::Loaded;
 use super::{InputIo, OpenOptions, files};
 use crate::error::Result;
@@ -41,6 +43,12 @@ pub(crate) fn load(path: &Path, opts: &OpenOptions) -> Result<Loaded> {
     let state_key = opts.state_key.as_deref();
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        if let Some((dir, nested)) = dcp::find(path)? {
+            let mut loaded = dcp::open(&dir, state_key)?;
+            // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
+            loaded.side_dir = nested.then(|| path.to_path_buf());
+            return Ok(loaded);
+        }
         if let Some(dir) = deepspeed::detect(path)? {
             return deepspeed::open(&dir, opts.deepspeed_weights);
         }
@@ -73,6 +81,14 @@ pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
 pub fn quick_check_with(path: &Path, marker: &str, opts: &OpenOptions) -> Result<()> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
+        // `.metadata` is a DCP directory's marker (renamed in last); one nested in an HF
+        // Trainer checkpoint also waits for the Trainer's marker.
+        if let Some((dir, nested)) = dcp::find(path)? {
+            if nested {
+                hf_dir::check_marker(path, marker)?;
+            }
+            return dcp::quick_check(&dir);
+        }
         if let Some(dir) = deepspeed::detect(path)? {
             return deepspeed::quick_check(&dir, opts.deepspeed_weights);
         }

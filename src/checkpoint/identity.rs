@@ -123,6 +123,8 @@ pub(crate) fn is_weight_file(name: &str) -> bool {
         || name.ends_with(".index.json")
         || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
         || name == "trainer_state.json"
+        || name.ends_with(".distcp")
+        || name == ".metadata"
         // DeepSpeed (`global_stepN/`, and the tag in `latest` beside it) and PEFT adapters.
         || name.ends_with("_model_states.pt")
         || name.ends_with("_optim_states.pt")

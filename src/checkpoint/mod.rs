@@ -29,6 +29,7 @@ pub use format::peft::{check_same_adapter, is_adapter_dir};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
 pub use reader::TensorReader;
+pub use storage::ChunkInfo;
 
 use crate::error::{Error, Result};
 use detect::load;
@@ -67,6 +68,8 @@ pub enum Format {
     TorchZip,
     /// Lightning `.ckpt` (tensors under `state_dict`).
     Lightning,
+    /// torch.distributed.checkpoint directory (`.metadata` + `*.distcp`).
+    Dcp,
     /// DeepSpeed `global_stepN/` directory (ZeRO model and optimizer states).
     #[serde(rename = "deepspeed")]
     DeepSpeed,
@@ -269,6 +272,12 @@ impl Checkpoint {
     /// A file renamed over or unlinked is still valid (we hold the old inode).
     pub fn still_valid(&self) -> bool {
         self.storage.still_valid()
+    }
+
+    /// The pieces a tensor is stored in (a DCP tensor's chunks: offsets, sizes, file and rank
+    /// of each); `None` for tensors stored whole and for formats without pieces.
+    pub fn chunks(&self, name: &str) -> Option<Vec<ChunkInfo>> {
+        self.storage.chunks(self.stored_name(name))
     }
 
     fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {

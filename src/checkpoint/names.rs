@@ -36,6 +36,9 @@ pub fn parse_step(name: &str) -> Option<u64> {
     if stem.contains("-of-") {
         return None; // shard numbering, not a step
     }
+    if stem.starts_with("pytorch_model_fsdp_") {
+        return None; // Accelerate's model index (`pytorch_model_fsdp_0/`), not a step
+    }
     trailing_number(&stem)
 }
 
@@ -118,6 +121,10 @@ mod tests {
             ("model-500.pt", Some(500)),
             ("500.pt", Some(500)),
             ("global_step1200", Some(1200)),
+            ("step-1000", Some(1000)),
+            ("iter_0001000", Some(1000)),
+            ("epoch=2-step=1000.ckpt", Some(1000)),
+            ("pytorch_model_fsdp_0", None),
             ("iter_0000300", Some(300)),
             ("ckpt_42.pth", Some(42)),
             ("last.ckpt", None),

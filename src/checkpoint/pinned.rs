@@ -50,6 +50,12 @@ impl PinnedFile {
         Ok(PinnedFile { path: path.to_path_buf(), file, identity })
     }
 
+    /// The file itself, for reading what describes the tensor bytes (a zip directory);
+    /// tensor bytes go through [`read_at`](Self::read_at), which checks the identity.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// True when the file still has the size and mtime it had when opened (an in-place
     /// rewrite changes at least the mtime). Cheap: one `fstat`.
     pub fn still_valid(&self) -> bool {

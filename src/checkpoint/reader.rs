@@ -1,13 +1,15 @@
 //! Reading one tensor's bytes piece by piece, whatever the storage: bytes already in memory are
 //! borrowed in place (zero-copy), file bytes are read on demand with positioned reads into the
-//! caller's buffer (see `pinned` for why that is safe when the file changes). Every consumer
-//! of tensor bytes (averaging kernel, running average, blends, NaN scan) reads through here.
+//! caller's buffer (see `pinned` for why that is safe when the file changes). A tensor
+//! stored in pieces (a DCP tensor's chunks, one per rank) reads as one tensor: its byte
+//! ranges map to runs of those pieces, read on demand, so no piece is copied whole. Every
+//! consumer of tensor bytes (averaging kernel, running average, blends, NaN scan) reads
+//! through here.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use super::pinned::PinnedFile;
-use super::storage::Segment;
 use crate::error::{Error, Result};
 
 /// One tensor's little-endian bytes, to read by range or chunk. Not aligned: decode elements
@@ -22,8 +24,34 @@ enum Source<'c> {
     Memory(Cow<'c, [u8]>),
     /// Absolute byte range in a held file.
     File { file: &'c PinnedFile, range: Range<usize> },
-    /// Consecutive pieces of held files (`len` = their total).
-    Segments { files: &'c [PinnedFile], segs: &'c [Segment], len: usize },
+    /// Runs of pieces tiling the tensor (checked by [`TensorReader::pieces`]).
+    Pieces { pieces: Vec<Piece<'c>>, runs: Vec<Run>, len: usize },
+}
+
+/// One stored piece of a tensor assembled from pieces.
+pub(crate) enum Piece<'c> {
+    /// `len` bytes from absolute offset `start` of a held file.
+    File { file: &'c PinnedFile, start: u64, len: usize },
+    /// Bytes in memory (a strided piece made row-major).
+    Memory(Vec<u8>),
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::File { len, .. } => *len,
+            Piece::Memory(b) => b.len(),
+        }
+    }
+}
+
+/// Tensor bytes `at..at + len` are piece `piece`'s bytes `from..from + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub at: usize,
+    pub len: usize,
+    pub piece: usize,
+    pub from: usize,
 }
 
 impl<'c> TensorReader<'c> {
@@ -35,9 +63,44 @@ impl<'c> TensorReader<'c> {
         TensorReader { name, src: Source::File { file, range } }
     }
 
-    pub(super) fn segments(name: &'c str, files: &'c [PinnedFile], segs: &'c [Segment]) -> Self {
-        let len = segs.iter().map(|s| s.len).sum();
-        TensorReader { name, src: Source::Segments { files, segs, len } }
+    /// A tensor of `len` bytes made of `runs` of `pieces`. The runs must tile `0..len` exactly
+    /// (no gap, no overlap) and stay inside their pieces; anything else is bad input of the
+    /// file `path`, which stored the pieces. Adjacent runs that continue each other in the
+    /// same piece are merged, so a piece stored whole costs one read per request.
+    pub(crate) fn pieces(
+        path: &std::path::Path,
+        name: &'c str,
+        pieces: Vec<Piece<'c>>,
+        mut runs: Vec<Run>,
+        len: usize,
+    ) -> Result<Self> {
+        runs.sort_unstable_by_key(|r| r.at);
+        let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
+        for r in runs {
+            let end = merged.last().map_or(0, |m| m.at + m.len);
+            let inside = pieces
+                .get(r.piece)
+                .is_some_and(|p| r.from.checked_add(r.len).is_some_and(|e| e <= p.len()));
+            if r.at != end || !inside {
+                let what = if r.at < end { "overlap" } else { "leave a gap" };
+                let what = if inside { what } else { "reach past their stored data" };
+                return Err(Error::bad_input(
+                    path,
+                    format!("tensor {name}: its chunks {what} at byte {}", r.at.min(end)),
+                ));
+            }
+            match merged.last_mut() {
+                Some(m) if m.piece == r.piece && m.from + m.len == r.from => m.len += r.len,
+                _ => merged.push(r),
+            }
+        }
+        if merged.last().map_or(0, |m| m.at + m.len) != len {
+            return Err(Error::bad_input(
+                path,
+                format!("tensor {name}: its chunks do not cover its {len} bytes"),
+            ));
+        }
+        Ok(TensorReader { name, src: Source::Pieces { pieces, runs: merged, len } })
     }
 
     /// The tensor's name (as the checkpoint lists it).
@@ -50,7 +113,7 @@ impl<'c> TensorReader<'c> {
         match &self.src {
             Source::Memory(b) => b.len(),
             Source::File { range, .. } => range.len(),
-            Source::Segments { len, .. } => *len,
+            Source::Pieces { len, .. } => *len,
         }
     }
 
@@ -62,14 +125,18 @@ impl<'c> TensorReader<'c> {
     pub fn in_memory(&self) -> Option<&[u8]> {
         match &self.src {
             Source::Memory(b) => Some(b),
-            Source::File { .. } | Source::Segments { .. } => None,
+            Source::File { .. } | Source::Pieces { .. } => None,
         }
     }
 
     /// True when this reader holds its own copy of the tensor (a decoded pickle tensor), which
     /// costs memory as long as the reader lives.
     pub fn is_copy(&self) -> bool {
-        matches!(self.src, Source::Memory(Cow::Owned(_)))
+        match &self.src {
+            Source::Memory(b) => matches!(b, Cow::Owned(_)),
+            Source::File { .. } => false,
+            Source::Pieces { pieces, .. } => pieces.iter().any(|p| matches!(p, Piece::Memory(_))),
+        }
     }
 
     /// Bytes `range` of the tensor: borrowed when in memory, else read into the front of `buf`
@@ -84,12 +151,34 @@ impl<'c> TensorReader<'c> {
                 file.read_at((at.start + range.start) as u64, out, self.name)?;
                 Ok(out)
             }
-            Source::Segments { files, segs, .. } => {
+            Source::Pieces { .. } => {
                 let out = &mut buf[..range.len()];
-                read_segments(files, segs, range.start, out, self.name)?;
+                self.read_pieces(range.start, out)?;
                 Ok(out)
             }
         }
+    }
+
+    /// Fill `out` with the tensor's bytes from `offset` on, run by run (`Source::Pieces`).
+    fn read_pieces(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let Source::Pieces { pieces, runs, .. } = &self.src else { return Ok(()) };
+        let mut i = runs.partition_point(|r| r.at + r.len <= offset);
+        let mut done = 0;
+        while done < out.len() {
+            let Some(r) = runs.get(i) else { break }; // `check` kept the range inside
+            let skip = offset + done - r.at;
+            let n = (r.len - skip).min(out.len() - done);
+            let dst = &mut out[done..done + n];
+            match &pieces[r.piece] {
+                Piece::File { file, start, .. } => {
+                    file.read_at(start + (r.from + skip) as u64, dst, self.name)?
+                }
+                Piece::Memory(b) => dst.copy_from_slice(&b[r.from + skip..r.from + skip + n]),
+            }
+            done += n;
+            i += 1;
+        }
+        Ok(())
     }
 
     /// Copy bytes from `offset` on into all of `buf` (for callers that keep the whole tensor).
@@ -101,9 +190,7 @@ impl<'c> TensorReader<'c> {
             Source::File { file, range: at } => {
                 file.read_at((at.start + range.start) as u64, buf, self.name)?
             }
-            Source::Segments { files, segs, .. } => {
-                read_segments(files, segs, range.start, buf, self.name)?
-            }
+            Source::Pieces { .. } => self.read_pieces(offset, buf)?,
         }
         Ok(())
     }
@@ -132,9 +219,9 @@ impl<'c> TensorReader<'c> {
                 file.read_at(range.start as u64, &mut out, self.name)?;
                 Ok(Cow::Owned(out))
             }
-            Source::Segments { files, segs, len } => {
+            Source::Pieces { len, .. } => {
                 let mut out = vec![0u8; len];
-                read_segments(files, segs, 0, &mut out, self.name)?;
+                self.read_pieces(0, &mut out)?;
                 Ok(Cow::Owned(out))
             }
         }
@@ -164,74 +251,38 @@ impl<'c> TensorReader<'c> {
     }
 }
 
-/// Fill `out` with the bytes from `offset` on of the concatenation of `segs`: each piece that
-/// overlaps is read straight into its place in `out` (the caller checked the range).
-fn read_segments(
-    files: &[PinnedFile],
-    segs: &[Segment],
-    offset: usize,
-    out: &mut [u8],
-    name: &str,
-) -> Result<()> {
-    let (mut at, mut done) = (0usize, 0usize);
-    for seg in segs {
-        let (start, end) = (at, at + seg.len);
-        at = end;
-        if end <= offset + done || done == out.len() {
-            continue;
-        }
-        let from = offset + done - start;
-        let n = (seg.len - from).min(out.len() - done);
-        let file = files.get(seg.file).ok_or_else(|| {
-            Error::Internal(format!("tensor {name}: segment names file {}", seg.file))
-        })?;
-        file.read_at(seg.start + from as u64, &mut out[done..done + n], name)?;
-        done += n;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{PinnedFile, Segment, TensorReader};
+    use super::{Piece, Run, TensorReader};
     use crate::checkpoint::{Checkpoint, DType};
 
-    /// A tensor pieced from byte ranges of two files reads, by any range or chunk size, as the
-    /// concatenation of its pieces (ranges start and end inside pieces and span several).
+    fn run(at: usize, len: usize, piece: usize, from: usize) -> Run {
+        Run { at, len, piece, from }
+    }
+
+    /// Two pieces interleaved row by row (a tensor split along its last dimension) read back
+    /// in order across run boundaries; runs that overlap, leave a gap or reach past their
+    /// piece are bad input, never a read of the wrong bytes.
     #[test]
-    fn segments_read_as_their_concatenation_whatever_the_range() {
-        let tmp = tempfile::tempdir().unwrap();
-        let data: Vec<Vec<u8>> = (0..2u8).map(|f| (0..64).map(|i| f * 100 + i).collect()).collect();
-        let files: Vec<PinnedFile> = (0..2)
-            .map(|f| {
-                let p = tmp.path().join(format!("f{f}"));
-                std::fs::write(&p, &data[f]).unwrap();
-                PinnedFile::new(&p, std::fs::File::open(&p).unwrap()).unwrap()
-            })
-            .collect();
-        let segs = [(1, 3, 10), (0, 40, 7), (1, 50, 13)].map(|(file, start, len)| Segment {
-            file,
-            start,
-            len,
-        });
-        let want: Vec<u8> =
-            segs.iter().flat_map(|s| data[s.file][s.start as usize..][..s.len].to_vec()).collect();
-        let r = TensorReader::segments("t", &files, &segs);
-        assert_eq!(r.len(), 30);
-        for chunk in [8, 16, 64] {
-            let mut seen = Vec::new();
-            r.for_each_chunk(chunk, &mut Vec::new(), |_, b| {
-                seen.extend_from_slice(b);
-                Ok(())
-            })
-            .unwrap();
-            assert_eq!(seen, want, "chunks of {chunk}");
+    fn pieces_read_as_one_tensor_and_bad_tilings_are_refused() {
+        let path = std::path::Path::new("d");
+        let pieces = || vec![Piece::Memory(b"abef".to_vec()), Piece::Memory(b"cdgh".to_vec())];
+        let runs = vec![run(0, 2, 0, 0), run(4, 2, 0, 2), run(2, 2, 1, 0), run(6, 2, 1, 2)];
+        let r = TensorReader::pieces(path, "t", pieces(), runs, 8).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(r.bytes(1..7, &mut buf).unwrap(), b"bcdefg");
+        assert_eq!(&*r.into_bytes().unwrap(), b"abcdefgh");
+        let bad = [
+            (vec![run(0, 4, 0, 0), run(2, 4, 1, 0)], "overlap"),
+            (vec![run(0, 2, 0, 0), run(4, 4, 1, 0)], "gap"),
+            (vec![run(0, 4, 0, 2), run(4, 4, 1, 0)], "past their stored data"),
+            (vec![run(0, 4, 0, 0), run(4, 2, 1, 0)], "do not cover"),
+            (vec![run(0, 4, 0, 0), run(4, 4, 7, 0)], "past their stored data"),
+        ];
+        for (runs, says) in bad {
+            let err = TensorReader::pieces(path, "t", pieces(), runs, 8).err().unwrap();
+            assert!(err.to_string().contains(says), "{err}");
         }
-        for (a, b) in [(0, 30), (9, 11), (12, 25), (17, 17), (29, 30)] {
-            let mut buf = vec![0u8; 30];
-            assert_eq!(r.bytes(a..b, &mut buf).unwrap(), &want[a..b], "{a}..{b}");
-        }
-        assert!(r.bytes(20..31, &mut [0; 16]).is_err(), "past the end");
     }
 
     #[test]

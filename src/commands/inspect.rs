@@ -1,5 +1,6 @@
 //! `sewa inspect`: describe one checkpoint for people (a table) or programs (`--json`).
-//! Reads only the tensor list and metadata, never tensor bytes. JSON output escapes control
+//! Reads only the tensor list and metadata, never tensor bytes; for tensors stored in
+//! pieces (DCP chunks) it shows how many and which ranks wrote them. JSON output escapes control
 //! characters by itself (serde_json writes them as `\u001b`); the table escapes them here.
 
 use std::fmt::Write;
@@ -30,6 +31,13 @@ pub fn json(c: &Checkpoint) -> String {
         "renamed_keys": c.renamed_keys(),
         "side_dir": c.side_dir().map(crate::path_json::value),
     });
+    let mut v = v;
+    let chunks: serde_json::Map<String, serde_json::Value> = (c.tensors().iter())
+        .filter_map(|t| Some((t.name.clone(), serde_json::json!(c.chunks(&t.name)?))))
+        .collect();
+    if !chunks.is_empty() {
+        v["chunks"] = serde_json::Value::Object(chunks);
+    }
     serde_json::to_string_pretty(&v).expect("serialises") + "\n"
 }
 
@@ -59,12 +67,29 @@ pub fn table(c: &Checkpoint) -> String {
     }
     let names: Vec<_> = c.tensors().iter().map(|t| escape(&t.name)).collect();
     let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(4).max(4);
-    let _ = writeln!(s, "\n{:width$}  {:5}  SHAPE", "NAME", "DTYPE");
-    for (t, name) in c.tensors().iter().zip(&names) {
+    let pieces: Vec<Option<String>> = c.tensors().iter().map(|t| pieces(c, &t.name)).collect();
+    let chunked = pieces.iter().any(Option::is_some);
+    let head = if chunked { "  CHUNKS  RANKS      SHAPE" } else { "  SHAPE" };
+    let _ = writeln!(s, "\n{:width$}  {:5}{head}", "NAME", "DTYPE");
+    for ((t, name), pieces) in c.tensors().iter().zip(&names).zip(&pieces) {
         let dtype = format!("{:?}", t.dtype).to_lowercase();
-        let _ = writeln!(s, "{name:width$}  {dtype:5}  {:?}", t.shape);
+        let pieces = match pieces {
+            Some(p) => format!("  {p:17}"),
+            None if chunked => format!("  {:17}", "-"),
+            None => String::new(),
+        };
+        let _ = writeln!(s, "{name:width$}  {dtype:5}{pieces}  {:?}", t.shape);
     }
     s
+}
+
+/// `2       0,1`: how many chunks a tensor is stored in and which ranks wrote them.
+fn pieces(c: &Checkpoint, name: &str) -> Option<String> {
+    let chunks = c.chunks(name)?;
+    let ranks: std::collections::BTreeSet<u32> = chunks.iter().filter_map(|c| c.rank).collect();
+    let ranks: Vec<String> = ranks.iter().map(u32::to_string).collect();
+    let ranks = if ranks.is_empty() { "?".to_string() } else { ranks.join(",") };
+    Some(format!("{:<6}  {ranks}", chunks.len()))
 }
 
 /// `1.50 GiB (1610612736 bytes)`.

@@ -4,6 +4,7 @@ mod average;
 mod checkpoint;
 mod cli;
 mod config;
+mod dcp;
 mod deepspeed;
 mod evaluator;
 mod faults;

@@ -49,17 +49,23 @@ fn find_weights(dir: &Path) -> Result<Weights> {
 /// Is the directory complete enough to open? `marker` is the file it must contain (the
 /// Trainer writes `trainer_state.json` last); empty = no marker. Then its weights' own check.
 pub(crate) fn quick_check(dir: &Path, marker: &str) -> Result<()> {
+    check_marker(dir, marker)?;
+    match find_weights(dir)? {
+        Weights::Single(p) => safetensors::quick_check(&p, files::open_child(&p)?),
+        Weights::Index(p) => sharded::quick_check(&p, files::open_child(&p)?),
+        Weights::TorchBin(p) => torch::quick_check(&p, files::open_child(&p)?),
+    }
+}
+
+/// The directory holds `marker` (empty = no marker to wait for).
+pub(crate) fn check_marker(dir: &Path, marker: &str) -> Result<()> {
     if !marker.is_empty() && !files::has_file(dir, Path::new(marker))? {
         return Err(Error::bad_input(
             dir,
             format!("no {marker} yet (HF Trainer writes it last): checkpoint still being written"),
         ));
     }
-    match find_weights(dir)? {
-        Weights::Single(p) => safetensors::quick_check(&p, files::open_child(&p)?),
-        Weights::Index(p) => sharded::quick_check(&p, files::open_child(&p)?),
-        Weights::TorchBin(p) => torch::quick_check(&p, files::open_child(&p)?),
-    }
+    Ok(())
 }
 
 /// Open the directory's weights (its `pytorch_model.bin` is always a bare state dict), with

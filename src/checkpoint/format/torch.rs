@@ -5,6 +5,8 @@
 //! entry holds the state dict is `torch/objects.rs`). Tensor bytes are read on demand from the
 //! zip with positioned reads on the file opened at open time (`storage::PickleStore`; never
 //! mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
+//! A zip is read through a [`Window`] of its file, so the same reader serves a whole `.pt`
+//! file and a `torch.save` stream embedded in a larger file (a DCP chunk, `dcp`), in place.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,6 +14,7 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 
 mod objects;
+mod window;
 
 use super::magic::{Magic, sniff};
 use crate::checkpoint::identity::Identity;
@@ -24,6 +27,7 @@ use objects::{
     RawTensor, dtype_of_storage, model_checkpoint_score, no_state_dict, state_dict,
     step_of_entries, tensor_of,
 };
+pub(crate) use window::Window;
 
 const RESAVE: &str = "re-save it with torch.save(obj, path, _use_new_zipfile_serialization=True) \
                       or convert it to safetensors";
@@ -83,7 +87,8 @@ pub(crate) fn quick_check(path: &Path, file: File) -> Result<()> {
 /// The zip's central directory (end record) is present and the archive holds a `data.pkl`.
 /// A half-written torch.save file has no end record.
 pub(crate) fn check_zip(path: &Path, file: File) -> Result<()> {
-    let zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| zip_error(path, e))?;
+    let window = Window::whole(path, &file)?;
+    let zip = zip::ZipArchive::new(BufReader::new(window)).map_err(|e| zip_error(path, e))?;
     find_pickle(path, &zip).map(|_| ())
 }
 
@@ -109,16 +114,9 @@ fn find_pickle<R: Read + std::io::Seek>(path: &Path, zip: &zip::ZipArchive<R>) -
 /// Open a torch zip pickle (opened by `files` from `path`) and index its state dict's tensors
 /// (those under the top-level entry `state_key` when given).
 pub(crate) fn open(path: &Path, file: File, state_key: Option<&str>) -> Result<Loaded> {
-    let meta = file.metadata().input(path)?;
-    let identity = Identity::from_metadata(&meta);
-    let mut zip = zip::ZipArchive::new(BufReader::new(file.try_clone().input(path)?))
-        .map_err(|e| zip_error(path, e))?;
-    let pkl = find_pickle(path, &zip)?;
-    let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
-    check_byteorder(path, &mut zip, &prefix)?;
-    let pk = decode_pickle(path, &mut zip, &pkl, meta.len())?;
+    let identity = Identity::from_metadata(&file.metadata().input(path)?);
+    let (pk, entries) = read_archive(path, Window::whole(path, &file)?)?;
     let (dict, format, mut metadata) = state_dict(path, &pk, state_key)?;
-    let entries = entry_offsets(path, &mut zip, &prefix, meta.len())?;
     let mut metas = Vec::new();
     let mut tensors = HashMap::new();
     for (key, value) in dict {
@@ -151,14 +149,37 @@ pub(crate) fn open(path: &Path, file: File, state_key: Option<&str>) -> Result<L
     })
 }
 
-type Zip = zip::ZipArchive<BufReader<File>>;
+/// The decoded `data.pkl` of the torch.save archive in `window`, and where its storages lie.
+fn read_archive(path: &Path, window: Window<'_>) -> Result<(Pickle, Entries)> {
+    let (base, len) = (window.base(), window.len());
+    let mut zip = zip::ZipArchive::new(BufReader::new(window)).map_err(|e| zip_error(path, e))?;
+    let pkl = find_pickle(path, &zip)?;
+    let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
+    check_byteorder(path, &mut zip, &prefix)?;
+    let pk = decode_pickle(path, &mut zip, &pkl, len)?;
+    let entries = entry_offsets(path, &mut zip, &prefix, base, len)?;
+    Ok((pk, entries))
+}
+
+/// The one tensor a `torch.save(tensor)` stream holds, read in place from `window` of the
+/// file at `path` (a DCP chunk: `name` is what it is a chunk of, for errors). Its view is
+/// checked to lie inside its storage, and the storage inside the window.
+pub(crate) fn window_tensor(path: &Path, window: Window<'_>, name: &str) -> Result<PickleTensor> {
+    let (pk, entries) = read_archive(path, window)?;
+    let raw = tensor_of(path, &pk, name, pk.root)?.ok_or_else(|| {
+        Error::bad_input(path, format!("tensor {name}: the stored item is not a tensor"))
+    })?;
+    locate(path, name, raw, &entries)
+}
+
+type Zip<'f> = zip::ZipArchive<BufReader<Window<'f>>>;
 
 /// Storage key → (absolute data offset, stored length); `None` for compressed entries.
 type Entries = HashMap<String, Option<(u64, u64)>>;
 
 /// A whole (small) entry. Its declared size is checked against `cap` before reading: sizes in
 /// the central directory are numbers from the file, not facts.
-fn read_entry(path: &Path, zip: &mut Zip, name: &str, cap: u64) -> Result<Vec<u8>> {
+fn read_entry(path: &Path, zip: &mut Zip<'_>, name: &str, cap: u64) -> Result<Vec<u8>> {
     let entry = zip.by_name(name).map_err(|e| zip_error(path, e))?;
     if entry.size() > cap {
         return Err(Error::bad_input(
@@ -174,7 +195,7 @@ fn read_entry(path: &Path, zip: &mut Zip, name: &str, cap: u64) -> Result<Vec<u8
     Ok(buf)
 }
 
-fn check_byteorder(path: &Path, zip: &mut Zip, prefix: &str) -> Result<()> {
+fn check_byteorder(path: &Path, zip: &mut Zip<'_>, prefix: &str) -> Result<()> {
     let name = format!("{prefix}byteorder");
     if zip.index_for_name(&name).is_none() {
         return Ok(()); // older torch versions wrote no byteorder record: little-endian
@@ -189,7 +210,7 @@ fn check_byteorder(path: &Path, zip: &mut Zip, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str, file_len: u64) -> Result<Pickle> {
+fn decode_pickle(path: &Path, zip: &mut Zip<'_>, pkl: &str, file_len: u64) -> Result<Pickle> {
     let bytes = read_entry(path, zip, pkl, file_len)?;
     unpickle::load(&bytes).map_err(|e| {
         Error::bad_input(path, format!("cannot decode the pickle in {pkl}: {e}; {RESAVE}"))
@@ -198,8 +219,15 @@ fn decode_pickle(path: &Path, zip: &mut Zip, pkl: &str, file_len: u64) -> Result
 
 /// Zip entry name → (absolute data offset, stored length), for uncompressed entries;
 /// compressed entries map to `None` (torch never compresses; a re-zipped file might).
-/// Every stored entry must lie inside the file: later reads are sized from these lengths.
-fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str, file_len: u64) -> Result<Entries> {
+/// Every stored entry must lie inside the archive's window (`base`, `len` bytes) of the
+/// file: later reads are sized from these lengths.
+fn entry_offsets(
+    path: &Path,
+    zip: &mut Zip<'_>,
+    prefix: &str,
+    base: u64,
+    len: u64,
+) -> Result<Entries> {
     let mut out = HashMap::new();
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| zip_error(path, e))?;
@@ -210,18 +238,22 @@ fn entry_offsets(path: &Path, zip: &mut Zip, prefix: &str, file_len: u64) -> Res
         let key = key.to_string();
         let stored = entry.compression() == zip::CompressionMethod::Stored;
         let loc = entry.data_start().filter(|_| stored).map(|s| (s, entry.size()));
-        if let Some((start, len)) = loc
-            && start.checked_add(len).is_none_or(|end| end > file_len)
+        if let Some((start, size)) = loc
+            && start.checked_add(size).is_none_or(|end| end > len)
         {
+            let within = match base {
+                0 => format!("the {len}-byte file"),
+                _ => format!("the {len}-byte torch.save item at byte {base}"),
+            };
             return Err(Error::bad_input(
                 path,
                 format!(
-                    "storage data/{key} claims {len} bytes at offset {start}, past the end of \
-                     the {file_len}-byte file: truncated or corrupt"
+                    "storage data/{key} claims {size} bytes at offset {start}, past the end of \
+                     {within}: truncated or corrupt"
                 ),
             ));
         }
-        out.insert(key, loc);
+        out.insert(key, loc.map(|(start, size)| (base + start, size)));
     }
     Ok(out)
 }
@@ -282,14 +314,7 @@ pub(crate) struct RawZip {
 impl RawZip {
     /// Decode the pickle of the torch zip `file` (opened by `files` from `path`).
     pub fn open(path: &Path, file: &File) -> Result<RawZip> {
-        let len = file.metadata().input(path)?.len();
-        let mut zip = zip::ZipArchive::new(BufReader::new(file.try_clone().input(path)?))
-            .map_err(|e| zip_error(path, e))?;
-        let pkl = find_pickle(path, &zip)?;
-        let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
-        check_byteorder(path, &mut zip, &prefix)?;
-        let pk = decode_pickle(path, &mut zip, &pkl, len)?;
-        let entries = entry_offsets(path, &mut zip, &prefix, len)?;
+        let (pk, entries) = read_archive(path, Window::whole(path, file)?)?;
         Ok(RawZip { pk, entries })
     }
 
@@ -318,7 +343,8 @@ mod tests {
     #[test]
     fn mutated_pickles_never_panic() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lightning.ckpt");
-        let mut zip = Zip::new(BufReader::new(File::open(&path).unwrap())).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut zip = Zip::new(BufReader::new(Window::whole(&path, &file).unwrap())).unwrap();
         let pkl = find_pickle(&path, &zip).unwrap();
         let bytes = read_entry(&path, &mut zip, &pkl, u64::MAX).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);

@@ -8,6 +8,7 @@
 //! We own this instead of using `candle_core::pickle` because that reader rejects common real
 //! files (Lightning's `AttributeDict` hyper-parameters, protocol ≥ 3 opcodes).
 
+mod op;
 mod vm;
 
 /// Index of a value in the arena.
@@ -96,6 +97,15 @@ impl Pickle {
             Value::Global(g) => Some((&g.module, &g.name)),
             _ => None,
         }
+    }
+
+    /// Every class or function the pickle references (`module`, `name`), in the order
+    /// referenced, repeats included: what a reader checks against the classes it expects.
+    pub fn globals(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.arena.iter().filter_map(|v| match v {
+            Value::Global(g) => Some((g.module.as_str(), g.name.as_str())),
+            _ => None,
+        })
     }
 
     pub fn usize(&self, id: Id) -> Option<usize> {

@@ -10,6 +10,7 @@
 //! 8–15. A pickle that asks for more is refused with an error; the check runs after every
 //! opcode, and no single opcode allocates more than the pickle's own size.
 
+use super::op;
 use super::{Call, Global, Id, Value};
 
 /// Bytes of decoder state a pickle of `len` bytes may use.
@@ -163,89 +164,132 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Execute one opcode; `Ok(true)` at STOP.
-    fn step(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'.' => return Ok(true),
-            0x80 => {
-                self.r.byte()?; // protocol version: every version decodes the same way here
-            }
-            0x95 => {
-                self.r.uint(8)?; // FRAME: a length hint only
-            }
-            b'(' => {
-                self.cost += ID;
-                self.marks.push(self.stack.len())
-            }
-            b'0' => {
-                self.pop()?;
-            }
-            b'1' => {
-                self.pop_mark()?;
-            }
-            b'2' => {
-                let id = self.top()?;
-                self.push_id(id)
-            }
-            _ => return self.step_value(op),
+    /// Execute one opcode; `Ok(true)` at STOP. Every opcode is here, by name; arms that
+    /// need more than a line call a helper below.
+    fn step(&mut self, code: u8) -> Result<bool, String> {
+        match code {
+            op::STOP => return Ok(true),
+            op::PROTO => self.skip(1)?, // the version: every one decodes the same way here
+            op::FRAME => self.skip(8)?, // a frame's length: a hint only
+            op::MARK => self.mark(),
+            op::POP => self.pop().map(|_| ())?,
+            op::POP_MARK => self.pop_mark().map(|_| ())?,
+            op::DUP => self.push_id(self.top()?),
+            op::NONE => self.push_id(NONE),
+            op::NEWTRUE => self.push_id(TRUE),
+            op::NEWFALSE => self.push_id(FALSE),
+            op::INT => self.int_line()?,
+            op::BININT => self.binint(4)?,
+            op::BININT1 => self.binint(1)?,
+            op::BININT2 => self.binint(2)?,
+            op::LONG => self.long_line()?,
+            op::LONG1 => self.long(1)?,
+            op::LONG4 => self.long(4)?,
+            op::FLOAT => self.float_line()?,
+            op::BINFLOAT => self.binfloat()?,
+            op::BINUNICODE => self.unicode(4)?,
+            op::SHORT_BINUNICODE => self.unicode(1)?,
+            op::BINUNICODE8 => self.unicode(8)?,
+            op::UNICODE => self.unicode_line()?,
+            op::STRING => self.string_line()?,
+            op::SHORT_BINSTRING | op::SHORT_BINBYTES => self.bytes(1)?,
+            op::BINSTRING | op::BINBYTES => self.bytes(4)?,
+            op::BINBYTES8 | op::BYTEARRAY8 => self.bytes(8)?,
+            op::EMPTY_TUPLE => self.push_id(EMPTY_TUPLE),
+            op::TUPLE => self.push_marked(Value::Tuple)?,
+            op::TUPLE1 => self.tuple_n(1)?,
+            op::TUPLE2 => self.tuple_n(2)?,
+            op::TUPLE3 => self.tuple_n(3)?,
+            op::EMPTY_LIST => self.push(Value::List(vec![])),
+            op::LIST => self.push_marked(Value::List)?,
+            op::EMPTY_DICT => self.push(Value::Dict(vec![])),
+            op::DICT => self.dict()?,
+            op::EMPTY_SET => self.push(Value::Set(vec![])),
+            op::FROZENSET => self.push_marked(Value::Set)?,
+            op::APPEND => self.append()?,
+            op::APPENDS | op::ADDITEMS => self.pop_mark().and_then(|v| self.extend_list(v))?,
+            op::SETITEM => self.setitem()?,
+            op::SETITEMS => self.pop_mark().and_then(pairs).and_then(|v| self.extend_dict(v))?,
+            op::PUT => self.line_key("PUT").and_then(|k| self.memo_put(k))?,
+            op::BINPUT => self.r.uint(1).and_then(|k| self.memo_put(k))?,
+            op::LONG_BINPUT => self.r.uint(4).and_then(|k| self.memo_put(k))?,
+            op::MEMOIZE => self.memo_put(self.memo.len() as u64)?,
+            op::GET => self.line_key("GET").and_then(|k| self.memo_get(k))?,
+            op::BINGET => self.r.uint(1).and_then(|k| self.memo_get(k))?,
+            op::LONG_BINGET => self.r.uint(4).and_then(|k| self.memo_get(k))?,
+            op::GLOBAL => self.global_line()?,
+            op::STACK_GLOBAL => self.stack_global()?,
+            op::REDUCE | op::NEWOBJ => self.reduce()?,
+            op::NEWOBJ_EX => self.pop().and_then(|_kwargs| self.reduce())?,
+            op::INST => self.inst()?,
+            op::OBJ => self.obj()?,
+            op::BUILD => self.build()?,
+            op::BINPERSID => self.pop().map(|pid| self.push(Value::Persistent(pid)))?,
+            op::PERSID => self.persid_line()?,
+            other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
         }
         Ok(false)
     }
 
-    fn step_value(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'N' => self.push_id(NONE),
-            0x88 => self.push_id(TRUE),
-            0x89 => self.push_id(FALSE),
-            b'I' => match self.r.line()? {
-                "00" => self.push_id(FALSE),
-                "01" => self.push_id(TRUE),
-                s => self.push(Value::Int(s.parse().map_err(|_| format!("bad INT {s:?}"))?)),
-            },
-            b'J' => {
-                let v = self.r.uint(4)? as u32 as i32;
-                self.push(Value::Int(v as i64))
-            }
-            b'K' => {
-                let v = self.r.uint(1)?;
-                self.push(Value::Int(v as i64))
-            }
-            b'M' => {
-                let v = self.r.uint(2)?;
-                self.push(Value::Int(v as i64))
-            }
-            b'L' => {
-                let s = self.r.line()?.trim_end_matches('L');
-                self.push(s.parse().map_or(Value::BigInt, Value::Int))
-            }
-            0x8a => {
-                let n = self.r.len(1)?;
-                let v = self.long(n)?;
-                self.push(v)
-            }
-            0x8b => {
-                let n = self.r.len(4)?;
-                let v = self.long(n)?;
-                self.push(v)
-            }
-            b'F' => {
-                let s = self.r.line()?;
-                self.push(Value::Float(s.parse().map_err(|_| format!("bad FLOAT {s:?}"))?))
-            }
-            b'G' => {
-                let bits = self.r.take(8)?;
-                self.push(Value::Float(f64::from_be_bytes(bits.try_into().expect("8 bytes"))))
-            }
-            _ => return self.step_text(op),
-        }
-        Ok(false)
+    /// An opcode argument that changes nothing here.
+    fn skip(&mut self, n: usize) -> Result<(), String> {
+        self.r.take(n).map(|_| ())
     }
 
-    /// LONG1 / LONG4: little-endian two's complement of `n` bytes.
-    fn long(&mut self, n: usize) -> Result<Value, String> {
+    fn mark(&mut self) {
+        self.cost += ID;
+        self.marks.push(self.stack.len())
+    }
+
+    /// BININT (signed, 4 bytes), BININT1 and BININT2 (unsigned), little-endian.
+    fn binint(&mut self, width: usize) -> Result<(), String> {
+        let v = self.r.uint(width)?;
+        let v = if width == 4 { v as u32 as i32 as i64 } else { v as i64 };
+        self.push(Value::Int(v));
+        Ok(())
+    }
+
+    /// INT: a decimal line, `00` / `01` for protocol 0's booleans.
+    fn int_line(&mut self) -> Result<(), String> {
+        match self.r.line()? {
+            "00" => self.push_id(FALSE),
+            "01" => self.push_id(TRUE),
+            s => self.push(Value::Int(s.parse().map_err(|_| format!("bad INT {s:?}"))?)),
+        }
+        Ok(())
+    }
+
+    fn long_line(&mut self) -> Result<(), String> {
+        let s = self.r.line()?.trim_end_matches('L');
+        self.push(s.parse().map_or(Value::BigInt, Value::Int));
+        Ok(())
+    }
+
+    fn float_line(&mut self) -> Result<(), String> {
+        let s = self.r.line()?;
+        self.push(Value::Float(s.parse().map_err(|_| format!("bad FLOAT {s:?}"))?));
+        Ok(())
+    }
+
+    fn binfloat(&mut self) -> Result<(), String> {
+        let bits = self.r.take(8)?;
+        self.push(Value::Float(f64::from_be_bytes(bits.try_into().expect("8 bytes"))));
+        Ok(())
+    }
+
+    fn unicode_line(&mut self) -> Result<(), String> {
+        let s = self.r.line()?.to_string();
+        self.push(Value::Str(s));
+        Ok(())
+    }
+
+    /// LONG1 / LONG4: little-endian two's complement of a length-prefixed byte count.
+    fn long(&mut self, width: usize) -> Result<(), String> {
+        let n = self.r.len(width)?;
         let bytes = self.r.take(n)?;
         if n > 8 {
-            return Ok(Value::BigInt);
+            self.push(Value::BigInt);
+            return Ok(());
         }
         let mut v: i64 = 0;
         for (i, &b) in bytes.iter().enumerate() {
@@ -254,103 +298,62 @@ impl<'a> Vm<'a> {
         if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
             v -= 1i64 << (8 * n); // sign-extend
         }
-        Ok(Value::Int(v))
+        self.push(Value::Int(v));
+        Ok(())
     }
 
-    fn step_text(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'X' => {
-                let n = self.r.len(4)?;
-                let s = self.r.utf8(n)?;
-                self.push(Value::Str(s))
-            }
-            0x8c => {
-                let n = self.r.len(1)?;
-                let s = self.r.utf8(n)?;
-                self.push(Value::Str(s))
-            }
-            0x8d => {
-                let n = self.r.len(8)?;
-                let s = self.r.utf8(n)?;
-                self.push(Value::Str(s))
-            }
-            b'V' => {
-                let s = self.r.line()?.to_string();
-                self.push(Value::Str(s))
-            }
-            b'S' => {
-                let s = self.r.line()?;
-                let s = s.trim_matches(|c| c == '\'' || c == '"').to_string();
-                self.push(Value::Str(s))
-            }
-            b'T' | b'U' | b'B' | b'C' | 0x8e | 0x96 => {
-                let width = match op {
-                    b'U' | b'C' => 1,
-                    b'T' | b'B' => 4,
-                    _ => 8,
-                };
-                let n = self.r.len(width)?;
-                self.r.take(n)?;
-                self.push(Value::Bytes)
-            }
-            _ => return self.step_container(op),
-        }
-        Ok(false)
+    /// A UTF-8 string with a little-endian length of `width` bytes.
+    fn unicode(&mut self, width: usize) -> Result<(), String> {
+        let n = self.r.len(width)?;
+        let s = self.r.utf8(n)?;
+        self.push(Value::Str(s));
+        Ok(())
     }
 
-    fn step_container(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b')' => self.push_id(EMPTY_TUPLE),
-            b't' => {
-                let items = self.pop_mark()?;
-                self.push(Value::Tuple(items))
-            }
-            0x85..=0x87 => {
-                let n = (op - 0x84) as usize;
-                let mut items = (0..n).map(|_| self.pop()).collect::<Result<Vec<_>, _>>()?;
-                items.reverse();
-                self.push(Value::Tuple(items))
-            }
-            b']' => self.push(Value::List(vec![])),
-            b'l' => {
-                let items = self.pop_mark()?;
-                self.push(Value::List(items))
-            }
-            b'}' => self.push(Value::Dict(vec![])),
-            b'd' => {
-                let items = self.pop_mark()?;
-                let pairs = pairs(items)?;
-                self.push(Value::Dict(pairs))
-            }
-            0x8f => self.push(Value::Set(vec![])),
-            0x91 => {
-                let items = self.pop_mark()?;
-                self.push(Value::Set(items))
-            }
-            b'a' => {
-                let v = self.pop()?;
-                self.extend_list(vec![v])?
-            }
-            b'e' => {
-                let items = self.pop_mark()?;
-                self.extend_list(items)?
-            }
-            0x90 => {
-                let items = self.pop_mark()?;
-                self.extend_list(items)?
-            }
-            b's' => {
-                let v = self.pop()?;
-                let k = self.pop()?;
-                self.extend_dict(vec![(k, v)])?
-            }
-            b'u' => {
-                let items = self.pop_mark()?;
-                self.extend_dict(pairs(items)?)?
-            }
-            _ => return self.step_memo(op),
-        }
-        Ok(false)
+    /// STRING: protocol 0's quoted byte string, kept as text.
+    fn string_line(&mut self) -> Result<(), String> {
+        let s = self.r.line()?.trim_matches(|c| c == '\'' || c == '"').to_string();
+        self.push(Value::Str(s));
+        Ok(())
+    }
+
+    /// Bytes with a length of `width` bytes: skipped (tensors never live in the pickle).
+    fn bytes(&mut self, width: usize) -> Result<(), String> {
+        let n = self.r.len(width)?;
+        self.r.take(n)?;
+        self.push(Value::Bytes);
+        Ok(())
+    }
+
+    /// TUPLE, LIST, FROZENSET: the items since the last MARK.
+    fn push_marked(&mut self, make: fn(Vec<Id>) -> Value) -> Result<(), String> {
+        let items = self.pop_mark()?;
+        self.push(make(items));
+        Ok(())
+    }
+
+    fn tuple_n(&mut self, n: usize) -> Result<(), String> {
+        let mut items = (0..n).map(|_| self.pop()).collect::<Result<Vec<_>, _>>()?;
+        items.reverse();
+        self.push(Value::Tuple(items));
+        Ok(())
+    }
+
+    fn dict(&mut self) -> Result<(), String> {
+        let items = pairs(self.pop_mark()?)?;
+        self.push(Value::Dict(items));
+        Ok(())
+    }
+
+    fn append(&mut self) -> Result<(), String> {
+        let v = self.pop()?;
+        self.extend_list(vec![v])
+    }
+
+    fn setitem(&mut self) -> Result<(), String> {
+        let v = self.pop()?;
+        let k = self.pop()?;
+        self.extend_dict(vec![(k, v)])
     }
 
     fn extend_list(&mut self, items: Vec<Id>) -> Result<(), String> {
@@ -373,113 +376,79 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    fn step_memo(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'p' => {
-                let key = self.r.line()?.parse().map_err(|_| "bad PUT key")?;
-                self.memo_put(key)?
-            }
-            b'q' => {
-                let key = self.r.uint(1)?;
-                self.memo_put(key)?
-            }
-            b'r' => {
-                let key = self.r.uint(4)?;
-                self.memo_put(key)?
-            }
-            0x94 => {
-                let key = self.memo.len() as u64;
-                self.memo_put(key)?
-            }
-            b'g' => {
-                let key = self.r.line()?.parse().map_err(|_| "bad GET key")?;
-                self.memo_get(key)?
-            }
-            b'h' => {
-                let key = self.r.uint(1)?;
-                self.memo_get(key)?
-            }
-            b'j' => {
-                let key = self.r.uint(4)?;
-                self.memo_get(key)?
-            }
-            _ => return self.step_object(op),
-        }
-        Ok(false)
+    /// The decimal key of PUT / GET.
+    fn line_key(&mut self, what: &str) -> Result<u64, String> {
+        self.r.line()?.parse().map_err(|_| format!("bad {what} key"))
     }
 
-    fn step_object(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'c' => {
-                let module = self.r.line()?.to_string();
-                let name = self.r.line()?.to_string();
-                self.push(Value::Global(Box::new(Global { module, name })))
-            }
-            0x93 => {
-                let name = self.pop()?;
-                let module = self.pop()?;
-                let (module, name) = match (&self.arena[module], &self.arena[name]) {
-                    (Value::Str(m), Value::Str(n)) => (m.clone(), n.clone()),
-                    _ => return Err("STACK_GLOBAL needs two strings".into()),
-                };
-                self.push(Value::Global(Box::new(Global { module, name })))
-            }
-            b'R' | 0x81 => {
-                let args = self.pop()?;
-                let func = self.pop()?;
-                self.call(func, args)
-            }
-            0x92 => {
-                let _kwargs = self.pop()?;
-                let args = self.pop()?;
-                let func = self.pop()?;
-                self.call(func, args)
-            }
-            _ => return self.step_instance(op),
-        }
-        Ok(false)
+    fn global(&mut self, module: String, name: String) -> Id {
+        self.new_value(Value::Global(Box::new(Global { module, name })))
     }
 
-    /// INST, OBJ, BUILD and persistent ids.
-    fn step_instance(&mut self, op: u8) -> Result<bool, String> {
-        match op {
-            b'i' => {
-                let module = self.r.line()?.to_string();
-                let name = self.r.line()?.to_string();
-                let items = self.pop_mark()?;
-                let func = self.new_value(Value::Global(Box::new(Global { module, name })));
-                let args = self.new_value(Value::Tuple(items));
-                self.call(func, args)
-            }
-            b'o' => {
-                let mut items = self.pop_mark()?;
-                if items.is_empty() {
-                    return Err("OBJ without a class".into());
-                }
-                let func = items.remove(0);
-                let args = self.new_value(Value::Tuple(items));
-                self.call(func, args)
-            }
-            b'b' => {
-                let state = self.pop()?;
-                let top = self.top()?;
-                // Dicts (OrderedDict's `_metadata` attribute) keep their items; state is ignored.
-                if let Value::Call(c) = &mut self.arena[top] {
-                    c.state = Some(state);
-                }
-            }
-            b'Q' => {
-                let pid = self.pop()?;
-                self.push(Value::Persistent(pid))
-            }
-            b'P' => {
-                let s = self.r.line()?.to_string();
-                let pid = self.new_value(Value::Str(s));
-                self.push(Value::Persistent(pid))
-            }
-            other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
+    fn global_line(&mut self) -> Result<(), String> {
+        let module = self.r.line()?.to_string();
+        let name = self.r.line()?.to_string();
+        let id = self.global(module, name);
+        self.push_id(id);
+        Ok(())
+    }
+
+    fn stack_global(&mut self) -> Result<(), String> {
+        let name = self.pop()?;
+        let module = self.pop()?;
+        let (module, name) = match (&self.arena[module], &self.arena[name]) {
+            (Value::Str(m), Value::Str(n)) => (m.clone(), n.clone()),
+            _ => return Err("STACK_GLOBAL needs two strings".into()),
+        };
+        let id = self.global(module, name);
+        self.push_id(id);
+        Ok(())
+    }
+
+    /// REDUCE / NEWOBJ: `func(*args)`, recorded.
+    fn reduce(&mut self) -> Result<(), String> {
+        let args = self.pop()?;
+        let func = self.pop()?;
+        self.call(func, args);
+        Ok(())
+    }
+
+    fn inst(&mut self) -> Result<(), String> {
+        let module = self.r.line()?.to_string();
+        let name = self.r.line()?.to_string();
+        let items = self.pop_mark()?;
+        let func = self.global(module, name);
+        let args = self.new_value(Value::Tuple(items));
+        self.call(func, args);
+        Ok(())
+    }
+
+    fn obj(&mut self) -> Result<(), String> {
+        let mut items = self.pop_mark()?;
+        if items.is_empty() {
+            return Err("OBJ without a class".into());
         }
-        Ok(false)
+        let func = items.remove(0);
+        let args = self.new_value(Value::Tuple(items));
+        self.call(func, args);
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<(), String> {
+        let state = self.pop()?;
+        let top = self.top()?;
+        // Dicts (OrderedDict's `_metadata` attribute) keep their items; state is ignored.
+        if let Value::Call(c) = &mut self.arena[top] {
+            c.state = Some(state);
+        }
+        Ok(())
+    }
+
+    fn persid_line(&mut self) -> Result<(), String> {
+        let s = self.r.line()?.to_string();
+        let pid = self.new_value(Value::Str(s));
+        self.push(Value::Persistent(pid));
+        Ok(())
     }
 
     /// A call is recorded, never made. Dict-like builtins become plain dicts so that the

@@ -205,7 +205,11 @@ pub(super) fn open_fp32(layout: &Layout) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::DeepSpeed,
         tensors: out.metas,
-        storage: Storage::Segments { files: opened.files, index: out.index },
+        storage: Storage::Segments {
+            dir: layout.dir.clone(),
+            files: opened.files,
+            index: out.index,
+        },
         metadata,
         step: ms.step,
         side_dir: None,
