@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 use crate::checked::parse_size;
+use crate::checkpoint::DeepSpeedWeights;
 
 #[derive(Debug, Parser)]
 #[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
@@ -84,6 +85,19 @@ pub struct AverageArgs {
     /// `state_dict`, `model_state_dict`, `model` or `module`.
     #[arg(long, value_name = "KEY")]
     pub state_key: Option<String>,
+    /// DeepSpeed checkpoints: `module` (the module state dict, training precision; ZeRO-1/2)
+    /// or `fp32` (the fp32 masters rebuilt from every rank's optimizer states, as
+    /// zero_to_fp32.py; needed for ZeRO-3).
+    #[arg(long, value_enum, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
+    pub deepspeed_weights: DeepSpeedWeights,
+    /// PEFT adapters: `adapters` averages the adapters' A and B tensors (an adapter
+    /// directory out); `merge-delta` averages the merged deltas (alpha/r)·B·A and adds them to
+    /// --base (a full model out). avg(B)·avg(A) is not avg(B·A): see the README.
+    #[arg(long, value_enum, default_value_t = LoraMode::Adapters, value_name = "MODE")]
+    pub lora: LoraMode,
+    /// The base model (an HF directory or safetensors file) for --lora merge-delta.
+    #[arg(long, value_name = "DIR")]
+    pub base: Option<PathBuf>,
     /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
     #[arg(long, default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
@@ -101,6 +115,14 @@ pub struct AverageArgs {
     pub inputs: Vec<PathBuf>,
 }
 
+/// How `sewa average` combines PEFT adapters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LoraMode {
+    #[default]
+    Adapters,
+    MergeDelta,
+}
+
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Print JSON instead of a table.
@@ -112,6 +134,11 @@ pub struct InspectArgs {
     /// Torch checkpoints: the top-level entry holding the state dict (see `average --help`).
     #[arg(long, value_name = "KEY")]
     pub state_key: Option<String>,
+    /// DeepSpeed checkpoints: `module` (the module state dict, training precision; ZeRO-1/2)
+    /// or `fp32` (the fp32 masters rebuilt from every rank's optimizer states, as
+    /// zero_to_fp32.py; needed for ZeRO-3).
+    #[arg(long, value_enum, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
+    pub deepspeed_weights: DeepSpeedWeights,
     /// A checkpoint file or directory.
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,

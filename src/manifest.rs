@@ -138,7 +138,7 @@ pub struct Manifest {
     /// The published path (file or directory).
     #[serde(with = "path_json")]
     pub output: PathBuf,
-    /// "file" or "dir".
+    /// "file", "dir" or "adapter" (a PEFT adapter directory).
     pub layout: String,
     pub files: Vec<FileRecord>,
     /// Tensor bytes written.

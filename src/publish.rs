@@ -2,7 +2,9 @@
 //!
 //! `PATH` ending in `.safetensors` is one file; any other `PATH` is a directory in Hugging Face
 //! layout (`model.safetensors` or shards plus `model.safetensors.index.json`, side files such
-//! as `config.json` and tokenizer files copied from the newest input, `manifest.json`).
+//! as `config.json` and tokenizer files copied from the newest input, `manifest.json`) — or,
+//! when the inputs are PEFT adapters, an adapter directory (`adapter_model.safetensors`,
+//! `adapter_config.json`, `manifest.json`).
 //!
 //! Guarantee: a reader of `PATH` sees the complete old output or the complete new one, never a
 //! mix or a torn file, and the new one is durable (fsynced, directory entry fsynced) before its
@@ -33,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::average::{AveragePlan, PlanSource, TensorSource};
-use crate::checkpoint::TensorMeta;
+use crate::checkpoint::{self, TensorMeta};
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{AverageRecord, FileRecord, Manifest, Provenance};
@@ -162,9 +164,16 @@ pub fn publish_tensors(
     if is_file_output(out) {
         publish_file(&mut writer, &outputs, &metadata, out, &mut manifest, clock)?;
     } else {
-        let layouts = plan_files(&outputs, "model.safetensors", opts.shard_bytes, &metadata)?;
+        // Averaged PEFT adapters are published as an adapter directory (what
+        // `PeftModel.from_pretrained` loads): never sharded, its config copied.
+        let adapter = side_dir.is_some_and(checkpoint::is_adapter_dir);
+        let (single, shard_bytes) = match adapter {
+            true => ("adapter_model.safetensors", u64::MAX),
+            false => ("model.safetensors", opts.shard_bytes),
+        };
+        let layouts = plan_files(&outputs, single, shard_bytes, &metadata)?;
         let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs)).transpose()?;
-        let dir = DirOutput { layouts: &layouts, index, side_dir, clock };
+        let dir = DirOutput { layouts: &layouts, index, side_dir, adapter, clock };
         dir.publish(&mut writer, out, &mut manifest)?;
     }
     tracing::debug!(out = %out.display(), bytes = writer.done, "published average");

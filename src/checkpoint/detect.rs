@@ -1,6 +1,7 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
 //! directories are DCP checkpoints when they hold `.metadata` (or Accelerate's
-//! `pytorch_model_fsdp_0/` does), else HF checkpoints,
+//! `pytorch_model_fsdp_0/` does), DeepSpeed checkpoints (`global_stepN/` content or a
+//! `latest` tag), PEFT adapters (`adapter_config.json`), else HF checkpoints,
 //! `*.index.json` is a shard index, and files are told apart
 //! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
 //! The formats themselves live in `format/`; this module only dispatches.
@@ -9,9 +10,9 @@ use std::fs::File;
 use std::path::Path;
 
 use super::format::magic::{Magic, sniff};
-use super::format::{dcp, hf_dir, safetensors, sharded, torch};
+use super::format::{dcp, deepspeed, hf_dir, peft, safetensors, sharded, torch};
 use super::storage::Loaded;
-use super::{InputIo, files};
+use super::{InputIo, OpenOptions, files};
 use crate::error::Result;
 
 /// The format of a checkpoint file (a directory is always an HF checkpoint).
@@ -36,9 +37,10 @@ fn detect(path: &Path, file: &File) -> Result<FileFormat> {
     }
 }
 
-/// Detect the format of `path` and read it. `state_key` names the entry of a torch pickle
-/// that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
-pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
+/// Detect the format of `path` and read it. `opts.state_key` names the entry of a torch
+/// pickle that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
+pub(crate) fn load(path: &Path, opts: &OpenOptions) -> Result<Loaded> {
+    let state_key = opts.state_key.as_deref();
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
         if let Some((dir, nested)) = dcp::find(path)? {
@@ -46,6 +48,12 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
             // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
             loaded.side_dir = nested.then(|| path.to_path_buf());
             return Ok(loaded);
+        }
+        if let Some(dir) = deepspeed::detect(path)? {
+            return deepspeed::open(&dir, opts.deepspeed_weights);
+        }
+        if peft::is_adapter_dir(path) {
+            return peft::open(path);
         }
         return hf_dir::open(path);
     }
@@ -64,19 +72,30 @@ pub(crate) fn load(path: &Path, state_key: Option<&str>) -> Result<Loaded> {
 /// last); empty = no marker. Never call this on temp names (see `is_temp_name`): a
 /// preallocated temp file can pass.
 pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
+    quick_check_with(path, marker, &OpenOptions::default())
+}
+
+/// [`quick_check`] for the weights `opts` asks for (DeepSpeed fp32 masters need every rank's
+/// optimizer states). The HF `marker` does not apply to DeepSpeed and PEFT directories:
+/// they have their own completion rules (see their modules).
+pub fn quick_check_with(path: &Path, marker: &str, opts: &OpenOptions) -> Result<()> {
     let meta = std::fs::metadata(path).input(path)?;
     if meta.is_dir() {
         // `.metadata` is a DCP directory's marker (renamed in last); one nested in an HF
         // Trainer checkpoint also waits for the Trainer's marker.
-        return match dcp::find(path)? {
-            Some((dir, nested)) => {
-                if nested {
-                    hf_dir::check_marker(path, marker)?;
-                }
-                dcp::quick_check(&dir)
+        if let Some((dir, nested)) = dcp::find(path)? {
+            if nested {
+                hf_dir::check_marker(path, marker)?;
             }
-            None => hf_dir::quick_check(path, marker),
-        };
+            return dcp::quick_check(&dir);
+        }
+        if let Some(dir) = deepspeed::detect(path)? {
+            return deepspeed::quick_check(&dir, opts.deepspeed_weights);
+        }
+        if peft::is_adapter_dir(path) {
+            return peft::quick_check(path);
+        }
+        return hf_dir::quick_check(path, marker);
     }
     let file = files::open_regular(path)?;
     match detect(path, &file)? {

@@ -125,4 +125,10 @@ pub(crate) fn is_weight_file(name: &str) -> bool {
         || name == "trainer_state.json"
         || name.ends_with(".distcp")
         || name == ".metadata"
+        // DeepSpeed (`global_stepN/`, and the tag in `latest` beside it) and PEFT adapters.
+        || name.ends_with("_model_states.pt")
+        || name.ends_with("_optim_states.pt")
+        || name == "latest"
+        || name == "adapter_model.bin"
+        || name == "adapter_config.json"
 }

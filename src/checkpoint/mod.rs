@@ -23,8 +23,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub use classify::not_model_weights;
-pub use detect::quick_check;
+pub use detect::{quick_check, quick_check_with};
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
+pub use format::peft::{check_same_adapter, is_adapter_dir};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
 pub use reader::TensorReader;
@@ -69,6 +70,11 @@ pub enum Format {
     Lightning,
     /// torch.distributed.checkpoint directory (`.metadata` + `*.distcp`).
     Dcp,
+    /// DeepSpeed `global_stepN/` directory (ZeRO model and optimizer states).
+    #[serde(rename = "deepspeed")]
+    DeepSpeed,
+    /// PEFT adapter directory (`adapter_model.safetensors` or `.bin` + `adapter_config.json`).
+    PeftAdapter,
     /// Built in memory (tests, demo).
     Memory,
 }
@@ -82,11 +88,37 @@ pub struct OpenOptions {
     /// `{"net": sd, "step": 500}`). `None`: the top level itself or one of the usual keys
     /// (`state_dict`, `model_state_dict`, `model`, `module`). Other formats ignore it.
     pub state_key: Option<String>,
+    /// DeepSpeed checkpoints: which weights to read (see [`DeepSpeedWeights`]).
+    pub deepspeed_weights: DeepSpeedWeights,
+}
+
+/// Which weights of a DeepSpeed checkpoint are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeepSpeedWeights {
+    /// The `module` state dict of `mp_rank_00_model_states.pt` (training precision; ZeRO-1/2).
+    #[default]
+    Module,
+    /// The fp32 master weights rebuilt from every rank's optimizer states (as zero_to_fp32.py).
+    Fp32,
+}
+
+impl std::fmt::Display for DeepSpeedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeepSpeedWeights::Module => "module",
+            DeepSpeedWeights::Fp32 => "fp32",
+        })
+    }
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { strip_prefixes: vec!["_orig_mod.".to_string()], state_key: None }
+        OpenOptions {
+            strip_prefixes: vec!["_orig_mod.".to_string()],
+            state_key: None,
+            deepspeed_weights: DeepSpeedWeights::Module,
+        }
     }
 }
 
@@ -121,7 +153,7 @@ impl Checkpoint {
     /// cheaply and holding open (safetensors) or indexing (torch zip) its tensors.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         let before = Identity::of(path)?;
-        let loaded = load(path, opts.state_key.as_deref())?;
+        let loaded = load(path, opts)?;
         if Identity::of(path)? != before {
             return Err(Error::bad_input(
                 path,

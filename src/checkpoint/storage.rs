@@ -1,5 +1,6 @@
 //! Where an opened checkpoint's tensor bytes come from (`Storage`: memory, safetensors files
-//! held open, a torch zip read tensor by tensor, or a DCP directory's chunks) and what a
+//! held open, a torch zip read tensor by tensor, a DCP directory's chunks, or DeepSpeed's
+//! partitions) and what a
 //! format reader hands back (`Loaded`). The format readers in `format/` build these;
 //! `Checkpoint` reads through them. This module parses no format.
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use super::format::dcp::DcpStore;
 use super::identity::Identity;
 use super::pinned::PinnedFile;
+use super::reader::{Piece, Run};
 use super::strided::{gather, is_contiguous};
 use super::{DType, Format, InputIo, TensorMeta, TensorReader};
 use crate::error::{Error, Result};
@@ -56,6 +58,43 @@ pub(crate) enum Storage {
     Pickle(PickleStore),
     /// torch.distributed.checkpoint directory: each tensor assembled from its chunks.
     Dcp(DcpStore),
+    /// Tensors that are the concatenation of byte ranges of several held files (DeepSpeed
+    /// ZeRO partitions: one parameter = a slice of each rank's flat fp32 group), read through
+    /// the same pieces reader as DCP chunks: in place, nothing gathered into memory.
+    Segments {
+        /// The checkpoint directory (for errors).
+        dir: PathBuf,
+        files: Vec<PinnedFile>,
+        index: HashMap<String, Vec<Segment>>,
+    },
+}
+
+/// One piece of a tensor's bytes: `len` bytes at absolute offset `start` of file `file`
+/// (an index into the storage's files). Built only from ranges checked against the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub file: usize,
+    pub start: u64,
+    pub len: usize,
+}
+
+/// The reader of a tensor made of `segs` in order (`Storage::Segments`).
+fn segments_reader<'a>(
+    dir: &Path,
+    name: &'a str,
+    files: &'a [PinnedFile],
+    segs: &[Segment],
+) -> Result<TensorReader<'a>> {
+    let (mut pieces, mut runs, mut at) = (Vec::new(), Vec::new(), 0);
+    for (i, s) in segs.iter().enumerate() {
+        let file = files
+            .get(s.file)
+            .ok_or_else(|| Error::Internal(format!("tensor {name}: segment of file {}", s.file)))?;
+        pieces.push(Piece::File { file, start: s.start, len: s.len });
+        runs.push(Run { at, len: s.len, piece: i, from: 0 });
+        at += s.len;
+    }
+    TensorReader::pieces(dir, name, pieces, runs, at)
 }
 
 impl Storage {
@@ -66,6 +105,7 @@ impl Storage {
             Storage::Files { files, .. } => files.iter().all(PinnedFile::still_valid),
             Storage::Pickle(p) => p.still_valid(),
             Storage::Dcp(d) => d.still_valid(),
+            Storage::Segments { files, .. } => files.iter().all(PinnedFile::still_valid),
         }
     }
 
@@ -95,6 +135,10 @@ impl Storage {
             }
             Storage::Pickle(p) => TensorReader::memory(&meta.name, Cow::Owned(p.read(key, meta)?)),
             Storage::Dcp(d) => return d.reader(key, meta),
+            Storage::Segments { dir, files, index } => {
+                let Some(segs) = index.get(key) else { return Ok(None) };
+                segments_reader(dir, &meta.name, files, segs)?
+            }
         }))
     }
 }
@@ -157,5 +201,50 @@ impl PickleStore {
             return Ok(raw);
         }
         Ok(gather(&raw, &t.shape, &t.stride, es))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PinnedFile, Segment, segments_reader};
+
+    /// A tensor pieced from byte ranges of two files reads, by any range or chunk size, as the
+    /// concatenation of its segments (ranges start and end inside segments and span several).
+    #[test]
+    fn segments_read_as_their_concatenation_whatever_the_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data: Vec<Vec<u8>> = (0..2u8).map(|f| (0..64).map(|i| f * 100 + i).collect()).collect();
+        let files: Vec<PinnedFile> = (0..2)
+            .map(|f| {
+                let p = tmp.path().join(format!("f{f}"));
+                std::fs::write(&p, &data[f]).unwrap();
+                PinnedFile::new(&p, std::fs::File::open(&p).unwrap()).unwrap()
+            })
+            .collect();
+        let segs = [(1, 3, 10), (0, 40, 7), (1, 50, 13)].map(|(file, start, len)| Segment {
+            file,
+            start,
+            len,
+        });
+        let want: Vec<u8> =
+            segs.iter().flat_map(|s| data[s.file][s.start as usize..][..s.len].to_vec()).collect();
+        let r = segments_reader(tmp.path(), "t", &files, &segs).unwrap();
+        assert_eq!(r.len(), 30);
+        for chunk in [8, 16, 64] {
+            let mut seen = Vec::new();
+            r.for_each_chunk(chunk, &mut Vec::new(), |_, b| {
+                seen.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, want, "chunks of {chunk}");
+        }
+        for (a, b) in [(0, 30), (9, 11), (12, 25), (17, 17), (29, 30)] {
+            let mut buf = vec![0u8; 30];
+            assert_eq!(r.bytes(a..b, &mut buf).unwrap(), &want[a..b], "{a}..{b}");
+        }
+        assert!(r.bytes(20..31, &mut [0; 16]).is_err(), "past the end");
+        let bad = [Segment { file: 2, start: 0, len: 1 }];
+        assert!(segments_reader(tmp.path(), "t", &files, &bad).is_err(), "no such file");
     }
 }

@@ -6,13 +6,16 @@
 
 use crate::average::{AverageOptions, AveragePlan};
 use crate::checkpoint::Checkpoint;
-use crate::cli::AverageArgs;
+use crate::cli::{AverageArgs, LoraMode};
 use crate::error::{Error, Result};
 use crate::manifest::Provenance;
 use crate::publish::{self, PublishOptions, Published, check_destination, check_parent, publish};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
+    if args.lora == LoraMode::MergeDelta && args.select.is_some() {
+        return Err(Error::Usage("--lora merge-delta takes --weights, not --select".into()));
+    }
     check_destination(&args.out)?;
     for dir in check_parent(&args.out, args.parents)? {
         tracing::info!(dir = %dir.display(), "created (--parents)");
@@ -21,9 +24,13 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
-    let opts = super::open_options(&args.strip_prefix, args.state_key.as_deref());
+    let opts =
+        super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
+    for c in chosen.iter().skip(1) {
+        crate::checkpoint::check_same_adapter(chosen[0], c)?;
+    }
     let opts = AverageOptions {
         dtype: args.dtype,
         int_policy: args.int_policy,
@@ -38,6 +45,12 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         None => (args.weights.clone(), provenance(args, opened.len(), chosen.len())),
     };
     let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
+    if args.lora == LoraMode::MergeDelta {
+        return merge_delta(args, &plan, provenance);
+    }
+    if args.base.is_some() {
+        return Err(Error::Usage("--base is for --lora merge-delta".into()));
+    }
     // Cleared when dropped, after the publish.
     let mut meter = crate::meter::Meter::new(
         plan.output_bytes(),
@@ -48,6 +61,42 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         &args.out,
         provenance,
         &PublishOptions { shard_bytes: args.max_shard_size },
+        &mut |done| meter.set(done),
+    )
+}
+
+/// `--lora merge-delta`: the base plus the average of the adapters' merged deltas, published
+/// in the base's layout with its side files (see `commands::lora`).
+fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> Result<Published> {
+    let base = args.base.as_deref().ok_or_else(|| {
+        Error::Usage(
+            "--lora merge-delta needs --base DIR (the model the adapters were trained on)".into(),
+        )
+    })?;
+    if let Some(c) =
+        plan.inputs().iter().find(|c| c.format() != crate::checkpoint::Format::PeftAdapter)
+    {
+        return Err(Error::bad_input(c.path(), "--lora merge-delta: not a PEFT adapter directory"));
+    }
+    let opts =
+        super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
+    let base = Checkpoint::open(base, &opts)?;
+    let mut source = super::lora::MergedDelta::new(&base, plan)?;
+    let mut record = publish::record_of(plan);
+    record.outputs = crate::average::TensorSource::tensors(&source).to_vec();
+    let mut manifest = crate::manifest::Manifest::new(record, args.out.clone(), why);
+    source.describe(&mut manifest);
+    let mut meter = crate::meter::Meter::new(
+        source.output_bytes(),
+        "{spinner} merging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
+    );
+    let opts = PublishOptions { shard_bytes: args.max_shard_size };
+    publish::publish_tensors(
+        &mut source,
+        manifest,
+        base.side_dir(),
+        &args.out,
+        &opts,
         &mut |done| meter.set(done),
     )
 }

@@ -14,7 +14,7 @@ use crate::text::{self, escape};
 pub fn run(args: &InspectArgs) -> Result<String> {
     let ckpt = Checkpoint::open(
         &args.input,
-        &super::open_options(&args.strip_prefix, args.state_key.as_deref()),
+        &super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights),
     )?;
     Ok(if args.json { json(&ckpt) } else { table(&ckpt) })
 }

@@ -5,6 +5,7 @@ pub mod average;
 pub mod check;
 pub mod demo;
 pub mod inspect;
+pub mod lora;
 pub mod report;
 pub mod select;
 pub mod startup;
@@ -12,12 +13,21 @@ pub mod watch;
 
 use std::path::PathBuf;
 
-use crate::checkpoint::{Checkpoint, OpenOptions};
+use crate::checkpoint::{Checkpoint, DeepSpeedWeights, OpenOptions};
 use crate::error::Result;
 
-/// Open options with `_orig_mod.` plus the user's extra prefixes, and the state key if given.
-pub fn open_options(strip_prefix: &[String], state_key: Option<&str>) -> OpenOptions {
-    let mut opts = OpenOptions { state_key: state_key.map(str::to_string), ..Default::default() };
+/// Open options with `_orig_mod.` plus the user's extra prefixes, the state key if given and
+/// which DeepSpeed weights to read.
+pub fn open_options(
+    strip_prefix: &[String],
+    state_key: Option<&str>,
+    deepspeed_weights: DeepSpeedWeights,
+) -> OpenOptions {
+    let mut opts = OpenOptions {
+        state_key: state_key.map(str::to_string),
+        deepspeed_weights,
+        ..Default::default()
+    };
     for p in strip_prefix {
         if !opts.strip_prefixes.contains(p) {
             opts.strip_prefixes.push(p.clone());

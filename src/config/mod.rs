@@ -65,6 +65,10 @@ pub struct WatchConfig {
     /// --state-key`); `None`: the top level or `state_dict`, `model_state_dict`, `model`, `module`.
     #[serde(default)]
     pub state_key: Option<String>,
+    /// DeepSpeed checkpoints: `"module"` (default) or `"fp32"` (`sewa average
+    /// --deepspeed-weights`).
+    #[serde(default)]
+    pub deepspeed_weights: crate::checkpoint::DeepSpeedWeights,
     /// Full rescan period, the backstop for missed events.
     #[serde(default = "default_rescan_s")]
     pub rescan_s: Positive,

@@ -25,12 +25,14 @@ pub struct Refusal {
 }
 
 /// Open and validate `path` with the `[watch]` options. `reference` is the schema of the
-/// current window, if any.
+/// current window, if any, and `peer` one of its members (PEFT adapters must share its LoRA
+/// settings).
 pub fn load(
     path: &Path,
     watch: &WatchConfig,
     metric: &str,
     reference: Option<&[TensorMeta]>,
+    peer: Option<&Checkpoint>,
 ) -> std::result::Result<(Checkpoint, u64, Option<f64>), Refusal> {
     let refuse = |e: Error, incomplete| Refusal {
         reason: e.reason_about(path),
@@ -39,8 +41,13 @@ pub fn load(
     };
     // A directory without its marker is still being filled; a file that stayed truncated
     // for the whole quiet period is broken (it is retried anyway once it changes).
-    checkpoint::quick_check(path, &watch.marker).map_err(|e| refuse(e, path.is_dir()))?;
-    let opts = OpenOptions { state_key: watch.state_key.clone(), ..OpenOptions::default() };
+    let opts = OpenOptions {
+        state_key: watch.state_key.clone(),
+        deepspeed_weights: watch.deepspeed_weights,
+        ..OpenOptions::default()
+    };
+    checkpoint::quick_check_with(path, &watch.marker, &opts)
+        .map_err(|e| refuse(e, path.is_dir()))?;
     let ckpt = Checkpoint::open(path, &opts).map_err(|e| refuse(e, false))?;
     if let Some(why) = checkpoint::not_model_weights(ckpt.tensors(), reference) {
         return Err(Refusal { reason: why, incomplete: false, not_weights: true });
@@ -52,6 +59,9 @@ pub fn load(
     })?;
     if let Some(schema) = reference {
         check_against("the window", schema, &ckpt).map_err(|e| refuse(e, false))?;
+    }
+    if let Some(peer) = peer {
+        checkpoint::check_same_adapter(peer, &ckpt).map_err(|e| refuse(e, false))?;
     }
     scan_finite(&ckpt).map_err(|e| refuse(e, false))?;
     let metric = read_metric(&ckpt, metric);

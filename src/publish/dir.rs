@@ -22,8 +22,14 @@ pub(super) struct DirOutput<'l> {
     /// `model.safetensors.index.json` when sharded.
     pub(super) index: Option<Vec<u8>>,
     pub(super) side_dir: Option<&'l Path>,
+    /// A PEFT adapter directory (`adapter_config.json` copied too).
+    pub(super) adapter: bool,
     pub(super) clock: Instant,
 }
+
+/// Copied into the output as well when it is a PEFT adapter directory (never otherwise:
+/// transformers takes a model directory holding one for an adapter).
+const ADAPTER_CONFIG: &str = "adapter_config.json";
 
 impl DirOutput<'_> {
     pub(super) fn publish(
@@ -50,9 +56,10 @@ impl DirOutput<'_> {
             manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
         }
         if let Some(src) = self.side_dir {
-            copy_side_files(src, dir, manifest)?;
+            let extra: &[&str] = if self.adapter { &[ADAPTER_CONFIG] } else { &[] };
+            copy_side_files(src, extra, dir, manifest)?;
         }
-        manifest.layout = "dir".into();
+        manifest.layout = if self.adapter { "adapter" } else { "dir" }.into();
         finish(manifest, self.clock);
         let json = manifest.to_json()?;
         write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
@@ -72,8 +79,8 @@ pub fn newest_side_dir<'c>(inputs: &[&'c Checkpoint]) -> Option<&'c Path> {
 /// Copy the HF side files that `src` has into `dir`. They are opened the way checkpoint files
 /// are (`checkpoint::open_in_dir`): a side file that is a symlink (`tokenizer.json ->
 /// /etc/shadow`), FIFO or other non-regular file is refused, never followed or copied.
-fn copy_side_files(src: &Path, dir: &Path, manifest: &mut Manifest) -> Result<()> {
-    for name in SIDE_FILES {
+fn copy_side_files(src: &Path, extra: &[&str], dir: &Path, manifest: &mut Manifest) -> Result<()> {
+    for name in SIDE_FILES.iter().chain(extra) {
         if !checkpoint::has_file(src, Path::new(name))? {
             continue;
         }

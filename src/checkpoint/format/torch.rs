@@ -304,6 +304,35 @@ fn locate(path: &Path, name: &str, raw: RawTensor, entries: &Entries) -> Result<
     })
 }
 
+/// A torch zip whose pickle a caller walks itself (DeepSpeed's model and optimizer states):
+/// the decoded pickle, and its tensors located on request with the same checks as `open`.
+pub(crate) struct RawZip {
+    pub pk: Pickle,
+    entries: Entries,
+}
+
+impl RawZip {
+    /// Decode the pickle of the torch zip `file` (opened by `files` from `path`).
+    pub fn open(path: &Path, file: &File) -> Result<RawZip> {
+        let (pk, entries) = read_archive(path, Window::whole(path, file)?)?;
+        Ok(RawZip { pk, entries })
+    }
+
+    /// The tensor `value` describes (`None` if it is no tensor), its view checked to lie in
+    /// its storage and the storage in the file.
+    pub fn tensor(
+        &self,
+        path: &Path,
+        name: &str,
+        value: unpickle::Id,
+    ) -> Result<Option<PickleTensor>> {
+        match tensor_of(path, &self.pk, name, value)? {
+            Some(raw) => locate(path, name, raw, &self.entries).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

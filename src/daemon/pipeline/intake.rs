@@ -72,11 +72,13 @@ impl Pipeline {
         let _enter = span.enter();
         self.beat(disk_bytes(&path));
         let reference = self.open.values().next().map(|c| c.tensors().to_vec());
+        let peer = self.open.values().next().cloned();
         let (watch, metric) = (&self.cfg.watch, &self.cfg.select.metric);
         // Unwind-safe: the loader keeps no state and only reads its arguments (a path, the
         // watch config, a copy of the window's schema); what it opens lives in its own frames and
         // is dropped while unwinding. The window and `self` change only after it returns.
-        let loaded = guarded(|| load::load(&path, watch, metric, reference.as_deref()));
+        let loaded =
+            guarded(|| load::load(&path, watch, metric, reference.as_deref(), peer.as_deref()));
         self.admit(path, sig, &span, loaded);
     }
 
