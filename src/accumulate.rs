@@ -130,6 +130,11 @@ impl Accumulator {
         }
     }
 
+    /// The checkpoints currently summed (held open until the next update or reset).
+    pub fn held(&self) -> Vec<Arc<Checkpoint>> {
+        self.contributors.iter().map(|c| c.ckpt.clone()).collect()
+    }
+
     /// Paths of the checkpoints currently summed (their files are held open).
     pub fn contributors(&self) -> Vec<PathBuf> {
         self.contributors.iter().map(|c| c.ckpt.path().to_path_buf()).collect()

@@ -8,6 +8,7 @@
 //! Only I/O orchestration lives here; decisions are in `watch::settler`, `window`, `select`.
 
 mod accept;
+mod disk;
 mod hook;
 mod load;
 mod loudness;

@@ -18,14 +18,16 @@ use super::loudness::{Level, Loudness};
 use super::output::{self, LastPublished, PublishedInput};
 use super::policy::{self, Candidate, Rules, Verdict};
 use super::progress::{self, Beating, Progress, disk_bytes, stall_bound};
-use super::{panics, status_view};
+use super::{disk, panics, status_view};
 use crate::accumulate::Accumulator;
 use crate::checkpoint::{self, Checkpoint, Identity};
 use crate::config::{Config, Policy};
 use crate::error::{Error, Result};
 use crate::objective::Objective;
 use crate::select::{self, Memory, ModelContext, Selection, WindowView};
-use crate::status::{OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, Status};
+use crate::status::{
+    OnDisk, PublishStatus, QuarantineStatus, SelectionStatus, SelectionSummary, Status,
+};
 use crate::text;
 use crate::watch::{Filter, Settled};
 use crate::window::{Action, Event, Member, Window};
@@ -122,6 +124,7 @@ impl Pipeline {
     /// Process one batch of settled candidates, then reselect/publish if the window asks.
     pub fn step(&mut self, batch: Vec<Settled>) {
         self.beat(self.window_bytes());
+        self.guard_disk();
         self.check_members();
         // Newest first: at start-up a full window is built without loading older candidates.
         // Names without a step last: a copy such as last.pt then meets its original, and a
@@ -153,6 +156,7 @@ impl Pipeline {
 
     /// Reselect if asked and the window holds enough members, then write the status file.
     fn finish(&mut self) {
+        self.guard_disk(); // a publication writes: make the room first
         if self.reselect && self.enough_members() {
             self.reselect = false;
             self.beat(self.window_bytes());
@@ -186,6 +190,21 @@ impl Pipeline {
         }
         self.status.waiting = Some(why);
         false
+    }
+
+    /// Let go of checkpoints deleted from disk when `disk` says so (`[window] keep_deleted`,
+    /// `min_free_bytes`): before anything else, so the trainer's next save finds the room.
+    fn guard_disk(&mut self) {
+        let held = disk::holdings(self.window.members(), &self.open, &self.acc.held());
+        let release = disk::release(&self.cfg.window, &self.cfg.watch.dir, &held);
+        if release.average {
+            self.acc.reset(); // it holds its inputs open; the next publish recomputes
+        }
+        for path in release.members {
+            self.status.counters.released += 1;
+            let actions = self.window.handle(Event::Released { path });
+            self.apply(actions);
+        }
     }
 
     /// Drop members whose file was rewritten in place (before reading them again).
@@ -468,15 +487,14 @@ impl Pipeline {
     }
 
     fn record_selection(&mut self, sel: &Selection, published: bool, outcome: String) {
-        self.status.last_selection = Some(SelectionStatus {
+        let summary = SelectionSummary {
             at: crate::timestamp::now(),
             method: sel.method.clone(),
             why: sel.why.clone(),
             loss: sel.loss,
             acceptance_loss: sel.details["acceptance_loss"].as_f64(),
-            published,
-            outcome,
-        });
+        };
+        self.status.last_selection = Some(SelectionStatus { summary, published, outcome });
     }
 
     /// Record a fatal-for-this-step problem (watch errors, reload failures) in the status.
@@ -527,6 +545,8 @@ impl Pipeline {
             skipped: r.skipped,
         });
         self.status.quarantined = q.collect();
+        let held = disk::holdings(self.window.members(), &self.open, &self.acc.held());
+        self.status.disk = disk::status(&self.cfg.window, &self.cfg.watch.dir, &held);
         let path = self.cfg.status_file();
         if let Err(e) = self.status.write(&path) {
             warn!(error = %e, "cannot write the status file");
