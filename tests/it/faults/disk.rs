@@ -154,6 +154,15 @@ fn without_the_guard_the_deleted_members_sewa_holds_fill_the_disk() {
     let disk = &last["disk"];
     assert!(disk["held_bytes"].as_u64().unwrap() >= 2 * CKPT, "{disk}");
     assert!(disk["free_bytes"].as_u64().unwrap() < CKPT + MIB, "{disk}");
+    // `sewa status` says it too, per member and in total.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[deleted from disk, sewa holds 4.00 MiB"), "{text}");
+    assert!(text.contains("of deleted checkpoints"), "{text}");
 }
 
 /// `keep_deleted = false`: the window follows the rotation; sewa holds nothing deleted.
