@@ -24,7 +24,7 @@ use crate::window::Member;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Held {
     pub path: PathBuf,
-    /// The version sewa holds is no longer at its path (deleted, or replaced).
+    /// The version sewa holds is no longer at its path (deleted, or replaced by a rename).
     pub deleted: bool,
     /// Bytes only sewa's descriptors keep allocated (its files no path links to any more).
     pub bytes: u64,
@@ -83,11 +83,14 @@ pub fn holdings(
     left.chain(members).collect()
 }
 
+/// `deleted`: a file sewa holds was unlinked (rotation, a new version renamed over it), or
+/// nothing is at the path any more. A directory that merely changed (a file added) is not.
 fn held(path: &Path, c: &Checkpoint, in_window: bool, averaged: bool) -> Held {
+    let bytes = c.unlinked_bytes();
     Held {
         path: path.to_path_buf(),
-        deleted: OnDisk::check(path, Some(c.identity())) != OnDisk::Present,
-        bytes: c.unlinked_bytes(),
+        deleted: bytes > 0 || OnDisk::check(path, Some(c.identity())) == OnDisk::Deleted,
+        bytes,
         in_window,
         averaged,
         size: c.total_bytes(),
@@ -253,19 +256,41 @@ mod tests {
         assert!(!r.average, "{r:?}");
     }
 
+    fn write_st(path: &Path) {
+        let data = vec![1u8; 1 << 16];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![1 << 16], &data);
+        safetensors::serialize_to_file([("w", view.unwrap())], None, path).unwrap();
+    }
+
     #[test]
     fn unlinked_bytes_are_what_an_open_deleted_file_keeps_allocated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("step_1.safetensors");
-        let data = vec![1u8; 1 << 16];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![1 << 16], &data);
-        safetensors::serialize_to_file([("w", view.unwrap())], None, &path).unwrap();
+        write_st(&path);
         let c = Checkpoint::open(&path, &Default::default()).unwrap();
         assert_eq!(c.unlinked_bytes(), 0, "still linked");
+        assert!(!held(&path, &c, true, false).deleted);
         std::fs::remove_file(&path).unwrap();
         assert!(c.unlinked_bytes() >= 1 << 16, "{}", c.unlinked_bytes());
-        let held = held(&path, &c, true, false);
-        assert!(held.deleted && held.bytes == c.unlinked_bytes());
+        let h = held(&path, &c, true, false);
+        assert!(h.deleted && h.bytes == c.unlinked_bytes());
+        // A new version renamed over the path: the old one is deleted, its blocks held.
+        write_st(&dir.path().join("new"));
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        let h = held(&path, &c, true, false);
+        assert!(h.deleted && h.bytes >= 1 << 16, "{h:?}");
+    }
+
+    #[test]
+    fn a_deleted_path_whose_file_is_linked_elsewhere_is_deleted_but_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("step_1.safetensors");
+        write_st(&path);
+        let c = Checkpoint::open(&path, &Default::default()).unwrap();
+        std::fs::hard_link(&path, dir.path().join("backup")).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let h = held(&path, &c, true, false);
+        assert!(h.deleted && h.bytes == 0, "{h:?}");
     }
 }
