@@ -1,5 +1,6 @@
 //! The daemon's status file: what is in the window, what was selected and published last,
-//! what is quarantined and the recent errors. Written atomically (temp file, fsync, rename) so
+//! what is quarantined, the disk space sewa holds for deleted checkpoints, and the recent
+//! errors. Written atomically (temp file, fsync, rename) so
 //! `sewa status` and monitoring never read half of it; `render` formats it for people.
 //! This module only records; the daemon decides what goes in.
 
@@ -11,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Identity;
 use crate::error::{Error, Result, WithPath};
-use crate::{text, timestamp};
+use crate::text::{self, human_bytes};
+use crate::timestamp;
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
@@ -44,6 +46,9 @@ pub struct Status {
     pub last_selection: Option<SelectionStatus>,
     pub last_publish: Option<PublishStatus>,
     pub quarantined: Vec<QuarantineStatus>,
+    /// The run directory's filesystem and what sewa holds on it (absent: not measured).
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
     pub errors: Vec<ErrorStatus>,
     pub counters: Counters,
 }
@@ -62,6 +67,26 @@ pub struct MemberStatus {
     /// Whether the file version this member holds is still at its path.
     #[serde(default)]
     pub on_disk: OnDisk,
+    /// Bytes of this member's files that no path links to any more (deleted by rotation,
+    /// renamed over) and that stay allocated while sewa holds them.
+    #[serde(default)]
+    pub held_bytes: u64,
+}
+
+/// The run directory's filesystem (`[watch] dir`) and the space sewa keeps allocated on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Free bytes for unprivileged writers such as the trainer.
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// `[window] min_free_bytes` in force (configured, or the default computed from the
+    /// filesystem and the newest checkpoint): below it, deleted members are released.
+    pub min_free_bytes: u64,
+    /// Bytes sewa keeps allocated for files deleted from disk: window members and inputs of
+    /// the running average that already left the window.
+    pub held_bytes: u64,
+    /// `[window] keep_deleted`.
+    pub keep_deleted: bool,
 }
 
 /// Whether the file version sewa holds is still at its path. A member whose file the trainer's
@@ -89,19 +114,27 @@ impl OnDisk {
         }
     }
 
-    fn label(self) -> &'static str {
-        match self {
+    /// The mark `render` prints after a path; `held`: bytes sewa keeps allocated for it.
+    fn label(self, held: u64) -> String {
+        let what = match self {
             OnDisk::Present => "",
-            OnDisk::Deleted => "  [deleted from disk]",
-            OnDisk::Changed => "  [changed on disk]",
+            OnDisk::Deleted => "deleted from disk",
+            OnDisk::Changed => "changed on disk",
+        };
+        match (what, held) {
+            ("", 0) => String::new(),
+            ("", _) => format!("  [sewa holds {} of deleted files]", human_bytes(held)),
+            (_, 0) => format!("  [{what}]"),
+            _ => format!("  [{what}, sewa holds {}]", human_bytes(held)),
         }
     }
 }
 
-/// The selection the published output holds.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PublishedSelection {
-    /// When it was published (RFC 3339).
+/// What a selection was, for the published one and the last one alike (flattened into both:
+/// the JSON keeps the fields at their level).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SelectionSummary {
+    /// When it was made, or for the published one, published (RFC 3339).
     pub at: String,
     pub method: String,
     pub why: String,
@@ -110,6 +143,13 @@ pub struct PublishedSelection {
     /// Its loss on `[objective] acceptance_data`, when known.
     #[serde(default)]
     pub acceptance_loss: Option<f64>,
+}
+
+/// The selection the published output holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PublishedSelection {
+    #[serde(flatten)]
+    pub summary: SelectionSummary,
     /// Inputs with a non-zero weight, oldest first.
     pub members: Vec<PublishedMember>,
 }
@@ -127,15 +167,11 @@ pub struct PublishedMember {
     pub on_disk: OnDisk,
 }
 
+/// The last selection.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SelectionStatus {
-    pub at: String,
-    pub method: String,
-    pub why: String,
-    pub loss: Option<f64>,
-    /// Its loss on `[objective] acceptance_data`, when one is configured.
-    #[serde(default)]
-    pub acceptance_loss: Option<f64>,
+    #[serde(flatten)]
+    pub summary: SelectionSummary,
     /// Whether it was published (then it is `published` too).
     #[serde(default)]
     pub published: bool,
@@ -188,6 +224,10 @@ pub struct Counters {
     pub failed_selections: u64,
     pub publishes: u64,
     pub rescans: u64,
+    /// Members released because their files were deleted (`[window] keep_deleted`,
+    /// `min_free_bytes`).
+    #[serde(default)]
+    pub released: u64,
 }
 
 impl Status {
@@ -227,13 +267,12 @@ pub fn render(s: &Status) -> String {
         writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
     let _ = writeln!(o, "watching {}  →  {}", s.dir.display(), s.out.display());
     render_window(&mut o, s);
+    render_disk(&mut o, s.disk.as_ref());
     render_published(&mut o, s.published.as_ref());
     if let Some(sel) = &s.last_selection {
-        let loss = sel.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
-        let acc = sel.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
-        let (why, outcome) = (text::escape(&sel.why), text::escape(&sel.outcome));
-        let acc = acc.unwrap_or_default();
-        let _ = writeln!(o, "\nlast selection {}: {why}{loss}{acc} — {outcome}", sel.at);
+        let (why, outcome) = (text::escape(&sel.summary.why), text::escape(&sel.outcome));
+        let losses = losses(&sel.summary);
+        let _ = writeln!(o, "\nlast selection {}: {why}{losses} — {outcome}", sel.summary.at);
     }
     match &s.last_publish {
         Some(p) => {
@@ -292,19 +331,37 @@ fn render_window(o: &mut String, s: &Status) {
             m.published_weight,
             m.weight,
             text::path(&m.path),
-            m.on_disk.label()
+            m.on_disk.label(m.held_bytes)
         );
     }
+}
+
+/// Free space against `[window] min_free_bytes`, and what sewa holds for deleted files.
+fn render_disk(o: &mut String, d: Option<&DiskStatus>) {
+    let Some(d) = d else { return };
+    let keep = if d.keep_deleted { "" } else { ", keep_deleted = false" };
+    let _ = writeln!(
+        o,
+        "  disk: {} free (min_free_bytes {}{keep}); sewa holds {} of deleted checkpoints",
+        human_bytes(d.free_bytes),
+        human_bytes(d.min_free_bytes),
+        human_bytes(d.held_bytes)
+    );
+}
+
+/// ", loss L (A on the acceptance data)", with what is known.
+fn losses(s: &SelectionSummary) -> String {
+    let loss = s.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
+    let acc = s.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
+    loss + &acc.unwrap_or_default()
 }
 
 /// The published selection, members that left the window included.
 fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
     let Some(p) = p else { return };
-    let loss = p.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
-    let acc = p.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
-    let (method, why) = (text::escape(&p.method), text::escape(&p.why));
-    let acc = acc.unwrap_or_default();
-    let _ = writeln!(o, "\npublished {} ({method}{loss}{acc}): {why}", p.at);
+    let s = &p.summary;
+    let (method, why, losses) = (text::escape(&s.method), text::escape(&s.why), losses(s));
+    let _ = writeln!(o, "\npublished {} ({method}{losses}): {why}", s.at);
     for m in &p.members {
         let step = m.step.map_or("?".into(), |s| s.to_string());
         let loss = m.loss.map(|l| format!("  loss {l:.6}")).unwrap_or_default();
@@ -314,7 +371,7 @@ fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
             "  step {step:>8}  weight {:.4}{loss}  {}{gone}{}",
             m.weight,
             text::path(&m.path),
-            m.on_disk.label()
+            m.on_disk.label(0)
         );
     }
 }
@@ -370,14 +427,14 @@ mod tests {
             in_window: false,
             on_disk: OnDisk::Deleted,
         };
-        let published = PublishedSelection {
+        let summary = SelectionSummary {
             at: "t0".into(),
             method: "sewa".into(),
             why: "sewa: 4 of 8".into(),
             loss: Some(0.125),
             acceptance_loss: Some(0.25),
-            members: vec![gone],
         };
+        let published = PublishedSelection { summary, members: vec![gone] };
         let s = Status { published: Some(published), ..Status::default() };
         let text = render(&s);
         assert!(
@@ -385,6 +442,74 @@ mod tests {
         );
         assert!(text.contains("step        1  weight 0.2500  loss 0.500000  runs/step_1  [left the window]  [deleted from disk]"), "{text}");
         assert!(!text.contains("nothing published yet"), "{text}");
+    }
+
+    /// The selection fields shared through `SelectionSummary` stay where they always were.
+    #[test]
+    fn the_selection_fields_keep_their_place_in_the_json() {
+        let summary = SelectionSummary {
+            at: "t".into(),
+            method: "lawa".into(),
+            why: "w".into(),
+            loss: Some(0.5),
+            acceptance_loss: None,
+        };
+        let last = SelectionStatus {
+            summary: summary.clone(),
+            published: true,
+            outcome: "published".into(),
+        };
+        let published = PublishedSelection { summary, members: vec![] };
+        let s =
+            Status { last_selection: Some(last), published: Some(published), ..Status::default() };
+        let json = serde_json::to_value(&s).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let common = ["acceptance_loss", "at", "loss", "method", "why"];
+        let with = |extra: &[&str]| {
+            let mut k: Vec<String> = common.iter().chain(extra).map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&json["last_selection"]), with(&["outcome", "published"]));
+        assert_eq!(keys(&json["published"]), with(&["members"]));
+        assert_eq!(json["last_selection"]["loss"], 0.5);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back.published.unwrap().summary.why, "w");
+    }
+
+    #[test]
+    fn render_shows_what_sewa_holds_for_deleted_files() {
+        let member = MemberStatus {
+            path: "runs/step_1".into(),
+            step: 1,
+            metric: None,
+            weight: 0.5,
+            published_weight: 0.5,
+            on_disk: OnDisk::Deleted,
+            held_bytes: 3 << 20,
+        };
+        let disk = DiskStatus {
+            free_bytes: 1 << 30,
+            total_bytes: 1 << 34,
+            min_free_bytes: 2 << 30,
+            held_bytes: 3 << 20,
+            keep_deleted: true,
+        };
+        let s = Status { members: vec![member], disk: Some(disk), ..Status::default() };
+        let text = render(&s);
+        assert!(text.contains("runs/step_1  [deleted from disk, sewa holds 3.00 MiB"), "{text}");
+        assert!(
+            text.contains("disk: 1.00 GiB (1073741824 bytes) free (min_free_bytes 2.00 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sewa holds 3.00 MiB (3145728 bytes) of deleted checkpoints"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -417,6 +542,7 @@ mod tests {
             weight: 1.0,
             published_weight: 1.0,
             on_disk: OnDisk::Present,
+            held_bytes: 0,
         };
         let mut s = Status { members: vec![member], out: odd.clone(), ..Status::default() };
         s.write(&path).unwrap();

@@ -2,7 +2,8 @@
 //! files anyone who can write the run directory controls; printed raw, `\x1b[…` or `\r` in
 //! them would rewrite the operator's terminal or forge log lines. Everything sewa prints that
 //! came from a file goes through [`escape`] (error messages do so in `Error`'s `Display`).
-//! This module only formats; it does not decide what is printed.
+//! Also byte counts for people (`human_bytes`). This module only formats; it does not decide
+//! what is printed.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write};
@@ -61,6 +62,18 @@ impl fmt::Display for EscapedPath<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&escape(&self.0.to_string_lossy()))
     }
+}
+
+/// `1.50 GiB (1610612736 bytes)`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {} ({b} bytes)", UNITS[u]) }
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ pub enum Event {
     Gone { path: PathBuf },
     /// A member's bytes can no longer be trusted (rewritten in place since it was opened).
     Invalidated { path: PathBuf, reason: String },
+    /// A member whose file was deleted is let go (to free its disk space): it leaves the
+    /// window like an evicted one, and nothing is remembered against its path.
+    Released { path: PathBuf },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -136,6 +139,7 @@ impl Window {
                 self.loading.remove(&path);
                 Vec::new()
             }
+            Event::Released { path } => self.remove_member(&path),
             Event::Invalidated { path, reason } => {
                 let sig = self.members.iter().find(|m| m.path == path).map(|m| m.sig);
                 let mut actions = self.remove_member(&path);
@@ -357,6 +361,21 @@ mod tests {
         admit(&mut w, 1, sig(1));
         assert!(w.handle(Event::Gone { path: p(1) }).is_empty());
         assert_eq!(steps(&w), vec![1], "an open member survives deletion of its path");
+    }
+
+    #[test]
+    fn a_released_member_leaves_and_asks_for_a_reselection_and_its_path_can_come_back() {
+        let mut w = Window::new(3, 1);
+        admit(&mut w, 1, sig(1));
+        admit(&mut w, 2, sig(2));
+        let a = w.handle(Event::Released { path: p(1) });
+        assert_eq!(a, vec![Action::Evict { path: p(1) }, Action::Reselect]);
+        assert_eq!(steps(&w), vec![2]);
+        assert!(w.rejected().next().is_none(), "a release is not a quarantine");
+        assert!(w.handle(Event::Released { path: p(1) }).is_empty(), "not a member any more");
+        // A new file at that path is a new candidate.
+        admit(&mut w, 1, sig(11));
+        assert_eq!(steps(&w), vec![1, 2]);
     }
 
     #[test]

@@ -156,6 +156,11 @@ impl RunningAverage {
         self.contributors.iter().map(|c| (c.ckpt.as_ref(), c.coef / total)).collect()
     }
 
+    /// The checkpoints currently summed (held open until the next update or reset).
+    pub fn held(&self) -> Vec<Arc<Checkpoint>> {
+        self.contributors.iter().map(|c| c.ckpt.clone()).collect()
+    }
+
     /// The average `S / A`, tensor by tensor, for the publisher. Integer tensors come from one
     /// contributor by `int_policy` (contributors are in window order: oldest first).
     pub fn source(&self, out: OutputOptions) -> Result<RunningSource<'_>> {

@@ -280,6 +280,13 @@ impl Checkpoint {
         self.storage.chunks(self.stored_name(name))
     }
 
+    /// Disk space this checkpoint alone keeps allocated: the allocated bytes of the files it
+    /// holds open that no path links to any more (deleted by rotation, renamed over). Freed
+    /// when the checkpoint is dropped. One `fstat` per file.
+    pub fn unlinked_bytes(&self) -> u64 {
+        self.storage.unlinked_bytes()
+    }
+
     fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
         self.orig_names.get(name).map_or(name, String::as_str)
     }

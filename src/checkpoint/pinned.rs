@@ -65,6 +65,13 @@ impl PinnedFile {
         }
     }
 
+    /// Disk space only this descriptor keeps allocated: the file's allocated bytes once no
+    /// path links to it any more (rotation deleted it, a new version was renamed over it),
+    /// else 0. One `fstat`.
+    pub fn unlinked_bytes(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| unlinked_bytes(&m))
+    }
+
     /// Fill `buf` with the file's bytes from `offset` on; `tensor` names what is read, for
     /// errors. Fails (bad input, naming the file) if the file was truncated or changed since
     /// it was opened, so the bytes in `buf` are the ones that were validated at open.
@@ -99,4 +106,10 @@ impl PinnedFile {
         }
         Ok(())
     }
+}
+
+/// Allocated bytes of a file that no directory entry links to (0 while one does).
+pub(crate) fn unlinked_bytes(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    if meta.nlink() == 0 { meta.blocks().saturating_mul(512) } else { 0 }
 }

@@ -117,6 +117,19 @@ impl Storage {
         }
     }
 
+    /// See `Checkpoint::unlinked_bytes`.
+    pub fn unlinked_bytes(&self) -> u64 {
+        match self {
+            Storage::Memory(_) => 0,
+            Storage::Files { files, .. } => files.iter().map(PinnedFile::unlinked_bytes).sum(),
+            Storage::Pickle(p) => {
+                p.file.metadata().map_or(0, |m| super::pinned::unlinked_bytes(&m))
+            }
+            Storage::Dcp(d) => d.unlinked_bytes(),
+            Storage::Segments { files, .. } => files.iter().map(PinnedFile::unlinked_bytes).sum(),
+        }
+    }
+
     /// A reader of the tensor stored under `key` (`meta` is its normalised description);
     /// `None` when there is no such key. A pickle tensor is decoded into memory here.
     pub fn reader<'a>(

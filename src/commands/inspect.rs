@@ -8,7 +8,7 @@ use std::fmt::Write;
 use crate::checkpoint::Checkpoint;
 use crate::cli::InspectArgs;
 use crate::error::Result;
-use crate::text::{self, escape};
+use crate::text::{self, escape, human_bytes};
 
 /// Run `sewa inspect` and return the text to print.
 pub fn run(args: &InspectArgs) -> Result<String> {
@@ -90,16 +90,4 @@ fn pieces(c: &Checkpoint, name: &str) -> Option<String> {
     let ranks: Vec<String> = ranks.iter().map(u32::to_string).collect();
     let ranks = if ranks.is_empty() { "?".to_string() } else { ranks.join(",") };
     Some(format!("{:<6}  {ranks}", chunks.len()))
-}
-
-/// `1.50 GiB (1610612736 bytes)`.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{b} B") } else { format!("{v:.2} {} ({b} bytes)", UNITS[u]) }
 }

@@ -80,11 +80,24 @@ pub struct WindowConfig {
     /// Number of most recent valid checkpoints (by training step) kept.
     #[serde(default = "default_window_size")]
     pub size: Positive,
+    /// Free bytes to keep on the watched directory's filesystem: below it, members whose files
+    /// were deleted are released (oldest first). Default: the larger of 5 % of the filesystem
+    /// and twice the newest checkpoint's size (`daemon::disk`); 0 never releases.
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
+    /// Keep members whose files were deleted (their blocks stay allocated while sewa holds
+    /// them); false releases them at once, so the window follows the trainer's rotation.
+    #[serde(default = "default_keep_deleted")]
+    pub keep_deleted: bool,
 }
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig { size: default_window_size() }
+        WindowConfig {
+            size: default_window_size(),
+            min_free_bytes: None,
+            keep_deleted: default_keep_deleted(),
+        }
     }
 }
 
@@ -175,6 +188,9 @@ fn default_rescan_s() -> Positive {
 }
 fn default_window_size() -> Positive {
     Positive(20)
+}
+fn default_keep_deleted() -> bool {
+    true
 }
 fn default_policy() -> Policy {
     Policy::Latest

@@ -9,6 +9,7 @@
 
 mod accept;
 mod budget;
+mod disk;
 mod hook;
 mod load;
 mod loudness;

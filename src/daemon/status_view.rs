@@ -1,7 +1,8 @@
 //! What the status file says about the window and the published selection: each member's
 //! weight in the published average and in the last selection, the published members (those
-//! that left the window too) and whether the file version sewa holds is still on disk. Built
-//! when the status is written (one `stat` per member); the pipeline decides what goes in.
+//! that left the window too), whether the file version sewa holds is still on disk and how
+//! many bytes sewa keeps allocated for it once deleted. Built when the status is written (one
+//! `stat` per member, one `fstat` per held file); the pipeline decides what goes in.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use super::output::{LastPublished, PublishedInput};
 use crate::checkpoint::{Checkpoint, Identity};
-use crate::status::{MemberStatus, OnDisk, PublishedMember, PublishedSelection};
+use crate::status::{MemberStatus, OnDisk, PublishedMember, PublishedSelection, SelectionSummary};
 use crate::window::Member;
 
 /// The window as the status shows it. `weights`: the last selection's, by path.
@@ -20,7 +21,8 @@ pub fn members(
     last: Option<&LastPublished>,
 ) -> Vec<MemberStatus> {
     let each = window.iter().map(|m| {
-        let identity = open.get(&m.path).map(|c| c.identity());
+        let ckpt = open.get(&m.path);
+        let identity = ckpt.map(|c| c.identity());
         let published = last.and_then(|l| l.inputs.iter().find(|i| is(i, m, identity)));
         MemberStatus {
             path: m.path.clone(),
@@ -29,6 +31,7 @@ pub fn members(
             weight: weights.get(&m.path).copied().unwrap_or(0.0),
             published_weight: published.map_or(0.0, |i| i.weight),
             on_disk: OnDisk::check(&m.path, identity),
+            held_bytes: ckpt.map_or(0, |c| c.unlinked_bytes()),
         }
     });
     each.collect()
@@ -50,14 +53,14 @@ pub fn published(
         in_window: window.iter().any(|m| is(i, m, open.get(&m.path).map(|c| c.identity()))),
         on_disk: OnDisk::check(&i.path, i.identity.as_ref()),
     });
-    Some(PublishedSelection {
+    let summary = SelectionSummary {
         at: last.at.clone(),
         method: last.method.clone(),
         why: last.why.clone(),
         loss: last.loss,
         acceptance_loss,
-        members: each.collect(),
-    })
+    };
+    Some(PublishedSelection { summary, members: each.collect() })
 }
 
 /// Whether published input `i` is window member `m` (whose checkpoint has `identity`): same

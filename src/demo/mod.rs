@@ -210,11 +210,11 @@ fn watcher_summary(history: &History, config: &Path, table_sewa: &Selection) -> 
         }
     }
     let Some(last) = &status.last_selection else { return o };
-    let _ = writeln!(o, "the watcher's last selection: {} — {}", last.why, last.outcome);
+    let _ = writeln!(o, "the watcher's last selection: {} — {}", last.summary.why, last.outcome);
     // Same members, same objective and data: the losses agree exactly when the subsets are the
     // same (up to the status file's JSON round trip).
     let table = "the table's SeWA row (a cold start on the same final window)";
-    if same_loss(last.loss, table_sewa.loss) {
+    if same_loss(last.summary.loss, table_sewa.loss) {
         let _ = writeln!(o, "{table} chose the same subset");
     } else {
         let _ = writeln!(o, "{table} chose another subset: {}", table_sewa.why);

@@ -599,8 +599,10 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
         last.selection, status.counters.selections, last.after_step
     );
     assert!(a.summary.contains(&said), "{}", a.summary);
-    let same =
-        sewa::demo::same_loss(status.last_selection.as_ref().unwrap().loss, a.table_sewa.loss);
+    let same = sewa::demo::same_loss(
+        status.last_selection.as_ref().unwrap().summary.loss,
+        a.table_sewa.loss,
+    );
     let claim = if same { "chose the same subset" } else { "chose another subset" };
     assert!(a.summary.contains(claim), "{}", a.summary);
 }

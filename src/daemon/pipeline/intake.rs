@@ -9,14 +9,29 @@ use tracing::{debug, info, info_span, warn};
 
 use super::super::load::{self, Refusal};
 use super::super::loudness::Level;
-use super::super::panics;
 use super::super::progress::disk_bytes;
+use super::super::{disk, panics};
 use super::{Pipeline, trusted};
 use crate::checkpoint::{Checkpoint, Identity};
 use crate::text;
 use crate::window::{Action, Event, Member};
 
 impl Pipeline {
+    /// Let go of checkpoints deleted from disk when `disk` says so (`[window] keep_deleted`,
+    /// `min_free_bytes`): before anything else, so the trainer's next save finds the room.
+    pub(super) fn guard_disk(&mut self) {
+        let held = disk::holdings(self.window.members(), &self.open, &self.running.held());
+        let release = disk::release(&self.cfg.window, &self.cfg.watch.dir, &held);
+        if release.average {
+            self.running.reset(); // it holds its inputs open; the next publish recomputes
+        }
+        for path in release.members {
+            self.status.counters.released += 1;
+            let actions = self.window.handle(Event::Released { path });
+            self.apply(actions);
+        }
+    }
+
     /// Drop members whose file was rewritten in place (before reading them again).
     pub(super) fn check_members(&mut self) {
         let stale: Vec<PathBuf> =

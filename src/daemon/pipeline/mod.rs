@@ -15,7 +15,7 @@ use super::accept::Acceptance;
 use super::loudness::Loudness;
 use super::output::{self, LastPublished};
 use super::progress::{self, Progress, stall_bound};
-use super::{panics, status_view};
+use super::{disk, panics, status_view};
 use crate::average::running::RunningAverage;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::Config;
@@ -124,6 +124,7 @@ impl Pipeline {
     /// Process one batch of settled candidates, then reselect/publish if the window asks.
     pub fn step(&mut self, batch: Vec<Settled>) {
         self.beat(self.window_bytes());
+        self.guard_disk();
         self.check_members();
         // Newest first: at start-up a full window is built without loading older candidates.
         // Names without a step last: a copy such as last.pt then meets its original, and a
@@ -155,6 +156,7 @@ impl Pipeline {
 
     /// Reselect if asked and the window holds enough members, then write the status file.
     fn finish(&mut self) {
+        self.guard_disk(); // a publication writes: make the room first
         if self.reselect && self.enough_members() {
             self.reselect = false;
             self.beat(self.window_bytes());
@@ -238,6 +240,8 @@ impl Pipeline {
             skipped: r.skipped,
         });
         self.status.quarantined = q.collect();
+        let held = disk::holdings(self.window.members(), &self.open, &self.running.held());
+        self.status.disk = disk::status(&self.cfg.window, &self.cfg.watch.dir, &held);
         let path = self.cfg.status_file();
         if let Err(e) = self.status.write(&path) {
             warn!(error = %e, "cannot write the status file");

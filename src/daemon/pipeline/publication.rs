@@ -18,7 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Policy;
 use crate::error::{Error, Result};
 use crate::select::{self, ModelContext, Selection, WindowView};
-use crate::status::{OnDisk, PublishStatus, SelectionStatus};
+use crate::status::{OnDisk, PublishStatus, SelectionStatus, SelectionSummary};
 use crate::watch::Filter;
 use crate::window::Event;
 
@@ -228,15 +228,14 @@ impl Pipeline {
     }
 
     fn record_selection(&mut self, sel: &Selection, published: bool, outcome: String) {
-        self.status.last_selection = Some(SelectionStatus {
+        let summary = SelectionSummary {
             at: crate::timestamp::now(),
             method: sel.method.clone(),
             why: sel.why.clone(),
             loss: sel.loss,
             acceptance_loss: sel.details["acceptance_loss"].as_f64(),
-            published,
-            outcome,
-        });
+        };
+        self.status.last_selection = Some(SelectionStatus { summary, published, outcome });
     }
 }
 

@@ -2,6 +2,7 @@
 //! production service would be (issue 8). Each test is named after what it guards.
 
 mod checkcfg;
+mod disk;
 mod input;
 mod losses;
 mod publish;

@@ -135,10 +135,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A tmpfs of `bytes` mounted on a temp dir (we run as root in CI); `None`, with the reason
 /// printed, where mounting is not allowed.
-struct Tmpfs(tempfile::TempDir);
+pub(crate) struct Tmpfs(tempfile::TempDir);
 
 impl Tmpfs {
-    fn mount(bytes: u64) -> Option<Tmpfs> {
+    pub(crate) fn mount(bytes: u64) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().unwrap();
         let o = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
@@ -157,7 +157,7 @@ impl Tmpfs {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.0.path()
     }
 

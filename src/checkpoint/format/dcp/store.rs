@@ -96,6 +96,11 @@ impl DcpStore {
         self.files.iter().all(LazyFile::still_valid)
     }
 
+    /// See `Checkpoint::unlinked_bytes`: only files already opened are held.
+    pub fn unlinked_bytes(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.held.get()).map(PinnedFile::unlinked_bytes).sum()
+    }
+
     /// Tensor `key`'s chunks (for `inspect`).
     pub fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
         let t = self.tensors.get(key)?;
