@@ -42,6 +42,21 @@ pub mod de {
         at_least_one(d).map(Some)
     }
 
+    /// An optional byte count: a number of bytes (0 allowed) or a size such as "10GiB".
+    pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 0 => Ok(Some(n as u64)),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!("must be ≥ 0 bytes, got {n}"))),
+            Raw::Text(t) => super::parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+
     /// A finite number > 0.
     pub fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         let v = f64::deserialize(d)?;

@@ -83,7 +83,7 @@ pub struct WindowConfig {
     /// Free bytes to keep on the watched directory's filesystem: below it, members whose files
     /// were deleted are released (oldest first). Default: the larger of 5 % of the filesystem
     /// and twice the newest checkpoint's size (`daemon::disk`); 0 never releases.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::checked::de::opt_size")]
     pub min_free_bytes: Option<u64>,
     /// Keep members whose files were deleted (their blocks stay allocated while sewa holds
     /// them); false releases them at once, so the window follows the trainer's rotation.

@@ -134,3 +134,12 @@ fn relative_paths_resolve_against_the_config_files_directory() {
     assert_eq!(cfg.base_dir(), tmp.path());
     assert_eq!(config_dir(Path::new("sewa.toml")), std::env::current_dir().unwrap());
 }
+
+#[test]
+fn min_free_bytes_takes_bytes_or_a_size() {
+    let at = |v: &str| parse(&format!("{MIN}[window]\nmin_free_bytes = {v}\n"));
+    assert_eq!(at("0").unwrap().window.min_free_bytes, Some(0));
+    assert_eq!(at("\"10GiB\"").unwrap().window.min_free_bytes, Some(10 << 30));
+    let err = at("\"plenty\"").unwrap_err().to_string();
+    assert!(err.contains("line 6") && err.contains("plenty"), "{err}");
+}
