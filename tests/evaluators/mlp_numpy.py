@@ -2,7 +2,8 @@
 net.0.bias, activation between layers) with mean cross-entropy on held-out data, gradients by
 hand-written backprop. It must agree with sewa's builtin candle objective on the same files.
 
-usage: mlp_numpy.py DATA.safetensors [--mode MODE]
+usage: mlp_numpy.py DATA.safetensors [--mode MODE] [--protocol N]
+--protocol caps the protocol version the client speaks (1: candidate files; 2: mixing weights).
 MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | nan | version
       zero-grad: the true loss with an all-zero gradient (a broken autograd that sends zeros)
       no-grad: the true loss with no gradient for any weight (the client must refuse it)
@@ -60,13 +61,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("--mode", default="ok")
+    ap.add_argument("--protocol", type=int, default=None)
     args = ap.parse_args()
     data = load_file(args.data)
     x, y = data["inputs"], data["targets"].astype(np.int64)
     calls = {"n": 0}
 
     if args.mode == "version":
-        sewa_evaluator.PROTOCOL = 99
+        # Bypass the client's negotiation: insist on a version sewa does not speak.
+        sys.stdin.readline()
+        print('{"type": "hello", "protocol": 99, "grad": true}', flush=True)
+        time.sleep(60)
+        return
     if args.mode == "garbage":
         # Bypass the client: answer the hello, then print junk.
         sys.stdin.readline()
@@ -98,7 +104,7 @@ def main():
         return loss, grads
 
     sewa_evaluator.serve(loss_fn, framework="numpy", grad=args.mode != "forward-only",
-                         name="mlp_numpy")
+                         name="mlp_numpy", protocol=args.protocol)
 
 
 if __name__ == "__main__":

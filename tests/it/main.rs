@@ -8,6 +8,7 @@ mod evaluator;
 mod faults;
 mod layouts;
 mod objective;
+mod protocol2;
 mod publish;
 mod sewa;
 mod watch;
