@@ -37,13 +37,19 @@ fn config(command: Vec<String>) -> CommandConfig {
 
 /// The numpy MLP evaluator speaking at most `protocol`.
 fn numpy_eval(data: &Path, protocol: u32) -> CommandObjective {
+    numpy_mode(data, protocol, "ok", 120.0)
+}
+
+fn numpy_mode(data: &Path, protocol: u32, mode: &str, timeout_s: f64) -> CommandObjective {
     let script = repo().join("tests/evaluators/mlp_numpy.py");
-    let cmd = ["python3", &script.display().to_string(), &data.display().to_string()]
-        .iter()
-        .map(|s| s.to_string())
+    let args = [&script.display().to_string(), &data.display().to_string(), "--mode", mode];
+    let cmd = std::iter::once("python3".to_string())
+        .chain(args.iter().map(|s| s.to_string()))
         .chain(["--protocol".into(), protocol.to_string()])
         .collect();
-    CommandObjective::start(config(cmd)).unwrap()
+    let mut cfg = config(cmd);
+    cfg.timeout_s = timeout_s;
+    CommandObjective::start(cfg).unwrap()
 }
 
 fn write_params(path: &Path, p: &Params, dtype: safetensors::Dtype) {
@@ -149,10 +155,19 @@ fn sewa_and_greedy_choose_the_same_subsets_through_both_protocols() {
 fn wide(seed: u64, h: usize) -> Params {
     let mut p = mlp_params(seed);
     let (d, c) = (p[1].shape[1], p[2].shape[0]);
-    let vals = |n: usize, s: u64| (0..n).map(move |i| ((i as u64 * 7919 + s) % 200) as f32 / 1e3 - 0.1);
+    let vals =
+        |n: usize, s: u64| (0..n).map(move |i| ((i as u64 * 7919 + s) % 200) as f32 / 1e3 - 0.1);
     p[0] = NamedTensor { name: p[0].name.clone(), shape: vec![h], data: vals(h, seed).collect() };
-    p[1] = NamedTensor { name: p[1].name.clone(), shape: vec![h, d], data: vals(h * d, seed + 1).collect() };
-    p[3] = NamedTensor { name: p[3].name.clone(), shape: vec![c, h], data: vals(c * h, seed + 3).collect() };
+    p[1] = NamedTensor {
+        name: p[1].name.clone(),
+        shape: vec![h, d],
+        data: vals(h * d, seed + 1).collect(),
+    };
+    p[3] = NamedTensor {
+        name: p[3].name.clone(),
+        shape: vec![c, h],
+        data: vals(c * h, seed + 3).collect(),
+    };
     p
 }
 
@@ -188,7 +203,8 @@ fn protocol_2_requests_move_o_k_bytes_and_write_no_model_sized_file() {
     let after = p2.traffic();
     assert_eq!(after.staged_written, before.staged_written, "no file written per request");
     assert_eq!(after.staged_read, before.staged_read, "no file read per request");
-    let per_call = (after.lines_out + after.lines_in - before.lines_out - before.lines_in) / calls as u64;
+    let per_call =
+        (after.lines_out + after.lines_in - before.lines_out - before.lines_in) / calls as u64;
     assert!(per_call < 120 + 60 * k as u64, "{per_call} bytes per request for K = {k}");
     assert!(per_call * 100 < model_bytes, "{per_call} bytes per request, model {model_bytes}");
 }
@@ -230,7 +246,11 @@ fn members_without_a_loadable_file_are_staged_once_and_the_window_slides() {
     assert_eq!(p2.traffic().staged_written, w1, "a member already held is not copied again");
     let one = mem[0].total_bytes();
     let (lo, hi) = (4 * one, 4 * (one + 1024));
-    assert!((lo..hi).contains(&(w1 - w0)), "four copies written (two re-added, two new): {}", w1 - w0);
+    assert!(
+        (lo..hi).contains(&(w1 - w0)),
+        "four copies written (two re-added, two new): {}",
+        w1 - w0
+    );
 }
 
 /// A member the evaluator cannot load (numpy has no bfloat16) is an error naming its path.
@@ -245,6 +265,38 @@ fn a_member_the_evaluator_cannot_load_is_an_error_naming_it() {
     let mut p2 = numpy_eval(&data, 2);
     let err = p2.evaluate_mix(&[&good[0], &bad], &[0.5, 0.5], true).unwrap_err().to_string();
     assert!(err.contains("cannot load member") && err.contains("step_900.safetensors"), "{err}");
+}
+
+/// Crash, NaN and hang stay contained under protocol 2 as under protocol 1: an error with the
+/// evaluator's stderr, then a restart (after the backoff) that is sent the whole window again.
+#[test]
+fn protocol_2_failures_are_contained_and_a_restarted_evaluator_gets_the_window_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let ms = members(dir.path(), 3);
+    let refs: Vec<&Checkpoint> = ms.iter().collect();
+    let alpha = [0.2, 0.3, 0.5];
+    let mut crashy = numpy_mode(&data, 2, "crash-after-1", 60.0);
+    let first = crashy.evaluate_mix(&refs, &alpha, true).unwrap().loss;
+    let err = crashy.evaluate_mix(&refs, &alpha, true).unwrap_err().to_string();
+    assert!(err.contains("exited") && err.contains("simulated crash"), "{err}");
+    let start = std::time::Instant::now();
+    let again = loop {
+        match crashy.evaluate_mix(&refs, &alpha, true) {
+            Ok(ev) => break ev.loss,
+            Err(e) if e.to_string().contains("next restart allowed") => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < crate::watch::DEADLINE, "never restarted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(first, again, "the restarted evaluator holds the same members");
+    let mut nan = numpy_mode(&data, 2, "nan", 60.0);
+    let err = nan.evaluate_mix(&refs, &alpha, false).unwrap_err().to_string();
+    assert!(err.contains("non-finite loss"), "{err}");
+    let mut hang = numpy_mode(&data, 2, "hang", 1.0);
+    let err = hang.evaluate_mix(&refs, &alpha, false).unwrap_err().to_string();
+    assert!(err.contains("did not answer within timeout_s"), "{err}");
 }
 
 // ---- torch (where importable) ----------------------------------------------------------------
@@ -308,4 +360,46 @@ fn torchrun_with_two_ranks_gives_the_one_rank_loss_and_member_gradients() {
             assert!(close(*x, *y, 1e-4), "∂F/∂α {x} vs {y}");
         }
     }
+}
+
+/// `sewa watch` with a protocol 2 evaluator: as checkpoints arrive and the window (size 3)
+/// slides, the evaluator is sent each newcomer and told to drop each leaver, and every
+/// selection is published.
+#[test]
+fn the_daemon_sends_members_as_the_window_slides() {
+    let script = repo().join("tests/evaluators/mlp_numpy.py");
+    let cfg = format!(
+        "[window]\nsize = 3\n[select]\nmethod = \"greedy\"\nk = 2\n\
+         [objective]\nkind = \"command\"\ncommand = [\"python3\", {:?}, \"sel.safetensors\"]\n",
+        script.display().to_string()
+    );
+    let mut d = crate::watch::Daemon::start(&cfg);
+    crate::watch::write_selection_data(&d.tmp.path().join("sel.safetensors"));
+    // One `members` message per newcomer (selections that change nothing publish nothing,
+    // so the evaluator's own report of each change is what is waited for).
+    let changes = |d: &crate::watch::Daemon| {
+        d.log().lines().filter(|l| l.contains("sewa_evaluator: members")).count()
+    };
+    for (step, a) in [(1, 1.0), (2, 3.0), (3, -2.0), (4, 0.5), (5, 2.0)] {
+        crate::watch::write_mlp(&d.runs, step, a);
+        let start = std::time::Instant::now();
+        while changes(&d) < step as usize {
+            assert!(d.alive(), "sewa exited:\n{}", d.log());
+            assert!(start.elapsed() < crate::watch::DEADLINE, "step {step}:\n{}", d.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let log = d.log();
+    let changes: Vec<&str> =
+        log.lines().filter(|l| l.contains("sewa_evaluator: members")).collect();
+    assert_eq!(changes.len(), 5, "{changes:#?}");
+    assert!(
+        changes[3].contains("removed ['1']") && changes[3].contains("holding 3"),
+        "{changes:#?}"
+    );
+    assert!(
+        changes[4].contains("removed ['2']") && changes[4].contains("holding 3"),
+        "{changes:#?}"
+    );
+    assert!(!log.contains("evaluator failed"), "{log}");
 }

@@ -177,9 +177,8 @@ impl CommandObjective {
 
     /// Bytes moved so far (see `Traffic`).
     pub fn traffic(&self) -> Traffic {
-        let live = self.session.as_ref().map_or((0, 0), |s| {
-            (s.process.bytes_out, s.process.bytes_in)
-        });
+        let live =
+            self.session.as_ref().map_or((0, 0), |s| (s.process.bytes_out, s.process.bytes_in));
         Traffic {
             lines_out: self.lines_done.0 + live.0,
             lines_in: self.lines_done.1 + live.1,
@@ -454,7 +453,8 @@ impl CommandObjective {
                 }
                 other => return Err(self.failure(format!("answered members with {other:?}"))),
             }
-            let pairs = change.add.iter().zip(&added).map(|(&i, a)| (keys[i].clone(), a.id.clone()));
+            let pairs =
+                change.add.iter().zip(&added).map(|(&i, a)| (keys[i].clone(), a.id.clone()));
             s.held.apply(pairs.collect(), &change.remove);
             self.drop_stale_copies(&keys);
         }

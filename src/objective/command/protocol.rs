@@ -44,7 +44,9 @@ pub enum Reply {
         dots: Option<BTreeMap<String, Option<f64>>>,
     },
     /// Version 2: the answer to `members`: how many members it now holds.
-    Ready { members: usize },
+    Ready {
+        members: usize,
+    },
     Error {
         message: String,
     },
@@ -100,7 +102,13 @@ pub fn members(add: &[Added], remove: &[String]) -> serde_json::Value {
 }
 
 /// A mixing request: only members with α > 0 are listed; `ints` supplies integer buffers.
-pub fn evaluate_mix(id: u64, ids: &[String], alpha: &[f64], grad: bool, ints: &str) -> serde_json::Value {
+pub fn evaluate_mix(
+    id: u64,
+    ids: &[String],
+    alpha: &[f64],
+    grad: bool,
+    ints: &str,
+) -> serde_json::Value {
     let weights: serde_json::Map<String, serde_json::Value> = ids
         .iter()
         .zip(alpha)

@@ -68,7 +68,10 @@ impl Staging {
     /// `path`, streamed tensor by tensor from the files sewa holds open.
     pub fn write_member(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
         let fail = |e: std::io::Error| {
-            Error::Internal(format!("{}: cannot write a copy for the evaluator: {e}", path.display()))
+            Error::Internal(format!(
+                "{}: cannot write a copy for the evaluator: {e}",
+                path.display()
+            ))
         };
         let mut header = serde_json::Map::new();
         let mut offset = 0usize;
