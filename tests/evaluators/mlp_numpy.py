@@ -8,6 +8,8 @@ MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | n
       zero-grad: the true loss with an all-zero gradient (a broken autograd that sends zeros)
       no-grad: the true loss with no gradient for any weight (the client must refuse it)
       constant: loss 1.0 and zero gradients, to time the protocol alone (examples/bench_evaluator.rs)
+      echo: protocol 2 by hand, loading nothing and answering loss 1.0 and zero ∂F/∂α at once:
+            the protocol's own cost per request (examples/bench_evaluator.rs)
 """
 
 import argparse
@@ -57,6 +59,27 @@ def loss_and_grad(weights, x, y):
     return loss, grads
 
 
+def echo():
+    import json
+
+    held = set()
+    for line in sys.stdin:
+        req = json.loads(line)
+        kind = req.get("type")
+        if kind == "hello":
+            reply = {"type": "hello", "protocol": 2, "grad": True, "mix": True,
+                     "formats": ["safetensors"], "name": "echo"}
+        elif kind == "members":
+            held |= {a["id"] for a in req["add"]}
+            held -= set(req["remove"])
+            reply = {"type": "ready", "members": len(held)}
+        elif kind == "evaluate":
+            reply = {"type": "result", "id": req["id"], "loss": 1.0, "dots": {i: 0.0 for i in held}}
+        else:
+            break
+        print(json.dumps(reply), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -72,6 +95,9 @@ def main():
         sys.stdin.readline()
         print('{"type": "hello", "protocol": 99, "grad": true}', flush=True)
         time.sleep(60)
+        return
+    if args.mode == "echo":
+        echo()
         return
     if args.mode == "garbage":
         # Bypass the client: answer the hello, then print junk.

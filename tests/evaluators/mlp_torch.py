@@ -2,7 +2,8 @@
 mean cross-entropy) through torch.func.functional_call, gradients by autograd. Under torchrun
 each rank evaluates its shard of the rows (sewa_evaluator.shard).
 
-usage: mlp_torch.py DATA.safetensors [--protocol N] [--device DEV]
+usage: mlp_torch.py DATA.safetensors [--protocol N] [--device DEV] [--float32]
+--float32 computes in float32 (the benchmark) instead of float64 (the tests' tolerance).
 """
 
 import argparse
@@ -29,16 +30,18 @@ def main():
     ap.add_argument("data")
     ap.add_argument("--protocol", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--float32", action="store_true")
     args = ap.parse_args()
+    dt = torch.float32 if args.float32 else torch.float64
     data = load_file(args.data)
-    x = sewa_evaluator.shard(data["inputs"]).double().to(args.device)
+    x = sewa_evaluator.shard(data["inputs"]).to(dt).to(args.device)
     y = sewa_evaluator.shard(data["targets"]).long().to(args.device)
 
     def loss_fn(w):
         h = x
         order = layers(w)
         for i, (wn, bn) in enumerate(order):
-            h = h @ w[wn].double().T + w[bn].double()
+            h = h @ w[wn].to(dt).T + w[bn].to(dt)
             if i + 1 < len(order):
                 h = torch.relu(h)
         return torch.nn.functional.cross_entropy(h, y)
