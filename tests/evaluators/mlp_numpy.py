@@ -8,6 +8,8 @@ MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | n
       zero-grad: the true loss with an all-zero gradient (a broken autograd that sends zeros)
       no-grad: the true loss with no gradient for any weight (the client must refuse it)
       constant: loss 1.0 and zero gradients, to time the protocol alone (examples/bench_evaluator.rs)
+      count-ints: the true loss plus the sum of every integer tensor sent (which member's
+            integer buffers a protocol 2 mixture carries)
       echo: protocol 2 by hand, loading nothing and answering loss 1.0 and zero ∂F/∂α at once:
             the protocol's own cost per request (examples/bench_evaluator.rs)
 """
@@ -121,6 +123,8 @@ def main():
         if args.mode == "constant":
             return 1.0, {n: np.zeros_like(t) for n, t in w.items()}
         loss, grads = loss_and_grad(w, x, y)
+        if args.mode == "count-ints":
+            loss += sum(float(t.sum()) for t in w.values() if t.dtype.kind in "iu")
         if args.mode == "forward-only":
             return float(loss)
         if args.mode == "zero-grad":

@@ -299,6 +299,38 @@ fn protocol_2_failures_are_contained_and_a_restarted_evaluator_gets_the_window_a
     assert!(err.contains("did not answer within timeout_s"), "{err}");
 }
 
+/// Integer buffers are not mixed: the evaluator is told which member supplies them, the newest
+/// one with a positive weight under `int_policy = "latest"`, the oldest under `"first"`.
+#[test]
+fn a_mixture_carries_the_integer_buffers_of_the_member_the_int_policy_picks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let ms: Vec<Checkpoint> = (0..3u64)
+        .map(|i| {
+            let p = mlp_params(10 * i + 3);
+            let mut tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)> = p
+                .iter()
+                .map(|t| {
+                    let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (t.name.clone(), DType::F32, t.shape.clone(), b)
+                })
+                .collect();
+            let steps = (100 * (i + 1) as i64).to_le_bytes().to_vec();
+            tensors.push(("steps".into(), DType::I64, vec![1], steps));
+            Checkpoint::from_memory(format!("member-{i}"), Some(i), tensors).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Checkpoint> = ms.iter().collect();
+    let alpha = [0.5, 0.0, 0.5];
+    let plain = numpy_eval(&data, 2).evaluate_mix(&refs, &alpha, false).unwrap().loss;
+    let mut counting = numpy_mode(&data, 2, "count-ints", 60.0);
+    let latest = counting.evaluate_mix(&refs, &alpha, false).unwrap().loss;
+    assert!(close(latest - plain, 300.0, 1e-9), "newest used member: {}", latest - plain);
+    counting.set_int_policy(sewa::average::IntPolicy::First);
+    let first = counting.evaluate_mix(&refs, &alpha, false).unwrap().loss;
+    assert!(close(first - plain, 100.0, 1e-9), "oldest used member: {}", first - plain);
+}
+
 // ---- torch (where importable) ----------------------------------------------------------------
 
 /// Why the torch tests cannot run with this Python, if they cannot.
