@@ -219,7 +219,12 @@ def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
     backend = _backend(framework, device, members_on)
     cap = PROTOCOL if protocol is None else min(int(protocol), PROTOCOL)
     server = _Server(loss_fn, backend, grad, name, cap, dist)
-    proto = _protocol_stream() if dist is None or dist.rank == 0 else None
+    # Every rank's prints go to stderr (under torchrun all ranks share sewa's stdout pipe);
+    # only rank 0 writes protocol lines.
+    proto = _protocol_stream()
+    if dist is not None and dist.rank != 0:
+        proto.close()
+        proto = None
     requests = _dist.requests(sys.stdin, dist)
     for req in requests:
         if req.get("type") == "shutdown":
