@@ -82,6 +82,10 @@ class Torch:
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 part = state_dict_of(obj)
+                if self.store.type == "cpu" and not self.pin:
+                    # Copy out of the mapping: a file rewritten in place later (last.ckpt)
+                    # would otherwise kill this process with SIGBUS on the next access.
+                    part = {k: v.clone() for k, v in part.items()}
             out.update(part)
         return {n: self._place(t) for n, t in out.items()}
 
