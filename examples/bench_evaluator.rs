@@ -106,7 +106,7 @@ fn bench_mix(obj: &mut CommandObjective, members: &[&Checkpoint]) -> (f64, f64, 
 
 fn row(what: &str, grad: f64, fwd: f64, lines: f64, files: f64) {
     println!(
-        "{what:<44} {grad:8.1} ms {fwd:8.1} ms   lines {:>9} B/req   files {:>11} B/req",
+        "{what:<44} {grad:9.2} ms {fwd:9.2} ms   lines {:>9} B/req   files {:>11} B/req",
         lines.round(),
         files.round()
     );
