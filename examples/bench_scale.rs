@@ -19,7 +19,9 @@
 //!
 //! Run: `cargo build --release && cargo run --release --example bench_scale -- --gib 2`
 //! Options: `--gib F` (default 2), `--layers N` (default 32), `--dir DIR` (temp dir parent,
-//! default $TMPDIR), `--sewa PATH` (default: `sewa` beside this example's binary). Needs
+//! default $TMPDIR), `--sewa PATH` (default: `sewa` beside this example's binary), `--budget
+//! auto|SIZE` (`[runtime] memory_budget`, default auto; `--budget 1` never keeps the running
+//! average, so every publication streams its members). Needs
 //! 6 × `--gib` of free disk (5 checkpoints and the published average) and about 5 × `--gib`
 //! of RAM for today's f64 running average.
 
@@ -41,6 +43,8 @@ struct Args {
     layers: usize,
     dir: PathBuf,
     sewa: PathBuf,
+    /// `[runtime] memory_budget`, as TOML (`"auto"`, `1`: never keep the running average).
+    budget: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         layers: 32,
         dir: std::env::temp_dir(),
         sewa: default_sewa.unwrap_or_else(|| PathBuf::from("sewa")),
+        budget: "\"auto\"".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +65,8 @@ fn parse_args() -> Result<Args, String> {
             "--layers" => a.layers = value.parse().map_err(|_| format!("--layers {value:?}"))?,
             "--dir" => a.dir = PathBuf::from(value),
             "--sewa" => a.sewa = PathBuf::from(value),
+            "--budget" if value == "auto" => a.budget = "\"auto\"".into(),
+            "--budget" => a.budget = format!("{:?}", value),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -77,13 +84,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.layers,
         layout.bytes() as f64 / (1u64 << 30) as f64
     );
-    println!("sewa: {}", args.sewa.display());
+    println!("sewa: {}, memory_budget = {}", args.sewa.display(), args.budget);
     // (label, [select] table, the first step published: LAWA waits for k members).
     for (label, select, first) in
         [("LAWA k=3", "method = \"lawa\"\nk = 3", 3), ("uniform window", "method = \"uniform\"", 1)]
     {
         let work = tempfile::tempdir_in(&args.dir)?;
-        let run = measure(&args.sewa, work.path(), &layout, select, first)?;
+        let select = format!("{select}\n[runtime]\nmemory_budget = {}", args.budget);
+        let run = measure(&args.sewa, work.path(), &layout, &select, first)?;
         run.print(label, layout.bytes());
     }
     Ok(())

@@ -41,8 +41,8 @@ pub enum Error {
     Selection(String),
     /// The external evaluator failed (would not start, crashed, timed out, broke the
     /// protocol). The daemon restarts it with backoff; the CLI exits 1.
-    #[error("evaluator {}: {}", escape(command), escape_lines(msg))]
-    Evaluator { command: String, msg: String },
+    #[error("{}", escape_lines(.0))]
+    Evaluator(String),
     /// Anything else that is our fault or the environment's. Exit 1.
     #[error("{}", escape_lines(.0))]
     Internal(String),
@@ -63,10 +63,6 @@ impl Error {
 
     pub fn config(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Config { path: path.as_ref().to_path_buf(), msg: msg.into() }
-    }
-
-    pub fn evaluator(command: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Evaluator { command: command.into(), msg: msg.into() }
     }
 
     /// What is wrong, without the path when the error is about `path` itself (for records
@@ -93,7 +89,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Selection(_) => 2,
             Error::Config { .. } => 78,
-            Error::Io { .. } | Error::Evaluator { .. } | Error::Internal(_) => 1,
+            Error::Io { .. } | Error::Evaluator(_) | Error::Internal(_) => 1,
         }
     }
 }

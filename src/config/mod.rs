@@ -245,8 +245,11 @@ impl Config {
 
     /// Parse and check config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let cfg: Config = toml::from_str(text)
+        let mut cfg: Config = toml::from_str(text)
             .map_err(|e| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end())))?;
+        if let Some(o) = cfg.objective.as_mut() {
+            o.int_policy = cfg.publish.int_policy; // evaluators mix integer buffers by it
+        }
         cfg.check().map_err(|msg| Error::config(path, format!("{msg}\n{HINT}")))?;
         // The owners' cross-field rules (their single values rejected themselves above).
         cfg.select.sewa.check(path)?;

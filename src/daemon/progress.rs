@@ -18,7 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::Result;
 use crate::objective::config::ObjectiveKind;
-use crate::objective::{Evaluation, Objective, Params};
+use crate::objective::{Evaluation, MixEvaluation, Objective, Params};
 
 /// Added to the evaluator's own timeout for the default `[runtime] stall_s`.
 const STALL_MARGIN: Duration = Duration::from_secs(60);
@@ -140,6 +140,22 @@ impl Objective for Beating<'_> {
 
     fn check(&self, ckpt: &Checkpoint) -> Result<()> {
         self.inner.check(ckpt)
+    }
+
+    fn mixes(&self) -> bool {
+        self.inner.mixes()
+    }
+
+    fn evaluate_mix(
+        &mut self,
+        members: &[&Checkpoint],
+        alpha: &[f64],
+        want_grad: bool,
+    ) -> Result<MixEvaluation> {
+        self.progress.beat(self.allowed);
+        let result = self.inner.evaluate_mix(members, alpha, want_grad);
+        self.progress.beat(self.allowed);
+        result
     }
 }
 

@@ -169,6 +169,10 @@ pub struct ObjectiveConfig {
     /// protocol and settings as `command`) that computes the loss on the other split.
     #[serde(default)]
     pub acceptance_command: Vec<String>,
+    /// `[publish] int_policy`, copied here by `Config::parse` (not a key of this table): a
+    /// protocol 2 evaluator is told which member's integer buffers a mixture carries.
+    #[serde(skip)]
+    pub int_policy: crate::average::IntPolicy,
 }
 
 impl ObjectiveConfig {
@@ -256,7 +260,9 @@ impl ObjectiveConfig {
         if self.kind == ObjectiveKind::Command {
             let mut config = self.command_config(base_dir);
             config.one_shot = lifetime == Lifetime::OneShot;
-            return Ok(Box::new(CommandObjective::start(config)?));
+            let mut evaluator = CommandObjective::start(config)?;
+            evaluator.set_int_policy(self.int_policy);
+            return Ok(Box::new(evaluator));
         }
         let path = self.data_path(base_dir);
         let data = Dataset::load(&path, self.loss)?;

@@ -1,6 +1,9 @@
 //! The loss oracle selectors optimise: loss (and optionally its gradient with respect to the
 //! weights) at a candidate average. Where the model lives is hidden behind `Objective`:
 //! in-process candle models (`builtin`) or an external evaluator process (`command`).
+//! An objective that holds the window's members itself (protocol 2 evaluators) is also asked
+//! for mixtures by their weights (`evaluate_mix`): then no average is formed and no gradient
+//! moves; it returns one number per member instead.
 //! This module does not choose checkpoints or write outputs.
 
 pub mod config;
@@ -35,7 +38,17 @@ pub struct Evaluation {
     pub grad: Option<Params>,
 }
 
-/// A loss oracle. Each `evaluate` call counts as one oracle call in reports.
+/// What one mixing call returns (`Objective::evaluate_mix`).
+#[derive(Clone, Debug)]
+pub struct MixEvaluation {
+    /// F(w(α)) with w(α) = Σ α_i w_i.
+    pub loss: f64,
+    /// ∂F/∂α_i = ⟨∇_w F(w(α)), w_i⟩ over the floating tensors, one per member in the order
+    /// given. `None` when not asked for or not supported.
+    pub member_dots: Option<Vec<f64>>,
+}
+
+/// A loss oracle. Each `evaluate` (or `evaluate_mix`) call counts as one oracle call in reports.
 pub trait Objective: Send {
     /// Loss at `params`; with `want_grad`, also the gradient (if `supports_grad`).
     fn evaluate(&mut self, params: &Params, want_grad: bool) -> Result<Evaluation>;
@@ -47,5 +60,23 @@ pub trait Objective: Send {
     /// checkpoint and what does not fit. Selectors call it on every member before optimising.
     fn check(&self, _ckpt: &Checkpoint) -> Result<()> {
         Ok(())
+    }
+    /// Whether `evaluate_mix` works: the objective loads members itself and takes mixing
+    /// weights, so selectors neither form averages nor stream gradient dot products.
+    fn mixes(&self) -> bool {
+        false
+    }
+    /// Loss (and with `want_grad` the per-member dot products) at `Σ alpha_i w_i` over
+    /// `members` (window order, oldest first; `alpha` ≥ 0 sums to 1). Only when `mixes()`.
+    fn evaluate_mix(
+        &mut self,
+        _members: &[&Checkpoint],
+        _alpha: &[f64],
+        _want_grad: bool,
+    ) -> Result<MixEvaluation> {
+        Err(crate::error::Error::Internal(format!(
+            "{} does not evaluate mixtures of members",
+            self.describe()
+        )))
     }
 }

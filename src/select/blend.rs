@@ -39,6 +39,9 @@ impl<'a> Blend<'a> {
     pub fn member(&self, i: usize) -> &'a Checkpoint {
         self.members[i]
     }
+    pub fn members(&self) -> &[&'a Checkpoint] {
+        &self.members
+    }
 
     /// Zero-filled parameters with the members' float layout (names sorted).
     pub fn zeros(&self) -> Params {

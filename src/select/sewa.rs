@@ -176,12 +176,11 @@ fn concrete_grad(
                 sigmoid((th + (u / (1.0 - u)).ln()) / tau)
             })
             .collect();
-        let total: f64 = m.iter().sum();
         let ev = oracle.soft(&m, true)?;
-        let g = ev.grad.ok_or_else(|| Error::Selection("objective gave no gradient".into()))?;
-        let d = oracle.blend.dots(&g, &oracle.point)?;
+        let d =
+            ev.mask_grad.ok_or_else(|| Error::Selection("objective gave no gradient".into()))?;
         for i in 0..n {
-            grad[i] += d[i] / total * m[i] * (1.0 - m[i]) / tau / samples as f64;
+            grad[i] += d[i] * m[i] * (1.0 - m[i]) / tau / samples as f64;
         }
         mean += ev.loss / samples as f64;
     }

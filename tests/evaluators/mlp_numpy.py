@@ -2,11 +2,16 @@
 net.0.bias, activation between layers) with mean cross-entropy on held-out data, gradients by
 hand-written backprop. It must agree with sewa's builtin candle objective on the same files.
 
-usage: mlp_numpy.py DATA.safetensors [--mode MODE]
+usage: mlp_numpy.py DATA.safetensors [--mode MODE] [--protocol N]
+--protocol caps the protocol version the client speaks (1: candidate files; 2: mixing weights).
 MODE (for failure tests): ok | forward-only | crash-after-1 | hang | garbage | nan | version
       zero-grad: the true loss with an all-zero gradient (a broken autograd that sends zeros)
       no-grad: the true loss with no gradient for any weight (the client must refuse it)
       constant: loss 1.0 and zero gradients, to time the protocol alone (examples/bench_evaluator.rs)
+      count-ints: the true loss plus the sum of every integer tensor sent (which member's
+            integer buffers a protocol 2 mixture carries)
+      echo: protocol 2 by hand, loading nothing and answering loss 1.0 and zero ∂F/∂α at once:
+            the protocol's own cost per request (examples/bench_evaluator.rs)
 """
 
 import argparse
@@ -56,17 +61,46 @@ def loss_and_grad(weights, x, y):
     return loss, grads
 
 
+def echo():
+    import json
+
+    held = set()
+    for line in sys.stdin:
+        req = json.loads(line)
+        kind = req.get("type")
+        if kind == "hello":
+            reply = {"type": "hello", "protocol": 2, "grad": True, "mix": True,
+                     "formats": ["safetensors"], "name": "echo"}
+        elif kind == "members":
+            held |= {a["id"] for a in req["add"]}
+            held -= set(req["remove"])
+            reply = {"type": "ready", "members": len(held)}
+        elif kind == "evaluate":
+            reply = {"type": "result", "id": req["id"], "loss": 1.0, "dots": {i: 0.0 for i in held}}
+        else:
+            break
+        print(json.dumps(reply), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("--mode", default="ok")
+    ap.add_argument("--protocol", type=int, default=None)
     args = ap.parse_args()
     data = load_file(args.data)
     x, y = data["inputs"], data["targets"].astype(np.int64)
     calls = {"n": 0}
 
     if args.mode == "version":
-        sewa_evaluator.PROTOCOL = 99
+        # Bypass the client's negotiation: insist on a version sewa does not speak.
+        sys.stdin.readline()
+        print('{"type": "hello", "protocol": 99, "grad": true}', flush=True)
+        time.sleep(60)
+        return
+    if args.mode == "echo":
+        echo()
+        return
     if args.mode == "garbage":
         # Bypass the client: answer the hello, then print junk.
         sys.stdin.readline()
@@ -89,6 +123,8 @@ def main():
         if args.mode == "constant":
             return 1.0, {n: np.zeros_like(t) for n, t in w.items()}
         loss, grads = loss_and_grad(w, x, y)
+        if args.mode == "count-ints":
+            loss += sum(float(t.sum()) for t in w.values() if t.dtype.kind in "iu")
         if args.mode == "forward-only":
             return float(loss)
         if args.mode == "zero-grad":
@@ -98,7 +134,7 @@ def main():
         return loss, grads
 
     sewa_evaluator.serve(loss_fn, framework="numpy", grad=args.mode != "forward-only",
-                         name="mlp_numpy")
+                         name="mlp_numpy", protocol=args.protocol)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ fn protocol_version_mismatch_is_a_clear_error() {
         Ok(_) => panic!("a protocol 99 evaluator was accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("protocol version 99") && err.contains("sewa speaks 1"), "{err}");
+    assert!(err.contains("protocol version 99") && err.contains("sewa speaks [1, 2]"), "{err}");
 }
 
 #[test]

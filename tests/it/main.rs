@@ -12,6 +12,7 @@ mod layouts;
 mod memory;
 mod objective;
 mod peft;
+mod protocol2;
 mod publish;
 mod sewa;
 mod watch;

@@ -1,0 +1,543 @@
+//! `[objective] kind = "command"`: the loss comes from a long-running evaluator process the
+//! user writes (their own model and held-out data, any framework), spoken to over JSON lines.
+//!
+//! Owns the evaluator's lifecycle: start, versioned handshake, requests with a timeout,
+//! restart with backoff after a failure. Protocol 1: candidates and gradients travel as
+//! safetensors files in a private staging directory (`staging`). Protocol 2: the evaluator
+//! holds the window's members (`members`) and requests carry only mixing weights, replies one
+//! number per member. The process and its pipes are `process`'s, the messages `protocol`'s.
+//! Does not choose checkpoints; a failed call is an error the selector gives up on, never a
+//! made-up loss.
+
+mod members;
+mod process;
+mod protocol;
+mod staging;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Evaluation, MixEvaluation, Objective, Params};
+use crate::average::IntPolicy;
+use crate::checkpoint::{Checkpoint, Identity};
+use crate::error::{Error, Result};
+use members::{Held, MemberKey};
+use process::{Process, RecvError, Tail};
+pub use protocol::PROTOCOL;
+use protocol::{Abilities, Added, Reply};
+use staging::Staging;
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest `timeout_s` / `startup_timeout_s` accepted: a week (larger values are typos, and
+/// `Duration` cannot hold arbitrary floats).
+const MAX_TIMEOUT_S: f64 = 7.0 * 86_400.0;
+
+/// `[objective]` keys for `kind = "command"`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Program and arguments, e.g. `["python3", "eval.py"]`.
+    pub command: Vec<String>,
+    /// Longest a single request (or the handshake) may take before the evaluator is killed.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// Longest the evaluator may take to start and answer the hello (imports, loading data).
+    #[serde(default = "default_startup_timeout_s")]
+    pub startup_timeout_s: f64,
+    /// Extra environment variables for the evaluator.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the evaluator (default: sewa's).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Serving one command: a failure ends it, so no restart is announced (not a TOML key).
+    #[serde(skip)]
+    pub one_shot: bool,
+}
+
+/// `deserialize_with` for an optional `timeout_s` / `startup_timeout_s`: out of range is an
+/// error at its line (`CommandConfig::check` repeats the rule for configs built in code).
+pub fn opt_timeout_s<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
+        return Err(serde::de::Error::custom(timeout_range(v)));
+    }
+    Ok(Some(v))
+}
+
+fn timeout_range(v: f64) -> String {
+    format!("{v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
+}
+
+fn default_timeout_s() -> f64 {
+    300.0
+}
+
+fn default_startup_timeout_s() -> f64 {
+    120.0
+}
+
+impl CommandConfig {
+    pub fn check(&self, config_path: &Path) -> Result<()> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(Error::config(config_path, "[objective] command must name a program"));
+        }
+        for (key, v) in
+            [("timeout_s", self.timeout_s), ("startup_timeout_s", self.startup_timeout_s)]
+        {
+            if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
+                let msg = format!("[objective] {key} = {}", timeout_range(v));
+                return Err(Error::config(config_path, msg));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running evaluator: its process, what it said it can do, the members it holds.
+struct Session {
+    process: Process,
+    abilities: Abilities,
+    held: Held,
+}
+
+/// Bytes moved between sewa and the evaluator so far: protocol lines both ways, and files in
+/// the staging directory (candidates and member copies written, gradients read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub lines_out: u64,
+    pub lines_in: u64,
+    pub staged_written: u64,
+    pub staged_read: u64,
+}
+
+/// The evaluator objective. Restarts its process after any failure, with exponential backoff.
+pub struct CommandObjective {
+    config: CommandConfig,
+    session: Option<Session>,
+    staging: Staging,
+    stderr_tail: Tail,
+    next_id: u64,
+    next_member: u64,
+    /// Staging copies of members the evaluator cannot load itself, kept across restarts.
+    copies: Vec<(MemberKey, PathBuf)>,
+    /// Line bytes of processes that are gone (the live one counts its own).
+    lines_done: (u64, u64),
+    failures: u32,
+    not_before: Option<Instant>,
+    abilities: Abilities,
+    int_policy: IntPolicy,
+}
+
+impl CommandObjective {
+    /// Start the evaluator and complete the handshake.
+    pub fn start(config: CommandConfig) -> Result<Self> {
+        let mut me = CommandObjective {
+            config,
+            session: None,
+            staging: Staging::new()?,
+            stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
+            next_id: 0,
+            next_member: 0,
+            copies: Vec::new(),
+            lines_done: (0, 0),
+            failures: 0,
+            not_before: None,
+            abilities: Abilities::default(),
+            int_policy: IntPolicy::Latest,
+        };
+        me.ensure_session()?;
+        Ok(me)
+    }
+
+    /// Which member supplies integer buffers in mixing requests: the newest (`latest`, the
+    /// default) or the oldest (`first`) member with a positive weight, as `[publish]
+    /// int_policy` picks them for the published average.
+    pub fn set_int_policy(&mut self, policy: IntPolicy) {
+        self.int_policy = policy;
+    }
+
+    /// Where candidates and member copies are written (for tests and logs).
+    pub fn scratch_dir(&self) -> &Path {
+        self.staging.path()
+    }
+
+    /// The protocol version the running evaluator speaks (0 when none runs).
+    pub fn protocol(&self) -> u32 {
+        self.session.as_ref().map_or(0, |s| s.abilities.protocol)
+    }
+
+    /// Bytes moved so far (see `Traffic`).
+    pub fn traffic(&self) -> Traffic {
+        let live =
+            self.session.as_ref().map_or((0, 0), |s| (s.process.bytes_out, s.process.bytes_in));
+        Traffic {
+            lines_out: self.lines_done.0 + live.0,
+            lines_in: self.lines_done.1 + live.1,
+            staged_written: self.staging.written,
+            staged_read: self.staging.read,
+        }
+    }
+
+    /// An error about the evaluator, with its last stderr lines for context.
+    fn failure(&self, what: impl std::fmt::Display) -> Error {
+        let tail = self.stderr_tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>());
+        let tail = tail.unwrap_or_default();
+        let mut msg = format!("evaluator {what}");
+        if !tail.is_empty() {
+            msg.push_str("; its last stderr lines:\n  ");
+            msg.push_str(&tail.join("\n  "));
+        }
+        Error::Evaluator(format!("{}: {msg}", self.config.command.join(" ")))
+    }
+
+    fn ensure_session(&mut self) -> Result<()> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        if let Some(t) = self.not_before {
+            // Backoff: a crashing evaluator is not restarted in a tight loop; callers retry
+            // later (the daemon at its next selection).
+            let wait = t.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                return Err(self.failure(format!(
+                    "failed recently; next restart allowed in {:.1} s",
+                    wait.as_secs_f64()
+                )));
+            }
+        }
+        match self.spawn() {
+            Ok(s) => {
+                self.abilities = s.abilities.clone();
+                self.session = Some(s);
+                Ok(())
+            }
+            Err(e) => {
+                self.note_failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn note_failure(&mut self, e: &Error) {
+        self.failures += 1;
+        let backoff = BACKOFF_START
+            .saturating_mul(1 << self.failures.min(16).saturating_sub(1))
+            .min(BACKOFF_MAX);
+        self.not_before = Some(Instant::now() + backoff);
+        if self.config.one_shot {
+            tracing::warn!(error = %e, "evaluator failed");
+        } else {
+            tracing::warn!(error = %e, retry_in = ?backoff, "evaluator failed; it will be restarted");
+        }
+    }
+
+    /// Drop the session (killing the process: after a failure its state is unknown).
+    fn end(&mut self, s: Session) {
+        self.lines_done.0 += s.process.bytes_out;
+        self.lines_done.1 += s.process.bytes_in;
+    }
+
+    fn spawn(&mut self) -> Result<Session> {
+        let process = Process::spawn(&self.config, PROTOCOL, &self.stderr_tail)?;
+        let mut s = Session { process, abilities: Abilities::default(), held: Held::default() };
+        if let Err(e) = self.handshake(&mut s) {
+            self.end(s);
+            return Err(e);
+        }
+        Ok(s)
+    }
+
+    fn handshake(&self, s: &mut Session) -> Result<()> {
+        s.process
+            .send(&protocol::hello())
+            .map_err(|e| self.failure(format!("did not accept the hello: {e}")))?;
+        match self.receive(s, "startup_timeout_s", self.config.startup_timeout_s)? {
+            Reply::Hello { protocol, grad, name, mix, formats }
+                if protocol::SUPPORTED.contains(&protocol) =>
+            {
+                let name = name.unwrap_or_else(|| self.config.command.join(" "));
+                let mix = mix && protocol >= 2;
+                tracing::info!(evaluator = %name, protocol, grad, mix, "evaluator ready");
+                s.abilities = Abilities { protocol, grad, name, mix, formats };
+                Ok(())
+            }
+            Reply::Hello { protocol, .. } => Err(self.failure(format!(
+                "speaks protocol version {protocol}, sewa speaks {:?}: update the evaluator \
+                 client (pip install ./clients/python) or sewa",
+                protocol::SUPPORTED
+            ))),
+            other => Err(self.failure(format!("answered the hello with {other:?}"))),
+        }
+    }
+
+    /// Next reply line, within the timeout.
+    fn receive(&self, s: &mut Session, key: &str, timeout_s: f64) -> Result<Reply> {
+        let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::MAX);
+        let line = match s.process.recv(timeout) {
+            Ok(line) => line,
+            Err(RecvError::Unreadable(e)) => {
+                return Err(self.failure(format!("stdout unreadable: {e}")));
+            }
+            Err(RecvError::Timeout) => {
+                return Err(self.failure(format!("did not answer within {key} = {timeout_s}")));
+            }
+            Err(RecvError::Exited(status)) => {
+                return Err(self.failure(format!("exited ({status})")));
+            }
+        };
+        serde_json::from_str(&line).map_err(|e| {
+            let shown: String = line.chars().take(200).collect();
+            self.failure(format!("sent a malformed line ({e}): {shown:?}"))
+        })
+    }
+
+    /// Send a request; a closed stdin most likely means it died: let its last words reach
+    /// the error.
+    fn send(&self, s: &mut Session, msg: &serde_json::Value) -> Result<()> {
+        s.process.send(msg).map_err(|e| {
+            s.process.drain_stderr();
+            self.failure(format!("closed its stdin: {e}"))
+        })
+    }
+
+    /// Run `f` on the session; after a failure the process is killed and restarted later.
+    fn with_session<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &mut Session) -> Result<T>,
+    ) -> Result<T> {
+        self.ensure_session()?;
+        let mut s = self.session.take().expect("session ensured");
+        match f(self, &mut s) {
+            Ok(v) => {
+                self.session = Some(s);
+                self.failures = 0;
+                Ok(v)
+            }
+            Err(e) => {
+                self.end(s);
+                self.note_failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Protocol 1 (and 2 without mixing): the candidate as a file, the gradient as a file.
+    fn request(&mut self, params: &Params, want_grad: bool) -> Result<Evaluation> {
+        self.with_session(|me, s| {
+            me.next_id += 1;
+            let id = me.next_id;
+            let weights = me.staging.file(&format!("candidate-{id}.safetensors"));
+            let grad_path = me.staging.file(&format!("grad-{id}.safetensors"));
+            let ask_grad = want_grad && s.abilities.grad;
+            let result = me.staging.write_params(params, &weights).and_then(|()| {
+                let req = json!({"type": "evaluate", "id": id, "weights": weights,
+                                 "grad": ask_grad, "grad_path": grad_path});
+                me.exchange(s, &req, id, params, ask_grad)
+            });
+            let _ = std::fs::remove_file(&weights);
+            let _ = std::fs::remove_file(&grad_path);
+            result
+        })
+    }
+
+    fn exchange(
+        &mut self,
+        s: &mut Session,
+        req: &serde_json::Value,
+        id: u64,
+        params: &Params,
+        ask_grad: bool,
+    ) -> Result<Evaluation> {
+        self.send(s, req)?;
+        let reply = self.receive(s, "timeout_s", self.config.timeout_s)?;
+        let (loss, grad, _) = self.result(reply, id)?;
+        let grad = match (ask_grad, grad) {
+            (false, _) => None,
+            (true, None) => return Err(self.failure("did not return the gradient asked for")),
+            (true, Some(p)) => Some(self.staging.read_grad(&p, params)?),
+        };
+        Ok(Evaluation { loss, grad })
+    }
+
+    /// A result line for request `id`: its finite loss, gradient file and dot products.
+    #[allow(clippy::type_complexity)]
+    fn result(
+        &self,
+        reply: Reply,
+        id: u64,
+    ) -> Result<(f64, Option<PathBuf>, Option<BTreeMap<String, Option<f64>>>)> {
+        match reply {
+            Reply::Result { id: got, .. } if got != id => {
+                Err(self.failure(format!("answered request {got}, expected {id}")))
+            }
+            Reply::Result { loss: Some(loss), grad, dots, .. } if loss.is_finite() => {
+                Ok((loss, grad, dots))
+            }
+            Reply::Result { .. } => Err(self.failure("returned a non-finite loss (NaN or Inf)")),
+            Reply::Error { message, .. } => Err(self.failure(format!("reported: {message}"))),
+            other => Err(self.failure(format!("answered a request with {other:?}"))),
+        }
+    }
+
+    /// Protocol 2: make the evaluator hold exactly `members`, then ask for the mixture.
+    fn request_mix(
+        &mut self,
+        members: &[&Checkpoint],
+        alpha: &[f64],
+        want_grad: bool,
+    ) -> Result<MixEvaluation> {
+        if alpha.len() != members.len() || !alpha.iter().any(|a| *a > 0.0) {
+            return Err(Error::Internal("mixing weights: one per member, some positive".into()));
+        }
+        self.with_session(|me, s| {
+            if !s.abilities.mix {
+                return Err(me.failure("does not take mixing requests (protocol 2, \"mix\")"));
+            }
+            let ids = me.sync_members(s, members)?;
+            me.next_id += 1;
+            let id = me.next_id;
+            let ask_grad = want_grad && s.abilities.grad;
+            let ints = me.int_source(&ids, alpha);
+            me.send(s, &protocol::evaluate_mix(id, &ids, alpha, ask_grad, ints))?;
+            let reply = me.receive(s, "timeout_s", me.config.timeout_s)?;
+            let (loss, _, dots) = me.result(reply, id)?;
+            let member_dots = match (ask_grad, dots) {
+                (false, _) => None,
+                (true, None) => return Err(me.failure("did not return the ∂F/∂α asked for")),
+                (true, Some(d)) => {
+                    Some(protocol::dots_in_order(&d, &ids).map_err(|e| me.failure(e))?)
+                }
+            };
+            Ok(MixEvaluation { loss, member_dots })
+        })
+    }
+
+    /// The member whose integer buffers the mixture carries, by `int_policy`.
+    fn int_source<'i>(&self, ids: &'i [String], alpha: &[f64]) -> &'i str {
+        let mut used = ids.iter().zip(alpha).filter(|(_, a)| **a > 0.0).map(|(i, _)| i);
+        let pick = match self.int_policy {
+            IntPolicy::First => used.next(),
+            IntPolicy::Latest | IntPolicy::Error => used.next_back(),
+        };
+        pick.map_or("", String::as_str)
+    }
+
+    /// Tell the evaluator which members to add and drop; returns the members' ids in order.
+    fn sync_members(&mut self, s: &mut Session, members: &[&Checkpoint]) -> Result<Vec<String>> {
+        let keys: Vec<MemberKey> = members.iter().map(|m| MemberKey::of(m)).collect();
+        let change = s.held.change(&keys);
+        if !change.add.is_empty() || !change.remove.is_empty() {
+            let mut added = Vec::new();
+            for &i in &change.add {
+                self.next_member += 1;
+                added.push(self.handover(members[i], &keys[i], self.next_member.to_string(), s)?);
+            }
+            self.send(s, &protocol::members(&added, &change.remove))?;
+            let want = keys.len();
+            match self.receive(s, "startup_timeout_s", self.config.startup_timeout_s)? {
+                Reply::Ready { members } if members == want => {}
+                Reply::Ready { members } => {
+                    return Err(self.failure(format!("holds {members} members, expected {want}")));
+                }
+                Reply::Error { message } => {
+                    return Err(self.failure(format!("could not load members: {message}")));
+                }
+                other => return Err(self.failure(format!("answered members with {other:?}"))),
+            }
+            let pairs =
+                change.add.iter().zip(&added).map(|(&i, a)| (keys[i].clone(), a.id.clone()));
+            s.held.apply(pairs.collect(), &change.remove);
+            self.drop_stale_copies(&keys);
+        }
+        Ok(keys.iter().map(|k| s.held.id_of(k).expect("just added").to_string()).collect())
+    }
+
+    /// How the evaluator gets `ckpt`: its own path when it loads that format, no key was
+    /// renamed and the path still holds what sewa opened; else a safetensors copy in staging.
+    fn handover(
+        &mut self,
+        ckpt: &Checkpoint,
+        key: &MemberKey,
+        id: String,
+        s: &Session,
+    ) -> Result<Added> {
+        let tensors = ckpt.tensors().len();
+        let direct = protocol::wire_format(ckpt.format())
+            .filter(|f| s.abilities.formats.iter().any(|g| g == f))
+            .filter(|_| ckpt.renamed_keys().is_empty())
+            .filter(|_| Identity::of(ckpt.path()).is_ok_and(|i| &i == ckpt.identity()));
+        if let Some(format) = direct {
+            return Ok(Added { id, path: ckpt.path().to_path_buf(), format, tensors });
+        }
+        let path = match self.copies.iter().find(|(k, _)| k == key) {
+            Some((_, p)) => p.clone(),
+            None => {
+                let p = self.staging.file(&format!("member-{id}.safetensors"));
+                self.staging.write_member(ckpt, &p)?;
+                self.copies.push((key.clone(), p.clone()));
+                p
+            }
+        };
+        Ok(Added { id, path, format: "safetensors", tensors })
+    }
+
+    /// Delete staging copies of members no longer in the window.
+    fn drop_stale_copies(&mut self, keys: &[MemberKey]) {
+        self.copies.retain(|(k, p)| {
+            let keep = keys.contains(k);
+            if !keep {
+                let _ = std::fs::remove_file(p);
+            }
+            keep
+        });
+    }
+}
+
+impl Objective for CommandObjective {
+    fn evaluate(&mut self, params: &Params, want_grad: bool) -> Result<Evaluation> {
+        self.request(params, want_grad)
+    }
+
+    fn supports_grad(&self) -> bool {
+        self.abilities.grad
+    }
+
+    fn describe(&self) -> String {
+        format!("command evaluator {} ({})", self.abilities.name, self.config.command.join(" "))
+    }
+
+    fn mixes(&self) -> bool {
+        self.abilities.mix
+    }
+
+    fn evaluate_mix(
+        &mut self,
+        members: &[&Checkpoint],
+        alpha: &[f64],
+        want_grad: bool,
+    ) -> Result<MixEvaluation> {
+        self.request_mix(members, alpha, want_grad)
+    }
+}
+
+impl Drop for CommandObjective {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.session {
+            // A polite goodbye; Process's drop kills it if it lingers.
+            let _ = s.process.send(&json!({"type": "shutdown"}));
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && !s.process.exited() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Files exchanged with the evaluator in sewa's private staging directory (in memory under
+//! /dev/shm when it exists): protocol 1's candidate and gradient files, and protocol 2's
+//! safetensors copy of a member whose format the evaluator cannot load (written once per
+//! member, never per request). Counts every byte it writes and reads, so tests and the
+//! benchmark can show what a request costs. It does not speak the protocol.
+
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::super::{NamedTensor, Params};
+use crate::checkpoint::{Checkpoint, DType};
+use crate::error::{Error, Result};
+
+/// Bytes of a member read at a time when copying it.
+const CHUNK: usize = 1 << 20;
+
+/// The staging directory and its byte counts.
+pub struct Staging {
+    dir: tempfile::TempDir,
+    /// Bytes sewa wrote into the directory (candidates, member copies).
+    pub written: u64,
+    /// Bytes sewa read back from it (gradients).
+    pub read: u64,
+}
+
+impl Staging {
+    /// A private directory: in memory when /dev/shm is usable.
+    pub fn new() -> Result<Staging> {
+        let shm = Path::new("/dev/shm");
+        let builder = || {
+            let mut b = tempfile::Builder::new();
+            b.prefix("sewa-eval-");
+            b
+        };
+        let dir = match builder().tempdir_in(shm) {
+            Ok(dir) => dir,
+            Err(_) => builder().tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?,
+        };
+        Ok(Staging { dir, written: 0, read: 0 })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write a candidate as f32 safetensors (what every client can load).
+    pub fn write_params(&mut self, params: &Params, path: &Path) -> Result<()> {
+        let views = params.iter().map(|t| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            );
+            (t.name.as_str(), view.expect("shape matches data by construction"))
+        });
+        safetensors::serialize_to_file(views, None, path).map_err(|e| {
+            Error::io(path, std::io::Error::other(format!("cannot write candidate: {e}")))
+        })?;
+        self.written += std::fs::metadata(path).map_or(0, |m| m.len());
+        Ok(())
+    }
+
+    /// Copy every tensor of `ckpt` (sewa's names, stored dtypes) into one safetensors file at
+    /// `path`, streamed tensor by tensor from the files sewa holds open.
+    pub fn write_member(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
+        let fail = |e: std::io::Error| {
+            let what = format!("cannot write a copy for the evaluator: {e}");
+            Error::io(path, std::io::Error::new(e.kind(), what))
+        };
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for t in ckpt.tensors() {
+            let dtype = format!("{:?}", t.dtype.to_safetensors());
+            let end = offset + t.nbytes();
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        let mut head = serde_json::to_vec(&header).expect("json values serialise");
+        head.resize(head.len().div_ceil(8) * 8, b' ');
+        let mut out = BufWriter::new(std::fs::File::create(path).map_err(fail)?);
+        out.write_all(&(head.len() as u64).to_le_bytes()).map_err(fail)?;
+        out.write_all(&head).map_err(fail)?;
+        let mut buf = Vec::new();
+        for t in ckpt.tensors() {
+            ckpt.for_each_chunk(&t.name, CHUNK, &mut buf, |_, bytes| {
+                out.write_all(bytes).map_err(fail)
+            })?;
+        }
+        out.flush().map_err(fail)?;
+        self.written += 8 + head.len() as u64 + offset as u64;
+        Ok(())
+    }
+
+    /// Read a gradient file and check it covers every parameter with the right shape. The
+    /// file is read into memory (never mapped: the evaluator may still be writing it) and only
+    /// up to the largest size a gradient of `params` can have, so a runaway evaluator cannot
+    /// make us allocate more.
+    pub fn read_grad(&mut self, path: &Path, params: &Params) -> Result<Params> {
+        // f64 elements at most, plus the safetensors length prefix and its 100 MB header cap.
+        let numel: u64 = params.iter().map(|p| p.data.len() as u64).sum();
+        let limit = numel.saturating_mul(8).saturating_add(8 + 100_000_000);
+        let mut bytes = Vec::new();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        self.read += bytes.len() as u64;
+        if bytes.len() as u64 > limit {
+            return Err(Error::Evaluator(format!(
+                "{}: gradient file is larger than any gradient of these {numel} parameters",
+                path.display()
+            )));
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            Error::Evaluator(format!("{}: gradient file unreadable: {e}", path.display()))
+        })?;
+        params.iter().map(|p| grad_tensor(&st, p, path)).collect()
+    }
+}
+
+fn grad_tensor(st: &safetensors::SafeTensors, p: &NamedTensor, path: &Path) -> Result<NamedTensor> {
+    let bad = |msg: String| Error::Evaluator(format!("{}: {msg}", path.display()));
+    let view = st.tensor(&p.name).map_err(|_| bad(format!("gradient has no tensor {}", p.name)))?;
+    if view.shape() != p.shape.as_slice() {
+        return Err(bad(format!(
+            "gradient of {} has shape {:?}, weights have {:?}",
+            p.name,
+            view.shape(),
+            p.shape
+        )));
+    }
+    let data = DType::from_safetensors(view.dtype())
+        .and_then(|d| crate::dtype::to_f32_vec(d, view.data()))
+        .ok_or_else(|| bad(format!("gradient of {} is {:?}, not float", p.name, view.dtype())))?;
+    if crate::dtype::first_non_finite(bytemuck::cast_slice(&data), DType::F32).is_some() {
+        return Err(bad(format!("gradient of {} has NaN or Inf", p.name)));
+    }
+    Ok(NamedTensor { name: p.name.clone(), shape: p.shape.clone(), data })
+}
