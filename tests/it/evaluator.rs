@@ -1,5 +1,5 @@
 //! The external evaluator protocol end to end: sewa's `CommandObjective` against the real
-//! Python client (`clients/python/sewa_evaluator.py`) driving a numpy MLP.
+//! Python client (the `sewa_evaluator` package in `clients/python/`) driving a numpy MLP.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
