@@ -80,6 +80,7 @@ fn start(command: Vec<String>) -> CommandObjective {
         startup_timeout_s: 600.0,
         env: Default::default(),
         cwd: None,
+        staging_dir: None,
         one_shot: false,
     })
     .unwrap()

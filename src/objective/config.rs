@@ -160,6 +160,10 @@ pub struct ObjectiveConfig {
     /// Working directory of the evaluator, relative to the config file.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// `kind = "command"`: where protocol 1's candidate and gradient files and protocol 2's
+    /// member copies are exchanged (default: /dev/shm, else the temp dir).
+    #[serde(default)]
+    pub staging_dir: Option<PathBuf>,
     /// `kind = "builtin"`, `policy = "best"`: a second held-out file (same layout as `data`) on
     /// which a selection is compared with the published model, so that acceptance is not judged
     /// on the split the selection optimised. Without it the selection's own loss is compared.
@@ -236,14 +240,14 @@ impl ObjectiveConfig {
 
     /// The evaluator settings for `kind = "command"`, `cwd` resolved against `base_dir`.
     pub fn command_config(&self, base_dir: &Path) -> CommandConfig {
-        let defaults: CommandConfig =
-            toml::from_str("command = [\"x\"]").expect("CommandConfig defaults parse");
+        use super::command::{default_startup_timeout_s, default_timeout_s};
         CommandConfig {
             command: self.command.clone(),
-            timeout_s: self.timeout_s.unwrap_or(defaults.timeout_s),
-            startup_timeout_s: self.startup_timeout_s.unwrap_or(defaults.startup_timeout_s),
+            timeout_s: self.timeout_s.unwrap_or_else(default_timeout_s),
+            startup_timeout_s: self.startup_timeout_s.unwrap_or_else(default_startup_timeout_s),
             env: self.env.clone(),
             cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
+            staging_dir: self.staging_dir.as_ref().map(|d| base_dir.join(d)),
             one_shot: false,
         }
     }

@@ -78,6 +78,7 @@ fn evaluator(data: &Path, mode: &str, timeout_s: f64) -> CommandConfig {
         startup_timeout_s: 120.0,
         env: Default::default(),
         cwd: None,
+        staging_dir: None,
         one_shot: false,
     }
 }
@@ -188,6 +189,7 @@ fn missing_program_is_a_clear_error() {
         startup_timeout_s: 5.0,
         env: Default::default(),
         cwd: None,
+        staging_dir: None,
         one_shot: false,
     };
     let err = match CommandObjective::start(cfg) {

@@ -31,6 +31,7 @@ fn config(command: Vec<String>) -> CommandConfig {
         startup_timeout_s: 120.0,
         env: Default::default(),
         cwd: None,
+        staging_dir: None,
         one_shot: false,
     }
 }

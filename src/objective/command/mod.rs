@@ -56,6 +56,10 @@ pub struct CommandConfig {
     /// Working directory of the evaluator (default: sewa's).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Where candidate, gradient and member files are exchanged (default: /dev/shm, else the
+    /// temp dir).
+    #[serde(default)]
+    pub staging_dir: Option<PathBuf>,
     /// Serving one command: a failure ends it, so no restart is announced (not a TOML key).
     #[serde(skip)]
     pub one_shot: bool,
@@ -77,11 +81,11 @@ fn timeout_range(v: f64) -> String {
     format!("{v} must be > 0 and at most {MAX_TIMEOUT_S} (a week)")
 }
 
-fn default_timeout_s() -> f64 {
+pub(crate) fn default_timeout_s() -> f64 {
     300.0
 }
 
-fn default_startup_timeout_s() -> f64 {
+pub(crate) fn default_startup_timeout_s() -> f64 {
     120.0
 }
 
@@ -140,10 +144,11 @@ pub struct CommandObjective {
 impl CommandObjective {
     /// Start the evaluator and complete the handshake.
     pub fn start(config: CommandConfig) -> Result<Self> {
+        let staging = Staging::new(config.staging_dir.as_deref())?;
         let mut me = CommandObjective {
             config,
             session: None,
-            staging: Staging::new()?,
+            staging,
             stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
             next_id: 0,
             next_member: 0,

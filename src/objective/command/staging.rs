@@ -24,19 +24,40 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// A private directory: in memory when /dev/shm is usable.
-    pub fn new() -> Result<Staging> {
-        let shm = Path::new("/dev/shm");
+    /// A private directory inside `[objective] staging_dir` when given, else in memory when
+    /// /dev/shm is usable, else in the temp dir.
+    pub fn new(configured: Option<&Path>) -> Result<Staging> {
         let builder = || {
             let mut b = tempfile::Builder::new();
             b.prefix("sewa-eval-");
             b
         };
-        let dir = match builder().tempdir_in(shm) {
-            Ok(dir) => dir,
-            Err(_) => builder().tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?,
+        let dir = match configured {
+            Some(d) => builder().tempdir_in(d).map_err(|e| Error::io(d, e))?,
+            None => match builder().tempdir_in("/dev/shm") {
+                Ok(dir) => dir,
+                Err(_) => builder().tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?,
+            },
         };
         Ok(Staging { dir, written: 0, read: 0 })
+    }
+
+    /// Refuse to write `bytes` (`what`) into a staging filesystem that cannot hold them: a
+    /// full /dev/shm fails the write half-way, or takes memory the trainer needs. Checked with
+    /// `statvfs` (space an unprivileged writer may use) before every file sewa stages.
+    pub fn ensure_room(&self, bytes: u64, what: &str) -> Result<()> {
+        let dir = self.dir.path();
+        let Ok(st) = rustix::fs::statvfs(dir) else { return Ok(()) }; // unknown: let the write say
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free >= bytes {
+            return Ok(());
+        }
+        let msg = format!(
+            "staging needs {bytes} bytes for {what} but its filesystem has {free} free; set \
+             [objective] staging_dir to a directory on a filesystem with room, or use an \
+             evaluator speaking protocol 2 (mixing weights, no per-request files)"
+        );
+        Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::StorageFull, msg)))
     }
 
     pub fn path(&self) -> &Path {
@@ -47,8 +68,11 @@ impl Staging {
         self.dir.path().join(name)
     }
 
-    /// Write a candidate as f32 safetensors (what every client can load).
+    /// Write a candidate as f32 safetensors (what every client can load), when the staging
+    /// filesystem has room for it and for the gradient the evaluator writes back (up to f64).
     pub fn write_params(&mut self, params: &Params, path: &Path) -> Result<()> {
+        let numel: u64 = params.iter().map(|t| t.data.len() as u64).sum();
+        self.ensure_room(numel * (4 + 8), "a candidate (f32) and its gradient (up to f64)")?;
         let views = params.iter().map(|t| {
             let view = safetensors::tensor::TensorView::new(
                 safetensors::Dtype::F32,
@@ -67,6 +91,7 @@ impl Staging {
     /// Copy every tensor of `ckpt` (sewa's names, stored dtypes) into one safetensors file at
     /// `path`, streamed tensor by tensor from the files sewa holds open.
     pub fn write_member(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
+        self.ensure_room(ckpt.total_bytes(), &format!("a copy of {}", ckpt.path().display()))?;
         let fail = |e: std::io::Error| {
             let what = format!("cannot write a copy for the evaluator: {e}");
             Error::io(path, std::io::Error::new(e.kind(), what))

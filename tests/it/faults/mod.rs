@@ -8,5 +8,6 @@ mod losses;
 mod publish;
 mod reads;
 mod service;
+mod staging;
 mod status;
 mod validation;
