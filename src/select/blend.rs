@@ -7,9 +7,10 @@
 //! A small window (all members' floating tensors, as f32, within [`CACHE_BYTES`]) is read and
 //! decoded once, at the first mix or dot product, and kept for the `Blend`'s life — one
 //! selection — so the many oracle calls of a selection are memory-speed loops instead of
-//! reads and per-element decodes (measured: 8.4 ms of an 11.4 ms call, CPU time, for 20 members of an 85 k
-//! parameter MLP). Each selection builds its own `Blend`, so it reads (and checks) its members
-//! again: a member rewritten between selections is noticed, never served stale.
+//! reads and per-element decodes (measured: 8.4 ms of an 11.4 ms call, CPU time, for 20
+//! members of an 85 k parameter MLP). Each selection builds its own `Blend`, so it reads (and
+//! checks) its members again: a member rewritten between selections is noticed, never served
+//! stale.
 
 use std::cell::OnceCell;
 
