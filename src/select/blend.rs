@@ -3,6 +3,16 @@
 //! meanwhile is an error, never a crash) into a reused f32 buffer, and the mask gradient's dot
 //! products ⟨G, w_i − c⟩ streamed the same way. Only floating tensors take part (integer
 //! buffers are not differentiable). This module does not call the objective or write files.
+//!
+//! A small window (all members' floating tensors, as f32, within [`CACHE_BYTES`]) is read and
+//! decoded once, at the first mix or dot product, and kept for the `Blend`'s life — one
+//! selection — so the many oracle calls of a selection are memory-speed loops instead of
+//! reads and per-element decodes (measured: 8.4 ms of an 11.4 ms call, CPU time, for 20
+//! members of an 85 k parameter MLP). Each selection builds its own `Blend`, so it reads (and
+//! checks) its members again: a member rewritten between selections is noticed, never served
+//! stale.
+
+use std::cell::OnceCell;
 
 use crate::checkpoint::{Checkpoint, DType, TensorMeta};
 use crate::error::{Error, Result};
@@ -12,10 +22,19 @@ use crate::schema::check_schema_with;
 /// Bytes of a member read at a time.
 const CHUNK: usize = 1 << 18;
 
+/// Largest window a `Blend` keeps decoded in memory (all members' floats as f32); larger
+/// windows are streamed from their files on every call.
+pub const CACHE_BYTES: usize = 64 << 20;
+
 /// The window's members, checked to share one float-tensor layout.
 pub struct Blend<'a> {
     members: Vec<&'a Checkpoint>,
     layout: Vec<TensorMeta>,
+    /// Where each layout tensor starts in a member's flattened floats.
+    offsets: Vec<usize>,
+    /// Each member's floats in layout order, once read; `None` inside when over the limit.
+    cache: OnceCell<Option<Vec<Vec<f32>>>>,
+    cache_limit: usize,
 }
 
 impl<'a> Blend<'a> {
@@ -23,11 +42,25 @@ impl<'a> Blend<'a> {
     /// schema check: names, shapes, integer dtypes). Float dtypes may differ (an f16 export
     /// beside f32 checkpoints): each member is decoded in its own.
     pub fn new(members: &[&'a Checkpoint]) -> Result<Self> {
+        Self::with_cache_limit(members, CACHE_BYTES)
+    }
+
+    /// [`new`](Self::new) keeping the members decoded only if they fit `limit` bytes of f32.
+    pub fn with_cache_limit(members: &[&'a Checkpoint], limit: usize) -> Result<Self> {
         let first = members.first().ok_or_else(|| Error::Selection("empty window".into()))?;
         check_schema_with(members, true)?;
         let layout: Vec<TensorMeta> =
             first.tensors().iter().filter(|t| t.dtype.is_float()).cloned().collect();
-        Ok(Blend { members: members.to_vec(), layout })
+        let offsets = layout
+            .iter()
+            .scan(0, |at, m| {
+                let start = *at;
+                *at += m.numel();
+                Some(start)
+            })
+            .collect();
+        let cache = OnceCell::new();
+        Ok(Blend { members: members.to_vec(), layout, offsets, cache, cache_limit: limit })
     }
 
     pub fn len(&self) -> usize {
@@ -59,6 +92,21 @@ impl<'a> Blend<'a> {
         if total <= 0.0 {
             return Err(Error::Selection("mix: all coefficients are zero".into()));
         }
+        if let Some(cache) = self.cached()? {
+            // Compiled for the CPU's widest vectors (AVX2/AVX-512), chosen at run time.
+            pulp::Arch::new().dispatch(|| {
+                for ((meta, dst), &at) in self.layout.iter().zip(out.iter_mut()).zip(&self.offsets)
+                {
+                    dst.data.iter_mut().for_each(|x| *x = 0.0);
+                    for (w, &c) in cache.iter().zip(coeffs).filter(|(_, c)| **c > 0.0) {
+                        let a = (c / total) as f32;
+                        let src = &w[at..at + meta.numel()];
+                        dst.data.iter_mut().zip(src).for_each(|(d, s)| *d += a * s);
+                    }
+                }
+            });
+            return Ok(());
+        }
         let mut buf = Vec::new();
         for (meta, dst) in self.layout.iter().zip(out.iter_mut()) {
             dst.data.iter_mut().for_each(|x| *x = 0.0);
@@ -76,9 +124,22 @@ impl<'a> Blend<'a> {
         Ok(())
     }
 
-    /// `⟨g, w_i − center⟩` for every member, accumulated in f64.
+    /// `⟨g, w_i − center⟩` for every member: accumulated in f64 when streamed; from the cache
+    /// as `Σ g (w_i − center)` (no cancellation between two large sums) in f32 blocks added
+    /// in f64.
     pub fn dots(&self, g: &Params, center: &Params) -> Result<Vec<f64>> {
         let mut out = vec![0f64; self.members.len()];
+        if let Some(cache) = self.cached()? {
+            pulp::Arch::new().dispatch(|| {
+                for (o, w) in out.iter_mut().zip(cache) {
+                    for ((gt, ct), &at) in g.iter().zip(center).zip(&self.offsets) {
+                        let w = w.get(at..at + gt.data.len()).unwrap_or_default();
+                        *o += dot_diff(&gt.data, w, &ct.data);
+                    }
+                }
+            });
+            return Ok(out);
+        }
         let mut buf = Vec::new();
         for ((meta, gt), ct) in self.layout.iter().zip(g).zip(center) {
             let gc: f64 = gt.data.iter().zip(&ct.data).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -94,6 +155,66 @@ impl<'a> Blend<'a> {
         }
         Ok(out)
     }
+
+    /// The members decoded to f32 (read on first use), or `None` when the window is over the
+    /// cache limit. A failed read leaves nothing cached: the error names the member.
+    fn cached(&self) -> Result<Option<&[Vec<f32>]>> {
+        if let Some(c) = self.cache.get() {
+            return Ok(c.as_deref());
+        }
+        let floats: usize = self.layout.iter().map(|m| m.numel()).sum();
+        let bytes = floats.checked_mul(4 * self.members.len());
+        let decoded = match bytes {
+            Some(b) if b <= self.cache_limit => {
+                Some(self.members.iter().map(|m| self.decode(m, floats)).collect::<Result<_>>()?)
+            }
+            _ => None,
+        };
+        Ok(self.cache.get_or_init(|| decoded).as_deref())
+    }
+
+    /// One member's floating tensors as f32, in layout order (`floats` in all).
+    fn decode(&self, m: &Checkpoint, floats: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(floats);
+        let mut buf = Vec::new();
+        for (meta, &at) in self.layout.iter().zip(&self.offsets) {
+            let dtype = own_dtype(m, meta);
+            m.for_each_chunk(&meta.name, CHUNK, &mut buf, |_, bytes| {
+                let vals = bytes.chunks_exact(dtype.size());
+                out.extend(vals.map(|c| crate::dtype::decode_f32(dtype, c).unwrap_or(0.0)));
+                Ok(())
+            })?;
+            if out.len() != at + meta.numel() {
+                return Err(Error::Internal(format!(
+                    "{}: short read of {}",
+                    m.path().display(),
+                    meta.name
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `Σ g_j (w_j − c_j)`: f32 in 16 lanes (so the loop vectorises) over blocks of 1024
+/// elements, the blocks added in f64. Inlined into its caller's vector dispatch.
+#[inline(always)]
+fn dot_diff(g: &[f32], w: &[f32], c: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0f64;
+    for ((g, w), c) in g.chunks(1024).zip(w.chunks(1024)).zip(c.chunks(1024)) {
+        let (gs, ws, cs) = (g.chunks_exact(LANES), w.chunks_exact(LANES), c.chunks_exact(LANES));
+        let tail = gs.remainder().iter().zip(ws.remainder()).zip(cs.remainder());
+        let tail: f32 = tail.map(|((g, w), c)| g * (w - c)).sum();
+        let mut acc = [0f32; LANES];
+        for ((g, w), c) in gs.zip(ws).zip(cs) {
+            for j in 0..LANES {
+                acc[j] += g[j] * (w[j] - c[j]);
+            }
+        }
+        total += acc.iter().map(|a| *a as f64).sum::<f64>() + tail as f64;
+    }
+    total
 }
 
 /// The dtype `member` stores tensor `meta` in (schema-checked: same name and shape).
@@ -139,7 +260,12 @@ mod tests {
     #[test]
     fn mix_and_dots_match_by_hand() {
         let (a, b) = (ck("a", &[1.0, 2.0]), ck("b", &[3.0, 6.0]));
-        let blend = Blend::new(&[&a, &b]).unwrap();
+        for limit in [CACHE_BYTES, 0] {
+            by_hand(&Blend::with_cache_limit(&[&a, &b], limit).unwrap());
+        }
+    }
+
+    fn by_hand(blend: &Blend) {
         let mut out = blend.zeros();
         assert_eq!(out.len(), 2, "integer tensors are left out");
         blend.mix(&[1.0, 3.0], &mut out).unwrap();
@@ -151,6 +277,77 @@ mod tests {
         ];
         let d = blend.dots(&g, &out).unwrap();
         assert_eq!(d, vec![(1.0 - 2.5) + (2.0 - 5.0), (3.0 - 2.5) + (6.0 - 5.0)]);
+    }
+
+    /// Whether `blend` holds its members decoded (after a first use).
+    fn is_cached(blend: &Blend) -> bool {
+        matches!(blend.cache.get(), Some(Some(_)))
+    }
+
+    #[test]
+    fn cached_and_streamed_blends_agree_and_the_cache_is_bounded() {
+        // Lengths past a block (1024) and not a multiple of the lanes (16).
+        let wave = |n: usize, ph: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.013 + ph).sin() * 3.0 + 0.5).collect()
+        };
+        let ms: Vec<Checkpoint> =
+            (0..3).map(|i| ck(&format!("m{i}"), &wave(2500, i as f32))).collect();
+        let refs: Vec<&Checkpoint> = ms.iter().collect();
+        // 3 members × 2 float tensors × 2500 f32.
+        let bytes = 3 * 2 * 2500 * 4;
+        let cached = Blend::with_cache_limit(&refs, bytes).unwrap();
+        let streamed = Blend::with_cache_limit(&refs, bytes - 1).unwrap();
+        let (mut a, mut b) = (cached.zeros(), streamed.zeros());
+        let mask = [0.7, 0.0, 0.2];
+        cached.mix(&mask, &mut a).unwrap();
+        streamed.mix(&mask, &mut b).unwrap();
+        assert!(is_cached(&cached) && !is_cached(&streamed), "the limit counts every member");
+        assert_eq!(a, b, "the same sums in the same order");
+        let g: Params =
+            a.iter().map(|t| NamedTensor { data: wave(t.data.len(), 9.0), ..t.clone() }).collect();
+        let (da, db) = (cached.dots(&g, &a).unwrap(), streamed.dots(&g, &a).unwrap());
+        for (x, y) in da.iter().zip(&db) {
+            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    /// A one-tensor safetensors file, written in place (same inode) like `torch.save` does.
+    fn write_member(path: &std::path::Path, vals: &[f32]) {
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![vals.len()], &bytes);
+        std::fs::write(path, safetensors::serialize([("w", view.unwrap())], None).unwrap())
+            .unwrap();
+    }
+
+    /// The cache is one selection's snapshot: a member rewritten in place after it was filled
+    /// does not change that selection, and the next selection (a new `Blend` over the same
+    /// opened checkpoints) reads it again and refuses the change instead of serving stale
+    /// values, exactly as streaming does.
+    #[test]
+    fn a_member_rewritten_after_caching_is_noticed_by_the_next_blend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, q) = (dir.path().join("step_1.safetensors"), dir.path().join("step_2.safetensors"));
+        write_member(&p, &[1.0, 2.0]);
+        write_member(&q, &[3.0, 4.0]);
+        let open = |p: &std::path::Path| Checkpoint::open(p, &Default::default()).unwrap();
+        let (a, b) = (open(&p), open(&q));
+        let first = Blend::new(&[&a, &b]).unwrap();
+        let mut out = first.zeros();
+        first.mix(&[1.0, 1.0], &mut out).unwrap();
+        assert!(is_cached(&first));
+        assert_eq!(out[0].data, [2.0, 3.0]);
+        let opened = std::fs::metadata(&p).unwrap().modified().unwrap();
+        // A rewrite within the file system's timestamp tick would not move the mtime.
+        while std::fs::metadata(&p).unwrap().modified().unwrap() == opened {
+            write_member(&p, &[5.0, 6.0]);
+        }
+        first.mix(&[1.0, 1.0], &mut out).unwrap();
+        assert_eq!(out[0].data, [2.0, 3.0], "one selection sees one snapshot");
+        let next = Blend::new(&[&a, &b]).unwrap();
+        let e = next.mix(&[1.0, 1.0], &mut out).unwrap_err().to_string();
+        assert!(e.contains("step_1.safetensors") && e.contains("changed on disk"), "{e}");
+        assert!(!is_cached(&next), "a failed read caches nothing");
     }
 
     #[test]
