@@ -148,8 +148,8 @@ fn warm_vs_cold(
     let (_, state) = run(sewa, args.k, &before, objective, cfg, None)?;
     let (cold, _) = run(sewa, args.k, &after, objective, cfg, None)?;
     let (warm, _) = run(sewa, args.k, &after, objective, cfg, state.as_ref())?;
-    let calls = |s: &crate::select::Selection| s.details["oracle_calls"].as_u64().unwrap_or(0);
-    let secs = |s: &crate::select::Selection| s.details["wall_seconds"].as_f64().unwrap_or(0.0);
+    let calls = |s: &crate::select::Selection| s.details.total_calls();
+    let secs = |s: &crate::select::Selection| s.details.wall_seconds.unwrap_or(0.0);
     println!(
         "re-selection after 2 new checkpoints: cold {} oracle calls ({:.2}s, loss {:.4}), \
          warm {} ({:.0}% of cold, {:.2}s, loss {:.4})",

@@ -108,7 +108,7 @@ pub fn rows(
             heldout_loss: loss,
             test_accuracy: acc,
             wall_seconds: wall,
-            oracle_calls: sel.details["oracle_calls"].as_f64().unwrap_or(0.0),
+            oracle_calls: sel.details.total_calls() as f64,
         });
         if method == Method::Sewa {
             sewa = Some(sel);

@@ -107,6 +107,56 @@ impl<'a> Blend<'a> {
     }
 }
 
+impl Blend<'_> {
+    /// Squared distances ‖w_i − w_j‖² between members (K×K, f64) over at most `max_groups`
+    /// contiguous groups of float tensors, for the surrogate's curvature terms. Member i's
+    /// tensor is decoded once and every later member streamed against it: K(K+1)/2 passes over
+    /// each tensor, one tensor in memory, no objective call.
+    pub fn distances(&self, max_groups: usize) -> Result<Vec<Vec<Vec<f64>>>> {
+        let (k, t) = (self.members.len(), self.layout.len());
+        let groups = max_groups.clamp(1, t.max(1));
+        let mut out = vec![vec![vec![0f64; k]; k]; groups];
+        let (mut buf, mut own) = (Vec::new(), Vec::new());
+        for (ti, meta) in self.layout.iter().enumerate() {
+            let d = &mut out[ti * groups / t.max(1)];
+            let size = meta.dtype.size();
+            for i in 0..k {
+                own.clear();
+                own.resize(meta.numel(), 0f32);
+                self.members[i].for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                    let dst = own.get_mut(offset / size..).unwrap_or_default();
+                    axpy(dst, bytes, meta.dtype, 1.0);
+                    Ok(())
+                })?;
+                for j in i + 1..k {
+                    let mut acc = 0f64;
+                    self.members[j].for_each_chunk(
+                        &meta.name,
+                        CHUNK,
+                        &mut buf,
+                        |offset, bytes| {
+                            let mine = own.get(offset / size..).unwrap_or_default();
+                            sq_dist(&mut acc, mine, bytes, meta.dtype);
+                            Ok(())
+                        },
+                    )?;
+                    d[i][j] += acc;
+                    d[j][i] += acc;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `acc += ‖a − src‖²` in f64 with `src` as raw bytes of `dtype`.
+fn sq_dist(acc: &mut f64, a: &[f32], src: &[u8], dtype: DType) {
+    for (x, c) in a.iter().zip(src.chunks_exact(dtype.size())) {
+        let y = crate::dtype::decode_f32(dtype, c).unwrap_or(0.0);
+        *acc += (*x as f64 - y as f64).powi(2);
+    }
+}
+
 fn first_difference(a: &[TensorMeta], b: &[&TensorMeta]) -> String {
     for (x, y) in a.iter().zip(b) {
         if x.name != y.name {

@@ -52,6 +52,14 @@ impl<'a, 'o> Oracle<'a, 'o> {
         self.cache.get(&key).copied()
     }
 
+    /// Record the loss of `set` measured elsewhere (an earlier selection's member loss), so
+    /// `subset` returns it without a call.
+    pub fn remember(&mut self, set: &[usize], loss: f64) {
+        let mut key = set.to_vec();
+        key.sort_unstable();
+        self.cache.insert(key, loss);
+    }
+
     fn refuse_unusable(&mut self, ev: &Evaluation, mask: &[f64]) -> Result<()> {
         let at = || {
             let used = mask.iter().filter(|m| **m > 0.0).count();
