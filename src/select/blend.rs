@@ -222,6 +222,22 @@ mod tests {
     }
 
     #[test]
+    fn distances_per_group_match_by_hand() {
+        let (a, b, c) = (ck("a", &[1.0, 2.0]), ck("b", &[3.0, 6.0]), ck("c", &[1.0, 0.0]));
+        let blend = Blend::new(&[&a, &b, &c]).unwrap();
+        let per_tensor = blend.distances(8).unwrap();
+        assert_eq!(per_tensor.len(), 2, "one group per float tensor when there are few");
+        let ab = (3.0f64 - 1.0).powi(2) + (6.0f64 - 2.0).powi(2);
+        let ac = 4.0;
+        for d in &per_tensor {
+            assert_eq!((d[0][1], d[1][0], d[0][2], d[1][1]), (ab, ab, ac, 0.0));
+        }
+        let one = blend.distances(1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0][0][1], 2.0 * ab, "groups sum to the whole distance");
+    }
+
+    #[test]
     fn layout_mismatch_names_member() {
         let a = ck("a.safetensors", &[1.0, 2.0]);
         let b = ck("b.safetensors", &[1.0, 2.0, 3.0]);

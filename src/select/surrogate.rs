@@ -40,6 +40,24 @@ struct Search {
 }
 
 impl Search {
+    /// The carried points (hard masks among them count as verified) and the vertices: each
+    /// member's own loss, which `select::run_configured` fetched (remembered or computed)
+    /// before this runs, so these lookups are free.
+    fn new(oracle: &mut Oracle, carried: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
+        let verified =
+            carried.iter().filter_map(|p| Some((hard_mask(p, k)?, (p.loss, None)))).collect();
+        let mut s =
+            Search { points: carried, verified, use_grad, optimise_calls: 0, verify_calls: 0 };
+        let n = oracle.blend.len();
+        for i in 0..n {
+            let loss = oracle.subset(&[i])?;
+            let mut alpha = vec![0.0; n];
+            alpha[i] = 1.0;
+            s.points.push(Point { alpha, loss, grad: Vec::new() });
+        }
+        Ok(s)
+    }
+
     fn best(&self) -> Option<(Vec<usize>, f64)> {
         let mut all: Vec<(&Vec<usize>, &(f64, Option<f64>))> = self.verified.iter().collect();
         all.sort_by(|a, b| a.1.0.total_cmp(&b.1.0).then(a.0.cmp(b.0)));
@@ -78,6 +96,16 @@ fn hard_mask(p: &Point, k: usize) -> Option<Vec<usize>> {
     (set.len() == k && uniform).then_some(set)
 }
 
+/// What stays fixed through one selection's refits.
+struct Setting<'c> {
+    n: usize,
+    k: usize,
+    cfg: &'c SewaConfig,
+    dist: Vec<Vec<Vec<f64>>>,
+    opts: FitOptions,
+    budget: usize,
+}
+
 /// Run the surrogate strategy over the oracle's window; see the module header.
 pub fn run(
     oracle: &mut Oracle,
@@ -94,80 +122,38 @@ pub fn run(
         (None, Some(w)) => w.carried(keys),
         _ => Vec::new(),
     };
-    let mut s = Search {
-        points: carried,
-        verified: HashMap::new(),
-        use_grad,
-        optimise_calls: 0,
-        verify_calls: 0,
+    let carried_points = carried.len();
+    let mut s = Search::new(oracle, carried, k, use_grad)?;
+    let set = Setting {
+        n,
+        k,
+        cfg,
+        dist: oracle.blend.distances(if use_grad { MAX_GROUPS } else { 1 })?,
+        opts: FitOptions {
+            ridge: cfg.surrogate_ridge,
+            residual: n <= MAX_RESIDUAL_WINDOW,
+            grad_scale: 1.0 / k as f64,
+        },
+        budget: if cfg.surrogate_max_calls == 0 { 2 * n } else { cfg.surrogate_max_calls },
     };
-    for p in &s.points {
-        if let Some(set) = hard_mask(p, k) {
-            s.verified.insert(set, (p.loss, None));
-        }
-    }
-    let carried_points = s.points.len();
-    // Vertices: each member's own loss (`select::run_configured` fetched them, remembered or
-    // computed, before this runs; these lookups are free).
-    for i in 0..n {
-        let loss = oracle.subset(&[i])?;
-        let mut alpha = vec![0.0; n];
-        alpha[i] = 1.0;
-        s.points.push(Point { alpha, loss, grad: Vec::new() });
-    }
-    let dist = oracle.blend.distances(if use_grad { MAX_GROUPS } else { 1 })?;
-    let opts = FitOptions {
-        ridge: cfg.surrogate_ridge,
-        residual: n <= MAX_RESIDUAL_WINDOW,
-        grad_scale: 1.0 / k as f64,
-    };
-    let budget = if cfg.surrogate_max_calls == 0 { 2 * n } else { cfg.surrogate_max_calls };
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     if k >= n {
         s.verify(oracle, &(0..n).collect::<Vec<_>>(), f64::NAN)?;
-    } else if !s.points.iter().any(|p| p.alpha.iter().filter(|a| **a > 0.0).count() > 1) {
+    } else if !s.points.iter().any(mixed) {
         // Nothing beyond vertices: one call at the uniform mixture gives every slope.
         s.call(oracle, &vec![1.0 / n as f64; n])?;
         s.optimise_calls += 1;
     }
-    let mut rounds = 0;
-    let (model, theta) = loop {
-        rounds += 1;
-        let model = fit(n, &s.points, &dist, &opts);
-        let theta = relaxed(&model, start.theta.clone(), k, cfg, &mut rng);
-        let best = s.best();
-        let cands = candidates(&model, k, cfg, &theta, best.as_ref().map(|b| &b.0));
-        let fresh: Vec<(Vec<usize>, f64)> =
-            cands.into_iter().filter(|(set, _)| !s.verified.contains_key(set)).collect();
-        let worth = |pred: f64| match &best {
-            Some((set, loss)) => {
-                pred < model.subset(set) - cfg.surrogate_tolerance * loss.abs().max(1e-12)
-            }
-            None => true,
-        };
-        let todo: Vec<&(Vec<usize>, f64)> =
-            fresh.iter().filter(|(_, p)| worth(*p)).take(cfg.surrogate_batch).collect();
-        if todo.is_empty() || oracle.calls >= budget {
-            break (model, theta);
-        }
-        for (set, pred) in todo {
-            if oracle.calls >= budget {
-                break;
-            }
-            s.verify(oracle, set, *pred)?;
-        }
-    };
-    let (set, loss) = match s.best() {
+    let (model, theta, rounds) = refine(oracle, &mut s, &set, start.theta)?;
+    let (chosen, loss) = match s.best() {
         Some(b) => b,
         None => {
             // Budget spent before any verification: verify the surrogate's best.
-            let set = top_k(&theta.iter().map(|t| sigmoid(*t)).collect::<Vec<_>>(), k);
-            let pred = model.subset(&set);
-            s.verify(oracle, &set, pred)?;
-            (set, s.verified[&s.best().expect("verified").0].0)
+            let top = top_k(&theta.iter().map(|t| sigmoid(*t)).collect::<Vec<_>>(), k);
+            s.verify(oracle, &top, model.subset(&top))?;
+            s.best().expect("just verified")
         }
     };
-    let predicted = s.verified.get(&set).and_then(|v| v.1).filter(|p| p.is_finite());
+    let predicted = s.verified.get(&chosen).and_then(|v| v.1).filter(|p| p.is_finite());
     let probs: Vec<f64> = theta.iter().map(|t| sigmoid(*t)).collect();
     let details = json!({
         "strategy": "surrogate",
@@ -176,7 +162,7 @@ pub fn run(
         "cold_reason": start.cold,
         "probabilities": probs,
         "surrogate_predicted_loss": predicted,
-        "surrogate_model_loss": model.subset(&set),
+        "surrogate_model_loss": model.subset(&chosen),
         "surrogate_rounds": rounds,
         "surrogate_points": s.points.len(),
         "surrogate_points_carried": carried_points,
@@ -190,14 +176,56 @@ pub fn run(
         _ => 0,
     };
     // Vertex points are not kept: members' own losses live in `Memory`.
-    let kept: Vec<Point> = s.points.into_iter().filter(|p| hard_or_mixed(p)).collect();
+    let kept: Vec<Point> = s.points.into_iter().filter(mixed).collect();
     let state =
         SewaState { keys: keys.to_vec(), theta, warm_runs, loss: Some(loss), points: Vec::new() }
             .with_points(kept);
-    Ok((Found { set, loss, weights: None, details }, state))
+    Ok((Found { set: chosen, loss, weights: None, details }, state))
 }
 
-fn hard_or_mixed(p: &Point) -> bool {
+/// Refit, search the surrogate, verify its best unverified masks; until none is predicted to
+/// beat the best verified one by the tolerance, or the budget is spent. Returns the last model,
+/// the relaxation's logits and the rounds run.
+fn refine(
+    oracle: &mut Oracle,
+    s: &mut Search,
+    set: &Setting,
+    theta0: Vec<f64>,
+) -> Result<(Model, Vec<f64>, usize)> {
+    let cfg = set.cfg;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let model = fit(set.n, &s.points, &set.dist, &set.opts);
+        let theta = relaxed(&model, theta0.clone(), set.k, cfg, &mut rng);
+        let best = s.best();
+        let cands = candidates(&model, set.k, cfg, &theta, best.as_ref().map(|b| &b.0));
+        let worth = |pred: f64| match &best {
+            Some((b, loss)) => {
+                pred < model.subset(b) - cfg.surrogate_tolerance * loss.abs().max(1e-12)
+            }
+            None => true,
+        };
+        let todo: Vec<(Vec<usize>, f64)> = cands
+            .into_iter()
+            .filter(|(c, p)| !s.verified.contains_key(c) && worth(*p))
+            .take(cfg.surrogate_batch)
+            .collect();
+        if todo.is_empty() || oracle.calls >= set.budget {
+            return Ok((model, theta, rounds));
+        }
+        for (c, pred) in todo {
+            if oracle.calls >= set.budget {
+                break;
+            }
+            s.verify(oracle, &c, pred)?;
+        }
+    }
+}
+
+/// Whether a point mixes more than one member (not a vertex).
+fn mixed(p: &Point) -> bool {
     p.alpha.iter().filter(|a| **a > 0.0).count() > 1
 }
 
