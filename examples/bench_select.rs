@@ -4,7 +4,7 @@
 //! after the window slides by one; then, with `--curve`, the surrogate's calls-vs-gap trade-off
 //! under call budgets.
 //!
-//!     cargo run --release --example bench_select [-- --seeds 5 --curve]
+//!     cargo run --release --example bench_select [-- --seeds 5 --other-seeds 2 --curve]
 //!
 //! Trajectories (window 20, k = 5, builtin MLP objective on a held-out split):
 //! - `demo`: the demo's task and trainer (plain SGD at lr 0.8 on noisy Gaussian blobs);
@@ -217,6 +217,10 @@ fn main() {
         .iter()
         .position(|a| a == "--seeds")
         .map_or(5, |i| args[i + 1].parse().expect("--seeds N"));
+    let others: u64 = args
+        .iter()
+        .position(|a| a == "--other-seeds")
+        .map_or(2, |i| args[i + 1].parse().expect("--other-seeds N"));
     let curve = args.iter().any(|a| a == "--curve");
     println!("window {WINDOW}, k = {K}; calls = all objective calls (member losses included)");
     println!(
@@ -229,7 +233,7 @@ fn main() {
         twa: TwaConfig::default(),
     };
     for traj in ["demo", "spiral", "adamw"] {
-        for seed in 0..seeds {
+        for seed in 0..if traj == "demo" { seeds } else { others } {
             let dir = tempfile::tempdir().unwrap();
             let (ckpts, mut obj) = trajectory(traj, seed, dir.path());
             let n = ckpts.len();

@@ -37,6 +37,8 @@ struct Search {
     use_grad: bool,
     optimise_calls: usize,
     verify_calls: usize,
+    /// (predicted, actual) of the masks verified, in order.
+    recent: Vec<(f64, f64)>,
 }
 
 impl Search {
@@ -46,8 +48,14 @@ impl Search {
     fn new(oracle: &mut Oracle, carried: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
         let verified =
             carried.iter().filter_map(|p| Some((hard_mask(p, k)?, (p.loss, None)))).collect();
-        let mut s =
-            Search { points: carried, verified, use_grad, optimise_calls: 0, verify_calls: 0 };
+        let mut s = Search {
+            points: carried,
+            verified,
+            use_grad,
+            optimise_calls: 0,
+            verify_calls: 0,
+            recent: Vec::new(),
+        };
         let n = oracle.blend.len();
         for i in 0..n {
             let loss = oracle.subset(&[i])?;
@@ -56,6 +64,12 @@ impl Search {
             s.points.push(Point { alpha, loss, grad: Vec::new() });
         }
         Ok(s)
+    }
+
+    /// Largest |predicted − actual| over the last `last` verified masks (0 before any).
+    fn prediction_error(&self, last: usize) -> f64 {
+        let recent = self.recent.iter().rev().take(last);
+        recent.map(|(p, l)| (p - l).abs()).fold(0.0, f64::max)
     }
 
     fn best(&self) -> Option<(Vec<usize>, f64)> {
@@ -84,6 +98,9 @@ impl Search {
         let loss = self.call(oracle, &alpha)?;
         self.verify_calls += 1;
         self.verified.insert(set.to_vec(), (loss, Some(predicted)));
+        if predicted.is_finite() {
+            self.recent.push((predicted, loss));
+        }
         Ok(())
     }
 }
@@ -201,9 +218,14 @@ fn refine(
         let theta = relaxed(&model, theta0.clone(), set.k, cfg, &mut rng);
         let best = s.best();
         let cands = candidates(&model, set.k, cfg, &theta, best.as_ref().map(|b| &b.0));
+        // While the model still mispredicts the masks it proposed, a mask predicted slightly
+        // worse than the best verified one may be better: widen the margin by that error.
+        let err = s.prediction_error(2 * cfg.surrogate_batch);
         let worth = |pred: f64| match &best {
             Some((b, loss)) => {
-                pred < model.subset(b) - cfg.surrogate_tolerance * loss.abs().max(1e-12)
+                let tol = cfg.surrogate_tolerance * loss.abs().max(1e-12);
+                let margin = if err > tol { err } else { -tol };
+                pred < model.subset(b) + margin
             }
             None => true,
         };
