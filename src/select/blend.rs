@@ -120,26 +120,21 @@ impl Blend<'_> {
         for (ti, meta) in self.layout.iter().enumerate() {
             let d = &mut out[ti * groups / t.max(1)];
             let size = meta.dtype.size();
-            for i in 0..k {
+            for (i, mi) in self.members.iter().enumerate() {
                 own.clear();
                 own.resize(meta.numel(), 0f32);
-                self.members[i].for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                mi.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
                     let dst = own.get_mut(offset / size..).unwrap_or_default();
                     axpy(dst, bytes, meta.dtype, 1.0);
                     Ok(())
                 })?;
-                for j in i + 1..k {
+                for (j, mj) in self.members.iter().enumerate().skip(i + 1) {
                     let mut acc = 0f64;
-                    self.members[j].for_each_chunk(
-                        &meta.name,
-                        CHUNK,
-                        &mut buf,
-                        |offset, bytes| {
-                            let mine = own.get(offset / size..).unwrap_or_default();
-                            sq_dist(&mut acc, mine, bytes, meta.dtype);
-                            Ok(())
-                        },
-                    )?;
+                    mj.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                        let mine = own.get(offset / size..).unwrap_or_default();
+                        sq_dist(&mut acc, mine, bytes, meta.dtype);
+                        Ok(())
+                    })?;
                     d[i][j] += acc;
                     d[j][i] += acc;
                 }

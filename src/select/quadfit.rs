@@ -264,23 +264,27 @@ mod tests {
     use super::*;
 
     /// Members on a line in 1-D with L(w) = ½ a (w − t)²: the structured model is exact.
-    fn exact_problem() -> (Vec<f64>, Vec<Vec<Vec<f64>>>, impl Fn(&[f64]) -> (f64, Vec<f64>)) {
-        let ws = vec![0.0, 1.0, 3.0, -2.0, 0.5];
-        let (a, t) = (1.7, 0.8);
-        let d: Vec<Vec<f64>> =
-            ws.iter().map(|x| ws.iter().map(|y| (x - y) * (x - y)).collect()).collect();
-        let ws2 = ws.clone();
-        let f = move |alpha: &[f64]| {
-            let w: f64 = alpha.iter().zip(&ws2).map(|(a, w)| a * w).sum();
-            let g = a * (w - t);
-            (0.5 * a * (w - t).powi(2), ws2.iter().map(|wi| g * (wi - w)).collect())
-        };
-        (ws, vec![d], f)
+    const A: f64 = 1.7;
+    const T: f64 = 0.8;
+
+    fn members() -> Vec<f64> {
+        vec![0.0, 1.0, 3.0, -2.0, 0.5]
+    }
+
+    /// Loss and `⟨G, w_i − w(α)⟩` of L(w) = ½ A (w − T)² at the mixture `alpha`.
+    fn truth(alpha: &[f64]) -> (f64, Vec<f64>) {
+        let ws = members();
+        let w: f64 = alpha.iter().zip(&ws).map(|(a, w)| a * w).sum();
+        let g = A * (w - T);
+        (0.5 * A * (w - T).powi(2), ws.iter().map(|wi| g * (wi - w)).collect())
     }
 
     #[test]
     fn structured_model_is_exact_for_an_isotropic_quadratic() {
-        let (ws, dist, f) = exact_problem();
+        let ws = members();
+        let dist =
+            vec![ws.iter().map(|x| ws.iter().map(|y| (x - y) * (x - y)).collect()).collect()];
+        let f = truth;
         let k = ws.len();
         let mut points = Vec::new();
         for i in 0..k {

@@ -73,9 +73,9 @@ impl Search {
     }
 
     fn best(&self) -> Option<(Vec<usize>, f64)> {
-        let mut all: Vec<(&Vec<usize>, &(f64, Option<f64>))> = self.verified.iter().collect();
-        all.sort_by(|a, b| a.1.0.total_cmp(&b.1.0).then(a.0.cmp(b.0)));
-        all.first().map(|(s, (l, _))| ((*s).clone(), *l))
+        let all = self.verified.iter().map(|(s, v)| (s, v.0));
+        let best = all.min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+        best.map(|(s, l)| (s.clone(), l))
     }
 
     /// One real call at `alpha` (with gradient when the objective gives one); a data point.
