@@ -155,7 +155,7 @@ fn main() {
             .unwrap();
     let wall = t0.elapsed().as_secs_f64() * 1e3;
     let cpu = (cpu_ns() - cpu0) as f64 / 1e6;
-    let calls = sel.details["oracle_calls"].as_u64().unwrap_or(0).max(1);
+    let calls = sel.details.json()["oracle_calls"].as_u64().unwrap_or(0).max(1);
 
     println!(
         "sewa builtin mlp {SIZES:?}, {rows} rows, window {window}, {threads} thread(s); median of \

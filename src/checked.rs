@@ -65,6 +65,15 @@ pub mod de {
         }
         Ok(v)
     }
+
+    /// A finite number ≥ 0.
+    pub fn non_negative<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(serde::de::Error::custom(format!("must be a number >= 0, got {v}")));
+        }
+        Ok(v)
+    }
 }
 
 /// A float strictly between 0 and 1.

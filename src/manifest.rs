@@ -36,7 +36,7 @@ impl From<&Selection> for Provenance {
             method: s.method.clone(),
             why: s.why.clone(),
             loss: s.loss,
-            details: s.details.clone(),
+            details: s.details.json(),
         }
     }
 }

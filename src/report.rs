@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::select::Details;
 
 /// What the picture shows, per member.
 #[derive(Debug, Default, PartialEq)]
@@ -32,12 +33,13 @@ fn floats(v: &Value) -> Option<Vec<f64>> {
     v.as_array()?.iter().map(|x| x.as_f64()).collect()
 }
 
-/// A per-member array of `details`: one finite value per window member, or absent.
-fn per_member(d: &Value, key: &str, n: usize) -> std::result::Result<Option<Vec<f64>>, String> {
-    if d[key].is_null() {
-        return Ok(None);
-    }
-    let v = floats(&d[key]).ok_or_else(|| format!("`{key}` is not an array of numbers"))?;
+/// A per-member array of the details: one finite value per window member, or absent.
+fn per_member(
+    v: &Option<Vec<f64>>,
+    key: &str,
+    n: usize,
+) -> std::result::Result<Option<Vec<f64>>, String> {
+    let Some(v) = v else { return Ok(None) };
     if v.len() != n {
         return Err(format!("`{key}` has {} values for a window of {n} members", v.len()));
     }
@@ -45,7 +47,15 @@ fn per_member(d: &Value, key: &str, n: usize) -> std::result::Result<Option<Vec<
     if let Some(bad) = v.iter().find(|x| !x.is_finite() || x.abs() > 1e150) {
         return Err(format!("`{key}` holds {bad}, not a plottable number"));
     }
-    Ok(Some(v))
+    Ok(Some(v.clone()))
+}
+
+/// The selection's details, typed; absent details are empty ones.
+fn details(sel: &Value) -> std::result::Result<Details, String> {
+    match &sel["details"] {
+        Value::Null => Ok(Details::default()),
+        d => serde_json::from_value(d.clone()).map_err(|e| format!("selection details: {e}")),
+    }
 }
 
 impl Window {
@@ -56,12 +66,12 @@ impl Window {
         let weights = floats(&sel["weights"])
             .or_else(|| floats(&v["weights"]))
             .ok_or("no `weights` array: not a selection or a manifest")?;
-        let d = &sel["details"];
-        let labels: Vec<String> = match d["members"].as_array() {
+        let d = details(sel)?;
+        let labels: Vec<String> = match &d.members {
             Some(ms) => ms
                 .iter()
                 .enumerate()
-                .map(|(i, m)| m["step"].as_u64().map_or(format!("#{i}"), |s| s.to_string()))
+                .map(|(i, m)| m.step.map_or(format!("#{i}"), |s| s.to_string()))
                 .collect(),
             None => (0..weights.len()).map(|i| format!("#{i}")).collect(),
         };
@@ -70,27 +80,27 @@ impl Window {
         let chosen: Vec<bool> = if weights.len() == labels.len() {
             weights.iter().map(|w| *w > 0.0).collect()
         } else {
-            let idx = d["chosen"]
-                .as_array()
+            let idx = d
+                .chosen
+                .as_ref()
                 .ok_or("weights do not cover the window and there is no `chosen` list")?;
-            let idx: std::collections::HashSet<u64> =
-                idx.iter().filter_map(|i| i.as_u64()).collect();
-            if let Some(bad) = idx.iter().find(|i| **i >= labels.len() as u64) {
+            let idx: std::collections::HashSet<usize> = idx.iter().copied().collect();
+            if let Some(bad) = idx.iter().find(|i| **i >= labels.len()) {
                 return Err(format!(
                     "`chosen` names member {bad}, outside the window of {}",
                     labels.len()
                 ));
             }
-            (0..labels.len() as u64).map(|i| idx.contains(&i)).collect()
+            (0..labels.len()).map(|i| idx.contains(&i)).collect()
         };
         // SeWA records its top-k before polishing; chosen members outside it were swapped in.
-        let (polished, dropped) = match d["top_k"].as_array() {
+        let (polished, dropped) = match &d.top_k {
             Some(top) => {
-                let top: std::collections::HashSet<u64> =
-                    top.iter().filter_map(|i| i.as_u64()).collect();
-                let in_top = |i: usize| top.contains(&(i as u64));
-                let pairs =
-                    chosen.iter().enumerate().map(|(i, c)| (*c && !in_top(i), !*c && in_top(i)));
+                let top: std::collections::HashSet<usize> = top.iter().copied().collect();
+                let pairs = chosen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (*c && !top.contains(&i), !*c && top.contains(&i)));
                 pairs.unzip()
             }
             None => (vec![false; labels.len()], vec![false; labels.len()]),
@@ -98,10 +108,10 @@ impl Window {
         Ok(Window {
             polished,
             dropped,
-            oracle_calls: d["oracle_calls"].as_u64(),
+            oracle_calls: d.oracle_calls.map(|c| c as u64),
             method: sel["method"].as_str().unwrap_or("?").to_string(),
-            probabilities: per_member(d, "probabilities", labels.len())?,
-            member_losses: per_member(d, "member_losses", labels.len())?,
+            probabilities: per_member(&d.probabilities, "probabilities", labels.len())?,
+            member_losses: per_member(&d.member_losses, "member_losses", labels.len())?,
             labels,
             chosen,
             loss: sel["loss"].as_f64().filter(|l| l.is_finite() && l.abs() <= 1e150),

@@ -47,6 +47,11 @@ pub fn summary(c: &Config) -> String {
             format!("exhaustive k={k} exhaustive_limit={}", s.sewa.exhaustive_limit)
         }
         Method::Random => format!("random k={k} seed={}", s.sewa.seed),
+        Method::Soup => {
+            let sparse = s.soup.k.map_or(String::new(), |k| format!(" k={k}"));
+            format!("soup iterations={} lr={}{sparse}", s.soup.iterations, s.soup.lr)
+        }
+        Method::Twa => format!("twa iterations={} step={}", s.twa.iterations, s.twa.step),
         Method::Sewa => {
             let w = &s.sewa;
             let estimator = format!("{:?}", w.estimator).to_ascii_lowercase();

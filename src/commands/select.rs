@@ -12,7 +12,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::objective::ObjectiveConfig;
 use crate::objective::config::build_objective;
-use crate::select::{Selection, SewaConfig, model_based, run_model_based};
+use crate::select::{
+    Options, Selection, SewaConfig, SoupConfig, TwaConfig, model_based, run_model_based_with,
+};
 
 /// The two tables a one-shot selection reads, typed in one pass (errors keep their line);
 /// any other table (a full daemon config) is ignored here.
@@ -27,6 +29,10 @@ struct SelectionTables {
 struct SelectTable {
     #[serde(default)]
     sewa: SewaConfig,
+    #[serde(default)]
+    soup: SoupConfig,
+    #[serde(default)]
+    twa: TwaConfig,
 }
 
 /// Run `method` with `k` over `members` using the objective configured in `config`.
@@ -41,8 +47,9 @@ pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Re
     objective.check(config)?;
     tables.select.sewa.check(config)?;
     let mut objective = build_objective(&objective, &crate::config::config_dir(config))?;
-    let sewa = &tables.select.sewa;
-    let (sel, _) = run_model_based(method, k, members, objective.as_mut(), sewa, None)?;
+    let t = &tables.select;
+    let opts = Options { sewa: &t.sewa, soup: &t.soup, twa: &t.twa };
+    let (sel, _) = run_model_based_with(method, k, members, objective.as_mut(), opts, None)?;
     tracing::info!("{}", sel.why);
     Ok(sel)
 }

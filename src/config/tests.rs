@@ -82,6 +82,47 @@ fn errors_inside_objective_and_sewa_tables_have_line_and_column() {
     }
 }
 
+/// The surrogate strategy's keys and the `[select.soup]` / `[select.twa]` tables parse in
+/// the one pass too: typed values, and errors at their line and column.
+#[test]
+fn strategy_soup_and_twa_keys_parse_and_bad_ones_have_line_and_column() {
+    use crate::select::Strategy;
+    let ok = format!(
+        "{MIN}[select]\nmethod = \"soup\"\n[select.sewa]\nstrategy = \"direct\"\n\
+         surrogate_max_calls = 30\nsurrogate_tolerance = 0.0\n[select.soup]\nk = 3\n\
+         iterations = 5\n[select.twa]\nstep = 0.5\n[objective]\ndata = \"d\"\n"
+    );
+    let c = parse(&ok).unwrap();
+    assert_eq!(c.select.method, Method::Soup);
+    assert_eq!(c.select.sewa.strategy, Strategy::Direct);
+    assert_eq!(c.select.sewa.surrogate_max_calls, 30);
+    assert_eq!((c.select.soup.k, c.select.soup.iterations), (Some(3), 5));
+    assert_eq!(c.select.twa.step, 0.5);
+    let d = parse(&format!("{MIN}[select]\nmethod = \"twa\"\n[objective]\ndata = \"d\"\n"));
+    assert_eq!(d.unwrap().select.sewa.strategy, Strategy::Surrogate, "the default");
+    let head = format!("{MIN}[select]\nmethod = \"sewa\"\n");
+    let cases = [
+        ("[select.sewa]\nstrategy = \"fast\"\n", "surrogate", "line 8, column 12"),
+        ("[select.sewa]\nsurrogate_batch = 0\n", "at least 1", "line 8, column 19"),
+        ("[select.sewa]\nsurrogate_tolerance = -1.0\n", ">= 0", "line 8, column 23"),
+        ("[select.sewa]\nsurrogate_ridge = 0.0\n", "positive", "line 8, column 19"),
+        ("[select.soup]\nk = 0\n", "at least 1", "line 8, column 5"),
+        ("[select.soup]\nlr = -2.0\n", "positive", "line 8, column 6"),
+        ("[select.soup]\nsteps = 3\n", "steps", "line 8, column 1"),
+        ("[select.twa]\niterations = 0\n", "at least 1", "line 8, column 14"),
+        ("[select.twa]\nstep = -0.1\n", "positive", "line 8, column 8"),
+    ];
+    for (table, want, at) in cases {
+        let err = parse(&format!("{head}{table}")).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains(at), "{table}: {err}");
+    }
+    // soup and twa need an [objective], and average what the window holds.
+    for method in ["soup", "twa"] {
+        let err = parse(&format!("{MIN}[select]\nmethod = \"{method}\"\n")).unwrap_err();
+        assert!(err.to_string().contains("needs an [objective]"), "{err}");
+    }
+}
+
 /// Issue 9 item 12: LAWA published 1-member "averages" before k checkpoints existed.
 #[test]
 fn methods_that_average_k_members_wait_for_k_unless_min_members_says_otherwise() {
@@ -92,7 +133,7 @@ fn methods_that_average_k_members_wait_for_k_unless_min_members_says_otherwise()
     for method in ["lawa", "best-metric", "sewa", "exhaustive", "random"] {
         assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 3, "{method}");
     }
-    for method in ["uniform", "ema", "greedy"] {
+    for method in ["uniform", "ema", "greedy", "soup", "twa"] {
         assert_eq!(min(&format!("method = \"{method}\"\nk = 3")), 1, "{method}");
     }
     assert_eq!(min("method = \"lawa\"\nk = 3\nmin_members = 1"), 1);

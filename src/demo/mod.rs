@@ -144,12 +144,14 @@ fn warm_vs_cold(
     }
     let before: Vec<&Checkpoint> = all[..args.window].iter().collect();
     let after: Vec<&Checkpoint> = all[2..].iter().collect();
-    let (run, sewa) = (crate::select::run_model_based, crate::select::Method::Sewa);
-    let (_, state) = run(sewa, args.k, &before, objective, cfg, None)?;
-    let (cold, _) = run(sewa, args.k, &after, objective, cfg, None)?;
-    let (warm, _) = run(sewa, args.k, &after, objective, cfg, state.as_ref())?;
-    let calls = |s: &crate::select::Selection| s.details["oracle_calls"].as_u64().unwrap_or(0);
-    let secs = |s: &crate::select::Selection| s.details["wall_seconds"].as_f64().unwrap_or(0.0);
+    use crate::select::{Memory, Method, run_model_based, run_remembering};
+    // Warm as the daemon runs it: member losses and the survivors' surrogate data are kept.
+    let mut memory = Memory::default();
+    run_remembering(Method::Sewa, args.k, &before, objective, cfg, &mut memory)?;
+    let (cold, _) = run_model_based(Method::Sewa, args.k, &after, objective, cfg, None)?;
+    let warm = run_remembering(Method::Sewa, args.k, &after, objective, cfg, &mut memory)?;
+    let calls = |s: &crate::select::Selection| s.details.total_calls();
+    let secs = |s: &crate::select::Selection| s.details.wall_seconds.unwrap_or(0.0);
     println!(
         "re-selection after 2 new checkpoints: cold {} oracle calls ({:.2}s, loss {:.4}), \
          warm {} ({:.0}% of cold, {:.2}s, loss {:.4})",

@@ -11,7 +11,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::objective::{Activation, Objective, mlp};
 use crate::select::blend::Blend;
-use crate::select::{MemberSummary, Method, Selection, SewaConfig, rules, run_model_based};
+use crate::select::{
+    MemberSummary, Method, Selection, SewaConfig, Strategy, rules, run_model_based,
+};
 
 /// One line of the table (also the `--json` record).
 #[derive(Clone, Debug, Serialize)]
@@ -93,14 +95,21 @@ pub fn rows(
     }
     rows.push(random_mean(members, obj, scorer, k, cfg, &blend)?);
     let mut sewa = None;
-    for method in [Method::Greedy, Method::Sewa, Method::Exhaustive] {
+    let direct = SewaConfig { strategy: Strategy::Direct, ..cfg.clone() };
+    let runs = [
+        (Method::Greedy, "greedy".to_string(), cfg),
+        (Method::Soup, "soup (learned)".to_string(), cfg),
+        (Method::Twa, "twa (learned)".to_string(), cfg),
+        (Method::Sewa, format!("sewa {k}"), cfg),
+        (Method::Sewa, format!("sewa {k} (direct)"), &direct),
+        (Method::Exhaustive, format!("exhaustive {k}"), cfg),
+    ];
+    for (method, label, c) in runs {
         let t = Instant::now();
-        let (sel, _) = run_model_based(method, k, &refs, obj, cfg, None)?;
+        let (sel, _) = run_model_based(method, k, &refs, obj, c, None)?;
         let wall = t.elapsed().as_secs_f64();
         let (loss, acc) = scorer.score(&blend, obj, &sel.weights)?;
         let steps = steps(members, &sel.weights);
-        let name = method.name();
-        let label = if method == Method::Greedy { name.to_string() } else { format!("{name} {k}") };
         rows.push(Row {
             method: label,
             size: steps.len() as f64,
@@ -108,9 +117,9 @@ pub fn rows(
             heldout_loss: loss,
             test_accuracy: acc,
             wall_seconds: wall,
-            oracle_calls: sel.details["oracle_calls"].as_f64().unwrap_or(0.0),
+            oracle_calls: sel.details.total_calls() as f64,
         });
-        if method == Method::Sewa {
+        if method == Method::Sewa && sewa.is_none() {
             sewa = Some(sel);
         }
     }

@@ -217,6 +217,51 @@ fn dot_diff(g: &[f32], w: &[f32], c: &[f32]) -> f64 {
     total
 }
 
+impl Blend<'_> {
+    /// Squared distances ‖w_i − w_j‖² between members (K×K, f64) over at most `max_groups`
+    /// contiguous groups of float tensors, for the surrogate's curvature terms. Member i's
+    /// tensor is decoded once and every later member streamed against it: K(K+1)/2 passes over
+    /// each tensor, one tensor in memory, no objective call.
+    pub fn distances(&self, max_groups: usize) -> Result<Vec<Vec<Vec<f64>>>> {
+        let (k, t) = (self.members.len(), self.layout.len());
+        let groups = max_groups.clamp(1, t.max(1));
+        let mut out = vec![vec![vec![0f64; k]; k]; groups];
+        let (mut buf, mut own) = (Vec::new(), Vec::new());
+        for (ti, meta) in self.layout.iter().enumerate() {
+            let d = &mut out[ti * groups / t.max(1)];
+            for (i, mi) in self.members.iter().enumerate() {
+                own.clear();
+                own.resize(meta.numel(), 0f32);
+                let dtype = own_dtype(mi, meta);
+                mi.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                    let dst = own.get_mut(offset / dtype.size()..).unwrap_or_default();
+                    axpy(dst, bytes, dtype, 1.0);
+                    Ok(())
+                })?;
+                for (j, mj) in self.members.iter().enumerate().skip(i + 1) {
+                    let (mut acc, dtype) = (0f64, own_dtype(mj, meta));
+                    mj.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                        let mine = own.get(offset / dtype.size()..).unwrap_or_default();
+                        sq_dist(&mut acc, mine, bytes, dtype);
+                        Ok(())
+                    })?;
+                    d[i][j] += acc;
+                    d[j][i] += acc;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `acc += ‖a − src‖²` in f64 with `src` as raw bytes of `dtype`.
+fn sq_dist(acc: &mut f64, a: &[f32], src: &[u8], dtype: DType) {
+    for (x, c) in a.iter().zip(src.chunks_exact(dtype.size())) {
+        let y = crate::dtype::decode_f32(dtype, c).unwrap_or(0.0);
+        *acc += (*x as f64 - y as f64).powi(2);
+    }
+}
+
 /// The dtype `member` stores tensor `meta` in (schema-checked: same name and shape).
 fn own_dtype(member: &Checkpoint, meta: &TensorMeta) -> DType {
     member.tensor(&meta.name).map_or(meta.dtype, |t| t.dtype)
@@ -348,6 +393,22 @@ mod tests {
         let e = next.mix(&[1.0, 1.0], &mut out).unwrap_err().to_string();
         assert!(e.contains("step_1.safetensors") && e.contains("changed on disk"), "{e}");
         assert!(!is_cached(&next), "a failed read caches nothing");
+    }
+
+    #[test]
+    fn distances_per_group_match_by_hand() {
+        let (a, b, c) = (ck("a", &[1.0, 2.0]), ck("b", &[3.0, 6.0]), ck("c", &[1.0, 0.0]));
+        let blend = Blend::new(&[&a, &b, &c]).unwrap();
+        let per_tensor = blend.distances(8).unwrap();
+        assert_eq!(per_tensor.len(), 2, "one group per float tensor when there are few");
+        let ab = (3.0f64 - 1.0).powi(2) + (6.0f64 - 2.0).powi(2);
+        let ac = 4.0;
+        for d in &per_tensor {
+            assert_eq!((d[0][1], d[1][0], d[0][2], d[1][1]), (ab, ab, ac, 0.0));
+        }
+        let one = blend.distances(1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0][0][1], 2.0 * ab, "groups sum to the whole distance");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::SewaConfig;
+use super::{SewaConfig, SoupConfig, TwaConfig};
 use crate::checked::{Positive, UnitOpen};
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -19,12 +19,22 @@ pub enum Method {
     Exhaustive,
     Random,
     Sewa,
+    Soup,
+    Twa,
 }
 
 impl Method {
     /// Selectors that need an `[objective]` (and so produce a loss).
     pub fn needs_objective(self) -> bool {
-        matches!(self, Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa)
+        matches!(
+            self,
+            Method::Greedy
+                | Method::Exhaustive
+                | Method::Random
+                | Method::Sewa
+                | Method::Soup
+                | Method::Twa
+        )
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +46,8 @@ impl Method {
             Method::Exhaustive => "exhaustive",
             Method::Random => "random",
             Method::Sewa => "sewa",
+            Method::Soup => "soup",
+            Method::Twa => "twa",
         }
     }
 }
@@ -79,6 +91,12 @@ pub struct SelectConfig {
     /// SeWA options (the type is the SeWA selector's); defaults when the table is absent.
     #[serde(default)]
     pub sewa: SewaConfig,
+    /// `method = "soup"` options; defaults when the table is absent.
+    #[serde(default)]
+    pub soup: SoupConfig,
+    /// `method = "twa"` options; defaults when the table is absent.
+    #[serde(default)]
+    pub twa: TwaConfig,
 }
 
 impl Default for SelectConfig {
@@ -92,6 +110,8 @@ impl Default for SelectConfig {
             metric_mode: default_metric_mode(),
             min_members: None,
             sewa: SewaConfig::default(),
+            soup: SoupConfig::default(),
+            twa: TwaConfig::default(),
         }
     }
 }
@@ -100,14 +120,14 @@ impl SelectConfig {
     /// Window members needed before the daemon selects at all: `min_members`, or by default `k`
     /// for the methods that average k members (lawa, best-metric, sewa, exhaustive, random: an
     /// "average of the last 5" made of 1 checkpoint is that checkpoint under a false name) and 1
-    /// for those that average whatever the window holds (uniform, ema) or grow their own set
-    /// (greedy).
+    /// for those that average whatever the window holds (uniform, ema, soup, twa: a sparse
+    /// soup's k only bounds how many it keeps) or grow their own set (greedy).
     pub fn min_members(&self) -> usize {
         if let Some(n) = self.min_members {
             return n.get();
         }
         match self.method {
-            Method::Uniform | Method::Ema | Method::Greedy => 1,
+            Method::Uniform | Method::Ema | Method::Greedy | Method::Soup | Method::Twa => 1,
             _ => self.k.get(),
         }
     }

@@ -50,7 +50,7 @@ pub struct MemberLosses {
 
 impl Memory {
     /// Each member's own loss: from this selection's oracle cache (free), from an earlier
-    /// selection, or computed now. Afterwards only the current members are remembered, so the
+    /// selection (then put in the oracle's cache), or computed now. Afterwards only the current members are remembered, so the
     /// memory stays the size of the window.
     pub fn member_losses(
         &mut self,
@@ -66,6 +66,9 @@ impl Memory {
                 l
             } else if let Some(l) = self.member_losses.get(id) {
                 remembered += 1;
+                // Later subset lookups of this selection (greedy's ranking, the surrogate's
+                // vertices) find it too.
+                oracle.remember(&[i], *l);
                 *l
             } else {
                 computed += 1;

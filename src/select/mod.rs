@@ -25,7 +25,7 @@ pub struct Selection {
     /// Loss of the hard selection on the selection data, when an objective was used.
     pub loss: Option<f64>,
     /// Method-specific report: probabilities, iterations, oracle calls, wall time...
-    pub details: serde_json::Value,
+    pub details: Details,
 }
 
 impl Selection {
@@ -37,25 +37,49 @@ impl Selection {
 
 pub mod blend;
 pub mod config;
+pub mod details;
 pub mod memory;
 pub mod oracle;
+pub mod quadfit;
 pub mod search;
 pub mod sewa;
+pub mod soup;
+pub mod surrogate;
+pub mod twa;
 pub mod warm;
 
 pub use config::{Method, MetricMode, SelectConfig};
+pub use details::{Details, MemberRecord};
 pub use memory::Memory;
-pub use sewa::SewaConfig;
+pub use sewa::{SewaConfig, Strategy};
+pub use soup::SoupConfig;
+pub use twa::TwaConfig;
 pub use warm::SewaState;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::objective::Objective;
-use crate::path_json;
 
 /// Model-based methods, in the order their names are listed in errors.
-pub const MODEL_BASED: [Method; 4] =
-    [Method::Sewa, Method::Greedy, Method::Exhaustive, Method::Random];
+pub const MODEL_BASED: [Method; 6] =
+    [Method::Sewa, Method::Greedy, Method::Exhaustive, Method::Random, Method::Soup, Method::Twa];
+
+/// The options of every model-based method.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    pub sewa: &'a SewaConfig,
+    pub soup: &'a SoupConfig,
+    pub twa: &'a TwaConfig,
+}
+
+impl<'a> Options<'a> {
+    /// SeWA's options with the other methods' defaults.
+    pub fn sewa(sewa: &'a SewaConfig) -> Options<'a> {
+        static SOUP: std::sync::LazyLock<SoupConfig> = std::sync::LazyLock::new(Default::default);
+        static TWA: std::sync::LazyLock<TwaConfig> = std::sync::LazyLock::new(Default::default);
+        Options { sewa, soup: &SOUP, twa: &TWA }
+    }
+}
 
 /// The model-based method a command line or request names, parsed once at the edge; anything
 /// else is a usage error listing the methods.
@@ -78,9 +102,21 @@ pub fn run_model_based(
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
 ) -> Result<(Selection, Option<SewaState>)> {
+    run_model_based_with(method, k, members, objective, Options::sewa(cfg), warm)
+}
+
+/// `run_model_based` with every method's options.
+pub fn run_model_based_with(
+    method: Method,
+    k: usize,
+    members: &[&Checkpoint],
+    objective: &mut dyn Objective,
+    opts: Options<'_>,
+    warm: Option<&SewaState>,
+) -> Result<(Selection, Option<SewaState>)> {
     let mut memory = Memory::default();
     memory.sewa = warm.cloned();
-    let selection = run_remembering(method, k, members, objective, cfg, &mut memory)?;
+    let selection = run_configured(method, k, members, objective, opts, &mut memory)?;
     Ok((selection, memory.sewa.filter(|_| method == Method::Sewa)))
 }
 
@@ -95,6 +131,21 @@ pub fn run_remembering(
     cfg: &SewaConfig,
     memory: &mut Memory,
 ) -> Result<Selection> {
+    run_configured(method, k, members, objective, Options::sewa(cfg), memory)
+}
+
+/// `run_remembering` with every method's options. Members' own losses are computed once per
+/// member and objective (`Memory`): first, when the method uses them (greedy's ranking, the
+/// surrogate's vertices; then they count in its `oracle_calls`), else afterwards for the report
+/// (`oracle_calls_report`).
+pub fn run_configured(
+    method: Method,
+    k: usize,
+    members: &[&Checkpoint],
+    objective: &mut dyn Objective,
+    opts: Options<'_>,
+    memory: &mut Memory,
+) -> Result<Selection> {
     if !method.needs_objective() {
         let method = method.name();
         return Err(Error::Usage(format!("{method}: not a model-based method")));
@@ -106,9 +157,16 @@ pub fn run_remembering(
     for m in members {
         objective.check(m)?;
     }
+    let cfg = opts.sewa;
     let started = std::time::Instant::now();
     let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
+    let uses_own =
+        method == Method::Greedy || (method == Method::Sewa && cfg.strategy == Strategy::Surrogate);
+    let mut own = None;
+    if uses_own {
+        own = Some(memory.member_losses(&mut oracle, members)?);
+    }
     let found = match method {
         Method::Sewa => {
             let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref())?;
@@ -118,6 +176,8 @@ pub fn run_remembering(
         Method::Greedy => search::greedy(&mut oracle)?,
         Method::Exhaustive => search::exhaustive(&mut oracle, k, cfg.exhaustive_limit)?,
         Method::Random => search::random(&mut oracle, k, cfg.seed)?,
+        Method::Soup => soup::run(&mut oracle, opts.soup)?,
+        Method::Twa => twa::run(&mut oracle, opts.twa)?,
         Method::Uniform | Method::Lawa | Method::Ema | Method::BestMetric => {
             unreachable!("rule-based methods were refused above")
         }
@@ -126,15 +186,18 @@ pub fn run_remembering(
     let calls = oracle.calls;
     let mut selection =
         to_selection(method.name(), members, &found, calls, wall, &oracle.describe());
-    if cfg.member_losses {
-        // Counted apart from the selection's cost: they are for the report only.
-        let own = memory.member_losses(&mut oracle, members)?;
-        let d = &mut selection.details;
-        if d.get("member_losses").is_none() {
-            d["member_losses"] = serde_json::json!(own.losses);
-        }
-        d["oracle_calls_report"] = serde_json::json!(own.computed);
-        d["member_losses_remembered"] = serde_json::json!(own.remembered);
+    let d = &mut selection.details;
+    let mut report_calls = 0;
+    if own.is_none() && cfg.member_losses {
+        let before = oracle.calls;
+        own = Some(memory.member_losses(&mut oracle, members)?);
+        report_calls = oracle.calls - before;
+    }
+    d.oracle_calls_report = Some(report_calls);
+    if let Some(own) = own {
+        d.member_losses = Some(own.losses);
+        d.member_losses_computed = Some(own.computed);
+        d.member_losses_remembered = Some(own.remembered);
     }
     Ok(selection)
 }
@@ -152,24 +215,24 @@ fn to_selection(
     wall: f64,
     objective: &str,
 ) -> Selection {
-    let mut weights = vec![0.0; members.len()];
-    let w = 1.0 / found.set.len() as f64;
-    found.set.iter().for_each(|&i| weights[i] = w);
-    let list: Vec<serde_json::Value> = members
-        .iter()
-        .map(|m| serde_json::json!({ "path": path_json::value(m.path()), "step": m.step() }))
-        .collect();
-    let mut details = serde_json::json!({
-        "chosen": found.set,
-        "loss": found.loss,
-        "oracle_calls": calls,
-        "wall_seconds": wall,
-        "objective": objective,
-        "members": list,
+    let weights = found.weights.clone().unwrap_or_else(|| {
+        let mut weights = vec![0.0; members.len()];
+        let w = 1.0 / found.set.len() as f64;
+        found.set.iter().for_each(|&i| weights[i] = w);
+        weights
     });
-    if let (Some(d), Some(extra)) = (details.as_object_mut(), found.details.as_object()) {
-        d.extend(extra.clone());
-    }
+    let list: Vec<MemberRecord> = members
+        .iter()
+        .map(|m| MemberRecord { path: m.path().to_path_buf(), step: m.step() })
+        .collect();
+    let mut details = Details::default();
+    details.merge(found.details.clone());
+    details.chosen = Some(found.set.clone());
+    details.loss = Some(found.loss).filter(|l| l.is_finite());
+    details.oracle_calls = Some(calls);
+    details.wall_seconds = Some(wall);
+    details.objective = Some(objective.to_string());
+    details.members = Some(list);
     let names: Vec<String> = found
         .set
         .iter()
@@ -221,12 +284,18 @@ pub fn run(
         Method::Lawa => rules::lawa(view.members, k),
         Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
         Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
-        Method::Greedy | Method::Exhaustive | Method::Random | Method::Sewa => {
+        Method::Greedy
+        | Method::Exhaustive
+        | Method::Random
+        | Method::Sewa
+        | Method::Soup
+        | Method::Twa => {
             let m = model.ok_or_else(|| {
                 let name = cfg.method.name();
                 Error::Internal(format!("selector {name:?} needs an [objective]"))
             })?;
-            run_remembering(cfg.method, k, view.checkpoints, m.objective, m.sewa, m.memory)
+            let opts = Options { sewa: m.sewa, soup: &cfg.soup, twa: &cfg.twa };
+            run_configured(cfg.method, k, view.checkpoints, m.objective, opts, m.memory)
         }
     }
 }

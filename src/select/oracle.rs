@@ -104,6 +104,14 @@ impl<'a, 'o> Oracle<'a, 'o> {
         self.cache.get(&key).copied()
     }
 
+    /// Record the loss of `set` measured elsewhere (an earlier selection's member loss), so
+    /// `subset` returns it without a call.
+    pub fn remember(&mut self, set: &[usize], loss: f64) {
+        let mut key = set.to_vec();
+        key.sort_unstable();
+        self.cache.insert(key, loss);
+    }
+
     fn at(mask: &[f64]) -> String {
         let used = mask.iter().filter(|m| **m > 0.0).count();
         format!("an average of {used} of {} members", mask.len())

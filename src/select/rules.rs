@@ -6,7 +6,7 @@
 use serde_json::json;
 
 use super::MetricMode;
-use super::{MemberSummary, Selection};
+use super::{Details, MemberSummary, Selection};
 use crate::error::{Error, Result};
 
 fn empty(method: &str) -> Error {
@@ -24,7 +24,7 @@ pub fn uniform(members: &[MemberSummary]) -> Result<Selection> {
         weights: vec![1.0 / n as f64; n],
         why: format!("all {n} window members, equal weights"),
         loss: None,
-        details: json!({}),
+        details: Details::default(),
     })
 }
 
@@ -42,7 +42,7 @@ pub fn lawa(members: &[MemberSummary], k: usize) -> Result<Selection> {
         weights,
         why: format!("last {take} of {n} by step (k = {k})"),
         loss: None,
-        details: json!({ "k": k }),
+        details: Details::extra(json!({ "k": k })),
     })
 }
 
@@ -60,7 +60,7 @@ pub fn ema(members: &[MemberSummary], decay: f64) -> Result<Selection> {
         weights: raw.iter().map(|w| w / total).collect(),
         why: format!("EMA over {n} members, decay {decay} per checkpoint"),
         loss: None,
-        details: json!({ "decay": decay }),
+        details: Details::extra(json!({ "decay": decay })),
     })
 }
 
@@ -105,7 +105,7 @@ pub fn best_metric(
             if mode == MetricMode::Min { "lowest" } else { "highest" }
         ),
         loss: None,
-        details: json!({ "metric": metric, "mode": mode, "chosen_values": chosen }),
+        details: Details::extra(json!({ "metric": metric, "mode": mode, "chosen_values": chosen })),
     })
 }
 

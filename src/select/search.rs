@@ -15,6 +15,8 @@ use crate::meter::Meter;
 pub struct Found {
     pub set: Vec<usize>,
     pub loss: f64,
+    /// Learned non-uniform weights over the window (soup, twa); `None`: uniform over `set`.
+    pub weights: Option<Vec<f64>>,
     pub details: serde_json::Value,
 }
 
@@ -38,7 +40,7 @@ pub fn greedy(oracle: &mut Oracle) -> Result<Found> {
     }
     set.sort_unstable();
     let details = json!({ "member_losses": single, "order": order });
-    Ok(Found { set, loss, details })
+    Ok(Found { set, loss, weights: None, details })
 }
 
 /// Number of k-subsets of n, saturating.
@@ -81,7 +83,7 @@ pub fn exhaustive(oracle: &mut Oracle, k: usize, limit: u64) -> Result<Found> {
             idx[q] = idx[q - 1] + 1;
         }
     }
-    Ok(Found { set: best.1, loss: best.0, details: json!({ "subsets": count }) })
+    Ok(Found { set: best.1, loss: best.0, weights: None, details: json!({ "subsets": count }) })
 }
 
 /// k members uniformly at random without replacement, from `seed`.
@@ -90,7 +92,7 @@ pub fn random(oracle: &mut Oracle, k: usize, seed: u64) -> Result<Found> {
     let mut set = rand::seq::index::sample(&mut rng, oracle.blend.len(), k).into_vec();
     set.sort_unstable();
     let loss = oracle.subset(&set)?;
-    Ok(Found { set, loss, details: json!({ "seed": seed }) })
+    Ok(Found { set, loss, weights: None, details: json!({ "seed": seed }) })
 }
 
 #[cfg(test)]

@@ -32,10 +32,35 @@ pub enum Estimator {
     Reinforce,
 }
 
+/// How the mask is learned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Fit a surrogate of the loss over mixing weights from every oracle call, optimise the
+    /// mask on it and spend real calls only to verify its best hard masks (`surrogate`).
+    #[default]
+    Surrogate,
+    /// The paper's estimator: every relaxed-mask sample is an oracle call.
+    Direct,
+}
+
 /// `[select.sewa]`. Every key is optional; `Default` documents the defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SewaConfig {
+    pub strategy: Strategy,
+    /// Surrogate: most objective calls of one selection, member losses included (0: 2K).
+    pub surrogate_max_calls: usize,
+    /// Surrogate: hard masks verified per refit.
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub surrogate_batch: usize,
+    /// Surrogate: stop when no mask is predicted to beat the best verified one by more than
+    /// this fraction of its loss.
+    #[serde(deserialize_with = "crate::checked::de::non_negative")]
+    pub surrogate_tolerance: f64,
+    /// Surrogate: ridge on the model's residual, relative to the data's scale.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub surrogate_ridge: f64,
     /// Mask samples M per iteration (one oracle call each).
     #[serde(deserialize_with = "crate::checked::de::at_least_one")]
     pub samples: usize,
@@ -72,6 +97,11 @@ pub struct SewaConfig {
 impl Default for SewaConfig {
     fn default() -> Self {
         SewaConfig {
+            strategy: Strategy::Surrogate,
+            surrogate_max_calls: 0,
+            surrogate_batch: 2,
+            surrogate_tolerance: 1e-3,
+            surrogate_ridge: 1e-2,
             samples: 4,
             temperature: 0.5,
             temperature_end: 0.2,
@@ -107,16 +137,25 @@ impl SewaConfig {
         if self.iterations == 0 {
             return bad("iterations must be at least 1");
         }
+        if self.surrogate_batch == 0 {
+            return bad("surrogate_batch must be at least 1");
+        }
+        if !(self.surrogate_tolerance.is_finite() && self.surrogate_tolerance >= 0.0) {
+            return bad("surrogate_tolerance must be a non-negative number");
+        }
+        if !pos(self.surrogate_ridge) {
+            return bad("surrogate_ridge must be a positive number");
+        }
         Ok(())
     }
 
-    fn tau(&self, t: usize, iters: usize) -> f64 {
+    pub(super) fn tau(&self, t: usize, iters: usize) -> f64 {
         let frac = if iters > 1 { t as f64 / (iters - 1) as f64 } else { 1.0 };
         self.temperature * (self.temperature_end / self.temperature).powf(frac)
     }
 }
 
-fn sigmoid(x: f64) -> f64 {
+pub(super) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
@@ -133,7 +172,7 @@ pub fn project(theta: &mut [f64], k: usize) {
 }
 
 /// Adam on θ.
-struct Adam {
+pub(super) struct Adam {
     m: Vec<f64>,
     v: Vec<f64>,
     t: i32,
@@ -141,10 +180,10 @@ struct Adam {
 }
 
 impl Adam {
-    fn new(n: usize, lr: f64) -> Self {
+    pub(super) fn new(n: usize, lr: f64) -> Self {
         Adam { m: vec![0.0; n], v: vec![0.0; n], t: 0, lr }
     }
-    fn step(&mut self, theta: &mut [f64], g: &[f64]) {
+    pub(super) fn step(&mut self, theta: &mut [f64], g: &[f64]) {
         const B1: f64 = 0.9;
         const B2: f64 = 0.999;
         self.t += 1;
@@ -242,6 +281,9 @@ pub fn run(
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
 ) -> Result<(Found, SewaState)> {
+    if cfg.strategy == Strategy::Surrogate {
+        return super::surrogate::run(oracle, keys, k, cfg, warm);
+    }
     let n = keys.len();
     let estimator = estimator(oracle, cfg)?;
     let start = warm::start(keys, k, cfg, warm);
@@ -262,13 +304,19 @@ pub fn run(
         _ => 0,
     };
     let mut details = run.details;
+    details["strategy"] = json!(Strategy::Direct);
     details["estimator"] = json!(estimator);
     details["warm"] = json!(cold.is_none());
     details["cold_reason"] = json!(cold);
     details["abandoned_warm_start"] = abandoned;
-    let state =
-        SewaState { keys: keys.to_vec(), theta: run.theta, warm_runs, loss: Some(run.loss) };
-    Ok((Found { set: run.set, loss: run.loss, details }, state))
+    let state = SewaState {
+        keys: keys.to_vec(),
+        theta: run.theta,
+        warm_runs,
+        loss: Some(run.loss),
+        points: Vec::new(),
+    };
+    Ok((Found { set: run.set, loss: run.loss, weights: None, details }, state))
 }
 
 /// Why a warm result with `loss` is stuck, if it is: worse than the previous selection's loss
@@ -291,7 +339,7 @@ fn stuck(
 }
 
 /// The estimator `cfg` asks for, checked against what the objective gives.
-fn estimator(oracle: &Oracle, cfg: &SewaConfig) -> Result<Estimator> {
+pub(super) fn estimator(oracle: &Oracle, cfg: &SewaConfig) -> Result<Estimator> {
     let estimator = match cfg.estimator {
         Estimator::Auto if oracle.supports_grad() => Estimator::Concrete,
         Estimator::Auto => Estimator::Reinforce,

@@ -4,7 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::quadfit::Point;
 use super::sewa::{SewaConfig, project};
+
+/// Most surrogate data points a state keeps (the newest), per member of the window.
+const POINTS_PER_MEMBER: usize = 4;
 
 /// Before a warm start, survivors' logits are clamped to this distance from the k-th largest.
 /// Why: the relaxed mask's gradient factor m(1−m)/τ vanishes for a logit far below the top k
@@ -24,6 +28,49 @@ pub struct SewaState {
     /// The selection's loss: the next warm start must do at least as well.
     #[serde(default)]
     pub loss: Option<f64>,
+    /// The surrogate strategy's oracle calls (weights and gradient over `keys`), reused by the
+    /// next window for the members that survive.
+    #[serde(default)]
+    pub points: Vec<Point>,
+}
+
+impl SewaState {
+    /// Keep the newest points only, so the state stays the size of a few windows' calls.
+    pub fn with_points(mut self, mut points: Vec<Point>) -> Self {
+        let cap = POINTS_PER_MEMBER * self.keys.len().max(1);
+        if points.len() > cap {
+            points.drain(..points.len() - cap);
+        }
+        self.points = points;
+        self
+    }
+
+    /// The points that apply to the window `keys`: those mixing only survivors, re-indexed;
+    /// a newcomer's gradient component is unknown.
+    pub fn carried(&self, keys: &[String]) -> Vec<Point> {
+        let to_new: Vec<Option<usize>> =
+            self.keys.iter().map(|o| keys.iter().position(|k| k == o)).collect();
+        let map = |p: &Point| -> Option<Point> {
+            let mut alpha = vec![0.0; keys.len()];
+            let mut grad = vec![None; if p.grad.is_empty() { 0 } else { keys.len() }];
+            for (j, a) in p.alpha.iter().enumerate() {
+                match to_new.get(j).copied().flatten() {
+                    Some(i) => alpha[i] = *a,
+                    None if *a != 0.0 => return None,
+                    None => {}
+                }
+            }
+            for (j, g) in p.grad.iter().enumerate() {
+                if let (Some(i), Some(g)) = (to_new.get(j).copied().flatten(), g) {
+                    grad[i] = Some(*g);
+                }
+            }
+            let ok = p.loss.is_finite() && alpha.iter().all(|a| a.is_finite());
+            ok.then_some(Point { alpha, loss: p.loss, grad })
+        };
+        let same_len = |p: &&Point| p.alpha.len() == self.keys.len();
+        self.points.iter().filter(same_len).filter_map(map).collect()
+    }
 }
 
 /// Where a selection's logits start.
@@ -79,7 +126,7 @@ mod tests {
     }
 
     fn state(names: &[&str], theta: Vec<f64>, warm_runs: usize) -> SewaState {
-        SewaState { keys: keys(names), theta, warm_runs, loss: None }
+        SewaState { keys: keys(names), theta, warm_runs, loss: None, points: vec![] }
     }
 
     #[test]

@@ -271,7 +271,7 @@ fn forward_only_evaluator_drives_sewa_with_the_score_function_estimator() {
     let (sel, _) = run_model_based(Method::Sewa, 2, &refs, &mut cmd, &cfg, None).unwrap();
     assert_eq!(sel.members().len(), 2);
     assert!(sel.loss.unwrap().is_finite());
-    assert_eq!(sel.details["estimator"], "reinforce", "{}", sel.details);
+    assert_eq!(sel.details.json()["estimator"], "reinforce", "{}", sel.details);
     // Exhaustive needs no gradient either, and certifies the best pair.
     let (best, _) = run_model_based(Method::Exhaustive, 2, &refs, &mut cmd, &cfg, None).unwrap();
     assert!(best.loss.unwrap() <= sel.loss.unwrap() + 1e-9);
@@ -336,6 +336,6 @@ fn zero_gradient_evaluator_is_refused_unless_reinforce_is_configured() {
     let (sel, _) = run_model_based(Method::Sewa, 2, &refs, &mut zero, &reinforce, None).unwrap();
     let (_dir2, mut fwd) = start("forward-only", 60.0);
     let (want, _) = run_model_based(Method::Sewa, 2, &refs, &mut fwd, &reinforce, None).unwrap();
-    assert_eq!(sel.details["estimator"], "reinforce");
+    assert_eq!(sel.details.json()["estimator"], "reinforce");
     assert_eq!(sel.weights, want.weights, "{} vs {}", sel.why, want.why);
 }

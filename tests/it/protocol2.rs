@@ -147,7 +147,7 @@ fn sewa_and_greedy_choose_the_same_subsets_through_both_protocols() {
         let (b, _) = run_model_based(method, 2, &refs, &mut p2, &cfg, None).unwrap();
         assert_eq!(a.members(), b.members(), "{method:?}: {} / {}", a.why, b.why);
         assert!(close(a.loss.unwrap(), b.loss.unwrap(), 1e-5), "{} / {}", a.why, b.why);
-        assert_eq!(a.details["oracle_calls"], b.details["oracle_calls"]);
+        assert_eq!(a.details.json()["oracle_calls"], b.details.json()["oracle_calls"]);
     }
     assert!(p1.traffic().staged_written > 0, "protocol 1 moved candidates as files");
 }
@@ -543,10 +543,9 @@ fn mask_gradient_from_member_dots_equals_the_streamed_one() {
         let (b, _) = run_model_based(method, 3, &refs, &mut mixed, &cfg, None).unwrap();
         assert_eq!(a.members(), b.members(), "{method:?}: {} / {}", a.why, b.why);
         if method == Method::Sewa {
-            let (pa, pb) = (
-                a.details["probabilities"].as_array().unwrap(),
-                b.details["probabilities"].as_array().unwrap(),
-            );
+            let (ja, jb) = (a.details.json(), b.details.json());
+            let (pa, pb) =
+                (ja["probabilities"].as_array().unwrap(), jb["probabilities"].as_array().unwrap());
             for (x, y) in pa.iter().zip(pb) {
                 assert!(close(x.as_f64().unwrap(), y.as_f64().unwrap(), 1e-4), "{pa:?} vs {pb:?}");
             }

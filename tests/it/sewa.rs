@@ -5,7 +5,12 @@ use sewa::checkpoint::{Checkpoint, DType};
 use sewa::error::Result;
 use sewa::objective::{Evaluation, NamedTensor, Objective, Params};
 use sewa::select::blend::Blend;
-use sewa::select::{Method, SewaConfig, run_model_based};
+use sewa::select::{Method, SewaConfig, Strategy, run_model_based};
+
+/// The paper-style estimator (`strategy = "direct"`), which these tests guard.
+fn direct() -> SewaConfig {
+    SewaConfig { strategy: Strategy::Direct, ..SewaConfig::default() }
+}
 
 /// F(w) = Σ_j a_j (w_j − t_j)², computed in f64; exact gradient when `grad` is on.
 #[derive(Clone)]
@@ -150,12 +155,18 @@ fn sewa_finds_the_exhaustive_best_on_planted_windows() {
         let sw = run(Method::Sewa, 3, &members, &mut quad, &cfg);
         assert_eq!(ex.members(), good, "planted subset is the optimum (seed {seed})");
         assert_eq!(sw.members(), ex.members(), "seed {seed}: {}", sw.why);
-        assert_eq!(sw.details["chosen"], serde_json::json!(good));
+        assert_eq!(sw.details.json()["chosen"], serde_json::json!(good));
         // The optimiser alone (no polishing) must already rank the planted members on top:
         // polishing would otherwise hide a broken gradient.
-        let raw = run(Method::Sewa, 3, &members, &mut quad, &SewaConfig { polish: false, ..cfg });
-        assert_eq!(raw.details["top_k"], serde_json::json!(good), "seed {seed}: {}", raw.why);
-        assert_eq!(raw.details["polish_changed"], false);
+        let direct = SewaConfig { polish: false, strategy: Strategy::Direct, ..cfg };
+        let raw = run(Method::Sewa, 3, &members, &mut quad, &direct);
+        assert_eq!(
+            raw.details.json()["top_k"],
+            serde_json::json!(good),
+            "seed {seed}: {}",
+            raw.why
+        );
+        assert_eq!(raw.details.json()["polish_changed"], false);
     }
 }
 
@@ -165,7 +176,7 @@ fn reinforce_estimator_works_without_gradients() {
     quad.grad = false;
     let cfg = SewaConfig::default();
     let sw = run(Method::Sewa, 3, &members, &mut quad, &cfg);
-    assert_eq!(sw.details["estimator"], "reinforce");
+    assert_eq!(sw.details.json()["estimator"], "reinforce");
     assert_eq!(sw.members(), vec![1, 3, 8], "{}", sw.why);
     let concrete = SewaConfig { estimator: sewa::select::sewa::Estimator::Concrete, ..cfg };
     let refs: Vec<&Checkpoint> = members.iter().collect();
@@ -176,18 +187,22 @@ fn reinforce_estimator_works_without_gradients() {
 #[test]
 fn sewa_is_deterministic_for_a_seed() {
     let (members, mut quad) = planted(10, 32, &[0, 2, 3], 11);
-    let cfg = SewaConfig { polish: false, ..SewaConfig::default() };
+    let cfg = SewaConfig { polish: false, ..direct() };
     let a = run(Method::Sewa, 3, &members, &mut quad, &cfg);
     let b = run(Method::Sewa, 3, &members, &mut quad, &cfg);
-    assert_eq!(a.details["probabilities"], b.details["probabilities"]);
+    assert_eq!(a.details.json()["probabilities"], b.details.json()["probabilities"]);
     let c = run(Method::Sewa, 3, &members, &mut quad, &SewaConfig { seed: 9, ..cfg });
-    assert_ne!(a.details["probabilities"], c.details["probabilities"], "seed changes the samples");
+    assert_ne!(
+        a.details.json()["probabilities"],
+        c.details.json()["probabilities"],
+        "seed changes the samples"
+    );
 }
 
 #[test]
 fn warm_start_uses_under_30_percent_of_cold_oracle_calls() {
     let (all, mut quad) = planted(14, 48, &[3, 6, 9, 12], 21);
-    let cfg = SewaConfig::default();
+    let cfg = direct();
     let first: Vec<&Checkpoint> = all[..12].iter().collect();
     let (_, state) = run_model_based(Method::Sewa, 4, &first, &mut quad, &cfg, None).unwrap();
     // The window slides by two: two members leave, two arrive.
@@ -195,8 +210,8 @@ fn warm_start_uses_under_30_percent_of_cold_oracle_calls() {
     let (cold, _) = run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, None).unwrap();
     let (warm, _) =
         run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, state.as_ref()).unwrap();
-    let calls = |s: &sewa::select::Selection| s.details["oracle_calls"].as_u64().unwrap();
-    assert_eq!(warm.details["warm"], true);
+    let calls = |s: &sewa::select::Selection| s.details.json()["oracle_calls"].as_u64().unwrap();
+    assert_eq!(warm.details.json()["warm"], true);
     assert!(
         calls(&warm) * 10 <= calls(&cold) * 3,
         "warm {} vs cold {}",
@@ -218,14 +233,14 @@ fn baselines_behave() {
     assert_eq!(r1.members(), r2.members());
     assert_eq!(r1.members().len(), 3);
     let g = run(Method::Greedy, 3, &members, &mut quad, &cfg);
-    let first = g.details["order"][0].as_u64().unwrap() as usize;
+    let first = g.details.json()["order"][0].as_u64().unwrap() as usize;
     assert!(g.members().contains(&first), "the soup starts from the best single member");
-    let single = g.details["member_losses"][first].as_f64().unwrap();
+    let single = g.details.json()["member_losses"][first].as_f64().unwrap();
     assert!(g.loss.unwrap() <= single);
     let all = run(Method::Sewa, 20, &members, &mut quad, &cfg);
     assert_eq!(all.members(), (0..8).collect::<Vec<_>>(), "k above the window takes it all");
     assert!(
-        all.details["probabilities"]
+        all.details.json()["probabilities"]
             .as_array()
             .unwrap()
             .iter()
@@ -398,7 +413,7 @@ fn warm_start_finds_the_best_subset_among_the_newest_members_after_a_slide() {
     let (all, mut quad) = slide();
     let newest: Vec<usize> = (15..20).collect();
     for polish in [true, false] {
-        let cfg = SewaConfig { polish, cold_every: 0, ..SewaConfig::default() };
+        let cfg = SewaConfig { polish, cold_every: 0, ..direct() };
         let first: Vec<&Checkpoint> = all[..20].iter().collect();
         let (one, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
         assert_eq!(one.members(), (10..15).collect::<Vec<_>>(), "first window: {}", one.why);
@@ -409,7 +424,12 @@ fn warm_start_finds_the_best_subset_among_the_newest_members_after_a_slide() {
         let (warm, _) =
             run_model_based(Method::Sewa, 5, &second, &mut quad, &cfg, state.as_ref()).unwrap();
         assert_eq!(warm.members(), newest, "polish {polish}: {}", warm.why);
-        assert_eq!(warm.details["warm"], true, "found warm, not by a restart: {}", warm.details);
+        assert_eq!(
+            warm.details.json()["warm"],
+            true,
+            "found warm, not by a restart: {}",
+            warm.details
+        );
     }
 }
 
@@ -418,14 +438,14 @@ fn a_stuck_warm_start_restarts_cold_and_cold_every_forces_one() {
     let (all, mut quad) = slide();
     let (first, second): (Vec<&Checkpoint>, Vec<&Checkpoint>) =
         (all[..20].iter().collect(), all[5..].iter().collect());
-    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let cfg = SewaConfig { cold_every: 0, ..direct() };
     let (_, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
     // No warm iterations and no polishing: the warm start can only return its starting top 5
     // (the old survivors), which lose to the five newest members.
     let stuck = SewaConfig { warm_iterations: 0, polish: false, ..cfg.clone() };
     let (sel, next) =
         run_model_based(Method::Sewa, 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
-    let d = &sel.details;
+    let d = &sel.details.json();
     assert_eq!(d["warm"], false, "{d}");
     assert!(d["cold_reason"].as_str().unwrap().contains("stuck"), "{d}");
     assert_eq!(d["abandoned_warm_start"]["set"], serde_json::json!([5, 6, 7, 8, 9]), "{d}");
@@ -436,10 +456,13 @@ fn a_stuck_warm_start_restarts_cold_and_cold_every_forces_one() {
     let every2 = SewaConfig { cold_every: 2, ..cfg };
     let (w1, s1) =
         run_model_based(Method::Sewa, 5, &second, &mut quad, &every2, state.as_ref()).unwrap();
-    assert_eq!((w1.details["warm"].clone(), s1.as_ref().unwrap().warm_runs), (true.into(), 1));
+    assert_eq!(
+        (w1.details.json()["warm"].clone(), s1.as_ref().unwrap().warm_runs),
+        (true.into(), 1)
+    );
     let (c2, s2) =
         run_model_based(Method::Sewa, 5, &second, &mut quad, &every2, s1.as_ref()).unwrap();
-    assert_eq!(c2.details["cold_reason"], "cold_every = 2", "{}", c2.details);
+    assert_eq!(c2.details.json()["cold_reason"], "cold_every = 2", "{}", c2.details);
     assert_eq!(s2.unwrap().warm_runs, 0);
 }
 
@@ -500,7 +523,7 @@ fn zero_gradient_is_refused_unless_the_forward_only_estimator_is_configured() {
     // Configured: the forward-only estimator never asks for the (broken) gradient.
     let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
     let (sel, _) = run_model_based(Method::Sewa, 3, &refs, &mut zero, &reinforce, None).unwrap();
-    assert_eq!(sel.details["estimator"], "reinforce");
+    assert_eq!(sel.details.json()["estimator"], "reinforce");
     assert_eq!(sel.members(), vec![1, 3, 8], "{}", sel.why);
 }
 
@@ -525,9 +548,10 @@ fn member_losses_are_remembered_across_selections() {
     use sewa::select::{Memory, run_remembering};
     let (all, quad) = planted(12, 24, &[2, 5, 7], 9);
     let mut obj = Counting(quad, 0);
-    let cfg = SewaConfig::default();
+    let cfg = direct();
     let mut memory = Memory::default();
-    let calls = |s: &sewa::select::Selection, key: &str| s.details[key].as_u64().unwrap() as usize;
+    let calls =
+        |s: &sewa::select::Selection, key: &str| s.details.json()[key].as_u64().unwrap() as usize;
     let window: Vec<&Checkpoint> = all[..10].iter().collect();
     let a = run_remembering(Method::Sewa, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&a, "oracle_calls_report"), 10, "first selection: every member is new");
@@ -537,14 +561,14 @@ fn member_losses_are_remembered_across_selections() {
     assert_eq!(calls(&b, "oracle_calls_report"), 0, "the same members again cost nothing");
     assert_eq!(calls(&b, "member_losses_remembered"), 10);
     assert_eq!(obj.1 - before, calls(&b, "oracle_calls"), "no call beyond the selection's own");
-    assert_eq!(b.details["member_losses"], a.details["member_losses"]);
+    assert_eq!(b.details.json()["member_losses"], a.details.json()["member_losses"]);
     // The window slides by two: only the two newcomers are evaluated, and the remembered
     // losses are the ones a fresh run computes.
     let slid: Vec<&Checkpoint> = all[2..].iter().collect();
     let c = run_remembering(Method::Sewa, 3, &slid, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&c, "oracle_calls_report"), 2);
     let (fresh, _) = run_model_based(Method::Sewa, 3, &slid, &mut obj, &cfg, None).unwrap();
-    assert_eq!(c.details["member_losses"], fresh.details["member_losses"]);
+    assert_eq!(c.details.json()["member_losses"], fresh.details.json()["member_losses"]);
 }
 
 /// A short `sewa demo` (15 checkpoints, window 8, k = 3) in a fresh directory.
@@ -614,7 +638,7 @@ fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
     let mut bias = vec![0.9; 31];
     bias[10..15].iter_mut().for_each(|b| *b = 0.4);
     let (all, mut quad) = graded(&bias, 48, 31);
-    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let cfg = SewaConfig { cold_every: 0, ..direct() };
     let first: Vec<&Checkpoint> = all[..20].iter().collect();
     let (one, state) = run_model_based(Method::Sewa, 5, &first, &mut quad, &cfg, None).unwrap();
     assert_eq!(one.members(), (10..15).collect::<Vec<_>>());
@@ -622,7 +646,8 @@ fn a_warm_start_worse_than_the_previous_selection_restarts_cold() {
     let second: Vec<&Checkpoint> = all[11..].iter().collect();
     let (sel, _) =
         run_model_based(Method::Sewa, 5, &second, &mut quad, &stuck, state.as_ref()).unwrap();
-    let why = sel.details["cold_reason"].as_str().unwrap_or_default();
+    let d = sel.details.json();
+    let why = d["cold_reason"].as_str().unwrap_or_default();
     assert!(why.contains("previous selection's"), "{}", sel.details);
 }
 
@@ -652,6 +677,238 @@ fn model_based_selection_records_non_utf8_member_paths_losslessly() {
     let refs: Vec<&Checkpoint> = renamed.iter().collect();
     let (sel, _) =
         run_model_based(Method::Greedy, 2, &refs, &mut quad, &SewaConfig::default(), None).unwrap();
-    let first = &sel.details["members"][0]["path"];
+    let first = &sel.details.json()["members"][0]["path"];
     assert!(first["bytes_hex"].as_str().is_some_and(|h| h.ends_with("fe")), "{first}");
+}
+
+// ---- The surrogate strategy (the default), learned soups and TWA ----
+
+fn calls_of(s: &sewa::select::Selection) -> usize {
+    s.details.total_calls()
+}
+
+/// On the planted windows (and the slide's first window, K = 20), the surrogate finds the
+/// exhaustive optimum with at most 2K objective calls, member losses included (counted at the
+/// objective, not only as reported).
+#[test]
+fn surrogate_finds_the_planted_best_subset_within_2k_calls() {
+    let mut cases: Vec<(Vec<Checkpoint>, Quad, usize)> = Vec::new();
+    for (seed, good) in [(1u64, vec![2, 5, 7]), (2, vec![0, 9, 11]), (3, vec![4, 6, 10])] {
+        let (members, quad) = planted(12, 64, &good, seed);
+        cases.push((members, quad, 3));
+    }
+    let (mut all, quad) = slide();
+    all.truncate(20);
+    cases.push((all, quad, 5));
+    for (members, quad, k) in cases {
+        let n = members.len();
+        let mut obj = Counting(quad.clone(), 0);
+        let cfg = SewaConfig::default();
+        let sw = run_counted(Method::Sewa, k, &members, &mut obj, &cfg);
+        let ex = run(Method::Exhaustive, k, &members, &mut quad.clone(), &cfg);
+        assert_eq!(sw.members(), ex.members(), "K = {n}: {}", sw.why);
+        assert!(obj.1 <= 2 * n, "K = {n}: {} calls: {}", obj.1, sw.details);
+        assert_eq!(obj.1, calls_of(&sw), "the reported calls are the real ones");
+        let d = sw.details.json();
+        assert_eq!(d["strategy"], "surrogate");
+        let predicted = d["surrogate_predicted_loss"].as_f64().unwrap();
+        assert!(predicted.is_finite() && d["oracle_calls_verify"].as_u64().unwrap() >= 1);
+    }
+}
+
+fn run_counted(
+    method: Method,
+    k: usize,
+    members: &[Checkpoint],
+    obj: &mut Counting,
+    cfg: &SewaConfig,
+) -> sewa::select::Selection {
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    run_model_based(method, k, &refs, obj, cfg, None).unwrap().0
+}
+
+/// Small windows of every size and k: the surrogate's published loss is the exhaustive best.
+#[test]
+fn surrogate_equals_exhaustive_on_small_windows() {
+    for seed in 0..6u64 {
+        for (n, k) in [(4, 2), (5, 2), (6, 3), (7, 3), (8, 4)] {
+            let bias: Vec<f64> = noise(seed + 100, n).iter().map(|b| 0.5 + 0.4 * b).collect();
+            let (members, mut quad) = graded(&bias, 24, seed);
+            let cfg = SewaConfig { seed, ..SewaConfig::default() };
+            let sw = run(Method::Sewa, k, &members, &mut quad, &cfg);
+            let ex = run(Method::Exhaustive, k, &members, &mut quad, &cfg);
+            let (a, b) = (sw.loss.unwrap(), ex.loss.unwrap());
+            assert!(a <= b * (1.0 + 1e-9), "seed {seed}, C({n},{k}): {a} vs {b}: {}", sw.details);
+        }
+    }
+}
+
+#[test]
+fn surrogate_is_deterministic_for_a_seed() {
+    let (members, mut quad) = planted(10, 32, &[0, 2, 3], 11);
+    let cfg = SewaConfig::default();
+    let strip = |s: &sewa::select::Selection| {
+        let mut d = s.details.json();
+        d.as_object_mut().unwrap().remove("wall_seconds");
+        d
+    };
+    let a = run(Method::Sewa, 3, &members, &mut quad, &cfg);
+    let b = run(Method::Sewa, 3, &members, &mut quad, &cfg);
+    assert_eq!(strip(&a), strip(&b));
+    let c = run(Method::Sewa, 3, &members, &mut quad, &SewaConfig { seed: 9, ..cfg });
+    assert_ne!(a.details.probabilities, c.details.probabilities, "seed changes the relaxation");
+}
+
+/// The daemon's case: the window slides by one; survivors' data points and member losses
+/// are kept, so the re-selection costs at most K/2 calls and still finds the optimum.
+#[test]
+fn surrogate_warm_reselection_after_a_slide_by_one_costs_at_most_half_k_calls() {
+    use sewa::select::{Memory, run_remembering};
+    let (all, quad) = slide();
+    let mut obj = Counting(quad.clone(), 0);
+    let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
+    let mut memory = Memory::default();
+    for start in 0..5 {
+        let window: Vec<&Checkpoint> = all[start..start + 20].iter().collect();
+        let before = obj.1;
+        let sel = run_remembering(Method::Sewa, 5, &window, &mut obj, &cfg, &mut memory).unwrap();
+        let spent = obj.1 - before;
+        let (ex, _) =
+            run_model_based(Method::Exhaustive, 5, &window, &mut quad.clone(), &cfg, None).unwrap();
+        assert_eq!(sel.members(), ex.members(), "window {start}: {}", sel.details);
+        if start == 0 {
+            assert!(spent <= 40, "cold: {spent} calls");
+        } else {
+            assert!(spent <= 10, "window {start}: {spent} calls: {}", sel.details);
+            assert_eq!(sel.details.json()["warm"], true);
+            assert_eq!(sel.details.member_losses_computed, Some(1), "only the newcomer's");
+        }
+    }
+}
+
+/// A member's own loss is computed once per member and objective: a second greedy soup over
+/// the same window ranks members without evaluating them again (counted at the objective).
+#[test]
+fn member_losses_are_not_recomputed_by_a_second_selection() {
+    use sewa::select::{Memory, run_remembering};
+    let (members, quad) = planted(10, 32, &[1, 3, 8], 5);
+    let window: Vec<&Checkpoint> = members.iter().collect();
+    for method in [Method::Greedy, Method::Sewa] {
+        let mut obj = Counting(quad.clone(), 0);
+        let mut memory = Memory::default();
+        let cfg = SewaConfig::default();
+        let a = run_remembering(method, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+        let first = obj.1;
+        assert_eq!(a.details.member_losses_computed, Some(10));
+        let b = run_remembering(method, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
+        assert_eq!(b.details.member_losses_computed, Some(0), "{method}");
+        assert_eq!(b.details.member_losses_remembered, Some(10));
+        assert_eq!(b.details.member_losses, a.details.member_losses);
+        assert!(obj.1 - first <= first - 10, "{method}: second {} vs first {first}", obj.1 - first);
+        assert_eq!(obj.1 - first, calls_of(&b), "{method}: reported calls are the real ones");
+        assert_eq!(b.members(), a.members());
+    }
+}
+
+/// Members around nothing in particular and a target inside their span at non-uniform
+/// weights β: the best mixture is β, far from uniform.
+fn mixture_problem() -> (Vec<Checkpoint>, Quad, Vec<f64>) {
+    let beta = [0.55, 0.3, 0.15, 0.0, 0.0, 0.0];
+    let dim = 32;
+    let ws: Vec<Vec<f64>> = (0..beta.len()).map(|i| noise(70 + i as u64, dim)).collect();
+    let target: Vec<f64> =
+        (0..dim).map(|j| ws.iter().zip(beta).map(|(w, b)| b * w[j]).sum()).collect();
+    let members = ws.iter().enumerate().map(|(i, w)| member(i, w)).collect();
+    let scale = noise(72, dim).iter().map(|a| 1.0 + 0.5 * a).collect();
+    (members, Quad { target, scale, grad: true }, beta.to_vec())
+}
+
+fn uniform_loss(members: &[Checkpoint], quad: &mut Quad) -> f64 {
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let blend = Blend::new(&refs).unwrap();
+    let mut p = blend.zeros();
+    blend.mix(&vec![1.0; members.len()], &mut p).unwrap();
+    quad.evaluate(&p, false).unwrap().loss
+}
+
+#[test]
+fn soup_and_twa_learn_a_non_uniform_mixture_that_beats_the_uniform_average() {
+    use sewa::select::{Options, SoupConfig, TwaConfig, run_model_based_with};
+    let (members, mut quad, beta) = mixture_problem();
+    let uniform = uniform_loss(&members, &mut quad);
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let sewa_cfg = SewaConfig::default();
+    let (soup, twa) = (SoupConfig::default(), TwaConfig::default());
+    let opts = Options { sewa: &sewa_cfg, soup: &soup, twa: &twa };
+    for method in [Method::Soup, Method::Twa] {
+        let (sel, _) = run_model_based_with(method, 3, &refs, &mut quad, opts, None).unwrap();
+        let loss = sel.loss.unwrap();
+        assert!(loss < 0.3 * uniform, "{method}: {loss} vs uniform {uniform}: {}", sel.details);
+        let total: f64 = sel.weights.iter().sum();
+        assert!((total - 1.0).abs() < 1e-9 && sel.weights.iter().all(|w| *w >= 0.0));
+        assert!(sel.weights[0] > sel.weights[3] + 0.2, "{method}: {:?} vs β {beta:?}", sel.weights);
+        assert_eq!(sel.details.json()["learned_weights"], serde_json::json!(sel.weights));
+        assert_eq!(sel.details.oracle_calls_report, Some(6), "member losses for the report");
+    }
+    // Sparse soup: exactly k members.
+    let sparse = SoupConfig { k: Some(2), ..SoupConfig::default() };
+    let opts = Options { soup: &sparse, ..opts };
+    let (sel, _) = run_model_based_with(Method::Soup, 2, &refs, &mut quad, opts, None).unwrap();
+    assert_eq!(sel.members(), vec![0, 1], "{:?}", sel.weights);
+    // Forward-only objectives are refused with the alternative named.
+    quad.grad = false;
+    let e = run_model_based_with(Method::Twa, 2, &refs, &mut quad, opts, None).unwrap_err();
+    assert!(e.to_string().contains("method = \"sewa\""), "{e}");
+}
+
+/// The soup's logit gradient α ⊙ (d − α·d) and TWA's coefficient gradient d_i = ⟨G, w_i − w(α)⟩
+/// against central differences of F(softmax(z)) and F(α + εv) on the f64 slow twin.
+#[test]
+fn soup_and_twa_gradients_match_finite_differences() {
+    use sewa::select::{soup, twa};
+    let (members, quad, _) = mixture_problem();
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    let blend = Blend::new(&refs).unwrap();
+    let ws: Vec<Vec<f64>> = members
+        .iter()
+        .map(|c| {
+            let raw = c.data("w").unwrap();
+            raw.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+        })
+        .collect();
+    let f = |alpha: &[f64]| {
+        let w: Vec<f64> =
+            (0..32).map(|j| alpha.iter().zip(&ws).map(|(a, w)| a * w[j]).sum()).collect();
+        quad.f64(&w)
+    };
+    let z = [0.3, -0.2, 0.8, 0.0, -0.5, 0.1];
+    let all = [true; 6];
+    let alpha = soup::softmax(&z, &all);
+    let mut point = blend.zeros();
+    blend.mix(&alpha, &mut point).unwrap();
+    let g = quad.clone().evaluate(&point, true).unwrap().grad.unwrap();
+    let d = blend.dots(&g, &point).unwrap();
+    let analytic = soup::logit_gradient(&alpha, &d);
+    for i in 0..6 {
+        let (mut up, mut dn) = (z.to_vec(), z.to_vec());
+        up[i] += 1e-5;
+        dn[i] -= 1e-5;
+        let fd = (f(&soup::softmax(&up, &all)) - f(&soup::softmax(&dn, &all))) / 2e-5;
+        let err = (fd - analytic[i]).abs() / fd.abs().max(1e-3);
+        assert!(err < 1e-3, "soup logit {i}: {} vs {fd}", analytic[i]);
+    }
+    // TWA moves α along v with Σv = 0: the directional derivative is Σ v_i d_i.
+    for (a, b) in [(0, 1), (2, 5), (3, 4)] {
+        let mut v = vec![0.0; 6];
+        (v[a], v[b]) = (1.0, -1.0);
+        let step = |s: f64| alpha.iter().zip(&v).map(|(x, v)| x + s * v).collect::<Vec<_>>();
+        let fd = (f(&step(1e-5)) - f(&step(-1e-5))) / 2e-5;
+        let analytic = d[a] - d[b];
+        assert!((fd - analytic).abs() / fd.abs().max(1e-3) < 1e-3, "{a}-{b}: {analytic} vs {fd}");
+    }
+    // The preconditioned step is a descent direction on the plane.
+    let dist = blend.distances(1).unwrap();
+    let dir = twa::direction(&twa::centred_gram(&dist[0]), &d);
+    assert!(dir.iter().sum::<f64>().abs() < 1e-9, "stays on Σα = 1");
+    assert!(dir.iter().zip(&d).map(|(x, d)| x * d).sum::<f64>() < 0.0, "descends");
 }

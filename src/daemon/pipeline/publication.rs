@@ -121,9 +121,9 @@ impl Pipeline {
         };
         let j = self.acceptance.judge(&setting, refs, &selection.weights)?;
         let d = &mut selection.details;
-        d["acceptance_loss"] = serde_json::json!(j.candidate);
-        d["acceptance_published_loss"] = serde_json::json!(j.published);
-        d["oracle_calls_acceptance"] = serde_json::json!(j.calls);
+        d.acceptance_loss = Some(j.candidate);
+        d.acceptance_published_loss = j.published;
+        d.oracle_calls_acceptance = Some(j.calls);
         Ok((Some(j.candidate), j.published, ACCEPTANCE))
     }
 
@@ -233,7 +233,7 @@ impl Pipeline {
             method: sel.method.clone(),
             why: sel.why.clone(),
             loss: sel.loss,
-            acceptance_loss: sel.details["acceptance_loss"].as_f64(),
+            acceptance_loss: sel.details.acceptance_loss,
         };
         self.status.last_selection = Some(SelectionStatus { summary, published, outcome });
     }
@@ -264,7 +264,7 @@ fn published_inputs(
     ckpts: &[Arc<Checkpoint>],
     selection: &Selection,
 ) -> Vec<PublishedInput> {
-    let own = &selection.details["member_losses"];
+    let own = selection.details.member_losses.as_deref().unwrap_or_default();
     (summaries.iter().zip(ckpts).zip(&selection.weights))
         .enumerate()
         .filter(|(_, (_, w))| **w > 0.0)
@@ -273,7 +273,7 @@ fn published_inputs(
             step: m.step,
             identity: Some(*c.identity()),
             weight: *w,
-            loss: own[i].as_f64(),
+            loss: own.get(i).copied(),
         })
         .collect()
 }
