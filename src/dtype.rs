@@ -124,6 +124,26 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// f32 values as little-endian bytes of the float `dtype` (f32, bf16 or f16; rounding to
+/// nearest, through `half`'s slice conversions for the 16-bit types). Other dtypes get f32.
+pub fn encode_f32s(dtype: DType, values: &[f32]) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    let halves = |bits: Vec<u16>| bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    match dtype {
+        DType::BF16 => {
+            let mut out = vec![half::bf16::ZERO; values.len()];
+            out.convert_from_f32_slice(values);
+            halves(out.iter().map(|h| h.to_bits()).collect())
+        }
+        DType::F16 => {
+            let mut out = vec![half::f16::ZERO; values.len()];
+            out.convert_from_f32_slice(values);
+            halves(out.iter().map(|h| h.to_bits()).collect())
+        }
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
 /// A whole float tensor's bytes as f32s (f64 rounds); `None` for a non-float dtype. Aligned
 /// f16/bf16 bytes go through `half`'s slice conversion (vectorised where the CPU allows).
 pub fn to_f32_vec(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {

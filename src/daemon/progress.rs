@@ -146,6 +146,10 @@ impl Objective for Beating<'_> {
         self.inner.mixes()
     }
 
+    fn members_dtype(&mut self, dtype: Option<crate::checkpoint::DType>) {
+        self.inner.members_dtype(dtype)
+    }
+
     fn evaluate_mix(
         &mut self,
         members: &[&Checkpoint],

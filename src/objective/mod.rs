@@ -66,6 +66,9 @@ pub trait Objective: Send {
     fn mixes(&self) -> bool {
         false
     }
+    /// The members' common float dtype (`None`: mixed, or f32/f64), before the first call: an
+    /// objective that ships candidates may send them in it (half the bytes of f32 for bf16).
+    fn members_dtype(&mut self, _dtype: Option<crate::checkpoint::DType>) {}
     /// Loss (and with `want_grad` the per-member dot products) at `Σ alpha_i w_i` over
     /// `members` (window order, oldest first; `alpha` ≥ 0 sums to 1). Only when `mixes()`.
     fn evaluate_mix(

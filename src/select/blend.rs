@@ -63,6 +63,14 @@ impl<'a> Blend<'a> {
         Ok(Blend { members: members.to_vec(), layout, offsets, cache, cache_limit: limit })
     }
 
+    /// The one float dtype every member stores every float tensor in; `None` when they differ.
+    pub fn float_dtype(&self) -> Option<DType> {
+        let mut all = self.members.iter().flat_map(|m| m.tensors().iter().map(|t| t.dtype));
+        let all = all.by_ref().filter(|d| d.is_float()).collect::<Vec<_>>();
+        let first = *all.first()?;
+        all.iter().all(|d| *d == first).then_some(first)
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }

@@ -39,6 +39,7 @@ pub struct Soft {
 impl<'a, 'o> Oracle<'a, 'o> {
     pub fn new(blend: Blend<'a>, objective: &'o mut dyn Objective) -> Self {
         let mixing = objective.mixes();
+        objective.members_dtype(blend.float_dtype());
         // A mixing objective never needs the model-sized average buffer.
         let point = if mixing { Vec::new() } else { blend.zeros() };
         let cache = HashMap::new();

@@ -552,3 +552,27 @@ fn mask_gradient_from_member_dots_equals_the_streamed_one() {
         }
     }
 }
+
+/// Issue 12 item 3: protocol 1 candidates of f16 members go out in f16 to an evaluator whose
+/// hello lists `dtypes: ["f16"]` (the numpy client widens them on load): half the staged bytes,
+/// the same loss to f16 rounding. Members of mixed or f32 dtypes still travel as f32.
+#[test]
+fn protocol_1_candidates_travel_in_the_members_dtype_when_the_evaluator_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let mut p1 = numpy_eval(&data, 1);
+    let params = mlp_params(7);
+    let f32_loss = p1.evaluate(&params, false).unwrap().loss;
+    let f32_bytes = p1.traffic().staged_written;
+    p1.members_dtype(Some(DType::F16));
+    let f16_loss = p1.evaluate(&params, false).unwrap().loss;
+    let f16_bytes = p1.traffic().staged_written - f32_bytes;
+    let numel: usize = params.iter().map(|t| t.data.len()).sum();
+    assert!(f32_bytes >= 4 * numel as u64, "f32 candidate: {f32_bytes} bytes");
+    assert!(f16_bytes < 2 * numel as u64 + 1024, "f16 candidate: {f16_bytes} bytes");
+    assert!(close(f32_loss, f16_loss, 1e-2), "loss {f32_loss} (f32) vs {f16_loss} (f16)");
+    p1.members_dtype(None);
+    p1.evaluate(&params, false).unwrap();
+    let back = p1.traffic().staged_written - f32_bytes - f16_bytes;
+    assert_eq!(back, f32_bytes, "mixed or f32 members: f32 again");
+}

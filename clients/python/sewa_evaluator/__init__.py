@@ -117,6 +117,9 @@ class _Server:
             "grad": self.grad,
             "framework": self.backend.name,
             "name": self.name or os.path.basename(sys.argv[0] or "evaluator"),
+            # Protocol 1: candidate dtypes it reads besides float32 (sewa then sends bf16/f16
+            # members' candidates in their own dtype: half the bytes).
+            "dtypes": list(getattr(self.backend, "dtypes", [])),
         }
         if self.version >= 2:
             reply["mix"] = True

@@ -8,6 +8,8 @@ from ._common import require_gradient
 class Numpy:
     name = "numpy"
     formats = ["safetensors", "safetensors-index", "hf-dir"]
+    # Protocol 1 candidates it reads besides float32 (widened to float32 on load).
+    dtypes = ["f16"]
 
     def __init__(self, device="cpu", members_on="device"):
         import numpy as np
@@ -19,7 +21,9 @@ class Numpy:
 
     # protocol 1 ---------------------------------------------------------------------------
     def load(self, path, want_grad):
-        return self.load_file(path)
+        np = self.np
+        return {n: a.astype(np.float32) if a.dtype == np.float16 else a
+                for n, a in self.load_file(path).items()}
 
     def evaluate(self, loss_fn, weights, want_grad):
         out = loss_fn(weights)

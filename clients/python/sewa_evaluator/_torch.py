@@ -18,6 +18,8 @@ BUCKET_BYTES = 1 << 28
 class Torch:
     name = "torch"
     formats = ["safetensors", "safetensors-index", "hf-dir", "torch"]
+    # Protocol 1 candidates it reads besides float32: the members' own dtype, kept as is.
+    dtypes = ["bf16", "f16"]
 
     def __init__(self, device="cpu", members_on="device"):
         import torch

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::{Evaluation, MixEvaluation, Objective, Params};
 use crate::average::IntPolicy;
-use crate::checkpoint::{Checkpoint, Identity};
+use crate::checkpoint::{Checkpoint, DType, Identity};
 use crate::error::{Error, Result};
 pub use config::{CommandConfig, opt_timeout_s};
 pub(crate) use config::{default_startup_timeout_s, default_timeout_s};
@@ -55,6 +55,8 @@ pub struct Traffic {
 
 /// The evaluator objective. Restarts its process after any failure, with exponential backoff.
 pub struct CommandObjective {
+    /// The members' float dtype, sent instead of f32 to an evaluator that reads it (`dtypes`).
+    candidate_dtype: Option<(DType, &'static str)>,
     config: CommandConfig,
     session: Option<Session>,
     staging: Staging,
@@ -76,6 +78,7 @@ impl CommandObjective {
     pub fn start(config: CommandConfig) -> Result<Self> {
         let staging = Staging::new(config.staging_dir.as_deref())?;
         let mut me = CommandObjective {
+            candidate_dtype: None,
             config,
             session: None,
             staging,
@@ -196,13 +199,13 @@ impl CommandObjective {
             .send(&protocol::hello())
             .map_err(|e| self.failure(format!("did not accept the hello: {e}")))?;
         match self.receive(s, "startup_timeout_s", self.config.startup_timeout_s)? {
-            Reply::Hello { protocol, grad, name, mix, formats }
+            Reply::Hello { protocol, grad, name, mix, formats, dtypes }
                 if protocol::SUPPORTED.contains(&protocol) =>
             {
                 let name = name.unwrap_or_else(|| self.config.command.join(" "));
                 let mix = mix && protocol >= 2;
                 tracing::info!(evaluator = %name, protocol, grad, mix, "evaluator ready");
-                s.abilities = Abilities { protocol, grad, name, mix, formats };
+                s.abilities = Abilities { protocol, grad, name, mix, formats, dtypes };
                 Ok(())
             }
             Reply::Hello { protocol, .. } => Err(self.failure(format!(
@@ -273,7 +276,9 @@ impl CommandObjective {
             let weights = me.staging.file(&format!("candidate-{id}.safetensors"));
             let grad_path = me.staging.file(&format!("grad-{id}.safetensors"));
             let ask_grad = want_grad && s.abilities.grad;
-            let result = me.staging.write_params(params, &weights).and_then(|()| {
+            let dtype = me.candidate_dtype.filter(|d| s.abilities.dtypes.iter().any(|n| n == d.1));
+            let dtype = dtype.map_or(DType::F32, |d| d.0);
+            let result = me.staging.write_params(params, &weights, dtype).and_then(|()| {
                 let req = json!({"type": "evaluate", "id": id, "weights": weights,
                                  "grad": ask_grad, "grad_path": grad_path});
                 me.exchange(s, &req, id, params, ask_grad)
@@ -438,6 +443,14 @@ impl CommandObjective {
 }
 
 impl Objective for CommandObjective {
+    fn members_dtype(&mut self, dtype: Option<DType>) {
+        self.candidate_dtype = match dtype {
+            Some(DType::BF16) => Some((DType::BF16, "bf16")),
+            Some(DType::F16) => Some((DType::F16, "f16")),
+            _ => None,
+        };
+    }
+
     fn evaluate(&mut self, params: &Params, want_grad: bool) -> Result<Evaluation> {
         self.request(params, want_grad)
     }

@@ -32,6 +32,9 @@ pub enum Reply {
         /// Version 2: member formats it loads itself (others come as safetensors copies).
         #[serde(default)]
         formats: Vec<String>,
+        /// Float dtypes it reads protocol 1 candidates in (`f32` always; `bf16`, `f16`).
+        #[serde(default)]
+        dtypes: Vec<String>,
     },
     Result {
         id: u64,
@@ -61,6 +64,8 @@ pub struct Abilities {
     /// Mixing requests (version 2 with `"mix": true`).
     pub mix: bool,
     pub formats: Vec<String>,
+    /// Candidate dtypes beyond f32 it reads (`bf16`, `f16`).
+    pub dtypes: Vec<String>,
 }
 
 pub fn hello() -> serde_json::Value {

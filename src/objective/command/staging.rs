@@ -68,16 +68,20 @@ impl Staging {
         self.dir.path().join(name)
     }
 
-    /// Write a candidate as f32 safetensors (what every client can load), when the staging
-    /// filesystem has room for it and for the gradient the evaluator writes back (up to f64).
-    pub fn write_params(&mut self, params: &Params, path: &Path) -> Result<()> {
+    /// Write a candidate as safetensors in `dtype` (f32, what every client loads, or the
+    /// members' bf16/f16 for an evaluator that said it reads it), when the staging filesystem
+    /// has room for it and for the gradient the evaluator writes back (up to f64).
+    pub fn write_params(&mut self, params: &Params, path: &Path, dtype: DType) -> Result<()> {
         let numel: u64 = params.iter().map(|t| t.data.len() as u64).sum();
-        self.ensure_room(numel * (4 + 8), "a candidate (f32) and its gradient (up to f64)")?;
-        let views = params.iter().map(|t| {
+        let need = numel * (dtype.size() as u64 + 8);
+        self.ensure_room(need, &format!("a candidate ({dtype:?}) and its gradient (up to f64)"))?;
+        let narrowed: Vec<Vec<u8>> =
+            params.iter().map(|t| crate::dtype::encode_f32s(dtype, &t.data)).collect();
+        let views = params.iter().zip(&narrowed).map(|(t, bytes)| {
             let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
+                dtype.to_safetensors(),
                 t.shape.clone(),
-                bytemuck::cast_slice(&t.data),
+                bytes,
             );
             (t.name.as_str(), view.expect("shape matches data by construction"))
         });
