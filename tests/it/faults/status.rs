@@ -91,6 +91,7 @@ fn status_shows_the_published_selection_apart_from_the_last_one_and_deleted_memb
     assert_eq!(member(&s["members"], 2)["on_disk"], "present");
     assert_eq!(member(&s["published"]["members"], 1)["on_disk"], "deleted");
     let text = status_text(&d);
+    eprintln!("{text}"); // the README's sample: cargo test … -- --nocapture
     let published = line_in(&text, "\npublished ", 1);
     assert!(published.contains("weight 1.0000") && published.contains("loss "), "{text}");
     assert!(published.contains("left the window") && published.contains("deleted"), "{text}");
