@@ -1,12 +1,15 @@
-//! `[select]`: which selector runs and its parameters. Owned by the selectors (the config
-//! file's parser only embeds it), so that `select` never imports `config`.
+//! `[select]` and `[select.sewa]`: which selector runs and its parameters. Owned by the
+//! selectors (the config file's parser only embeds them), so that `select` never imports
+//! `config`.
 
 use std::fmt;
+use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::{SewaConfig, SoupConfig, TwaConfig};
+use super::{SoupConfig, TwaConfig};
 use crate::checked::{Positive, UnitOpen};
+use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,4 +153,141 @@ fn default_metric() -> String {
 }
 fn default_metric_mode() -> MetricMode {
     MetricMode::Min
+}
+
+/// How ∂E[F]/∂θ is estimated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// `concrete` when the objective gives gradients, else `reinforce`. Never switches on its
+    /// own: a gradient that is zero everywhere is an error (`Oracle`), not a reason to fall back.
+    #[default]
+    Auto,
+    /// Relaxed masks and ∂F/∂m_i = ⟨G, w_i − w(m)⟩ / Σ m (needs gradients).
+    Concrete,
+    /// Hard Bernoulli samples, (F − baseline)(b_i − s_i) (forward-only).
+    Reinforce,
+}
+
+/// How the mask is learned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Fit a surrogate of the loss over mixing weights from every oracle call, optimise the
+    /// mask on it and spend real calls only to verify its best hard masks (`surrogate`).
+    #[default]
+    Surrogate,
+    /// The paper's estimator: every relaxed-mask sample is an oracle call.
+    Direct,
+}
+
+/// `[select.sewa]`. Every key is optional; `Default` documents the defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SewaConfig {
+    pub strategy: Strategy,
+    /// Surrogate: most objective calls of one selection, member losses included (0: 2K).
+    pub surrogate_max_calls: usize,
+    /// Surrogate: hard masks verified per refit.
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub surrogate_batch: usize,
+    /// Surrogate: stop when no mask is predicted to beat the best verified one by more than
+    /// this fraction of its loss.
+    #[serde(deserialize_with = "crate::checked::de::non_negative")]
+    pub surrogate_tolerance: f64,
+    /// Surrogate: ridge on the model's residual, relative to the data's scale.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub surrogate_ridge: f64,
+    /// Mask samples M per iteration (one oracle call each).
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub samples: usize,
+    /// Relaxation temperature τ at the first iteration.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub temperature: f64,
+    /// τ at the last iteration (geometric annealing); equal to `temperature` for none.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub temperature_end: f64,
+    /// Adam iterations of a cold start.
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub iterations: usize,
+    /// Adam iterations when warm-started from the previous window's θ.
+    pub warm_iterations: usize,
+    /// Start cold at least every `cold_every` selections (1: always; 0: only when a warm
+    /// start is stuck, see `sewa::run`).
+    pub cold_every: usize,
+    /// Adam learning rate on θ (logits).
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub lr: f64,
+    pub seed: u64,
+    pub estimator: Estimator,
+    /// Swap local search after top-k.
+    pub polish: bool,
+    /// Swaps tried per polishing round (best predicted first); each try is one oracle call.
+    pub polish_tries: usize,
+    /// Largest number of k-subsets `exhaustive` will evaluate.
+    pub exhaustive_limit: u64,
+    /// Also record each member's own loss (K forward calls, reported apart from the
+    /// selection's cost as `oracle_calls_report`) so `sewa report` can draw them.
+    pub member_losses: bool,
+}
+
+impl Default for SewaConfig {
+    fn default() -> Self {
+        SewaConfig {
+            strategy: Strategy::Surrogate,
+            surrogate_max_calls: 0,
+            surrogate_batch: 2,
+            surrogate_tolerance: 1e-3,
+            surrogate_ridge: 1e-2,
+            samples: 4,
+            temperature: 0.5,
+            temperature_end: 0.2,
+            iterations: 40,
+            warm_iterations: 8,
+            cold_every: 10,
+            lr: 0.2,
+            seed: 0,
+            estimator: Estimator::Auto,
+            polish: true,
+            polish_tries: 6,
+            exhaustive_limit: 20_000,
+            member_losses: true,
+        }
+    }
+}
+
+impl SewaConfig {
+    /// What deserialisation cannot see (a config built in code, not parsed); `config_path`
+    /// names the file in errors. Parsed tables already rejected these values at their line.
+    pub fn check(&self, config_path: &Path) -> Result<()> {
+        let bad = |m: &str| Err(Error::config(config_path, format!("[select.sewa] {m}")));
+        let pos = |x: f64| x.is_finite() && x > 0.0;
+        if self.samples == 0 {
+            return bad("samples must be at least 1");
+        }
+        if !pos(self.temperature) || !pos(self.temperature_end) {
+            return bad("temperature and temperature_end must be positive numbers");
+        }
+        if !pos(self.lr) {
+            return bad("lr must be a positive number");
+        }
+        if self.iterations == 0 {
+            return bad("iterations must be at least 1");
+        }
+        if self.surrogate_batch == 0 {
+            return bad("surrogate_batch must be at least 1");
+        }
+        if !(self.surrogate_tolerance.is_finite() && self.surrogate_tolerance >= 0.0) {
+            return bad("surrogate_tolerance must be a non-negative number");
+        }
+        if !pos(self.surrogate_ridge) {
+            return bad("surrogate_ridge must be a positive number");
+        }
+        Ok(())
+    }
+
+    pub(super) fn tau(&self, t: usize, iters: usize) -> f64 {
+        let frac = if iters > 1 { t as f64 / (iters - 1) as f64 } else { 1.0 };
+        self.temperature * (self.temperature_end / self.temperature).powf(frac)
+    }
 }
