@@ -267,7 +267,6 @@ pub struct WindowView<'a> {
 /// what earlier selections left (warm start, members' losses; updated in place).
 pub struct ModelContext<'a> {
     pub objective: &'a mut dyn Objective,
-    pub sewa: &'a SewaConfig,
     pub memory: &'a mut Memory,
 }
 
@@ -294,7 +293,7 @@ pub fn run(
                 let name = cfg.method.name();
                 Error::Internal(format!("selector {name:?} needs an [objective]"))
             })?;
-            let opts = Options { sewa: m.sewa, soup: &cfg.soup, twa: &cfg.twa };
+            let opts = Options { sewa: &cfg.sewa, soup: &cfg.soup, twa: &cfg.twa };
             run_configured(cfg.method, k, view.checkpoints, m.objective, opts, m.memory)
         }
     }

@@ -17,6 +17,15 @@ use crate::error::{Error, Result};
 
 pub use super::config::{Estimator, SewaConfig, Strategy};
 
+/// One binary-concrete (Gumbel-sigmoid) relaxed mask: m_i = σ((θ_i + logit u_i) / τ).
+pub(super) fn relaxed_mask(theta: &[f64], tau: f64, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    let sample = |th: &f64| {
+        let u: f64 = rng.random_range(1e-7..1.0 - 1e-7);
+        sigmoid((th + (u / (1.0 - u)).ln()) / tau)
+    };
+    theta.iter().map(sample).collect()
+}
+
 pub(super) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -70,13 +79,7 @@ fn concrete_grad(
     let n = theta.len();
     let (mut grad, mut mean) = (vec![0.0; n], 0.0);
     for _ in 0..samples {
-        let m: Vec<f64> = theta
-            .iter()
-            .map(|th| {
-                let u: f64 = rng.random_range(1e-7..1.0 - 1e-7);
-                sigmoid((th + (u / (1.0 - u)).ln()) / tau)
-            })
-            .collect();
+        let m = relaxed_mask(theta, tau, rng);
         let ev = oracle.soft(&m, true)?;
         let d =
             ev.mask_grad.ok_or_else(|| Error::Selection("objective gave no gradient".into()))?;

@@ -10,14 +10,14 @@
 
 use std::collections::HashMap;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::oracle::Oracle;
 use super::quadfit::{FitOptions, Model, Point, fit};
 use super::search::{Found, choose};
-use super::sewa::{Adam, Estimator, SewaConfig, project, sigmoid, top_k};
+use super::sewa::{Adam, Estimator, SewaConfig, project, relaxed_mask, sigmoid, top_k};
 use super::warm::{self, SewaState};
 use crate::error::Result;
 
@@ -269,13 +269,7 @@ fn relaxed(
         let tau = cfg.tau(t, RELAXED_ITERS);
         let mut grad = vec![0.0; n];
         for _ in 0..RELAXED_SAMPLES {
-            let m: Vec<f64> = theta
-                .iter()
-                .map(|th| {
-                    let u: f64 = rng.random_range(1e-7..1.0 - 1e-7);
-                    sigmoid((th + (u / (1.0 - u)).ln()) / tau)
-                })
-                .collect();
+            let m = relaxed_mask(&theta, tau, rng);
             let total: f64 = m.iter().sum::<f64>().max(1e-12);
             let alpha: Vec<f64> = m.iter().map(|x| x / total).collect();
             let g = model.grad(&alpha);

@@ -210,8 +210,7 @@ impl Pipeline {
         let allowed = self.allowed(self.window_bytes());
         let inner = self.objective.as_deref_mut().expect("just built");
         let mut objective = Beating { inner, progress: &self.progress, allowed };
-        let sewa = &self.cfg.select.sewa;
-        let ctx = ModelContext { objective: &mut objective, sewa, memory: &mut self.memory };
+        let ctx = ModelContext { objective: &mut objective, memory: &mut self.memory };
         select::run(&self.cfg.select, view, Some(ctx))
     }
 
