@@ -14,6 +14,11 @@ use super::CommandConfig;
 use crate::error::{Error, Result};
 
 const STDERR_LINES_KEPT: usize = 20;
+/// Longest protocol line accepted (protocol 2's K dot products take ~25 bytes each): an
+/// evaluator printing without newlines cannot make sewa buffer without bound.
+const MAX_LINE: usize = 16 << 20;
+/// Longest stderr line kept (longer ones are cut: they are for people to read).
+const MAX_STDERR_LINE: usize = 64 << 10;
 /// After the evaluator exits, how long to wait for its stderr to reach EOF before composing the
 /// error (a grandchild can keep the pipe open; its last lines are what a user debugs with).
 const STDERR_DRAIN: Duration = Duration::from_secs(2);
@@ -116,7 +121,18 @@ impl Process {
 fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Result<String>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        let mut reader = BufReader::new(stdout);
+        loop {
+            let line = match read_line_bounded(&mut reader, MAX_LINE) {
+                Ok(None) => break,
+                Ok(Some((_, true))) => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a protocol line longer than {MAX_LINE} bytes"),
+                )),
+                Ok(Some((line, false))) => String::from_utf8(line)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+                Err(e) => Err(e),
+            };
             let stop = line.is_err();
             if tx.send(line).is_err() || stop {
                 break;
@@ -132,7 +148,9 @@ fn spawn_stderr_logger(stderr: std::process::ChildStderr, tail: Tail) -> Receive
     let (eof_tx, eof_rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         let _eof = eof_tx; // dropped after the last line is stored
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+        let mut reader = BufReader::new(stderr);
+        while let Ok(Some((bytes, _))) = read_line_bounded(&mut reader, MAX_STDERR_LINE) {
+            let line = String::from_utf8_lossy(&bytes).into_owned();
             tracing::info!(target: "sewa::evaluator", "{line}");
             if let Ok(mut t) = tail.lock() {
                 if t.len() == STDERR_LINES_KEPT {
@@ -143,4 +161,53 @@ fn spawn_stderr_logger(stderr: std::process::ChildStderr, tail: Tail) -> Receive
         }
     });
     eof_rx
+}
+
+/// The next line of `r` without its newline, keeping at most `max` bytes of it (the rest of
+/// the line is read and dropped; `true` says so); `None` at end of stream.
+fn read_line_bounded(r: &mut impl BufRead, max: usize) -> std::io::Result<Option<(Vec<u8>, bool)>> {
+    let (mut line, mut cut, mut any) = (Vec::new(), false, false);
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max.saturating_sub(line.len());
+        cut |= chunk.len() > room;
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = done.unwrap_or(buf.len());
+        r.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some((line, cut)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_read_whole_up_to_the_bound_and_cut_beyond_it() {
+        let text = b"short\r\nexactly8\n0123456789abc\nlast".to_vec();
+        let mut r = BufReader::with_capacity(4, &text[..]); // lines span several buffer fills
+        let mut next = || read_line_bounded(&mut r, 8).unwrap();
+        assert_eq!(next(), Some((b"short".to_vec(), false)));
+        assert_eq!(next(), Some((b"exactly8".to_vec(), false)));
+        assert_eq!(next(), Some((b"01234567".to_vec(), true)), "cut, and the rest dropped");
+        assert_eq!(next(), Some((b"last".to_vec(), false)));
+        assert_eq!(next(), None);
+    }
 }
