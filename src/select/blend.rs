@@ -14,13 +14,16 @@
 
 use std::cell::OnceCell;
 
-use crate::checkpoint::{Checkpoint, DType, TensorMeta};
+use crate::checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
+use crate::dtype::decode_f32;
 use crate::error::{Error, Result};
 use crate::objective::{NamedTensor, Params};
 use crate::schema::check_schema_with;
 
 /// Bytes of a member read at a time.
 const CHUNK: usize = 1 << 18;
+/// Elements of each member decoded at a time by `distances` (K buffers of this many f32).
+const DIST_CHUNK: usize = 1 << 16;
 
 /// Largest window a `Blend` keeps decoded in memory (all members' floats as f32); larger
 /// windows are streamed from their files on every call.
@@ -227,38 +230,96 @@ fn dot_diff(g: &[f32], w: &[f32], c: &[f32]) -> f64 {
 
 impl Blend<'_> {
     /// Squared distances ‖w_i − w_j‖² between members (K×K, f64) over at most `max_groups`
-    /// contiguous groups of float tensors, for the surrogate's curvature terms. Member i's
-    /// tensor is decoded once and every later member streamed against it: K(K+1)/2 passes over
-    /// each tensor, one tensor in memory, no objective call.
+    /// contiguous groups of float tensors, for the surrogate's curvature terms. No objective
+    /// call, and each member is read once: from the decoded window when it fits the cache,
+    /// else chunk by chunk, all K members side by side. Members whose tensor only exists as a
+    /// decoded copy (torch pickles) fall back to one member in memory at a time, the others
+    /// streamed against it (K(K+1)/2 passes over that tensor).
     pub fn distances(&self, max_groups: usize) -> Result<Vec<Vec<Vec<f64>>>> {
         let (k, t) = (self.members.len(), self.layout.len());
         let groups = max_groups.clamp(1, t.max(1));
         let mut out = vec![vec![vec![0f64; k]; k]; groups];
-        let (mut buf, mut own) = (Vec::new(), Vec::new());
+        let cache = self.cached()?;
         for (ti, meta) in self.layout.iter().enumerate() {
             let d = &mut out[ti * groups / t.max(1)];
-            for (i, mi) in self.members.iter().enumerate() {
-                own.clear();
-                own.resize(meta.numel(), 0f32);
-                let dtype = own_dtype(mi, meta);
-                mi.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
-                    let dst = own.get_mut(offset / dtype.size()..).unwrap_or_default();
-                    axpy(dst, bytes, dtype, 1.0);
-                    Ok(())
-                })?;
-                for (j, mj) in self.members.iter().enumerate().skip(i + 1) {
-                    let (mut acc, dtype) = (0f64, own_dtype(mj, meta));
-                    mj.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
-                        let mine = own.get(offset / dtype.size()..).unwrap_or_default();
-                        sq_dist(&mut acc, mine, bytes, dtype);
-                        Ok(())
-                    })?;
-                    d[i][j] += acc;
-                    d[j][i] += acc;
+            match cache {
+                Some(c) => {
+                    let at = self.offsets[ti];
+                    let vals: Vec<&[f32]> = c.iter().map(|w| &w[at..at + meta.numel()]).collect();
+                    add_pairs(d, &vals);
                 }
+                None => self.tensor_distances(meta, d)?,
             }
         }
         Ok(out)
+    }
+
+    /// One tensor's contribution to `d`, reading each member once, `DIST_CHUNK` elements at a
+    /// time (K buffers of that size).
+    fn tensor_distances(&self, meta: &TensorMeta, d: &mut [Vec<f64>]) -> Result<()> {
+        let readers = (self.members.iter().map(|m| m.reader(&meta.name)))
+            .collect::<Result<Vec<TensorReader<'_>>>>()?;
+        if readers.iter().any(TensorReader::is_copy) {
+            drop(readers);
+            return self.pairwise_distances(meta, d);
+        }
+        let dtypes: Vec<DType> = self.members.iter().map(|m| own_dtype(m, meta)).collect();
+        let (n, mut raw) = (meta.numel(), Vec::new());
+        let mut vals: Vec<Vec<f32>> = vec![Vec::new(); readers.len()];
+        let mut start = 0;
+        while start < n {
+            let len = DIST_CHUNK.min(n - start);
+            for ((r, dt), v) in readers.iter().zip(&dtypes).zip(&mut vals) {
+                let size = dt.size();
+                raw.resize(len * size, 0);
+                let bytes = r.bytes(start * size..(start + len) * size, &mut raw)?;
+                v.clear();
+                v.extend(bytes.chunks_exact(size).map(|c| decode_f32(*dt, c).unwrap_or(0.0)));
+            }
+            let views: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+            add_pairs(d, &views);
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// One tensor's contribution to `d` with member i decoded and every later member streamed
+    /// against it (for members stored as decoded copies).
+    fn pairwise_distances(&self, meta: &TensorMeta, d: &mut [Vec<f64>]) -> Result<()> {
+        let (mut buf, mut own) = (Vec::new(), Vec::new());
+        for (i, mi) in self.members.iter().enumerate() {
+            own.clear();
+            own.resize(meta.numel(), 0f32);
+            let dtype = own_dtype(mi, meta);
+            mi.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                let dst = own.get_mut(offset / dtype.size()..).unwrap_or_default();
+                axpy(dst, bytes, dtype, 1.0);
+                Ok(())
+            })?;
+            for (j, mj) in self.members.iter().enumerate().skip(i + 1) {
+                let (mut acc, dtype) = (0f64, own_dtype(mj, meta));
+                mj.for_each_chunk(&meta.name, CHUNK, &mut buf, |offset, bytes| {
+                    let mine = own.get(offset / dtype.size()..).unwrap_or_default();
+                    sq_dist(&mut acc, mine, bytes, dtype);
+                    Ok(())
+                })?;
+                d[i][j] += acc;
+                d[j][i] += acc;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `d[i][j] += ‖v_i − v_j‖²` (f64) for every pair of equal-length slices.
+fn add_pairs(d: &mut [Vec<f64>], vals: &[&[f32]]) {
+    for i in 0..vals.len() {
+        for j in i + 1..vals.len() {
+            let acc: f64 =
+                vals[i].iter().zip(vals[j]).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+            d[i][j] += acc;
+            d[j][i] += acc;
+        }
     }
 }
 
@@ -406,7 +467,14 @@ mod tests {
     #[test]
     fn distances_per_group_match_by_hand() {
         let (a, b, c) = (ck("a", &[1.0, 2.0]), ck("b", &[3.0, 6.0]), ck("c", &[1.0, 0.0]));
-        let blend = Blend::new(&[&a, &b, &c]).unwrap();
+        // From the decoded window (cache) and streamed side by side (no cache): the same.
+        for limit in [CACHE_BYTES, 0] {
+            let blend = Blend::with_cache_limit(&[&a, &b, &c], limit).unwrap();
+            check_distances(&blend);
+        }
+    }
+
+    fn check_distances(blend: &Blend<'_>) {
         let per_tensor = blend.distances(8).unwrap();
         assert_eq!(per_tensor.len(), 2, "one group per float tensor when there are few");
         let ab = (3.0f64 - 1.0).powi(2) + (6.0f64 - 2.0).powi(2);
@@ -417,6 +485,20 @@ mod tests {
         let one = blend.distances(1).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0][0][1], 2.0 * ab, "groups sum to the whole distance");
+    }
+
+    /// Tensors longer than one distance chunk, streamed, give the cached (whole-tensor) sums.
+    #[test]
+    fn streamed_distances_over_several_chunks_equal_the_cached_ones() {
+        let n = 3 * DIST_CHUNK + 17;
+        let vals = |s: f32| (0..n).map(|i| ((i % 97) as f32 - 48.0) * s).collect::<Vec<_>>();
+        let (a, b, c) = (ck("a", &vals(0.01)), ck("b", &vals(0.03)), ck("c", &vals(-0.02)));
+        let cached = Blend::new(&[&a, &b, &c]).unwrap().distances(8).unwrap();
+        let streamed = Blend::with_cache_limit(&[&a, &b, &c], 0).unwrap().distances(8).unwrap();
+        for (x, y) in cached.iter().flatten().flatten().zip(streamed.iter().flatten().flatten()) {
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
+        }
+        assert!(cached[0][0][1] > 0.0);
     }
 
     #[test]
