@@ -229,6 +229,10 @@ pub struct SewaConfig {
     /// Also record each member's own loss (K forward calls, reported apart from the
     /// selection's cost as `oracle_calls_report`) so `sewa report` can draw them.
     pub member_losses: bool,
+    /// Verify the fixed rules (contiguous runs of k, LAWA-k among them, the uniform window,
+    /// EMAs) and never publish a model-based answer whose loss is worse than theirs
+    /// (`select::guard`). Off only to study a method's raw answer.
+    pub guard: bool,
 }
 
 impl Default for SewaConfig {
@@ -252,6 +256,7 @@ impl Default for SewaConfig {
             polish_tries: 6,
             exhaustive_limit: 20_000,
             member_losses: true,
+            guard: true,
         }
     }
 }

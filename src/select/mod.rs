@@ -38,6 +38,7 @@ impl Selection {
 pub mod blend;
 pub mod config;
 pub mod details;
+pub mod guard;
 pub mod memory;
 pub mod oracle;
 pub mod quadfit;
@@ -161,15 +162,26 @@ pub fn run_configured(
     let started = std::time::Instant::now();
     let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
-    let uses_own =
-        method == Method::Greedy || (method == Method::Sewa && cfg.strategy == Strategy::Surrogate);
+    let surrogate = method == Method::Sewa && cfg.strategy == Strategy::Surrogate;
+    // The surrogate takes the guard's calls as data, with gradients when it can use them.
+    let grad_data = surrogate && sewa::estimator(&oracle, cfg)? == sewa::Estimator::Concrete;
+    let uses_own = method == Method::Greedy || (surrogate && !grad_data);
     let mut own = None;
     if uses_own {
         own = Some(memory.member_losses(&mut oracle, members)?);
     }
+    let before_guard = oracle.calls;
+    let (checked, seed) = if cfg.guard {
+        let known = memory.sewa.as_ref().map(|s| s.carried(&keys)).unwrap_or_default();
+        let rules = guard::rules(members.len(), k, &known);
+        guard::check(&mut oracle, rules, &known, grad_data)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let guard_calls = oracle.calls - before_guard;
     let found = match method {
         Method::Sewa => {
-            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref())?;
+            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref(), seed)?;
             memory.sewa = Some(s);
             f
         }
@@ -182,10 +194,29 @@ pub fn run_configured(
             unreachable!("rule-based methods were refused above")
         }
     };
+    let (found, verdict) = guard::judge(found, &checked);
+    if let Some(v) = &verdict {
+        if v.winner != "method" {
+            tracing::info!(
+                rule = %v.winner, rule_loss = v.best_rule_loss, method_loss = v.method_loss,
+                "{method}: a fixed rule verified better than the method's answer; publishing the rule"
+            );
+        }
+    }
     let wall = started.elapsed().as_secs_f64();
     let calls = oracle.calls;
     let mut selection =
         to_selection(method.name(), members, &found, calls, wall, &oracle.describe());
+    if let Some(v) = verdict {
+        if v.winner != "method" {
+            selection.why = format!(
+                "{} (guard: {} beat the method's {:.5})",
+                selection.why, v.winner, v.method_loss
+            );
+        }
+        selection.details.extra.insert("guard".into(), serde_json::json!(v));
+        selection.details.extra.insert("oracle_calls_guard".into(), serde_json::json!(guard_calls));
+    }
     let d = &mut selection.details;
     let mut report_calls = 0;
     if own.is_none() && cfg.member_losses {

@@ -1,11 +1,42 @@
 //! The surrogate of the loss over mixing weights that the oracle-efficient SeWA optimises:
 //! on the plane Σα = 1, F̂(α) = uᵀα + ½ αᵀMα with M = −½ Σ_g a_g D_g + R, where D_g holds the
-//! members' squared distances ‖w_i − w_j‖² over tensor group g (from `Blend::gram`), u the
-//! vertex losses, a_g one curvature per group and R a ridge-penalised symmetric residual.
-//! For L(w) = ½ a‖w − t‖² the model is exact with R = 0, which is why few calls fit it.
+//! members' squared distances ‖w_i − w_j‖² over one tensor group and one band of step gaps
+//! (`banded`: pairs of neighbours, of members 2–3 apart, 4–7 apart, …), u the linear term,
+//! a_g one curvature per group and band, and R a ridge-penalised symmetric residual.
+//! For L(w) = ½ (w − t)ᵀH(w − t), M_ij = −½ ‖w_i − w_j‖²_H exactly; one curvature per band
+//! lets ‖·‖²_H / ‖·‖² differ between neighbours (who differ along sharp, noisy directions) and
+//! distant members (who differ along the flat drift of training), which one isotropic
+//! curvature cannot: it over-predicts the gain of contiguous runs on noisy trajectories.
 //! Fitted by least squares on every oracle call: the loss (one equation) and, with a gradient,
 //! ∂F/∂α_i = ⟨G, w_i⟩ known up to a constant (the dot products are taken about the mixed point),
 //! so only its differences are used (K − 1 more equations). Pure numbers: no oracle, no files.
+
+/// Split each group's distance matrix by the gap |i − j| between members (window order) into
+/// bands [1], [2, 3], [4, 7], [8, 15], … (at most `max_bands`, the last open-ended): one
+/// matrix per (group, band), each zero outside its band.
+pub fn banded(dist: &[Vec<Vec<f64>>], max_bands: usize) -> Vec<Vec<Vec<f64>>> {
+    let band = |gap: usize| (usize::BITS - gap.leading_zeros()) as usize - 1;
+    let n = dist.first().map_or(0, Vec::len);
+    let bands = if n < 2 { 1 } else { (band(n - 1) + 1).min(max_bands.max(1)) };
+    let mut out = Vec::with_capacity(dist.len() * bands);
+    for d in dist {
+        for b in 0..bands {
+            let m = (0..n)
+                .map(|i| {
+                    (0..n)
+                        .map(|j| {
+                            let gap = i.abs_diff(j);
+                            let on = gap > 0 && band(gap).min(bands - 1) == b;
+                            if on { d[i][j] } else { 0.0 }
+                        })
+                        .collect()
+                })
+                .collect();
+            out.push(m);
+        }
+    }
+    out
+}
 
 /// One oracle call as the surrogate sees it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -305,6 +336,63 @@ mod tests {
             assert!((model.value(&alpha) - truth).abs() < 1e-6 * truth.max(1.0));
         }
         assert!((model.curvature[0] - 1.7).abs() < 1e-4, "{:?}", model.curvature);
+    }
+
+    #[test]
+    fn bands_split_pairs_by_step_gap_and_sum_back_to_the_whole() {
+        let n = 10;
+        let d: Vec<Vec<f64>> =
+            (0..n).map(|i| (0..n).map(|j| (i as f64 - j as f64).powi(2)).collect()).collect();
+        let b = banded(std::slice::from_ref(&d), 4);
+        assert_eq!(b.len(), 4, "gaps 1, 2-3, 4-7, 8-9");
+        for i in 0..n {
+            for j in 0..n {
+                let on: Vec<usize> = (0..4).filter(|&x| b[x][i][j] != 0.0).collect();
+                let gap = i.abs_diff(j);
+                let want = match gap {
+                    0 => vec![],
+                    1 => vec![0],
+                    2..=3 => vec![1],
+                    4..=7 => vec![2],
+                    _ => vec![3],
+                };
+                assert_eq!(on, want, "pair ({i}, {j})");
+                let total: f64 = (0..4).map(|x| b[x][i][j]).sum();
+                assert_eq!(total, d[i][j]);
+            }
+        }
+        assert_eq!(banded(std::slice::from_ref(&d), 2).len(), 2, "the last band is open-ended");
+        assert_eq!(banded(&[vec![vec![0.0]]], 4).len(), 1);
+    }
+
+    /// The banded family contains the isotropic one: for L(w) = ½ a‖w − t‖² every band fits
+    /// the same curvature and the model stays exact.
+    #[test]
+    fn banded_model_is_exact_for_an_isotropic_quadratic() {
+        let ws = members();
+        let k = ws.len();
+        let d = vec![ws.iter().map(|x| ws.iter().map(|y| (x - y) * (x - y)).collect()).collect()];
+        let dist = banded(&d, 4);
+        let mut points: Vec<Point> = (0..k)
+            .map(|i| Point { alpha: vec_e(k, i), loss: truth(&vec_e(k, i)).0, grad: vec![] })
+            .collect();
+        for alpha in [vec![0.2; k], vec![0.5, 0.5, 0.0, 0.0, 0.0], vec![0.0, 0.0, 0.0, 0.5, 0.5]] {
+            let (loss, g) = truth(&alpha);
+            points.push(Point { alpha, loss, grad: g.into_iter().map(Some).collect() });
+        }
+        let opts = FitOptions { ridge: 1e-3, residual: true, grad_scale: 0.2 };
+        let model = fit(k, &points, &dist, &opts);
+        for set in [vec![0, 2], vec![1, 3, 4], vec![0, 4]] {
+            let mut alpha = vec![0.0; k];
+            set.iter().for_each(|&i| alpha[i] = 1.0 / set.len() as f64);
+            let t = truth(&alpha).0;
+            let got = model.subset(&set);
+            assert!(
+                (got - t).abs() < 1e-4 * t.max(1.0),
+                "{set:?}: {got} vs {t}, {:?}",
+                model.curvature
+            );
+        }
     }
 
     fn vec_e(k: usize, i: usize) -> Vec<f64> {

@@ -135,7 +135,8 @@ pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
 }
 
 /// Run SeWA over the oracle's window (members ordered by step, oldest first). `keys` identify
-/// members for warm starts. A warm start is kept only if it does at least as well as the
+/// members for warm starts; `seed` holds calls already made on the window (the guard's), which
+/// the surrogate strategy uses as data. A warm start is kept only if it does at least as well as the
 /// previous selection did and as the average of the k newest members; otherwise it is stuck
 /// on old members (a chosen member left, and the logits of the rest describe the old window),
 /// it is abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
@@ -145,9 +146,10 @@ pub fn run(
     k: usize,
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
+    seed: Vec<super::quadfit::Point>,
 ) -> Result<(Found, SewaState)> {
     if cfg.strategy == Strategy::Surrogate {
-        return super::surrogate::run(oracle, keys, k, cfg, warm);
+        return super::surrogate::run(oracle, keys, k, cfg, warm, seed);
     }
     let n = keys.len();
     let estimator = estimator(oracle, cfg)?;

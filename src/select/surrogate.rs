@@ -1,12 +1,18 @@
 //! SeWA's oracle-efficient strategy (`strategy = "surrogate"`, the default): every oracle call —
-//! the members' own losses, one gradient call at the window's uniform mixture, then the
-//! verification of candidate hard masks — is a data point for a quadratic surrogate of the loss
-//! over mixing weights (`quadfit`). The mask is searched on the surrogate (the binary-concrete
-//! relaxation of SeWA, and every k-subset when there are at most `exhaustive_limit`), real
-//! calls verify its best few unverified hard masks, and the loop stops when no mask — none of the
-//! swaps of the best verified one either — is predicted to beat the best verified loss by more
-//! than `surrogate_tolerance`, or at the call budget. Forward-only objectives use the same loop
-//! with losses alone. Warm starts carry the data points of surviving members (`warm`).
+//! the guard's fixed rules (contiguous runs, the uniform window, EMAs: a spread of mixtures
+//! across the window, with gradients), then the verification of candidate hard masks — is a
+//! data point for a quadratic surrogate of the loss over mixing weights (`quadfit`). Members'
+//! own losses are data only for forward-only objectives, which need them to pin the linear
+//! term: with gradients they would anchor the model to single checkpoints, far from the k-member
+//! averages it has to rank. The mask is searched on the surrogate (the binary-concrete
+//! relaxation of SeWA, and every k-subset when there are at most `exhaustive_limit`), and real
+//! calls verify, each round, its best few unverified hard masks (exploitation) and its best
+//! mask unlike any verified one (exploration: the landscape has several local optima, and the
+//! model is least reliable where it has no data). Every verification is first predicted, so
+//! the model's out-of-sample error is measured; the loop stops when no mask is predicted to
+//! beat the best verified loss by more than that error (or `surrogate_tolerance`, once the
+//! model predicts well), or at the call budget. Warm starts carry the data points of surviving
+//! members (`warm`).
 
 use std::collections::HashMap;
 
@@ -15,14 +21,18 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::oracle::Oracle;
-use super::quadfit::{FitOptions, Model, Point, fit};
+use super::quadfit::{FitOptions, Model, Point, banded, fit};
 use super::search::{Found, choose};
 use super::sewa::{Adam, Estimator, SewaConfig, project, relaxed_mask, sigmoid, top_k};
 use super::warm::{self, SewaState};
 use crate::error::Result;
 
-/// Tensor groups with their own curvature in the surrogate (gradient objectives).
-const MAX_GROUPS: usize = 8;
+/// Tensor groups with their own curvatures in the surrogate (gradient objectives).
+const MAX_GROUPS: usize = 4;
+/// Bands of step gaps with their own curvature (`quadfit::banded`): 1, 2–3, 4–7, 8+.
+const MAX_BANDS: usize = 4;
+/// Candidates the surrogate ranks per round (exploitation and exploration are drawn from them).
+const POOL: usize = 64;
 /// Largest window whose surrogate fits a full residual (K(K+1)/2 unknowns).
 const MAX_RESIDUAL_WINDOW: usize = 40;
 /// Relaxed-mask iterations and samples on the surrogate (free: no oracle call).
@@ -42,14 +52,16 @@ struct Search {
 }
 
 impl Search {
-    /// The carried points (hard masks among them count as verified) and the vertices: each
-    /// member's own loss, which `select::run_configured` fetched (remembered or computed)
-    /// before this runs, so these lookups are free.
-    fn new(oracle: &mut Oracle, carried: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
+    /// The carried and seed points (hard masks among them count as verified) and, for
+    /// forward-only objectives, the vertices: each member's own loss, which
+    /// `select::run_configured` fetched (remembered or computed) before this runs, so these
+    /// lookups are free.
+    fn new(oracle: &mut Oracle, mut points: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
         let verified =
-            carried.iter().filter_map(|p| Some((hard_mask(p, k)?, (p.loss, None)))).collect();
+            points.iter().filter_map(|p| Some((hard_mask(p, k)?, (p.loss, None)))).collect();
+        let vertices = !use_grad;
         let mut s = Search {
-            points: carried,
+            points: std::mem::take(&mut points),
             verified,
             use_grad,
             optimise_calls: 0,
@@ -57,7 +69,7 @@ impl Search {
             recent: Vec::new(),
         };
         let n = oracle.blend.len();
-        for i in 0..n {
+        for i in (0..n).filter(|_| vertices) {
             let loss = oracle.subset(&[i])?;
             let mut alpha = vec![0.0; n];
             alpha[i] = 1.0;
@@ -70,6 +82,27 @@ impl Search {
     fn prediction_error(&self, last: usize) -> f64 {
         let recent = self.recent.iter().rev().take(last);
         recent.map(|(p, l)| (p - l).abs()).fold(0.0, f64::max)
+    }
+
+    /// The model's out-of-sample error: every verified mask was predicted before its call.
+    fn out_of_sample(&self) -> serde_json::Value {
+        let mut abs: Vec<f64> = self.recent.iter().map(|(p, l)| (p - l).abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        let rel: Vec<f64> =
+            self.recent.iter().map(|(p, l)| (p - l).abs() / l.abs().max(1e-12)).collect();
+        let at = |q: f64| abs.get(((abs.len() as f64 - 1.0) * q).round() as usize).copied();
+        json!({
+            "masks": abs.len(),
+            "median_abs": at(0.5),
+            "max_abs": abs.last(),
+            "max_rel": rel.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
+        })
+    }
+
+    /// Fewest members `set` does not share with any verified mask.
+    fn novelty(&self, set: &[usize]) -> usize {
+        let unshared = |v: &Vec<usize>| set.iter().filter(|i| !v.contains(i)).count();
+        self.verified.keys().map(unshared).min().unwrap_or(set.len())
     }
 
     fn best(&self) -> Option<(Vec<usize>, f64)> {
@@ -123,13 +156,15 @@ struct Setting<'c> {
     budget: usize,
 }
 
-/// Run the surrogate strategy over the oracle's window; see the module header.
+/// Run the surrogate strategy over the oracle's window; see the module header. `seed` holds
+/// the calls already made on this window (the guard's rules), in the oracle's terms.
 pub fn run(
     oracle: &mut Oracle,
     keys: &[String],
     k: usize,
     cfg: &SewaConfig,
     warm_state: Option<&SewaState>,
+    seed: Vec<Point>,
 ) -> Result<(Found, SewaState)> {
     let n = keys.len();
     let estimator = super::sewa::estimator(oracle, cfg)?;
@@ -140,12 +175,22 @@ pub fn run(
         _ => Vec::new(),
     };
     let carried_points = carried.len();
-    let mut s = Search::new(oracle, carried, k, use_grad)?;
+    let seed_points = seed.len();
+    let mut points = carried;
+    // A rule the guard took from the carried points is already among them.
+    for p in seed {
+        if !points.iter().any(|q| q.alpha == p.alpha) {
+            points.push(p);
+        }
+    }
+    let mut s = Search::new(oracle, points, k, use_grad)?;
+    let groups = if use_grad { MAX_GROUPS } else { 1 };
+    let bands = if use_grad { MAX_BANDS } else { 1 };
     let set = Setting {
         n,
         k,
         cfg,
-        dist: oracle.blend.distances(if use_grad { MAX_GROUPS } else { 1 })?,
+        dist: banded(&oracle.blend.distances(groups)?, bands),
         opts: FitOptions {
             ridge: cfg.surrogate_ridge,
             residual: n <= MAX_RESIDUAL_WINDOW,
@@ -183,7 +228,9 @@ pub fn run(
         "surrogate_rounds": rounds,
         "surrogate_points": s.points.len(),
         "surrogate_points_carried": carried_points,
+        "surrogate_points_seed": seed_points,
         "surrogate_curvature": model.curvature,
+        "surrogate_out_of_sample": s.out_of_sample(),
         "verified_masks": s.verified.len(),
         "oracle_calls_optimise": s.optimise_calls,
         "oracle_calls_verify": s.verify_calls,
@@ -200,9 +247,9 @@ pub fn run(
     Ok((Found { set: chosen, loss, weights: None, details }, state))
 }
 
-/// Refit, search the surrogate, verify its best unverified masks; until none is predicted to
-/// beat the best verified one by the tolerance, or the budget is spent. Returns the last model,
-/// the relaxation's logits and the rounds run.
+/// Refit, search the surrogate, verify its best unverified masks and its best novel one;
+/// until none is predicted to beat the best verified one by the margin, or the budget is spent.
+/// Returns the last model, the relaxation's logits and the rounds run.
 fn refine(
     oracle: &mut Oracle,
     s: &mut Search,
@@ -217,23 +264,16 @@ fn refine(
         let model = fit(set.n, &s.points, &set.dist, &set.opts);
         let theta = relaxed(&model, theta0.clone(), set.k, cfg, &mut rng);
         let best = s.best();
-        let cands = candidates(&model, set.k, cfg, &theta, best.as_ref().map(|b| &b.0));
-        // While the model still mispredicts the masks it proposed, a mask predicted slightly
-        // worse than the best verified one may be better: widen the margin by that error.
-        let err = s.prediction_error(2 * cfg.surrogate_batch);
-        let worth = |pred: f64| match &best {
-            Some((b, loss)) => {
-                let tol = cfg.surrogate_tolerance * loss.abs().max(1e-12);
-                let margin = if err > tol { err } else { -tol };
-                pred < model.subset(b) + margin
-            }
-            None => true,
-        };
-        let todo: Vec<(Vec<usize>, f64)> = cands
-            .into_iter()
-            .filter(|(c, p)| !s.verified.contains_key(c) && worth(*p))
-            .take(cfg.surrogate_batch)
-            .collect();
+        let starts: Vec<Vec<usize>> = s.verified.keys().cloned().collect();
+        let cands = candidates(&model, set.k, cfg, &theta, best.as_ref().map(|b| &b.0), &starts);
+        let todo = proposals(s, &model, cfg, best.as_ref(), cands);
+        tracing::debug!(
+            round = rounds,
+            calls = oracle.calls,
+            best = ?best,
+            proposals = ?todo,
+            "surrogate round"
+        );
         if todo.is_empty() || oracle.calls >= set.budget {
             return Ok((model, theta, rounds));
         }
@@ -242,8 +282,47 @@ fn refine(
                 break;
             }
             s.verify(oracle, &c, pred)?;
+            let actual = s.verified.get(&c).map(|v| v.0);
+            tracing::debug!(round = rounds, mask = ?c, predicted = pred, ?actual, "verified");
         }
     }
+}
+
+/// This round's masks to verify, from the ranked candidates: the best `surrogate_batch`
+/// unverified ones predicted to beat the best verified mask by the margin of the model's
+/// recent error (or the tolerance, once it predicts well), then one novel mask (at least two
+/// members unlike every verified mask) within the margin of the model's worst error so far —
+/// a model that has been wrong by that much may be wrong there too.
+fn proposals(
+    s: &Search,
+    model: &Model,
+    cfg: &SewaConfig,
+    best: Option<&(Vec<usize>, f64)>,
+    cands: Vec<(Vec<usize>, f64)>,
+) -> Vec<(Vec<usize>, f64)> {
+    let recent = s.prediction_error(2 * cfg.surrogate_batch);
+    let worst = s.prediction_error(usize::MAX);
+    let worth = |pred: f64, err: f64| match best {
+        Some((b, loss)) => {
+            let tol = cfg.surrogate_tolerance * loss.abs().max(1e-12);
+            let margin = if err > tol { err } else { -tol };
+            pred < model.subset(b) + margin
+        }
+        None => true,
+    };
+    let fresh: Vec<(Vec<usize>, f64)> =
+        cands.into_iter().filter(|(c, _)| !s.verified.contains_key(c)).collect();
+    let mut todo: Vec<(Vec<usize>, f64)> = fresh
+        .iter()
+        .filter(|(_, p)| worth(*p, recent))
+        .take(cfg.surrogate_batch)
+        .cloned()
+        .collect();
+    let novel = fresh
+        .iter()
+        .find(|(c, p)| !todo.iter().any(|(t, _)| t == c) && s.novelty(c) >= 2 && worth(*p, worst));
+    todo.extend(novel.cloned());
+    todo
 }
 
 /// Whether a point mixes more than one member (not a vertex).
@@ -285,18 +364,19 @@ fn relaxed(
     theta
 }
 
-/// The surrogate's best hard masks of size k, best first: every k-subset when there are at
-/// most `exhaustive_limit`, else local optima under swaps from the relaxation's top-k and from
-/// the best verified mask, with that mask's swaps.
+/// The surrogate's best hard masks of size k, best first (at most `POOL`): every k-subset
+/// when there are at most `exhaustive_limit`, else local optima under swaps from the
+/// relaxation's top-k and from every verified mask (`starts`), with their swaps.
 fn candidates(
     model: &Model,
     k: usize,
     cfg: &SewaConfig,
     theta: &[f64],
     best: Option<&Vec<usize>>,
+    starts: &[Vec<usize>],
 ) -> Vec<(Vec<usize>, f64)> {
     let n = theta.len();
-    let keep = 4 * cfg.surrogate_batch + 8;
+    let keep = POOL.max(4 * cfg.surrogate_batch + 8);
     let mut out: Vec<(Vec<usize>, f64)> = Vec::new();
     if choose(n, k) <= cfg.exhaustive_limit {
         let mut idx: Vec<usize> = (0..k).collect();
@@ -313,9 +393,12 @@ fn candidates(
         }
     } else {
         let probs: Vec<f64> = theta.iter().map(|t| sigmoid(*t)).collect();
-        let mut starts = vec![top_k(&probs, k)];
-        starts.extend(best.cloned());
-        for start in starts {
+        let mut from = vec![top_k(&probs, k)];
+        from.extend(best.cloned());
+        from.extend(starts.iter().filter(|s| s.len() == k).cloned());
+        from.sort();
+        from.dedup();
+        for start in from {
             let local = descend(model, start);
             out.extend(all_swaps(&local, n).into_iter().map(|s| {
                 let p = model.subset(&s);
@@ -323,6 +406,7 @@ fn candidates(
             }));
             let p = model.subset(&local);
             out.push((local, p));
+            shrink(&mut out, 4 * keep);
         }
     }
     if let Some(b) = best {

@@ -912,3 +912,91 @@ fn soup_and_twa_gradients_match_finite_differences() {
     assert!(dir.iter().sum::<f64>().abs() < 1e-9, "stays on Σα = 1");
     assert!(dir.iter().zip(&d).map(|(x, d)| x * d).sum::<f64>() < 0.0, "descends");
 }
+
+/// Issue 18: a model-based answer worse than a fixed rule the user could have had for one call
+/// is never published. `random` stands for any method that misses: on a graded window whose
+/// newest members are best, its raw answer loses to LAWA-k; the guard publishes LAWA-k.
+#[test]
+fn the_guard_publishes_lawa_when_the_method_does_worse() {
+    let mut bias = vec![0.9; 20];
+    bias[15..].iter_mut().for_each(|b| *b = 0.0);
+    let (all, mut quad) = graded(&bias, 48, 41);
+    let refs: Vec<&Checkpoint> = all.iter().collect();
+    let raw = SewaConfig { guard: false, ..SewaConfig::default() };
+    let (unguarded, _) = run_model_based(Method::Random, 5, &refs, &mut quad, &raw, None).unwrap();
+    let lawa: Vec<usize> = (15..20).collect();
+    let (lawa_loss, _) = {
+        let mut w = vec![0.0; 48];
+        for m in &all[15..] {
+            let bytes = m.data("w").unwrap();
+            let p = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            w.iter_mut().zip(p).for_each(|(a, x)| *a += x as f64 / 5.0);
+        }
+        (quad.f64(&w), ())
+    };
+    assert!(unguarded.loss.unwrap() > lawa_loss, "the raw answer misses: {}", unguarded.why);
+    let (guarded, _) =
+        run_model_based(Method::Random, 5, &refs, &mut quad, &SewaConfig::default(), None).unwrap();
+    assert_eq!(guarded.members(), lawa, "{}", guarded.why);
+    assert!((guarded.loss.unwrap() - lawa_loss).abs() < 1e-6 * lawa_loss.max(1.0));
+    let d = guarded.details.json();
+    assert_eq!(d["guard"]["winner"], "lawa-5", "{d}");
+    assert!(d["guard"]["gain"].as_f64().unwrap() < 0.0, "{d}");
+    assert_eq!(d["method_set"], serde_json::json!(unguarded.members()), "{d}");
+    assert!(guarded.why.contains("guard: lawa-5"), "{}", guarded.why);
+}
+
+/// Issue 18: the best average can be a weighting no k-subset gives. Members scattered around
+/// the target so that their EMA (decay 0.8 = 1 − 1/k) lands on it exactly: SeWA's best
+/// subset loses to that EMA, and the EMA's weights are published, for every strategy.
+#[test]
+fn an_ema_that_beats_every_subset_is_published_with_its_weights() {
+    let (n, dim) = (20, 32);
+    let target = noise(51, dim);
+    let ema = sewa::select::guard::ema_weights(n, 0.8);
+    let mut z: Vec<Vec<f64>> = (0..n).map(|i| noise(60 + i as u64, dim)).collect();
+    for d in 0..dim {
+        let s: f64 = (0..n - 1).map(|i| ema[i] * z[i][d]).sum();
+        z[n - 1][d] = -s / ema[n - 1];
+    }
+    let members: Vec<Checkpoint> = (0..n)
+        .map(|i| member(i, &target.iter().zip(&z[i]).map(|(t, z)| t + z).collect::<Vec<_>>()))
+        .collect();
+    let mut quad = Quad { target, scale: vec![1.0; dim], grad: true };
+    let refs: Vec<&Checkpoint> = members.iter().collect();
+    for strategy in [Strategy::Surrogate, Strategy::Direct] {
+        let cfg = SewaConfig { strategy, ..SewaConfig::default() };
+        let (sel, _) = run_model_based(Method::Sewa, 5, &refs, &mut quad, &cfg, None).unwrap();
+        let d = sel.details.json();
+        assert_eq!(d["guard"]["winner"], "ema-0.8", "{strategy:?}: {d}");
+        for (w, e) in sel.weights.iter().zip(&ema) {
+            assert!((w - e).abs() < 1e-12, "{strategy:?}: {:?}", sel.weights);
+        }
+        assert!(sel.loss.unwrap() < 1e-6, "{strategy:?}: {}", sel.why);
+    }
+}
+
+/// Issue 18: a window that slides by one keeps its verified rules: the warm selection pays for
+/// the newest run, the uniform window and the EMAs, and ends within 0.1 % of a cold one.
+#[test]
+fn a_warm_selection_after_a_slide_by_one_matches_cold_in_few_calls() {
+    let mut bias = vec![0.9; 21];
+    bias[18..].iter_mut().for_each(|b| *b = 0.0);
+    let (all, mut quad) = graded(&bias, 48, 71);
+    let cfg = SewaConfig::default();
+    let mut memory = sewa::select::Memory::default();
+    let first: Vec<&Checkpoint> = all[..20].iter().collect();
+    sewa::select::run_remembering(Method::Sewa, 5, &first, &mut quad, &cfg, &mut memory).unwrap();
+    let second: Vec<&Checkpoint> = all[1..].iter().collect();
+    let warm =
+        sewa::select::run_remembering(Method::Sewa, 5, &second, &mut quad, &cfg, &mut memory)
+            .unwrap();
+    let (cold, _) = run_model_based(Method::Sewa, 5, &second, &mut quad, &cfg, None).unwrap();
+    let (w, c) = (warm.loss.unwrap(), cold.loss.unwrap());
+    assert!(w <= c * 1.001, "warm {w} ({}) vs cold {c} ({})", warm.why, cold.why);
+    let d = warm.details.json();
+    assert_eq!(d["warm"], true, "{d}");
+    assert!(d["guard"]["reused"].as_u64().unwrap() >= 3, "runs carried over: {d}");
+    let calls = d["oracle_calls"].as_u64().unwrap();
+    assert!(calls <= 8, "warm calls {calls}: {d}");
+}
