@@ -44,11 +44,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default level.
+/// Logs go to stderr; `RUST_LOG` overrides the default level. notify logs its bookkeeping at
+/// info (the watch of a rotated `checkpoint-N/` the kernel already dropped): kept out of the
+/// default log, as a normal event.
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let default = format!("{default_level},notify=warn");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
