@@ -8,7 +8,11 @@ use sewa::cli::{Cli, Command, LogFormat};
 use sewa::commands;
 
 fn main() -> ExitCode {
+    catch_early_hangups(); // first of all: see its docs
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Watch(_)) {
+        default_hangups();
+    }
     cap_threads(thread_cap(&cli.command));
     // The demo prints its own summary; its in-process watcher's per-checkpoint lines would bury it.
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
@@ -40,11 +44,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default level.
+/// Logs go to stderr; `RUST_LOG` overrides the default level. notify logs its bookkeeping at
+/// info (the watch of a rotated `checkpoint-N/` the kernel already dropped): kept out of the
+/// default log, as a normal event.
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let default = format!("{default_level},notify=warn");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -81,6 +87,44 @@ fn cap_threads(n: usize) {
             unsafe {
                 std::env::set_var(var, n.max(1).to_string())
             };
+        }
+    }
+}
+
+/// SIGHUP's default action is to exit, and `sewa watch` answers it (reload) only once its
+/// runtime runs, after reading the config: a SIGHUP in those first milliseconds (a service
+/// manager reloading a unit it just started) killed the daemon. So before anything else, main
+/// catches SIGHUP into `daemon::EARLY_HANGUP`, which the daemon turns into one reload once its
+/// own handler is installed (tokio keeps calling this one too, which only sets the flag again).
+/// SIGTERM and SIGINT keep their default action until the daemon installs its handlers:
+/// stopping a daemon that has not started yet is what they should do.
+fn catch_early_hangups() {
+    extern "C" fn note(_: libc::c_int) {
+        // Only an atomic store: async-signal-safe.
+        sewa::daemon::EARLY_HANGUP.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let handler: extern "C" fn(libc::c_int) = note;
+    // SAFETY: a zeroed sigaction is a valid empty one; the handler only stores to an atomic;
+    // SA_RESTART keeps interrupted reads going. Nothing else runs yet (first line of main).
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut());
+    }
+}
+
+/// Every command but `watch` has no use for SIGHUP: give it its default action back (a closed
+/// terminal ends `sewa average`), delivering one that came while the command line was parsed.
+fn default_hangups() {
+    // SAFETY: restoring SIG_DFL; raise() delivers to this thread, the only one yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_DFL);
+        if sewa::daemon::EARLY_HANGUP.load(std::sync::atomic::Ordering::SeqCst) {
+            libc::raise(libc::SIGHUP);
         }
     }
 }

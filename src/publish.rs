@@ -13,7 +13,10 @@
 //! `renameat2(RENAME_EXCHANGE)`. Where the file system lacks RENAME_EXCHANGE the old directory
 //! is renamed away and the new one renamed in, leaving a moment with no `PATH` (never a partial
 //! one). Any failure (NaN in an input mid-stream, disk full) removes the temp file or directory
-//! and leaves the old output untouched. Files are mode 0644.
+//! and leaves the old output untouched. Files are mode 0644. A directory output that is
+//! replaced is kept, hidden as `.NAME.sewa-prev`, until the next publication replaces it in
+//! turn, so a reader that opened it can finish reading it (a replaced file output needs no
+//! such grace: a reader's open file keeps its inode).
 //!
 //! Model and manifest change together: a directory output carries its manifest inside, so one
 //! swap replaces both. A file output's model and manifest are both written and fsynced under

@@ -17,6 +17,9 @@ use crate::timestamp;
 
 /// Recent errors kept in the file.
 const MAX_ERRORS: usize = 20;
+/// Largest status file `read` accepts: sewa's own are KiBs (a line per window member and
+/// quarantined file), so this only refuses what sewa did not write.
+const MAX_STATUS_BYTES: u64 = 64 << 20;
 /// Skipped files listed by `render` (optimizer files pile up beside checkpoints).
 const SKIPPED_SHOWN: usize = 5;
 
@@ -244,8 +247,11 @@ impl Status {
         write_atomic(path, &json)
     }
 
+    /// Read a status file (a regular file of at most `MAX_STATUS_BYTES`: `sewa status` must
+    /// never hang on a FIFO or read `/dev/zero` without end).
     pub fn read(path: &Path) -> Result<Status> {
-        let text = std::fs::read(path).with_path(path)?;
+        let text = crate::config::read_small(path, MAX_STATUS_BYTES)
+            .map_err(|why| Error::bad_input(path, why))?;
         serde_json::from_slice(&text)
             .map_err(|e| Error::bad_input(path, format!("not a sewa status file: {e}")))
     }

@@ -21,7 +21,7 @@ pub fn run(args: &CheckConfigArgs) -> Result<String> {
     let cfg = Config::load(&args.file)?;
     let notes = super::startup::check(&cfg, &args.file)?;
     let mut text = format!("{}: ok — {}", args.file.display(), summary(&cfg));
-    for note in notes {
+    for note in cfg.notes.iter().chain(&notes) {
         text.push_str(&format!("\nnote: {note}"));
     }
     if args.objective {

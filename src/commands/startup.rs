@@ -3,7 +3,9 @@
 //! the output (a destination sewa may replace, its directories creatable), and the objective's
 //! files (the evaluator program, resolved exactly as it will be started; the builtin's data,
 //! only noted when missing, since it is read at the first selection).
-//! It creates and starts nothing; `watch` creates the output's directories once these pass.
+//! It starts nothing and creates nothing that stays (the evaluator's `staging_dir` is proved
+//! writable by creating and removing an empty directory in it: as root, `access()` says yes
+//! to `/proc`); `watch` creates the output's directories once these pass.
 //! The config's own rules (values, cross-field) are `config`'s.
 
 use std::ffi::OsString;
@@ -20,6 +22,7 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     notes.extend(watch_dir(&cfg.watch.dir).map_err(|m| Error::config(file, m))?);
     output(cfg).map_err(|m| Error::config(file, m))?;
+    notes.extend(threads(cfg.runtime.threads.get()));
     // An [objective] beside a fixed rule (lawa, ema, ...) is never started: nothing to check.
     let used = cfg.objective.as_ref().filter(|_| cfg.select.method.needs_objective());
     if let Some(oc) = used {
@@ -35,6 +38,9 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
             }
             ObjectiveKind::Command => {
                 let c = oc.command_config(&base);
+                if let Some(dir) = &c.staging_dir {
+                    staging_dir(dir).map_err(|m| Error::config(file, m))?;
+                }
                 let cwd = c.cwd.unwrap_or(base);
                 // The acceptance evaluator starts the same way, with its own program.
                 let programs = [c.command.first(), oc.acceptance_command.first()];
@@ -99,6 +105,40 @@ fn output(cfg: &Config) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `[objective] staging_dir`: a directory where sewa can create the evaluator's private
+/// directory — tried for real (created, then removed), since `access()` answers yes to root
+/// for `/proc` and for directories of read-only file systems mounted read-write.
+fn staging_dir(dir: &Path) -> std::result::Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!("[objective] staging_dir {} is not a directory", dir.display()));
+        }
+        Err(e) => return Err(format!("[objective] staging_dir {}: {e}", dir.display())),
+    }
+    let probe = tempfile::Builder::new().prefix(".sewa-check-").tempdir_in(dir);
+    let probe = probe.map_err(|e| {
+        format!(
+            "[objective] staging_dir {} is not a directory sewa can write to ({e}); the \
+             evaluator's candidate and member files are written there",
+            dir.display()
+        )
+    })?;
+    probe.close().map_err(|e| format!("[objective] staging_dir {}: {e}", dir.display()))
+}
+
+/// More compute threads than CPUs only makes sewa compete with the trainer: said, not refused
+/// (the bound is `config::MAX_THREADS`).
+fn threads(n: usize) -> Option<String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    (n > cpus).then(|| {
+        format!(
+            "[runtime] threads = {n} is more than the {cpus} CPUs sewa may use here: the extra \
+             threads only compete with the trainer"
+        )
+    })
 }
 
 /// The builtin objective's data, read at the first selection (not at start-up: a trainer may

@@ -21,7 +21,7 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
         .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
     // SIGHUP builds the configuration the same way: the command line's overrides survive.
     let (file, dir): (PathBuf, Option<PathBuf>) = (args.config.clone(), args.dir.clone());
-    let reload: daemon::Reload = Box::new(move || configure(&file, dir.as_deref()));
+    let reload: daemon::Reload = std::sync::Arc::new(move || configure(&file, dir.as_deref()));
     let opts = RunOptions { reload: Some(reload), systemd: true };
     let result = rt.block_on(async {
         let stop = daemon::termination()?; // before anything is logged: see `termination`
@@ -44,6 +44,9 @@ fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
         cfg.check().map_err(|msg| Error::config(file, msg))?;
     }
     super::startup::check(&cfg, file)?;
+    for note in &cfg.notes {
+        tracing::warn!(config = %file.display(), "{note}");
+    }
     // The daemon creates the output's directory (a service's first start on a fresh
     // machine), but says so: a typo in `out` should not pass unnoticed.
     if let Some(first) = crate::publish::check_parent(&cfg.publish.out, true)?.first() {

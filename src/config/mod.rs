@@ -42,7 +42,15 @@ pub struct Config {
     /// The file this was read from (relative objective data paths start at its directory).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// Facts about the file worth a warning that do not make it wrong (a key the chosen
+    /// method ignores): printed by `check-config`, logged by `watch`.
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
+
+/// Most `[runtime] threads`: far above any machine sewa shares with a trainer, low enough
+/// that a typo (`threads = 100000`) is refused instead of starting that many threads.
+pub const MAX_THREADS: usize = 1024;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -208,6 +216,23 @@ fn default_recompute_every() -> Positive {
     Positive(16)
 }
 
+/// Keys written in `text` that the chosen method does not read: a warning each, since the
+/// user expects them to matter (`k = 5` with `method = "uniform"`, which averages the whole
+/// window).
+fn ignored_keys(cfg: &Config, text: &str) -> Vec<String> {
+    let raw: toml::Table = toml::from_str(text).unwrap_or_default();
+    let given = raw.get("select").and_then(|s| s.get("k")).is_some();
+    let method = cfg.select.method;
+    if !given || method.uses_k() {
+        return Vec::new();
+    }
+    vec![format!(
+        "[select] k = {} is ignored: method {:?} does not average a fixed number of members",
+        cfg.select.k.get(),
+        method.name()
+    )]
+}
+
 /// The directory relative paths in the config file `path` start from: the file's own
 /// directory, absolute (a bare `sewa.toml` has the parent "", which no process can start in).
 pub fn config_dir(path: &Path) -> PathBuf {
@@ -219,10 +244,13 @@ pub fn config_dir(path: &Path) -> PathBuf {
 }
 
 impl Config {
-    /// Read, parse and check a config file.
+    /// Read (`file::read_small`: a regular file of at most `MAX_CONFIG_BYTES`), parse and check
+    /// a config file.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::config(path, format!("cannot read: {e}")))?;
+        let bytes = file::read_small(path, file::MAX_CONFIG_BYTES)
+            .map_err(|why| Error::config(path, why))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| Error::config(path, format!("is not UTF-8 text: {e}")))?;
         let mut cfg = Config::parse(&text, path)?;
         cfg.resolve_relative_paths(&config_dir(path));
         cfg.source = Some(path.to_path_buf());
@@ -251,6 +279,7 @@ impl Config {
             o.int_policy = cfg.publish.int_policy; // evaluators mix integer buffers by it
         }
         cfg.check().map_err(|msg| Error::config(path, format!("{msg}\n{HINT}")))?;
+        cfg.notes = ignored_keys(&cfg, text);
         // The owners' cross-field rules (their single values rejected themselves above).
         cfg.select.sewa.check(path)?;
         cfg.objective.as_ref().map(|o| o.check(path)).transpose()?;
@@ -273,9 +302,17 @@ impl Config {
     /// Cross-field rules that no single value can check.
     pub fn check(&self) -> std::result::Result<(), String> {
         let (k, size) = (self.select.k.get(), self.window.size.get());
-        if k > size {
+        // A method that ignores k (uniform averages the whole window) is not held to it.
+        if k > size && self.select.method.uses_k() {
             return Err(format!(
                 "[select] k = {k} is larger than [window] size = {size}; lower k or raise size"
+            ));
+        }
+        let threads = self.runtime.threads.get();
+        if threads > MAX_THREADS {
+            return Err(format!(
+                "[runtime] threads = {threads} is more than {MAX_THREADS}; sewa shares the \
+                 machine with a trainer: a few threads are plenty"
             ));
         }
         if self.select.method.needs_objective() && self.objective.is_none() {
@@ -330,6 +367,9 @@ impl Config {
         self.runtime.status_file.clone().unwrap_or_else(|| self.state_dir().join("status.json"))
     }
 }
+
+mod file;
+pub use file::{MAX_CONFIG_BYTES, read_small};
 
 #[cfg(test)]
 mod tests;

@@ -52,6 +52,31 @@ fn cross_field_rules() {
     assert!(err.contains("needs an [objective]"), "{err}");
 }
 
+/// Issue 19 item 14: `k` is refused beyond the window only for methods that read it; a method
+/// that ignores it (uniform averages the whole window) says so instead, and `[runtime] threads`
+/// has a bound.
+#[test]
+fn k_binds_only_methods_that_read_it_and_threads_are_bounded() {
+    let err = parse(&format!("{MIN}[window]\nsize = 4\n[select]\nmethod = \"lawa\"\nk = 5\n"));
+    assert!(err.unwrap_err().to_string().contains("k = 5 is larger than [window] size = 4"));
+    // The default k = 5 with a window of 4 was refused for uniform, which never reads it.
+    let cfg = parse(&format!("{MIN}[window]\nsize = 4\n[select]\nmethod = \"uniform\"\n")).unwrap();
+    assert!(cfg.notes.is_empty(), "{:?}", cfg.notes);
+    let cfg = parse(&format!("{MIN}[window]\nsize = 4\n[select]\nmethod = \"uniform\"\nk = 5\n"));
+    let notes = cfg.unwrap().notes;
+    assert!(
+        notes.len() == 1 && notes[0].contains("k = 5 is ignored") && notes[0].contains("uniform")
+    );
+    let cfg = parse(&format!("{MIN}[select]\nmethod = \"lawa\"\nk = 3\n")).unwrap();
+    assert!(cfg.notes.is_empty(), "lawa reads k");
+    assert_eq!(
+        parse(&format!("{MIN}[runtime]\nthreads = 1024\n")).unwrap().runtime.threads.get(),
+        1024
+    );
+    let err = parse(&format!("{MIN}[runtime]\nthreads = 1025\n")).unwrap_err().to_string();
+    assert!(err.contains("threads = 1025 is more than 1024"), "{err}");
+}
+
 #[test]
 fn reserved_tables_parse() {
     let text = format!(

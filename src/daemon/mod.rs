@@ -23,7 +23,7 @@ mod status_view;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -50,8 +50,15 @@ const DIR_POLL_MAX: Duration = Duration::from_secs(2);
 const HINT_QUEUE: usize = 4096;
 
 /// Builds the configuration again on SIGHUP: the config file with the command line's
-/// overrides applied and checked, so an override (`--dir`) survives every reload.
-pub type Reload = Box<dyn Fn() -> Result<Config> + Send>;
+/// overrides applied and checked, so an override (`--dir`) survives every reload. It runs on a
+/// blocking thread (it reads files), so it is shared with that thread.
+pub type Reload = std::sync::Arc<dyn Fn() -> Result<Config> + Send + Sync>;
+
+/// Set by the `sewa` binary's own SIGHUP handler, installed first thing in `main` (SIGHUP's
+/// default action kills, and the daemon's handler exists only once the runtime runs): a
+/// SIGHUP that arrived before the daemon could handle it. Read once the daemon's handler is
+/// installed, and answered with one reload, so it is neither fatal nor lost.
+pub static EARLY_HANGUP: AtomicBool = AtomicBool::new(false);
 
 /// Options of one daemon run.
 #[derive(Default)]
@@ -66,10 +73,16 @@ pub struct RunOptions {
 /// (the watcher cannot start, the pipeline panicked); bad checkpoints never stop it.
 pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
-    claim_output(&cfg)?;
+    let lock = hold_output(&cfg)?;
     let mut sighup = hangup_stream(opts.reload.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
     let mut pipeline = Pipeline::new(cfg);
+    // Before anything slow (cleaning up after an interrupted publish, starting the watcher,
+    // the first scan): `sewa status` answers "starting" from here on, not "no status file".
+    pipeline.write_status();
+    if recover_output(&lock) {
+        pipeline.reread_published(); // the recovery may have completed the output's manifest
+    }
     // Fed from its own task: a long batch keeps the service alive, a stuck one does not.
     let _watchdog = watchdog_period(opts.systemd).map(|period| {
         Aborting(tokio::spawn(progress::feed_watchdog(pipeline.progress.clone(), period)))
@@ -86,7 +99,8 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
     loop {
         pipeline.alive();
-        let wake = front.settler.next_deadline().map(Instant::from_std);
+        let next = [front.settler.next_deadline(), pipeline.retry_at()].into_iter().flatten().min();
+        let wake = next.map(Instant::from_std);
         let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         let mut hangup = false;
         tokio::select! {
@@ -96,19 +110,26 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
             _ = rescan_every.tick() => front.rescan(&mut pipeline, "periodic"),
             Some(()) = sighup.recv() => hangup = true,
         }
-        if hangup && let Some(new) = front.reload(opts.reload.as_ref(), &mut pipeline) {
-            // Selection, evaluator start-up and publishing run on the blocking side, as batches do.
-            let Some(p) = run_job(pipeline, move |p| p.reload(new), &mut shutdown).await? else {
-                return Ok(()); // stopped mid-reload; the output is old or new
-            };
-            pipeline = p;
-            front.rescan(&mut pipeline, "config reload");
+        if hangup && let Some(reload) = opts.reload.as_ref() {
+            let Some(built) = rebuild(reload, &mut shutdown).await else { break };
+            if let Some(new) = front.reload(built, &mut pipeline) {
+                // Selection, evaluator start-up and publishing run on the blocking side, as
+                // batches do.
+                let Some(p) = run_job(pipeline, move |p| p.reload(new), &mut shutdown).await?
+                else {
+                    return Ok(()); // stopped mid-reload; the output is old or new
+                };
+                pipeline = p;
+                front.rescan(&mut pipeline, "config reload");
+            }
         }
         if front.watch.overflowed.swap(false, Ordering::Relaxed) {
             front.rescan(&mut pipeline, "hint queue full");
         }
         let batch = front.settler.poll(std::time::Instant::now(), Identity::stat);
-        if batch.is_empty() {
+        // A selection that failed for a passing reason (the evaluator) is tried again once its
+        // backoff is over, whether or not a new checkpoint came.
+        if batch.is_empty() && !pipeline.retry_due(std::time::Instant::now()) {
             continue;
         }
         pipeline = match run_job(pipeline, move |p| p.step(batch), &mut shutdown).await? {
@@ -164,17 +185,41 @@ async fn wait_for_dir(
 }
 
 /// Take the output's lock for the life of the process (a second daemon or a `sewa average` on
-/// the same output is refused: a config error, which systemd does not restart), then clean up
-/// what a previous run killed mid-publish (OOM, SIGKILL) left of the output.
-fn claim_output(cfg: &Config) -> Result<()> {
-    let lock = crate::publish::hold(&cfg.publish.out).map_err(|e| match (e, &cfg.source) {
+/// the same output is refused: a config error, which systemd does not restart). The status
+/// file is written only once it is held: it is the running daemon's, not a refused second's.
+fn hold_output(cfg: &Config) -> Result<crate::publish::OutputLock> {
+    crate::publish::hold(&cfg.publish.out).map_err(|e| match (e, &cfg.source) {
         (Error::Usage(msg), Some(path)) => Error::config(path, msg),
         (e, _) => e,
-    })?;
-    for done in crate::publish::recover(&lock) {
+    })
+}
+
+/// Clean up what a previous run killed mid-publish (OOM, SIGKILL) left of the output; whether
+/// anything was done.
+fn recover_output(lock: &crate::publish::OutputLock) -> bool {
+    let done = crate::publish::recover(lock);
+    for done in &done {
         warn!(%done, "cleaned up after an interrupted publish");
     }
-    Ok(())
+    !done.is_empty()
+}
+
+/// SIGHUP: build the configuration again on a blocking thread — it reads the config file and
+/// runs the start-up checks on disk, and a slow file (NFS, a FIFO swapped in) must not hold
+/// the async worker, which answers SIGTERM. `None`: a shutdown came first (the build, if
+/// stuck, is left behind; it changes nothing).
+async fn rebuild(
+    reload: &Reload,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<Result<Config>> {
+    let build = reload.clone();
+    let task = tokio::task::spawn_blocking(move || build());
+    tokio::select! {
+        built = task => Some(built.unwrap_or_else(|e| {
+            Err(Error::Internal(format!("the configuration could not be rebuilt: {e}")))
+        })),
+        _ = shutdown.as_mut() => None,
+    }
 }
 
 /// Run `job` on the pipeline on a blocking thread, so loads, selections, evaluator start-up
@@ -283,10 +328,10 @@ impl Front {
         }
     }
 
-    /// SIGHUP: build the configuration again; a new watcher must start before anything
+    /// SIGHUP, with the configuration built again: a new watcher must start before anything
     /// changes. Returns the configuration for the pipeline to take on.
-    fn reload(&mut self, build: Option<&Reload>, p: &mut Pipeline) -> Option<Config> {
-        let new = match build?() {
+    fn reload(&mut self, built: Result<Config>, p: &mut Pipeline) -> Option<Config> {
+        let new = match built {
             Ok(new) => new,
             Err(e) => {
                 error!(error = %e, "reload failed; keeping the running configuration");
@@ -325,6 +370,10 @@ fn hangup_stream(enabled: bool) -> Result<mpsc::Receiver<()>> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup =
             signal(SignalKind::hangup()).map_err(|e| Error::Internal(format!("SIGHUP: {e}")))?;
+        if EARLY_HANGUP.swap(false, Ordering::SeqCst) {
+            info!("a SIGHUP came during start-up: reloading the configuration");
+            let _ = tx.try_send(());
+        }
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 let _ = tx.try_send(());

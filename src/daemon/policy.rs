@@ -3,6 +3,10 @@
 //! (on the selection split, or on the acceptance split when one is configured) and says which
 //! published inputs are still on disk; this module decides and says why. It logs nothing and
 //! publishes nothing: the pipeline acts on the verdict.
+//!
+//! With `policy = "best"` a loss is believed only within a range its members' own losses make
+//! plausible (`floor`): a lying or broken evaluator's −1e308 would otherwise be a "best" no
+//! later selection could ever beat, pinning the published model for good.
 
 use super::output::{LastPublished, PublishedInput};
 use crate::config::Policy;
@@ -31,6 +35,9 @@ pub struct Candidate<'a> {
     pub split: &'static str,
     /// Step of the window's newest member.
     pub newest_step: Option<u64>,
+    /// The window members' own losses on the selection data, as the selector recorded them
+    /// (empty when it did not: then only non-finite losses are refused).
+    pub member_losses: &'a [f64],
 }
 
 /// What to do with a selection.
@@ -40,13 +47,16 @@ pub enum Verdict {
     Publish { note: Option<String> },
     /// Keep the published model, for this reason.
     Skip(String),
+    /// Keep the published model: the evaluator's loss is outside what the members' own losses
+    /// allow (`floor`), which is the evaluator's error, not a new best.
+    Implausible(String),
 }
 
 impl Verdict {
     #[cfg(test)]
     pub fn skip(&self) -> Option<&str> {
         match self {
-            Verdict::Skip(why) => Some(why),
+            Verdict::Skip(why) | Verdict::Implausible(why) => Some(why),
             Verdict::Publish { .. } => None,
         }
     }
@@ -57,12 +67,12 @@ impl Verdict {
 }
 
 /// Whether `c` should replace `last`: not when it is the same (members, file versions and
-/// weights); with `policy = "best"` not when its loss or its judged loss is not finite, nor when
-/// its judged loss does not beat the published one's — unless the published model is older than
-/// `max_age_steps` (a published model without a judged loss is beaten by any finite loss); with
-/// `policy = "latest"` not when it is older than the published one while that is available
-/// (see `older_than_published`). `available` says whether a published input is still a
-/// candidate on disk as it was averaged.
+/// weights); with `policy = "best"` not when its loss or its judged loss is not finite or is
+/// below the members' `floor` (`Implausible`), nor when its judged loss does not beat the
+/// published one's — unless the published model is older than `max_age_steps` (a published
+/// model without a judged loss is beaten by any finite loss); with `policy = "latest"` not when
+/// it is older than the published one while that is available (see `older_than_published`).
+/// `available` says whether a published input is still a candidate on disk as it was averaged.
 pub fn decide(
     rules: Rules,
     last: Option<&LastPublished>,
@@ -78,6 +88,9 @@ pub fn decide(
             c.loss, c.judged
         ));
     }
+    if best && let Some(why) = implausible(c) {
+        return Verdict::Implausible(why);
+    }
     let Some(last) = last else { return Verdict::publish(None) };
     if last.same_as(c.inputs) {
         return Verdict::Skip(
@@ -88,6 +101,49 @@ pub fn decide(
         Policy::Best => beats_published(rules, last, c, new.unwrap_or(f64::NAN)),
         Policy::Latest => older_than_published(last, c.inputs, available),
     }
+}
+
+/// How many of the members' spreads (highest own loss minus lowest) an average may be better
+/// than its best member, when their losses are signed (see `floor`).
+const FLOOR_SPREADS: f64 = 10.0;
+
+/// The lowest loss a selection over members with these own losses can plausibly have, `None`
+/// without any finite one. When every member's loss is ≥ 0 the floor is 0: a loss that is
+/// non-negative at every member (cross-entropy, squared error, any negative log-likelihood of
+/// a discrete target) is non-negative everywhere, so a negative value is a wrong answer, not a
+/// good model. Otherwise (a signed objective) the floor is `lowest − max(FLOOR_SPREADS ×
+/// spread, |lowest|)`: an average is not ten spreads, nor twice the best member's magnitude,
+/// better than its best member. Generous on purpose — real averages beat their best member by
+/// a fraction of the spread — and unreachable for a −1e308.
+pub fn floor(member_losses: &[f64]) -> Option<f64> {
+    let (lo, hi) = range(member_losses)?;
+    if lo >= 0.0 {
+        return Some(0.0);
+    }
+    Some(lo - (FLOOR_SPREADS * (hi - lo)).max(lo.abs()))
+}
+
+/// The lowest and highest finite loss, if any.
+fn range(losses: &[f64]) -> Option<(f64, f64)> {
+    let finite = losses.iter().copied().filter(|l| l.is_finite());
+    finite.fold(None, |acc, l| {
+        Some(acc.map_or((l, l), |(lo, hi): (f64, f64)| (lo.min(l), hi.max(l))))
+    })
+}
+
+/// Why `c`'s selection loss or judged loss is below its members' `floor`, if one is. The
+/// acceptance split is judged against the same floor: it is the same loss on other data.
+fn implausible(c: &Candidate<'_>) -> Option<String> {
+    let floor = floor(c.member_losses)?;
+    let (lowest, highest) = range(c.member_losses)?;
+    let losses = [(c.loss, "selection data"), (c.judged, c.split)];
+    let (loss, split) =
+        losses.into_iter().find_map(|(l, split)| l.filter(|l| *l < floor).map(|l| (l, split)))?;
+    Some(format!(
+        "policy best: the evaluator's loss {loss:e} on the {split} is below what the members' \
+         own losses allow (lowest {lowest}, highest {highest}: nothing below {floor}); an \
+         evaluator error, not a new best — the published model stays"
+    ))
 }
 
 /// `policy = "best"` with a finite candidate loss `new`.
@@ -189,7 +245,8 @@ mod tests {
     ) -> Candidate<'a> {
         let newest_step = inputs.iter().filter_map(|i| i.step).max();
         let published = last.and_then(|l| l.loss);
-        Candidate { inputs, loss, judged: loss, published, split: "selection data", newest_step }
+        let split = "selection data";
+        Candidate { inputs, loss, judged: loss, published, split, newest_step, member_losses: &[] }
     }
 
     const LATEST: Rules = Rules { policy: Policy::Latest, max_age_steps: None };
@@ -311,6 +368,53 @@ mod tests {
         stepless.inputs.iter_mut().for_each(|i| i.step = None);
         let sl = Some(&stepless);
         assert!(skip(rules(1), sl, &cand(&newer, Some(0.35), sl)).is_some());
+    }
+
+    #[test]
+    fn the_floor_is_zero_for_non_negative_members_and_generous_for_signed_ones() {
+        assert_eq!(floor(&[]), None);
+        assert_eq!(floor(&[f64::NAN, f64::NEG_INFINITY]), None);
+        assert_eq!(floor(&[2.4, 2.1, f64::NAN]), Some(0.0));
+        assert_eq!(floor(&[0.0, 0.0]), Some(0.0));
+        // −3 − max(10 × 0.5, 3): ten spreads below the best member.
+        assert_eq!(floor(&[-3.0, -2.5]), Some(-8.0));
+        // −3 − max(10 × 0.1, 3): twice the best member's magnitude when they agree.
+        assert_eq!(floor(&[-3.0, -2.9]), Some(-6.0));
+        assert_eq!(floor(&[-1.0, 1.0]), Some(-21.0));
+    }
+
+    /// Issue 19 item 14: a lying evaluator's −1e308 became the published "best", which no later
+    /// selection could beat.
+    #[test]
+    fn best_policy_takes_a_loss_below_the_members_floor_as_an_evaluator_error() {
+        let a = vec![input(1, 1, 0.5), input(2, 2, 0.5)];
+        let b = vec![input(2, 2, 0.5), input(3, 3, 0.5)];
+        let last = published(a, Some(0.30));
+        let l = Some(&last);
+        let members = [2.1, 2.4, 2.2];
+        let with =
+            |loss: f64, last| Candidate { member_losses: &members, ..cand(&b, Some(loss), last) };
+        for (lie, last) in [(-1e308, l), (-1e308, None), (-0.001, l)] {
+            let v = decide(BEST, last, &with(lie, last), THERE);
+            let Verdict::Implausible(why) = v else { panic!("{lie} was believed: {v:?}") };
+            assert!(why.contains(&format!("{lie:e}")) && why.contains("evaluator error"), "{why}");
+            assert!(why.contains("lowest 2.1, highest 2.4"), "{why}");
+        }
+        // Better than every member, not below zero: believed (and it beats 0.30).
+        assert_eq!(decide(BEST, l, &with(0.0, l), THERE), Verdict::publish(None));
+        assert_eq!(decide(BEST, l, &with(0.25, l), THERE), Verdict::publish(None));
+        // The acceptance split is the same loss on other data: judged against the same floor.
+        let acc = Candidate {
+            judged: Some(-5.0),
+            published: Some(0.3),
+            split: "acceptance data",
+            ..with(2.0, l)
+        };
+        let v = decide(BEST, l, &acc, THERE);
+        assert!(matches!(&v, Verdict::Implausible(w) if w.contains("on the acceptance data")));
+        // Without member losses only non-finite losses are refused; `latest` judges no loss.
+        assert_eq!(decide(BEST, l, &cand(&b, Some(-1e308), l), THERE), Verdict::publish(None));
+        assert_eq!(decide(LATEST, l, &with(-1e308, l), THERE), Verdict::publish(None));
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl Objective for Beating<'_> {
         self.inner.members_dtype(dtype)
     }
 
+    fn retry_after(&self) -> Option<Duration> {
+        self.inner.retry_after()
+    }
+
     fn evaluate_mix(
         &mut self,
         members: &[&Checkpoint],

@@ -69,6 +69,11 @@ pub trait Objective: Send {
     /// The members' common float dtype (`None`: mixed, or f32/f64), before the first call: an
     /// objective that ships candidates may send them in it (half the bytes of f32 for bf16).
     fn members_dtype(&mut self, _dtype: Option<crate::checkpoint::DType>) {}
+    /// After a failed call: how long until a call can be tried again (an evaluator process
+    /// that failed is restarted only after its backoff); `None`: at once.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Loss (and with `want_grad` the per-member dot products) at `Σ alpha_i w_i` over
     /// `members` (window order, oldest first; `alpha` ≥ 0 sums to 1). Only when `mixes()`.
     fn evaluate_mix(

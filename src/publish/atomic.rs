@@ -25,8 +25,9 @@ pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         return Ok(());
     }
     match renameat_with(CWD, tmp.path(), CWD, out, RenameFlags::EXCHANGE) {
-        // The temp path now holds the old output; dropping `tmp` deletes it.
+        // The temp path now holds the old output: kept a while for its readers.
         Ok(()) => {
+            keep_previous(&tmp.keep(), out);
             sync_renamed(parent);
             return Ok(());
         }
@@ -38,9 +39,9 @@ pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
     swap_by_renames(tmp, out)
 }
 
-/// Fallback swap: rename the old output away, the new one in, then delete the old one. On
-/// failure the old output is put back. A crash between the two renames leaves the old output
-/// at [`old_name`]; `recover` puts it back at start-up.
+/// Fallback swap: rename the old output away, the new one in, then keep the old one a while
+/// (`keep_previous`). On failure the old output is put back. A crash between the two renames
+/// leaves the old output at [`old_name`]; `recover` puts it back at start-up.
 fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
     let parent = parent_dir(out);
     let old = parent.join(old_name(out, std::process::id()));
@@ -52,10 +53,32 @@ fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         return Err(Error::io(out, e));
     }
     sync_renamed(parent);
-    if let Err(e) = fs::remove_dir_all(&old) {
-        tracing::warn!(path = %old.display(), "could not remove the previous output: {e}");
-    }
+    keep_previous(&old, out);
     Ok(())
+}
+
+/// The directory output just replaced (now at `old`) stays, as [`previous_name`], until the
+/// next publication of `out` replaces it in turn: a reader that opened the previous output (a
+/// directory handle, a working directory, `from_pretrained` between listing the directory and
+/// opening its files) still finds every file of it for a whole publication interval, where
+/// deleting it at once gave that reader ENOENT. The one kept from the publication before is
+/// deleted now. Costs one more copy of the output on disk. Failures are logged: the new
+/// output is in place either way.
+fn keep_previous(old: &Path, out: &Path) {
+    let previous = parent_dir(out).join(previous_name(out));
+    let gone = match previous.symlink_metadata() {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&previous),
+        Ok(_) => fs::remove_file(&previous),
+        Err(_) => Ok(()),
+    };
+    let kept = gone.and_then(|()| fs::rename(old, &previous));
+    if let Err(e) = kept {
+        tracing::warn!(path = %previous.display(), error = %e,
+            "could not keep the previous output for its readers; deleting it");
+        if let Err(e) = fs::remove_dir_all(old) {
+            tracing::warn!(path = %old.display(), "could not remove the previous output: {e}");
+        }
+    }
 }
 
 /// A complete, fsynced file under a hidden temp name beside its destination, not yet renamed.
@@ -184,6 +207,13 @@ fn old_name(out: &Path, pid: u32) -> OsString {
     s
 }
 
+/// `.name.sewa-prev`: the previous directory output, kept until the next publication.
+fn previous_name(out: &Path) -> OsString {
+    let mut s = hidden_prefix(out);
+    s.push("sewa-prev");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -243,7 +273,9 @@ mod tests {
         fs::write(tmp.path().join("model.safetensors"), "new").unwrap();
         swap_by_renames(tmp, &out).unwrap();
         assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "new");
-        assert_eq!(names(root.path()), ["avg"]);
+        assert_eq!(names(root.path()), [".avg.sewa-prev", "avg"]);
+        let kept = root.path().join(".avg.sewa-prev/model.safetensors");
+        assert_eq!(fs::read_to_string(kept).unwrap(), "old");
     }
 
     #[test]
@@ -254,6 +286,41 @@ mod tests {
         fs::write(tmp.path().join("model.safetensors"), "new").unwrap();
         swap_in(tmp, &out).unwrap();
         assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "new");
-        assert_eq!(names(root.path()), ["avg"]);
+        assert_eq!(names(root.path()), [".avg.sewa-prev", "avg"]);
+    }
+
+    /// Issue 19 item 14: the replaced directory was deleted right after the swap, so a reader
+    /// holding it open (here a directory handle, as `openat` readers and a cwd do) got ENOENT
+    /// for files it had not opened yet. It now lasts until the next publication.
+    #[test]
+    fn a_reader_holding_the_previous_directory_reads_it_until_the_next_publication() {
+        let root = tempfile::tempdir().unwrap();
+        let out = dir_with(root.path(), "avg", "first");
+        let publish = |content: &str| {
+            let tmp = tempfile::Builder::new().prefix(".avg.").tempdir_in(root.path()).unwrap();
+            fs::write(tmp.path().join("model.safetensors"), content).unwrap();
+            swap_in(tmp, &out).unwrap();
+        };
+        let held = File::open(&out).unwrap(); // the reader's handle on the first output
+        let read_held = || {
+            use std::io::Read;
+            let fd = rustix::fs::openat(
+                &held,
+                "model.safetensors",
+                rustix::fs::OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )?;
+            let mut text = String::new();
+            File::from(fd).read_to_string(&mut text).unwrap();
+            Ok::<_, rustix::io::Errno>(text)
+        };
+        publish("second");
+        assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "second");
+        assert_eq!(read_held().as_deref(), Ok("first"), "the replaced output is still whole");
+        publish("third");
+        assert_eq!(read_held(), Err(rustix::io::Errno::NOENT), "kept one publication only");
+        assert_eq!(names(root.path()), [".avg.sewa-prev", "avg"]);
+        let kept = root.path().join(".avg.sewa-prev/model.safetensors");
+        assert_eq!(fs::read_to_string(kept).unwrap(), "second");
     }
 }

@@ -39,6 +39,15 @@ impl Method {
                 | Method::Twa
         )
     }
+    /// Selectors that read `[select] k`, the number of members they average. The others
+    /// average the whole window (uniform, ema), grow their own set (greedy) or learn weights
+    /// (soup, whose sparse k is `[select.soup]`'s; twa).
+    pub fn uses_k(self) -> bool {
+        matches!(
+            self,
+            Method::Lawa | Method::BestMetric | Method::Exhaustive | Method::Random | Method::Sewa
+        )
+    }
     pub fn name(self) -> &'static str {
         match self {
             Method::Uniform => "uniform",
@@ -129,10 +138,7 @@ impl SelectConfig {
         if let Some(n) = self.min_members {
             return n.get();
         }
-        match self.method {
-            Method::Uniform | Method::Ema | Method::Greedy | Method::Soup | Method::Twa => 1,
-            _ => self.k.get(),
-        }
+        if self.method.uses_k() { self.k.get() } else { 1 }
     }
 }
 

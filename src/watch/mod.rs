@@ -7,6 +7,10 @@
 //! What is watched: the run directory itself, not recursively, plus each candidate directory
 //! (`checkpoint-N/`) one level down, added as it appears and dropped as it goes (`Watch::follow`).
 //! Symlinks are never followed into other trees: a `data -> /usr` link costs no watch at all.
+//! The candidate directories have a watcher (an inotify instance) of their own: in one
+//! instance, a deleted `checkpoint-N/` is reported twice (the run directory's "deleted" and the
+//! directory's own "deleted self"), notify drops its watch twice and logs the second time as a
+//! warning (`WatchNotFound`) — for every directory a trainer's rotation removes, a normal event.
 
 pub mod settler;
 
@@ -125,7 +129,10 @@ pub enum Hint {
 
 /// A running watcher; dropping it stops the watch.
 pub struct Watch {
-    watcher: Box<dyn Watcher + Send>,
+    /// The run directory's watcher.
+    _run: Box<dyn Watcher + Send>,
+    /// The candidate directories' watcher (apart: see the module docs).
+    members: Box<dyn Watcher + Send>,
     /// Candidate directories watched one level down.
     dirs: BTreeSet<PathBuf>,
     /// Set when a hint could not be queued: the daemon rescans.
@@ -141,7 +148,7 @@ impl Watch {
         let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
         match (is_dir, self.dirs.contains(path)) {
             (true, false) => {
-                self.watcher
+                self.members
                     .watch(path, RecursiveMode::NonRecursive)
                     .map_err(|e| watch_err(path, e))?;
                 self.dirs.insert(path.to_path_buf());
@@ -167,7 +174,7 @@ impl Watch {
     fn unfollow(&mut self, path: &Path) {
         self.dirs.remove(path);
         // A deleted directory's watch is already gone in the kernel: nothing to report.
-        let _ = self.watcher.unwatch(path);
+        let _ = self.members.unwatch(path);
     }
 }
 
@@ -175,9 +182,38 @@ impl Watch {
 /// candidate directories are added with `Watch::follow`.
 pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Watch> {
     let overflowed = Arc::new(AtomicBool::new(false));
-    let flag = overflowed.clone();
     let dir = filter.dir().to_path_buf();
-    let handler = move |res: notify::Result<notify::Event>| {
+    let watcher = |handler| new_watcher(handler, poll_ms, &dir);
+    let mut run = watcher(hints(filter.clone(), tx.clone(), overflowed.clone()))?;
+    let members = watcher(hints(filter, tx, overflowed.clone()))?;
+    run.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| watch_err(&dir, e))?;
+    Ok(Watch { _run: run, members, dirs: BTreeSet::new(), overflowed })
+}
+
+/// A watcher (inotify, or polling every `poll_ms`) calling `handler`; it watches nothing yet.
+fn new_watcher(
+    handler: impl notify::EventHandler,
+    poll_ms: u64,
+    dir: &Path,
+) -> Result<Box<dyn Watcher + Send>> {
+    let cfg = notify::Config::default().with_follow_symlinks(false);
+    if poll_ms > 0 {
+        let cfg = cfg.with_poll_interval(Duration::from_millis(poll_ms));
+        return Ok(Box::new(
+            notify::PollWatcher::new(handler, cfg).map_err(|e| watch_err(dir, e))?,
+        ));
+    }
+    let w = notify::RecommendedWatcher::new(handler, cfg).map_err(|e| watch_err(dir, e))?;
+    Ok(Box::new(w))
+}
+
+/// The notify callback: events → hints on `tx`; a hint that does not fit sets `flag`.
+fn hints(
+    filter: Filter,
+    tx: mpsc::Sender<Hint>,
+    flag: Arc<AtomicBool>,
+) -> impl Fn(notify::Result<notify::Event>) + Send + 'static {
+    move |res: notify::Result<notify::Event>| {
         let hints: Vec<Hint> = match res {
             Ok(ev) if ev.need_rescan() => vec![Hint::Rescan("event queue overflow".into())],
             Ok(ev) if is_own_read(&ev.kind) => Vec::new(),
@@ -191,17 +227,7 @@ pub fn start(filter: Filter, poll_ms: u64, tx: mpsc::Sender<Hint>) -> Result<Wat
                 flag.store(true, Ordering::Relaxed); // dropped: the rescan is the backstop
             }
         }
-    };
-    let cfg = notify::Config::default().with_follow_symlinks(false);
-    let mut watcher: Box<dyn Watcher + Send> = if poll_ms > 0 {
-        let cfg = cfg.with_poll_interval(Duration::from_millis(poll_ms));
-        Box::new(notify::PollWatcher::new(handler, cfg).map_err(|e| watch_err(&dir, e))?)
-    } else {
-        let w = notify::RecommendedWatcher::new(handler, cfg).map_err(|e| watch_err(&dir, e))?;
-        Box::new(w)
-    };
-    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|e| watch_err(&dir, e))?;
-    Ok(Watch { watcher, dirs: BTreeSet::new(), overflowed })
+    }
 }
 
 /// Opens and reads (ours included: stat walks, validation, tensor reads) change nothing; only a

@@ -196,7 +196,10 @@ fn directory_republish_swaps_and_failure_keeps_old() {
     run(&inputs(None), Some(&[1.0, 0.0, 0.0]), &out, &PublishOptions::default()).unwrap();
     run(&inputs(None), Some(&[0.0, 1.0, 0.0]), &out, &PublishOptions::default()).unwrap();
     assert_eq!(read_tensors(&out.join("model.safetensors"))["a.weight"].1, f32_bytes(&[2.0; 12]));
-    assert_eq!(listing(dir.path()), ["averaged"], "old directory removed after the swap");
+    // The replaced directory stays whole for its readers until the next publication.
+    assert_eq!(listing(dir.path()), [".averaged.sewa-prev", "averaged"]);
+    let previous = dir.path().join(".averaged.sewa-prev/model.safetensors");
+    assert_eq!(read_tensors(&previous)["a.weight"].1, f32_bytes(&[1.0; 12]));
 
     let before = fs::read(out.join("model.safetensors")).unwrap();
     let manifest = fs::read(out.join("manifest.json")).unwrap();
@@ -205,7 +208,12 @@ fn directory_republish_swaps_and_failure_keeps_old() {
     );
     assert_eq!(fs::read(out.join("model.safetensors")).unwrap(), before);
     assert_eq!(fs::read(out.join("manifest.json")).unwrap(), manifest);
-    assert_eq!(listing(dir.path()), ["averaged"], "temp directory removed after the failure");
+    let names = listing(dir.path());
+    assert_eq!(
+        names,
+        [".averaged.sewa-prev", "averaged"],
+        "temp directory removed after the failure"
+    );
 }
 
 #[test]

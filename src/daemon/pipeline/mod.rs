@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -19,6 +19,7 @@ use super::{disk, panics, status_view};
 use crate::average::running::RunningAverage;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::Config;
+use crate::error::Error;
 use crate::objective::Objective;
 use crate::select::Memory;
 use crate::status::{QuarantineStatus, Status};
@@ -52,6 +53,36 @@ pub struct Pipeline {
     stall: Duration,
     /// How loudly rejections are logged (one warning per reason, one line per skipped pattern).
     loudness: Loudness,
+    /// A selection that failed for a passing reason, to be tried again (see `retry_delay`).
+    retry: Retry,
+}
+
+/// When a failed selection is tried again without waiting for a new checkpoint.
+#[derive(Debug, Default)]
+struct Retry {
+    at: Option<Instant>,
+    /// Failed selections in a row (the backoff doubles with each).
+    failures: u32,
+}
+
+/// The first wait before a failed selection is tried again, doubled after each further
+/// failure up to `RETRY_MAX`: a broken evaluator costs a few attempts an hour, not a loop.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Whether a failed selection may succeed unchanged later: the evaluator failed (crashed, timed
+/// out, answered nonsense: it is restarted after its backoff) or I/O did (a full disk the
+/// guard frees). Other failures (an empty window, no metric, a non-finite loss of a fixed
+/// rule) repeat until the window changes, so they wait for the next checkpoint.
+fn retryable(e: &Error) -> bool {
+    matches!(e, Error::Evaluator(_) | Error::Io { .. })
+}
+
+/// How long to wait after the `failures`-th failed selection in a row: the pipeline's own
+/// backoff, never shorter than what the evaluator still waits before its restart.
+fn retry_delay(failures: u32, evaluator: Option<Duration>) -> Duration {
+    let doubled = RETRY_FIRST.saturating_mul(1 << failures.clamp(1, 16).saturating_sub(1));
+    doubled.min(RETRY_MAX).max(evaluator.unwrap_or_default())
 }
 
 impl Pipeline {
@@ -89,7 +120,23 @@ impl Pipeline {
             progress: Arc::new(Progress::new(stall)),
             stall,
             loudness: Loudness::default(),
+            retry: Retry::default(),
         }
+    }
+
+    /// Read the published output's manifest again (after a start-up recovery completed it).
+    pub fn reread_published(&mut self) {
+        self.last = output::read_last(&self.cfg);
+    }
+
+    /// When a failed selection is to be tried again, if one is.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry.at
+    }
+
+    /// Whether a failed selection is due to be tried again (`step` does it).
+    pub fn retry_due(&self, now: Instant) -> bool {
+        self.retry.at.is_some_and(|at| now >= at)
     }
 
     /// A new config (SIGHUP): keep the window where compatible, recompute the average.
@@ -123,6 +170,10 @@ impl Pipeline {
 
     /// Process one batch of settled candidates, then reselect/publish if the window asks.
     pub fn step(&mut self, batch: Vec<Settled>) {
+        if self.retry_due(Instant::now()) {
+            self.retry.at = None;
+            self.reselect = true;
+        }
         self.beat(self.window_bytes());
         self.guard_disk();
         self.check_members();
@@ -161,17 +212,36 @@ impl Pipeline {
             self.reselect = false;
             self.beat(self.window_bytes());
             self.check_members();
-            if let Err(e) = self.select_and_publish() {
-                // Only a publish that renamed its model in but not its manifest changes the output.
-                if crate::publish::is_partly_published(&e) {
-                    error!(error = %e, "publish failed half-way: the new model is out, its manifest is not");
-                } else {
-                    error!(error = %e, "selection/publish failed; the previous output stays");
+            match self.select_and_publish() {
+                Ok(()) => self.retry = Retry::default(),
+                Err(e) => {
+                    // Only a publish that renamed its model in but not its manifest changes
+                    // the output.
+                    if crate::publish::is_partly_published(&e) {
+                        error!(error = %e, "publish failed half-way: the new model is out, its manifest is not");
+                    } else {
+                        error!(error = %e, "selection/publish failed; the previous output stays");
+                    }
+                    self.status.push_error(e.to_string());
+                    self.schedule_retry(&e);
                 }
-                self.status.push_error(e.to_string());
             }
         }
         self.write_status();
+    }
+
+    /// After a failed selection: try it again after the backoff when the failure may pass
+    /// (`retryable`), else wait for the window to change.
+    fn schedule_retry(&mut self, e: &Error) {
+        if !retryable(e) {
+            self.retry = Retry::default();
+            return;
+        }
+        self.retry.failures = self.retry.failures.saturating_add(1);
+        let evaluator = self.objective.as_ref().and_then(|o| o.retry_after());
+        let delay = retry_delay(self.retry.failures, evaluator);
+        self.retry.at = Some(Instant::now() + delay);
+        info!(retry_in = ?delay, "the selection is tried again after this wait");
     }
 
     /// Whether the window holds `[select] min_members`; if not, the reselection waits (it stays
@@ -252,6 +322,28 @@ impl Pipeline {
 /// Whether a checkpoint may still be read (not rewritten in place since it was opened).
 fn trusted(c: &Checkpoint) -> bool {
     c.still_valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_selection_is_retried_after_a_doubling_backoff_never_before_the_evaluator() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_delay(1, None), s(1));
+        assert_eq!(retry_delay(2, None), s(2));
+        assert_eq!(retry_delay(4, None), s(8));
+        assert_eq!(retry_delay(7, None), s(60), "capped");
+        assert_eq!(retry_delay(u32::MAX, None), s(60), "no overflow");
+        assert_eq!(retry_delay(1, Some(s(30))), s(30), "the evaluator restarts later");
+        assert_eq!(retry_delay(3, Some(Duration::from_millis(500))), s(4));
+        let evaluator =
+            Error::Evaluator("python3 eval.py: evaluator exited (exit status: 1)".into());
+        assert!(retryable(&evaluator));
+        assert!(retryable(&Error::io("/out", std::io::Error::from_raw_os_error(28))));
+        assert!(!retryable(&Error::Selection("no member has metric eval_loss".into())));
+    }
 }
 
 mod intake;

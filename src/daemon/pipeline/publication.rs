@@ -73,7 +73,9 @@ impl Pipeline {
             }
         };
         let loss = selection.loss;
-        let c = Candidate { inputs, loss, judged, published, split, newest_step };
+        let own = selection.details.member_losses.clone().unwrap_or_default();
+        let member_losses = &own;
+        let c = Candidate { inputs, loss, judged, published, split, newest_step, member_losses };
         let max_age_steps = self.cfg.publish.max_age_steps.map(|n| n.0);
         let rules = Rules { policy: self.cfg.publish.policy, max_age_steps };
         let filter = Filter::new(&self.cfg);
@@ -83,6 +85,14 @@ impl Pipeline {
                 info!(why = %selection.why, %skip, "selection not published");
                 self.record_selection(selection, false, skip);
                 Ok(None)
+            }
+            Verdict::Implausible(why) => {
+                // An evaluator error: logged, counted and retried like one.
+                self.status.counters.failed_selections += 1;
+                self.record_selection(selection, false, format!("not published: {why}"));
+                let evaluator = self.cfg.objective.as_ref().map(|o| o.command.join(" "));
+                let who = evaluator.filter(|c| !c.is_empty()).unwrap_or_else(|| "objective".into());
+                Err(Error::Evaluator(format!("{who}: {why}")))
             }
             Verdict::Publish { note } => {
                 if let Some(note) = &note {

@@ -398,6 +398,10 @@ impl Objective for CommandObjective {
         self.abilities.mix
     }
 
+    fn retry_after(&self) -> Option<Duration> {
+        self.not_before.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
     fn evaluate_mix(
         &mut self,
         members: &[&Checkpoint],

@@ -292,3 +292,112 @@ fn exhaustive_progress_is_drawn_on_a_terminal_only() {
     assert!(out.status.success(), "{tty}");
     assert!(tty.contains("exhaustive search") && tty.contains("/6 subsets"), "{tty:?}");
 }
+
+/// Run `sewa args… file` and wait for it under `limit`; a command still running then is
+/// killed and the test fails (a FIFO config used to hang `check-config`, `status` and `watch`).
+fn within(limit: Duration, args: &[&str], file: &Path) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(args)
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("sewa {args:?} {} still running after {limit:?}", file.display());
+        }
+    }
+}
+
+/// Issue 19 item 9: a config that is a FIFO (no writer), `/dev/zero` or a directory is refused
+/// at once by every command that reads one, naming the file and what it is.
+#[test]
+fn special_files_as_config_are_refused_promptly_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("sewa.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let link = tmp.path().join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let cases: [(&Path, &str); 4] = [
+        (&fifo, "is a FIFO (named pipe), not a regular file"),
+        (Path::new("/dev/zero"), "is a character device, not a regular file"),
+        (&link, "is a character device, not a regular file"),
+        (tmp.path(), "is a directory, not a regular file"),
+    ];
+    for (file, what) in cases {
+        for args in [&["check-config"][..], &["status", "--config"], &["watch", "--config"]] {
+            let out = within(DEADLINE, args, file);
+            let msg = text(&out);
+            assert_eq!(out.status.code(), Some(78), "{args:?} {}: {msg}", file.display());
+            assert!(msg.contains(&file.display().to_string()) && msg.contains(what), "{msg}");
+        }
+    }
+    // Bigger than any config: refused by size, not read.
+    let big = tmp.path().join("big.toml");
+    std::fs::write(&big, format!("{HEAD}# {}\n", "x".repeat(1 << 20))).unwrap();
+    let out = within(DEADLINE, &["check-config"], &big);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("larger than 1048576 bytes"), "{}", text(&out));
+}
+
+/// Issue 19 item 14: `check-config` accepted a `staging_dir` sewa cannot create the evaluator's
+/// directory in (`/proc`, a file), unbounded `threads`, and `k` with a method that ignores it.
+#[test]
+fn check_config_refuses_unusable_staging_dirs_and_threads_and_notes_an_ignored_k() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("runs")).unwrap();
+    std::fs::write(tmp.path().join("file"), "").unwrap();
+    std::fs::create_dir(tmp.path().join("staging")).unwrap();
+    let path = tmp.path().join("sewa.toml");
+    let evaluator = |staging: &str| {
+        format!(
+            "{HEAD}[select]\nmethod = \"sewa\"\n[objective]\nkind = \"command\"\n\
+             command = [\"python3\"]\nstaging_dir = {staging:?}\n"
+        )
+    };
+    for (staging, why) in
+        [("/proc", "not a directory sewa can write to"), ("file", "not a directory")]
+    {
+        std::fs::write(&path, evaluator(staging)).unwrap();
+        let out = sewa(&["check-config"], &path);
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(78), "{staging}: {msg}");
+        assert!(msg.contains("[objective] staging_dir") && msg.contains(why), "{msg}");
+        assert_eq!(watch_exit(&path), Some(78), "watch refuses it too: {staging}");
+    }
+    std::fs::write(&path, evaluator("staging")).unwrap();
+    let out = sewa(&["check-config"], &path);
+    assert!(out.status.success(), "{}", text(&out));
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("staging")).unwrap().collect();
+    assert!(left.is_empty(), "the probe is removed: {left:?}");
+
+    std::fs::write(&path, format!("{HEAD}[runtime]\nthreads = 100000\n")).unwrap();
+    let out = sewa(&["check-config"], &path);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("threads = 100000 is more than 1024"), "{}", text(&out));
+    std::fs::write(&path, format!("{HEAD}[runtime]\nthreads = 1024\n")).unwrap();
+    let out = sewa(&["check-config"], &path);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("note: [runtime] threads = 1024 is more than the"),
+        "{}",
+        text(&out)
+    );
+
+    let uniform = "[window]\nsize = 4\n[select]\nmethod = \"uniform\"\n";
+    std::fs::write(&path, format!("{HEAD}{uniform}k = 5\n")).unwrap();
+    let out = sewa(&["check-config"], &path);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("note: [select] k = 5 is ignored"), "{}", text(&out));
+    std::fs::write(&path, format!("{HEAD}{}", uniform.replace("uniform", "lawa") + "k = 5\n"))
+        .unwrap();
+    let out = sewa(&["check-config"], &path);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+}

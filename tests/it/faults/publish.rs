@@ -396,7 +396,8 @@ fn restart_and_wait(d: &mut Daemon, between: impl FnOnce()) {
         let _ = fs::remove_file(&status);
         between();
     });
-    poll("start-up", || status.exists());
+    // The status says "starting" from before the clean-up; what follows it comes after.
+    poll("start-up", || read_json(&status).is_some_and(|s| s["state"] != "starting"));
 }
 
 #[test]

@@ -379,3 +379,126 @@ fn latest_policy_publishes_older_steps_of_a_newly_configured_directory() {
     hangup(&d);
     d.wait_published(&[1, 2]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 19 items 9, 13 and 14: special-file configs, early signals, retries, rotation
+
+/// Item 9: the config swapped for a FIFO (no writer), then SIGHUP: the reload opened it on the
+/// async worker and blocked there for good (SIGTERM ignored). The reload now fails at once,
+/// logged and recorded; the daemon keeps watching and stops on SIGTERM.
+#[test]
+fn a_config_swapped_for_a_fifo_fails_its_reload_and_sigterm_still_stops_the_daemon() {
+    let s = setup();
+    let cfg = s.config(&s.runs, "[select]\nmethod = \"lawa\"\nk = 2\n");
+    let mut d = s.launch(&cfg, &[], &[]);
+    write_value(&d.runs, "step_1.safetensors", 1.0);
+    write_value(&d.runs, "step_2.safetensors", 2.0);
+    d.wait_published(&[1, 2]);
+    std::fs::remove_file(&d.config).unwrap();
+    assert!(Command::new("mkfifo").arg(&d.config).status().unwrap().success());
+    hangup(&d);
+    wait_until(&mut d, "the failed reload in the status", |d| {
+        let errors = d.status().map(|s| s["errors"].to_string()).unwrap_or_default();
+        errors.contains("reload failed") && errors.contains("FIFO")
+    });
+    assert!(d.log().contains("keeping the running configuration"), "{}", d.log());
+    // Still watching with the running configuration.
+    write_value(&d.runs, "step_3.safetensors", 3.0);
+    d.wait_published(&[2, 3]);
+    let took = d.terminate();
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+}
+
+/// Whether `pid` has a handler for signal `sig` (the `SigCgt` mask of /proc/PID/status).
+fn catches(pid: u32, sig: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"));
+    mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & 1 << (sig - 1) != 0)
+}
+
+/// Item 13: a SIGHUP within milliseconds of exec killed the daemon (SIGHUP's default action,
+/// before tokio's handler existed). SIGHUPs are sent from the moment the process runs Rust
+/// code — the standard library's start-up installs its SIGSEGV handler just before `main` —
+/// until it is watching: none may kill the daemon, and they are answered with a reload.
+#[test]
+fn a_sighup_right_after_exec_is_a_reload_not_a_death() {
+    let s = setup();
+    let config = s.tmp.path().join("sewa.toml");
+    std::fs::write(&config, s.config(&s.runs, "[select]\nmethod = \"lawa\"\nk = 2\n")).unwrap();
+    // Started directly (no `sh` in front, whose own handlers would show in its place).
+    let mut d = Daemon::spawn(s.tmp, s.runs, s.out, config);
+    let pid = d.child.id();
+    let start = Instant::now();
+    while !catches(pid, 11) {
+        assert!(start.elapsed() < DEADLINE, "sewa never started:\n{}", d.log());
+        std::hint::spin_loop();
+    }
+    let mut sent = 0;
+    loop {
+        hangup(&d);
+        sent += 1;
+        if d.log().contains("watching") {
+            break; // at least one was sent; each must become a reload, none a death
+        }
+        assert!(d.alive(), "a SIGHUP during start-up (of {sent}) killed sewa:\n{}", d.log());
+        assert!(start.elapsed() < DEADLINE, "sewa never watched:\n{}", d.log());
+    }
+    wait_until(&mut d, "the reload", |d| d.log().contains("configuration reloaded"));
+    write_value(&d.runs, "step_1.safetensors", 1.0);
+    write_value(&d.runs, "step_2.safetensors", 2.0);
+    d.wait_published(&[1, 2]);
+    let took = d.terminate();
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+}
+
+/// Item 14: a selection whose evaluator failed waited for the next checkpoint to be tried
+/// again. The evaluator here fails its first start (a marker file says it has), then works:
+/// the selection is retried after the backoff and published with no new checkpoint.
+#[test]
+fn a_selection_whose_evaluator_failed_is_retried_without_a_new_checkpoint() {
+    let s = setup();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/evaluators/sleepy.py");
+    let marker = s.tmp.path().join("failed-once");
+    let once = format!(
+        "if [ ! -e {marker:?} ]; then touch {marker:?}; echo 'first start fails' >&2; exit 3; fi; \
+         exec python3 {script:?}"
+    );
+    let eval = format!(
+        "[select]\nmethod = \"exhaustive\"\nk = 2\n[objective]\nkind = \"command\"\n\
+         command = [\"sh\", \"-c\", {once:?}]\n"
+    );
+    let cfg = s.config(&s.runs, &eval);
+    let mut d = s.launch(&cfg, &[], &[]);
+    write_value(&d.runs, "step_1.safetensors", 1.0);
+    write_value(&d.runs, "step_2.safetensors", 2.0);
+    d.wait_published(&[1, 2]);
+    let log = d.log();
+    assert!(marker.exists() && log.contains("first start fails"), "{log}");
+    assert!(log.contains("the selection is tried again"), "{log}");
+    let status = d.status().unwrap();
+    assert_eq!(status["counters"]["failed_selections"], 1, "{status:#}");
+}
+
+/// Item 14: every `checkpoint-N/` a trainer's rotation deleted logged notify's `WARN Unable to
+/// remove the path from the watches: WatchNotFound` — a normal event, not a warning. Each
+/// directory here is watched (sewa has seen it, still without its marker file) before `rm -rf`
+/// removes it, as rotation does.
+#[test]
+fn rotated_checkpoint_directories_leave_no_watch_warnings() {
+    let s = setup();
+    let cfg = s.config(&s.runs, "[select]\nmethod = \"lawa\"\nk = 2\n");
+    let mut d = s.launch(&cfg, &[], &[]);
+    let seen = |d: &Daemon, name: &str| quarantined(d, name).is_some();
+    for step in 1..=5 {
+        let name = format!("checkpoint-{step}");
+        let dir = d.runs.join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"partial").unwrap();
+        wait_until(&mut d, "the directory to be seen", |d| seen(d, &name));
+        assert!(Command::new("rm").arg("-rf").arg(&dir).status().unwrap().success());
+        wait_until(&mut d, "the directory to be gone", |d| !seen(d, &name));
+    }
+    let log = d.log();
+    assert!(!log.contains("WatchNotFound") && !log.contains("WARN"), "{log}");
+}

@@ -219,3 +219,37 @@ fn restart_judges_the_published_file(mut d: Daemon) {
     assert!((known - accepted).abs() < 1e-6, "{known} vs {accepted}");
     assert_eq!(input_steps(&d.manifest().unwrap()), [3]);
 }
+
+/// Issue 19 item 14: `sewa status` right after start said "no status file": the first status
+/// was written once the daemon watched, after the start-up clean-up. Here an interrupted
+/// publish left a temp directory of 20,000 files, so that clean-up takes a while; the status
+/// file says "starting" before it.
+#[test]
+fn the_status_file_says_starting_before_the_slow_start_up_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let out = runs.join("averaged/model.safetensors");
+    let leftover = runs.join("averaged/.model.safetensors.Ab12x9.sewa-tmp");
+    std::fs::create_dir_all(&leftover).unwrap();
+    for i in 0..20_000 {
+        std::fs::File::create(leftover.join(i.to_string())).unwrap();
+    }
+    let config = tmp.path().join("sewa.toml");
+    let text = format!("[watch]\ndir = {runs:?}\nquiet_ms = 300\n[publish]\nout = {out:?}\n");
+    std::fs::write(&config, text).unwrap();
+    let mut d = Daemon::spawn(tmp, runs, out, config);
+    let start = Instant::now();
+    let first = loop {
+        if let Some(s) = d.status() {
+            break s;
+        }
+        assert!(d.alive(), "sewa exited:\n{}", d.log());
+        assert!(start.elapsed() < DEADLINE, "no status file:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(first["state"], "starting", "{first:#}");
+    assert_eq!(first["pid"], d.child.id());
+    let s = wait_status(&mut d, "watching", |s| s["state"] == "watching");
+    assert!(!leftover.exists(), "the clean-up ran: {s}");
+    assert!(status_text(&d).contains("watching"));
+}
