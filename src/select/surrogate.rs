@@ -56,12 +56,11 @@ impl Search {
     /// forward-only objectives, the vertices: each member's own loss, which
     /// `select::run_configured` fetched (remembered or computed) before this runs, so these
     /// lookups are free.
-    fn new(oracle: &mut Oracle, mut points: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
+    fn new(oracle: &mut Oracle, points: Vec<Point>, k: usize, use_grad: bool) -> Result<Self> {
         let verified =
             points.iter().filter_map(|p| Some((hard_mask(p, k)?, (p.loss, None)))).collect();
-        let vertices = !use_grad;
         let mut s = Search {
-            points: std::mem::take(&mut points),
+            points,
             verified,
             use_grad,
             optimise_calls: 0,
@@ -69,7 +68,7 @@ impl Search {
             recent: Vec::new(),
         };
         let n = oracle.blend.len();
-        for i in (0..n).filter(|_| vertices) {
+        for i in (0..n).filter(|_| !use_grad) {
             let loss = oracle.subset(&[i])?;
             let mut alpha = vec![0.0; n];
             alpha[i] = 1.0;
