@@ -96,6 +96,7 @@ pub fn metadata(tensors: &[MdTensor]) -> Vec<u8> {
 
 /// [`metadata`] with the first tensor's first chunk repeated `n` more times by memo
 /// references (`BINPUT` once, then `BINGET` per copy): 2 bytes per chunk in the file.
+#[allow(dead_code)] // used by tests/it/dcp.rs, not by the bench example that includes this file
 pub fn metadata_repeating_chunks(tensors: &[MdTensor], n: usize) -> Vec<u8> {
     let plain = metadata(tensors);
     // The first chunk object ends with its state's SETITEMS and BUILD (`ub`) right before
@@ -112,6 +113,7 @@ pub fn metadata_repeating_chunks(tensors: &[MdTensor], n: usize) -> Vec<u8> {
     out
 }
 
+#[allow(dead_code)]
 fn find(hay: &[u8], needle: &[u8], from: usize) -> usize {
     from + hay[from..].windows(needle.len()).position(|w| w == needle).unwrap()
 }

@@ -166,8 +166,7 @@ fn stat_files<'s>(
         ranges.entry(s.relative_path.as_str()).or_default().push((s.offset, s.length));
     }
     let mut out = Vec::with_capacity(ranges.len());
-    // (device, inode) → (offset, length, index in `out`) of every range in that file.
-    let mut by_file: HashMap<(u64, u64), Vec<(u64, u64, usize)>> = HashMap::new();
+    let mut by_file: HashMap<(u64, u64), Vec<Range>> = HashMap::new();
     for (rel, rs) in ranges {
         let path = dir.join(rel);
         let file = files::open_in_dir(dir, Path::new(rel)).map_err(missing)?;
@@ -183,9 +182,13 @@ fn stat_files<'s>(
     Ok(out)
 }
 
+/// A byte range of a data file: `(offset, length, index in the files)`, grouped by the file's
+/// (device, inode).
+type Range = (u64, u64, usize);
+
 /// The ranges `rs` (sorted; all in one file, under the names `files[i]`) lie inside the file
 /// and do not overlap.
-fn disjoint_inside(files: &[LazyFile], rs: &[(u64, u64, usize)]) -> Result<()> {
+fn disjoint_inside(files: &[LazyFile], rs: &[Range]) -> Result<()> {
     let mut end = (0u64, None::<usize>);
     for &(offset, length, i) in rs {
         let f = &files[i];
