@@ -7,7 +7,9 @@
 //! * inside a checkpoint directory (shards, `trainer_state.json`, side files), never through
 //!   a symbolic link, at any component: anyone who can write the run directory could
 //!   otherwise make sewa read — and publish — any file sewa can read
-//!   (`tokenizer.json -> /etc/shadow`). Names must be plain relative names below the directory.
+//!   (`tokenizer.json -> /etc/shadow`). Names must be plain relative names below the directory,
+//!   spelled canonically (`a/b`, never `a//b`, `a/` or `a/.`): callers that tell files apart
+//!   by name must not see one file under several names.
 //!
 //! A path the operator names (a command-line input, an entry of the watched directory, the
 //! checkpoint directory itself) may be a symlink: that choice is theirs. This module opens;
@@ -74,17 +76,37 @@ pub fn has_file(dir: &Path, rel: &Path) -> Result<bool> {
     }
 }
 
-/// Read a whole small file (JSON index, trainer state) of at most `cap` bytes.
+/// Read a whole small file (JSON index, trainer state) of at most `cap` bytes. A file whose
+/// size already says it is larger is refused before any of it is read; the read itself
+/// stops one byte past the cap either way (a file may grow, or report no size).
 pub fn read_capped(path: &Path, file: File, cap: u64) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
+    let too_large = || {
+        let msg = format!("larger than {cap} bytes: too large for this kind of file (corrupt?)");
+        Error::bad_input(path, msg)
+    };
+    let size = file.metadata().map_err(|e| Error::bad_input(path, e.to_string()))?.len();
+    if size > cap {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
     file.take(cap + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::bad_input(path, e.to_string()))?;
     if bytes.len() as u64 > cap {
-        let msg = format!("larger than {cap} bytes: too large for this kind of file (corrupt?)");
-        return Err(Error::bad_input(path, msg));
+        return Err(too_large());
     }
     Ok(bytes)
+}
+
+/// Is `rel` spelled canonically: plain names joined by single `/`, with no empty, `.` or `..`
+/// component (so not absolute, no `//`, no trailing `/`)? Other spellings (`a/`, `a//b`,
+/// `a/.`) name the same file as the canonical one, and would let one file pass for several
+/// where files are told apart by name.
+pub fn is_plain(rel: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = rel.as_os_str().as_bytes();
+    !bytes.is_empty()
+        && bytes.split(|&b| b == b'/').all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
 /// `(dir, name)` of a path, with `.` for a bare name.
@@ -100,19 +122,14 @@ fn walk<'r>(
     rel: &'r Path,
     shown: &Path,
 ) -> Result<Option<(OwnedFd, &'r std::ffi::OsStr)>> {
-    let mut parts = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(p) => parts.push(p),
-            _ => {
-                return Err(Error::bad_input(
-                    shown,
-                    "is not a plain name inside its checkpoint directory (absolute, or leaves \
-                     it with ..); refused",
-                ));
-            }
-        }
+    if !is_plain(rel) {
+        return Err(Error::bad_input(
+            shown,
+            "is not a plain name inside its checkpoint directory (absolute, leaves it with .., \
+             or spelled with ., // or a trailing /); refused",
+        ));
     }
+    let parts: Vec<_> = rel.components().map(Component::as_os_str).collect();
     let Some((name, subdirs)) = parts.split_last() else {
         return Err(Error::bad_input(shown, "empty file name in a checkpoint directory"));
     };
@@ -188,4 +205,32 @@ fn not_regular(path: &Path, kind: FileType) -> Error {
              directory of regular files)"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 19: `__0_0.distcp/`, `__0_0.distcp//` and `./__0_0.distcp` name the same file as
+    /// `__0_0.distcp`; only the last spelling is accepted, and a hard link stays a second name
+    /// (callers compare file identities for that).
+    #[test]
+    fn only_canonical_spellings_are_plain_names() {
+        for ok in ["a", "a/b", "__0_0.distcp", "..a", "a..", ".metadata", "sub/.hidden"] {
+            assert!(is_plain(Path::new(ok)), "{ok}");
+        }
+        for bad in ["", "/a", "a/", "a//b", "./a", "a/.", "a/./b", "../a", "a/..", ".", "..", "//"]
+        {
+            assert!(!is_plain(Path::new(bad)), "{bad:?}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("x"), b"1").unwrap();
+        for alias in ["x/", "x//", "x/.", "./x"] {
+            let err = open_in_dir(tmp.path(), Path::new(alias)).unwrap_err().to_string();
+            assert!(err.contains("not a plain name"), "{alias}: {err}");
+            let err = has_file(tmp.path(), Path::new(alias)).unwrap_err().to_string();
+            assert!(err.contains("not a plain name"), "{alias}: {err}");
+        }
+        assert!(open_in_dir(tmp.path(), Path::new("x")).is_ok());
+    }
 }

@@ -2,12 +2,19 @@
 //! how many storage elements a view spans, whether it is row-major contiguous, and copying it
 //! into row-major order. Pure functions over byte slices.
 
-/// Number of elements, `None` on overflow (hostile sizes).
+/// Number of elements, `None` on overflow (hostile sizes). A shape with a zero dimension has
+/// no elements, but its other dimensions must still multiply without overflow (as the
+/// safetensors format requires): `[2^40, 2^40, 0]` is refused, since any product taken in
+/// another order (strides, a writer's own check) would overflow.
 pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
-    if shape.contains(&0) {
-        return Some(0);
-    }
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    let n = nonzero_product(shape)?;
+    Some(if shape.contains(&0) { 0 } else { n })
+}
+
+/// The product of the non-zero dimensions, `None` on overflow: what any row-major
+/// computation over the shape (strides included) multiplies up to.
+pub(crate) fn nonzero_product(shape: &[usize]) -> Option<usize> {
+    shape.iter().filter(|&&d| d != 0).try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
 /// Elements from the view's first to its last element, inclusive; `None` on overflow.
@@ -79,6 +86,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn empty_shapes_with_overflowing_dimensions_have_no_element_count() {
+        assert_eq!(numel(&[2, 0, 3]), Some(0));
+        assert_eq!(numel(&[]), Some(1));
+        assert_eq!(numel(&[1 << 40, 1 << 40, 0]), None, "issue 19");
+        assert_eq!(numel(&[0, 1 << 40, 1 << 40]), None);
+        assert_eq!(numel(&[1 << 40, 1 << 20]), Some(1 << 60));
+    }
+
+    #[test]
     fn gather_transposes() {
         // storage [0,1,2,3,4,5] as 3x2, viewed transposed: shape [2,3], stride [1,2]
         let raw: Vec<u8> = (0u8..6).collect();
@@ -89,7 +105,6 @@ mod tests {
         assert_eq!(view_span(&[2, 3], &[1, 2]), Some(6));
         assert_eq!(view_span(&[1 << 40, 2], &[1 << 40, 1]), None);
         assert_eq!(numel(&[1 << 40, 1 << 40]), None);
-        assert_eq!(numel(&[1 << 40, 1 << 40, 0]), Some(0));
     }
 
     /// A 1-element storage viewed as [2^24, 2^24] with strides (0, 0) asked for a petabyte.

@@ -355,3 +355,134 @@ fn accelerate_inside_an_hf_checkpoint_is_read_with_its_step_and_marker() {
         .unwrap();
     sewa::checkpoint::quick_check(&ck, "trainer_state.json").unwrap();
 }
+
+/// `.metadata` for `w` [8192, 4] (f32) as two [8192, 2] chunks at columns `a` and `b`, each
+/// a `torch.save` stream of values 0, 1, 2, ... in `__0_0.distcp`. Column chunks cut the
+/// tensor into 8-byte runs, so it is assembled in memory when read (`DcpStore::assembled`).
+fn column_chunks(dir: &Path, a: u64, b: u64) {
+    fs::create_dir_all(dir).unwrap();
+    let (rows, half) = (8192u64, 8192 * 2);
+    let data: Vec<u8> = (0..half).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let stream = writer::torch_save_f32(&data, &[rows, 2]);
+    let len = stream.len() as u64;
+    fs::write(dir.join("__0_0.distcp"), [stream.clone(), stream].concat()).unwrap();
+    let chunk = |col: u64, offset: u64| writer::MdChunk {
+        offsets: vec![0, col],
+        sizes: vec![rows, 2],
+        file: "__0_0.distcp".into(),
+        offset,
+        length: len,
+    };
+    let w = writer::MdTensor {
+        fqn: "w".into(),
+        dtype: "float32".into(),
+        size: vec![rows, 4],
+        chunks: vec![chunk(a, 0), chunk(b, len)],
+    };
+    writer::write_metadata(dir, &[w]);
+}
+
+/// Issue 19, item 1: chunks at columns 0 and 1 overlap on column 1 and never write column 3,
+/// though their element counts add up. Cut into runs under 64 bytes, the tensor is assembled
+/// in memory, and that path used to fill the gap with zeros (exit 0): now it checks the
+/// tiling too. The same tensor tiled at columns 0 and 2 averages to its values.
+#[test]
+fn issue19_overlapping_column_chunks_of_an_assembled_tensor_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    column_chunks(&good, 0, 2);
+    let out = tmp.path().join("good.safetensors");
+    average(&out, &[&good]);
+    let (desc, bytes) = &read_tensors(&out)["w"];
+    assert_eq!(desc, "F32 [8192, 4]");
+    let at = |row: usize, col: usize| {
+        let i = (row * 4 + col) * 4;
+        f32::from_le_bytes(bytes[i..i + 4].try_into().unwrap())
+    };
+    assert_eq!([at(1, 0), at(1, 1), at(1, 2), at(1, 3)], [2.0, 3.0, 2.0, 3.0]);
+    let bad = tmp.path().join("bad");
+    column_chunks(&bad, 0, 1);
+    let o = sewa(&["average", "--out"], &[&tmp.path().join("o.safetensors"), &bad]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tensor w: its chunks overlap at byte 4"), "{}", stderr(&o));
+    assert!(!tmp.path().join("o.safetensors").exists());
+}
+
+/// Issue 19, item 5: one file's bytes backing two items through another name of the file
+/// (`__0_0.distcp/`, `//`, `/.`) or a hard link used to pass the per-name disjointness check,
+/// so a small directory could claim tensors of any size. Spellings that are not canonical
+/// are refused, and ranges are disjoint per file identity (device, inode).
+#[test]
+fn issue19_aliases_of_one_data_file_cannot_back_two_items() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alias = |dir: &Path, name: &str| {
+        let mut md = written(dir);
+        // `w`'s second chunk (rank 1's file) now reads the bytes of its first.
+        let first = md[0].chunks[0].clone();
+        md[0].chunks[1].file = name.into();
+        md[0].chunks[1].offset = first.offset;
+        writer::write_metadata(dir, &md);
+    };
+    for (i, name) in ["__0_0.distcp/", "__0_0.distcp//", "__0_0.distcp/.", "./__0_0.distcp"]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = tmp.path().join(format!("spelled-{i}"));
+        alias(&dir, name);
+        refused(&dir, "__0_0.distcp", "not a plain name");
+    }
+    let linked = tmp.path().join("linked");
+    alias(&linked, "alias.distcp");
+    fs::hard_link(linked.join("__0_0.distcp"), linked.join("alias.distcp")).unwrap();
+    refused(&linked, "distcp", "same file (a hard link)");
+    // A hard link whose ranges stay apart from the other name's is just a second name.
+    let apart = tmp.path().join("apart");
+    let mut md = written(&apart);
+    fs::hard_link(apart.join("__1_0.distcp"), apart.join("alias.distcp")).unwrap();
+    md[1].chunks[1].file = "alias.distcp".into();
+    writer::write_metadata(&apart, &md);
+    average(&tmp.path().join("apart.safetensors"), &[&apart]);
+}
+
+/// Issue 19, item 10: a tensor with no elements whose other dimensions overflow
+/// (`[2^40, 2^40, 0]`) was accepted at open and failed every publication with an internal
+/// error; it is refused at open, as the safetensors reader refuses it.
+#[test]
+fn issue19_empty_tensors_with_overflowing_dimensions_are_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (size, says)) in [
+        (vec![1 << 40, 1 << 40, 0], "overflows"),
+        (vec![0, 1 << 40, 1 << 40], "overflows"),
+        (vec![1 << 62, 0], "absurd"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(format!("case-{i}"));
+        let mut md = written(&dir);
+        md[0].size = size.clone();
+        md[0].chunks.truncate(1);
+        md[0].chunks[0].offsets = vec![0; size.len()];
+        md[0].chunks[0].sizes = size;
+        writer::write_metadata(&dir, &md);
+        refused(&dir, ".metadata", says);
+    }
+}
+
+/// Issue 19, item 11: `.metadata` is capped at what real files need (refused by its size,
+/// before any of it is read), and a chunk list longer than the file's size can describe
+/// (one memoised chunk repeated by 2-byte references) is refused before it is decoded.
+#[test]
+fn issue19_oversized_metadata_and_repeated_chunks_are_refused_cheaply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("big");
+    written(&big);
+    let f = fs::OpenOptions::new().write(true).open(big.join(".metadata")).unwrap();
+    f.set_len(64 << 20).unwrap(); // sparse: nothing of it is read
+    refused(&big, ".metadata", "larger than");
+    let repeated = tmp.path().join("repeated");
+    let md = written(&repeated);
+    fs::write(repeated.join(".metadata"), writer::metadata_repeating_chunks(&md, 1_000_000))
+        .unwrap();
+    refused(&repeated, ".metadata", "more chunks than");
+}

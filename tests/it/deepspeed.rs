@@ -273,3 +273,104 @@ fn latest_never_leads_out_of_the_directory() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("not a plain directory name"), "{}", stderr(&o));
 }
+
+/// Issue 19, item 8: `latest = "evil/"` (or `evil/.`) with `evil` a symlink to another run's
+/// step used to pass: the trailing `/` made the "not a symlink" check look through the link.
+/// The tag must be one plain directory name, spelled exactly.
+#[test]
+fn issue19_latest_with_a_trailing_separator_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    fs::create_dir(&run).unwrap();
+    std::os::unix::fs::symlink(&steps("z2")[1], run.join("evil")).unwrap();
+    copy_dir(&steps("z2")[1], &run.join("global_step4"));
+    for tag in ["evil/", "evil/.", "evil//", "./evil", "global_step4/", ".", ".."] {
+        fs::write(run.join("latest"), tag).unwrap();
+        let o = sewa(&["inspect", s(&run)]);
+        assert_eq!(o.status.code(), Some(2), "{tag}: {}", stderr(&o));
+        assert!(stderr(&o).contains("not a plain directory name"), "{tag}: {}", stderr(&o));
+    }
+    fs::write(run.join("latest"), "global_step4\n").unwrap();
+    let o = sewa(&["inspect", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Rewrite the torch zip `file` with `from` replaced by `to` in its pickle (entries stored,
+/// as torch writes them; the CRCs are recomputed).
+fn patch_pickle(file: &Path, from: &[u8], to: &[u8]) {
+    use std::io::{Read, Write};
+    let mut zip = zip::ZipArchive::new(fs::File::open(file).unwrap()).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..zip.len() {
+        let mut e = zip.by_index(i).unwrap();
+        let name = e.name().unwrap().to_string();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes).unwrap();
+        if name.ends_with("data.pkl") {
+            let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+            bytes.splice(at..at + from.len(), to.iter().copied());
+        }
+        out.start_file(name, stored).unwrap();
+        out.write_all(&bytes).unwrap();
+    }
+    fs::write(file, out.finish().unwrap().into_inner()).unwrap();
+}
+
+/// Issue 19, item 14: rank files that state different world sizes. `average` used to read
+/// them (the optimizer states' count won) while `watch` waited forever for ranks the model
+/// states promised. One rule now: every rank file must state the same world size, else the
+/// checkpoint is refused naming two files that differ — by `average`, and by `watch`, which
+/// quarantines it.
+#[test]
+fn issue19_inconsistent_world_sizes_are_refused_by_average_and_quarantined_by_watch() {
+    use sewa::checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
+    let fp32 = OpenOptions { deepspeed_weights: DeepSpeedWeights::Fp32, ..Default::default() };
+    let z2_model = "mp_rank_00_model_states.pt";
+    let z3_optim1 = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt";
+    // (stage, file changed, its pickle bytes before and after, the file it disagrees with)
+    let cases = [
+        (
+            "z2",
+            z2_model,
+            &b"dp_world_sizeq\xa0K\x02"[..],
+            &b"dp_world_sizeq\xa0K\x04"[..],
+            "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        ),
+        (
+            "z3",
+            z3_optim1,
+            b"partition_countq\x0fK\x02",
+            b"partition_countq\x0fK\x01",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        ),
+    ];
+    for (stage, file, from, to, other) in cases {
+        let (_tmp, dir) = copy_step(stage);
+        patch_pickle(&dir.join(file), from, to);
+        assert!(quick_check_with(&dir, "", &fp32).is_ok(), "{stage}: nothing to wait for");
+        let out = dir.with_file_name("o.safetensors");
+        let o = sewa(&["average", "--deepspeed-weights", "fp32", "--out", s(&out), s(&dir)]);
+        assert_eq!(o.status.code(), Some(2), "{stage}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("world size") && err.contains(file), "{stage}: {err}");
+        assert!(err.contains(other), "{stage}: {err}");
+    }
+    let mut d = Daemon::start("deepspeed_weights = \"fp32\"\n[select]\nmethod = \"uniform\"\n");
+    let staged = d.tmp.path().join("global_step2");
+    copy_dir(&steps("z2")[0], &staged);
+    patch_pickle(&staged.join(z2_model), cases[0].2, cases[0].3);
+    fs::rename(&staged, d.runs.join("global_step2")).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let q = d.status().map(|s| s["quarantined"].to_string()).unwrap_or_default();
+        if q.contains("world size") {
+            break;
+        }
+        assert!(d.alive(), "sewa exited:\n{}", d.log());
+        assert!(start.elapsed() < crate::watch::DEADLINE, "never quarantined: {q}\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.terminate();
+}

@@ -94,6 +94,30 @@ pub fn metadata(tensors: &[MdTensor]) -> Vec<u8> {
     p.0
 }
 
+/// [`metadata`] with the first tensor's first chunk repeated `n` more times by memo
+/// references (`BINPUT` once, then `BINGET` per copy): 2 bytes per chunk in the file.
+#[allow(dead_code)] // used by tests/it/dcp.rs, not by the bench example that includes this file
+pub fn metadata_repeating_chunks(tensors: &[MdTensor], n: usize) -> Vec<u8> {
+    let plain = metadata(tensors);
+    // The first chunk object ends with its state's SETITEMS and BUILD (`ub`) right before
+    // the next chunk's class reference: memoise it there, then push it `n` more times.
+    let class = format!("c{MD}\nChunkStorageMetadata\n");
+    let first = find(&plain, class.as_bytes(), 0);
+    let second = find(&plain, class.as_bytes(), first + 1);
+    let mut out = plain[..second].to_vec();
+    out.extend_from_slice(b"q\x00");
+    for _ in 0..n {
+        out.extend_from_slice(b"h\x00");
+    }
+    out.extend_from_slice(&plain[second..]);
+    out
+}
+
+#[allow(dead_code)]
+fn find(hay: &[u8], needle: &[u8], from: usize) -> usize {
+    from + hay[from..].windows(needle.len()).position(|w| w == needle).unwrap()
+}
+
 /// `torch.save(t)` of a contiguous f32 tensor of `shape` holding `data` (little-endian).
 pub fn torch_save_f32(data: &[u8], shape: &[u64]) -> Vec<u8> {
     let numel: u64 = shape.iter().product();

@@ -8,7 +8,7 @@
 //! (`layer_*`) checkpoints are refused. The pickles also hold DeepSpeed objects (loss scaler,
 //! config enums): the unpickler keeps them as data, nothing is executed.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 mod partition;
 mod pickled;
@@ -38,6 +38,19 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// Open one of the layout's files. Named through `latest`, it is opened as `tag/name`
+    /// inside that directory, so the tag is never followed as a symlink, even one swapped in
+    /// after `detect` looked.
+    pub fn open(&self, file: &Path) -> Result<std::fs::File> {
+        match &self.parent {
+            Some(parent) => match file.strip_prefix(parent) {
+                Ok(rel) => files::open_in_dir(parent, rel),
+                Err(_) => files::open_child(file),
+            },
+            None => files::open_child(file),
+        }
+    }
+
     /// The model-states file whose `param_shapes`, buffers and `dp_world_size` are read.
     pub fn first_model(&self) -> Result<&Path> {
         self.module.as_deref().or(self.rank_models.first().map(PathBuf::as_path)).ok_or_else(|| {
@@ -60,7 +73,9 @@ pub(crate) fn detect(path: &Path) -> Result<Option<Layout>> {
     }
     let tag = read_latest(&path.join("latest"))?;
     let dir = path.join(&tag);
-    // Inside the checkpoint directory: never through a symlink (it could lead anywhere).
+    // Inside the checkpoint directory: never through a symlink (it could lead anywhere). The
+    // tag is one plain name, so this looks at the tag itself, not at what a trailing `/`
+    // would resolve it to.
     if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
         return Err(Error::bad_input(
             path.join("latest"),
@@ -84,18 +99,23 @@ fn text(p: &Path) -> String {
     crate::text::path(p).to_string()
 }
 
-/// The tag in `latest`: one plain directory name (never absolute, never `..`).
+/// The tag in `latest`: one plain directory name, exactly (no separator anywhere, not `.` or
+/// `..`). A trailing `/` or `/.` would make the later checks look through a symlink named by
+/// the tag instead of at it.
 fn read_latest(path: &Path) -> Result<String> {
     let bytes = files::read_capped(path, files::open_child(path)?, 4096)?;
     let tag = String::from_utf8_lossy(&bytes).trim().to_string();
-    let mut parts = Path::new(&tag).components();
-    match (parts.next(), parts.next()) {
-        (Some(Component::Normal(_)), None) => Ok(tag),
-        _ => Err(Error::bad_input(
-            path,
-            format!("tag {tag:?} is not a plain directory name; refused"),
-        )),
+    if is_one_name(&tag) {
+        return Ok(tag);
     }
+    Err(Error::bad_input(
+        path,
+        format!("tag {tag:?} is not a plain directory name (one name, no /); refused"),
+    ))
+}
+
+fn is_one_name(tag: &str) -> bool {
+    !tag.contains('/') && files::is_plain(Path::new(tag))
 }
 
 /// The rank in `zero_pp_rank_{r}_mp_rank_00` (after an optional `bf16_`), with the model
@@ -178,24 +198,31 @@ fn by_rank(dir: &Path, mut found: Vec<(usize, PathBuf)>, suffix: &str) -> Result
 
 /// Is the checkpoint complete enough to open? Its model-states file(s) are complete torch
 /// zips, and for fp32 weights (or ZeRO-3) so is every rank's optimizer-states file, as many as
-/// the model states' `dp_world_size`. DeepSpeed writes `latest` after all of them; a
-/// `global_stepN/` named directly has no such marker, so its files are checked instead.
+/// the world size they state. DeepSpeed writes `latest` after all of them; a `global_stepN/`
+/// named directly has no such marker, so its files are checked instead. Only what more files
+/// can fix is reported here: rank files that disagree on the world size (or outnumber it)
+/// pass, and `open` refuses them naming the files, for `average` and the watcher alike (which
+/// quarantines them instead of waiting for ranks that will never come).
 pub(crate) fn quick_check(layout: &Layout, weights: DeepSpeedWeights) -> Result<()> {
-    let check = |p: &Path| torch::check_zip(p, files::open_child(p)?);
+    let check = |p: &Path| torch::check_zip(p, layout.open(p)?);
     layout.module.iter().chain(&layout.rank_models).try_for_each(|p| check(p))?;
     if weights == DeepSpeedWeights::Module && layout.module.is_some() {
         return Ok(());
     }
-    let model = layout.first_model()?;
-    let world = zero::dp_world_size(model)?;
-    zero::check_rank_count(layout, world)?;
-    layout.optim.iter().try_for_each(|p| check(p))
+    layout.first_model()?;
+    layout.optim.iter().try_for_each(|p| check(p))?;
+    let Ok(world) = zero::world_size(layout) else { return Ok(()) };
+    let short = |n: usize| n < world;
+    if short(layout.optim.len()) || (layout.module.is_none() && short(layout.rank_models.len())) {
+        return zero::check_rank_count(layout, world);
+    }
+    Ok(())
 }
 
 /// Open the checkpoint for `weights` (see the module header).
 pub(crate) fn open(layout: &Layout, weights: DeepSpeedWeights) -> Result<Loaded> {
     let mut loaded = match (weights, &layout.module) {
-        (DeepSpeedWeights::Module, Some(module)) => open_module(module)?,
+        (DeepSpeedWeights::Module, Some(module)) => open_module(layout, module)?,
         (DeepSpeedWeights::Module, None) => return Err(zero3_module_error(&layout.dir)),
         (DeepSpeedWeights::Fp32, _) => zero::open_fp32(layout)?,
     };
@@ -218,8 +245,8 @@ fn zero3_module_error(dir: &Path) -> Error {
 }
 
 /// The `module` state dict of `mp_rank_00_model_states.pt`; the step from `global_steps`.
-fn open_module(path: &Path) -> Result<Loaded> {
-    let mut loaded = torch::open(path, files::open_child(path)?, Some("module"))?;
+fn open_module(layout: &Layout, path: &Path) -> Result<Loaded> {
+    let mut loaded = torch::open(path, layout.open(path)?, Some("module"))?;
     if loaded.tensors.iter().any(|t| t.shape == [0]) {
         return Err(zero3_module_error(path.parent().unwrap_or(path)));
     }
@@ -243,6 +270,16 @@ mod tests {
             std::fs::write(tmp.path().join(other), b"").unwrap();
             let err = scan(tmp.path()).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(what) && err.contains(other), "{other}: {err}");
+        }
+    }
+
+    #[test]
+    fn latest_names_one_directory_exactly() {
+        for ok in ["global_step2", "step.2", "..x"] {
+            assert!(super::is_one_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "evil/", "evil/.", "evil//", "a/b", "/abs", "./evil"] {
+            assert!(!super::is_one_name(bad), "{bad:?}");
         }
     }
 

@@ -7,9 +7,8 @@
 //! are averaged ([`check_same_adapter`]) and the merged-delta average knows its scale.
 //! The directory is the side directory: publishing copies `adapter_config.json` from it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-
-use serde_json::Value;
 
 use super::{safetensors, torch};
 use crate::checkpoint::storage::Loaded;
@@ -77,47 +76,110 @@ pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     Ok(loaded)
 }
 
+/// Largest `adapter_config.json` read. Real ones are 1–2 KiB; a `target_modules` list or
+/// `rank_pattern` naming every module of a large model stays in the tens of KiB.
+const CONFIG_CAP: u64 = 1 << 20;
+
+/// The fields of `adapter_config.json` sewa reads, typed: every other field is skipped by the
+/// parser without being built, so refusing a hostile config costs about its (capped) size.
+#[derive(serde::Deserialize)]
+struct AdapterConfig {
+    peft_type: Option<String>,
+    r: Option<serde_json::Number>,
+    lora_alpha: Option<serde_json::Number>,
+    #[serde(default, deserialize_with = "names")]
+    target_modules: Option<String>,
+    use_rslora: Option<bool>,
+    use_dora: Option<bool>,
+    fan_in_fan_out: Option<bool>,
+    rank_pattern: Option<BTreeMap<String, serde_json::Number>>,
+    alpha_pattern: Option<BTreeMap<String, serde_json::Number>>,
+    #[serde(default, deserialize_with = "names")]
+    modules_to_save: Option<String>,
+}
+
 /// The LoRA settings of `dir/adapter_config.json` as `(metadata key, canonical text)`.
 fn read_config(dir: &Path) -> Result<Vec<(String, String)>> {
     let path = dir.join(CONFIG);
-    let json = safetensors::read_small_json(&path, files::open_child(&path)?)?;
-    let obj = json.as_object().ok_or_else(|| Error::bad_input(&path, "not a JSON object"))?;
-    let peft_type = obj.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    let text = files::read_capped(&path, files::open_child(&path)?, CONFIG_CAP)?;
+    let c: AdapterConfig = serde_json::from_slice(&text).map_err(|e| {
+        Error::bad_input(&path, format!("not a valid adapter config ({e}): truncated or corrupt"))
+    })?;
+    let peft_type = c.peft_type.as_deref().unwrap_or("LORA");
     if peft_type != "LORA" {
         return Err(Error::bad_input(
             &path,
             format!("peft_type {peft_type:?}: only LoRA adapters are averaged"),
         ));
     }
-    for key in ["r", "lora_alpha"] {
-        if !obj.get(key).is_some_and(|v| v.as_f64().is_some_and(|x| x > 0.0)) {
+    for (key, v) in [("r", &c.r), ("lora_alpha", &c.lora_alpha)] {
+        if !v.as_ref().is_some_and(|v| v.as_f64().is_some_and(|x| x > 0.0)) {
             return Err(Error::bad_input(
                 &path,
                 format!("{key} is missing or not a positive number"),
             ));
         }
     }
-    Ok(SETTINGS
-        .iter()
-        .map(|&(key, meta)| (meta.to_string(), canonical(obj.get(key).unwrap_or(&Value::Null))))
-        .collect())
+    let text = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    let number = |v: Option<serde_json::Number>| text(v.map(|n| n.to_string()));
+    let flag = |v: Option<bool>| text(v.map(|b| b.to_string()));
+    let pattern = |v: Option<BTreeMap<String, serde_json::Number>>| match v {
+        Some(m) if !m.is_empty() => serde_json::to_string(&m).unwrap_or_default(),
+        _ => "none".into(),
+    };
+    let values = [
+        text(c.peft_type),
+        number(c.r),
+        number(c.lora_alpha),
+        text(c.target_modules),
+        flag(c.use_rslora),
+        flag(c.use_dora),
+        flag(c.fan_in_fan_out),
+        pattern(c.rank_pattern),
+        pattern(c.alpha_pattern),
+        text(c.modules_to_save),
+    ];
+    Ok(SETTINGS.iter().zip(values).map(|(&(_, meta), v)| (meta.to_string(), v)).collect())
 }
 
-/// A setting as text that compares equal when PEFT would treat it the same: `target_modules`
-/// is a set (PEFT writes it in any order), so lists are sorted; `null`, `{}` and `[]` are "none".
-fn canonical(v: &Value) -> String {
-    match v {
-        Value::Null => "none".into(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) if a.is_empty() => "none".into(),
-        Value::Array(a) => {
-            let mut items: Vec<String> = a.iter().map(canonical).collect();
-            items.sort();
-            items.join(",")
+/// A module-name setting as canonical text: PEFT treats a list as a set (and writes it in any
+/// order), so its names are sorted and joined with `,`; a string (a regex) is kept as it is;
+/// `null` and `[]` are `None` ("none").
+fn names<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("null, a string or a list of strings")
         }
-        Value::Object(o) if o.is_empty() => "none".into(),
-        other => other.to_string(),
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Self::Value, D::Error> {
+            d.deserialize_any(Names)
+        }
+        fn visit_str<E>(self, s: &str) -> std::result::Result<Self::Value, E> {
+            Ok(Some(s.to_string()))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                items.push(s);
+            }
+            items.sort();
+            Ok((!items.is_empty()).then(|| items.join(",")))
+        }
     }
+    d.deserialize_option(Names)
 }
 
 /// Adapters can be averaged only when they were trained with the same LoRA settings (rank,
@@ -160,13 +222,60 @@ pub fn check_same_adapter(first: &Checkpoint, other: &Checkpoint) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use super::canonical;
-    use serde_json::json;
+    use super::*;
+
+    fn settings(json: &str) -> Result<Vec<(String, String)>> {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(CONFIG), json).unwrap();
+        read_config(tmp.path())
+    }
+
+    fn get(s: &[(String, String)], key: &str) -> String {
+        s.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap()
+    }
 
     #[test]
-    fn target_modules_compare_as_sets() {
-        assert_eq!(canonical(&json!(["v", "q"])), canonical(&json!(["q", "v"])));
-        assert_eq!(canonical(&json!({})), canonical(&json!(null)));
-        assert_ne!(canonical(&json!(4)), canonical(&json!(8)));
+    fn settings_read_as_peft_means_them() {
+        let a = settings(r#"{"r": 4, "lora_alpha": 8, "target_modules": ["v", "q"], "x": [1]}"#)
+            .unwrap();
+        let b = settings(
+            r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q", "v"],
+            "rank_pattern": {}, "modules_to_save": [], "use_dora": null}"#,
+        )
+        .unwrap();
+        assert_eq!(a, b, "sets, and null, {{}} and [] are none");
+        assert_eq!(get(&a, "peft_target_modules"), "q,v");
+        assert_eq!(get(&a, "peft_r"), "4");
+        let c = settings(
+            r#"{"r": 8, "lora_alpha": 16.5, "target_modules": "q|v",
+            "rank_pattern": {"q": 2}, "use_rslora": true}"#,
+        )
+        .unwrap();
+        assert_eq!([get(&c, "peft_lora_alpha"), get(&c, "peft_target_modules")], ["16.5", "q|v"]);
+        assert_eq!(get(&c, "peft_rank_pattern"), r#"{"q":2}"#);
+        assert_eq!(get(&c, "peft_use_rslora"), "true");
+    }
+
+    /// Issue 19: the config is parsed typed and capped, so a hostile one is refused without
+    /// being built as a JSON value (a 98 MB array of numbers took 1.6 GB that way).
+    #[test]
+    fn hostile_configs_are_refused_by_type_or_size() {
+        for (json, says) in [
+            (r#"{"r": "4", "lora_alpha": 8}"#, "invalid type"),
+            (r#"{"r": 4, "lora_alpha": 8, "target_modules": [1, 2]}"#, "invalid type"),
+            (r#"{"r": 0, "lora_alpha": 8}"#, "r is missing"),
+            (r#"{"lora_alpha": 8}"#, "r is missing"),
+            (r#"{"r": 4, "lora_alpha": 8, "r": 5}"#, "duplicate field"),
+            (r#"{"r": 4, "lora_alpha": 8, "peft_type": "IA3"}"#, "only LoRA"),
+            (r#"{"r": 4"#, "not a valid adapter config"),
+        ] {
+            let err = settings(json).unwrap_err().to_string();
+            assert!(err.contains(CONFIG) && err.contains(says), "{json}: {err}");
+        }
+        let mut big = String::from(r#"{"r": 4, "lora_alpha": 8, "x": ["#);
+        big.extend(std::iter::repeat_n("1,", (CONFIG_CAP / 2) as usize));
+        big.push_str("1]}");
+        let err = settings(&big).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
     }
 }

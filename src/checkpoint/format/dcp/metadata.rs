@@ -145,7 +145,7 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Metadata> {
              sewa does not know"
         )));
     }
-    let d = Decoder { pk: &pk };
+    let d = Decoder { pk: &pk, chunks: std::cell::Cell::new(bytes.len() / MIN_CHUNK_BYTES) };
     let root = d.object(pk.root, "Metadata").ok_or_else(|| {
         bad("the pickle is not a torch.distributed.checkpoint Metadata object".into())
     })?;
@@ -177,11 +177,34 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Metadata> {
 type Entries = HashMap<(String, Option<Vec<usize>>), StorageInfo>;
 type Res<T> = std::result::Result<T, String>;
 
+/// Fewer pickle bytes than any real chunk takes: its `ChunkStorageMetadata` (two
+/// `torch.Size` reductions) and its `storage_data` entry (a `MetadataIndex` and a
+/// `_StorageInfo`, three fields each) are well over 60 bytes even with every name memoised.
+/// A pickle can repeat one memoised chunk with a 2-byte reference, and each chunk decoded
+/// costs ~200 bytes: chunk lists and storage entries longer than the file's size allows are
+/// refused before they are decoded, so decoding stays within a few times the file's size.
+const MIN_CHUNK_BYTES: usize = 32;
+
 struct Decoder<'p> {
     pk: &'p Pickle,
+    /// Chunks (and storage entries) that may still be decoded (see [`MIN_CHUNK_BYTES`]).
+    chunks: std::cell::Cell<usize>,
 }
 
 impl Decoder<'_> {
+    /// Take `n` more chunks or storage entries out of what the file's size allows.
+    fn take_chunks(&self, n: usize, what: &str) -> Res<()> {
+        let left = self.chunks.get();
+        if n > left {
+            return Err(format!(
+                "{what}: more chunks than a .metadata of this size can describe (at most one \
+                 per {MIN_CHUNK_BYTES} bytes; a repeated reference?)"
+            ));
+        }
+        self.chunks.set(left - n);
+        Ok(())
+    }
+
     /// The state of an instance of the DCP class `class` (dataclasses pickle as
     /// `cls.__new__(cls)` + BUILD(state)); `None` for anything else.
     fn object(&self, id: Id, class: &str) -> Option<Id> {
@@ -211,6 +234,7 @@ impl Decoder<'_> {
     /// `storage_data`: `MetadataIndex(fqn, offset)` → `_StorageInfo`.
     fn storage_data(&self, id: Option<Id>) -> Res<Entries> {
         let items = id.and_then(|v| self.pk.dict_items(v)).ok_or("no storage_data dict")?;
+        self.take_chunks(items.len(), "storage_data")?;
         let mut out = HashMap::with_capacity(items.len());
         for &(k, v) in items {
             let key =
@@ -269,6 +293,7 @@ impl Decoder<'_> {
         let dtype = self.dtype(self.field(t, "properties")).ok_or("no valid dtype")?;
         let list = self.field(t, "chunks").map(|c| self.pk.get(c));
         let Some(Value::List(ids)) = list else { return Err("no chunk list".into()) };
+        self.take_chunks(ids.len(), "its chunk list")?;
         let mut chunks = Vec::with_capacity(ids.len());
         for &c in ids {
             let c = self.object(c, "ChunkStorageMetadata").ok_or("a chunk is not a chunk")?;

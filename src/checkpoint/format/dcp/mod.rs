@@ -25,8 +25,15 @@ use store::{DcpChunk, DcpTensor, LazyFile};
 /// renamed into place after every data file is written).
 pub(crate) const METADATA: &str = ".metadata";
 
-/// Largest `.metadata` read: ~200 bytes per chunk, so over a million chunks.
-const METADATA_CAP: u64 = 256 << 20;
+/// Largest `.metadata` read. Real files take 120–250 bytes per chunk (its
+/// `ChunkStorageMetadata` and `storage_data` entry), so this is 130k–270k chunks: a model of
+/// 700 tensors sharded over 64 ranks with two optimizer moments per parameter is ~135k.
+/// Decoding a file of torch's structure costs ~21 bytes per byte (0.69 GB peak RSS for 32 MB
+/// and 270k chunks, measured); `unpickle`'s budget (32 per byte) and the chunk bound
+/// (`metadata::MIN_CHUNK_BYTES`) keep a hostile file at the cap near 1.3 GB at worst. A
+/// larger file is refused by its size alone, before it is read (the issue's 180 MB file took
+/// 3.7 GB to refuse before).
+const METADATA_CAP: u64 = 32 << 20;
 
 /// Where Accelerate (and so the HF Trainer with FSDP's sharded state dict) puts the model
 /// inside a checkpoint directory.
@@ -93,6 +100,17 @@ fn readable(mpath: &Path, t: &metadata::TensorItem) -> Result<DType> {
     let dtype = t.dtype.clone().map_err(|d| {
         Error::bad_input(mpath, format!("tensor {}: dtype {d} is not supported", t.fqn))
     })?;
+    // Elements are bounded by the bytes that back them (`chunk`); what is left to refuse here
+    // is a shape whose dimensions multiply past any real size though it has no element.
+    let fits = crate::checkpoint::strided::nonzero_product(&t.size)
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .is_some_and(|b| b <= isize::MAX as usize);
+    if !fits {
+        return Err(Error::bad_input(
+            mpath,
+            format!("tensor {}: size {:?} is absurd (its dimensions overflow)", t.fqn, t.size),
+        ));
+    }
     if let Some(c) = t.chunks.iter().find(|c| !c.storage.transforms.is_empty()) {
         return Err(Error::bad_input(
             mpath,
@@ -135,9 +153,12 @@ fn chunk(
     })
 }
 
-/// Check every file the storage entries reference: a regular file inside `dir` (no `..`, no
-/// absolute path, no symlink), at least as long as each range in it, ranges disjoint (so the
-/// tensors' claimed sizes are bounded by the files' real sizes). Returns them, not held open.
+/// Check every file the storage entries reference: a regular file inside `dir`, named by a
+/// canonical relative path (no `..`, no absolute path, no symlink, no `a/`, `a//` or `a/.`
+/// spelling of another entry's file), at least as long as each range in it, and ranges
+/// disjoint per file *identity* (device, inode), so neither another spelling nor a hard link
+/// lets one file's bytes back two items: the tensors' claimed sizes stay bounded by the
+/// files' real sizes. Returns the files, not held open.
 fn stat_files<'s>(
     dir: &Path,
     entries: impl Iterator<Item = &'s StorageInfo>,
@@ -147,36 +168,59 @@ fn stat_files<'s>(
         ranges.entry(s.relative_path.as_str()).or_default().push((s.offset, s.length));
     }
     let mut out = Vec::with_capacity(ranges.len());
-    for (rel, mut rs) in ranges {
+    let mut by_file: HashMap<(u64, u64), Vec<Range>> = HashMap::new();
+    for (rel, rs) in ranges {
         let path = dir.join(rel);
         let file = files::open_in_dir(dir, Path::new(rel)).map_err(missing)?;
         let identity = Identity::from_metadata(&file.metadata().input(&path)?);
-        rs.sort_unstable();
-        let mut end = 0u64;
-        for (offset, length) in rs {
-            let stop = offset.checked_add(length).filter(|&s| s <= identity.size);
-            let Some(stop) = stop else {
-                return Err(Error::bad_input(
-                    &path,
-                    format!(
-                        "has {} bytes, but .metadata places an item at bytes {offset}..{}: \
-                         still being written, or truncated",
-                        identity.size,
-                        offset.saturating_add(length)
-                    ),
-                ));
-            };
-            if offset < end {
-                return Err(Error::bad_input(
-                    &path,
-                    format!("items overlap at byte {offset} (corrupt .metadata)"),
-                ));
-            }
-            end = stop;
-        }
+        let at = by_file.entry((identity.dev, identity.ino)).or_default();
+        at.extend(rs.into_iter().map(|(offset, length)| (offset, length, out.len())));
         out.push(LazyFile::new(rel.to_string(), path, identity));
     }
+    for mut rs in by_file.into_values() {
+        rs.sort_unstable();
+        disjoint_inside(&out, &rs)?;
+    }
     Ok(out)
+}
+
+/// A byte range of a data file: `(offset, length, index in the files)`, grouped by the file's
+/// (device, inode).
+type Range = (u64, u64, usize);
+
+/// The ranges `rs` (sorted; all in one file, under the names `files[i]`) lie inside the file
+/// and do not overlap.
+fn disjoint_inside(files: &[LazyFile], rs: &[Range]) -> Result<()> {
+    let mut end = (0u64, None::<usize>);
+    for &(offset, length, i) in rs {
+        let f = &files[i];
+        let stop = offset.checked_add(length).filter(|&s| s <= f.identity.size);
+        let Some(stop) = stop else {
+            return Err(Error::bad_input(
+                &f.path,
+                format!(
+                    "has {} bytes, but .metadata places an item at bytes {offset}..{}: still \
+                     being written, or truncated",
+                    f.identity.size,
+                    offset.saturating_add(length)
+                ),
+            ));
+        };
+        if offset < end.0 {
+            let other = end.1.filter(|&j| j != i).map_or(String::new(), |j| {
+                format!(
+                    " with an item of {}, which is the same file (a hard link)",
+                    crate::text::path(&files[j].path)
+                )
+            });
+            return Err(Error::bad_input(
+                &f.path,
+                format!("items overlap at byte {offset}{other} (corrupt .metadata)"),
+            ));
+        }
+        end = (stop, Some(i));
+    }
+    Ok(())
 }
 
 /// A referenced data file that is absent gets an error saying `.metadata` wants it.

@@ -164,7 +164,10 @@ impl DcpStore {
         Ok(Piece::Memory(read_strided(file, &stored, &t.fqn)?))
     }
 
-    /// The whole tensor in memory, chunk by chunk (for tensors cut into tiny runs).
+    /// The whole tensor in memory, chunk by chunk (for tensors cut into tiny runs). The
+    /// chunks must tile it exactly, as on the run-by-run path (`TensorReader::pieces`): every
+    /// element written once, so chunks that overlap (and so leave a gap, their element counts
+    /// adding up) are refused, never read as zeros.
     fn assembled<'a>(
         &'a self,
         t: &DcpTensor,
@@ -173,7 +176,19 @@ impl DcpStore {
     ) -> Result<TensorReader<'a>> {
         let es = t.dtype.size();
         let mut out = vec![0u8; meta.nbytes()];
+        let mut covered = Covered::new(meta.nbytes() / es.max(1));
+        let bad = |what: &str, element: usize| {
+            let msg = format!("tensor {}: its chunks {what} at byte {}", meta.name, element * es);
+            Error::bad_input(&self.dir, msg)
+        };
         for c in t.chunks.iter().filter(|c| !c.sizes.contains(&0)) {
+            let mut overlap = None;
+            for_each_run(&t.shape, c, es, split, |at, _, len| {
+                overlap = overlap.or_else(|| covered.mark(at / es, (at + len) / es));
+            });
+            if let Some(e) = overlap {
+                return Err(bad("overlap", e));
+            }
             let bytes = match self.piece(t, c)? {
                 Piece::File { file, start, len } => {
                     let mut b = vec![0u8; len];
@@ -186,9 +201,47 @@ impl DcpStore {
                 out[at..at + len].copy_from_slice(&bytes[from..from + len]);
             });
         }
+        if let Some(e) = covered.first_unmarked() {
+            return Err(bad("leave a gap", e));
+        }
         let runs = vec![Run { at: 0, len: out.len(), piece: 0, from: 0 }];
         let len = out.len();
         TensorReader::pieces(&self.dir, &meta.name, vec![Piece::Memory(out)], runs, len)
+    }
+}
+
+/// Which elements of a tensor assembled in memory its chunks have written: one bit each.
+struct Covered {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Covered {
+    fn new(len: usize) -> Covered {
+        Covered { words: vec![0; len.div_ceil(64)], len }
+    }
+
+    /// Mark elements `a..b` (inside `0..len`); the first of them already marked, if any.
+    fn mark(&mut self, a: usize, b: usize) -> Option<usize> {
+        let mut i = a;
+        while i < b {
+            let (w, bit) = (i / 64, i % 64);
+            let n = (64 - bit).min(b - i);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            let seen = self.words[w] & mask;
+            if seen != 0 {
+                return Some(w * 64 + seen.trailing_zeros() as usize);
+            }
+            self.words[w] |= mask;
+            i += n;
+        }
+        None
+    }
+
+    /// The first element not marked, if any.
+    fn first_unmarked(&self) -> Option<usize> {
+        let (w, word) = self.words.iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
+        Some(w * 64 + (!word).trailing_zeros() as usize).filter(|&e| e < self.len)
     }
 }
 
@@ -274,6 +327,21 @@ mod tests {
         let mut out = Vec::new();
         for_each_run(shape, &c, 1, split, |a, b, l| out.push((a, b, l)));
         out
+    }
+
+    #[test]
+    fn coverage_finds_the_first_overlap_and_the_first_gap() {
+        let mut c = Covered::new(130);
+        assert_eq!(c.mark(0, 3), None);
+        assert_eq!(c.mark(5, 129), None);
+        assert_eq!(c.first_unmarked(), Some(3));
+        assert_eq!(c.mark(60, 70), Some(60));
+        assert_eq!(c.mark(3, 5), None);
+        assert_eq!(c.first_unmarked(), Some(129));
+        assert_eq!(c.mark(129, 130), None);
+        assert_eq!(c.first_unmarked(), None, "the last word's spare bits are not a gap");
+        assert_eq!(c.mark(128, 130), Some(128));
+        assert_eq!(Covered::new(0).first_unmarked(), None);
     }
 
     #[test]

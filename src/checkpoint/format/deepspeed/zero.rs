@@ -26,16 +26,58 @@ use crate::checkpoint::pinned::PinnedFile;
 use crate::checkpoint::storage::{Loaded, PickleTensor, Segment, Storage};
 use crate::checkpoint::strided::{is_contiguous, numel};
 use crate::checkpoint::unpickle::{Id, Pickle};
-use crate::checkpoint::{DType, Format, TensorMeta, files};
+use crate::checkpoint::{DType, Format, TensorMeta};
 use crate::error::{Error, Result};
 
-/// `dp_world_size` of a model-states file (for `quick_check`).
-pub(super) fn dp_world_size(path: &Path) -> Result<usize> {
-    let zip = RawZip::open(path, &files::open_child(path)?)?;
-    let pk = &zip.pk;
+/// `dp_world_size` of a model-states file's pickle.
+fn dp_world_size(path: &Path, pk: &Pickle) -> Result<usize> {
     let v = entry(pk, pk.root, "dp_world_size").and_then(|v| int(pk, v));
     v.filter(|&w| w > 0)
         .ok_or_else(|| bad(path, "no dp_world_size: not a DeepSpeed model-states file"))
+}
+
+/// The model-states files the fp32 masters are read with: the module file (ZeRO-1/2) or
+/// every rank's (ZeRO-3).
+fn model_files(layout: &Layout) -> Vec<PathBuf> {
+    match &layout.module {
+        Some(m) => vec![m.clone()],
+        None => layout.rank_models.clone(),
+    }
+}
+
+/// The world size of `layout`'s rank files (for `quick_check`): see [`agreed_world`].
+pub(super) fn world_size(layout: &Layout) -> Result<usize> {
+    let mut stated = Vec::new();
+    for p in model_files(layout) {
+        let zip = RawZip::open(&p, &layout.open(&p)?)?;
+        stated.push((dp_world_size(&p, &zip.pk)?, p));
+    }
+    for p in &layout.optim {
+        let zip = RawZip::open(p, &layout.open(p)?)?;
+        stated.push((optim_states(p, &zip.pk)?.world, p.clone()));
+    }
+    agreed_world(&stated)
+}
+
+/// One world size for the whole checkpoint: every model-states file's `dp_world_size` and
+/// every optimizer-states file's `partition_count` (`stated`, with each file) must be the
+/// same. Files that disagree come from different runs or saves mixed in one directory (no
+/// further rank file can fix that): an error naming two files that differ.
+fn agreed_world(stated: &[(usize, PathBuf)]) -> Result<usize> {
+    let Some((world, first)) = stated.first() else {
+        return Err(Error::Internal("no DeepSpeed rank file to read a world size from".into()));
+    };
+    if let Some((other, path)) = stated.iter().find(|(w, _)| w != world) {
+        return Err(bad(
+            path,
+            format!(
+                "states a world size of {other}, but {} states {world}: rank files of \
+                 different runs or world sizes are mixed in one checkpoint; refused",
+                crate::text::path(first)
+            ),
+        ));
+    }
+    Ok(*world)
 }
 
 /// As many optimizer-states files (and, for ZeRO-3, model-states files) as ranks.
@@ -69,10 +111,10 @@ struct Opened {
 }
 
 impl Opened {
-    fn open(paths: Vec<PathBuf>) -> Result<Opened> {
+    fn open(layout: &Layout, paths: Vec<PathBuf>) -> Result<Opened> {
         let (mut files, mut zips) = (Vec::new(), Vec::new());
         for p in &paths {
-            let file: File = files::open_child(p)?;
+            let file: File = layout.open(p)?;
             zips.push(RawZip::open(p, &file)?);
             files.push(PinnedFile::new(p, file)?);
         }
@@ -170,13 +212,11 @@ fn optim_states(path: &Path, pk: &Pickle) -> Result<OptimStates> {
 
 /// Rebuild the fp32 weights of `layout` (see the module header).
 pub(super) fn open_fp32(layout: &Layout) -> Result<Loaded> {
-    let models: Vec<PathBuf> = match &layout.module {
-        Some(m) => vec![m.clone()],
-        None => layout.rank_models.clone(),
-    };
+    let models = model_files(layout);
     let n_models = models.len();
     let first = layout.first_model()?.to_path_buf();
-    let opened = Opened::open(models.into_iter().chain(layout.optim.iter().cloned()).collect())?;
+    let all = models.into_iter().chain(layout.optim.iter().cloned()).collect();
+    let opened = Opened::open(layout, all)?;
     let ms = model_states(&first, &opened.zips[0].pk)?;
     let optim: Vec<OptimStates> = (n_models..opened.paths.len())
         .map(|i| optim_states(&opened.paths[i], &opened.zips[i].pk))
@@ -184,7 +224,14 @@ pub(super) fn open_fp32(layout: &Layout) -> Result<Loaded> {
     let Some(o0) = optim.first() else {
         return Err(bad(&layout.dir, "no *_optim_states.pt: the fp32 masters are not saved"));
     };
-    check_rank_count(layout, o0.world)?;
+    // The same rule as `quick_check`: one world size stated by every rank file, then that
+    // many rank files.
+    let mut stated = Vec::with_capacity(opened.paths.len());
+    for (i, p) in opened.paths.iter().enumerate().take(n_models) {
+        stated.push((dp_world_size(p, &opened.zips[i].pk)?, p.clone()));
+    }
+    stated.extend(optim.iter().zip(&opened.paths[n_models..]).map(|(o, p)| (o.world, p.clone())));
+    check_rank_count(layout, agreed_world(&stated)?)?;
     let mut out = Tensors::default();
     buffers(&opened, &ms, &mut out)?;
     frozen(&opened, &ms, n_models, o0.stage, &mut out)?;
