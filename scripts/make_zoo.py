@@ -105,6 +105,13 @@ FAMILIES = {
         burn=1200, stride=25, window=20, k=5, slides=8, drop_members=[17, 19, 21, 23, 25],
         about="planted: 20 % label noise, 2x48 relu, SGD+momentum at a high lr dropped 20x "
               "at a checkpoint near the window's end (warm-start bench)"),
+    "planted-late-converge": dict(
+        data="classification", features=10, classes=3, label_noise=0.1, hidden=[48, 48],
+        act="relu", opt="momentum", lr=0.03, sched="speedup", slow_factor=0.03, batch=32,
+        burn=300, stride=25, window=20, k=5, slides=8, drop_members=[16, 18, 20, 22, 24],
+        about="planted: 10 % label noise, 2x48 relu, SGD+momentum crawling at lr 0.0009, then "
+              "at lr 0.03 from a checkpoint near the window's end: the newest members are far "
+              "better than any average of older ones"),
     "planted-late-decay": dict(
         data="blobs", features=8, classes=5, label_noise=0.25, hidden=[64], act="tanh",
         opt="adam", lr=2e-2, sched="late_decay", batch=32, burn=800, stride=20, window=20, k=5,
@@ -350,6 +357,8 @@ def learning_rate(spec, t, total, drop_step):
         return lr if t < start else lr * (1 - 0.98 * (t - start) / (total - start))
     if kind == "drop":
         return lr if t < drop_step else lr * spec["drop_factor"]
+    if kind == "speedup":
+        return lr * spec["slow_factor"] if t < drop_step else lr
     if kind == "late_decay":
         return lr if t < drop_step else lr * 0.5 ** ((t - drop_step) / spec["stride"])
     raise ValueError(kind)

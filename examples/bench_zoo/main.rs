@@ -28,8 +28,8 @@ use sewa::select::{
     rules, run_configured,
 };
 
-use reference::{Cache, content_hash, exhaustive};
-use report::{Row, WarmRow, cold_summary, warm_summary};
+use reference::{Cache, Reference, content_hash, exhaustive, key};
+use report::{Row, WarmRow, cold_summary, planted_summary, warm_summary};
 use zoo::{Window, loss_at, read_index};
 
 /// Strategies the bench knows, in table order.
@@ -123,7 +123,11 @@ fn run(args: Args) -> Result<(), String> {
         let families: Vec<&String> = index.families.keys().collect();
         return Err(format!("no window matches; families: {families:?}"));
     }
-    let mut cache = Cache::read(&args.reference, &args.split)?;
+    let mut refs = Refs {
+        cache: Cache::read(&args.reference, &args.split)?,
+        path: args.reference.clone(),
+        threads: args.threads,
+    };
     let (mut cold_rows, mut warm_rows) = (Vec::new(), Vec::new());
     println!(
         "{} windows of split {} ({}); losses re-evaluated from the published weights",
@@ -133,33 +137,18 @@ fn run(args: Args) -> Result<(), String> {
     );
     for entry in entries {
         let w = Window::load(&root, entry)?;
-        let hash = content_hash(&w)?;
-        let cached = cache.windows.get(&entry.id).filter(|r| r.hash == hash).cloned();
-        let reference = match cached {
-            Some(r) => r,
-            None => {
-                let stale = cache.windows.contains_key(&entry.id);
-                let r = exhaustive(&w, hash, args.threads)?;
-                println!(
-                    "{}: exhaustive reference {} ({} subsets, {:.1}s)",
-                    entry.id,
-                    if stale { "was stale, recomputed" } else { "computed" },
-                    r.subsets,
-                    r.seconds
-                );
-                cache.windows.insert(entry.id.clone(), r.clone());
-                cache.write(&args.reference)?;
-                r
-            }
-        };
+        let reference = refs.get(&w, 0)?;
         if args.reference_only {
+            if entry.planted() {
+                refs.get(&w, entry.members.len() - entry.window)?;
+            }
             continue;
         }
         if args.cold {
             cold_rows.extend(cold_window(&w, &reference, &args.methods)?);
         }
         if args.warm {
-            warm_rows.extend(warm_window(&w, &args.methods)?);
+            warm_rows.extend(warm_window(&w, &args.methods, &mut refs)?);
         }
     }
     if args.reference_only {
@@ -173,6 +162,11 @@ fn run(args: Args) -> Result<(), String> {
     if args.warm {
         println!("\nwarm starts: each slide's warm selection vs a cold one on the same window");
         print!("{}", warm_summary(&warm_rows));
+        let planted = planted_summary(&warm_rows);
+        if planted.lines().count() > 1 {
+            println!("\nplanted windows after the last slide: gap to the exhaustive best k-subset");
+            print!("{planted}");
+        }
     }
     if let Some(path) = &args.json {
         let dump = json!({ "split": args.split, "cold": cold_rows, "warm": warm_rows });
@@ -181,6 +175,35 @@ fn run(args: Args) -> Result<(), String> {
         println!("rows: {}", path.display());
     }
     Ok(())
+}
+
+/// The exhaustive references: the committed cache, refreshed where stale.
+struct Refs {
+    cache: Cache,
+    path: PathBuf,
+    threads: usize,
+}
+
+impl Refs {
+    /// The exhaustive answer on members `[start, start + window)` of `w`: cached when its hash
+    /// matches the bytes on disk, else computed now and written back to the cache file.
+    fn get(&mut self, w: &Window, start: usize) -> Result<Reference, String> {
+        let (key, hash) = (key(w, start), content_hash(w, start)?);
+        if let Some(r) = self.cache.windows.get(&key).filter(|r| r.hash == hash) {
+            return Ok(r.clone());
+        }
+        let stale = self.cache.windows.contains_key(&key);
+        let r = exhaustive(w, start, hash, self.threads)?;
+        println!(
+            "{key}: exhaustive reference {} ({} subsets, {:.1}s)",
+            if stale { "was stale, recomputed" } else { "computed" },
+            r.subsets,
+            r.seconds
+        );
+        self.cache.windows.insert(key, r.clone());
+        self.cache.write(&self.path)?;
+        Ok(r)
+    }
 }
 
 fn count_windows(rows: &[Row]) -> usize {
@@ -269,11 +292,7 @@ fn note(details: &Value) -> String {
         .join(" ")
 }
 
-fn cold_window(
-    w: &Window,
-    reference: &reference::Reference,
-    methods: &[String],
-) -> Result<Vec<Row>, String> {
+fn cold_window(w: &Window, reference: &Reference, methods: &[String]) -> Result<Vec<Row>, String> {
     let e = &w.entry;
     let (n, k) = (e.window, e.k);
     let mut sel_obj = w.objective(&e.select)?;
@@ -390,11 +409,13 @@ fn print_row(r: &Row) {
 }
 
 /// Slide the window member by member: the first (cold) window primes one `Memory`, then every
-/// slide is selected warm with it and cold with a fresh one.
-fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
+/// slide is selected warm with it and cold with a fresh one. On planted windows the last slide
+/// is also compared with its exhaustive best k-subset (cached like the cold windows').
+fn warm_window(w: &Window, methods: &[String], refs: &mut Refs) -> Result<Vec<WarmRow>, String> {
     let e = &w.entry;
     let (n, k) = (e.window, e.k);
     let slides = e.members.len() - n;
+    let last = if e.planted() && slides > 0 { Some(refs.get(w, slides)?) } else { None };
     let mut obj = w.objective(&e.select)?;
     let mut rows = Vec::new();
     let lawa_w = uniform_on(n, &(n - k..n).collect::<Vec<_>>());
@@ -414,6 +435,7 @@ fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
                 (Ok(wa), Ok(co)) => {
                     let warm_loss = loss_at(w, obj.as_mut(), slide, &wa.weights);
                     let cold_loss = loss_at(w, obj.as_mut(), slide, &co.weights);
+                    let best = last.as_ref().filter(|_| slide == slides).map(|r| r.best_loss);
                     WarmRow {
                         window: e.id.clone(),
                         family: e.family.clone(),
@@ -423,6 +445,7 @@ fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
                         warm_loss,
                         cold_loss,
                         lawa_loss,
+                        exhaustive_loss: best,
                         gap_pct: 100.0 * (warm_loss - cold_loss) / cold_loss,
                         warm_calls: wa.calls,
                         cold_calls: co.calls,
@@ -441,6 +464,7 @@ fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
                     warm_loss: f64::NAN,
                     cold_loss: f64::NAN,
                     lawa_loss,
+                    exhaustive_loss: None,
                     gap_pct: f64::NAN,
                     warm_calls: 0,
                     cold_calls: 0,
@@ -456,7 +480,7 @@ fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
             };
             println!(
                 "{:<34} {m:<7} slide {slide:>2}: warm {:.5} ({} calls) cold {:.5} ({} calls) \
-                 gap {:+.3}% lawa {:.5} warm {:?} cold {:?}{}",
+                 gap {:+.3}% lawa {:.5}{} warm {:?} cold {:?}{}",
                 e.id,
                 row.warm_loss,
                 row.warm_calls,
@@ -464,6 +488,7 @@ fn warm_window(w: &Window, methods: &[String]) -> Result<Vec<WarmRow>, String> {
                 row.cold_calls,
                 row.gap_pct,
                 row.lawa_loss,
+                row.exhaustive_loss.map_or(String::new(), |b| format!(" exhaustive {b:.5}")),
                 row.warm_chosen,
                 row.cold_chosen,
                 row.error.as_deref().map_or(String::new(), |e| format!(" error: {e}"))

@@ -64,13 +64,20 @@ impl Cache {
     }
 }
 
-/// The content hash of what a window's exhaustive answer depends on: k, window size,
-/// activation, loss, then each cold member's name and bytes and the selection data's.
-pub fn content_hash(w: &Window) -> Result<String, String> {
+/// The cache key of the window `[start, start + window)`: the window id for the cold window,
+/// `<id>@slide<start>` for a slid one.
+pub fn key(w: &Window, start: usize) -> String {
+    if start == 0 { w.entry.id.clone() } else { format!("{}@slide{start}", w.entry.id) }
+}
+
+/// The content hash of what the exhaustive answer on members `[start, start + window)` depends
+/// on: k, window size, activation, loss, then each member's name and bytes and the selection
+/// data's.
+pub fn content_hash(w: &Window, start: usize) -> Result<String, String> {
     let e = &w.entry;
     let mut parts =
         vec![format!("k={} window={} {:?} {:?}", e.k, e.window, e.activation, e.loss).into_bytes()];
-    for rel in e.members[..e.window].iter().chain([&e.select]) {
+    for rel in e.members[start..start + e.window].iter().chain([&e.select]) {
         let path = w.dir.join(rel);
         parts.push(rel.clone().into_bytes());
         parts.push(std::fs::read(&path).map_err(|err| format!("{}: {err}", path.display()))?);
@@ -105,9 +112,14 @@ fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
     }
 }
 
-/// Evaluate every k-subset of the cold window (uniform weights) on the selection split, split
-/// over `threads` threads, each with its own objective.
-pub fn exhaustive(w: &Window, hash: String, threads: usize) -> Result<Reference, String> {
+/// Evaluate every k-subset of members `[start, start + window)` (uniform weights) on the
+/// selection split, split over `threads` threads, each with its own objective.
+pub fn exhaustive(
+    w: &Window,
+    start: usize,
+    hash: String,
+    threads: usize,
+) -> Result<Reference, String> {
     let (n, k) = (w.entry.window, w.entry.k);
     let all = subsets(n, k);
     let started = Instant::now();
@@ -123,7 +135,7 @@ pub fn exhaustive(w: &Window, hash: String, threads: usize) -> Result<Reference,
                 for (set, slot) in sets.iter().zip(out.iter_mut()) {
                     weights.iter_mut().for_each(|x| *x = 0.0);
                     set.iter().for_each(|&i| weights[i] = 1.0 / k as f64);
-                    *slot = loss_at(w, obj.as_mut(), 0, &weights);
+                    *slot = loss_at(w, obj.as_mut(), start, &weights);
                 }
                 Ok(())
             }));

@@ -43,6 +43,8 @@ pub struct WarmRow {
     pub warm_loss: f64,
     pub cold_loss: f64,
     pub lawa_loss: f64,
+    /// The exhaustive best k-subset's loss on this window (planted windows, last slide).
+    pub exhaustive_loss: Option<f64>,
     /// 100 · (warm − cold) / cold: positive means the warm start ended worse.
     pub gap_pct: f64,
     pub warm_calls: usize,
@@ -116,6 +118,41 @@ pub fn cold_summary(rows: &[Row]) -> String {
             quantile(&test, 0.5),
             quantile(&test, 0.9),
             all.len() - ok.len()
+        );
+    }
+    s
+}
+
+/// Planted windows after their last slide: warm, cold and LAWA-k against the exhaustive best.
+pub fn planted_summary(rows: &[WarmRow]) -> String {
+    let mut s = format!(
+        "{:<10} {:>3} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "strategy", "n", "warm med", "warm max", "cold med", "cold max", "lawa med", "lawa max"
+    );
+    for name in strategies(rows.iter().map(|r| r.strategy.as_str())) {
+        let last: Vec<(&WarmRow, f64)> = rows
+            .iter()
+            .filter(|r| r.strategy == name && r.error.is_none())
+            .filter_map(|r| r.exhaustive_loss.map(|b| (r, b)))
+            .collect();
+        if last.is_empty() {
+            continue;
+        }
+        let gap = |f: &dyn Fn(&WarmRow) -> f64| -> Vec<f64> {
+            last.iter().map(|(r, b)| 100.0 * (f(r) - b) / b).collect()
+        };
+        let (warm, cold, lawa) =
+            (gap(&|r| r.warm_loss), gap(&|r| r.cold_loss), gap(&|r| r.lawa_loss));
+        s += &format!(
+            "{:<10} {:>3} {:>8.3}% {:>8.3}% {:>8.3}% {:>8.3}% {:>8.3}% {:>8.3}%\n",
+            name,
+            last.len(),
+            quantile(&warm, 0.5),
+            max(&warm),
+            quantile(&cold, 0.5),
+            max(&cold),
+            quantile(&lawa, 0.5),
+            max(&lawa)
         );
     }
     s
