@@ -10,9 +10,14 @@ use std::path::Path;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
-/// Descriptors kept for everything else: the watcher, logs, the status file, a publication's
-/// files, the evaluator's pipes, a checkpoint being opened while the window is full.
+/// Descriptors a full window should leave for everything else: the watcher, logs, the status
+/// file, a publication's files, the evaluator's pipes, a checkpoint being opened.
 pub const RESERVE: u64 = 64;
+
+/// What sewa needs besides its members at the very least (standard streams, the runtime, the
+/// watcher, the output lock, a publication's few files): below this beside one checkpoint,
+/// nothing can work.
+pub const MINIMUM: u64 = 16;
 
 /// The most the soft limit is raised to when the hard limit is unlimited (Linux's default
 /// `fs.nr_open`: setting more fails).
@@ -66,15 +71,15 @@ pub fn judge(size: u64, files: u64, limit: Limit) -> Verdict {
     if need <= room {
         return Verdict::Fine;
     }
-    let fit = room.saturating_sub(RESERVE) / files;
+    let fit = room.saturating_sub(MINIMUM) / files;
     let advice = format!(
         "raise the limit on open files to at least {need} (systemd: LimitNOFILE={need}; shell: \
          ulimit -n {need})"
     );
     if fit == 0 {
         return Verdict::Impossible(format!(
-            "one checkpoint holds {files} files, and with {RESERVE} descriptors for the rest, \
-             the limit on open files ({room}) leaves room for none: {advice}"
+            "one checkpoint holds {files} files, and with the {MINIMUM} descriptors sewa needs \
+             besides, the limit on open files ({room}) leaves room for none: {advice}"
         ));
     }
     Verdict::Tight(format!(
@@ -109,10 +114,11 @@ mod tests {
         assert_eq!(judge(20, 8, limit(1024, 1024)), Verdict::Fine);
         // The hard limit counts: sewa raises its soft limit to it.
         assert_eq!(judge(20, 8, limit(64, 4096)), Verdict::Fine);
-        let Verdict::Tight(msg) = judge(20, 8, limit(64, 128)) else { panic!() };
-        assert!(msg.contains("about 8 members") && msg.contains("LimitNOFILE=224"), "{msg}");
-        let Verdict::Impossible(msg) = judge(4, 128, limit(64, 128)) else { panic!() };
-        assert!(msg.contains("128 files"), "{msg}");
+        let Verdict::Tight(msg) = judge(20, 8, limit(64, 64)) else { panic!() };
+        assert!(msg.contains("about 6 members") && msg.contains("LimitNOFILE=224"), "{msg}");
+        let Verdict::Impossible(msg) = judge(4, 120, limit(64, 128)) else { panic!() };
+        assert!(msg.contains("120 files"), "{msg}");
+        assert!(matches!(judge(4, 112, limit(64, 128)), Verdict::Tight(_)), "one fits");
         assert_eq!(judge(u64::MAX, u64::MAX, limit(u64::MAX, u64::MAX)), Verdict::Fine);
     }
 
