@@ -20,8 +20,8 @@ use crate::select::MemberSummary;
 use crate::text;
 
 mod layout;
-use layout::{Challenger, Challengers};
 pub use layout::SWITCH_AFTER;
+use layout::{Challenger, Challengers};
 
 /// One admitted checkpoint, as the window sees it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -769,12 +769,15 @@ mod tests {
         // Our own limit: the oldest members make room for the newcomer and a member's worth
         // of descriptors to spare; the window keeps one fewer than it held from now on.
         let a = out_of_fds(&mut w, 4, true);
-        assert_eq!(a, vec![
-            Action::Shrunk { members: 2 },
-            Action::Evict { path: p(1) },
-            Action::Evict { path: p(2) },
-            Action::Load { path: p(4), sig: sig(4) }
-        ]);
+        assert_eq!(
+            a,
+            vec![
+                Action::Shrunk { members: 2 },
+                Action::Evict { path: p(1) },
+                Action::Evict { path: p(2) },
+                Action::Load { path: p(4), sig: sig(4) }
+            ]
+        );
         w.handle(Event::Loaded(Member { path: p(4), sig: sig(4), step: 4, metric: None }));
         assert_eq!(steps(&w), [3, 4]);
         admit(&mut w, 5, sig(5));

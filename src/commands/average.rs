@@ -92,14 +92,9 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
     );
     let opts = PublishOptions { shard_bytes: args.max_shard_size };
     let side = publish::side_files_for(&args.out, base.side_dir())?;
-    publish::publish_tensors(
-        &mut source,
-        manifest,
-        side.as_ref(),
-        &args.out,
-        &opts,
-        &mut |done| meter.set(done),
-    )
+    publish::publish_tensors(&mut source, manifest, side.as_ref(), &args.out, &opts, &mut |done| {
+        meter.set(done)
+    })
 }
 
 /// The inputs to average: all, or the last `n` by step (by order given if a step is unknown).

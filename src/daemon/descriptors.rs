@@ -96,9 +96,10 @@ pub fn files_of(candidate: &Path) -> u64 {
     let weights = entries.filter_map(|e| e.ok()).filter(|e| {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        let weightish = [".safetensors", ".distcp", "model.bin", "model_states.pt", "optim_states.pt"]
-            .iter()
-            .any(|s| name.ends_with(s));
+        let weightish =
+            [".safetensors", ".distcp", "model.bin", "model_states.pt", "optim_states.pt"]
+                .iter()
+                .any(|s| name.ends_with(s));
         weightish && e.file_type().is_ok_and(|t| t.is_file())
     });
     (weights.count() as u64).max(1)

@@ -61,9 +61,10 @@ pub fn shortage(e: &Error) -> Option<Shortage> {
     };
     match e {
         Error::Io { source, .. } => source.raw_os_error().and_then(of),
-        Error::BadInput { msg, .. } | Error::NotWeights { msg, .. } => {
-            [EMFILE, ENFILE].into_iter().find(|c| msg.contains(&format!("(os error {c})"))).and_then(of)
-        }
+        Error::BadInput { msg, .. } | Error::NotWeights { msg, .. } => [EMFILE, ENFILE]
+            .into_iter()
+            .find(|c| msg.contains(&format!("(os error {c})")))
+            .and_then(of),
         _ => None,
     }
 }

@@ -21,7 +21,10 @@ use crate::text;
 enum Kept {
     Files(Arc<SideFiles>),
     /// They could not be read (a symlink, a file over the caps...): why, about which directory.
-    Failed { dir: PathBuf, why: String },
+    Failed {
+        dir: PathBuf,
+        why: String,
+    },
 }
 
 #[derive(Debug, Default)]

@@ -57,7 +57,8 @@ impl Pipeline {
                 Action::Quarantine { path, reason } => self.report_rejection(&path, &reason),
                 Action::Reselect => self.reselect = true,
                 Action::Relayout { by, against, reason, superseded } => {
-                    let superseded: Vec<String> = superseded.iter().map(|p| text::path(p).to_string()).collect();
+                    let superseded: Vec<String> =
+                        superseded.iter().map(|p| text::path(p).to_string()).collect();
                     warn!(
                         new = %text::path(&by), old = %text::path(&against), %reason,
                         superseded = %superseded.join(", "),
@@ -70,7 +71,9 @@ impl Pipeline {
                 Action::Shrunk { members } => {
                     let limit = descriptors::current();
                     warn!(
-                        members, soft = limit.soft, hard = limit.hard,
+                        members,
+                        soft = limit.soft,
+                        hard = limit.hard,
                         "out of file descriptors: the window keeps at most {members} members \
                          until a reload; raise the limit (systemd LimitNOFILE=, ulimit -n)"
                     );
@@ -162,7 +165,12 @@ impl Pipeline {
             );
             self.status.counters.deferred += 1;
             let step = crate::checkpoint::step_of(&path);
-            return Event::OutOfDescriptors { path, sig, step, ours: shortage == Shortage::Process };
+            return Event::OutOfDescriptors {
+                path,
+                sig,
+                step,
+                ours: shortage == Shortage::Process,
+            };
         }
         let reason = refusal.reason;
         if let Some(layout) = refusal.layout {

@@ -17,10 +17,10 @@ use crate::average::running::{RunningAverage, UpdateReport};
 use crate::checkpoint::Checkpoint;
 use crate::config::Policy;
 use crate::error::{Error, Result};
+use crate::publish::SideFiles;
 use crate::select::{self, ModelContext, Selection, WindowView};
 use crate::status::{OnDisk, PublishStatus, SelectionStatus, SelectionSummary};
 use crate::watch::Filter;
-use crate::publish::SideFiles;
 use crate::window::{Event, Member};
 
 impl Pipeline {
@@ -156,7 +156,11 @@ impl Pipeline {
         let window = self.window.members();
         let side = self.side_files(window, &members)?;
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
-        let prov = output::Provenanced { selection: &selection, members: with_ckpts, side: side.as_deref() };
+        let prov = output::Provenanced {
+            selection: &selection,
+            members: with_ckpts,
+            side: side.as_deref(),
+        };
         let averaged = match report {
             Some(r) => output::Averaged::Running(&self.running, r),
             None => output::Averaged::Streamed,

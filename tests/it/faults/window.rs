@@ -102,9 +102,11 @@ fn a_stale_checkpoint_of_another_layout_at_start_up_gives_way_to_the_run() {
     );
     assert!(quarantined(&d).is_empty(), "{:#}", d.status().unwrap());
     let status = d.status().unwrap();
-    let stale_entry = status["quarantined"].as_array().unwrap().iter().find(|q| {
-        q["path"].as_str().is_some_and(|p| p.ends_with("model_step_1.safetensors"))
-    });
+    let stale_entry = status["quarantined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["path"].as_str().is_some_and(|p| p.ends_with("model_step_1.safetensors")));
     let stale_entry = stale_entry.expect("the stale file is listed as skipped");
     assert_eq!(stale_entry["skipped"], true, "{stale_entry}");
     assert_eq!(status["counters"]["relayouts"], 1);
