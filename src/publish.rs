@@ -2,7 +2,8 @@
 //!
 //! `PATH` ending in `.safetensors` is one file; any other `PATH` is a directory in Hugging Face
 //! layout (`model.safetensors` or shards plus `model.safetensors.index.json`, side files such
-//! as `config.json` and tokenizer files copied from the newest input, `manifest.json`) — or,
+//! as `config.json` and tokenizer files of the newest input, written from bytes read into
+//! memory beforehand (`side.rs`), `manifest.json`) — or,
 //! when the inputs are PEFT adapters, an adapter directory (`adapter_model.safetensors`,
 //! `adapter_config.json`, `manifest.json`).
 //!
@@ -38,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::average::{AveragePlan, PlanSource, TensorSource};
-use crate::checkpoint::{self, TensorMeta};
+use crate::checkpoint::TensorMeta;
 use crate::error::{Error, Result, WithPath};
 use crate::layout::{FileLayout, index_json, plan_files};
 use crate::manifest::{AverageRecord, FileRecord, Manifest, Provenance};
@@ -48,6 +49,7 @@ mod destination;
 mod dir;
 pub mod lock;
 mod recover;
+mod side;
 pub use atomic::write_atomic;
 use atomic::{
     PairError, commit_pair, hidden_prefix, parent_dir, stage, swap_in, sync_dir, write_new,
@@ -57,6 +59,7 @@ use dir::DirOutput;
 pub use dir::newest_side_dir;
 pub use lock::{OutputLock, hold};
 pub use recover::{Recovered, STALE_AGE, model_started, recover};
+pub use side::{MAX_SIDE_FILE, MAX_SIDE_TOTAL, SideFiles};
 
 /// Default shard size for directory outputs (as `save_pretrained`'s `max_shard_size` 5GB).
 pub const DEFAULT_SHARD_BYTES: u64 = 5 << 30;
@@ -126,8 +129,17 @@ pub fn publish(
     progress: &mut dyn FnMut(u64),
 ) -> Result<Published> {
     let manifest = Manifest::new(record_of(plan), out.to_path_buf(), provenance);
-    let side_dir = newest_side_dir(plan.inputs());
-    publish_tensors(&mut PlanSource::new(plan), manifest, side_dir, out, opts, progress)
+    let side = side_files_for(out, newest_side_dir(plan.inputs()))?;
+    publish_tensors(&mut PlanSource::new(plan), manifest, side.as_ref(), out, opts, progress)
+}
+
+/// The side files a publication at `out` takes from `dir`: read now for a directory output,
+/// none for a file output (which has nowhere to put them).
+pub fn side_files_for(out: &Path, dir: Option<&Path>) -> Result<Option<SideFiles>> {
+    match dir {
+        Some(dir) if !is_file_output(out) => SideFiles::read(dir).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// The manifest's record of `plan`: its inputs (steps as the checkpoints say), weights,
@@ -146,12 +158,12 @@ pub fn record_of(plan: &AveragePlan<'_>) -> AverageRecord {
 }
 
 /// Publish any tensor source at `out` with `manifest` (whose `output`, `layout`, `files`,
-/// `side_*`, `finished` and `wall_time_s` are filled in here), copying HF side files from
-/// `side_dir` into a directory output.
+/// `side_*`, `finished` and `wall_time_s` are filled in here), writing the HF side files
+/// `side` into a directory output (an adapter directory when they came from one).
 pub fn publish_tensors(
     source: &mut dyn TensorSource,
     mut manifest: Manifest,
-    side_dir: Option<&Path>,
+    side: Option<&SideFiles>,
     out: &Path,
     opts: &PublishOptions,
     progress: &mut dyn FnMut(u64),
@@ -169,14 +181,14 @@ pub fn publish_tensors(
     } else {
         // Averaged PEFT adapters are published as an adapter directory (what
         // `PeftModel.from_pretrained` loads): never sharded, its config copied.
-        let adapter = side_dir.is_some_and(checkpoint::is_adapter_dir);
+        let adapter = side.is_some_and(|s| s.adapter);
         let (single, shard_bytes) = match adapter {
             true => ("adapter_model.safetensors", u64::MAX),
             false => ("model.safetensors", opts.shard_bytes),
         };
         let layouts = plan_files(&outputs, single, shard_bytes, &metadata)?;
         let index = (layouts.len() > 1).then(|| index_json(&layouts, &outputs)).transpose()?;
-        let dir = DirOutput { layouts: &layouts, index, side_dir, adapter, clock };
+        let dir = DirOutput { layouts: &layouts, index, side, clock };
         dir.publish(&mut writer, out, &mut manifest)?;
     }
     tracing::debug!(out = %out.display(), bytes = writer.done, "published average");

@@ -231,6 +231,12 @@ pub struct Counters {
     /// `min_free_bytes`).
     #[serde(default)]
     pub released: u64,
+    /// Loads put off for lack of file descriptors (retried, never quarantined).
+    #[serde(default)]
+    pub deferred: u64,
+    /// Times the run's checkpoints changed layout and the window followed them.
+    #[serde(default)]
+    pub relayouts: u64,
 }
 
 impl Status {

@@ -6,6 +6,10 @@
 //! its signature and step, so a rescan does not load it again (a step-less name only shows its
 //! step once loaded) while the window is full of newer ones. A file whose name has no step
 //! holding a member's step (`last.pt`) is a copy of that member, not a second one.
+//! Checkpoints of another layout than the window's are quarantined, unless they are the run
+//! as it is now (`layout.rs`: then the window changes layout). A load that failed for lack of
+//! file descriptors is no verdict on the file: it is retried, and when sewa's own limit is what
+//! ran out, the oldest member makes room for a newer checkpoint (the window holds fewer).
 //! This module opens no files and holds no tensors: the daemon carries out the actions.
 
 use std::collections::BTreeMap;
@@ -14,6 +18,10 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{Identity, step_of};
 use crate::select::MemberSummary;
 use crate::text;
+
+mod layout;
+pub use layout::SWITCH_AFTER;
+use layout::{Challenger, Challengers};
 
 /// One admitted checkpoint, as the window sees it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -41,6 +49,13 @@ pub enum Event {
     /// A member whose file was deleted is let go (to free its disk space): it leaves the
     /// window like an evicted one, and nothing is remembered against its path.
     Released { path: PathBuf },
+    /// The daemon opened it, but its layout (tensor names, shapes, dtypes, adapter settings)
+    /// differs from the window's. `layout` fingerprints its own layout; `reason` names the
+    /// first difference and both files.
+    Mismatched { path: PathBuf, sig: Identity, layout: u64, reason: String },
+    /// Opening it ran out of file descriptors: sewa's own limit (`ours`, EMFILE) or the
+    /// system's (ENFILE). Not a verdict on the file. `step` is parsed from its name.
+    OutOfDescriptors { path: PathBuf, sig: Identity, step: Option<u64>, ours: bool },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +68,14 @@ pub enum Action {
     Quarantine { path: PathBuf, reason: String },
     /// The membership changed enough: run the selector.
     Reselect,
+    /// The run's layout changed (`by`, the newest of `SWITCH_AFTER` checkpoints that agree with
+    /// each other, differs from `against`, the window's newest member, for `reason`): the
+    /// `superseded` members (and those evicted earlier) are let go, remembered as skipped, and
+    /// the new layout's checkpoints are loaded again (`Load` actions follow). Log it once, loudly.
+    Relayout { by: PathBuf, against: PathBuf, reason: String, superseded: Vec<PathBuf> },
+    /// For lack of file descriptors the window now holds at most `members` (fewer than its
+    /// size); the oldest was evicted to make room for a newer checkpoint. Log it loudly.
+    Shrunk { members: usize },
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -81,6 +104,11 @@ pub struct Window {
     /// Members trimmed as the oldest: the signature they had and the step they showed.
     evicted: BTreeMap<PathBuf, (Identity, u64)>,
     new_since_select: usize,
+    /// Checkpoints refused for another layout since the last one that agreed.
+    challengers: Challengers,
+    /// How many members the file-descriptor limit lets the window hold, once it was reached
+    /// (until the next resize: a config reload).
+    cap: Option<usize>,
 }
 
 impl Window {
@@ -93,7 +121,14 @@ impl Window {
             rejected: BTreeMap::new(),
             evicted: BTreeMap::new(),
             new_since_select: 0,
+            challengers: Challengers::default(),
+            cap: None,
         }
+    }
+
+    /// How many members it keeps: its size, or fewer where file descriptors ran out.
+    fn limit(&self) -> usize {
+        self.cap.map_or(self.size, |cap| cap.min(self.size)).max(1)
     }
 
     pub fn members(&self) -> &[Member] {
@@ -118,6 +153,7 @@ impl Window {
     pub fn resize(&mut self, size: usize, every: usize) -> Vec<Action> {
         self.size = size.max(1);
         self.every = every.max(1);
+        self.cap = None; // a reload may come with a raised limit: try the full size again
         let mut actions = self.trim();
         actions.push(Action::Reselect);
         actions
@@ -129,11 +165,13 @@ impl Window {
             Event::Loaded(member) => self.on_loaded(member),
             Event::Rejected { path, sig, reason, incomplete, skipped } => {
                 self.loading.remove(&path);
+                self.challengers.forget(&path);
                 let mut actions = self.remove_member(&path);
                 actions.extend(self.reject(path, sig, reason, incomplete, skipped));
                 actions
             }
             Event::Gone { path } => {
+                self.challengers.forget(&path);
                 self.rejected.remove(&path);
                 self.evicted.remove(&path);
                 self.loading.remove(&path);
@@ -147,6 +185,12 @@ impl Window {
                     actions.extend(self.reject(path, sig, reason, false, false));
                 }
                 actions
+            }
+            Event::Mismatched { path, sig, layout, reason } => {
+                self.on_mismatched(Challenger { path, sig, layout, reason })
+            }
+            Event::OutOfDescriptors { path, sig, step, ours } => {
+                self.on_out_of_descriptors(path, sig, step, ours)
             }
         }
     }
@@ -163,7 +207,7 @@ impl Window {
         // An unchanged evicted checkpoint is judged by the step it showed when loaded.
         let shown = self.evicted.get(&path).filter(|(was, _)| *was == sig).map(|(_, s)| *s);
         let step = step.or(shown);
-        let full = self.members.len() >= self.size;
+        let full = self.members.len() >= self.limit();
         if let (Some(step), Some(oldest), true) = (step, self.members.first(), full) {
             // Members are ordered by (step, path): this is where trim() would evict it.
             let older = (step, &path) < (oldest.step, &oldest.path);
@@ -190,6 +234,7 @@ impl Window {
             return actions;
         }
         self.rejected.remove(&member.path);
+        self.challengers.clear(); // it agrees with the window: the run has not moved on
         let mut actions = self.remove_member(&member.path);
         actions.extend(self.drop_copies_of(&member));
         let key = (member.step, member.path.clone());
@@ -203,6 +248,101 @@ impl Window {
                 self.new_since_select = 0;
                 actions.push(Action::Reselect);
             }
+        }
+        actions
+    }
+
+    /// A checkpoint of another layout: quarantined, unless it makes `SWITCH_AFTER` in a row of
+    /// one layout, which is then the run as it is now (see `layout.rs`).
+    fn on_mismatched(&mut self, c: Challenger) -> Vec<Action> {
+        if self.loading.get(&c.path) != Some(&c.sig) {
+            return Vec::new(); // a newer version was settled meanwhile; its own load reports
+        }
+        self.loading.remove(&c.path);
+        let mut actions = self.remove_member(&c.path);
+        actions.extend(self.reject(c.path.clone(), c.sig, c.reason.clone(), false, false));
+        let against = self.members.last().map(|m| m.path.clone());
+        if let (Some(group), Some(against)) = (self.challengers.note(c), against) {
+            actions.extend(self.relayout(group, against));
+        }
+        actions
+    }
+
+    /// Let the window's layout go for `group`'s: every member, and every checkpoint evicted
+    /// before as too old, is remembered as superseded (not loaded again unless it changes),
+    /// and `group` is loaded again, now against an empty window.
+    fn relayout(&mut self, group: Vec<Challenger>, against: PathBuf) -> Vec<Action> {
+        let Some(newest) = group.last() else { return Vec::new() };
+        let (by, reason) = (newest.path.clone(), newest.reason.clone());
+        let superseded: Vec<Member> = self.members.drain(..).collect();
+        let why = format!(
+            "superseded: the run's checkpoints changed layout ({} and {} checkpoint(s) before it              agree with each other, not with this one)",
+            text::path(by.file_name().map_or(&*by, Path::new)),
+            group.len() - 1
+        );
+        let mut actions = vec![Action::Relayout {
+            by,
+            against,
+            reason,
+            superseded: superseded.iter().map(|m| m.path.clone()).collect(),
+        }];
+        actions.extend(superseded.iter().map(|m| Action::Evict { path: m.path.clone() }));
+        let old = superseded.into_iter().map(|m| (m.path, m.sig));
+        let old_evicted = std::mem::take(&mut self.evicted).into_iter().map(|(p, (s, _))| (p, s));
+        for (path, sig) in old.chain(old_evicted) {
+            let r = Rejection {
+                path: path.clone(),
+                reason: why.clone(),
+                incomplete: false,
+                skipped: true,
+                repeated: false,
+                sig,
+            };
+            self.rejected.insert(path, r);
+        }
+        actions.push(Action::Reselect);
+        self.new_since_select = 0;
+        for c in group {
+            self.rejected.remove(&c.path);
+            self.loading.insert(c.path.clone(), c.sig);
+            actions.push(Action::Load { path: c.path, sig: c.sig });
+        }
+        actions
+    }
+
+    /// A load ran out of file descriptors. Nothing is remembered against the file: the next
+    /// rescan loads it again. When sewa's own limit ran out, the window keeps one member fewer
+    /// than it held from now on (the newest, the file among them when it is newer than the
+    /// oldest member): room for it, and a member's worth of descriptors to spare for what else
+    /// needs some (a publication, the next open). Older files are then not even loaded.
+    fn on_out_of_descriptors(
+        &mut self,
+        path: PathBuf,
+        sig: Identity,
+        step: Option<u64>,
+        ours: bool,
+    ) -> Vec<Action> {
+        if self.loading.get(&path) != Some(&sig) {
+            return Vec::new();
+        }
+        self.loading.remove(&path);
+        let Some(oldest) = self.members.first() else { return Vec::new() };
+        if !ours {
+            return Vec::new(); // the system's table: evicting our members would not help it
+        }
+        let newer = step.is_some_and(|s| (s, &path) > (oldest.step, &oldest.path));
+        let held = self.members.len();
+        let keep = held.saturating_sub(1).max(1);
+        self.cap = Some(keep);
+        let stay = if newer { keep - 1 } else { keep };
+        let mut actions = vec![Action::Shrunk { members: keep }];
+        for m in self.members.drain(..held - stay).collect::<Vec<_>>() {
+            self.evicted.insert(m.path.clone(), (m.sig, m.step));
+            actions.push(Action::Evict { path: m.path });
+        }
+        if newer {
+            self.loading.insert(path.clone(), sig);
+            actions.push(Action::Load { path, sig });
         }
         actions
     }
@@ -262,7 +402,7 @@ impl Window {
 
     /// Evict the oldest members beyond `size`, remembering them.
     fn trim(&mut self) -> Vec<Action> {
-        let extra = self.members.len().saturating_sub(self.size);
+        let extra = self.members.len().saturating_sub(self.limit());
         let gone: Vec<Member> = self.members.drain(..extra).collect();
         let mut actions = Vec::new();
         for m in gone {
@@ -524,5 +664,153 @@ mod tests {
         assert!(!reject(&mut w, 3, "NaN"));
         w.handle(Event::Gone { path: "last.pt".into() });
         assert!(!reject(&mut w, 4, "NaN"), "deleted and written again: news");
+    }
+    /// Settle `step` and report it as of another layout than the window's.
+    fn mismatch(w: &mut Window, step: u64, layout: u64) -> Vec<Action> {
+        let a = w.handle(Event::Settled { path: p(step), sig: sig(step), step: Some(step) });
+        assert_eq!(a, vec![Action::Load { path: p(step), sig: sig(step) }]);
+        let reason = format!("tensor w: shape [4] here but [8] in {}", p(1).display());
+        w.handle(Event::Mismatched { path: p(step), sig: sig(step), layout, reason })
+    }
+
+    fn loads(a: &[Action]) -> Vec<PathBuf> {
+        let paths = a.iter().filter_map(|a| match a {
+            Action::Load { path, .. } => Some(path.clone()),
+            _ => None,
+        });
+        paths.collect()
+    }
+
+    /// Issue 19 item 7: a stale file of another model present at start-up must not make the
+    /// real run's checkpoints be quarantined forever.
+    #[test]
+    fn the_newest_consistent_checkpoints_win_over_a_stale_layout_reported_once() {
+        let mut w = Window::new(4, 1);
+        admit(&mut w, 1, sig(1)); // the stale file, alone at start-up
+        let a = mismatch(&mut w, 10, 77);
+        assert!(matches!(&a[..], [Action::Quarantine { path, .. }] if path == &p(10)), "{a:?}");
+        let a = mismatch(&mut w, 20, 77);
+        let relayouts: Vec<_> = a.iter().filter(|a| matches!(a, Action::Relayout { .. })).collect();
+        assert_eq!(relayouts.len(), 1, "reported once: {a:?}");
+        let Action::Relayout { by, against, superseded, reason } = relayouts[0] else {
+            unreachable!()
+        };
+        assert_eq!((by, against), (&p(20), &p(1)), "names both files");
+        assert_eq!(superseded, &[p(1)]);
+        assert!(reason.contains("shape"));
+        assert!(a.contains(&Action::Evict { path: p(1) }) && a.contains(&Action::Reselect));
+        assert_eq!(loads(&a), [p(10), p(20)], "the new layout's checkpoints are loaded again");
+        assert!(w.members().is_empty());
+        for step in [10, 20] {
+            let m = Member { path: p(step), sig: sig(step), step, metric: None };
+            w.handle(Event::Loaded(m));
+        }
+        assert_eq!(steps(&w), [10, 20]);
+        assert!(w.rejected().all(|r| r.path == p(1) && r.skipped), "only the stale one, skipped");
+        // A rescan does not bring the stale file back while it is unchanged.
+        assert!(w.handle(Event::Settled { path: p(1), sig: sig(1), step: Some(1) }).is_empty());
+        admit(&mut w, 30, sig(30));
+        assert_eq!(steps(&w), [10, 20, 30]);
+    }
+
+    #[test]
+    fn a_stray_checkpoint_of_another_model_stays_quarantined() {
+        let mut w = Window::new(4, 1);
+        admit(&mut w, 1, sig(1));
+        admit(&mut w, 2, sig(2));
+        let a = mismatch(&mut w, 3, 77);
+        assert!(matches!(&a[..], [Action::Quarantine { .. }]), "{a:?}");
+        admit(&mut w, 4, sig(4)); // the run goes on in its own layout
+        let a = mismatch(&mut w, 5, 77);
+        assert!(matches!(&a[..], [Action::Quarantine { .. }]), "not in a row: {a:?}");
+        // Two strays of different layouts are not a run either.
+        let a = mismatch(&mut w, 6, 88);
+        assert!(matches!(&a[..], [Action::Quarantine { .. }]), "{a:?}");
+        assert_eq!(steps(&w), [1, 2, 4]);
+    }
+
+    #[test]
+    fn superseded_checkpoints_evicted_earlier_are_not_loaded_back() {
+        let mut w = Window::new(1, 1);
+        admit(&mut w, 1, sig(1));
+        admit(&mut w, 2, sig(2)); // step 1 evicted as too old
+        mismatch(&mut w, 10, 77);
+        let a = mismatch(&mut w, 20, 77);
+        assert_eq!(loads(&a), [p(10), p(20)]);
+        for step in [10, 20] {
+            let m = Member { path: p(step), sig: sig(step), step, metric: None };
+            w.handle(Event::Loaded(m));
+        }
+        assert_eq!(steps(&w), [20]);
+        w.handle(Event::Invalidated { path: p(20), reason: "rewritten".into() });
+        // Room in the window, but steps 1 and 2 have the old layout: not loaded again.
+        for step in [1, 2] {
+            let again = Event::Settled { path: p(step), sig: sig(step), step: Some(step) };
+            assert!(w.handle(again).is_empty(), "step {step} came back");
+        }
+    }
+
+    fn out_of_fds(w: &mut Window, step: u64, ours: bool) -> Vec<Action> {
+        let a = w.handle(Event::Settled { path: p(step), sig: sig(step), step: Some(step) });
+        assert_eq!(a, vec![Action::Load { path: p(step), sig: sig(step) }]);
+        w.handle(Event::OutOfDescriptors { path: p(step), sig: sig(step), step: Some(step), ours })
+    }
+
+    /// Issue 19 item 6: running out of descriptors is no verdict on a file.
+    #[test]
+    fn out_of_descriptors_is_retried_never_quarantined_and_the_oldest_makes_room() {
+        let mut w = Window::new(8, 1);
+        for step in [1, 2, 3] {
+            admit(&mut w, step, sig(step));
+        }
+        // The system's table is full: nothing to gain from evicting; retried at the next scan.
+        assert!(out_of_fds(&mut w, 4, false).is_empty());
+        assert!(w.rejected().next().is_none(), "never quarantined");
+        // Our own limit: the oldest members make room for the newcomer and a member's worth
+        // of descriptors to spare; the window keeps one fewer than it held from now on.
+        let a = out_of_fds(&mut w, 4, true);
+        assert_eq!(
+            a,
+            vec![
+                Action::Shrunk { members: 2 },
+                Action::Evict { path: p(1) },
+                Action::Evict { path: p(2) },
+                Action::Load { path: p(4), sig: sig(4) }
+            ]
+        );
+        w.handle(Event::Loaded(Member { path: p(4), sig: sig(4), step: 4, metric: None }));
+        assert_eq!(steps(&w), [3, 4]);
+        admit(&mut w, 5, sig(5));
+        assert_eq!(steps(&w), [4, 5], "held at what the limit allowed");
+        // The evicted one is not reloaded by rescans while the capped window is full.
+        assert!(w.handle(Event::Settled { path: p(1), sig: sig(1), step: Some(1) }).is_empty());
+        // A reload lifts the cap.
+        w.resize(8, 1);
+        admit(&mut w, 6, sig(6));
+        assert_eq!(steps(&w), [4, 5, 6]);
+        assert!(w.rejected().next().is_none());
+    }
+
+    #[test]
+    fn out_of_descriptors_for_an_older_or_stepless_file_keeps_the_newest_members() {
+        let mut w = Window::new(8, 1);
+        for step in [5, 6, 7] {
+            admit(&mut w, step, sig(step));
+        }
+        // Older than every member: not loaded, and one member fewer to spare descriptors.
+        let a = out_of_fds(&mut w, 4, true);
+        assert_eq!(a, vec![Action::Shrunk { members: 2 }, Action::Evict { path: p(5) }]);
+        assert_eq!(steps(&w), [6, 7]);
+        // Older than the capped, full window: not even loaded again.
+        assert!(w.handle(Event::Settled { path: p(4), sig: sig(4), step: Some(4) }).is_empty());
+        let path = PathBuf::from("last.pt");
+        w.handle(Event::Settled { path: path.clone(), sig: sig(9), step: None });
+        let e = Event::OutOfDescriptors { path: path.clone(), sig: sig(9), step: None, ours: true };
+        assert_eq!(w.handle(e), vec![Action::Shrunk { members: 1 }, Action::Evict { path: p(6) }]);
+        assert_eq!(steps(&w), [7], "never below one member");
+        assert!(w.rejected().next().is_none(), "never quarantined");
+        // Retried when settled again (no rejection remembered).
+        let again = Event::Settled { path, sig: sig(9), step: None };
+        assert_eq!(w.handle(again).len(), 1);
     }
 }

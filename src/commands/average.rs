@@ -91,14 +91,10 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
         "{spinner} merging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
     );
     let opts = PublishOptions { shard_bytes: args.max_shard_size };
-    publish::publish_tensors(
-        &mut source,
-        manifest,
-        base.side_dir(),
-        &args.out,
-        &opts,
-        &mut |done| meter.set(done),
-    )
+    let side = publish::side_files_for(&args.out, base.side_dir())?;
+    publish::publish_tensors(&mut source, manifest, side.as_ref(), &args.out, &opts, &mut |done| {
+        meter.set(done)
+    })
 }
 
 /// The inputs to average: all, or the last `n` by step (by order given if a step is unknown).

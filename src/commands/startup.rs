@@ -2,7 +2,9 @@
 //! config one accepts the other accepts too: the watched directory (there, or able to appear),
 //! the output (a destination sewa may replace, its directories creatable), and the objective's
 //! files (the evaluator program, resolved exactly as it will be started; the builtin's data,
-//! only noted when missing, since it is read at the first selection).
+//! only noted when missing, since it is read at the first selection), and the file descriptors
+//! a full window needs against the limit (noted when tight, refused when not even one
+//! checkpoint fits).
 //! It starts nothing and creates nothing that stays (the evaluator's `staging_dir` is proved
 //! writable by creating and removing an empty directory in it: as root, `access()` says yes
 //! to `/proc`); `watch` creates the output's directories once these pass.
@@ -23,6 +25,7 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     notes.extend(watch_dir(&cfg.watch.dir).map_err(|m| Error::config(file, m))?);
     output(cfg).map_err(|m| Error::config(file, m))?;
     notes.extend(threads(cfg.runtime.threads.get()));
+    notes.extend(descriptors(cfg).map_err(|m| Error::config(file, m))?);
     // An [objective] beside a fixed rule (lawa, ema, ...) is never started: nothing to check.
     let used = cfg.objective.as_ref().filter(|_| cfg.select.method.needs_objective());
     if let Some(oc) = used {
@@ -52,6 +55,23 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(notes)
+}
+
+/// The file descriptors a full window needs, estimated from the newest checkpoint already in
+/// the watched directory (none there: nothing to estimate), against the limit sewa can raise
+/// itself to. A note when the window will hold fewer members; an error when not one fits.
+pub fn descriptors(cfg: &Config) -> std::result::Result<Option<String>, String> {
+    use crate::daemon::descriptors::{self, Verdict};
+    let Ok(candidates) = crate::watch::Filter::new(cfg).scan() else { return Ok(None) };
+    let newest = candidates.iter().max_by_key(|p| (crate::checkpoint::step_of(p), p.as_path()));
+    let Some(newest) = newest else { return Ok(None) };
+    let files = descriptors::files_of(newest);
+    let size = cfg.window.size.get() as u64;
+    match descriptors::judge(size, files, descriptors::current()) {
+        Verdict::Fine => Ok(None),
+        Verdict::Tight(msg) => Ok(Some(format!("file descriptors: {msg}"))),
+        Verdict::Impossible(msg) => Err(format!("file descriptors: {msg}")),
+    }
 }
 
 /// The watched directory: a readable directory, or missing with nothing in the way of its

@@ -11,6 +11,12 @@ use crate::status::{self, Status};
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn watch(args: &WatchArgs) -> Result<()> {
+    // Every window member's files stay open: take the descriptors the hard limit allows.
+    let (limit, failed) = daemon::descriptors::raise();
+    match failed {
+        Some(why) => tracing::warn!(soft = limit.soft, hard = limit.hard, "{why}"),
+        None => tracing::debug!(soft = limit.soft, hard = limit.hard, "limit on open files"),
+    }
     let cfg = configure(&args.config, args.dir.as_deref())?;
     let blocking = cfg.runtime.threads.get() + 1;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -46,6 +52,9 @@ fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
     super::startup::check(&cfg, file)?;
     for note in &cfg.notes {
         tracing::warn!(config = %file.display(), "{note}");
+    }
+    if let Ok(Some(tight)) = super::startup::descriptors(&cfg) {
+        tracing::warn!("{tight}");
     }
     // The daemon creates the output's directory (a service's first start on a fresh
     // machine), but says so: a typo in `out` should not pass unnoticed.

@@ -9,6 +9,7 @@
 
 mod accept;
 mod budget;
+pub mod descriptors;
 mod disk;
 mod hook;
 mod load;
@@ -18,6 +19,7 @@ mod panics;
 mod pipeline;
 mod policy;
 mod progress;
+mod sides;
 mod status_view;
 
 use std::future::Future;

@@ -13,7 +13,7 @@ use crate::checkpoint::{Checkpoint, Identity};
 use crate::config::Config;
 use crate::error::Result;
 use crate::manifest::{AverageRecord, Manifest, Provenance};
-use crate::publish::{self, PublishOptions, Published};
+use crate::publish::{self, PublishOptions, Published, SideFiles};
 use crate::select::Selection;
 use crate::window::Member;
 
@@ -112,6 +112,8 @@ pub struct Provenanced<'a> {
     pub selection: &'a Selection,
     /// Window members with their opened checkpoints and weights, in window order.
     pub members: Vec<(&'a Member, &'a Arc<Checkpoint>, f64)>,
+    /// The HF side files for a directory output (`daemon::sides` chose them).
+    pub side: Option<&'a SideFiles>,
 }
 
 /// Publish the average of the selected members at `[publish] out`, manifest last, under the
@@ -134,8 +136,6 @@ pub fn publish(cfg: &Config, averaged: Averaged<'_>, p: &Provenanced<'_>) -> Res
         dtype_overflow: publish.dtype_overflow.to_string(),
         ..AverageRecord::new(inputs)
     };
-    // Side files (config.json, tokenizer...) from the newest selected member that has them.
-    let side = selected.iter().rev().find_map(|m| m.1.side_dir());
     let opts = PublishOptions::default();
     let (note, plan);
     let mut source: Box<dyn TensorSource + '_> = match averaged {
@@ -177,5 +177,11 @@ pub fn publish(cfg: &Config, averaged: Averaged<'_>, p: &Provenanced<'_>) -> Res
         p.members.len(),
         window.join(", "),
     ));
-    publish::publish_tensors(source.as_mut(), manifest, side, out, &opts, &mut |_| {})
+    if let Some(side) = p.side.filter(|s| !s.files.is_empty() && !s.source.is_dir()) {
+        manifest.notes.push(format!(
+            "side files from {}, read when it was admitted (it has been deleted since)",
+            side.source.display()
+        ));
+    }
+    publish::publish_tensors(source.as_mut(), manifest, p.side, out, &opts, &mut |_| {})
 }

@@ -1,5 +1,6 @@
 //! A batch's intake: settled candidates → loads (guarded against panics) → window actions
-//! (members admitted, evicted, quarantined), and how loudly each rejection is logged.
+//! (members admitted, evicted, quarantined; a change of the run's layout; a window shrunk for
+//! lack of file descriptors), and how loudly each rejection is logged.
 
 use std::panic::UnwindSafe;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,8 @@ use std::sync::Arc;
 
 use tracing::{debug, info, info_span, warn};
 
-use super::super::load::{self, Refusal};
+use super::super::descriptors;
+use super::super::load::{self, Refusal, Shortage};
 use super::super::loudness::Level;
 use super::super::progress::disk_bytes;
 use super::super::{disk, panics};
@@ -50,9 +52,34 @@ impl Pipeline {
                 Action::Evict { path } => {
                     debug!(path = %text::path(&path), "evicted from the window");
                     self.open.remove(&path);
+                    self.sides.evict(&path);
                 }
                 Action::Quarantine { path, reason } => self.report_rejection(&path, &reason),
                 Action::Reselect => self.reselect = true,
+                Action::Relayout { by, against, reason, superseded } => {
+                    let superseded: Vec<String> =
+                        superseded.iter().map(|p| text::path(p).to_string()).collect();
+                    warn!(
+                        new = %text::path(&by), old = %text::path(&against), %reason,
+                        superseded = %superseded.join(", "),
+                        "the run's checkpoints changed layout: the newest consistent checkpoints \
+                         win; members of the old layout leave the window"
+                    );
+                    self.status.counters.relayouts += 1;
+                    self.running.reset(); // its inputs have the old layout
+                }
+                Action::Shrunk { members } => {
+                    let limit = descriptors::current();
+                    warn!(
+                        members,
+                        soft = limit.soft,
+                        hard = limit.hard,
+                        "out of file descriptors: the window keeps at most {members} members \
+                         until a reload; raise the limit (systemd LimitNOFILE=, ulimit -n)"
+                    );
+                    // The running average holds its inputs open: let the evicted one close.
+                    self.running.reset();
+                }
             }
         }
     }
@@ -110,17 +137,47 @@ impl Pipeline {
                     info!(tensors = ckpt.tensors().len(), bytes = ckpt.total_bytes(), "loaded");
                     self.status.counters.loaded += 1;
                     self.loudness.loaded(&path);
+                    if !crate::publish::is_file_output(&self.cfg.publish.out) {
+                        self.sides.admit(&path, &ckpt);
+                    }
                     self.open.insert(path, Arc::new(ckpt));
                 }
             }
             Err(refusal) => {
-                let (reason, incomplete) = (refusal.reason, refusal.incomplete);
-                let skipped = refusal.not_weights;
-                let event = Event::Rejected { path, sig, reason, incomplete, skipped };
+                let event = self.refused(path, sig, refusal);
                 let actions = self.window.handle(event);
                 self.apply(actions);
             }
         }
+    }
+}
+
+impl Pipeline {
+    /// The window's event for a refused load: another layout and running out of file
+    /// descriptors are no verdict on the file (the window decides what they mean).
+    fn refused(&mut self, path: PathBuf, sig: Identity, refusal: Refusal) -> Event {
+        if let Some(shortage) = refusal.descriptors {
+            let limit = descriptors::current();
+            warn!(
+                path = %text::path(&path), reason = %refusal.reason,
+                soft = limit.soft, hard = limit.hard,
+                "out of file descriptors: not quarantined, loaded again at the next rescan"
+            );
+            self.status.counters.deferred += 1;
+            let step = crate::checkpoint::step_of(&path);
+            return Event::OutOfDescriptors {
+                path,
+                sig,
+                step,
+                ours: shortage == Shortage::Process,
+            };
+        }
+        let reason = refusal.reason;
+        if let Some(layout) = refusal.layout {
+            return Event::Mismatched { path, sig, layout, reason };
+        }
+        let (incomplete, skipped) = (refusal.incomplete, refusal.not_weights);
+        Event::Rejected { path, sig, reason, incomplete, skipped }
     }
 }
 
@@ -131,11 +188,11 @@ type Loaded = std::result::Result<(Checkpoint, u64, Option<f64>), Refusal>;
 /// at every restart.
 fn guarded(load: impl FnOnce() -> Loaded + UnwindSafe) -> Loaded {
     panics::catch(load).unwrap_or_else(|msg| {
-        Err(Refusal {
-            reason: format!("sewa panicked reading it (a bug in sewa, please report it): {msg}"),
-            incomplete: false,
-            not_weights: false,
-        })
+        Err(Refusal::new(
+            format!("sewa panicked reading it (a bug in sewa, please report it): {msg}"),
+            false,
+            false,
+        ))
     })
 }
 

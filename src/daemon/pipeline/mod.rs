@@ -15,6 +15,7 @@ use super::accept::Acceptance;
 use super::loudness::Loudness;
 use super::output::{self, LastPublished};
 use super::progress::{self, Progress, stall_bound};
+use super::sides::Sides;
 use super::{disk, panics, status_view};
 use crate::average::running::RunningAverage;
 use crate::checkpoint::{self, Checkpoint};
@@ -30,6 +31,8 @@ pub struct Pipeline {
     pub cfg: Config,
     pub window: Window,
     open: BTreeMap<PathBuf, Arc<Checkpoint>>,
+    /// The members' HF side files, read at admission for a directory output.
+    sides: Sides,
     /// Kept between publications when it fits `budget` (else every publication streams).
     running: RunningAverage,
     /// `[runtime] memory_budget` in bytes.
@@ -107,6 +110,7 @@ impl Pipeline {
             cfg,
             window,
             open: BTreeMap::new(),
+            sides: Sides::default(),
             running,
             budget,
             last,
@@ -145,6 +149,10 @@ impl Pipeline {
             // Another directory or pattern: the old members are not candidates any more.
             self.window = Window::new(cfg.window.size.get(), cfg.select.every.get());
             self.open.clear();
+            self.sides.clear();
+        }
+        if crate::publish::is_file_output(&cfg.publish.out) {
+            self.sides.clear(); // a file output has no side files
         }
         let actions = self.window.resize(cfg.window.size.get(), cfg.select.every.get());
         self.running = RunningAverage::new(cfg.runtime.recompute_every.get());

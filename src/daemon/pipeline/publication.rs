@@ -17,10 +17,11 @@ use crate::average::running::{RunningAverage, UpdateReport};
 use crate::checkpoint::Checkpoint;
 use crate::config::Policy;
 use crate::error::{Error, Result};
+use crate::publish::SideFiles;
 use crate::select::{self, ModelContext, Selection, WindowView};
 use crate::status::{OnDisk, PublishStatus, SelectionStatus, SelectionSummary};
 use crate::watch::Filter;
-use crate::window::Event;
+use crate::window::{Event, Member};
 
 impl Pipeline {
     pub(super) fn select_and_publish(&mut self) -> Result<()> {
@@ -163,8 +164,13 @@ impl Pipeline {
         };
         let average_ms = t_avg.elapsed().as_millis() as u64;
         let window = self.window.members();
+        let side = self.side_files(window, &members)?;
         let with_ckpts = window.iter().zip(&members).map(|(m, (c, w))| (m, c, *w)).collect();
-        let prov = output::Provenanced { selection: &selection, members: with_ckpts };
+        let prov = output::Provenanced {
+            selection: &selection,
+            members: with_ckpts,
+            side: side.as_deref(),
+        };
         let averaged = match report {
             Some(r) => output::Averaged::Running(&self.running, r),
             None => output::Averaged::Streamed,
@@ -203,6 +209,21 @@ impl Pipeline {
             at: crate::timestamp::now(),
         });
         Ok(())
+    }
+
+    /// The side files of a directory output, from the selected members (see `daemon::sides`).
+    fn side_files(
+        &self,
+        window: &[Member],
+        members: &[(Arc<Checkpoint>, f64)],
+    ) -> Result<Option<Arc<SideFiles>>> {
+        if crate::publish::is_file_output(&self.cfg.publish.out) {
+            return Ok(None);
+        }
+        let selected = window.iter().zip(members).filter(|(_, (_, w))| *w > 0.0);
+        let selected: Vec<(&Path, &Checkpoint)> =
+            selected.map(|(m, (c, _))| (m.path.as_path(), c.as_ref())).collect();
+        self.sides.for_publish(&selected)
     }
 
     /// The configured selector; model-based ones get the objective (built on first use).

@@ -11,3 +11,4 @@ mod service;
 mod staging;
 mod status;
 mod validation;
+mod window;
