@@ -284,6 +284,9 @@ fn a_progress_bar_redrawn_with_carriage_returns_is_logged_as_its_last_frame() {
     let log = average_with_flood(50);
     let frames: Vec<&str> = log.lines().filter(|l| l.contains("progress frame")).collect();
     assert!(!frames.is_empty(), "{log}");
+    // One log line per bar, holding only its last frame (not 50 frames joined by `\r`).
+    let last_only = |l: &&str| l.matches("progress frame").count() == 1 && !l.contains('\r');
+    assert!(frames.iter().all(last_only), "{frames:?}");
     assert!(frames.iter().all(|l| l.ends_with("progress frame 50/50")), "{frames:?}");
     assert!(!log.contains("suppressed"), "50 lines a request are under the limit: {log}");
 }
