@@ -232,6 +232,43 @@ fn a_staging_directory_left_by_a_killed_sewa_is_removed_at_the_next_start() {
     assert_group_gone(pgid, DEADLINE, "the killed sewa's evaluator");
 }
 
+#[test]
+fn ctrl_c_of_average_select_stops_the_evaluator_group_and_its_staging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, staging) = (tmp.path().join("pids"), tmp.path().join("staging"));
+    std::fs::create_dir(&staging).unwrap();
+    let cfg = tmp.path().join("sewa.toml");
+    std::fs::write(&cfg, daemon_objective(&["--fork", "--hang"], &file, &staging)).unwrap();
+    let inputs: Vec<PathBuf> = (1..=2).map(|i| write_member(tmp.path(), i)).collect();
+    let mut sewa = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["average", "--select", "greedy", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(tmp.path().join("avg.safetensors"))
+        .args(&inputs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (_, pgid, _) = pids(&file);
+    // The evaluator is in its own group, so a terminal's SIGINT reaches sewa alone.
+    Command::new("kill").args(["-INT", &sewa.id().to_string()]).status().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = sewa.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = sewa.kill();
+            panic!("sewa ignored SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_group_gone(pgid, Duration::from_secs(1), "after Ctrl-C of sewa average");
+    assert!(staged_dirs(&staging).is_empty(), "staging left: {:?}", staged_dirs(&staging));
+}
+
 /// A one-tensor member `step_{i}.safetensors` in `dir`.
 fn write_member(dir: &Path, i: u32) -> PathBuf {
     let path = dir.join(format!("step_{i}.safetensors"));
