@@ -5,7 +5,12 @@
 //! signal would have (128 + its number), leaving nothing of the evaluator behind. `sewa watch`
 //! has its own shutdown (`daemon::termination`).
 
-use std::sync::Once;
+use std::sync::{Mutex, Once};
+
+/// Held by the signal thread from the signal until it exits the process: `main` waits on it,
+/// so an evaluator failing because it is being stopped does not end sewa with its own error
+/// (and exit code) before the group and the staging are gone.
+static STOPPING: Mutex<()> = Mutex::new(());
 
 /// Install the handlers (once per process). They stay installed for the rest of the command.
 pub fn stop_evaluators_on_signal() {
@@ -29,8 +34,15 @@ fn install() -> std::io::Result<()> {
         let code = rt.block_on(async {
             tokio::select! { _ = int.recv() => 130, _ = term.recv() => 143 }
         });
+        let _held = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
         crate::objective::command::stop_all();
         std::process::exit(code);
     })?;
     Ok(())
+}
+
+/// Called by `main` before it exits: waits while a signal is stopping the evaluators (the
+/// signal thread then ends the process with the signal's code).
+pub fn settle() {
+    drop(STOPPING.lock());
 }
