@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::run(args).map(|_| ()),
         Command::Report(args) => commands::report::run(args),
     };
+    // A Ctrl-C while an evaluator runs: its stop finishes (and sets the exit code) first.
+    commands::interrupt::settle();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

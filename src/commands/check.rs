@@ -91,6 +91,7 @@ fn try_objective(cfg: &Config, file: &Path) -> Result<String> {
     })?;
     let ckpt = first_checkpoint(cfg)?;
     let t0 = Instant::now();
+    super::interrupt::stop_evaluators_on_signal();
     let mut objective = build_objective(oc, &crate::config::config_dir(file))?;
     let startup_ms = ms(t0);
     objective.check(&ckpt)?;

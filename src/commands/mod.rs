@@ -5,6 +5,7 @@ pub mod average;
 pub mod check;
 pub mod demo;
 pub mod inspect;
+pub mod interrupt;
 pub mod lora;
 pub mod report;
 pub mod select;

@@ -46,6 +46,7 @@ pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Re
     })?;
     objective.check(config)?;
     tables.select.sewa.check(config)?;
+    super::interrupt::stop_evaluators_on_signal();
     let mut objective = build_objective(&objective, &crate::config::config_dir(config))?;
     let t = &tables.select;
     let opts = Options { sewa: &t.sewa, soup: &t.soup, twa: &t.twa };

@@ -33,6 +33,9 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
         let stop = daemon::termination()?; // before anything is logged: see `termination`
         daemon::run(cfg, opts, stop).await
     });
+    // Work abandoned on a blocking thread still owns its evaluators and staging copies, and
+    // no destructor runs for it: stop their process groups and remove the copies here.
+    crate::objective::command::stop_all();
     // Do not wait for a publish still running on a blocking thread: it renames a complete
     // file or nothing, so leaving now cannot tear the output.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

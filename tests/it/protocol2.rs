@@ -198,7 +198,7 @@ fn protocol_2_requests_move_o_k_bytes_and_write_no_model_sized_file() {
         a[c % k] = 0.5;
         a[(c + 1) % k] = 0.5;
         p2.evaluate_mix(&refs, &a, true).unwrap();
-        let files: Vec<_> = std::fs::read_dir(p2.scratch_dir()).unwrap().collect();
+        let files = staged_files(&p2);
         assert!(files.is_empty(), "nothing is staged for safetensors members: {files:?}");
     }
     let after = p2.traffic();
@@ -208,6 +208,12 @@ fn protocol_2_requests_move_o_k_bytes_and_write_no_model_sized_file() {
         (after.lines_out + after.lines_in - before.lines_out - before.lines_in) / calls as u64;
     assert!(per_call < 120 + 60 * k as u64, "{per_call} bytes per request for K = {k}");
     assert!(per_call * 100 < model_bytes, "{per_call} bytes per request, model {model_bytes}");
+}
+
+/// The files in `o`'s staging directory, but for the marker naming its owner.
+fn staged_files(o: &CommandObjective) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(o.scratch_dir()).unwrap().flatten().map(|e| e.path());
+    entries.filter(|p| !p.ends_with(".sewa-staging")).collect()
 }
 
 /// Members sewa holds in memory (no file the evaluator could open) reach it as one safetensors
@@ -236,7 +242,7 @@ fn members_without_a_loadable_file_are_staged_once_and_the_window_slides() {
     let from_mem = p2.evaluate_mix(&[&mem[0], &mem[1], &mem[2]], &alpha, true).unwrap();
     let from_files = p2.evaluate_mix(&[&files[0], &files[1], &files[2]], &alpha, true).unwrap();
     assert!(close(from_mem.loss, from_files.loss, 1e-9), "the copies hold the same tensors");
-    let staged = |o: &CommandObjective| std::fs::read_dir(o.scratch_dir()).unwrap().count();
+    let staged = |o: &CommandObjective| staged_files(o).len();
     assert_eq!(staged(&p2), 0, "copies of members that left the window are deleted");
     let w0 = p2.traffic().staged_written;
     p2.evaluate_mix(&[&mem[0], &mem[1]], &[0.5, 0.5], false).unwrap();

@@ -10,10 +10,13 @@
 //! made-up loss.
 
 mod config;
+mod group;
+mod leftovers;
 mod members;
 mod process;
 mod protocol;
 mod staging;
+mod stderr;
 mod window;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -29,11 +32,13 @@ use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 pub use config::{CommandConfig, opt_timeout_s};
 pub(crate) use config::{default_startup_timeout_s, default_timeout_s};
+pub use group::stop_all;
 use members::{Held, MemberKey};
-use process::{Process, RecvError, Tail};
+use process::{Process, RecvError};
 pub use protocol::PROTOCOL;
 use protocol::{Abilities, Reply};
 use staging::Staging;
+use stderr::Tail;
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -52,6 +57,8 @@ pub struct Traffic {
     pub lines_in: u64,
     pub staged_written: u64,
     pub staged_read: u64,
+    /// Bytes of member copies in staging now (memory, when staging is under /dev/shm).
+    pub staged_held: u64,
 }
 
 /// The evaluator objective. Restarts its process after any failure, with exponential backoff.
@@ -123,6 +130,7 @@ impl CommandObjective {
             lines_in: self.lines_done.1 + live.1,
             staged_written: self.staging.written,
             staged_read: self.staging.read,
+            staged_held: self.staging.held,
         }
     }
 
@@ -197,7 +205,7 @@ impl CommandObjective {
 
     fn handshake(&self, s: &mut Session) -> Result<()> {
         s.process
-            .send(&protocol::hello())
+            .send(&protocol::hello(), seconds(self.config.startup_timeout_s))
             .map_err(|e| self.failure(format!("did not accept the hello: {e}")))?;
         match self.receive(s, "startup_timeout_s", self.config.startup_timeout_s)? {
             Reply::Hello { protocol, grad, name, mix, formats, dtypes }
@@ -220,8 +228,7 @@ impl CommandObjective {
 
     /// Next reply line, within the timeout.
     fn receive(&self, s: &mut Session, key: &str, timeout_s: f64) -> Result<Reply> {
-        let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::MAX);
-        let line = match s.process.recv(timeout) {
+        let line = match s.process.recv(seconds(timeout_s)) {
             Ok(line) => line,
             Err(RecvError::Unreadable(e)) => {
                 return Err(self.failure(format!("stdout unreadable: {e}")));
@@ -232,6 +239,11 @@ impl CommandObjective {
             Err(RecvError::Exited(status)) => {
                 return Err(self.failure(format!("exited ({status})")));
             }
+            Err(RecvError::ClosedStdout) => {
+                return Err(self.failure(format!(
+                    "closed its stdout but was still running after {key} = {timeout_s}"
+                )));
+            }
         };
         serde_json::from_str(&line).map_err(|e| {
             let shown: String = line.chars().take(200).collect();
@@ -239,10 +251,13 @@ impl CommandObjective {
         })
     }
 
-    /// Send a request; a closed stdin most likely means it died: let its last words reach
-    /// the error.
+    /// Send a request, within `timeout_s`; a closed stdin most likely means it died: let its
+    /// last words reach the error.
     fn send(&self, s: &mut Session, msg: &serde_json::Value) -> Result<()> {
-        s.process.send(msg).map_err(|e| {
+        s.process.send(msg, seconds(self.config.timeout_s)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                return self.failure(format!("{e} (timeout_s = {})", self.config.timeout_s));
+            }
             s.process.drain_stderr();
             self.failure(format!("closed its stdin: {e}"))
         })
@@ -304,9 +319,18 @@ impl CommandObjective {
         let grad = match (ask_grad, grad) {
             (false, _) => None,
             (true, None) => return Err(self.failure("did not return the gradient asked for")),
-            (true, Some(p)) => Some(self.staging.read_grad(&p, params)?),
+            (true, Some(p)) => Some(self.staging.read_grad(&self.evaluator_path(&p), params)?),
         };
         Ok(Evaluation { loss, grad })
+    }
+
+    /// A path the evaluator sent, as sewa must open it: a relative one is relative to the
+    /// evaluator's working directory, not sewa's.
+    fn evaluator_path(&self, p: &Path) -> PathBuf {
+        match &self.config.cwd {
+            Some(cwd) if p.is_relative() => cwd.join(p),
+            _ => p.to_path_buf(),
+        }
     }
 
     /// A result line for request `id`: its finite loss, gradient file and dot products.
@@ -415,12 +439,19 @@ impl Objective for CommandObjective {
 impl Drop for CommandObjective {
     fn drop(&mut self) {
         if let Some(s) = &mut self.session {
-            // A polite goodbye; Process's drop kills it if it lingers.
-            let _ = s.process.send(&json!({"type": "shutdown"}));
+            // A polite goodbye; Process's drop stops its group if it lingers.
+            let _ = s.process.send(&json!({"type": "shutdown"}), Duration::from_millis(100));
             let deadline = Instant::now() + Duration::from_secs(2);
             while Instant::now() < deadline && !s.process.exited() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
+}
+
+/// A configured timeout as a `Duration`: at most a week (what `check` allows), so every wait on
+/// the evaluator has a deadline even for a config built in code.
+fn seconds(timeout_s: f64) -> Duration {
+    let week = 7.0 * 86_400.0;
+    Duration::from_secs_f64(if timeout_s > 0.0 { timeout_s.min(week) } else { 0.0 })
 }

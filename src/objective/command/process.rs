@@ -1,30 +1,30 @@
 //! One running evaluator process: its pipes, a reader thread per output stream (stdout lines
-//! for the protocol, stderr lines logged and kept as a tail for error messages), JSON lines
-//! out and in with a timeout, and the byte counts of both. It knows nothing of what the lines
-//! mean (`protocol`) or when to restart (`CommandObjective`).
+//! for the protocol; stderr relayed by `stderr`), a writer thread for stdin, JSON lines out and
+//! in, each within a deadline whatever the process does with its pipes, and the byte counts
+//! of both. It runs as the leader of its own process group, and stopping it stops the group
+//! (`group`). It knows nothing of what the lines mean (`protocol`) or when to restart
+//! (`CommandObjective`).
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
 use super::CommandConfig;
+use super::group::{self, Enlisted, Group};
+use super::stderr::{self, Tail};
 use crate::error::{Error, Result};
 
-const STDERR_LINES_KEPT: usize = 20;
 /// Longest protocol line accepted (protocol 2's K dot products take ~25 bytes each): an
 /// evaluator printing without newlines cannot make sewa buffer without bound.
 const MAX_LINE: usize = 16 << 20;
-/// Longest stderr line kept (longer ones are cut: they are for people to read).
-const MAX_STDERR_LINE: usize = 64 << 10;
 /// After the evaluator exits, how long to wait for its stderr to reach EOF before composing the
 /// error (a grandchild can keep the pipe open; its last lines are what a user debugs with).
 const STDERR_DRAIN: Duration = Duration::from_secs(2);
-
-/// The last stderr lines of the current process, shared with its reader thread.
-pub type Tail = Arc<Mutex<VecDeque<String>>>;
+/// How long a stopped group's leader may take to be reaped once nothing of it is alive.
+const REAP: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(10);
 
 /// Why a line could not be had.
 pub enum RecvError {
@@ -32,12 +32,17 @@ pub enum RecvError {
     Timeout,
     /// The process closed stdout; its exit status.
     Exited(String),
+    /// The process closed stdout but was still running at the deadline.
+    ClosedStdout,
 }
 
-/// A running evaluator process. Dropping it kills the process.
+/// A running evaluator process. Dropping it stops its whole process group.
 pub struct Process {
     child: Child,
-    stdin: ChildStdin,
+    group: Group,
+    /// Lines to write to stdin, and the writer's answer for each.
+    stdin: Sender<Vec<u8>>,
+    written: Receiver<std::io::Result<()>>,
     lines: Receiver<std::io::Result<String>>,
     /// Disconnects when the stderr reader has read its pipe to EOF.
     stderr_eof: Receiver<()>,
@@ -48,13 +53,13 @@ pub struct Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
 impl Process {
-    /// Start `config.command` with `SEWA_PROTOCOL` set to the highest version sewa speaks.
+    /// Start `config.command` with `SEWA_PROTOCOL` set to the highest version sewa speaks, as
+    /// the leader of a new process group.
     pub fn spawn(config: &CommandConfig, protocol: u32, tail: &Tail) -> Result<Process> {
         let mut cmd = Command::new(&config.command[0]);
         cmd.args(&config.command[1..])
@@ -62,36 +67,63 @@ impl Process {
             .env("SEWA_PROTOCOL", protocol.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Its own group: everything it starts can be stopped with it. It also leaves the
+            // terminal's foreground group, so a Ctrl-C reaches sewa, which stops it.
+            .process_group(0);
         if let Some(dir) = &config.cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let shown = || config.command.join(" ");
+        let started = group::enlist(
+            || cmd.spawn(),
+            |r| match r.as_ref().ok().and_then(|c| Group::of_leader(c.id())) {
+                Some(g) => Enlisted::Group(g),
+                None => Enlisted::Nothing,
+            },
+        );
+        let Some(started) = started else {
+            return Err(Error::Evaluator(format!("{}: not started: sewa is stopping", shown())));
+        };
+        let mut child = started.map_err(|e| {
             Error::Evaluator(format!(
                 "cannot start evaluator {}: {e} (check [objective] command and cwd)",
-                config.command.join(" ")
+                shown()
             ))
         })?;
+        let group = Group::of_leader(child.id()).expect("a child's pid is positive");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
+        let errors = child.stderr.take().expect("piped stderr");
         tail.lock().map(|mut t| t.clear()).ok();
-        let stderr_eof = spawn_stderr_logger(stderr, tail.clone());
+        let stderr_eof = stderr::relay(errors, tail.clone());
         let lines = spawn_line_reader(stdout);
-        Ok(Process { child, stdin, lines, stderr_eof, bytes_out: 0, bytes_in: 0 })
+        let (stdin, written) = spawn_writer(stdin);
+        Ok(Process { child, group, stdin, written, lines, stderr_eof, bytes_out: 0, bytes_in: 0 })
     }
 
-    /// Write one JSON line.
-    pub fn send(&mut self, msg: &serde_json::Value) -> std::io::Result<()> {
+    /// Write one JSON line, within `timeout`: an evaluator that stops reading its stdin
+    /// cannot block sewa on a full pipe.
+    pub fn send(&mut self, msg: &serde_json::Value, timeout: Duration) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(msg).expect("json values serialise");
         line.push(b'\n');
         self.bytes_out += line.len() as u64;
-        self.stdin.write_all(&line)?;
-        self.stdin.flush()
+        let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed");
+        self.stdin.send(line).map_err(|_| gone())?;
+        match self.written.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("it did not read its stdin within {:.1} s", timeout.as_secs_f64()),
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(gone()),
+        }
     }
 
-    /// The next stdout line, within `timeout`.
+    /// The next stdout line, within `timeout`. A closed stdout is waited on no longer than
+    /// that either: the process may close it and live on.
     pub fn recv(&mut self, timeout: Duration) -> std::result::Result<String, RecvError> {
+        let deadline = Instant::now().checked_add(timeout);
         match self.lines.recv_timeout(timeout) {
             Ok(Ok(line)) => {
                 self.bytes_in += line.len() as u64 + 1;
@@ -99,11 +131,28 @@ impl Process {
             }
             Ok(Err(e)) => Err(RecvError::Unreadable(e)),
             Err(RecvTimeoutError::Timeout) => Err(RecvError::Timeout),
-            Err(RecvTimeoutError::Disconnected) => {
-                let status = self.child.wait().map(|st| st.to_string()).unwrap_or_default();
-                self.drain_stderr();
-                Err(RecvError::Exited(status))
+            Err(RecvTimeoutError::Disconnected) => match self.wait_exit(deadline) {
+                Some(status) => {
+                    self.drain_stderr();
+                    Err(RecvError::Exited(status))
+                }
+                None => Err(RecvError::ClosedStdout),
+            },
+        }
+    }
+
+    /// Poll for the exit until `deadline` (`None`: a deadline past what `Instant` holds).
+    fn wait_exit(&mut self, deadline: Option<Instant>) -> Option<String> {
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return Some(st.to_string()),
+                Ok(None) => {}
+                Err(e) => return Some(format!("exit status unknown: {e}")),
             }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            std::thread::sleep(POLL);
         }
     }
 
@@ -116,6 +165,36 @@ impl Process {
     pub fn drain_stderr(&self) {
         let _ = self.stderr_eof.recv_timeout(STDERR_DRAIN);
     }
+
+    /// Stop the whole group (SIGTERM, grace, SIGKILL: `group::stop`) and reap the leader, all
+    /// within bounded time.
+    fn stop(&mut self) {
+        if !group::stop(&[self.group]) {
+            tracing::warn!(group = self.group.id(), "evaluator processes survived SIGKILL");
+        }
+        if self.wait_exit(Instant::now().checked_add(REAP)).is_none() {
+            // Not reaped yet (a process stuck in the kernel): a zombie until sewa exits.
+            tracing::warn!(pid = self.child.id(), "evaluator not reaped after SIGKILL");
+        }
+        group::discharge_group(self.group);
+    }
+}
+
+/// A thread that writes lines to the evaluator's stdin and answers each with its result; it
+/// ends when the process closes the pipe or the `Process` is dropped.
+fn spawn_writer(mut stdin: ChildStdin) -> (Sender<Vec<u8>>, Receiver<std::io::Result<()>>) {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in rx {
+            let r = stdin.write_all(&line).and_then(|()| stdin.flush());
+            let failed = r.is_err();
+            if done_tx.send(r).is_err() || failed {
+                break;
+            }
+        }
+    });
+    (tx, done_rx)
 }
 
 fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Result<String>> {
@@ -140,27 +219,6 @@ fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Res
         }
     });
     rx
-}
-
-/// Log the evaluator's stderr and keep its last lines; the returned receiver disconnects once
-/// the pipe reached EOF and every line is in `tail`.
-fn spawn_stderr_logger(stderr: std::process::ChildStderr, tail: Tail) -> Receiver<()> {
-    let (eof_tx, eof_rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let _eof = eof_tx; // dropped after the last line is stored
-        let mut reader = BufReader::new(stderr);
-        while let Ok(Some((bytes, _))) = read_line_bounded(&mut reader, MAX_STDERR_LINE) {
-            let line = String::from_utf8_lossy(&bytes).into_owned();
-            tracing::info!(target: "sewa::evaluator", "{line}");
-            if let Ok(mut t) = tail.lock() {
-                if t.len() == STDERR_LINES_KEPT {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        }
-    });
-    eof_rx
 }
 
 /// The next line of `r` without its newline, keeping at most `max` bytes of it (the rest of

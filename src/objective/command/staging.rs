@@ -2,12 +2,17 @@
 //! /dev/shm when it exists): protocol 1's candidate and gradient files, and protocol 2's
 //! safetensors copy of a member whose format the evaluator cannot load (written once per
 //! member, never per request). Counts every byte it writes and reads, so tests and the
-//! benchmark can show what a request costs. It does not speak the protocol.
+//! benchmark can show what a request costs, and the bytes it holds (under /dev/shm, memory
+//! taken from the trainer), which it logs. Named `sewa-eval-<pid>-…` with a marker inside, so
+//! a later start removes what a killed sewa left (`leftovers`); removed when dropped, and by
+//! `group::stop_all` when sewa exits without dropping it. It does not speak the protocol.
 
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::super::{NamedTensor, Params};
+use super::group::{self, Enlisted};
+use super::leftovers;
 use crate::checkpoint::{Checkpoint, DType};
 use crate::error::{Error, Result};
 
@@ -21,25 +26,45 @@ pub struct Staging {
     pub written: u64,
     /// Bytes sewa read back from it (gradients).
     pub read: u64,
+    /// Bytes of member copies it holds now (candidates are deleted after each request).
+    pub held: u64,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        group::discharge_dir(self.dir.path()); // `dir` removes itself next
+    }
 }
 
 impl Staging {
     /// A private directory inside `[objective] staging_dir` when given, else in memory when
     /// /dev/shm is usable, else in the temp dir.
+    /// Its path is absolute: the evaluator, in another working directory, is sent paths in it.
+    /// Stale directories a killed sewa left beside it are removed.
     pub fn new(configured: Option<&Path>) -> Result<Staging> {
-        let builder = || {
-            let mut b = tempfile::Builder::new();
-            b.prefix("sewa-eval-");
-            b
-        };
-        let dir = match configured {
-            Some(d) => builder().tempdir_in(d).map_err(|e| Error::io(d, e))?,
-            None => match builder().tempdir_in("/dev/shm") {
-                Ok(dir) => dir,
-                Err(_) => builder().tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?,
+        let (parent, dir) = match configured {
+            Some(d) => {
+                let d = std::path::absolute(d).map_err(|e| Error::io(d, e))?;
+                let dir = make_in(&d).map_err(|e| Error::io(&d, e))?;
+                (d, dir)
+            }
+            None => match make_in(Path::new("/dev/shm")) {
+                Ok(dir) => (PathBuf::from("/dev/shm"), dir),
+                Err(_) => {
+                    let tmp = std::path::absolute(std::env::temp_dir())
+                        .unwrap_or_else(|_| std::env::temp_dir());
+                    let dir = make_in(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                    (tmp, dir)
+                }
             },
         };
-        Ok(Staging { dir, written: 0, read: 0 })
+        let marker = dir.path().join(leftovers::MARKER);
+        std::fs::write(&marker, leftovers::marker()).map_err(|e| Error::io(&marker, e))?;
+        for (path, bytes) in leftovers::clean(&parent, dir.path()) {
+            tracing::info!(dir = %path.display(), bytes,
+                "removed a staging directory left by a sewa that is no longer running");
+        }
+        Ok(Staging { dir, written: 0, read: 0, held: 0 })
     }
 
     /// Refuse to write `bytes` (`what`) into a staging filesystem that cannot hold them: a
@@ -95,6 +120,24 @@ impl Staging {
     /// Copy every tensor of `ckpt` (sewa's names, stored dtypes) into one safetensors file at
     /// `path`, streamed tensor by tensor from the files sewa holds open.
     pub fn write_member(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
+        self.copy_member(ckpt, path)?;
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        self.held += bytes;
+        tracing::info!(member = %ckpt.path().display(), bytes, staging_holds = self.held,
+            dir = %self.dir.path().display(),
+            "staged a safetensors copy for the evaluator (under /dev/shm this is memory)");
+        Ok(())
+    }
+
+    /// Delete a member copy made by `write_member`.
+    pub fn remove_member(&mut self, path: &Path) {
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        if std::fs::remove_file(path).is_ok() {
+            self.held = self.held.saturating_sub(bytes);
+        }
+    }
+
+    fn copy_member(&mut self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
         self.ensure_room(ckpt.total_bytes(), &format!("a copy of {}", ckpt.path().display()))?;
         let fail = |e: std::io::Error| {
             let what = format!("cannot write a copy for the evaluator: {e}");
@@ -170,4 +213,17 @@ fn grad_tensor(st: &safetensors::SafeTensors, p: &NamedTensor, path: &Path) -> R
         return Err(bad(format!("gradient of {} has NaN or Inf", p.name)));
     }
     Ok(NamedTensor { name: p.name.clone(), shape: p.shape.clone(), data })
+}
+
+/// A new `sewa-eval-<pid>-<random>` directory in `parent`, enlisted for `group::stop_all`.
+fn make_in(parent: &Path) -> std::io::Result<tempfile::TempDir> {
+    let prefix = format!("{}{}-", leftovers::PREFIX, std::process::id());
+    let made = group::enlist(
+        || tempfile::Builder::new().prefix(&prefix).tempdir_in(parent),
+        |r| match r {
+            Ok(d) => Enlisted::Dir(d.path().to_path_buf()),
+            Err(_) => Enlisted::Nothing,
+        },
+    );
+    made.unwrap_or_else(|| Err(std::io::Error::other("sewa is stopping")))
 }

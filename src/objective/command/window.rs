@@ -7,7 +7,7 @@ use super::members::MemberKey;
 use super::protocol::{self, Added, Reply};
 use super::{CommandObjective, Session};
 use crate::checkpoint::{Checkpoint, Identity};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 impl CommandObjective {
     /// Tell the evaluator which members to add and drop; returns the members' ids in order.
@@ -59,7 +59,10 @@ impl CommandObjective {
             .filter(|_| ckpt.renamed_keys().is_empty())
             .filter(|_| Identity::of(ckpt.path()).is_ok_and(|i| &i == ckpt.identity()));
         if let Some(format) = direct {
-            return Ok(Added { id, path: ckpt.path().to_path_buf(), format, tensors });
+            // Absolute: sewa opened the path from its own working directory, the evaluator
+            // runs in another (`cwd`, by default the config file's directory).
+            let path = std::path::absolute(ckpt.path()).map_err(|e| Error::io(ckpt.path(), e))?;
+            return Ok(Added { id, path, format, tensors });
         }
         let path = match self.copies.iter().find(|(k, _)| k == key) {
             Some((_, p)) => p.clone(),
@@ -75,10 +78,11 @@ impl CommandObjective {
 
     /// Delete staging copies of members no longer in the window.
     fn drop_stale_copies(&mut self, keys: &[MemberKey]) {
+        let staging = &mut self.staging;
         self.copies.retain(|(k, p)| {
             let keep = keys.contains(k);
             if !keep {
-                let _ = std::fs::remove_file(p);
+                staging.remove_member(p);
             }
             keep
         });

@@ -3,6 +3,7 @@
 
 mod checkcfg;
 mod disk;
+mod evaluator_processes;
 mod input;
 mod losses;
 mod publish;
