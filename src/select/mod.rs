@@ -195,20 +195,16 @@ pub fn run_configured(
         }
     };
     let (found, verdict) = guard::judge(found, &checked);
-    if let Some(v) = &verdict {
-        if v.winner != "method" {
-            tracing::info!(
-                rule = %v.winner, rule_loss = v.best_rule_loss, method_loss = v.method_loss,
-                "{method}: a fixed rule verified better than the method's answer; publishing the rule"
-            );
-        }
-    }
     let wall = started.elapsed().as_secs_f64();
     let calls = oracle.calls;
     let mut selection =
         to_selection(method.name(), members, &found, calls, wall, &oracle.describe());
     if let Some(v) = verdict {
         if v.winner != "method" {
+            tracing::info!(
+                rule = %v.winner, rule_loss = v.best_rule_loss, method_loss = v.method_loss,
+                "{method}: a fixed rule verified better than the method's answer; publishing the rule"
+            );
             selection.why = format!(
                 "{} (guard: {} beat the method's {:.5})",
                 selection.why, v.winner, v.method_loss

@@ -182,6 +182,7 @@ pub fn run(
         warm_runs,
         loss: Some(run.loss),
         points: Vec::new(),
+        errors: Vec::new(),
     };
     Ok((Found { set: run.set, loss: run.loss, weights: None, details }, state))
 }

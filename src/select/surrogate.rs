@@ -33,6 +33,8 @@ const MAX_GROUPS: usize = 4;
 const MAX_BANDS: usize = 4;
 /// Candidates the surrogate ranks per round (exploitation and exploration are drawn from them).
 const POOL: usize = 64;
+/// Prediction errors a warm start inherits (the newest).
+const ERRORS_KEPT: usize = 8;
 /// Largest window whose surrogate fits a full residual (K(K+1)/2 unknowns).
 const MAX_RESIDUAL_WINDOW: usize = 40;
 /// Relaxed-mask iterations and samples on the surrogate (free: no oracle call).
@@ -84,14 +86,16 @@ impl Search {
     }
 
     /// The model's out-of-sample error: every verified mask was predicted before its call.
-    fn out_of_sample(&self) -> serde_json::Value {
-        let mut abs: Vec<f64> = self.recent.iter().map(|(p, l)| (p - l).abs()).collect();
+    /// The first `inherited` errors came from earlier windows and are not reported again.
+    fn out_of_sample(&self, inherited: usize) -> serde_json::Value {
+        let own = &self.recent[inherited.min(self.recent.len())..];
+        let mut abs: Vec<f64> = own.iter().map(|(p, l)| (p - l).abs()).collect();
         abs.sort_by(f64::total_cmp);
-        let rel: Vec<f64> =
-            self.recent.iter().map(|(p, l)| (p - l).abs() / l.abs().max(1e-12)).collect();
+        let rel: Vec<f64> = own.iter().map(|(p, l)| (p - l).abs() / l.abs().max(1e-12)).collect();
         let at = |q: f64| abs.get(((abs.len() as f64 - 1.0) * q).round() as usize).copied();
         json!({
             "masks": abs.len(),
+            "inherited": inherited,
             "median_abs": at(0.5),
             "max_abs": abs.last(),
             "max_rel": rel.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
@@ -183,6 +187,13 @@ pub fn run(
         }
     }
     let mut s = Search::new(oracle, points, k, use_grad)?;
+    // A warm start inherits the model's measured error on the previous windows.
+    let inherited = match (&start.cold, warm_state) {
+        (None, Some(w)) => w.errors.clone(),
+        _ => Vec::new(),
+    };
+    let errors_inherited = inherited.len();
+    s.recent = inherited;
     let groups = if use_grad { MAX_GROUPS } else { 1 };
     let bands = if use_grad { MAX_BANDS } else { 1 };
     let set = Setting {
@@ -229,7 +240,7 @@ pub fn run(
         "surrogate_points_carried": carried_points,
         "surrogate_points_seed": seed_points,
         "surrogate_curvature": model.curvature,
-        "surrogate_out_of_sample": s.out_of_sample(),
+        "surrogate_out_of_sample": s.out_of_sample(errors_inherited),
         "verified_masks": s.verified.len(),
         "oracle_calls_optimise": s.optimise_calls,
         "oracle_calls_verify": s.verify_calls,
@@ -238,11 +249,18 @@ pub fn run(
         (None, Some(w)) => w.warm_runs + 1,
         _ => 0,
     };
+    let errors = s.recent[s.recent.len().saturating_sub(ERRORS_KEPT)..].to_vec();
     // Vertex points are not kept: members' own losses live in `Memory`.
     let kept: Vec<Point> = s.points.into_iter().filter(mixed).collect();
-    let state =
-        SewaState { keys: keys.to_vec(), theta, warm_runs, loss: Some(loss), points: Vec::new() }
-            .with_points(kept);
+    let state = SewaState {
+        keys: keys.to_vec(),
+        theta,
+        warm_runs,
+        loss: Some(loss),
+        points: Vec::new(),
+        errors,
+    }
+    .with_points(kept);
     Ok((Found { set: chosen, loss, weights: None, details }, state))
 }
 
@@ -291,7 +309,8 @@ fn refine(
 /// unverified ones predicted to beat the best verified mask by the margin of the model's
 /// recent error (or the tolerance, once it predicts well), then one novel mask (at least two
 /// members unlike every verified mask) within the margin of the model's worst error so far —
-/// a model that has been wrong by that much may be wrong there too.
+/// a model that has been wrong by that much may be wrong there too. Before the model has
+/// predicted any call, both are taken unconditionally.
 fn proposals(
     s: &Search,
     model: &Model,
@@ -301,7 +320,12 @@ fn proposals(
 ) -> Vec<(Vec<usize>, f64)> {
     let recent = s.prediction_error(2 * cfg.surrogate_batch);
     let worst = s.prediction_error(usize::MAX);
+    // A model that has not yet predicted a single call has no measured error: its first
+    // proposals are verified whatever it predicts, so its stopping rule never rests on
+    // untested trust.
+    let untested = s.recent.is_empty();
     let worth = |pred: f64, err: f64| match best {
+        _ if untested => true,
         Some((b, loss)) => {
             let tol = cfg.surrogate_tolerance * loss.abs().max(1e-12);
             let margin = if err > tol { err } else { -tol };

@@ -32,6 +32,10 @@ pub struct SewaState {
     /// next window for the members that survive.
     #[serde(default)]
     pub points: Vec<Point>,
+    /// The surrogate's newest (predicted, actual) losses of verified masks: the model's
+    /// measured error, so a warm start's first proposals need not be verified blindly.
+    #[serde(default)]
+    pub errors: Vec<(f64, f64)>,
 }
 
 impl SewaState {
@@ -126,7 +130,7 @@ mod tests {
     }
 
     fn state(names: &[&str], theta: Vec<f64>, warm_runs: usize) -> SewaState {
-        SewaState { keys: keys(names), theta, warm_runs, loss: None, points: vec![] }
+        SewaState { keys: keys(names), theta, warm_runs, ..SewaState::default() }
     }
 
     #[test]

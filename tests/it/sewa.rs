@@ -955,10 +955,9 @@ fn an_ema_that_beats_every_subset_is_published_with_its_weights() {
     let target = noise(51, dim);
     let ema = sewa::select::guard::ema_weights(n, 0.8);
     let mut z: Vec<Vec<f64>> = (0..n).map(|i| noise(60 + i as u64, dim)).collect();
-    for d in 0..dim {
-        let s: f64 = (0..n - 1).map(|i| ema[i] * z[i][d]).sum();
-        z[n - 1][d] = -s / ema[n - 1];
-    }
+    let last: Vec<f64> =
+        (0..dim).map(|d| -(0..n - 1).map(|i| ema[i] * z[i][d]).sum::<f64>() / ema[n - 1]).collect();
+    z[n - 1] = last;
     let members: Vec<Checkpoint> = (0..n)
         .map(|i| member(i, &target.iter().zip(&z[i]).map(|(t, z)| t + z).collect::<Vec<_>>()))
         .collect();

@@ -290,7 +290,9 @@ fn average_with_flood(n: u32) -> String {
     std::fs::create_dir(&staging).unwrap();
     let cfg = tmp.path().join("sewa.toml");
     let flood = n.to_string();
-    std::fs::write(&cfg, daemon_objective(&["--flood", &flood], &file, &staging)).unwrap();
+    // Without the selection guard's rule calls: the request count stays that of greedy alone.
+    let objective = daemon_objective(&["--flood", &flood], &file, &staging);
+    std::fs::write(&cfg, format!("{objective}[select.sewa]\nguard = false\n")).unwrap();
     let inputs: Vec<PathBuf> = (1..=2).map(|i| write_member(tmp.path(), i)).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_sewa"))
         .args(["average", "--select", "greedy", "--k", "1", "--config"])
