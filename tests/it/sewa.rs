@@ -999,3 +999,30 @@ fn a_warm_selection_after_a_slide_by_one_matches_cold_in_few_calls() {
     let calls = d["oracle_calls"].as_u64().unwrap();
     assert!(calls <= 8, "warm calls {calls}: {d}");
 }
+
+/// Issue 18: a forward-only objective (losses, no gradient) gets the same guarantee: the rules
+/// are verified from losses alone and the published loss is no worse than any of them.
+#[test]
+fn forward_only_selections_pass_the_same_guard() {
+    let mut bias = vec![0.9; 20];
+    bias[15..].iter_mut().for_each(|b| *b = 0.0);
+    let (all, quad) = graded(&bias, 48, 43);
+    let mut quad = Quad { grad: false, ..quad };
+    let refs: Vec<&Checkpoint> = all.iter().collect();
+    for strategy in [Strategy::Surrogate, Strategy::Direct] {
+        let cfg = SewaConfig { strategy, ..SewaConfig::default() };
+        let (sel, _) = run_model_based(Method::Sewa, 5, &refs, &mut quad, &cfg, None).unwrap();
+        let d = sel.details.json();
+        assert_eq!(d["estimator"], "reinforce", "{d}");
+        let rules = d["guard"]["rules"].as_array().expect("the guard ran");
+        assert!(rules.len() >= 6, "runs, uniform and EMAs: {d}");
+        let loss = sel.loss.unwrap();
+        for r in rules {
+            assert!(loss <= r[1].as_f64().unwrap(), "{strategy:?}: {loss} vs {r}");
+        }
+        assert!(
+            d["oracle_calls"].as_u64().unwrap() <= 2 * 20 || strategy == Strategy::Direct,
+            "{d}"
+        );
+    }
+}
