@@ -192,7 +192,8 @@ pub enum Strategy {
 #[serde(deny_unknown_fields, default)]
 pub struct SewaConfig {
     pub strategy: Strategy,
-    /// Surrogate: most objective calls of one selection, member losses included (0: 2K).
+    /// Surrogate: most objective calls of one selection, the guard's (and, for forward-only
+    /// objectives, the members' own losses) included (0: 2K).
     pub surrogate_max_calls: usize,
     /// Surrogate: hard masks verified per refit.
     #[serde(deserialize_with = "crate::checked::de::at_least_one")]
