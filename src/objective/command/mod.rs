@@ -12,6 +12,7 @@
 mod config;
 mod group;
 mod leftovers;
+mod lines;
 mod members;
 mod process;
 mod protocol;

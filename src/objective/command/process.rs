@@ -5,7 +5,7 @@
 //! (`group`). It knows nothing of what the lines mean (`protocol`) or when to restart
 //! (`CommandObjective`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::CommandConfig;
 use super::group::{self, Enlisted, Group};
+use super::lines::read_bounded;
 use super::stderr::{self, Tail};
 use crate::error::{Error, Result};
 
@@ -202,7 +203,7 @@ fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Res
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         loop {
-            let line = match read_line_bounded(&mut reader, MAX_LINE) {
+            let line = match read_bounded(&mut reader, MAX_LINE, false) {
                 Ok(None) => break,
                 Ok(Some((_, true))) => Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -221,38 +222,6 @@ fn spawn_line_reader(stdout: std::process::ChildStdout) -> Receiver<std::io::Res
     rx
 }
 
-/// The next line of `r` without its newline, keeping at most `max` bytes of it (the rest of
-/// the line is read and dropped; `true` says so); `None` at end of stream.
-fn read_line_bounded(r: &mut impl BufRead, max: usize) -> std::io::Result<Option<(Vec<u8>, bool)>> {
-    let (mut line, mut cut, mut any) = (Vec::new(), false, false);
-    loop {
-        let buf = r.fill_buf()?;
-        if buf.is_empty() {
-            break;
-        }
-        any = true;
-        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        let room = max.saturating_sub(line.len());
-        cut |= chunk.len() > room;
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        let used = done.unwrap_or(buf.len());
-        r.consume(used);
-        if done.is_some() {
-            break;
-        }
-    }
-    if !any {
-        return Ok(None);
-    }
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(Some((line, cut)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,7 +230,7 @@ mod tests {
     fn lines_are_read_whole_up_to_the_bound_and_cut_beyond_it() {
         let text = b"short\r\nexactly8\n0123456789abc\nlast".to_vec();
         let mut r = BufReader::with_capacity(4, &text[..]); // lines span several buffer fills
-        let mut next = || read_line_bounded(&mut r, 8).unwrap();
+        let mut next = || read_bounded(&mut r, 8, false).unwrap();
         assert_eq!(next(), Some((b"short".to_vec(), false)));
         assert_eq!(next(), Some((b"exactly8".to_vec(), false)));
         assert_eq!(next(), Some((b"01234567".to_vec(), true)), "cut, and the rest dropped");

@@ -4,8 +4,8 @@
 //! what was left out, and its last lines kept whole for error messages. An evaluator printing
 //! in a loop cannot fill the journal or the disk.
 
+use super::lines::read_bounded;
 use std::collections::VecDeque;
-use std::io::BufRead;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,7 +114,7 @@ pub fn relay(stderr: std::process::ChildStderr, tail: Tail) -> Receiver<()> {
         let _eof = eof_tx; // dropped after the last line is stored
         let mut reader = std::io::BufReader::new(stderr);
         let mut limiter = Limiter::new(Instant::now());
-        while let Ok(Some((bytes, _))) = read_last_segment(&mut reader, MAX_STDERR_LINE) {
+        while let Ok(Some((bytes, _))) = read_bounded(&mut reader, MAX_STDERR_LINE, true) {
             let line = String::from_utf8_lossy(&bytes).into_owned();
             let verdict = limiter.admit(Instant::now(), bytes.len());
             if let Some(s) = verdict.summary {
@@ -137,53 +137,6 @@ pub fn relay(stderr: std::process::ChildStderr, tail: Tail) -> Receiver<()> {
     eof_rx
 }
 
-/// The next line of `r` as a terminal would leave it: only what follows its last carriage
-/// return (a progress bar redrawn with `\r` is its final state, not every frame), keeping at
-/// most `max` bytes of that (the rest is read and dropped; `true` says so). A line ending in
-/// `\r\n` is an ordinary line. `None` at end of stream.
-pub fn read_last_segment(
-    r: &mut impl BufRead,
-    max: usize,
-) -> std::io::Result<Option<(Vec<u8>, bool)>> {
-    let (mut line, mut cut, mut any) = (Vec::new(), false, false);
-    // A `\r` ending the previous buffer fill: a line end if `\n` follows, else a redraw.
-    let mut pending_cr = false;
-    loop {
-        let buf = r.fill_buf()?;
-        if buf.is_empty() {
-            break;
-        }
-        any = true;
-        let (mut chunk, done) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if pending_cr && !chunk.is_empty() {
-            line.clear();
-            cut = false;
-        }
-        pending_cr = false;
-        if let Some(rest) = chunk.strip_suffix(b"\r") {
-            chunk = rest;
-            pending_cr = done.is_none();
-        }
-        if let Some(i) = chunk.iter().rposition(|b| *b == b'\r') {
-            line.clear();
-            cut = false;
-            chunk = &chunk[i + 1..];
-        }
-        let room = max.saturating_sub(line.len());
-        cut |= chunk.len() > room;
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        let used = done.unwrap_or(buf.len());
-        r.consume(used);
-        if done.is_some() {
-            break;
-        }
-    }
-    Ok(any.then_some((line, cut)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +144,7 @@ mod tests {
 
     fn segments(text: &[u8], cap: usize) -> Vec<(String, bool)> {
         let mut r = BufReader::with_capacity(cap, text); // lines span several buffer fills
-        std::iter::from_fn(|| read_last_segment(&mut r, 8).unwrap())
+        std::iter::from_fn(|| read_bounded(&mut r, 8, true).unwrap())
             .map(|(l, cut)| (String::from_utf8(l).unwrap(), cut))
             .collect()
     }
