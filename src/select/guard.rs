@@ -107,6 +107,14 @@ fn run_start(alpha: &[f64], k: usize) -> Option<usize> {
     ok.then_some(start)
 }
 
+/// The members `weights` averages uniformly, if it is a uniform average of a subset.
+fn uniform_support(weights: &[f64]) -> Option<Vec<usize>> {
+    let set: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+    let w = 1.0 / set.len().max(1) as f64;
+    let uniform = weights.iter().all(|x| *x == 0.0 || (x - w).abs() < 1e-12);
+    (uniform && !set.is_empty()).then_some(set)
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -129,11 +137,9 @@ pub fn check(
     let mut checked = Vec::with_capacity(rules.len());
     let mut points = Vec::new();
     for rule in rules {
-        let set: Vec<usize> = (0..rule.weights.len()).filter(|&i| rule.weights[i] > 0.0).collect();
-        let hard =
-            rule.weights.iter().all(|w| *w == 0.0 || (w - 1.0 / set.len() as f64).abs() < 1e-12);
+        let hard = uniform_support(&rule.weights);
         let earlier = known.iter().find(|p| same(&p.alpha, &rule.weights));
-        let cached = if hard { oracle.cached(&set) } else { None };
+        let cached = hard.as_deref().and_then(|set| oracle.cached(set));
         let (loss, reused) = match (earlier, cached) {
             (Some(p), _) => {
                 points.push(p.clone());
@@ -152,8 +158,8 @@ pub fn check(
                 (ev.loss, false)
             }
         };
-        if hard {
-            oracle.remember(&set, loss);
+        if let Some(set) = &hard {
+            oracle.remember(set, loss);
         }
         checked.push(Checked { rule, loss, reused });
     }
@@ -198,14 +204,14 @@ pub fn judge(found: Found, checked: &[Checked]) -> (Found, Option<Verdict>) {
         return (found, Some(verdict));
     }
     let w = &best.rule.weights;
-    let set: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
-    let hard = w.iter().all(|x| *x == 0.0 || (x - 1.0 / set.len() as f64).abs() < 1e-12);
+    let hard = uniform_support(w);
+    let set = hard.clone().unwrap_or_else(|| (0..w.len()).filter(|&i| w[i] > 0.0).collect());
     let mut details = found.details;
     if let Some(obj) = details.as_object_mut() {
         obj.insert("method_set".into(), json!(found.set));
         obj.insert("method_weights".into(), json!(found.weights));
     }
-    let weights = if hard { None } else { Some(w.clone()) };
+    let weights = if hard.is_some() { None } else { Some(w.clone()) };
     (Found { set, loss: best.loss, weights, details }, Some(verdict))
 }
 
