@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sewa::average::{AverageOptions, AveragePlan, Workspace};
-use sewa::checkpoint::{Checkpoint, OpenOptions};
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::average::{AverageOptions, AveragePlan, Workspace};
 
 #[path = "../tests/writers/dcp.rs"]
 mod dcp_writer;

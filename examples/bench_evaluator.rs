@@ -16,11 +16,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sewa::checkpoint::{Checkpoint, OpenOptions};
-use sewa::objective::command::{CommandConfig, CommandObjective, Traffic};
-use sewa::objective::config::ObjectiveConfig;
-use sewa::objective::data::{Targets, write_dataset};
-use sewa::objective::{NamedTensor, Objective, Params};
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::objective::command::{CommandConfig, CommandObjective, Traffic};
+use sewa_engine::objective::config::ObjectiveConfig;
+use sewa_engine::objective::data::{Targets, write_dataset};
+use sewa_engine::objective::{NamedTensor, Objective, Params};
 
 const SIZES: [usize; 4] = [1024, 4096, 4096, 1024];
 const REPS: usize = 5;

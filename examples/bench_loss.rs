@@ -19,13 +19,13 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sewa::checkpoint::{Checkpoint, OpenOptions};
-use sewa::objective::ObjectiveConfig;
-use sewa::objective::data::{Targets, write_dataset};
-use sewa::select::Method;
-use sewa::select::SewaConfig;
-use sewa::select::blend::Blend;
-use sewa::select::oracle::Oracle;
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::objective::ObjectiveConfig;
+use sewa_engine::objective::data::{Targets, write_dataset};
+use sewa_engine::select::Method;
+use sewa_engine::select::SewaConfig;
+use sewa_engine::select::blend::Blend;
+use sewa_engine::select::oracle::Oracle;
 
 const SIZES: [usize; 4] = [64, 256, 256, 10];
 
@@ -150,9 +150,15 @@ fn main() {
 
     let sewa_cfg = SewaConfig { member_losses: false, ..Default::default() };
     let (t0, cpu0) = (Instant::now(), cpu_ns());
-    let (sel, _) =
-        sewa::select::run_model_based(Method::Sewa, 5, &refs, objective.as_mut(), &sewa_cfg, None)
-            .unwrap();
+    let (sel, _) = sewa_engine::select::run_model_based(
+        Method::Sewa,
+        5,
+        &refs,
+        objective.as_mut(),
+        &sewa_cfg,
+        None,
+    )
+    .unwrap();
     let wall = t0.elapsed().as_secs_f64() * 1e3;
     let cpu = (cpu_ns() - cpu0) as f64 / 1e6;
     let calls = sel.details.json()["oracle_calls"].as_u64().unwrap_or(0).max(1);

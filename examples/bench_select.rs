@@ -19,11 +19,11 @@ use candle_nn::Optimizer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use sewa::checkpoint::{Checkpoint, OpenOptions};
-use sewa::demo::task::TaskSpec;
-use sewa::objective::data::{Targets, write_dataset};
-use sewa::objective::{Objective, ObjectiveConfig};
-use sewa::select::{
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::demo::task::TaskSpec;
+use sewa_engine::objective::data::{Targets, write_dataset};
+use sewa_engine::objective::{Objective, ObjectiveConfig};
+use sewa_engine::select::{
     Memory, Method, Options, Selection, SewaConfig, SoupConfig, Strategy, TwaConfig, run_configured,
 };
 

@@ -14,10 +14,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sewa::checkpoint::Identity;
-use sewa::config::Config;
-use sewa::daemon::Pipeline;
-use sewa::watch::Settled;
+use sewa_checkpoint::Identity;
+use sewa_engine::config::Config;
+use sewa_engine::daemon::Pipeline;
+use sewa_engine::watch::Settled;
 
 const TENSORS: usize = 16;
 const K: usize = 5;

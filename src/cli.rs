@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::average::{DtypeOverflow, IntPolicy, OutDType};
-use crate::checked::parse_size;
-use crate::checkpoint::DeepSpeedWeights;
+use sewa_checkpoint::DeepSpeedWeights;
+use sewa_engine::average::{DtypeOverflow, IntPolicy, OutDType};
+use sewa_engine::checked::parse_size;
 
 #[derive(Debug, Parser)]
 #[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
@@ -88,7 +88,7 @@ pub struct AverageArgs {
     /// DeepSpeed checkpoints: `module` (the module state dict, training precision; ZeRO-1/2)
     /// or `fp32` (the fp32 masters rebuilt from every rank's optimizer states, as
     /// zero_to_fp32.py; needed for ZeRO-3).
-    #[arg(long, value_enum, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
+    #[arg(long, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
     pub deepspeed_weights: DeepSpeedWeights,
     /// PEFT adapters: `adapters` averages the adapters' A and B tensors (an adapter
     /// directory out); `merge-delta` averages the merged deltas (alpha/r)·B·A and adds them to
@@ -137,7 +137,7 @@ pub struct InspectArgs {
     /// DeepSpeed checkpoints: `module` (the module state dict, training precision; ZeRO-1/2)
     /// or `fp32` (the fp32 masters rebuilt from every rank's optimizer states, as
     /// zero_to_fp32.py; needed for ZeRO-3).
-    #[arg(long, value_enum, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
+    #[arg(long, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
     pub deepspeed_weights: DeepSpeedWeights,
     /// A checkpoint file or directory.
     #[arg(value_name = "INPUT")]

@@ -1,11 +1,15 @@
 //! The `sewa` binary: parse flags, start logging, call the library, map errors to exit codes
 //! (0 ok, 2 bad input or usage, 78 config, 1 internal). Nothing else lives here.
 
+#![deny(unsafe_code)] // only the signal set-up below, each block allowed where it stands
+
+mod cli;
+mod commands;
+
 use std::process::ExitCode;
 
+use crate::cli::{Cli, Command, LogFormat};
 use clap::Parser;
-use sewa::cli::{Cli, Command, LogFormat};
-use sewa::commands;
 
 fn main() -> ExitCode {
     catch_early_hangups(); // first of all: see its docs
@@ -26,7 +30,7 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::watch::status(args).map(|text| print!("{text}")),
         Command::CheckConfig(args) => commands::check::run(args).map(|text| println!("{text}")),
         Command::ExampleConfig => {
-            print!("{}", sewa::config::EXAMPLE);
+            print!("{}", sewa_engine::config::EXAMPLE);
             Ok(())
         }
         Command::Demo(args) => commands::demo::run(args).map(|_| ()),
@@ -73,7 +77,7 @@ fn thread_cap(command: &Command) -> usize {
         // The config is read again (and its errors reported) by the command itself; a reload
         // cannot resize pools that are already running.
         Command::Watch(a) => {
-            sewa::config::Config::load(&a.config).map_or(1, |c| c.runtime.threads.get())
+            sewa_engine::config::Config::load(&a.config).map_or(1, |c| c.runtime.threads.get())
         }
         _ => 1,
     }
@@ -103,7 +107,7 @@ fn cap_threads(n: usize) {
 fn catch_early_hangups() {
     extern "C" fn note(_: libc::c_int) {
         // Only an atomic store: async-signal-safe.
-        sewa::daemon::EARLY_HANGUP.store(true, std::sync::atomic::Ordering::SeqCst);
+        sewa_engine::daemon::EARLY_HANGUP.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     let handler: extern "C" fn(libc::c_int) = note;
     // SAFETY: a zeroed sigaction is a valid empty one; the handler only stores to an atomic;
@@ -125,7 +129,7 @@ fn default_hangups() {
     #[allow(unsafe_code)]
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_DFL);
-        if sewa::daemon::EARLY_HANGUP.load(std::sync::atomic::Ordering::SeqCst) {
+        if sewa_engine::daemon::EARLY_HANGUP.load(std::sync::atomic::Ordering::SeqCst) {
             libc::raise(libc::SIGHUP);
         }
     }

@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use sewa::checkpoint::Checkpoint;
-use sewa::objective::Objective;
-use sewa::select::{
+use sewa_checkpoint::Checkpoint;
+use sewa_engine::objective::Objective;
+use sewa_engine::select::{
     MemberSummary, Memory, Method, Options, Selection, SewaConfig, SoupConfig, Strategy, TwaConfig,
     rules, run_configured,
 };
@@ -241,7 +241,7 @@ fn select(
     obj: &mut dyn Objective,
     memory: &mut Memory,
 ) -> Result<Answer, String> {
-    let rule = |r: sewa::Result<Selection>| r.map(|s| from_selection(s, 0.0));
+    let rule = |r: sewa_engine::Result<Selection>| r.map(|s| from_selection(s, 0.0));
     let members = summaries(view);
     let answer = match strategy {
         "lawa" => rule(rules::lawa(&members, k)),

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use sewa::checkpoint::{Checkpoint, DType, OpenOptions};
-use sewa::objective::{Activation, LossKind, NamedTensor, Objective, ObjectiveConfig, Params};
+use sewa_checkpoint::{Checkpoint, DType, OpenOptions};
+use sewa_engine::objective::{
+    Activation, LossKind, NamedTensor, Objective, ObjectiveConfig, Params,
+};
 
 /// `zoo.json`: one split of the zoo.
 #[derive(Deserialize)]
@@ -93,7 +95,7 @@ impl Weights {
                     ));
                 }
                 let bytes = c.data(name).map_err(|e| e.to_string())?;
-                tensors.push(sewa::dtype::f32s(&bytes));
+                tensors.push(sewa_checkpoint::dtype::f32s(&bytes));
             }
             members.push(tensors);
         }
@@ -144,7 +146,7 @@ impl Window {
             .members
             .iter()
             .map(|m| Checkpoint::open(&dir.join(m), &OpenOptions::default()))
-            .collect::<sewa::Result<Vec<_>>>()
+            .collect::<sewa_checkpoint::Result<Vec<_>>>()
             .map_err(|e| e.to_string())?;
         let weights = Weights::load(&ckpts)?;
         Ok(Window { entry: entry.clone(), dir, ckpts, weights })

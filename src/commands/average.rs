@@ -4,12 +4,14 @@
 //! file. Another sewa process publishing to the same output is refused before any input is
 //! opened; the lock is held until this process exits.
 
-use crate::average::{AverageOptions, AveragePlan};
-use crate::checkpoint::Checkpoint;
 use crate::cli::{AverageArgs, LoraMode};
-use crate::error::{Error, Result};
-use crate::manifest::Provenance;
-use crate::publish::{self, PublishOptions, Published, check_destination, check_parent, publish};
+use sewa_checkpoint::Checkpoint;
+use sewa_engine::average::{AverageOptions, AveragePlan};
+use sewa_engine::error::{Error, Result};
+use sewa_engine::manifest::Provenance;
+use sewa_engine::publish::{
+    self, PublishOptions, Published, check_destination, check_parent, publish,
+};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
@@ -29,7 +31,7 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     let opened = super::open_all(&args.inputs, &opts)?;
     let chosen = choose_last(&opened, args.last)?;
     for c in chosen.iter().skip(1) {
-        crate::checkpoint::check_same_adapter(chosen[0], c)?;
+        sewa_checkpoint::check_same_adapter(chosen[0], c)?;
     }
     let opts = AverageOptions {
         dtype: args.dtype,
@@ -52,7 +54,7 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         return Err(Error::Usage("--base is for --lora merge-delta".into()));
     }
     // Cleared when dropped, after the publish.
-    let mut meter = crate::meter::Meter::new(
+    let mut meter = sewa_engine::meter::Meter::new(
         plan.output_bytes(),
         "{spinner} averaging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
     );
@@ -74,7 +76,7 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
         )
     })?;
     if let Some(c) =
-        plan.inputs().iter().find(|c| c.format() != crate::checkpoint::Format::PeftAdapter)
+        plan.inputs().iter().find(|c| c.format() != sewa_checkpoint::Format::PeftAdapter)
     {
         return Err(Error::bad_input(c.path(), "--lora merge-delta: not a PEFT adapter directory"));
     }
@@ -83,10 +85,10 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
     let base = Checkpoint::open(base, &opts)?;
     let mut source = super::lora::MergedDelta::new(&base, plan)?;
     let mut record = publish::record_of(plan);
-    record.outputs = crate::average::TensorSource::tensors(&source).to_vec();
-    let mut manifest = crate::manifest::Manifest::new(record, args.out.clone(), why);
+    record.outputs = sewa_engine::average::TensorSource::tensors(&source).to_vec();
+    let mut manifest = sewa_engine::manifest::Manifest::new(record, args.out.clone(), why);
     source.describe(&mut manifest);
-    let mut meter = crate::meter::Meter::new(
+    let mut meter = sewa_engine::meter::Meter::new(
         source.output_bytes(),
         "{spinner} merging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
     );
@@ -118,7 +120,7 @@ fn select_with_config(
     args: &AverageArgs,
     method: &str,
     chosen: &[&Checkpoint],
-) -> Result<crate::select::Selection> {
+) -> Result<sewa_engine::select::Selection> {
     let path =
         args.config.as_deref().ok_or_else(|| Error::Usage("--select needs --config".into()))?;
     super::select::run(path, method, args.k, chosen)

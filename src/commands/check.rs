@@ -6,15 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::checkpoint::{Checkpoint, OpenOptions};
 use crate::cli::CheckConfigArgs;
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::objective::ObjectiveConfig;
-use crate::objective::config::{ObjectiveKind, build_objective};
-use crate::select::Method;
-use crate::select::blend::Blend;
-use crate::select::oracle::Oracle;
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::config::Config;
+use sewa_engine::error::{Error, Result};
+use sewa_engine::objective::ObjectiveConfig;
+use sewa_engine::objective::config::{ObjectiveKind, build_objective};
+use sewa_engine::select::Method;
+use sewa_engine::select::blend::Blend;
+use sewa_engine::select::oracle::Oracle;
 
 /// The report for a valid config (exit 0); a config `watch` would refuse is an error (78).
 pub fn run(args: &CheckConfigArgs) -> Result<String> {
@@ -92,7 +92,7 @@ fn try_objective(cfg: &Config, file: &Path) -> Result<String> {
     let ckpt = first_checkpoint(cfg)?;
     let t0 = Instant::now();
     super::interrupt::stop_evaluators_on_signal();
-    let mut objective = build_objective(oc, &crate::config::config_dir(file))?;
+    let mut objective = build_objective(oc, &sewa_engine::config::config_dir(file))?;
     let startup_ms = ms(t0);
     objective.check(&ckpt)?;
     let mut oracle = Oracle::new(Blend::new(&[&ckpt])?, objective.as_mut());
@@ -126,7 +126,7 @@ fn first_checkpoint(cfg: &Config) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(none("there is nothing yet".into()));
     }
-    let mut candidates: Vec<PathBuf> = crate::watch::Filter::new(cfg).scan()?;
+    let mut candidates: Vec<PathBuf> = sewa_engine::watch::Filter::new(cfg).scan()?;
     candidates.sort();
     let mut refused = Vec::new();
     for path in &candidates {

@@ -5,10 +5,10 @@
 
 use std::fmt::Write;
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::InspectArgs;
-use crate::error::Result;
-use crate::text::{self, escape, human_bytes};
+use sewa_checkpoint::Checkpoint;
+use sewa_checkpoint::text::{self, escape, human_bytes};
+use sewa_engine::error::Result;
 
 /// Run `sewa inspect` and return the text to print.
 pub fn run(args: &InspectArgs) -> Result<String> {
@@ -22,14 +22,14 @@ pub fn run(args: &InspectArgs) -> Result<String> {
 pub fn json(c: &Checkpoint) -> String {
     let v = serde_json::json!({
         // A name that is not UTF-8 cannot be a JSON string: lossless form, as in manifests.
-        "path": crate::path_json::value(c.path()),
+        "path": sewa_engine::path_json::value(c.path()),
         "format": c.format(),
         "step": c.step(),
         "tensor_bytes": c.total_bytes(),
         "tensors": c.tensors(),
         "metadata": c.metadata(),
         "renamed_keys": c.renamed_keys(),
-        "side_dir": c.side_dir().map(crate::path_json::value),
+        "side_dir": c.side_dir().map(sewa_engine::path_json::value),
     });
     let mut v = v;
     let chunks: serde_json::Map<String, serde_json::Value> = (c.tensors().iter())
@@ -42,12 +42,12 @@ pub fn json(c: &Checkpoint) -> String {
 }
 
 /// The table for people. Names, metadata and paths come from the file: each is escaped
-/// (`crate::text`) so a name holding terminal controls prints as text.
+/// (`sewa_checkpoint::text`) so a name holding terminal controls prints as text.
 pub fn table(c: &Checkpoint) -> String {
     let mut s = String::new();
     let step = c.step().map_or("unknown".to_string(), |s| s.to_string());
     let _ = writeln!(s, "path:    {}", text::path(c.path()));
-    let _ = writeln!(s, "format:  {}", crate::manifest::format_name(c.format()));
+    let _ = writeln!(s, "format:  {}", sewa_engine::manifest::format_name(c.format()));
     let _ = writeln!(s, "step:    {step}");
     let _ = writeln!(s, "tensors: {} ({})", c.tensors().len(), human_bytes(c.total_bytes()));
     if let Some(d) = c.side_dir() {

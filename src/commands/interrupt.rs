@@ -35,7 +35,7 @@ fn install() -> std::io::Result<()> {
             tokio::select! { _ = int.recv() => 130, _ = term.recv() => 143 }
         });
         let _held = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
-        crate::objective::command::stop_all();
+        sewa_engine::objective::command::stop_all();
         std::process::exit(code);
     })?;
     Ok(())

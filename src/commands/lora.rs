@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 
 use half::{bf16, f16};
 
-use crate::average::AveragePlan;
-use crate::average::TensorSource;
-use crate::checkpoint::{Checkpoint, DType, TensorMeta};
-use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use sewa_checkpoint::{Checkpoint, DType, TensorMeta};
+use sewa_engine::average::AveragePlan;
+use sewa_engine::average::TensorSource;
+use sewa_engine::error::{Error, Result};
+use sewa_engine::manifest::Manifest;
 
 const PREFIX: &str = "base_model.model.";
 const A: &str = ".lora_A.weight";
@@ -227,7 +227,7 @@ fn decode(dtype: DType, bytes: &[u8]) -> Option<Vec<f64>> {
     if !dtype.is_float() {
         return None;
     }
-    bytes.chunks_exact(es).map(|c| crate::dtype::decode_f64(dtype, c)).collect()
+    bytes.chunks_exact(es).map(|c| sewa_checkpoint::dtype::decode_f64(dtype, c)).collect()
 }
 
 /// `values` in `dtype`, little-endian; `None` if a finite value overflows it.
@@ -297,7 +297,7 @@ mod tests {
         let plan = AveragePlan::new(vec![&adapter], None, Default::default()).unwrap();
         // A memory checkpoint has no adapter_config: s = 2 is given directly.
         let mut m = MergedDelta::with_coefficients(&base, &plan, vec![2.0]).unwrap();
-        let got = crate::dtype::f32s(m.tensor_bytes(0).unwrap());
+        let got = sewa_checkpoint::dtype::f32s(m.tensor_bytes(0).unwrap());
         assert_eq!(got, [12.0, 14.0, 16.0, 8.0, 6.0, 4.0]);
     }
 }

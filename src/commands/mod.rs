@@ -14,8 +14,8 @@ pub mod watch;
 
 use std::path::PathBuf;
 
-use crate::checkpoint::{Checkpoint, DeepSpeedWeights, OpenOptions};
-use crate::error::Result;
+use sewa_checkpoint::{Checkpoint, DeepSpeedWeights, OpenOptions};
+use sewa_engine::error::Result;
 
 /// Open options with `_orig_mod.` plus the user's extra prefixes, the state key if given and
 /// which DeepSpeed weights to read.
@@ -39,5 +39,5 @@ pub fn open_options(
 
 /// Open every input, failing on the first bad one (the error names it).
 pub fn open_all(paths: &[PathBuf], opts: &OpenOptions) -> Result<Vec<Checkpoint>> {
-    paths.iter().map(|p| Checkpoint::open(p, opts)).collect()
+    Ok(paths.iter().map(|p| Checkpoint::open(p, opts)).collect::<sewa_checkpoint::Result<_>>()?)
 }

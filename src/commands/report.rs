@@ -1,10 +1,10 @@
 //! `sewa report`: get a selection — read from a JSON file (a `Selection`, a manifest), or made
 //! now with `--config` through `commands::select` — and hand it to `report` to draw.
 
-use crate::checkpoint::{Checkpoint, OpenOptions};
 use crate::cli::ReportArgs;
-use crate::error::{Error, Result, WithPath};
-use crate::report::{Window, draw};
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::error::{Error, Result, WithPath};
+use sewa_engine::report::{Window, draw};
 
 /// Read the selection (or make one with `--config`), write `args.out`.
 pub fn run(args: &ReportArgs) -> Result<()> {

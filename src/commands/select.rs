@@ -8,11 +8,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Result};
-use crate::objective::ObjectiveConfig;
-use crate::objective::config::build_objective;
-use crate::select::{
+use sewa_checkpoint::Checkpoint;
+use sewa_engine::error::{Error, Result};
+use sewa_engine::objective::ObjectiveConfig;
+use sewa_engine::objective::config::build_objective;
+use sewa_engine::select::{
     Options, Selection, SewaConfig, SoupConfig, TwaConfig, model_based, run_model_based_with,
 };
 
@@ -47,7 +47,7 @@ pub fn run(config: &Path, method: &str, k: usize, members: &[&Checkpoint]) -> Re
     objective.check(config)?;
     tables.select.sewa.check(config)?;
     super::interrupt::stop_evaluators_on_signal();
-    let mut objective = build_objective(&objective, &crate::config::config_dir(config))?;
+    let mut objective = build_objective(&objective, &sewa_engine::config::config_dir(config))?;
     let t = &tables.select;
     let opts = Options { sewa: &t.sewa, soup: &t.soup, twa: &t.twa };
     let (sel, _) = run_model_based_with(method, k, members, objective.as_mut(), opts, None)?;

@@ -14,9 +14,9 @@ use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::objective::config::ObjectiveKind;
+use sewa_engine::config::Config;
+use sewa_engine::error::{Error, Result};
+use sewa_engine::objective::config::ObjectiveKind;
 
 /// Run every start-up check on `cfg`, read from `file` (named in errors, all of them config
 /// errors: exit 78). Returns notes for people: facts that are fine but worth saying.
@@ -61,9 +61,9 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
 /// the watched directory (none there: nothing to estimate), against the limit sewa can raise
 /// itself to. A note when the window will hold fewer members; an error when not one fits.
 pub fn descriptors(cfg: &Config) -> std::result::Result<Option<String>, String> {
-    use crate::daemon::descriptors::{self, Verdict};
-    let Ok(candidates) = crate::watch::Filter::new(cfg).scan() else { return Ok(None) };
-    let newest = candidates.iter().max_by_key(|p| (crate::checkpoint::step_of(p), p.as_path()));
+    use sewa_engine::daemon::descriptors::{self, Verdict};
+    let Ok(candidates) = sewa_engine::watch::Filter::new(cfg).scan() else { return Ok(None) };
+    let newest = candidates.iter().max_by_key(|p| (sewa_checkpoint::step_of(p), p.as_path()));
     let Some(newest) = newest else { return Ok(None) };
     let files = descriptors::files_of(newest);
     let size = cfg.window.size.get() as u64;
@@ -109,7 +109,7 @@ fn watch_dir(dir: &Path) -> std::result::Result<Option<String>, String> {
 /// directory writable or creatable by this user.
 fn output(cfg: &Config) -> std::result::Result<(), String> {
     // Its messages name the command-line flag; here the value came from the file.
-    crate::publish::check_destination(&cfg.publish.out)
+    sewa_engine::publish::check_destination(&cfg.publish.out)
         .map_err(|e| e.to_string().replacen("--out ", "[publish] out ", 1))?;
     let out_dir = cfg.publish.out.parent().filter(|p| !p.as_os_str().is_empty());
     let out_dir = out_dir.unwrap_or(Path::new("."));

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::cli::{StatusArgs, WatchArgs};
-use crate::config::Config;
-use crate::daemon::{self, RunOptions};
-use crate::error::{Error, Result};
-use crate::status::{self, Status};
+use sewa_engine::config::Config;
+use sewa_engine::daemon::{self, RunOptions};
+use sewa_engine::error::{Error, Result};
+use sewa_engine::status::{self, Status};
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn watch(args: &WatchArgs) -> Result<()> {
@@ -35,7 +35,7 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     });
     // Work abandoned on a blocking thread still owns its evaluators and staging copies, and
     // no destructor runs for it: stop their process groups and remove the copies here.
-    crate::objective::command::stop_all();
+    sewa_engine::objective::command::stop_all();
     // Do not wait for a publish still running on a blocking thread: it renames a complete
     // file or nothing, so leaving now cannot tear the output.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -61,7 +61,7 @@ fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
     }
     // The daemon creates the output's directory (a service's first start on a fresh
     // machine), but says so: a typo in `out` should not pass unnoticed.
-    if let Some(first) = crate::publish::check_parent(&cfg.publish.out, true)?.first() {
+    if let Some(first) = sewa_engine::publish::check_parent(&cfg.publish.out, true)?.first() {
         tracing::info!(dir = %first.display(), "created the directory of [publish] out");
     }
     let state = cfg.state_dir();

@@ -32,10 +32,10 @@ pub fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
     safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
 }
 
-use sewa::average::{AverageOptions, AveragePlan};
-use sewa::checkpoint::{Checkpoint, OpenOptions};
-use sewa::manifest::{Manifest, Provenance};
-use sewa::publish::{PublishOptions, publish};
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::average::{AverageOptions, AveragePlan};
+use sewa_engine::manifest::{Manifest, Provenance};
+use sewa_engine::publish::{PublishOptions, publish};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

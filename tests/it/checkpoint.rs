@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as SDtype;
 use safetensors::tensor::TensorView;
-use sewa::checkpoint::{
+use sewa_checkpoint::{
     Checkpoint, DType, Format, Identity, OpenOptions, is_temp_name, parse_step, quick_check,
 };
 
@@ -15,7 +15,7 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-fn open(p: &Path) -> sewa::Result<Checkpoint> {
+fn open(p: &Path) -> sewa_checkpoint::Result<Checkpoint> {
     Checkpoint::open(p, &OpenOptions::default())
 }
 

@@ -205,7 +205,7 @@ fn missing_short_and_linked_data_files_are_refused_naming_the_file() {
     refused(&linked, "__0_0.distcp", "symbolic link");
     // quick_check (the watcher's test) says the same before anything is opened.
     for dir in [&gone, &short] {
-        let err = sewa::checkpoint::quick_check(dir, "trainer_state.json").unwrap_err().to_string();
+        let err = sewa_checkpoint::quick_check(dir, "trainer_state.json").unwrap_err().to_string();
         assert!(err.contains("__1_0.distcp"), "{err}");
     }
 }
@@ -349,11 +349,11 @@ fn accelerate_inside_an_hf_checkpoint_is_read_with_its_step_and_marker() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = tmp.path().join("checkpoint-10");
     copy(&format!("{ACCELERATE}/pytorch_model_fsdp_0"), &ck);
-    let err = sewa::checkpoint::quick_check(&ck, "trainer_state.json").unwrap_err().to_string();
+    let err = sewa_checkpoint::quick_check(&ck, "trainer_state.json").unwrap_err().to_string();
     assert!(err.contains("no trainer_state.json yet"), "{err}");
     fs::copy(fixture(ACCELERATE).join("trainer_state.json"), ck.join("trainer_state.json"))
         .unwrap();
-    sewa::checkpoint::quick_check(&ck, "trainer_state.json").unwrap();
+    sewa_checkpoint::quick_check(&ck, "trainer_state.json").unwrap();
 }
 
 /// `.metadata` for `w` [8192, 4] (f32) as two [8192, 2] chunks at columns `a` and `b`, each

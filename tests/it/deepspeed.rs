@@ -207,7 +207,7 @@ fn watch_publishes_the_fp32_average_of_zero3_steps() {
 
 #[test]
 fn quick_check_waits_for_every_rank_the_weights_need() {
-    use sewa::checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
+    use sewa_checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
     let fp32 = OpenOptions { deepspeed_weights: DeepSpeedWeights::Fp32, ..Default::default() };
     let module = OpenOptions::default();
     let (_tmp, dir) = copy_step("z2");
@@ -244,7 +244,7 @@ fn watch_publishes_the_module_average_of_zero2_steps_written_in_place() {
 
 #[test]
 fn rewriting_a_rank_file_changes_the_step_directory_identity() {
-    use sewa::checkpoint::Identity;
+    use sewa_checkpoint::Identity;
     let (_tmp, dir) = copy_step("z2");
     let before = Identity::of(&dir).unwrap();
     // Same size, new bytes and mtime: DeepSpeed re-saving the same tag.
@@ -325,7 +325,7 @@ fn patch_pickle(file: &Path, from: &[u8], to: &[u8]) {
 /// quarantines it.
 #[test]
 fn issue19_inconsistent_world_sizes_are_refused_by_average_and_quarantined_by_watch() {
-    use sewa::checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
+    use sewa_checkpoint::{DeepSpeedWeights, OpenOptions, quick_check_with};
     let fp32 = OpenOptions { deepspeed_weights: DeepSpeedWeights::Fp32, ..Default::default() };
     let z2_model = "mp_rank_00_model_states.pt";
     let z3_optim1 = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt";

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sewa::checkpoint::{Checkpoint, DType};
-use sewa::objective::command::{CommandConfig, CommandObjective};
-use sewa::objective::config::ObjectiveConfig;
-use sewa::objective::{NamedTensor, Objective, Params};
-use sewa::select::{Method, SewaConfig, run_model_based};
+use sewa_checkpoint::{Checkpoint, DType};
+use sewa_engine::objective::command::{CommandConfig, CommandObjective};
+use sewa_engine::objective::config::ObjectiveConfig;
+use sewa_engine::objective::{NamedTensor, Objective, Params};
+use sewa_engine::select::{Method, SewaConfig, run_model_based};
 
 const D: usize = 5;
 const H: usize = 7;
@@ -332,7 +332,8 @@ fn zero_gradient_evaluator_is_refused_unless_reinforce_is_configured() {
     }
     // With the forward-only estimator configured, the same evaluator selects exactly what a
     // forward-only evaluator does: only losses are used.
-    let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
+    let reinforce =
+        SewaConfig { estimator: sewa_engine::select::sewa::Estimator::Reinforce, ..cfg };
     let (sel, _) = run_model_based(Method::Sewa, 2, &refs, &mut zero, &reinforce, None).unwrap();
     let (_dir2, mut fwd) = start("forward-only", 60.0);
     let (want, _) = run_model_based(Method::Sewa, 2, &refs, &mut fwd, &reinforce, None).unwrap();

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use sewa::checkpoint::{Checkpoint, DType};
-use sewa::objective::data::{Targets, write_dataset};
-use sewa::objective::{Activation, LossKind, NamedTensor, ObjectiveConfig, Params};
+use sewa_checkpoint::{Checkpoint, DType};
+use sewa_engine::objective::data::{Targets, write_dataset};
+use sewa_engine::objective::{Activation, LossKind, NamedTensor, ObjectiveConfig, Params};
 
 fn cfg(
     data: &Path,

@@ -169,7 +169,7 @@ fn merge_delta_refuses_a_base_without_the_target_modules() {
 
 #[test]
 fn quick_check_needs_a_config_and_complete_weights() {
-    use sewa::checkpoint::quick_check;
+    use sewa_checkpoint::quick_check;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("checkpoint-100");
     copy_dir(&adapter("checkpoint-100"), &dir);

@@ -9,10 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sewa::checkpoint::{Checkpoint, DType, OpenOptions};
-use sewa::objective::command::{CommandConfig, CommandObjective};
-use sewa::objective::{NamedTensor, Objective, Params};
-use sewa::select::{Method, SewaConfig, run_model_based};
+use sewa_checkpoint::{Checkpoint, DType, OpenOptions};
+use sewa_engine::objective::command::{CommandConfig, CommandObjective};
+use sewa_engine::objective::{NamedTensor, Objective, Params};
+use sewa_engine::select::{Method, SewaConfig, run_model_based};
 
 use crate::evaluator::{mlp_params, write_data};
 
@@ -333,7 +333,7 @@ fn a_mixture_carries_the_integer_buffers_of_the_member_the_int_policy_picks() {
     let mut counting = numpy_mode(&data, 2, "count-ints", 60.0);
     let latest = counting.evaluate_mix(&refs, &alpha, false).unwrap().loss;
     assert!(close(latest - plain, 300.0, 1e-9), "newest used member: {}", latest - plain);
-    counting.set_int_policy(sewa::average::IntPolicy::First);
+    counting.set_int_policy(sewa_engine::average::IntPolicy::First);
     let first = counting.evaluate_mix(&refs, &alpha, false).unwrap().loss;
     assert!(close(first - plain, 100.0, 1e-9), "oldest used member: {}", first - plain);
 }
@@ -465,7 +465,7 @@ impl Objective for Bowl {
         &mut self,
         p: &Params,
         want_grad: bool,
-    ) -> sewa::error::Result<sewa::objective::Evaluation> {
+    ) -> sewa_engine::error::Result<sewa_engine::objective::Evaluation> {
         let w: Vec<f64> = p[0].data.iter().map(|x| *x as f64).collect();
         let (loss, g) = self.at(&w);
         let grad = want_grad.then(|| {
@@ -475,7 +475,7 @@ impl Objective for Bowl {
                 data: g.iter().map(|x| *x as f32).collect(),
             }]
         });
-        Ok(sewa::objective::Evaluation { loss, grad })
+        Ok(sewa_engine::objective::Evaluation { loss, grad })
     }
     fn supports_grad(&self) -> bool {
         true
@@ -491,7 +491,7 @@ impl Objective for Bowl {
         members: &[&Checkpoint],
         alpha: &[f64],
         want_grad: bool,
-    ) -> sewa::error::Result<sewa::objective::MixEvaluation> {
+    ) -> sewa_engine::error::Result<sewa_engine::objective::MixEvaluation> {
         assert_eq!(members.len(), self.members.len());
         let n = self.target.len();
         // The mixture in f32, as sewa forms averages.
@@ -510,7 +510,7 @@ impl Objective for Bowl {
                 })
                 .collect()
         });
-        Ok(sewa::objective::MixEvaluation { loss, member_dots: dots })
+        Ok(sewa_engine::objective::MixEvaluation { loss, member_dots: dots })
     }
 }
 

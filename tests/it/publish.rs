@@ -4,10 +4,10 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use sewa::average::{AverageOptions, AveragePlan};
-use sewa::checkpoint::{Checkpoint, DType};
-use sewa::manifest::{Manifest, Provenance};
-use sewa::publish::{PublishOptions, manifest_path, publish};
+use sewa_checkpoint::{Checkpoint, DType};
+use sewa_engine::average::{AverageOptions, AveragePlan};
+use sewa_engine::manifest::{Manifest, Provenance};
+use sewa_engine::publish::{PublishOptions, manifest_path, publish};
 
 use crate::average::{f32_bytes, read_tensors};
 
@@ -50,7 +50,7 @@ fn run(
     weights: Option<&[f64]>,
     out: &Path,
     opts: &PublishOptions,
-) -> sewa::Result<()> {
+) -> sewa_engine::Result<()> {
     let plan = AveragePlan::new(ckpts.iter().collect(), weights, AverageOptions::default())?;
     publish(&plan, out, why(), opts, &mut |_| {}).map(|_| ())
 }

@@ -1,11 +1,11 @@
 //! Model-based selection: the mask gradient against finite differences (f64 slow twin), SeWA
 //! against exhaustive search on planted problems, determinism, warm starts, baselines.
 
-use sewa::checkpoint::{Checkpoint, DType};
-use sewa::error::Result;
-use sewa::objective::{Evaluation, NamedTensor, Objective, Params};
-use sewa::select::blend::Blend;
-use sewa::select::{Method, SewaConfig, Strategy, run_model_based};
+use sewa_checkpoint::{Checkpoint, DType};
+use sewa_engine::error::Result;
+use sewa_engine::objective::{Evaluation, NamedTensor, Objective, Params};
+use sewa_engine::select::blend::Blend;
+use sewa_engine::select::{Method, SewaConfig, Strategy, run_model_based};
 
 /// The paper-style estimator (`strategy = "direct"`), which these tests guard.
 fn direct() -> SewaConfig {
@@ -141,7 +141,7 @@ fn run(
     members: &[Checkpoint],
     quad: &mut Quad,
     cfg: &SewaConfig,
-) -> sewa::select::Selection {
+) -> sewa_engine::select::Selection {
     let refs: Vec<&Checkpoint> = members.iter().collect();
     run_model_based(method, k, &refs, quad, cfg, None).unwrap().0
 }
@@ -178,7 +178,7 @@ fn reinforce_estimator_works_without_gradients() {
     let sw = run(Method::Sewa, 3, &members, &mut quad, &cfg);
     assert_eq!(sw.details.json()["estimator"], "reinforce");
     assert_eq!(sw.members(), vec![1, 3, 8], "{}", sw.why);
-    let concrete = SewaConfig { estimator: sewa::select::sewa::Estimator::Concrete, ..cfg };
+    let concrete = SewaConfig { estimator: sewa_engine::select::sewa::Estimator::Concrete, ..cfg };
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let e = run_model_based(Method::Sewa, 3, &refs, &mut quad, &concrete, None).unwrap_err();
     assert!(e.to_string().contains("reinforce"), "{e}");
@@ -210,7 +210,8 @@ fn warm_start_uses_under_30_percent_of_cold_oracle_calls() {
     let (cold, _) = run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, None).unwrap();
     let (warm, _) =
         run_model_based(Method::Sewa, 4, &second, &mut quad, &cfg, state.as_ref()).unwrap();
-    let calls = |s: &sewa::select::Selection| s.details.json()["oracle_calls"].as_u64().unwrap();
+    let calls =
+        |s: &sewa_engine::select::Selection| s.details.json()["oracle_calls"].as_u64().unwrap();
     assert_eq!(warm.details.json()["warm"], true);
     assert!(
         calls(&warm) * 10 <= calls(&cold) * 3,
@@ -257,8 +258,8 @@ fn trained(
     (hidden, train_rows, selection_rows, steps, seed): (usize, usize, usize, usize, u64),
     data: &str,
 ) -> Vec<std::path::PathBuf> {
-    use sewa::demo::task::TaskSpec;
-    use sewa::objective::data::{Targets, write_dataset};
+    use sewa_engine::demo::task::TaskSpec;
+    use sewa_engine::objective::data::{Targets, write_dataset};
     let spec = TaskSpec {
         hidden,
         train_rows,
@@ -521,7 +522,8 @@ fn zero_gradient_is_refused_unless_the_forward_only_estimator_is_configured() {
     }
     assert!(e.contains("estimator = \"reinforce\""), "the fallback is named: {e}");
     // Configured: the forward-only estimator never asks for the (broken) gradient.
-    let reinforce = SewaConfig { estimator: sewa::select::sewa::Estimator::Reinforce, ..cfg };
+    let reinforce =
+        SewaConfig { estimator: sewa_engine::select::sewa::Estimator::Reinforce, ..cfg };
     let (sel, _) = run_model_based(Method::Sewa, 3, &refs, &mut zero, &reinforce, None).unwrap();
     assert_eq!(sel.details.json()["estimator"], "reinforce");
     assert_eq!(sel.members(), vec![1, 3, 8], "{}", sel.why);
@@ -545,13 +547,14 @@ impl Objective for Counting {
 
 #[test]
 fn member_losses_are_remembered_across_selections() {
-    use sewa::select::{Memory, run_remembering};
+    use sewa_engine::select::{Memory, run_remembering};
     let (all, quad) = planted(12, 24, &[2, 5, 7], 9);
     let mut obj = Counting(quad, 0);
     let cfg = direct();
     let mut memory = Memory::default();
-    let calls =
-        |s: &sewa::select::Selection, key: &str| s.details.json()[key].as_u64().unwrap() as usize;
+    let calls = |s: &sewa_engine::select::Selection, key: &str| {
+        s.details.json()[key].as_u64().unwrap() as usize
+    };
     let window: Vec<&Checkpoint> = all[..10].iter().collect();
     let a = run_remembering(Method::Sewa, 3, &window, &mut obj, &cfg, &mut memory).unwrap();
     assert_eq!(calls(&a, "oracle_calls_report"), 10, "first selection: every member is new");
@@ -572,8 +575,8 @@ fn member_losses_are_remembered_across_selections() {
 }
 
 /// A short `sewa demo` (15 checkpoints, window 8, k = 3) in a fresh directory.
-fn short_demo() -> (tempfile::TempDir, sewa::demo::Outcome) {
-    use sewa::demo::{DemoArgs, run_with, task::TaskSpec};
+fn short_demo() -> (tempfile::TempDir, sewa_engine::demo::Outcome) {
+    use sewa_engine::demo::{DemoOptions, run_with, task::TaskSpec};
     let spec = TaskSpec {
         hidden: 16,
         train_rows: 400,
@@ -585,7 +588,7 @@ fn short_demo() -> (tempfile::TempDir, sewa::demo::Outcome) {
         ..TaskSpec::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let args = DemoArgs { dir: Some(dir.path().into()), json: None, k: 3, window: 8, seed: 1 };
+    let args = DemoOptions { dir: Some(dir.path().into()), k: 3, window: 8, seed: 1 };
     let outcome = run_with(&args, &spec).unwrap();
     (dir, outcome)
 }
@@ -595,13 +598,13 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
     let (dir, a) = short_demo();
     let (_dir2, b) = short_demo();
     // Everything but wall times is the same in both runs.
-    let table = |o: &sewa::demo::Outcome| {
+    let table = |o: &sewa_engine::demo::Outcome| {
         let rows = o.rows.iter();
         rows.map(|r| (r.method.clone(), r.steps.clone(), r.heldout_loss, r.oracle_calls))
             .collect::<Vec<_>>()
     };
     assert_eq!(table(&a), table(&b));
-    let published = |o: &sewa::demo::Outcome| {
+    let published = |o: &sewa_engine::demo::Outcome| {
         let p = o.history.publications.iter();
         p.map(|p| (p.after_step, p.selection, p.steps.clone(), p.loss)).collect::<Vec<_>>()
     };
@@ -623,7 +626,7 @@ fn demo_is_deterministic_and_says_what_was_published_and_when() {
         last.selection, status.counters.selections, last.after_step
     );
     assert!(a.summary.contains(&said), "{}", a.summary);
-    let same = sewa::demo::same_loss(
+    let same = sewa_engine::demo::same_loss(
         status.last_selection.as_ref().unwrap().summary.loss,
         a.table_sewa.loss,
     );
@@ -683,7 +686,7 @@ fn model_based_selection_records_non_utf8_member_paths_losslessly() {
 
 // ---- The surrogate strategy (the default), learned soups and TWA ----
 
-fn calls_of(s: &sewa::select::Selection) -> usize {
+fn calls_of(s: &sewa_engine::select::Selection) -> usize {
     s.details.total_calls()
 }
 
@@ -722,7 +725,7 @@ fn run_counted(
     members: &[Checkpoint],
     obj: &mut Counting,
     cfg: &SewaConfig,
-) -> sewa::select::Selection {
+) -> sewa_engine::select::Selection {
     let refs: Vec<&Checkpoint> = members.iter().collect();
     run_model_based(method, k, &refs, obj, cfg, None).unwrap().0
 }
@@ -747,7 +750,7 @@ fn surrogate_equals_exhaustive_on_small_windows() {
 fn surrogate_is_deterministic_for_a_seed() {
     let (members, mut quad) = planted(10, 32, &[0, 2, 3], 11);
     let cfg = SewaConfig::default();
-    let strip = |s: &sewa::select::Selection| {
+    let strip = |s: &sewa_engine::select::Selection| {
         let mut d = s.details.json();
         d.as_object_mut().unwrap().remove("wall_seconds");
         d
@@ -763,7 +766,7 @@ fn surrogate_is_deterministic_for_a_seed() {
 /// are kept, so the re-selection costs at most K/2 calls and still finds the optimum.
 #[test]
 fn surrogate_warm_reselection_after_a_slide_by_one_costs_at_most_half_k_calls() {
-    use sewa::select::{Memory, run_remembering};
+    use sewa_engine::select::{Memory, run_remembering};
     let (all, quad) = slide();
     let mut obj = Counting(quad.clone(), 0);
     let cfg = SewaConfig { cold_every: 0, ..SewaConfig::default() };
@@ -790,7 +793,7 @@ fn surrogate_warm_reselection_after_a_slide_by_one_costs_at_most_half_k_calls() 
 /// the same window ranks members without evaluating them again (counted at the objective).
 #[test]
 fn member_losses_are_not_recomputed_by_a_second_selection() {
-    use sewa::select::{Memory, run_remembering};
+    use sewa_engine::select::{Memory, run_remembering};
     let (members, quad) = planted(10, 32, &[1, 3, 8], 5);
     let window: Vec<&Checkpoint> = members.iter().collect();
     for method in [Method::Greedy, Method::Sewa] {
@@ -833,7 +836,7 @@ fn uniform_loss(members: &[Checkpoint], quad: &mut Quad) -> f64 {
 
 #[test]
 fn soup_and_twa_learn_a_non_uniform_mixture_that_beats_the_uniform_average() {
-    use sewa::select::{Options, SoupConfig, TwaConfig, run_model_based_with};
+    use sewa_engine::select::{Options, SoupConfig, TwaConfig, run_model_based_with};
     let (members, mut quad, beta) = mixture_problem();
     let uniform = uniform_loss(&members, &mut quad);
     let refs: Vec<&Checkpoint> = members.iter().collect();
@@ -865,7 +868,7 @@ fn soup_and_twa_learn_a_non_uniform_mixture_that_beats_the_uniform_average() {
 /// against central differences of F(softmax(z)) and F(α + εv) on the f64 slow twin.
 #[test]
 fn soup_and_twa_gradients_match_finite_differences() {
-    use sewa::select::{soup, twa};
+    use sewa_engine::select::{soup, twa};
     let (members, quad, _) = mixture_problem();
     let refs: Vec<&Checkpoint> = members.iter().collect();
     let blend = Blend::new(&refs).unwrap();
@@ -953,7 +956,7 @@ fn the_guard_publishes_lawa_when_the_method_does_worse() {
 fn an_ema_that_beats_every_subset_is_published_with_its_weights() {
     let (n, dim) = (20, 32);
     let target = noise(51, dim);
-    let ema = sewa::select::guard::ema_weights(n, 0.8);
+    let ema = sewa_engine::select::guard::ema_weights(n, 0.8);
     let mut z: Vec<Vec<f64>> = (0..n).map(|i| noise(60 + i as u64, dim)).collect();
     let last: Vec<f64> =
         (0..dim).map(|d| -(0..n - 1).map(|i| ema[i] * z[i][d]).sum::<f64>() / ema[n - 1]).collect();
@@ -983,13 +986,20 @@ fn a_warm_selection_after_a_slide_by_one_matches_cold_in_few_calls() {
     bias[18..].iter_mut().for_each(|b| *b = 0.0);
     let (all, mut quad) = graded(&bias, 48, 71);
     let cfg = SewaConfig::default();
-    let mut memory = sewa::select::Memory::default();
+    let mut memory = sewa_engine::select::Memory::default();
     let first: Vec<&Checkpoint> = all[..20].iter().collect();
-    sewa::select::run_remembering(Method::Sewa, 5, &first, &mut quad, &cfg, &mut memory).unwrap();
+    sewa_engine::select::run_remembering(Method::Sewa, 5, &first, &mut quad, &cfg, &mut memory)
+        .unwrap();
     let second: Vec<&Checkpoint> = all[1..].iter().collect();
-    let warm =
-        sewa::select::run_remembering(Method::Sewa, 5, &second, &mut quad, &cfg, &mut memory)
-            .unwrap();
+    let warm = sewa_engine::select::run_remembering(
+        Method::Sewa,
+        5,
+        &second,
+        &mut quad,
+        &cfg,
+        &mut memory,
+    )
+    .unwrap();
     let (cold, _) = run_model_based(Method::Sewa, 5, &second, &mut quad, &cfg, None).unwrap();
     let (w, c) = (warm.loss.unwrap(), cold.loss.unwrap());
     assert!(w <= c * 1.001, "warm {w} ({}) vs cold {c} ({})", warm.why, cold.why);

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sewa::objective::command::{CommandConfig, CommandObjective};
-use sewa::objective::{NamedTensor, Objective};
+use sewa_engine::objective::command::{CommandConfig, CommandObjective};
+use sewa_engine::objective::{NamedTensor, Objective};
 
 use crate::evaluator::{mlp_params, write_data};
 use crate::watch::{DEADLINE, Daemon, write};

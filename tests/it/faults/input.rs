@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sewa::checkpoint::{Checkpoint, OpenOptions};
+use sewa_checkpoint::{Checkpoint, OpenOptions};
 
 use crate::watch::{DEADLINE, Daemon, write};
 
@@ -493,7 +493,7 @@ fn safetensors_headers_with_duplicates_gaps_or_no_tensors_are_refused() {
         raw_st(&path, &header, data_len);
         let err = open_err(&path);
         assert!(err.contains(want), "{name}: {err}");
-        assert!(sewa::checkpoint::quick_check(&path, "").is_err(), "{name}: quick check passed");
+        assert!(sewa_checkpoint::quick_check(&path, "").is_err(), "{name}: quick check passed");
     }
     // Zero-size tensors sharing an offset are not a gap or an overlap (the library agrees).
     let ok = dir.path().join("zero_sized.safetensors");

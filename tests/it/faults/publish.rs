@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
 use serde_json::Value;
-use sewa::manifest::Manifest;
-use sewa::publish::{lock::lock_path, model_started};
+use sewa_engine::manifest::Manifest;
+use sewa_engine::publish::{lock::lock_path, model_started};
 
 use crate::average::{f32_bytes, write_st};
 use crate::watch::{DEADLINE, Daemon, input_steps, read_json, write};
@@ -106,8 +106,8 @@ fn non_utf8_output_and_input_names_are_recorded_losslessly_in_the_manifest() {
 
 #[test]
 fn non_utf8_input_file_names_are_recorded_losslessly_by_the_publisher() {
-    use sewa::average::{AverageOptions, AveragePlan};
-    use sewa::checkpoint::{Checkpoint, DType};
+    use sewa_checkpoint::{Checkpoint, DType};
+    use sewa_engine::average::{AverageOptions, AveragePlan};
     let dir = tempfile::tempdir().unwrap();
     let names = [raw(b"in_\xff.safetensors"), raw(b"in_\xfe.safetensors")];
     let ckpts: Vec<Checkpoint> = (names.iter().enumerate())
@@ -119,7 +119,7 @@ fn non_utf8_input_file_names_are_recorded_losslessly_by_the_publisher() {
     let plan = AveragePlan::new(ckpts.iter().collect(), None, AverageOptions::default()).unwrap();
     let out = dir.path().join(raw(b"out_\xfd.safetensors"));
     let (why, opts) = test_publish();
-    sewa::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap();
+    sewa_engine::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap();
     let m: Manifest = serde_json::from_slice(&fs::read(manifest_of(&out)).unwrap()).unwrap();
     // Two names that read alike once lossy (both "in_\u{fffd}...") stay two names.
     assert_eq!(m.inputs[0].path, dir.path().join(&names[0]));
@@ -246,8 +246,8 @@ fn daemon_with_a_full_disk_keeps_publishing_pairs_and_logs_what_is_published() {
 
 #[test]
 fn a_manifest_that_cannot_be_replaced_after_the_model_is_reported_and_completed_later() {
-    use sewa::average::{AverageOptions, AveragePlan};
-    use sewa::checkpoint::{Checkpoint, DType};
+    use sewa_checkpoint::{Checkpoint, DType};
+    use sewa_engine::average::{AverageOptions, AveragePlan};
     let dir = tempfile::tempdir().unwrap();
     let t = vec![("w".to_string(), DType::F32, vec![2], f32_bytes(&[1.0, 2.0]))];
     let ckpt = Checkpoint::from_memory(dir.path().join("a.safetensors"), Some(1), t).unwrap();
@@ -257,17 +257,17 @@ fn a_manifest_that_cannot_be_replaced_after_the_model_is_reported_and_completed_
     // A directory where the manifest goes: the model's rename works, the manifest's cannot.
     fs::create_dir_all(mpath.join("blocker")).unwrap();
     let (why, opts) = test_publish();
-    let err = sewa::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap_err();
-    assert!(sewa::publish::is_partly_published(&err), "{err}");
+    let err = sewa_engine::publish::publish(&plan, &out, why, &opts, &mut |_| {}).unwrap_err();
+    assert!(sewa_engine::publish::is_partly_published(&err), "{err}");
     let msg = err.to_string();
     let started = model_started(&out).unwrap().unwrap();
     assert!(msg.contains("now holds the new model") && msg.contains(&started), "{msg}");
     assert!(msg.contains("still describes the previous model"), "{msg}");
     // The complete manifest was kept; with the obstacle gone, start-up recovery renames it in.
     fs::remove_dir_all(&mpath).unwrap();
-    let lock = sewa::publish::hold(&out).unwrap();
-    let done = sewa::publish::recover(&lock);
-    assert!(matches!(done[..], [sewa::publish::Recovered::Completed { .. }]), "{done:?}");
+    let lock = sewa_engine::publish::hold(&out).unwrap();
+    let done = sewa_engine::publish::recover(&lock);
+    assert!(matches!(done[..], [sewa_engine::publish::Recovered::Completed { .. }]), "{done:?}");
     assert_paired(&out, &mpath);
     assert!(litter(dir.path()).is_empty(), "{:?}", litter(dir.path()));
 }
@@ -545,12 +545,12 @@ fn a_crash_before_the_model_rename_keeps_the_old_pair_at_start_up() {
 }
 
 /// The provenance and options the library-level publish tests use.
-fn test_publish() -> (sewa::manifest::Provenance, sewa::publish::PublishOptions) {
-    let why = sewa::manifest::Provenance {
+fn test_publish() -> (sewa_engine::manifest::Provenance, sewa_engine::publish::PublishOptions) {
+    let why = sewa_engine::manifest::Provenance {
         method: "test".into(),
         why: "test".into(),
         loss: None,
         details: Value::Null,
     };
-    (why, sewa::publish::PublishOptions::default())
+    (why, sewa_engine::publish::PublishOptions::default())
 }

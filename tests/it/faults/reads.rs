@@ -18,10 +18,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-use sewa::average::running::RunningAverage;
-use sewa::average::{AverageOptions, AveragePlan, Workspace};
-use sewa::checkpoint::{Checkpoint, OpenOptions};
-use sewa::select::blend::Blend;
+use sewa_checkpoint::{Checkpoint, OpenOptions};
+use sewa_engine::average::running::RunningAverage;
+use sewa_engine::average::{AverageOptions, AveragePlan, Workspace};
+use sewa_engine::select::blend::Blend;
 
 use crate::average::{f32_bytes, read_tensors, write_st};
 use crate::publish::listing;
@@ -335,7 +335,7 @@ fn every_tensor_reader_refuses_a_file_truncated_after_open() {
     let (a, b) = (Arc::new(open(&p)), Arc::new(open(&q)));
     let len = fs::metadata(&p).unwrap().len();
     fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
-    let check = |e: sewa::Error, what: &str| {
+    let check = |e: sewa_engine::Error, what: &str| {
         let msg = e.to_string();
         assert!(e.is_bad_input(), "{what}: {msg}");
         // The first tensor read names itself: `big` for readers of it, `b` for the running
@@ -343,9 +343,9 @@ fn every_tensor_reader_refuses_a_file_truncated_after_open() {
         assert!(msg.starts_with(&format!("{}: ", p.display())), "{what}: {msg}");
         assert!(msg.contains("truncated while reading tensor b"), "{what}: {msg}");
     };
-    check(a.data("big").unwrap_err(), "data");
+    check(a.data("big").unwrap_err().into(), "data");
     let mut buf = Vec::new();
-    check(a.for_each_chunk("big", 1 << 16, &mut buf, |_, _| Ok(())).unwrap_err(), "chunks");
+    check(a.for_each_chunk("big", 1 << 16, &mut buf, |_, _| Ok(())).unwrap_err().into(), "chunks");
     let plan = AveragePlan::new(vec![&*a, &*b], None, AverageOptions::default()).unwrap();
     let big = plan.outputs().iter().position(|t| t.name == "big").unwrap();
     check(plan.average_tensor(big, &mut Workspace::default()).unwrap_err(), "average");

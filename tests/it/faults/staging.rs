@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use sewa::objective::command::{CommandConfig, CommandObjective};
-use sewa::objective::{NamedTensor, Objective};
+use sewa_engine::objective::command::{CommandConfig, CommandObjective};
+use sewa_engine::objective::{NamedTensor, Objective};
 
 use super::publish::Tmpfs;
 

@@ -1,0 +1,304 @@
+//! Streaming weighted average over checkpoints' byte views, one tensor at a time.
+//!
+//! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
+//! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
+//! for f64 inputs) slab by slab, each input in turn streaming its slab through the
+//! cache-resident accumulator slab (read with a positioned read into a per-thread buffer, or
+//! in place when in memory; see `kernel`), so every input byte is read once and RSS does not
+//! grow with the number or size of the inputs; integer/bool tensors are copied from one input
+//! chosen by [`IntPolicy`]. Values beyond a narrower output dtype's range are refused or
+//! saturated ([`DtypeOverflow`]). This module does not open files or write outputs (see
+//! `publish`); a slow f64 twin lives in the tests.
+
+use crate::error::{Error, Result};
+use crate::schema::check_schema_with;
+use kernel::{Acc, Pass, Stored};
+use sewa_checkpoint::dtype::first_non_finite;
+use sewa_checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
+
+/// Decoded (pickle) input bytes held at once before folding them into the accumulator; file
+/// and in-memory inputs cost only their slab and are never split into groups.
+const COPY_BUDGET: usize = 32 << 20;
+/// Bytes read at a time when scanning an input for the NaN/Inf that spoiled an average.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// A checked average: every input has the same tensors, the weights are valid and normalised.
+/// Build it before creating any output file; running it can then only fail on tensor contents
+/// (NaN/Inf, a reader error) or I/O.
+pub struct AveragePlan<'a> {
+    inputs: Vec<&'a Checkpoint>,
+    weights: Vec<f64>,
+    opts: AverageOptions,
+    outputs: Vec<TensorMeta>,
+    int_source: usize,
+}
+
+/// Reused buffers: one accumulator and one output buffer, grown to the largest tensor once,
+/// and one slab-sized read buffer per kernel thread.
+#[derive(Default)]
+pub struct Workspace {
+    acc32: Vec<f32>,
+    acc64: Vec<f64>,
+    out: Vec<u8>,
+    slabs: Vec<Vec<u64>>,
+}
+
+impl<'a> AveragePlan<'a> {
+    /// Check inputs and weights. `weights = None` means uniform. Zero-weight inputs are
+    /// schema-checked but never read.
+    pub fn new(
+        inputs: Vec<&'a Checkpoint>,
+        weights: Option<&[f64]>,
+        opts: AverageOptions,
+    ) -> Result<Self> {
+        // With an explicit output dtype, float tensors may differ in dtype across inputs
+        // (an f16 export beside f32 checkpoints): each is decoded in its own dtype.
+        check_schema_with(&inputs, opts.dtype != OutDType::Keep)?;
+        let weights = normalise_weights(weights, inputs.len())?;
+        let int_source = pick_int_source(&inputs, &weights, opts.int_policy);
+        let reference = inputs[0];
+        if opts.int_policy == IntPolicy::Error
+            && let Some(t) = reference.tensors().iter().find(|t| !t.dtype.is_float())
+        {
+            return Err(Error::bad_input(
+                reference.path(),
+                format!(
+                    "tensor {} is {:?}, which cannot be averaged and --int-policy is error \
+                     (use --int-policy latest or first to copy it from one input)",
+                    t.name, t.dtype
+                ),
+            ));
+        }
+        let outputs = reference
+            .tensors()
+            .iter()
+            .map(|t| TensorMeta { dtype: opts.dtype.resolve(t.dtype), ..t.clone() })
+            .collect();
+        let opts = AverageOptions { threads: opts.threads.max(1), ..opts };
+        Ok(AveragePlan { inputs, weights, opts, outputs, int_source })
+    }
+
+    pub fn inputs(&self) -> &[&'a Checkpoint] {
+        &self.inputs
+    }
+    /// Normalised weights, one per input, summing to 1.
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+    pub fn options(&self) -> &AverageOptions {
+        &self.opts
+    }
+    /// Output tensors (with output dtypes), sorted by name.
+    pub fn outputs(&self) -> &[TensorMeta] {
+        &self.outputs
+    }
+    /// Total bytes of the output tensors.
+    pub fn output_bytes(&self) -> u64 {
+        self.outputs.iter().map(|t| t.nbytes() as u64).sum()
+    }
+    /// The input integer/bool tensors are copied from, if there are any such tensors.
+    pub fn int_source(&self) -> Option<&'a Checkpoint> {
+        self.outputs.iter().any(|t| !t.dtype.is_float()).then(|| self.inputs[self.int_source])
+    }
+
+    /// Average the tensors `order` (indices into [`outputs`](Self::outputs)) in that order and
+    /// hand each to `sink`. Stops at the first error.
+    pub fn run(
+        &self,
+        order: &[usize],
+        sink: &mut dyn FnMut(&TensorMeta, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut ws = Workspace::default();
+        for &i in order {
+            let bytes = self.average_tensor(i, &mut ws)?;
+            sink(&self.outputs[i], bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Average output tensor `index` into `ws` and return its little-endian bytes.
+    pub fn average_tensor<'w>(&self, index: usize, ws: &'w mut Workspace) -> Result<&'w [u8]> {
+        let meta = &self.outputs[index];
+        let dtype_of = |c: &&Checkpoint| c.tensors()[index].dtype;
+        match self.inputs[0].tensors()[index].dtype {
+            _ if self.inputs.iter().any(|c| dtype_of(c) == DType::F64) => {
+                self.average_float::<f64>(index, ws)?
+            }
+            d if d.is_float() => self.average_float::<f32>(index, ws)?,
+            _ => self.copy_int(index, ws)?,
+        }
+        Ok(&ws.out[..meta.nbytes()])
+    }
+
+    fn copy_int(&self, index: usize, ws: &mut Workspace) -> Result<()> {
+        let source = self.inputs[self.int_source];
+        let reader = source.reader(&source.tensors()[index].name)?;
+        ws.out.resize(ws.out.len().max(reader.len()), 0);
+        Ok(reader.read_into(0, &mut ws.out[..reader.len()])?)
+    }
+
+    fn average_float<A: Acc>(&self, index: usize, ws: &mut Workspace) -> Result<()> {
+        let in_meta = &self.inputs[0].tensors()[index];
+        let out_dtype = self.outputs[index].dtype;
+        let n = in_meta.numel();
+        let Workspace { acc32, acc64, out, slabs } = ws;
+        let acc = A::pick(acc32, acc64);
+        if acc.len() < n {
+            acc.resize(n, A::default());
+        }
+        if out.len() < n * out_dtype.size() {
+            out.resize(n * out_dtype.size(), 0);
+        }
+        let acc = &mut acc[..n];
+        let active: Vec<(usize, A)> = (self.weights.iter().enumerate())
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(i, w)| (i, A::weight(*w)))
+            .collect();
+        let mut group: Vec<(TensorReader<'a>, A)> = Vec::with_capacity(active.len());
+        let (mut copied, mut first) = (0usize, true);
+        let dtype_of = |i: usize| self.inputs[i].tensors()[index].dtype;
+        for (pos, &(i, w)) in active.iter().enumerate() {
+            let reader = self.inputs[i].reader(&in_meta.name)?;
+            copied += reader.is_copy() as usize * reader.len();
+            group.push((reader, w));
+            let last = pos + 1 == active.len();
+            // One pass reads one dtype: the group ends where the next input's dtype differs.
+            let switch = !last && dtype_of(active[pos + 1].0) != dtype_of(i);
+            if last || switch || copied >= COPY_BUDGET {
+                let (in_dtype, overflow) = (dtype_of(i), self.opts.overflow);
+                let pass = Pass { inputs: &group, in_dtype, init: first, last, overflow };
+                let stored = pass.run(acc, out, out_dtype, slabs, self.opts.threads)?;
+                if last {
+                    self.check_stored(stored, in_meta, out_dtype, acc, &active)?;
+                }
+                (copied, first) = (0, false);
+                group.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse an average with a NaN/Inf (blaming the input that holds it) or, unless
+    /// saturating, one beyond the output dtype's range.
+    fn check_stored<A: Acc>(
+        &self,
+        stored: Stored,
+        meta: &TensorMeta,
+        out_dtype: DType,
+        acc: &[A],
+        active: &[(usize, A)],
+    ) -> Result<()> {
+        if stored.non_finite {
+            return Err(self.blame_non_finite(meta, active));
+        }
+        if stored.overflow && self.opts.overflow == DtypeOverflow::Error {
+            let at =
+                (0..acc.len()).max_by(|&i, &j| acc[i].magnitude().total_cmp(&acc[j].magnitude()));
+            let at = at.unwrap_or(0);
+            return Err(overflow_error(&meta.name, out_dtype, acc[at], at));
+        }
+        Ok(())
+    }
+
+    /// The average came out non-finite: find the input that holds a NaN or Inf.
+    fn blame_non_finite<A>(&self, meta: &TensorMeta, active: &[(usize, A)]) -> Error {
+        let mut buf = Vec::new();
+        for &(i, _) in active {
+            let input = self.inputs[i];
+            // Each input in its own dtype (mixed-dtype averages).
+            let own = input.tensor(&meta.name).unwrap_or(meta);
+            match find_non_finite(input, own, &mut buf) {
+                Ok(None) => {}
+                Ok(Some(at)) => {
+                    return Error::bad_input(
+                        input.path(),
+                        format!(
+                            "tensor {} has a non-finite value (NaN or Inf) at element {at}; \
+                             refusing to average it",
+                            meta.name
+                        ),
+                    );
+                }
+                Err(e) => return e, // the file changed under us: that is the error to report
+            }
+        }
+        Error::bad_input(
+            self.inputs[0].path(),
+            format!("tensor {}: the weighted average overflows its dtype", meta.name),
+        )
+    }
+}
+
+/// Element index of the first NaN/Inf in `input`'s tensor `meta`, read chunk by chunk.
+fn find_non_finite(
+    input: &Checkpoint,
+    meta: &TensorMeta,
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>> {
+    let reader = input.reader(&meta.name)?;
+    let size = meta.dtype.size();
+    buf.resize(SCAN_CHUNK.min(reader.len()), 0);
+    let mut offset = 0;
+    while offset < reader.len() {
+        let end = reader.len().min(offset + SCAN_CHUNK);
+        if let Some(at) = first_non_finite(reader.bytes(offset..end, buf)?, meta.dtype) {
+            return Ok(Some(offset / size + at));
+        }
+        offset = end;
+    }
+    Ok(None)
+}
+
+/// Validate and normalise weights: one per input, finite, non-negative, not all zero.
+pub fn normalise_weights(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> {
+    if n == 0 {
+        return Err(Error::Usage("no input checkpoints given".into()));
+    }
+    let Some(w) = weights else { return Ok(vec![1.0 / n as f64; n]) };
+    if w.len() != n {
+        return Err(Error::Usage(format!(
+            "{} weights given for {n} input{} (give one weight per input)",
+            w.len(),
+            if n == 1 { "" } else { "s" }
+        )));
+    }
+    if let Some(bad) = w.iter().find(|x| !x.is_finite() || **x < 0.0) {
+        return Err(Error::Usage(format!("weight {bad} is not a finite non-negative number")));
+    }
+    let sum: f64 = w.iter().sum();
+    if !sum.is_finite() {
+        return Err(Error::Usage(format!(
+            "weights {w:?} are too large: their sum overflows; scale them down (only their ratios matter)"
+        )));
+    }
+    if sum <= 0.0 {
+        return Err(Error::Usage("all weights are zero; at least one must be positive".into()));
+    }
+    Ok(w.iter().map(|x| x / sum).collect())
+}
+
+/// Index of the input whose integer tensors are copied, among inputs with a non-zero weight.
+fn pick_int_source(inputs: &[&Checkpoint], weights: &[f64], policy: IntPolicy) -> usize {
+    let candidates: Vec<usize> = (0..inputs.len()).filter(|&i| weights[i] > 0.0).collect();
+    let steps: Option<Vec<u64>> = candidates.iter().map(|&i| inputs[i].step()).collect();
+    let pick = match (policy, steps) {
+        // max_by_key returns the last maximum, min_by_key the first minimum: ties go to the
+        // last given (latest) or first given (first).
+        (IntPolicy::First, Some(s)) => s.iter().enumerate().min_by_key(|(_, s)| **s).map(|p| p.0),
+        (IntPolicy::First, None) => Some(0),
+        (_, Some(s)) => s.iter().enumerate().max_by_key(|(_, s)| **s).map(|p| p.0),
+        (_, None) => candidates.len().checked_sub(1),
+    };
+    candidates[pick.unwrap_or(0)]
+}
+
+mod kernel;
+mod options;
+pub mod running;
+mod source;
+
+pub use options::{AverageOptions, DtypeOverflow, IntPolicy, OutDType, overflow_error};
+pub use source::{PlanSource, TensorSource};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,345 @@
+//! The averaging kernel's inner loops: one pass of a group of inputs over a tensor, slab by
+//! slab, accumulating `w * x` into an f32 (or f64) buffer and converting finished slabs into
+//! output bytes. Inputs come as [`TensorReader`]s: bytes in memory are read in place, file
+//! bytes are read (`pread`) slab by slab into a per-thread buffer that stays in L2 beside the
+//! accumulator slab. No checkpoints, no allocation beyond those reused buffers.
+
+use std::ops::{Add, BitOr, Mul};
+
+use super::DtypeOverflow;
+use crate::error::Result;
+use sewa_checkpoint::dtype::{bf16_to_f32, f16_to_f32};
+use sewa_checkpoint::{DType, TensorReader};
+
+/// Thread ranges are multiples of this many elements (so, page-aligned within a tensor).
+pub(super) const BLOCK: usize = 8192;
+/// Elements per slab: the accumulator slab (256 KiB of f32) and one input's slab (read into
+/// the thread's buffer) stay in L2 while the inputs stream through in turn.
+const SLAB: usize = 1 << 16;
+/// Below this many elements a tensor is not worth spawning threads for.
+pub(super) const MIN_PARALLEL: usize = 1 << 16;
+
+/// What storing a pass's results found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Stored {
+    /// Some accumulated value is NaN or Inf (an input holds one).
+    pub(super) non_finite: bool,
+    /// Some finite value lies beyond the output dtype's range (written as ±inf, or as ±max
+    /// when saturating).
+    pub(super) overflow: bool,
+}
+
+impl BitOr for Stored {
+    type Output = Stored;
+    fn bitor(self, o: Stored) -> Stored {
+        Stored { non_finite: self.non_finite | o.non_finite, overflow: self.overflow | o.overflow }
+    }
+}
+
+/// One sweep of a group of inputs over a tensor's elements.
+pub(super) struct Pass<'v, 'a, A> {
+    pub(super) inputs: &'v [(TensorReader<'a>, A)],
+    pub(super) in_dtype: DType,
+    /// First group: overwrite the accumulator instead of adding to it.
+    pub(super) init: bool,
+    /// Last group: convert the accumulator into the output bytes.
+    pub(super) last: bool,
+    pub(super) overflow: DtypeOverflow,
+}
+
+impl<A: Acc> Pass<'_, '_, A> {
+    /// Run over all elements on up to `threads` threads (contiguous ranges, so every element
+    /// sums its inputs in the same order whatever the thread count), each thread reading file
+    /// inputs into its own buffer of `slabs`. Fails on the first read error.
+    pub(super) fn run(
+        &self,
+        acc: &mut [A],
+        out: &mut [u8],
+        out_dtype: DType,
+        slabs: &mut Vec<Vec<u64>>,
+        threads: usize,
+    ) -> Result<Stored> {
+        let n = acc.len();
+        let osize = out_dtype.size();
+        let out = &mut out[..n * osize];
+        let single = threads <= 1 || n < MIN_PARALLEL;
+        let part = if single { n.max(1) } else { n.div_ceil(threads).next_multiple_of(BLOCK) };
+        let all_in_memory = self.inputs.iter().all(|(r, _)| r.in_memory().is_some());
+        let slab_bytes = if all_in_memory { 0 } else { SLAB.min(n) * self.in_dtype.size() };
+        let mut bufs = slab_buffers(slabs, n.div_ceil(part).max(1), slab_bytes);
+        if single {
+            return self.range(0, acc, out, out_dtype, &mut bufs[0][..]);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
+                .zip(bufs)
+                .enumerate()
+                .map(|(k, ((a, o), buf))| {
+                    s.spawn(move || self.range(k * part, a, o, out_dtype, &mut buf[..]))
+                })
+                .collect();
+            let results = handles.into_iter().map(|h| h.join().expect("kernel thread panicked"));
+            results
+                .collect::<Result<Vec<Stored>>>()
+                .map(|v| v.into_iter().fold(Stored::default(), BitOr::bitor))
+        })
+    }
+
+    /// Elements `start..start + acc.len()`, slab by slab: each input in turn streams one slab
+    /// (read into `buf` unless in memory) through the cache-resident accumulator slab.
+    fn range(
+        &self,
+        start: usize,
+        acc: &mut [A],
+        out: &mut [u8],
+        out_dtype: DType,
+        buf: &mut [u8],
+    ) -> Result<Stored> {
+        let (in_size, out_size) = (self.in_dtype.size(), out_dtype.size());
+        let saturate = self.overflow == DtypeOverflow::Saturate;
+        let mut stored = Stored::default();
+        for (k, (acc_s, out_s)) in
+            acc.chunks_mut(SLAB).zip(out.chunks_mut(SLAB * out_size)).enumerate()
+        {
+            let lo = (start + k * SLAB) * in_size;
+            let hi = lo + acc_s.len() * in_size;
+            for (j, (input, w)) in self.inputs.iter().enumerate() {
+                let bytes = input.bytes(lo..hi, buf)?;
+                A::add_block(acc_s, bytes, self.in_dtype, *w, self.init && j == 0);
+            }
+            if self.last {
+                stored = stored | A::store_block(acc_s, out_s, out_dtype, saturate);
+            }
+        }
+        Ok(stored)
+    }
+}
+
+/// The first `parts` buffers of `slabs`, each at least `bytes` long (8-byte aligned, so the
+/// aligned fast paths apply to what is read into them).
+fn slab_buffers(slabs: &mut Vec<Vec<u64>>, parts: usize, bytes: usize) -> Vec<&mut [u8]> {
+    if slabs.len() < parts {
+        slabs.resize_with(parts, Vec::new);
+    }
+    let words = bytes.div_ceil(8);
+    let bufs = slabs[..parts].iter_mut().map(|s| {
+        if s.len() < words {
+            s.resize(words, 0);
+        }
+        bytemuck::cast_slice_mut::<u64, u8>(s.as_mut_slice())
+    });
+    bufs.collect()
+}
+
+/// An accumulator element type: f32 for 16/32-bit floats, f64 for f64.
+pub(super) trait Acc:
+    Copy + Default + Send + Sync + Add<Output = Self> + Mul<Output = Self> + std::fmt::LowerExp
+{
+    /// The workspace's accumulator of this type.
+    fn pick<'w>(acc32: &'w mut Vec<f32>, acc64: &'w mut Vec<f64>) -> &'w mut Vec<Self>;
+    fn weight(w: f64) -> Self;
+    fn magnitude(self) -> f64;
+    /// `acc = w * x` (init) or `acc += w * x` for one block of input bytes.
+    fn add_block(acc: &mut [Self], bytes: &[u8], dtype: DType, w: Self, init: bool);
+    /// Write `acc` as `dtype` little-endian bytes. Finite values beyond the dtype's range
+    /// become ±max when `saturate`, else ±inf (and the caller refuses the output).
+    fn store_block(acc: &[Self], out: &mut [u8], dtype: DType, saturate: bool) -> Stored;
+}
+
+#[inline(always)]
+fn axpy<A: Acc>(acc: &mut [A], xs: impl Iterator<Item = A>, w: A, init: bool) {
+    // Two loops rather than a branch per element, so both vectorise.
+    if init {
+        acc.iter_mut().zip(xs).for_each(|(a, x)| *a = w * x);
+    } else {
+        acc.iter_mut().zip(xs).for_each(|(a, x)| *a = *a + w * x);
+    }
+}
+
+/// A 16-bit float type the accumulator can be narrowed to.
+trait Narrow: Copy {
+    const MAX: Self;
+    const MIN: Self;
+    fn is_infinite(self) -> bool;
+    fn bits(self) -> u16;
+}
+
+macro_rules! narrow {
+    ($t:ty) => {
+        impl Narrow for $t {
+            const MAX: Self = <$t>::MAX;
+            const MIN: Self = <$t>::MIN;
+            fn is_infinite(self) -> bool {
+                <$t>::is_infinite(self)
+            }
+            fn bits(self) -> u16 {
+                self.to_bits()
+            }
+        }
+    };
+}
+narrow!(half::f16);
+narrow!(half::bf16);
+
+/// `narrowed`, the rounding of the finite-or-not `wide` value, unless it overflowed to ±inf
+/// from a finite value: then ±max when saturating; `s` records what was seen.
+#[inline(always)]
+fn fit<H: Narrow>(narrowed: H, finite: bool, positive: bool, saturate: bool, s: &mut Stored) -> H {
+    s.non_finite |= !finite;
+    if finite && narrowed.is_infinite() {
+        s.overflow = true;
+        if saturate {
+            return if positive { H::MAX } else { H::MIN };
+        }
+    }
+    narrowed
+}
+
+/// Store `acc` as a 16-bit float type.
+#[inline(always)]
+fn store_narrow<A: Copy, H: Narrow>(
+    acc: &[A],
+    out: &mut [u8],
+    saturate: bool,
+    convert: impl Fn(A) -> (H, bool, bool),
+) -> Stored {
+    let mut s = Stored::default();
+    out.chunks_exact_mut(2).zip(acc).for_each(|(o, a)| {
+        let (h, finite, positive) = convert(*a);
+        o.copy_from_slice(&fit(h, finite, positive, saturate, &mut s).bits().to_le_bytes());
+    });
+    s
+}
+
+impl Acc for f32 {
+    fn pick<'w>(acc32: &'w mut Vec<f32>, _: &'w mut Vec<f64>) -> &'w mut Vec<f32> {
+        acc32
+    }
+    fn weight(w: f64) -> f32 {
+        w as f32
+    }
+    fn magnitude(self) -> f64 {
+        self.abs() as f64
+    }
+    fn add_block(acc: &mut [f32], bytes: &[u8], dtype: DType, w: f32, init: bool) {
+        match dtype {
+            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                // Fast path: aligned bytes are already f32 on a little-endian host.
+                Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
+                _ => axpy(
+                    acc,
+                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    w,
+                    init,
+                ),
+            },
+            DType::BF16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init)
+            }
+            DType::F16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init)
+            }
+            other => unreachable!("f32 accumulator fed {other:?}"),
+        }
+    }
+    fn store_block(acc: &[f32], out: &mut [u8], dtype: DType, saturate: bool) -> Stored {
+        let parts = |a: f32| (a.is_finite(), a > 0.0);
+        match dtype {
+            DType::F32 => {
+                // Fast path: an aligned output buffer on a little-endian host is a plain copy.
+                match bytemuck::try_cast_slice_mut::<u8, f32>(out) {
+                    Ok(o) if cfg!(target_endian = "little") => o.copy_from_slice(acc),
+                    _ => (out.chunks_exact_mut(4).zip(acc))
+                        .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes())),
+                }
+                let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
+                Stored { non_finite: !finite, overflow: false }
+            }
+            DType::BF16 => store_narrow(acc, out, saturate, |a| {
+                let (finite, positive) = parts(a);
+                (half::bf16::from_f32(a), finite, positive)
+            }),
+            DType::F16 => store_narrow(acc, out, saturate, |a| {
+                let (finite, positive) = parts(a);
+                (half::f16::from_f32(a), finite, positive)
+            }),
+            other => unreachable!("f32 accumulator written as {other:?}"),
+        }
+    }
+}
+
+impl Acc for f64 {
+    fn pick<'w>(_: &'w mut Vec<f32>, acc64: &'w mut Vec<f64>) -> &'w mut Vec<f64> {
+        acc64
+    }
+    fn weight(w: f64) -> f64 {
+        w
+    }
+    fn magnitude(self) -> f64 {
+        self.abs()
+    }
+    fn add_block(acc: &mut [f64], bytes: &[u8], dtype: DType, w: f64, init: bool) {
+        match dtype {
+            DType::F64 => match bytemuck::try_cast_slice::<u8, f64>(bytes) {
+                Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
+                _ => axpy(
+                    acc,
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                    w,
+                    init,
+                ),
+            },
+            // Mixed-dtype averages (an f64 input beside narrower ones) widen the others.
+            DType::F32 => axpy(
+                acc,
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
+                w,
+                init,
+            ),
+            DType::BF16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]]) as f64), w, init)
+            }
+            DType::F16 => {
+                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]]) as f64), w, init)
+            }
+            other => unreachable!("f64 accumulator fed {other:?}"),
+        }
+    }
+    fn store_block(acc: &[f64], out: &mut [u8], dtype: DType, saturate: bool) -> Stored {
+        let parts = |a: f64| (a.is_finite(), a > 0.0);
+        match dtype {
+            DType::F64 => {
+                (out.chunks_exact_mut(8).zip(acc))
+                    .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes()));
+                Stored { non_finite: acc.iter().any(|a| !a.is_finite()), overflow: false }
+            }
+            DType::F32 => {
+                let mut s = Stored::default();
+                out.chunks_exact_mut(4).zip(acc).for_each(|(o, a)| {
+                    let (finite, positive) = parts(*a);
+                    let mut v = *a as f32;
+                    s.non_finite |= !finite;
+                    if finite && v.is_infinite() {
+                        s.overflow = true;
+                        if saturate {
+                            v = if positive { f32::MAX } else { f32::MIN };
+                        }
+                    }
+                    o.copy_from_slice(&v.to_le_bytes());
+                });
+                s
+            }
+            DType::BF16 => store_narrow(acc, out, saturate, |a| {
+                let (finite, positive) = parts(a);
+                (half::bf16::from_f64(a), finite, positive)
+            }),
+            DType::F16 => store_narrow(acc, out, saturate, |a| {
+                let (finite, positive) = parts(a);
+                (half::f16::from_f64(a), finite, positive)
+            }),
+            other => unreachable!("f64 accumulator written as {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The daemon's status file: what is in the window, what was selected and published last,
+//! what is quarantined, the disk space sewa holds for deleted checkpoints, and the recent
+//! errors. Written atomically (temp file, fsync, rename) so
+//! `sewa status` and monitoring never read half of it; `render` formats it for people.
+//! This module only records; the daemon decides what goes in.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result, WithPath};
+use crate::timestamp;
+use sewa_checkpoint::Identity;
+use sewa_checkpoint::text::{self, human_bytes};
+
+/// Recent errors kept in the file.
+const MAX_ERRORS: usize = 20;
+/// Largest status file `read` accepts: sewa's own are KiBs (a line per window member and
+/// quarantined file), so this only refuses what sewa did not write.
+const MAX_STATUS_BYTES: u64 = 64 << 20;
+/// Skipped files listed by `render` (optimizer files pile up beside checkpoints).
+const SKIPPED_SHOWN: usize = 5;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    /// starting | waiting for the watched directory | watching | stopping | stopped | failed
+    pub state: String,
+    pub started_at: String,
+    pub updated_at: String,
+    #[serde(with = "crate::path_json")]
+    pub dir: PathBuf,
+    #[serde(with = "crate::path_json")]
+    pub out: PathBuf,
+    pub method: String,
+    /// The window, oldest first.
+    pub members: Vec<MemberStatus>,
+    /// Why the daemon does not select yet (fewer members than `[select] min_members`).
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// What the published output holds (from its manifest at start-up, then from each
+    /// publication); its members may have left the window.
+    #[serde(default)]
+    pub published: Option<PublishedSelection>,
+    /// The last selection, published or not (see its `outcome`).
+    pub last_selection: Option<SelectionStatus>,
+    pub last_publish: Option<PublishStatus>,
+    pub quarantined: Vec<QuarantineStatus>,
+    /// The run directory's filesystem and what sewa holds on it (absent: not measured).
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
+    pub errors: Vec<ErrorStatus>,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    #[serde(with = "crate::path_json")]
+    pub path: PathBuf,
+    pub step: u64,
+    pub metric: Option<f64>,
+    /// Weight in the last selection (published or not).
+    pub weight: f64,
+    /// Weight in the published average (0: not in it).
+    #[serde(default)]
+    pub published_weight: f64,
+    /// Whether the file version this member holds is still at its path.
+    #[serde(default)]
+    pub on_disk: OnDisk,
+    /// Bytes of this member's files that no path links to any more (deleted by rotation,
+    /// renamed over) and that stay allocated while sewa holds them.
+    #[serde(default)]
+    pub held_bytes: u64,
+}
+
+/// The run directory's filesystem (`[watch] dir`) and the space sewa keeps allocated on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Free bytes for unprivileged writers such as the trainer.
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// `[window] min_free_bytes` in force (configured, or the default computed from the
+    /// filesystem and the newest checkpoint): below it, deleted members are released.
+    pub min_free_bytes: u64,
+    /// Bytes sewa keeps allocated for files deleted from disk: window members and inputs of
+    /// the running average that already left the window.
+    pub held_bytes: u64,
+    /// `[window] keep_deleted`.
+    pub keep_deleted: bool,
+}
+
+/// Whether the file version sewa holds is still at its path. A member whose file the trainer's
+/// rotation unlinked stays usable while sewa has it mapped, but it will not come back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisk {
+    #[default]
+    Present,
+    /// Nothing is at the path any more (deleted, e.g. by rotation).
+    Deleted,
+    /// Something else is at the path (replaced or rewritten since it was read), or it cannot
+    /// be examined.
+    Changed,
+}
+
+impl OnDisk {
+    /// Compare what is at `path` now with the `identity` it had when read (one `stat`, or one
+    /// per weight file of a directory). Without a recorded identity, only existence counts.
+    pub fn check(path: &Path, identity: Option<&Identity>) -> OnDisk {
+        match Identity::of(path) {
+            Ok(now) if identity.is_none_or(|id| *id == now) => OnDisk::Present,
+            Err(_) if std::fs::symlink_metadata(path).is_err() => OnDisk::Deleted,
+            _ => OnDisk::Changed,
+        }
+    }
+
+    /// The mark `render` prints after a path; `held`: bytes sewa keeps allocated for it.
+    fn label(self, held: u64) -> String {
+        let what = match self {
+            OnDisk::Present => "",
+            OnDisk::Deleted => "deleted from disk",
+            OnDisk::Changed => "changed on disk",
+        };
+        match (what, held) {
+            ("", 0) => String::new(),
+            ("", _) => format!("  [sewa holds {} of deleted files]", human_bytes(held)),
+            (_, 0) => format!("  [{what}]"),
+            _ => format!("  [{what}, sewa holds {}]", human_bytes(held)),
+        }
+    }
+}
+
+/// What a selection was, for the published one and the last one alike (flattened into both:
+/// the JSON keeps the fields at their level).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SelectionSummary {
+    /// When it was made, or for the published one, published (RFC 3339).
+    pub at: String,
+    pub method: String,
+    pub why: String,
+    /// Its loss on the selection data.
+    pub loss: Option<f64>,
+    /// Its loss on `[objective] acceptance_data`, when known.
+    #[serde(default)]
+    pub acceptance_loss: Option<f64>,
+}
+
+/// The selection the published output holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PublishedSelection {
+    #[serde(flatten)]
+    pub summary: SelectionSummary,
+    /// Inputs with a non-zero weight, oldest first.
+    pub members: Vec<PublishedMember>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishedMember {
+    #[serde(with = "crate::path_json")]
+    pub path: PathBuf,
+    pub step: Option<u64>,
+    pub weight: f64,
+    /// The member's own loss on the selection data, when the selector recorded it.
+    pub loss: Option<f64>,
+    /// Whether it is (this file version) still in the window.
+    pub in_window: bool,
+    pub on_disk: OnDisk,
+}
+
+/// The last selection.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SelectionStatus {
+    #[serde(flatten)]
+    pub summary: SelectionSummary,
+    /// Whether it was published (then it is `published` too).
+    #[serde(default)]
+    pub published: bool,
+    /// "published", or why not.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishStatus {
+    pub at: String,
+    #[serde(with = "crate::path_json")]
+    pub path: PathBuf,
+    #[serde(with = "crate::path_json")]
+    pub manifest: PathBuf,
+    pub members: usize,
+    /// Checkpoints read to update the running average (incremental updates read few).
+    pub reads: usize,
+    pub exact: bool,
+    /// Updating the running average and producing the output tensors.
+    #[serde(default)]
+    pub average_ms: u64,
+    /// Selection, averaging and the durable publish together.
+    pub millis: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuarantineStatus {
+    #[serde(with = "crate::path_json")]
+    pub path: PathBuf,
+    pub reason: String,
+    pub incomplete: bool,
+    /// Not a checkpoint to average (optimizer state, a copy such as last.pt): not counted.
+    #[serde(default)]
+    pub skipped: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorStatus {
+    pub at: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub loaded: u64,
+    pub quarantined: u64,
+    pub selections: u64,
+    /// Selections that failed (e.g. a non-finite loss); nothing was published from them.
+    #[serde(default)]
+    pub failed_selections: u64,
+    pub publishes: u64,
+    pub rescans: u64,
+    /// Members released because their files were deleted (`[window] keep_deleted`,
+    /// `min_free_bytes`).
+    #[serde(default)]
+    pub released: u64,
+    /// Loads put off for lack of file descriptors (retried, never quarantined).
+    #[serde(default)]
+    pub deferred: u64,
+    /// Times the run's checkpoints changed layout and the window followed them.
+    #[serde(default)]
+    pub relayouts: u64,
+}
+
+impl Status {
+    pub fn push_error(&mut self, message: impl Into<String>) {
+        self.errors.push(ErrorStatus { at: timestamp::now(), message: message.into() });
+        let extra = self.errors.len().saturating_sub(MAX_ERRORS);
+        self.errors.drain(..extra);
+    }
+
+    /// Write to `path` atomically: a temp file in the same directory, fsync, then rename.
+    pub fn write(&mut self, path: &Path) -> Result<()> {
+        self.updated_at = timestamp::now();
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        write_atomic(path, &json)
+    }
+
+    /// Read a status file (a regular file of at most `MAX_STATUS_BYTES`: `sewa status` must
+    /// never hang on a FIFO or read `/dev/zero` without end).
+    pub fn read(path: &Path) -> Result<Status> {
+        let text = crate::config::read_small(path, MAX_STATUS_BYTES)
+            .map_err(|why| Error::bad_input(path, why))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::bad_input(path, format!("not a sewa status file: {e}")))
+    }
+}
+
+/// Create `path`'s directory, then write through the publisher's atomic writer (temp file,
+/// fsync, rename, directory fsync), so a reader never sees half a status file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_path(dir)?;
+    crate::publish::write_atomic(path, |f, p| f.write_all(bytes).with_path(p))
+}
+
+/// The status as a short report for people (`sewa status`). Paths and reasons come from
+/// checkpoint files (and the file itself may have been edited): they print escaped.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ =
+        writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
+    let _ = writeln!(o, "watching {}  →  {}", s.dir.display(), s.out.display());
+    render_window(&mut o, s);
+    render_disk(&mut o, s.disk.as_ref());
+    render_published(&mut o, s.published.as_ref());
+    if let Some(sel) = &s.last_selection {
+        let (why, outcome) = (text::escape(&sel.summary.why), text::escape(&sel.outcome));
+        let losses = losses(&sel.summary);
+        let _ = writeln!(o, "\nlast selection {}: {why}{losses} — {outcome}", sel.summary.at);
+    }
+    match &s.last_publish {
+        Some(p) => {
+            let how = if p.exact { "exact" } else { "incremental" };
+            let _ = writeln!(
+                o,
+                "last publish {}: {} ({} members, {how}, {} reads, {} ms of which averaging {} ms)",
+                p.at,
+                p.path.display(),
+                p.members,
+                p.reads,
+                p.millis,
+                p.average_ms
+            );
+        }
+        None if s.published.is_none() => o.push_str("nothing published yet\n"),
+        None => {}
+    }
+    let (skipped, quarantined): (Vec<_>, Vec<_>) = s.quarantined.iter().partition(|q| q.skipped);
+    if !quarantined.is_empty() {
+        let _ = writeln!(o, "\nquarantined ({}):", quarantined.len());
+        for q in &quarantined {
+            let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
+        }
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(o, "\nskipped, not checkpoints to average ({}):", skipped.len());
+        for q in skipped.iter().take(SKIPPED_SHOWN) {
+            let _ = writeln!(o, "  {}: {}", text::path(&q.path), text::escape(&q.reason));
+        }
+        if skipped.len() > SKIPPED_SHOWN {
+            let _ = writeln!(o, "  ... and {} more", skipped.len() - SKIPPED_SHOWN);
+        }
+    }
+    if !s.errors.is_empty() {
+        let _ = writeln!(o, "\nrecent errors:");
+        for e in s.errors.iter().rev().take(5) {
+            let _ = writeln!(o, "  {} {}", e.at, text::escape_lines(&e.message));
+        }
+    }
+    o
+}
+
+/// The window: each member's weight in the published average and in the last selection.
+fn render_window(o: &mut String, s: &Status) {
+    let _ = writeln!(o, "\nwindow: {} members, method {}", s.members.len(), s.method);
+    if let Some(w) = &s.waiting {
+        let _ = writeln!(o, "  {}", text::escape(w));
+    }
+    for m in &s.members {
+        let metric = m.metric.map(|v| format!("  metric {v:.6}")).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  step {:>8}  published {:.4}  last selection {:.4}  {}{metric}{}",
+            m.step,
+            m.published_weight,
+            m.weight,
+            text::path(&m.path),
+            m.on_disk.label(m.held_bytes)
+        );
+    }
+}
+
+/// Free space against `[window] min_free_bytes`, and what sewa holds for deleted files.
+fn render_disk(o: &mut String, d: Option<&DiskStatus>) {
+    let Some(d) = d else { return };
+    let keep = if d.keep_deleted { "" } else { ", keep_deleted = false" };
+    let _ = writeln!(
+        o,
+        "  disk: {} free (min_free_bytes {}{keep}); sewa holds {} of deleted checkpoints",
+        human_bytes(d.free_bytes),
+        human_bytes(d.min_free_bytes),
+        human_bytes(d.held_bytes)
+    );
+}
+
+/// ", loss L (A on the acceptance data)", with what is known.
+fn losses(s: &SelectionSummary) -> String {
+    let loss = s.loss.map(|l| format!(", loss {l:.6}")).unwrap_or_default();
+    let acc = s.acceptance_loss.map(|l| format!(" ({l:.6} on the acceptance data)"));
+    loss + &acc.unwrap_or_default()
+}
+
+/// The published selection, members that left the window included.
+fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
+    let Some(p) = p else { return };
+    let s = &p.summary;
+    let (method, why, losses) = (text::escape(&s.method), text::escape(&s.why), losses(s));
+    let _ = writeln!(o, "\npublished {} ({method}{losses}): {why}", s.at);
+    for m in &p.members {
+        let step = m.step.map_or("?".into(), |s| s.to_string());
+        let loss = m.loss.map(|l| format!("  loss {l:.6}")).unwrap_or_default();
+        let gone = if m.in_window { "" } else { "  [left the window]" };
+        let _ = writeln!(
+            o,
+            "  step {step:>8}  weight {:.4}{loss}  {}{gone}{}",
+            m.weight,
+            text::path(&m.path),
+            m.on_disk.label(0)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_is_atomic_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/status.json");
+        let mut s = Status { state: "watching".into(), ..Status::default() };
+        for i in 0..30 {
+            s.push_error(format!("e{i}"));
+        }
+        s.write(&path).unwrap();
+        let back = Status::read(&path).unwrap();
+        assert_eq!(back.errors.len(), MAX_ERRORS);
+        assert_eq!(back.errors.last().unwrap().message, "e29");
+        assert!(render(&back).contains("watching"));
+        let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temp file left behind");
+    }
+
+    /// A status file written before the published selection and on-disk marks existed still
+    /// reads (`sewa status` of an older running daemon).
+    #[test]
+    fn an_older_status_file_still_reads() {
+        let old = serde_json::json!({
+            "pid": 1, "version": "0.1.0", "state": "watching", "started_at": "t",
+            "updated_at": "t", "dir": "runs", "out": "out.safetensors", "method": "lawa",
+            "members": [{"path": "runs/step_1", "step": 1, "metric": null, "weight": 1.0}],
+            "last_selection": {"at": "t", "method": "lawa", "why": "w", "loss": null,
+                               "outcome": "published"},
+            "last_publish": null, "quarantined": [], "errors": [],
+            "counters": {"loaded": 1, "quarantined": 0, "selections": 1, "publishes": 1,
+                         "rescans": 0}
+        });
+        let s: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(s.members[0].on_disk, OnDisk::Present);
+        assert!(s.published.is_none() && s.waiting.is_none());
+        assert!(render(&s).contains("step        1"));
+    }
+
+    #[test]
+    fn render_lists_the_published_members_apart_from_the_window() {
+        let gone = PublishedMember {
+            path: "runs/step_1".into(),
+            step: Some(1),
+            weight: 0.25,
+            loss: Some(0.5),
+            in_window: false,
+            on_disk: OnDisk::Deleted,
+        };
+        let summary = SelectionSummary {
+            at: "t0".into(),
+            method: "sewa".into(),
+            why: "sewa: 4 of 8".into(),
+            loss: Some(0.125),
+            acceptance_loss: Some(0.25),
+        };
+        let published = PublishedSelection { summary, members: vec![gone] };
+        let s = Status { published: Some(published), ..Status::default() };
+        let text = render(&s);
+        assert!(
+            text.contains("published t0 (sewa, loss 0.125000 (0.250000 on the acceptance data))")
+        );
+        assert!(text.contains("step        1  weight 0.2500  loss 0.500000  runs/step_1  [left the window]  [deleted from disk]"), "{text}");
+        assert!(!text.contains("nothing published yet"), "{text}");
+    }
+
+    /// The selection fields shared through `SelectionSummary` stay where they always were.
+    #[test]
+    fn the_selection_fields_keep_their_place_in_the_json() {
+        let summary = SelectionSummary {
+            at: "t".into(),
+            method: "lawa".into(),
+            why: "w".into(),
+            loss: Some(0.5),
+            acceptance_loss: None,
+        };
+        let last = SelectionStatus {
+            summary: summary.clone(),
+            published: true,
+            outcome: "published".into(),
+        };
+        let published = PublishedSelection { summary, members: vec![] };
+        let s =
+            Status { last_selection: Some(last), published: Some(published), ..Status::default() };
+        let json = serde_json::to_value(&s).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let common = ["acceptance_loss", "at", "loss", "method", "why"];
+        let with = |extra: &[&str]| {
+            let mut k: Vec<String> = common.iter().chain(extra).map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&json["last_selection"]), with(&["outcome", "published"]));
+        assert_eq!(keys(&json["published"]), with(&["members"]));
+        assert_eq!(json["last_selection"]["loss"], 0.5);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back.published.unwrap().summary.why, "w");
+    }
+
+    #[test]
+    fn render_shows_what_sewa_holds_for_deleted_files() {
+        let member = MemberStatus {
+            path: "runs/step_1".into(),
+            step: 1,
+            metric: None,
+            weight: 0.5,
+            published_weight: 0.5,
+            on_disk: OnDisk::Deleted,
+            held_bytes: 3 << 20,
+        };
+        let disk = DiskStatus {
+            free_bytes: 1 << 30,
+            total_bytes: 1 << 34,
+            min_free_bytes: 2 << 30,
+            held_bytes: 3 << 20,
+            keep_deleted: true,
+        };
+        let s = Status { members: vec![member], disk: Some(disk), ..Status::default() };
+        let text = render(&s);
+        assert!(text.contains("runs/step_1  [deleted from disk, sewa holds 3.00 MiB"), "{text}");
+        assert!(
+            text.contains("disk: 1.00 GiB (1073741824 bytes) free (min_free_bytes 2.00 GiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sewa holds 3.00 MiB (3145728 bytes) of deleted checkpoints"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn on_disk_tells_deleted_from_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("step_5.safetensors");
+        std::fs::write(&path, b"version one").unwrap();
+        let id = Identity::of(&path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Present);
+        assert_eq!(OnDisk::check(&path, None), OnDisk::Present);
+        std::fs::write(dir.path().join("new"), b"version two, longer").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Changed);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(OnDisk::check(&path, Some(&id)), OnDisk::Deleted);
+        assert_eq!(OnDisk::check(&path, None), OnDisk::Deleted);
+    }
+
+    #[test]
+    fn non_utf8_paths_are_written_losslessly() {
+        use std::os::unix::ffi::OsStringExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let odd =
+            PathBuf::from(std::ffi::OsString::from_vec(b"runs/step_\xff.safetensors".to_vec()));
+        let member = MemberStatus {
+            path: odd.clone(),
+            step: 1,
+            metric: None,
+            weight: 1.0,
+            published_weight: 1.0,
+            on_disk: OnDisk::Present,
+            held_bytes: 0,
+        };
+        let mut s = Status { members: vec![member], out: odd.clone(), ..Status::default() };
+        s.write(&path).unwrap();
+        let back = Status::read(&path).unwrap();
+        assert_eq!((back.members[0].path.clone(), back.out), (odd.clone(), odd));
+    }
+}
