@@ -8,6 +8,7 @@ mod dcp;
 mod deepspeed;
 mod evaluator;
 mod faults;
+mod imports;
 mod layouts;
 mod memory;
 mod objective;

@@ -1,107 +1,98 @@
 //! Which format handles a path, decided once for both `quick_check` and `Checkpoint::open`:
-//! directories are DCP checkpoints when they hold `.metadata` (or Accelerate's
-//! `pytorch_model_fsdp_0/` does), DeepSpeed checkpoints (`global_stepN/` content or a
-//! `latest` tag), PEFT adapters (`adapter_config.json`), else HF checkpoints,
-//! `*.index.json` is a shard index, and files are told apart
-//! by their first bytes (zip, legacy pickle, safetensors), not by trusting the extension.
-//! The formats themselves live in `format/`; this module only dispatches.
+//! a directory or a file opened once (regular files only, never through a symlink), then each
+//! format of `format::FORMATS` asked in turn. The formats themselves live in `format/`; this
+//! module only dispatches.
 
-use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::format::magic::{Magic, sniff};
-use super::format::{dcp, deepspeed, hf_dir, peft, safetensors, sharded, torch};
+use super::format::magic::sniff;
+use super::format::{FORMATS, Found, Probe, is_weight_file};
+use super::identity::Identity;
 use super::storage::Loaded;
 use super::{InputIo, OpenOptions, files};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// The format of a checkpoint file (a directory is always an HF checkpoint).
-enum FileFormat {
-    Sharded,
-    Torch,
-    Safetensors,
+/// A path whose format is known: check it, then open it, without detecting it again.
+pub struct Detected {
+    path: PathBuf,
+    opts: OpenOptions,
+    /// The path's identity before detection: `open` refuses a path changed meanwhile.
+    before: Identity,
+    found: Box<dyn Found>,
 }
 
-/// Which format `path` (opened as `file`) is in. A legacy torch pickle, or a file named as a
-/// torch file without a zip header, is refused here with an error saying so.
-fn detect(path: &Path, file: &File) -> Result<FileFormat> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name.ends_with(".index.json") {
-        return Ok(FileFormat::Sharded);
-    }
-    match sniff(path, file)? {
-        Magic::Zip => Ok(FileFormat::Torch),
-        Magic::LegacyPickle => Err(torch::legacy_error(path)),
-        Magic::Other if torch::has_torch_extension(&name) => Err(torch::not_zip_error(path)),
-        Magic::Other => Ok(FileFormat::Safetensors),
+impl std::fmt::Debug for Detected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detected").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
-/// Detect the format of `path` and read it. `opts.state_key` names the entry of a torch
-/// pickle that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
-pub(crate) fn load(path: &Path, opts: &OpenOptions) -> Result<Loaded> {
-    let state_key = opts.state_key.as_deref();
+/// Detect the format of `path`. A legacy torch pickle, or a file named as a torch file without
+/// a zip header, is refused here with an error saying so.
+pub fn detect(path: &Path, opts: &OpenOptions) -> Result<Detected> {
+    let before = Identity::of(path)?;
     let meta = std::fs::metadata(path).input(path)?;
-    if meta.is_dir() {
-        if let Some((dir, nested)) = dcp::find(path)? {
-            let mut loaded = dcp::open(&dir, state_key)?;
-            // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
-            loaded.side_dir = nested.then(|| path.to_path_buf());
-            return Ok(loaded);
+    let file = if meta.is_dir() {
+        None
+    } else {
+        let file = files::open_regular(path)?;
+        let magic = sniff(path, &file)?;
+        Some((file, magic))
+    };
+    let probe = Probe { path, opts, file };
+    for format in FORMATS {
+        if let Some(found) = (format.detect)(&probe)? {
+            return Ok(Detected { path: path.to_path_buf(), opts: opts.clone(), before, found });
         }
-        if let Some(dir) = deepspeed::detect(path)? {
-            return deepspeed::open(&dir, opts.deepspeed_weights);
-        }
-        if peft::is_adapter_dir(path) {
-            return peft::open(path);
-        }
-        return hf_dir::open(path);
     }
-    let file = files::open_regular(path)?;
-    match detect(path, &file)? {
-        FileFormat::Sharded => sharded::open(path, file),
-        FileFormat::Torch => torch::open(path, file, state_key),
-        FileFormat::Safetensors => safetensors::open(path, file),
+    Err(Error::Internal(format!("{}: no format claimed it", path.display())))
+}
+
+impl Identity {
+    /// Identity of a file or checkpoint directory (follows symlinks, as opening does); for a
+    /// directory, of the files any format takes for weights (see `FormatSpec::weight_file`).
+    pub fn of(path: &Path) -> Result<Identity> {
+        Identity::of_with(path, is_weight_file)
     }
 }
 
-/// Is the checkpoint at `path` complete enough to open? Cheap, without reading tensor data:
-/// safetensors header and length, zip end-of-central-directory record for torch files, HF
-/// directory marker and shard completeness; opening repeats these checks and more. `marker` is
-/// the file an HF checkpoint directory must contain (the Trainer writes `trainer_state.json`
-/// last); empty = no marker. Never call this on temp names (see `is_temp_name`): a
-/// preallocated temp file can pass.
+impl Detected {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Is the checkpoint complete enough to open? Cheap, without reading tensor data:
+    /// safetensors header and length, zip end-of-central-directory record for torch files,
+    /// HF directory marker and shard completeness; opening repeats these checks and more.
+    /// `marker` is the file an HF checkpoint directory must contain (the Trainer writes
+    /// `trainer_state.json` last); empty = no marker. DeepSpeed and PEFT directories have
+    /// their own completion rules (see their modules). Never call this on temp names (see
+    /// `is_temp_name`): a preallocated temp file can pass.
+    pub fn quick_check(&self, marker: &str) -> Result<()> {
+        self.found.quick_check(marker)
+    }
+
+    /// Read it (see `Checkpoint::open`).
+    pub fn open(self) -> Result<super::Checkpoint> {
+        let Detected { path, opts, before, found } = self;
+        let loaded: Loaded = found.open()?;
+        if Identity::of(&path)? != before {
+            return Err(Error::bad_input(
+                &path,
+                "changed while being opened (still being written?); it will be retried",
+            ));
+        }
+        super::Checkpoint::from_loaded(&path, loaded, before, &opts)
+    }
+}
+
+/// [`Detected::quick_check`] of `path` for the default options.
 pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
     quick_check_with(path, marker, &OpenOptions::default())
 }
 
-/// [`quick_check`] for the weights `opts` asks for (DeepSpeed fp32 masters need every rank's
-/// optimizer states). The HF `marker` does not apply to DeepSpeed and PEFT directories:
-/// they have their own completion rules (see their modules).
+/// [`Detected::quick_check`] of `path` for the weights `opts` asks for (DeepSpeed fp32
+/// masters need every rank's optimizer states).
 pub fn quick_check_with(path: &Path, marker: &str, opts: &OpenOptions) -> Result<()> {
-    let meta = std::fs::metadata(path).input(path)?;
-    if meta.is_dir() {
-        // `.metadata` is a DCP directory's marker (renamed in last); one nested in an HF
-        // Trainer checkpoint also waits for the Trainer's marker.
-        if let Some((dir, nested)) = dcp::find(path)? {
-            if nested {
-                hf_dir::check_marker(path, marker)?;
-            }
-            return dcp::quick_check(&dir);
-        }
-        if let Some(dir) = deepspeed::detect(path)? {
-            return deepspeed::quick_check(&dir, opts.deepspeed_weights);
-        }
-        if peft::is_adapter_dir(path) {
-            return peft::quick_check(path);
-        }
-        return hf_dir::quick_check(path, marker);
-    }
-    let file = files::open_regular(path)?;
-    match detect(path, &file)? {
-        FileFormat::Sharded => sharded::quick_check(path, file),
-        // The zip header was just seen: only the end record is left to check.
-        FileFormat::Torch => torch::check_zip(path, file),
-        FileFormat::Safetensors => safetensors::quick_check(path, file),
-    }
+    detect(path, opts)?.quick_check(marker)
 }

@@ -28,8 +28,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Identity of a file or checkpoint directory (follows symlinks, as opening does).
-    pub fn of(path: &Path) -> Result<Identity> {
+    /// Identity of a file or checkpoint directory (follows symlinks, as opening does), where
+    /// `is_weight_file` says which files of a directory count (`Identity::of` asks every
+    /// format: see `detect`).
+    pub(crate) fn of_with(path: &Path, is_weight_file: fn(&str) -> bool) -> Result<Identity> {
         let meta = std::fs::metadata(path).input(path)?;
         if !meta.is_dir() {
             return Ok(Identity::from_metadata(&meta));
@@ -114,21 +116,4 @@ fn fold_dir(dir: &Path, id: &mut Identity, depth: u32) {
             id.size = id.size.wrapping_add(m.size()).wrapping_add(m.ino() << 20);
         }
     }
-}
-
-/// Files inside a checkpoint directory whose change means the weights changed. The marker
-/// (`trainer_state.json`) counts too: HF writes it last, so a rewrite of the directory shows.
-pub(crate) fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors")
-        || name.ends_with(".index.json")
-        || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
-        || name == "trainer_state.json"
-        || name.ends_with(".distcp")
-        || name == ".metadata"
-        // DeepSpeed (`global_stepN/`, and the tag in `latest` beside it) and PEFT adapters.
-        || name.ends_with("_model_states.pt")
-        || name.ends_with("_optim_states.pt")
-        || name == "latest"
-        || name == "adapter_model.bin"
-        || name == "adapter_config.json"
 }

@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub use classify::not_model_weights;
-pub use detect::{quick_check, quick_check_with};
+pub use detect::{Detected, detect, quick_check, quick_check_with};
 pub use files::{has_file, open_child, open_in_dir, open_regular, read_capped};
+pub use format::checkpoint_endings;
 pub use format::peft::{check_same_adapter, is_adapter_dir};
 pub use identity::Identity;
 pub use names::{is_temp_name, parse_step, step_of};
@@ -38,8 +39,7 @@ pub use reader::TensorReader;
 pub use storage::ChunkInfo;
 
 pub use crate::error::{Error, Result, WithPath};
-use detect::load;
-use storage::Storage;
+use storage::{MemoryStore, Storage};
 
 pub use crate::dtype::DType;
 
@@ -151,7 +151,7 @@ pub struct Checkpoint {
     /// Normalised name → name in the file, for renamed keys only.
     orig_names: HashMap<String, String>,
     identity: Option<Identity>,
-    storage: Storage,
+    storage: Box<dyn Storage>,
 }
 
 /// I/O errors on checkpoint inputs are bad input (skip the checkpoint), not fatal errors.
@@ -169,14 +169,16 @@ impl Checkpoint {
     /// Open any supported checkpoint (file or directory), detecting the format, validating it
     /// cheaply and holding open (safetensors) or indexing (torch zip) its tensors.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
-        let before = Identity::of(path)?;
-        let loaded = load(path, opts)?;
-        if Identity::of(path)? != before {
-            return Err(Error::bad_input(
-                path,
-                "changed while being opened (still being written?); it will be retried",
-            ));
-        }
+        detect(path, opts)?.open()
+    }
+
+    /// What a format read (`Detected::open`), its keys normalised.
+    fn from_loaded(
+        path: &Path,
+        loaded: storage::Loaded,
+        before: Identity,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         let names = loaded.tensors.iter().map(|t| t.name.clone());
         let (renamed, to_orig) = keys::normalise(path, names, &opts.strip_prefixes)?;
         let mut tensors = loaded.tensors;
@@ -230,7 +232,7 @@ impl Checkpoint {
             renamed: Vec::new(),
             orig_names: HashMap::new(),
             identity: None,
-            storage: Storage::Memory(data),
+            storage: Box::new(MemoryStore(data)),
         })
     }
 

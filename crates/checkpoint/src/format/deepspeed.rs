@@ -14,7 +14,7 @@ mod partition;
 mod pickled;
 mod zero;
 
-use super::torch;
+use super::{Claim, FormatSpec, Found, Probe, torch};
 use crate::error::{Error, Result};
 use crate::storage::Loaded;
 use crate::{DeepSpeedWeights, Format, files};
@@ -252,6 +252,37 @@ fn open_module(layout: &Layout, path: &Path) -> Result<Loaded> {
     }
     loaded.step = loaded.metadata.get("global_steps").and_then(|s| s.parse().ok()).or(loaded.step);
     Ok(loaded)
+}
+
+/// A `global_stepN/` directory, or one whose `latest` names it (see `detect`).
+pub(crate) const FORMAT: FormatSpec = FormatSpec { detect: claim, weight_file, endings: &[] };
+
+fn weight_file(name: &str) -> bool {
+    name.ends_with(MODEL_SUFFIX) || name.ends_with(OPTIM_SUFFIX) || name == "latest"
+}
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    if probe.file.is_some() {
+        return Ok(None);
+    }
+    let weights = probe.opts.deepspeed_weights;
+    Ok(detect(probe.path)?.map(|layout| Box::new(FoundDeepSpeed { layout, weights }) as _))
+}
+
+struct FoundDeepSpeed {
+    layout: Layout,
+    weights: DeepSpeedWeights,
+}
+
+impl Found for FoundDeepSpeed {
+    /// DeepSpeed's own completion rule; the HF marker does not apply.
+    fn quick_check(&self, _marker: &str) -> Result<()> {
+        quick_check(&self.layout, self.weights)
+    }
+
+    fn open(self: Box<Self>) -> Result<Loaded> {
+        open(&self.layout, self.weights)
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{safetensors, sharded, torch};
+use super::{Claim, FormatSpec, Found, Probe, safetensors, sharded, torch};
 use crate::error::{Error, Result};
 use crate::storage::Loaded;
 use crate::{Format, files};
@@ -124,4 +124,35 @@ fn read_trainer_state(path: &Path) -> Result<(Option<u64>, BTreeMap<String, Stri
         meta.insert("metric_step".to_string(), s.to_string());
     }
     Ok((step, meta))
+}
+
+/// Any directory no other format claimed: an HF checkpoint (`save_pretrained`, the Trainer).
+pub(crate) const FORMAT: FormatSpec = FormatSpec { detect: claim, weight_file, endings: &[] };
+
+/// The marker (`trainer_state.json`) counts too: HF writes it last, so a rewrite of the
+/// directory shows.
+fn weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".index.json")
+        || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
+        || name == TRAINER_STATE
+}
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    if probe.file.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(FoundHf(probe.path.to_path_buf()))))
+}
+
+struct FoundHf(PathBuf);
+
+impl Found for FoundHf {
+    fn quick_check(&self, marker: &str) -> Result<()> {
+        quick_check(&self.0, marker)
+    }
+
+    fn open(self: Box<Self>) -> Result<Loaded> {
+        open(&self.0)
+    }
 }

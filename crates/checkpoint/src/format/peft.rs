@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{safetensors, torch};
+use super::{Claim, FormatSpec, Found, Probe, safetensors, torch};
 use crate::error::{Error, Result};
 use crate::storage::Loaded;
 use crate::{Checkpoint, Format, files};
@@ -218,6 +218,33 @@ pub fn check_same_adapter(first: &Checkpoint, other: &Checkpoint) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// A directory holding an adapter's config and weights.
+pub(crate) const FORMAT: FormatSpec = FormatSpec { detect: claim, weight_file, endings: &[] };
+
+fn weight_file(name: &str) -> bool {
+    name == BIN || name == SAFETENSORS || name == CONFIG
+}
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    if probe.file.is_some() || !is_adapter_dir(probe.path) {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(FoundPeft(probe.path.to_path_buf()))))
+}
+
+struct FoundPeft(std::path::PathBuf);
+
+impl Found for FoundPeft {
+    /// The adapter's own completion rule; the HF marker does not apply.
+    fn quick_check(&self, _marker: &str) -> Result<()> {
+        quick_check(&self.0)
+    }
+
+    fn open(self: Box<Self>) -> Result<Loaded> {
+        open(&self.0)
+    }
 }
 
 #[cfg(test)]

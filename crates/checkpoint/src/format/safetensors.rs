@@ -11,9 +11,10 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::{Claim, FormatSpec, FoundFile, Probe, no_weight_file};
 use crate::error::{Error, Result};
 use crate::pinned::PinnedFile;
-use crate::storage::{FileIndex, Loaded, Storage};
+use crate::storage::{FileIndex, FileStore, Loaded};
 use crate::{DType, Format, InputIo, TensorMeta};
 
 /// Same cap as the safetensors crate: a header above this is corrupt, not big.
@@ -43,7 +44,7 @@ pub(crate) fn open(path: &Path, file: File) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::Safetensors,
         tensors,
-        storage: Storage::Files { files: vec![st.file], index },
+        storage: Box::new(FileStore { files: vec![st.file], index }),
         metadata: st.header.metadata,
         step,
         side_dir: None,
@@ -321,4 +322,15 @@ pub(crate) fn read_small_json(path: &Path, file: File) -> Result<serde_json::Val
     let text = crate::files::read_capped(path, file, MAX_HEADER)?;
     serde_json::from_slice(&text)
         .map_err(|e| Error::bad_input(path, format!("not valid JSON ({e}): truncated or corrupt")))
+}
+
+/// A file that is neither a shard index nor a torch file is read as safetensors (whose first
+/// bytes are its header's length, no magic); its header decides.
+pub(crate) const FORMAT: FormatSpec =
+    FormatSpec { detect: claim, weight_file: no_weight_file, endings: &[".safetensors"] };
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    let Some((file, _)) = probe.file()? else { return Ok(None) };
+    let path = probe.path.to_path_buf();
+    Ok(Some(Box::new(FoundFile { path, file, check: quick_check, open })))
 }

@@ -9,8 +9,9 @@ use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
 use super::safetensors::{self, step_from_metadata};
+use super::{Claim, FormatSpec, FoundFile, Probe, no_weight_file};
 use crate::error::{Error, Result};
-use crate::storage::{Loaded, Storage};
+use crate::storage::{FileStore, Loaded};
 use crate::{Format, files};
 
 /// The parsed index: tensor → shard name, shard name → path relative to `dir` (the index's
@@ -139,9 +140,22 @@ pub(crate) fn open(index_path: &Path, file: File) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::ShardedSafetensors,
         tensors,
-        storage: Storage::Files { files, index: idx },
+        storage: Box::new(FileStore { files, index: idx }),
         metadata,
         step,
         side_dir: None,
     })
+}
+
+/// A file named `*.index.json` is a shard index.
+pub(crate) const FORMAT: FormatSpec =
+    FormatSpec { detect: claim, weight_file: no_weight_file, endings: &[".index.json"] };
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    if !probe.name().ends_with(".index.json") {
+        return Ok(None);
+    }
+    let Some((file, _)) = probe.file()? else { return Ok(None) };
+    let path = probe.path.to_path_buf();
+    Ok(Some(Box::new(FoundFile { path, file, check: quick_check, open })))
 }

@@ -3,7 +3,7 @@
 //! untrusted files are safe — and we walk those values to index each tensor's
 //! storage entry, dtype, offset, shape and strides (with errors naming the tensor; which
 //! entry holds the state dict is `torch/objects.rs`). Tensor bytes are read on demand from the
-//! zip with positioned reads on the file opened at open time (`storage::PickleStore`; never
+//! zip with positioned reads on the file opened at open time (`store::PickleStore`; never
 //! mapped: torch.save rewrites files in place). Legacy (non-zip) files are refused.
 //! A zip is read through a [`Window`] of its file, so the same reader serves a whole `.pt`
 //! file and a `torch.save` stream embedded in a larger file (a DCP chunk, `dcp`), in place.
@@ -14,12 +14,14 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 
 mod objects;
+mod store;
 mod window;
 
 use super::magic::{Magic, sniff};
+use super::{Claim, FormatSpec, Found, Probe, no_weight_file};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
-use crate::storage::{Loaded, PickleStore, PickleTensor, Storage};
+use crate::storage::Loaded;
 use crate::strided::{is_non_overlapping, numel, view_span};
 use crate::unpickle::{self, Pickle, Value};
 use crate::{InputIo, TensorMeta};
@@ -27,14 +29,17 @@ use objects::{
     RawTensor, dtype_of_storage, model_checkpoint_score, no_state_dict, state_dict,
     step_of_entries, tensor_of,
 };
+pub(crate) use store::{PickleStore, PickleTensor};
 pub(crate) use window::Window;
 
 const RESAVE: &str = "re-save it with torch.save(obj, path, _use_new_zipfile_serialization=True) \
                       or convert it to safetensors";
 
 pub(crate) fn has_torch_extension(name: &str) -> bool {
-    [".pt", ".pth", ".bin", ".ckpt"].iter().any(|e| name.ends_with(e))
+    TORCH_ENDINGS.iter().any(|e| name.ends_with(e))
 }
+
+const TORCH_ENDINGS: &[&str] = &[".pt", ".pth", ".bin", ".ckpt"];
 
 pub(crate) fn legacy_error(path: &Path) -> Error {
     Error::bad_input(
@@ -139,14 +144,7 @@ pub(crate) fn open(path: &Path, file: File, state_key: Option<&str>) -> Result<L
         metadata.insert("metric".to_string(), score.to_string());
         metadata.insert("metric_name".to_string(), monitor);
     }
-    Ok(Loaded {
-        format,
-        tensors: metas,
-        storage: Storage::Pickle(store),
-        metadata,
-        step,
-        side_dir: None,
-    })
+    Ok(Loaded { format, tensors: metas, storage: Box::new(store), metadata, step, side_dir: None })
 }
 
 /// The decoded `data.pkl` of the torch.save archive in `window`, and where its storages lie.
@@ -330,6 +328,42 @@ impl RawZip {
             Some(raw) => locate(path, name, raw, &self.entries).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+/// A file whose first bytes are a zip's is a torch file; one named as a torch file that is not
+/// a zip (a legacy pickle, zero-filled, truncated) is refused here, saying which.
+pub(crate) const FORMAT: FormatSpec =
+    FormatSpec { detect: claim, weight_file: no_weight_file, endings: TORCH_ENDINGS };
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    let Some((file, magic)) = probe.file()? else { return Ok(None) };
+    let path = probe.path;
+    match magic {
+        Magic::Zip => {
+            let state_key = probe.opts.state_key.clone();
+            Ok(Some(Box::new(FoundTorch { path: path.to_path_buf(), file, state_key })))
+        }
+        Magic::LegacyPickle => Err(legacy_error(path)),
+        Magic::Other if has_torch_extension(&probe.name()) => Err(not_zip_error(path)),
+        Magic::Other => Ok(None),
+    }
+}
+
+struct FoundTorch {
+    path: std::path::PathBuf,
+    file: File,
+    state_key: Option<String>,
+}
+
+impl Found for FoundTorch {
+    fn quick_check(&self, _marker: &str) -> Result<()> {
+        // The zip header was seen: only the end record is left to check.
+        check_zip(&self.path, super::dup(&self.path, &self.file)?)
+    }
+
+    fn open(self: Box<Self>) -> Result<Loaded> {
+        open(&self.path, self.file, self.state_key.as_deref())
     }
 }
 

@@ -95,9 +95,11 @@ pub fn load(
         deepspeed_weights: watch.deepspeed_weights,
         ..OpenOptions::default()
     };
-    checkpoint::quick_check_with(path, &watch.marker, &opts)
+    // Detected once: the check and the open read the same files.
+    let found = checkpoint::detect(path, &opts)
+        .and_then(|found| found.quick_check(&watch.marker).map(|()| found))
         .map_err(|e| refuse(e.into(), path.is_dir()))?;
-    let ckpt = Checkpoint::open(path, &opts).map_err(|e| refuse(e.into(), false))?;
+    let ckpt = found.open().map_err(|e| refuse(e.into(), false))?;
     if let Some(why) = checkpoint::not_model_weights(ckpt.tensors(), reference) {
         return Err(Refusal::new(why, false, true));
     }

@@ -80,12 +80,9 @@ impl Filter {
     }
 }
 
-/// File name endings sewa can read; other files in a run directory (logs, TensorBoard events,
-/// configs) are not candidates, so they are not validated and quarantined over and over.
-const CHECKPOINT_ENDINGS: &[&str] =
-    &[".safetensors", ".index.json", ".pt", ".pth", ".bin", ".ckpt"];
-
-/// Directories (HF `checkpoint-N/`) and regular files with a checkpoint ending. A path that
+/// Directories (HF `checkpoint-N/`) and regular files with an ending a checkpoint format
+/// reads (`checkpoint_endings`); other files in a run directory (logs, TensorBoard events,
+/// configs) are not candidates, so they are not validated and quarantined over and over. A path that
 /// no longer exists passes, so the settler can report it gone. FIFOs, sockets and devices are
 /// never candidates (opening a FIFO blocks); `checkpoint::open_regular` refuses them too, in
 /// case one replaces a file after this look.
@@ -94,7 +91,7 @@ fn looks_like_checkpoint(path: &Path, name: &str) -> bool {
         return false;
     }
     let lower = name.to_ascii_lowercase();
-    CHECKPOINT_ENDINGS.iter().any(|e| lower.ends_with(e))
+    sewa_checkpoint::checkpoint_endings().any(|e| lower.ends_with(e))
         || std::fs::symlink_metadata(path).map_or(true, |m| m.is_dir())
 }
 

@@ -13,9 +13,10 @@ mod store;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
+use super::{Claim, FormatSpec, Found, Probe, hf_dir};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
-use crate::storage::{Loaded, Storage};
+use crate::storage::Loaded;
 use crate::{DType, Format, InputIo, TensorMeta, files};
 use metadata::{Metadata, StorageInfo};
 pub(crate) use store::DcpStore;
@@ -88,7 +89,7 @@ pub(crate) fn open(dir: &Path, state_key: Option<&str>) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::Dcp,
         tensors: metas,
-        storage: Storage::Dcp(DcpStore::new(dir, lazies, tensors)),
+        storage: Box::new(DcpStore::new(dir, lazies, tensors)),
         metadata,
         step: None,
         side_dir: None,
@@ -252,4 +253,47 @@ fn describe(md: &Metadata, lazies: &[LazyFile], picked: usize) -> BTreeMap<Strin
 pub(crate) fn rank_of(rel: &str) -> Option<u32> {
     let name = Path::new(rel).file_name()?.to_str()?;
     name.strip_prefix("__")?.split('_').next()?.parse().ok()
+}
+
+/// A directory holding `.metadata`, or whose `pytorch_model_fsdp_0/` does (Accelerate's FSDP
+/// inside an HF Trainer checkpoint).
+pub(crate) const FORMAT: FormatSpec = FormatSpec { detect: claim, weight_file, endings: &[] };
+
+fn weight_file(name: &str) -> bool {
+    name.ends_with(".distcp") || name == METADATA
+}
+
+fn claim(probe: &Probe<'_>) -> Claim {
+    if probe.file.is_some() {
+        return Ok(None);
+    }
+    let Some((dir, nested)) = find(probe.path)? else { return Ok(None) };
+    let outer = probe.path.to_path_buf();
+    Ok(Some(Box::new(FoundDcp { outer, dir, nested, state_key: probe.opts.state_key.clone() })))
+}
+
+struct FoundDcp {
+    /// The path detected; `dir` itself, or the HF checkpoint around it (`nested`).
+    outer: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    nested: bool,
+    state_key: Option<String>,
+}
+
+impl Found for FoundDcp {
+    /// `.metadata` is a DCP directory's marker (renamed in last); one nested in an HF Trainer
+    /// checkpoint also waits for the Trainer's marker.
+    fn quick_check(&self, marker: &str) -> Result<()> {
+        if self.nested {
+            hf_dir::check_marker(&self.outer, marker)?;
+        }
+        quick_check(&self.dir)
+    }
+
+    fn open(self: Box<Self>) -> Result<Loaded> {
+        let mut loaded = open(&self.dir, self.state_key.as_deref())?;
+        // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
+        loaded.side_dir = self.nested.then_some(self.outer);
+        Ok(loaded)
+    }
 }

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::format::torch::PickleTensor;
 use crate::format::torch::{self, Window};
 use crate::identity::Identity;
 use crate::pinned::PinnedFile;
 use crate::reader::{Piece, Run};
-use crate::storage::{ChunkInfo, PickleTensor};
+use crate::storage::{ChunkInfo, Storage};
 use crate::strided::{gather, is_contiguous, numel};
 use crate::{DType, InputIo, TensorMeta, TensorReader, files};
 
@@ -91,18 +92,20 @@ impl DcpStore {
     pub fn new(dir: &Path, files: Vec<LazyFile>, tensors: HashMap<String, DcpTensor>) -> Self {
         DcpStore { dir: dir.to_path_buf(), files, tensors }
     }
+}
 
-    pub fn still_valid(&self) -> bool {
+impl Storage for DcpStore {
+    fn still_valid(&self) -> bool {
         self.files.iter().all(LazyFile::still_valid)
     }
 
     /// See `Checkpoint::unlinked_bytes`: only files already opened are held.
-    pub fn unlinked_bytes(&self) -> u64 {
+    fn unlinked_bytes(&self) -> u64 {
         self.files.iter().filter_map(|f| f.held.get()).map(PinnedFile::unlinked_bytes).sum()
     }
 
     /// Tensor `key`'s chunks (for `inspect`).
-    pub fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
+    fn chunks(&self, key: &str) -> Option<Vec<ChunkInfo>> {
         let t = self.tensors.get(key)?;
         let info = |c: &DcpChunk| {
             let rel = &self.files[c.file].rel;
@@ -113,11 +116,7 @@ impl DcpStore {
     }
 
     /// A reader of tensor `key` assembled from its chunks; `None` when there is none.
-    pub fn reader<'a>(
-        &'a self,
-        key: &str,
-        meta: &'a TensorMeta,
-    ) -> Result<Option<TensorReader<'a>>> {
+    fn reader<'a>(&'a self, key: &str, meta: &'a TensorMeta) -> Result<Option<TensorReader<'a>>> {
         let Some(t) = self.tensors.get(key) else { return Ok(None) };
         let es = t.dtype.size();
         let split = split_dim(t);
@@ -136,7 +135,9 @@ impl DcpStore {
         }
         TensorReader::pieces(&self.dir, &meta.name, pieces, runs, meta.nbytes()).map(Some)
     }
+}
 
+impl DcpStore {
     /// The chunk's stored tensor, located in its `.distcp` file and checked against what
     /// `.metadata` says it is: a byte range of the file when it is stored row-major (always,
     /// as DCP writes), else its elements made row-major in memory.

@@ -1,5 +1,5 @@
 //! The fp32 master weights of a DeepSpeed ZeRO checkpoint, rebuilt exactly as DeepSpeed's
-//! `zero_to_fp32.py` does, but as lists of byte ranges (`Storage::Segments`) instead of
+//! `zero_to_fp32.py` does, but as lists of byte ranges (`storage::SegmentStore`) instead of
 //! gathered tensors, so nothing is copied until the averaging kernel reads it:
 //!
 //! - ZeRO-1/2 (`single_partition_of_fp32_groups`): per param group, the ranks' partitions
@@ -22,9 +22,10 @@ use super::partition::{Piece, segments, take, zero2, zero3};
 use super::pickled::{entry, int, items, list, shape_map};
 use super::{Layout, bad};
 use crate::error::{Error, Result};
+use crate::format::torch::PickleTensor;
 use crate::format::torch::RawZip;
 use crate::pinned::PinnedFile;
-use crate::storage::{Loaded, PickleTensor, Segment, Storage};
+use crate::storage::{Loaded, Segment, SegmentStore};
 use crate::strided::{is_contiguous, numel};
 use crate::unpickle::{Id, Pickle};
 use crate::{DType, Format, TensorMeta};
@@ -252,11 +253,11 @@ pub(super) fn open_fp32(layout: &Layout) -> Result<Loaded> {
     Ok(Loaded {
         format: Format::DeepSpeed,
         tensors: out.metas,
-        storage: Storage::Segments {
+        storage: Box::new(SegmentStore {
             dir: layout.dir.clone(),
             files: opened.files,
             index: out.index,
-        },
+        }),
         metadata,
         step: ms.step,
         side_dir: None,
