@@ -1,5 +1,5 @@
-//! `[select]` and `[select.sewa]`: which selector runs and its parameters. Owned by the
-//! selectors (the config file's parser only embeds them), so that `select` never imports
+//! `[select]`, `[select.sewa]`, `[select.soup]` and `[select.twa]`: which selector runs and its
+//! parameters. Owned by the selectors (the config file's parser only embeds them), so that `select` never imports
 //! `config`.
 
 use std::fmt;
@@ -7,7 +7,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{SoupConfig, TwaConfig};
 use crate::checked::{Positive, UnitOpen};
 use crate::error::{Error, Result};
 
@@ -301,5 +300,46 @@ impl SewaConfig {
     pub(super) fn tau(&self, t: usize, iters: usize) -> f64 {
         let frac = if iters > 1 { t as f64 / (iters - 1) as f64 } else { 1.0 };
         self.temperature * (self.temperature_end / self.temperature).powf(frac)
+    }
+}
+
+/// `[select.soup]`. Every key is optional.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SoupConfig {
+    /// Adam steps over all members (one gradient call each).
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub iterations: usize,
+    /// Adam learning rate on the logits.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub lr: f64,
+    /// Sparse soup: keep the k largest weights and re-optimise them (absent: every member).
+    #[serde(deserialize_with = "crate::checked::de::opt_at_least_one")]
+    pub k: Option<usize>,
+    /// Adam steps after sparsifying.
+    pub sparse_iterations: usize,
+}
+
+impl Default for SoupConfig {
+    fn default() -> Self {
+        SoupConfig { iterations: 16, lr: 0.3, k: None, sparse_iterations: 8 }
+    }
+}
+
+/// `[select.twa]`. Every key is optional.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwaConfig {
+    /// Oracle calls (each a loss and gradient).
+    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
+    pub iterations: usize,
+    /// First step, as the largest change of one coefficient.
+    #[serde(deserialize_with = "crate::checked::de::positive")]
+    pub step: f64,
+}
+
+impl Default for TwaConfig {
+    fn default() -> Self {
+        TwaConfig { iterations: 16, step: 0.25 }
     }
 }

@@ -39,6 +39,7 @@ pub mod blend;
 pub mod config;
 pub mod details;
 pub mod guard;
+mod mask;
 pub mod memory;
 pub mod oracle;
 pub mod quadfit;
@@ -50,11 +51,10 @@ pub mod twa;
 pub mod warm;
 
 pub use config::{Method, MetricMode, SelectConfig};
+pub use config::{SoupConfig, TwaConfig};
 pub use details::{Details, MemberRecord};
 pub use memory::Memory;
 pub use sewa::{SewaConfig, Strategy};
-pub use soup::SoupConfig;
-pub use twa::TwaConfig;
 pub use warm::SewaState;
 
 use crate::error::{Error, Result};
@@ -164,7 +164,7 @@ pub fn run_configured(
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
     let surrogate = method == Method::Sewa && cfg.strategy == Strategy::Surrogate;
     // The surrogate takes the guard's calls as data, with gradients when it can use them.
-    let grad_data = surrogate && sewa::estimator(&oracle, cfg)? == sewa::Estimator::Concrete;
+    let grad_data = surrogate && mask::estimator(&oracle, cfg)? == sewa::Estimator::Concrete;
     let uses_own = method == Method::Greedy || (surrogate && !grad_data);
     let mut own = None;
     if uses_own {
@@ -181,7 +181,11 @@ pub fn run_configured(
     let guard_calls = oracle.calls - before_guard;
     let found = match method {
         Method::Sewa => {
-            let (f, s) = sewa::run(&mut oracle, &keys, k, cfg, memory.sewa.as_ref(), seed)?;
+            let warm = memory.sewa.as_ref();
+            let (f, s) = match cfg.strategy {
+                Strategy::Surrogate => surrogate::run(&mut oracle, &keys, k, cfg, warm, seed)?,
+                Strategy::Direct => sewa::run(&mut oracle, &keys, k, cfg, warm)?,
+            };
             memory.sewa = Some(s);
             f
         }

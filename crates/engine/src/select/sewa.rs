@@ -10,63 +10,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::mask::{Adam, argmax, estimator, project, relaxed_mask, sigmoid, top_k};
 use super::oracle::Oracle;
 use super::search::Found;
 use super::warm::{self, SewaState};
 use crate::error::{Error, Result};
 
 pub use super::config::{Estimator, SewaConfig, Strategy};
-
-/// One binary-concrete (Gumbel-sigmoid) relaxed mask: m_i = σ((θ_i + logit u_i) / τ).
-pub(super) fn relaxed_mask(theta: &[f64], tau: f64, rng: &mut ChaCha8Rng) -> Vec<f64> {
-    let sample = |th: &f64| {
-        let u: f64 = rng.random_range(1e-7..1.0 - 1e-7);
-        sigmoid((th + (u / (1.0 - u)).ln()) / tau)
-    };
-    theta.iter().map(sample).collect()
-}
-
-pub(super) fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// Shift θ by one constant so that Σ σ(θ_i) = k (bisection; the map is monotone in the shift).
-pub fn project(theta: &mut [f64], k: usize) {
-    let sum = |c: f64| theta.iter().map(|t| sigmoid(t + c)).sum::<f64>();
-    let (mut lo, mut hi) = (-60.0, 60.0);
-    for _ in 0..80 {
-        let mid = 0.5 * (lo + hi);
-        if sum(mid) < k as f64 { lo = mid } else { hi = mid }
-    }
-    let c = 0.5 * (lo + hi);
-    theta.iter_mut().for_each(|t| *t += c);
-}
-
-/// Adam on θ.
-pub(super) struct Adam {
-    m: Vec<f64>,
-    v: Vec<f64>,
-    t: i32,
-    lr: f64,
-}
-
-impl Adam {
-    pub(super) fn new(n: usize, lr: f64) -> Self {
-        Adam { m: vec![0.0; n], v: vec![0.0; n], t: 0, lr }
-    }
-    pub(super) fn step(&mut self, theta: &mut [f64], g: &[f64]) {
-        const B1: f64 = 0.9;
-        const B2: f64 = 0.999;
-        self.t += 1;
-        for i in 0..theta.len() {
-            self.m[i] = B1 * self.m[i] + (1.0 - B1) * g[i];
-            self.v[i] = B2 * self.v[i] + (1.0 - B2) * g[i] * g[i];
-            let mh = self.m[i] / (1.0 - B1.powi(self.t));
-            let vh = self.v[i] / (1.0 - B2.powi(self.t));
-            theta[i] -= self.lr * mh / (vh.sqrt() + 1e-8);
-        }
-    }
-}
 
 /// One concrete-relaxation gradient estimate of E[F] w.r.t. θ; returns (grad, mean loss).
 fn concrete_grad(
@@ -121,19 +71,6 @@ fn reinforce_grad(
     Ok((grad, total / samples as f64))
 }
 
-fn argmax(x: &[f64]) -> usize {
-    (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap_or(0)
-}
-
-/// Indices of the k largest probabilities (ties: lower index first), sorted.
-pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..s.len()).collect();
-    idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-    let mut set = idx[..k].to_vec();
-    set.sort_unstable();
-    set
-}
-
 /// Run SeWA over the oracle's window (members ordered by step, oldest first). `keys` identify
 /// members for warm starts; `seed` holds calls already made on the window (the guard's), which
 /// the surrogate strategy uses as data. A warm start is kept only if it does at least as well as the
@@ -146,11 +83,7 @@ pub fn run(
     k: usize,
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
-    seed: Vec<super::quadfit::Point>,
 ) -> Result<(Found, SewaState)> {
-    if cfg.strategy == Strategy::Surrogate {
-        return super::surrogate::run(oracle, keys, k, cfg, warm, seed);
-    }
     let n = keys.len();
     let estimator = estimator(oracle, cfg)?;
     let start = warm::start(keys, k, cfg, warm);
@@ -204,22 +137,6 @@ fn stuck(
         _ => return Ok(None),
     };
     Ok(Some(format!("warm start stuck: its loss {loss:.6} is worse than {why}")))
-}
-
-/// The estimator `cfg` asks for, checked against what the objective gives.
-pub(super) fn estimator(oracle: &Oracle, cfg: &SewaConfig) -> Result<Estimator> {
-    let estimator = match cfg.estimator {
-        Estimator::Auto if oracle.supports_grad() => Estimator::Concrete,
-        Estimator::Auto => Estimator::Reinforce,
-        e => e,
-    };
-    if estimator == Estimator::Concrete && !oracle.supports_grad() {
-        return Err(Error::Usage(format!(
-            "estimator = \"concrete\" needs gradients, but {} gives none: use \"reinforce\"",
-            oracle.describe()
-        )));
-    }
-    Ok(estimator)
 }
 
 /// One optimisation from `theta`, then top-k and polishing.

@@ -4,36 +4,13 @@
 //! `k` largest weights and re-optimise them alone. Publishes the best weights seen (a step can
 //! overshoot). Needs gradients. Reads members only through the `Oracle`.
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::config::SoupConfig;
+use super::mask::Adam;
 use super::oracle::Oracle;
 use super::search::Found;
-use super::sewa::Adam;
 use crate::error::{Error, Result};
-
-/// `[select.soup]`. Every key is optional.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SoupConfig {
-    /// Adam steps over all members (one gradient call each).
-    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
-    pub iterations: usize,
-    /// Adam learning rate on the logits.
-    #[serde(deserialize_with = "crate::checked::de::positive")]
-    pub lr: f64,
-    /// Sparse soup: keep the k largest weights and re-optimise them (absent: every member).
-    #[serde(deserialize_with = "crate::checked::de::opt_at_least_one")]
-    pub k: Option<usize>,
-    /// Adam steps after sparsifying.
-    pub sparse_iterations: usize,
-}
-
-impl Default for SoupConfig {
-    fn default() -> Self {
-        SoupConfig { iterations: 16, lr: 0.3, k: None, sparse_iterations: 8 }
-    }
-}
 
 /// Softmax over the members marked `active` (others get weight 0).
 pub fn softmax(z: &[f64], active: &[bool]) -> Vec<f64> {

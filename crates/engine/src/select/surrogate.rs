@@ -20,10 +20,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::config::{Estimator, SewaConfig};
+use super::mask::{Adam, estimator, project, relaxed_mask, sigmoid, top_k};
 use super::oracle::Oracle;
 use super::quadfit::{FitOptions, Model, Point, banded, fit};
 use super::search::{Found, choose};
-use super::sewa::{Adam, Estimator, SewaConfig, project, relaxed_mask, sigmoid, top_k};
 use super::warm::{self, SewaState};
 use crate::error::Result;
 
@@ -170,7 +171,7 @@ pub fn run(
     seed: Vec<Point>,
 ) -> Result<(Found, SewaState)> {
     let n = keys.len();
-    let estimator = super::sewa::estimator(oracle, cfg)?;
+    let estimator = estimator(oracle, cfg)?;
     let use_grad = estimator == Estimator::Concrete;
     let start = warm::start(keys, k, cfg, warm_state);
     let carried = match (&start.cold, warm_state) {

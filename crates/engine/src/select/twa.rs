@@ -7,9 +7,9 @@
 //! The step size adapts (grow on success, halve and retry on failure); the best α seen is
 //! published. Needs gradients. Reads members only through the `Oracle`.
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::config::TwaConfig;
 use super::oracle::Oracle;
 use super::quadfit::solve;
 use super::search::Found;
@@ -19,24 +19,6 @@ use crate::error::Result;
 /// Ridge on the centred Gram matrix, relative to its mean diagonal: members that are nearly
 /// collinear would otherwise make G⁻¹ blow up along their tiny differences.
 const GRAM_RIDGE: f64 = 1e-3;
-
-/// `[select.twa]`. Every key is optional.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TwaConfig {
-    /// Oracle calls (each a loss and gradient).
-    #[serde(deserialize_with = "crate::checked::de::at_least_one")]
-    pub iterations: usize,
-    /// First step, as the largest change of one coefficient.
-    #[serde(deserialize_with = "crate::checked::de::positive")]
-    pub step: f64,
-}
-
-impl Default for TwaConfig {
-    fn default() -> Self {
-        TwaConfig { iterations: 16, step: 0.25 }
-    }
-}
 
 /// Centred Gram matrix −½ J D J (+ ridge) from squared distances D.
 pub fn centred_gram(d: &[Vec<f64>]) -> Vec<f64> {

@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::config::SewaConfig;
+use super::mask::project;
 use super::quadfit::Point;
-use super::sewa::{SewaConfig, project};
 
 /// Most surrogate data points a state keeps (the newest), per member of the window.
 const POINTS_PER_MEMBER: usize = 4;
