@@ -1,6 +1,6 @@
 //! `[select]`, `[select.sewa]`, `[select.soup]` and `[select.twa]`: which selector runs and its
-//! parameters. Owned by the selectors (the config file's parser only embeds them), so that `select` never imports
-//! `config`.
+//! parameters. Owned by the selectors (the config file's parser only embeds them), so that
+//! `select` never imports `config`.
 
 use std::fmt;
 use std::path::Path;
