@@ -48,8 +48,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AverageArgs {
     /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
-    /// directory (model.safetensors or shards, side files, manifest.json). Its parent
-    /// directory must exist (or pass --parents).
+    /// directory (model.safetensors or shards, side files, manifest.json), or for PEFT
+    /// adapters an adapter directory. Its parent directory must exist (or pass --parents).
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Create --out's missing parent directories (without it a missing one is an error).
@@ -101,16 +101,20 @@ pub struct AverageArgs {
     /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
     #[arg(long, default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
-    /// Config file whose `[objective]` (and `[select.sewa]`) tables drive --select.
+    /// Config file whose `[objective]` (and `[select.sewa]`, `[select.soup]`, `[select.twa]`)
+    /// tables drive --select; its other tables are not read.
     #[arg(long, value_name = "FILE", requires = "select")]
     pub config: Option<PathBuf>,
-    /// Choose the inputs with a model-based selector: sewa, greedy, exhaustive or random.
+    /// Choose the inputs with a model-based selector: sewa, greedy, exhaustive, random, soup
+    /// or twa.
     #[arg(long, value_name = "METHOD", requires = "config", conflicts_with = "weights")]
     pub select: Option<String>,
-    /// Members to choose with --select (greedy picks its own size).
+    /// Members to choose with --select (sewa, exhaustive, random; greedy picks its own size;
+    /// soup and twa learn weights, soup's optional sparse k is `[select.soup] k`).
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub k: usize,
-    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt.
+    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt,
+    /// torch.distributed.checkpoint (DCP) dir, DeepSpeed checkpoint dir, PEFT adapter dir.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
 }
@@ -139,7 +143,7 @@ pub struct InspectArgs {
     /// zero_to_fp32.py; needed for ZeRO-3).
     #[arg(long, value_enum, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
     pub deepspeed_weights: DeepSpeedWeights,
-    /// A checkpoint file or directory.
+    /// A checkpoint file or directory (any format `sewa average` reads).
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
 }
@@ -205,7 +209,7 @@ pub struct ReportArgs {
     /// Run a selection now with this config's objective over the checkpoints given.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Method for --config.
+    /// Model-based method for --config: sewa, greedy, exhaustive, random, soup or twa.
     #[arg(long, default_value = "sewa", requires = "config")]
     pub select: String,
     /// Members to choose with --config.

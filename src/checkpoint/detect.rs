@@ -15,7 +15,8 @@ use super::storage::Loaded;
 use super::{InputIo, OpenOptions, files};
 use crate::error::Result;
 
-/// The format of a checkpoint file (a directory is always an HF checkpoint).
+/// The format of a checkpoint file (directories are told apart in `load` and `quick_check_with`:
+/// DCP, DeepSpeed, PEFT adapter, else an HF checkpoint).
 enum FileFormat {
     Sharded,
     Torch,
@@ -38,7 +39,8 @@ fn detect(path: &Path, file: &File) -> Result<FileFormat> {
 }
 
 /// Detect the format of `path` and read it. `opts.state_key` names the entry of a torch
-/// pickle that holds the state dict (HF directories' `pytorch_model.bin` is always a bare one).
+/// pickle that holds the state dict (not applied to an HF directory's `pytorch_model.bin`,
+/// which is read with the default lookup: HF saves a bare state dict).
 pub(crate) fn load(path: &Path, opts: &OpenOptions) -> Result<Loaded> {
     let state_key = opts.state_key.as_deref();
     let meta = std::fs::metadata(path).input(path)?;

@@ -8,8 +8,9 @@ use crate::average::{AverageOptions, AveragePlan};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{AverageArgs, LoraMode};
 use crate::error::{Error, Result};
-use crate::manifest::Provenance;
+use crate::manifest::{Provenance, SelectedBy};
 use crate::publish::{self, PublishOptions, Published, check_destination, check_parent, publish};
+use crate::select::Method;
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
@@ -130,11 +131,13 @@ fn provenance(args: &AverageArgs, given: usize, used: usize) -> Provenance {
         None => format!("{used} inputs"),
     };
     let (method, why) = match &args.weights {
-        Some(w) => ("weights", format!("weights {w:?} given on the command line, {scope}")),
-        None => ("uniform", format!("uniform average of {scope}")),
+        Some(w) => {
+            (SelectedBy::Weights, format!("weights {w:?} given on the command line, {scope}"))
+        }
+        None => (Method::Uniform.into(), format!("uniform average of {scope}")),
     };
     Provenance {
-        method: method.into(),
+        method,
         why,
         loss: None,
         details: serde_json::json!({ "command": "sewa average" }),

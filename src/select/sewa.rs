@@ -142,7 +142,7 @@ pub fn top_k(s: &[f64], k: usize) -> Vec<usize> {
 /// it is abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
 pub fn run(
     oracle: &mut Oracle,
-    keys: &[String],
+    keys: &[super::warm::MemberKey],
     k: usize,
     cfg: &SewaConfig,
     warm: Option<&SewaState>,
