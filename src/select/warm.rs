@@ -1,6 +1,7 @@
 //! SeWA's warm starts: the state one selection leaves for the next (θ per member, keyed by
-//! identity, and how many warm selections ran since the last cold one), where the next window's
-//! logits start, and whether it starts cold instead. Pure: no oracle calls, no files.
+//! path and step, and how many warm selections ran since the last cold one), where the next
+//! window's logits start, and whether it starts cold instead. Pure: no oracle calls, no files.
+//! The state lives in memory only (the daemon's `select::Memory`); nothing here is persisted.
 
 use std::path::PathBuf;
 

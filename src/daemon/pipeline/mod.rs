@@ -389,7 +389,9 @@ mod tests {
     impl Drop for Observer {
         fn drop(&mut self) {
             let state = Status::read(&self.status_file).map(|s| s.state).ok();
-            *self.seen.lock().unwrap() = state;
+            if let Ok(mut seen) = self.seen.lock() {
+                *seen = state;
+            }
         }
     }
 
