@@ -98,7 +98,8 @@ pub struct AverageArgs {
     /// The base model (an HF directory or safetensors file) for --lora merge-delta.
     #[arg(long, value_name = "DIR")]
     pub base: Option<PathBuf>,
-    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
+    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB); PEFT
+    /// adapter directories are never sharded.
     #[arg(long, default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
     /// Config file whose `[objective]` (and `[select.sewa]`, `[select.soup]`, `[select.twa]`)
@@ -218,4 +219,29 @@ pub struct ReportArgs {
     /// SVG to write.
     #[arg(long, default_value = "sewa-report.svg")]
     pub out: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--select`'s help names every method `select::model_based` accepts, and INPUT's help
+    /// every directory format `Checkpoint::open` reads.
+    #[test]
+    fn help_lists_every_method_and_format_the_code_accepts() {
+        let mut cli = super::Cli::command();
+        let average = cli.find_subcommand_mut("average").unwrap();
+        let help = |id: &str| {
+            let arg = average.get_arguments().find(|a| a.get_id() == id).unwrap();
+            arg.get_help().unwrap().to_string()
+        };
+        let select = help("select");
+        for m in crate::select::MODEL_BASED {
+            assert!(select.contains(m.name()), "--select help lacks {}: {select}", m.name());
+        }
+        let inputs = help("inputs");
+        for format in ["DCP", "DeepSpeed", "PEFT", "HF", ".ckpt", "sharded"] {
+            assert!(inputs.contains(format), "INPUT help lacks {format}: {inputs}");
+        }
+    }
 }
