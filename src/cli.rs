@@ -48,8 +48,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AverageArgs {
     /// Output: a path ending in .safetensors is one file; any other path is a Hugging Face
-    /// directory (model.safetensors or shards, side files, manifest.json). Its parent
-    /// directory must exist (or pass --parents).
+    /// directory (model.safetensors or shards, side files, manifest.json), or for PEFT
+    /// adapters an adapter directory. Its parent directory must exist (or pass --parents).
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Create --out's missing parent directories (without it a missing one is an error).
@@ -98,19 +98,24 @@ pub struct AverageArgs {
     /// The base model (an HF directory or safetensors file) for --lora merge-delta.
     #[arg(long, value_name = "DIR")]
     pub base: Option<PathBuf>,
-    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB).
+    /// Shard directory outputs above this size (bytes, or with KiB/MiB/GiB/KB/MB/GB); PEFT
+    /// adapter directories are never sharded.
     #[arg(long, default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_shard_size: u64,
-    /// Config file whose `[objective]` (and `[select.sewa]`) tables drive --select.
+    /// Config file whose `[objective]` (and `[select.sewa]`, `[select.soup]`, `[select.twa]`)
+    /// tables drive --select; its other tables are not read.
     #[arg(long, value_name = "FILE", requires = "select")]
     pub config: Option<PathBuf>,
-    /// Choose the inputs with a model-based selector: sewa, greedy, exhaustive or random.
+    /// Choose the inputs with a model-based selector: sewa, greedy, exhaustive, random, soup
+    /// or twa.
     #[arg(long, value_name = "METHOD", requires = "config", conflicts_with = "weights")]
     pub select: Option<String>,
-    /// Members to choose with --select (greedy picks its own size).
+    /// Members to choose with --select (sewa, exhaustive, random; greedy picks its own size;
+    /// soup and twa learn weights, soup's optional sparse k is `[select.soup] k`).
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub k: usize,
-    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt.
+    /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt,
+    /// torch.distributed.checkpoint (DCP) dir, DeepSpeed checkpoint dir, PEFT adapter dir.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
 }
@@ -139,7 +144,7 @@ pub struct InspectArgs {
     /// zero_to_fp32.py; needed for ZeRO-3).
     #[arg(long, default_value_t = DeepSpeedWeights::Module, value_name = "WEIGHTS")]
     pub deepspeed_weights: DeepSpeedWeights,
-    /// A checkpoint file or directory.
+    /// A checkpoint file or directory (any format `sewa average` reads).
     #[arg(value_name = "INPUT")]
     pub input: PathBuf,
 }
@@ -205,7 +210,7 @@ pub struct ReportArgs {
     /// Run a selection now with this config's objective over the checkpoints given.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Method for --config.
+    /// Model-based method for --config: sewa, greedy, exhaustive, random, soup or twa.
     #[arg(long, default_value = "sewa", requires = "config")]
     pub select: String,
     /// Members to choose with --config.
@@ -214,4 +219,29 @@ pub struct ReportArgs {
     /// SVG to write.
     #[arg(long, default_value = "sewa-report.svg")]
     pub out: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--select`'s help names every method `select::model_based` accepts, and INPUT's help
+    /// every directory format `Checkpoint::open` reads.
+    #[test]
+    fn help_lists_every_method_and_format_the_code_accepts() {
+        let mut cli = super::Cli::command();
+        let average = cli.find_subcommand_mut("average").unwrap();
+        let help = |id: &str| {
+            let arg = average.get_arguments().find(|a| a.get_id() == id).unwrap();
+            arg.get_help().unwrap().to_string()
+        };
+        let select = help("select");
+        for m in sewa_engine::select::MODEL_BASED {
+            assert!(select.contains(m.name()), "--select help lacks {}: {select}", m.name());
+        }
+        let inputs = help("inputs");
+        for format in ["DCP", "DeepSpeed", "PEFT", "HF", ".ckpt", "sharded"] {
+            assert!(inputs.contains(format), "INPUT help lacks {format}: {inputs}");
+        }
+    }
 }

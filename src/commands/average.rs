@@ -8,10 +8,11 @@ use crate::cli::{AverageArgs, LoraMode};
 use sewa_checkpoint::Checkpoint;
 use sewa_engine::average::{AverageOptions, AveragePlan};
 use sewa_engine::error::{Error, Result};
-use sewa_engine::manifest::Provenance;
+use sewa_engine::manifest::{Provenance, SelectedBy};
 use sewa_engine::publish::{
     self, PublishOptions, Published, check_destination, check_parent, publish,
 };
+use sewa_engine::select::Method;
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
@@ -132,11 +133,13 @@ fn provenance(args: &AverageArgs, given: usize, used: usize) -> Provenance {
         None => format!("{used} inputs"),
     };
     let (method, why) = match &args.weights {
-        Some(w) => ("weights", format!("weights {w:?} given on the command line, {scope}")),
-        None => ("uniform", format!("uniform average of {scope}")),
+        Some(w) => {
+            (SelectedBy::Weights, format!("weights {w:?} given on the command line, {scope}"))
+        }
+        None => (Method::Uniform.into(), format!("uniform average of {scope}")),
     };
     Provenance {
-        method: method.into(),
+        method,
         why,
         loss: None,
         details: serde_json::json!({ "command": "sewa average" }),

@@ -61,7 +61,7 @@ impl TensorMeta {
 }
 
 /// How a checkpoint is stored on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// One `.safetensors` file.

@@ -24,8 +24,9 @@
 //!   pins the old inode, whose bytes never change, until the checkpoint is dropped.
 //!
 //! Reads go through the page cache into buffers the caller reuses (an L2-sized slab in the
-//! averaging kernel), so no page of a checkpoint is ever resident in sewa's own memory and
-//! RSS does not grow with the inputs' size or number.
+//! averaging kernel), so reading maps no page of a checkpoint into sewa's memory and costs
+//! the same buffers whatever the inputs' size or number. (What callers keep decoded — the
+//! daemon's running average, a selection's members when they fit its budget — is theirs.)
 
 use std::fs::File;
 use std::io::ErrorKind;

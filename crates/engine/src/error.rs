@@ -1,7 +1,7 @@
-//! Two classes of error: *fatal* stops the daemon or
-//! the command (bad config, unwritable output, internal failure); *bad input* skips one
-//! checkpoint (truncated, bad header, shape mismatch, NaN...). Between them, conditions the
-//! user can fix that stop one selection (`Selection`) or one evaluator run (`Evaluator`).
+//! Two classes of error: *fatal* stops the daemon or the command (bad config, unwritable
+//! output, internal failure); *bad input* skips one checkpoint (truncated, bad header, shape
+//! mismatch, NaN...). Between them, conditions the user can fix that stop one selection
+//! (`Selection`) or one evaluator run (`Evaluator`).
 //! Every error about a file names it. Paths and messages are printed through `sewa_checkpoint::text`,
 //! so names taken from hostile files cannot drive the terminal.
 

@@ -5,21 +5,146 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
+use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 use crate::error::{Error, Result};
 use crate::path_json;
-use crate::select::Selection;
-use sewa_checkpoint::{Checkpoint, TensorMeta};
+use crate::select::{Method, Selection};
+use sewa_checkpoint::{Checkpoint, Format, TensorMeta};
 
 /// Note carried by every manifest: averaging does not fix normalisation statistics.
 pub const BATCHNORM_NOTE: &str = "BatchNorm running statistics in an average are stale \
     (averages of statistics, not statistics of the averaged model); recompute them \
     (e.g. torch.optim.swa_utils.update_bn) before evaluating a model with BatchNorm.";
 
+/// A name recorded in a manifest: one this sewa knows, or any other string (a manifest written
+/// by another sewa version), kept as written rather than refused, so that reading back an
+/// unfamiliar manifest never fails for a name. Serialised as the bare string either way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Named<T> {
+    Known(T),
+    Other(String),
+}
+
+impl<T> From<T> for Named<T> {
+    fn from(t: T) -> Self {
+        Named::Known(t)
+    }
+}
+
+impl<T: Serialize> Named<T> {
+    /// The name as the manifest writes it.
+    pub fn name(&self) -> String {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => String::new(),
+        }
+    }
+}
+
+/// Compared with the string the manifest holds.
+impl<T: Serialize> PartialEq<&str> for Named<T> {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+/// The empty string: what a manifest that lacks the key (an older sewa's) read as before.
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Named::Other(String::new())
+    }
+}
+
+/// How the published output is laid out (`Manifest.layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputLayout {
+    /// One safetensors file.
+    File,
+    /// A directory (`model.safetensors`, or shards with their index; HF side files).
+    Dir,
+    /// A PEFT adapter directory.
+    Adapter,
+}
+
+/// What chose the weights: a selector (`[select] method`, `--select`, or `sewa average`'s
+/// default `uniform`), the weights given on the command line (`weights`), or a name this
+/// version does not know (read from a file another sewa wrote; kept, never refused).
+/// Written as the same strings as before: the method's name, or "weights".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum SelectedBy {
+    Method(Method),
+    Weights,
+    Other(String),
+}
+
+impl SelectedBy {
+    pub fn name(&self) -> &str {
+        match self {
+            SelectedBy::Method(m) => m.name(),
+            SelectedBy::Weights => "weights",
+            SelectedBy::Other(s) => s,
+        }
+    }
+}
+
+impl Default for SelectedBy {
+    fn default() -> Self {
+        SelectedBy::Other(String::new())
+    }
+}
+
+impl From<Method> for SelectedBy {
+    fn from(m: Method) -> Self {
+        SelectedBy::Method(m)
+    }
+}
+
+impl From<String> for SelectedBy {
+    fn from(s: String) -> Self {
+        let known = serde_json::from_value::<Method>(serde_json::Value::String(s.clone()));
+        match known {
+            Ok(m) => SelectedBy::Method(m),
+            Err(_) if s == "weights" => SelectedBy::Weights,
+            Err(_) => SelectedBy::Other(s),
+        }
+    }
+}
+
+impl From<&str> for SelectedBy {
+    fn from(s: &str) -> Self {
+        SelectedBy::from(s.to_string())
+    }
+}
+
+/// Compared with the string the manifest holds.
+impl PartialEq<&str> for SelectedBy {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+impl From<SelectedBy> for String {
+    fn from(s: SelectedBy) -> String {
+        s.name().to_string()
+    }
+}
+
+impl std::fmt::Display for SelectedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Why these weights: filled by the CLI (explicit weights) or a selector.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Provenance {
     /// Selector or rule, e.g. "uniform", "weights", "lawa", "sewa".
-    pub method: String,
+    pub method: SelectedBy,
     /// One human-readable line, e.g. "last 5 of 20 by step".
     pub why: String,
     /// Loss of the selection on the selection data, when an objective was used.
@@ -33,7 +158,7 @@ pub struct Provenance {
 impl From<&Selection> for Provenance {
     fn from(s: &Selection) -> Self {
         Provenance {
-            method: s.method.clone(),
+            method: s.method.into(),
             why: s.why.clone(),
             loss: s.loss,
             details: s.details.json(),
@@ -49,7 +174,7 @@ pub struct InputRecord {
     pub step: Option<u64>,
     /// Tensor bytes (not file size: a .ckpt also holds optimizer state).
     pub bytes: u64,
-    pub format: String,
+    pub format: Named<Format>,
     /// Normalised weight.
     pub weight: f64,
     /// (device, inode, size, mtime) of the file version averaged; lets a restarted daemon
@@ -66,7 +191,7 @@ impl InputRecord {
             path: absolute(ckpt.path()),
             step,
             bytes: ckpt.total_bytes(),
-            format: format_name(ckpt.format()),
+            format: ckpt.format().into(),
             weight,
             identity: Some(*ckpt.identity()),
         }
@@ -83,10 +208,10 @@ pub struct AverageRecord {
     pub renamed_keys: Vec<RenameRecord>,
     /// Output tensors.
     pub outputs: Vec<TensorMeta>,
-    /// `--dtype`, `--int-policy`, `--dtype-overflow` as written in the config.
-    pub dtype: String,
-    pub int_policy: String,
-    pub dtype_overflow: String,
+    /// `--dtype`, `--int-policy`, `--dtype-overflow` (or their `[publish]` keys).
+    pub dtype: OutDType,
+    pub int_policy: IntPolicy,
+    pub dtype_overflow: DtypeOverflow,
     /// Input the integer/bool tensors were copied from, when there are any.
     pub int_source: Option<PathBuf>,
 }
@@ -107,9 +232,9 @@ impl AverageRecord {
             inputs: records,
             renamed_keys,
             outputs: Vec::new(),
-            dtype: String::new(),
-            int_policy: String::new(),
-            dtype_overflow: String::new(),
+            dtype: OutDType::default(),
+            int_policy: IntPolicy::default(),
+            dtype_overflow: DtypeOverflow::default(),
             int_source: None,
         }
     }
@@ -139,7 +264,7 @@ pub struct Manifest {
     #[serde(with = "path_json")]
     pub output: PathBuf,
     /// "file", "dir" or "adapter" (a PEFT adapter directory).
-    pub layout: String,
+    pub layout: Named<OutputLayout>,
     pub files: Vec<FileRecord>,
     /// Tensor bytes written.
     pub tensor_bytes: u64,
@@ -148,11 +273,14 @@ pub struct Manifest {
     /// Normalised weights, one per input (same order).
     pub weights: Vec<f64>,
     pub selection: Provenance,
-    pub dtype: String,
-    pub int_policy: String,
-    /// What happened to averages beyond `dtype`'s range: "error" (refused) or "saturate".
+    /// The output dtype option: "keep", "f32", "bf16" or "f16".
+    pub dtype: Named<OutDType>,
+    /// "latest", "first" or "error".
+    pub int_policy: Named<IntPolicy>,
+    /// What happened to averages beyond `dtype`'s range: "error" (refused) or "saturate"
+    /// (empty in a manifest of a sewa that did not record it).
     #[serde(default)]
-    pub dtype_overflow: String,
+    pub dtype_overflow: Named<DtypeOverflow>,
     /// Input the integer/bool tensors were copied from, when there are any.
     #[serde(with = "path_json::option", default)]
     pub int_source: Option<PathBuf>,
@@ -178,16 +306,17 @@ impl Manifest {
         Manifest {
             sewa_version: env!("CARGO_PKG_VERSION").to_string(),
             output: absolute(&output),
-            layout: String::new(),
+            // Set by the publisher, which decides it.
+            layout: Named::default(),
             files: Vec::new(),
             tensor_bytes: outputs.iter().map(|t| t.nbytes() as u64).sum(),
             tensors: outputs.len(),
             weights: inputs.iter().map(|i| i.weight).collect(),
             inputs,
             selection,
-            dtype,
-            int_policy,
-            dtype_overflow: record.dtype_overflow,
+            dtype: dtype.into(),
+            int_policy: int_policy.into(),
+            dtype_overflow: record.dtype_overflow.into(),
             int_source: record.int_source.map(|p| absolute(&p)),
             renamed_keys,
             side_files: Vec::new(),
@@ -209,8 +338,8 @@ impl Manifest {
     }
 }
 
-/// `Format` as its kebab-case name, e.g. "sharded-safetensors".
-pub fn format_name(f: sewa_checkpoint::Format) -> String {
+/// `Format` as its kebab-case name, e.g. "sharded-safetensors" (what manifests record).
+pub fn format_name(f: Format) -> String {
     match serde_json::to_value(f) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{f:?}"),
@@ -221,4 +350,54 @@ pub fn format_name(f: sewa_checkpoint::Format) -> String {
 /// from elsewhere still points at the right files; `p` itself if that fails.
 pub fn absolute(p: &std::path::Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json<T: Serialize>(t: T) -> String {
+        serde_json::to_string(&t).unwrap()
+    }
+
+    /// Manifests are read by users' tools and by other sewa versions: the typed fields are
+    /// written as the same strings as before.
+    #[test]
+    fn typed_names_serialise_as_the_strings_manifests_always_held() {
+        assert_eq!(json(Named::from(Format::ShardedSafetensors)), r#""sharded-safetensors""#);
+        assert_eq!(json(Named::from(Format::DeepSpeed)), r#""deepspeed""#);
+        assert_eq!(json(Named::from(Format::HfDir)), r#""hf-dir""#);
+        assert_eq!(json(Named::from(OutputLayout::File)), r#""file""#);
+        assert_eq!(json(Named::from(OutputLayout::Dir)), r#""dir""#);
+        assert_eq!(json(Named::from(OutputLayout::Adapter)), r#""adapter""#);
+        assert_eq!(json(Named::from(OutDType::BF16)), r#""bf16""#);
+        assert_eq!(json(Named::from(OutDType::Keep)), r#""keep""#);
+        assert_eq!(json(Named::from(IntPolicy::First)), r#""first""#);
+        assert_eq!(json(Named::from(DtypeOverflow::Saturate)), r#""saturate""#);
+        assert_eq!(json(SelectedBy::from(Method::BestMetric)), r#""best-metric""#);
+        assert_eq!(json(SelectedBy::Weights), r#""weights""#);
+        for m in crate::select::MODEL_BASED {
+            assert_eq!(json(SelectedBy::from(m)), format!("{:?}", m.name()));
+        }
+    }
+
+    /// A manifest another sewa wrote (an unknown format, layout, dtype or method) still
+    /// reads: the names are kept as written, and written back unchanged.
+    #[test]
+    fn unknown_names_read_back_as_other_and_round_trip() {
+        let f: Named<Format> = serde_json::from_str(r#""gguf""#).unwrap();
+        assert_eq!(f, Named::Other("gguf".into()));
+        let f: Named<Format> = serde_json::from_str(r#""torch-zip""#).unwrap();
+        assert_eq!(f, Named::Known(Format::TorchZip));
+        let m: SelectedBy = serde_json::from_str(r#""sewa""#).unwrap();
+        assert_eq!(m, SelectedBy::Method(Method::Sewa));
+        let m: SelectedBy = serde_json::from_str(r#""weights""#).unwrap();
+        assert_eq!(m, SelectedBy::Weights);
+        let m: SelectedBy = serde_json::from_str(r#""swa-v9""#).unwrap();
+        assert_eq!((m.name(), json(&m)), ("swa-v9", r#""swa-v9""#.to_string()));
+        let l: Named<OutputLayout> = serde_json::from_str(r#""tarball""#).unwrap();
+        assert_eq!(json(l), r#""tarball""#);
+        // Not a string at all: a clear error, not a panic.
+        assert!(serde_json::from_str::<SelectedBy>("7").is_err());
+    }
 }

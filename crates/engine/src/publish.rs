@@ -149,9 +149,9 @@ pub fn record_of(plan: &AveragePlan<'_>) -> AverageRecord {
     let opts = plan.options();
     AverageRecord {
         outputs: plan.outputs().to_vec(),
-        dtype: opts.dtype.to_string(),
-        int_policy: opts.int_policy.to_string(),
-        dtype_overflow: opts.overflow.to_string(),
+        dtype: opts.dtype,
+        int_policy: opts.int_policy,
+        dtype_overflow: opts.overflow,
         int_source: plan.int_source().map(|c| c.path().to_path_buf()),
         ..AverageRecord::new(inputs)
     }
@@ -211,7 +211,7 @@ fn publish_file(
         plan_files(outputs, &name.to_string_lossy(), u64::MAX, metadata)?.into_iter().next();
     let layout = layout.ok_or_else(|| Error::Internal("no layout for a file output".into()))?;
     let model = stage(out, |f, p| writer.write(f, p, &layout))?;
-    manifest.layout = "file".into();
+    manifest.layout = crate::manifest::OutputLayout::File.into();
     manifest.files = vec![FileRecord { name: PathBuf::from(name), bytes: layout.size }];
     finish(manifest, clock);
     let json = manifest.to_json()?;
@@ -300,15 +300,15 @@ fn provenance_metadata(m: &Manifest) -> HashMap<String, String> {
     HashMap::from([
         ("format".into(), "pt".into()),
         ("sewa_version".into(), m.sewa_version.clone()),
-        ("sewa_method".into(), m.selection.method.clone()),
+        ("sewa_method".into(), m.selection.method.to_string()),
         ("sewa_inputs".into(), m.inputs.len().to_string()),
         (
             "sewa_steps".into(),
             join(m.inputs.iter().map(|i| i.step.map_or("?".into(), |s| s.to_string())).collect()),
         ),
         ("sewa_weights".into(), join(m.weights.iter().map(|w| format!("{w:.6}")).collect())),
-        ("sewa_dtype".into(), m.dtype.clone()),
-        ("sewa_int_policy".into(), m.int_policy.clone()),
+        ("sewa_dtype".into(), m.dtype.name()),
+        ("sewa_int_policy".into(), m.int_policy.name()),
         ("sewa_started".into(), m.started.clone()),
     ])
 }

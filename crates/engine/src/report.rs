@@ -15,6 +15,7 @@ use crate::select::Details;
 /// What the picture shows, per member.
 #[derive(Debug, Default, PartialEq)]
 pub struct Window {
+    /// The method as the JSON names it (drawn as a title, not interpreted; "?" when absent).
     pub method: String,
     pub labels: Vec<String>,
     pub chosen: Vec<bool>,

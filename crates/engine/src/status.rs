@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, WithPath};
+use crate::manifest::SelectedBy;
 use crate::timestamp;
 use sewa_checkpoint::Identity;
 use sewa_checkpoint::text::{self, human_bytes};
@@ -27,15 +28,15 @@ const SKIPPED_SHOWN: usize = 5;
 pub struct Status {
     pub pid: u32,
     pub version: String,
-    /// starting | waiting for the watched directory | watching | stopping | stopped | failed
-    pub state: String,
+    pub state: State,
     pub started_at: String,
     pub updated_at: String,
     #[serde(with = "crate::path_json")]
     pub dir: PathBuf,
     #[serde(with = "crate::path_json")]
     pub out: PathBuf,
-    pub method: String,
+    /// `[select] method`.
+    pub method: SelectedBy,
     /// The window, oldest first.
     pub members: Vec<MemberStatus>,
     /// Why the daemon does not select yet (fewer members than `[select] min_members`).
@@ -54,6 +55,65 @@ pub struct Status {
     pub disk: Option<DiskStatus>,
     pub errors: Vec<ErrorStatus>,
     pub counters: Counters,
+}
+
+/// What the daemon is doing, written as the strings the status file always held (monitoring
+/// matches on them). A state this version does not know (a newer sewa's file) reads as `Other`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum State {
+    /// From the first status write, before the watched directory is examined.
+    #[default]
+    Starting,
+    /// `[watch] dir` does not exist yet.
+    WaitingForDir,
+    Watching,
+    /// A shutdown was asked for: the pipeline's evaluators are being stopped.
+    Stopping,
+    Stopped,
+    /// The pipeline panicked outside one checkpoint's work (see `errors`).
+    Failed,
+    Other(String),
+}
+
+impl State {
+    pub fn name(&self) -> &str {
+        match self {
+            State::Starting => "starting",
+            State::WaitingForDir => "waiting for the watched directory",
+            State::Watching => "watching",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+            State::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for State {
+    fn from(s: String) -> State {
+        let known = [
+            State::Starting,
+            State::WaitingForDir,
+            State::Watching,
+            State::Stopping,
+            State::Stopped,
+            State::Failed,
+        ];
+        known.into_iter().find(|k| k.name() == s).unwrap_or(State::Other(s))
+    }
+}
+
+impl From<State> for String {
+    fn from(s: State) -> String {
+        s.name().to_string()
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -93,7 +153,7 @@ pub struct DiskStatus {
 }
 
 /// Whether the file version sewa holds is still at its path. A member whose file the trainer's
-/// rotation unlinked stays usable while sewa has it mapped, but it will not come back.
+/// rotation unlinked stays usable while sewa holds it open, but it will not come back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnDisk {
@@ -139,7 +199,7 @@ impl OnDisk {
 pub struct SelectionSummary {
     /// When it was made, or for the published one, published (RFC 3339).
     pub at: String,
-    pub method: String,
+    pub method: SelectedBy,
     pub why: String,
     /// Its loss on the selection data.
     pub loss: Option<f64>,
@@ -275,8 +335,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// checkpoint files (and the file itself may have been edited): they print escaped.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
-    let _ =
-        writeln!(o, "sewa {} (pid {}) — {}, updated {}", s.version, s.pid, s.state, s.updated_at);
+    let state = text::escape(s.state.name());
+    let _ = writeln!(o, "sewa {} (pid {}) — {state}, updated {}", s.version, s.pid, s.updated_at);
     let _ = writeln!(o, "watching {}  →  {}", s.dir.display(), s.out.display());
     render_window(&mut o, s);
     render_disk(&mut o, s.disk.as_ref());
@@ -330,7 +390,8 @@ pub fn render(s: &Status) -> String {
 
 /// The window: each member's weight in the published average and in the last selection.
 fn render_window(o: &mut String, s: &Status) {
-    let _ = writeln!(o, "\nwindow: {} members, method {}", s.members.len(), s.method);
+    let method = text::escape(s.method.name());
+    let _ = writeln!(o, "\nwindow: {} members, method {method}", s.members.len());
     if let Some(w) = &s.waiting {
         let _ = writeln!(o, "  {}", text::escape(w));
     }
@@ -372,7 +433,7 @@ fn losses(s: &SelectionSummary) -> String {
 fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
     let Some(p) = p else { return };
     let s = &p.summary;
-    let (method, why, losses) = (text::escape(&s.method), text::escape(&s.why), losses(s));
+    let (method, why, losses) = (text::escape(s.method.name()), text::escape(&s.why), losses(s));
     let _ = writeln!(o, "\npublished {} ({method}{losses}): {why}", s.at);
     for m in &p.members {
         let step = m.step.map_or("?".into(), |s| s.to_string());
@@ -391,12 +452,13 @@ fn render_published(o: &mut String, p: Option<&PublishedSelection>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::select::Method;
 
     #[test]
     fn write_is_atomic_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/status.json");
-        let mut s = Status { state: "watching".into(), ..Status::default() };
+        let mut s = Status { state: State::Watching, ..Status::default() };
         for i in 0..30 {
             s.push_error(format!("e{i}"));
         }
@@ -424,9 +486,48 @@ mod tests {
                          "rescans": 0}
         });
         let s: Status = serde_json::from_value(old).unwrap();
+        assert_eq!((&s.state, &s.method), (&State::Watching, &SelectedBy::Method(Method::Lawa)));
         assert_eq!(s.members[0].on_disk, OnDisk::Present);
         assert!(s.published.is_none() && s.waiting.is_none());
         assert!(render(&s).contains("step        1"));
+    }
+
+    /// The state and method are written as the strings monitoring always matched on, and
+    /// ones this version does not know (a newer sewa's file) read back as written.
+    #[test]
+    fn state_and_method_keep_their_strings_and_unknown_ones_read_back() {
+        let all = [
+            (State::Starting, "starting"),
+            (State::WaitingForDir, "waiting for the watched directory"),
+            (State::Watching, "watching"),
+            (State::Stopping, "stopping"),
+            (State::Stopped, "stopped"),
+            (State::Failed, "failed"),
+        ];
+        for (state, name) in all {
+            let s = Status {
+                state: state.clone(),
+                method: Method::BestMetric.into(),
+                ..Status::default()
+            };
+            let json = serde_json::to_value(&s).unwrap();
+            assert_eq!(
+                (&json["state"], &json["method"]),
+                (&serde_json::json!(name), &serde_json::json!("best-metric"))
+            );
+            let back: Status = serde_json::from_value(json).unwrap();
+            assert_eq!(back.state, state);
+        }
+        let mut v = serde_json::to_value(Status::default()).unwrap();
+        v["state"] = "draining".into();
+        v["method"] = "swa-v9".into();
+        let s: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(s.state, State::Other("draining".into()));
+        let text = render(&s);
+        assert!(text.contains("— draining,") && text.contains("method swa-v9"), "{text}");
+        v = serde_json::to_value(Status::default()).unwrap();
+        v["state"] = 3.into();
+        assert!(serde_json::from_value::<Status>(v).is_err(), "not a string: an error");
     }
 
     #[test]
@@ -441,7 +542,7 @@ mod tests {
         };
         let summary = SelectionSummary {
             at: "t0".into(),
-            method: "sewa".into(),
+            method: Method::Sewa.into(),
             why: "sewa: 4 of 8".into(),
             loss: Some(0.125),
             acceptance_loss: Some(0.25),
@@ -461,7 +562,7 @@ mod tests {
     fn the_selection_fields_keep_their_place_in_the_json() {
         let summary = SelectionSummary {
             at: "t".into(),
-            method: "lawa".into(),
+            method: Method::Lawa.into(),
             why: "w".into(),
             loss: Some(0.5),
             acceptance_loss: None,

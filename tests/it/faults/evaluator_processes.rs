@@ -187,6 +187,51 @@ fn sigterm_mid_selection_leaves_no_evaluator_process_and_no_staging_directory() 
     assert!(staged_dirs(&staging).is_empty(), "staging left: {:?}", staged_dirs(&staging));
 }
 
+/// Issue 20: the status file's documented "stopping" is what it says while a SIGTERM'd daemon
+/// stops its evaluator — here one whose forked helper ignores SIGTERM, so the stop takes the
+/// group's grace period — and "stopped" once sewa is gone, with no evaluator process left.
+#[test]
+fn the_status_says_stopping_while_sigterm_stops_the_evaluator_then_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, staging) = (tmp.path().join("pids"), tmp.path().join("staging"));
+    std::fs::create_dir(&staging).unwrap();
+    let objective = daemon_objective(&["--fork", "--stubborn"], &file, &staging);
+    let mut d = Daemon::start(&objective);
+    write(&d.runs, &["--style", "st-rename", "--steps", "1,2,3", "--chunk-ms", "5"]);
+    let (_, pgid, _) = pids(&file);
+    // Idle between selections: the window holds step 3 and its selection was recorded.
+    let start = Instant::now();
+    let selected = |s: &serde_json::Value| {
+        let steps = s["members"].as_array().map(|m| m.iter().filter(|m| m["step"] == 3).count());
+        steps == Some(1) && s["counters"]["publishes"].as_u64() >= Some(1)
+    };
+    while !d.status().is_some_and(|s| selected(&s)) {
+        assert!(d.alive(), "sewa exited:\n{}", d.log());
+        assert!(start.elapsed() < DEADLINE, "no selection over step 3:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = d.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (t0, mut seen) = (Instant::now(), Vec::new());
+    let exit = loop {
+        if let Some(state) = d.status().and_then(|s| s["state"].as_str().map(str::to_string))
+            && seen.last() != Some(&state)
+        {
+            seen.push(state);
+        }
+        if let Some(exit) = d.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(t0.elapsed() < DEADLINE, "sewa did not stop; states {seen:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(exit.success(), "{exit:?}\n{}", d.log());
+    let last = d.status().unwrap()["state"].clone();
+    assert_eq!(last, "stopped", "states seen: {seen:?}");
+    assert!(seen.iter().any(|s| s == "stopping"), "states seen: {seen:?}");
+    assert_group_gone(pgid, Duration::from_secs(1), "after sewa exited");
+}
+
 // ---------------------------------------------------------------------------------------
 // Item 16: staging left by a sewa that was killed
 

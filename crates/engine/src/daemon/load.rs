@@ -129,9 +129,11 @@ const NO_STEP: &str = "no training step in its name or contents; if it is not a 
     {\"model\": ..., \"step\": N} dict";
 
 /// A fingerprint of what must agree across the window: tensor names, dtypes and shapes,
-/// whether it is a PEFT adapter, and the adapter's settings (`peft_*` metadata).
+/// whether it is a PEFT adapter, and the adapter's settings (`peft_*` metadata). Compared only
+/// within one run (never persisted), so `Hash` output is fine here; XXH3 rather than
+/// `DefaultHasher` so that no hash in sewa depends on the toolchain's choice.
 pub fn fingerprint(ckpt: &Checkpoint) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     (ckpt.format() == checkpoint::Format::PeftAdapter).hash(&mut h);
     for t in ckpt.tensors() {
         (&t.name, t.dtype, &t.shape).hash(&mut h);

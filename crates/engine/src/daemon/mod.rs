@@ -37,6 +37,7 @@ pub use pipeline::Pipeline;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::status::State;
 use crate::watch::{self, Filter, Hint, Settler};
 use sewa_checkpoint::Identity;
 
@@ -90,12 +91,12 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
         Aborting(tokio::spawn(progress::feed_watchdog(pipeline.progress.clone(), period)))
     });
     if !wait_for_dir(&mut pipeline, opts.systemd, &mut shutdown).await? {
-        pipeline.set_state("stopped");
+        pipeline.set_state(State::Stopped);
         return Ok(());
     }
     let mut front = Front::start(&pipeline.cfg, tx)?;
     let mut rescan_every = interval(Duration::from_secs(pipeline.cfg.watch.rescan_s.0));
-    pipeline.set_state("watching");
+    pipeline.set_state(State::Watching);
     front.rescan(&mut pipeline, "start-up");
     info!(dir = %front.filter.dir().display(), "watching");
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
@@ -144,7 +145,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     }
     info!("stopping");
     notify(opts.systemd, &[sd_notify::NotifyState::Stopping]);
-    pipeline.set_state("stopped");
+    pipeline.stop();
     Ok(())
 }
 
@@ -162,7 +163,7 @@ async fn wait_for_dir(
         return Ok(true);
     }
     info!(dir = %dir.display(), "waiting for the watched directory to appear");
-    p.set_state("waiting for the watched directory");
+    p.set_state(State::WaitingForDir);
     let status = format!("waiting for {}", dir.display());
     notify(systemd, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     let mut pause = DIR_POLL_FIRST;
@@ -241,7 +242,7 @@ async fn run_job(
             if progress.publishing() {
                 info!("stopping: waiting for the in-flight publish");
                 if let Ok(Ok(Ok(mut p))) = tokio::time::timeout(SHUTDOWN_GRACE, task).await {
-                    p.set_state("stopped");
+                    p.stop();
                 }
             } else {
                 info!("stopping: abandoning the work in progress (nothing is being published)");
@@ -446,10 +447,10 @@ mod tests {
         assert!(msg.contains("index out of bounds") && msg.contains("bug"), "{msg}");
         assert!(msg.contains("out/model.safetensors"), "names what stays published: {msg}");
         let status = crate::status::Status::read(&status_file).unwrap();
-        assert_eq!(status.state, "failed");
+        assert_eq!(status.state, State::Failed);
         assert!(status.errors.iter().any(|e| e.message.contains("index out of bounds")));
         // A job that returns hands the pipeline back.
-        let p = contain(pipeline(dir.path()), |p| p.set_state("watching")).unwrap();
-        assert_eq!(p.status.state, "watching");
+        let p = contain(pipeline(dir.path()), |p| p.set_state(State::Watching)).unwrap();
+        assert_eq!(p.status.state, State::Watching);
     }
 }

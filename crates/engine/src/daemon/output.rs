@@ -7,13 +7,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde::Deserialize;
+
 use crate::average::running::{OutputOptions, RunningAverage, UpdateReport};
 use crate::average::{AverageOptions, AveragePlan, PlanSource, TensorSource};
 use crate::config::Config;
 use crate::error::Result;
-use crate::manifest::{AverageRecord, Manifest, Provenance};
+use crate::manifest::{AverageRecord, Manifest, Provenance, SelectedBy};
 use crate::publish::{self, PublishOptions, Published, SideFiles};
-use crate::select::Selection;
+use crate::select::{Details, Selection};
 use crate::window::Member;
 use sewa_checkpoint::{Checkpoint, Identity};
 
@@ -24,7 +26,7 @@ pub struct LastPublished {
     pub inputs: Vec<PublishedInput>,
     pub loss: Option<f64>,
     /// The selection's method and one-line reason (for the status file).
-    pub method: String,
+    pub method: SelectedBy,
     pub why: String,
     /// When it was published (RFC 3339).
     pub at: String,
@@ -85,18 +87,16 @@ pub fn read_last(cfg: &Config) -> Option<LastPublished> {
 }
 
 /// (path, step, own loss) of the window members a model-based selection recorded losses for
-/// (`details.members` and `details.member_losses`, both in window order).
+/// (`details.members` and `details.member_losses`, both in window order), read through the
+/// typed `Details` (paths decoded losslessly); none when the details do not have that shape.
 pub fn recorded_member_losses(details: &serde_json::Value) -> Vec<(PathBuf, Option<u64>, f64)> {
-    let (Some(members), Some(losses)) =
-        (details["members"].as_array(), details["member_losses"].as_array())
+    let Ok(Details { members: Some(members), member_losses: Some(losses), .. }) =
+        Details::deserialize(details)
     else {
         return Vec::new();
     };
-    let each = members.iter().zip(losses).filter_map(|(m, l)| {
-        let path = PathBuf::from(m["path"].as_str()?);
-        Some((path, m["step"].as_u64(), l.as_f64()?))
-    });
-    each.collect()
+    let each = members.into_iter().zip(losses).filter(|(_, l)| l.is_finite());
+    each.map(|(m, l)| (m.path, m.step, l)).collect()
 }
 
 /// How the published average was made: the running average (updated by `reads` checkpoint
@@ -131,9 +131,9 @@ pub fn publish(cfg: &Config, averaged: Averaged<'_>, p: &Provenanced<'_>) -> Res
     let inputs = selected.iter().map(|(m, c, w)| (c.as_ref(), Some(m.step), *w));
     let publish = &cfg.publish;
     let mut record = AverageRecord {
-        dtype: publish.dtype.to_string(),
-        int_policy: publish.int_policy.to_string(),
-        dtype_overflow: publish.dtype_overflow.to_string(),
+        dtype: publish.dtype,
+        int_policy: publish.int_policy,
+        dtype_overflow: publish.dtype_overflow,
         ..AverageRecord::new(inputs)
     };
     let opts = PublishOptions::default();
@@ -184,4 +184,70 @@ pub fn publish(cfg: &Config, averaged: Averaged<'_>, p: &Provenanced<'_>) -> Res
         ));
     }
     publish::publish_tensors(source.as_mut(), manifest, p.side, out, &opts, &mut |_| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::OnDisk;
+    use std::os::unix::ffi::OsStringExt;
+
+    /// Member losses are read back through the typed `Details`: a member whose name is not
+    /// UTF-8 (written as `{"bytes_hex": …}`) keeps its loss.
+    #[test]
+    fn recorded_member_losses_read_non_utf8_paths_too() {
+        let odd = PathBuf::from(std::ffi::OsString::from_vec(b"runs/step_\xff".to_vec()));
+        let members = vec![
+            crate::select::MemberRecord { path: "runs/step_1".into(), step: Some(1) },
+            crate::select::MemberRecord { path: odd.clone(), step: Some(2) },
+        ];
+        let details = Details {
+            members: Some(members),
+            member_losses: Some(vec![0.5, 0.25]),
+            ..Details::default()
+        };
+        let got = recorded_member_losses(&details.json());
+        assert_eq!(got, vec![("runs/step_1".into(), Some(1), 0.5), (odd, Some(2), 0.25)]);
+        assert!(recorded_member_losses(&serde_json::json!({"members": 3})).is_empty());
+        assert!(recorded_member_losses(&serde_json::Value::Null).is_empty());
+    }
+
+    /// A manifest from a sewa whose directory digest came from `DefaultHasher` (any other
+    /// `identity.members` than today's): it still reads, and the input counts as another file
+    /// version — republished, shown as changed — never an error.
+    #[test]
+    fn a_directory_identity_from_the_old_hash_reads_as_a_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("checkpoint-5");
+        std::fs::create_dir(&ckpt).unwrap();
+        std::fs::write(ckpt.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(ckpt.join("trainer_state.json"), b"{}").unwrap();
+        let now = Identity::of(&ckpt).unwrap();
+        let old = Identity { members: 0x9e37_79b9_7f4a_7c15, ..now };
+        let out = dir.path().join("out.safetensors");
+        let text = format!("[watch]\ndir = {:?}\n[publish]\nout = {out:?}\n", dir.path());
+        let cfg = Config::parse(&text, &dir.path().join("sewa.toml")).unwrap();
+        let manifest = serde_json::json!({
+            "sewa_version": "0.1.0", "output": out, "layout": "file", "files": [],
+            "tensor_bytes": 0, "tensors": 0,
+            "inputs": [{"path": ckpt, "step": 5, "bytes": 7, "format": "hf-dir", "weight": 1.0,
+                        "identity": old}],
+            "weights": [1.0],
+            "selection": {"method": "lawa", "why": "last 1", "loss": null, "details": {}},
+            "dtype": "keep", "int_policy": "latest", "int_source": null, "renamed_keys": [],
+            "side_files": [], "started": "t", "finished": "t", "wall_time_s": 0.0, "notes": []
+        });
+        std::fs::write(publish::manifest_path(&out), manifest.to_string()).unwrap();
+        let last = read_last(&cfg).expect("the old manifest reads");
+        assert_eq!(last.method, SelectedBy::Method(crate::select::Method::Lawa));
+        let again = PublishedInput {
+            path: ckpt.clone(),
+            step: Some(5),
+            identity: Some(now),
+            weight: 1.0,
+            loss: None,
+        };
+        assert!(!last.same_as(&[again]), "another file version: published again");
+        assert_eq!(OnDisk::check(&ckpt, last.inputs[0].identity.as_ref()), OnDisk::Changed);
+    }
 }

@@ -20,6 +20,23 @@ pub struct Rules {
     pub max_age_steps: Option<u64>,
 }
 
+/// The data a loss was computed on: the selection's own (what the selector optimised), or
+/// `[objective] acceptance_data` (a held-out split). Printed in the verdicts' reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Selection,
+    Acceptance,
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Selection => "selection data",
+            Split::Acceptance => "acceptance data",
+        })
+    }
+}
+
 /// A selection as the rules see it.
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
@@ -31,8 +48,8 @@ pub struct Candidate<'a> {
     /// `split` (None: unknown).
     pub judged: Option<f64>,
     pub published: Option<f64>,
-    /// "selection data" or "acceptance data".
-    pub split: &'static str,
+    /// What `judged` and `published` were computed on.
+    pub split: Split,
     /// Step of the window's newest member.
     pub newest_step: Option<u64>,
     /// The window members' own losses on the selection data, as the selector recorded them
@@ -136,7 +153,7 @@ fn range(losses: &[f64]) -> Option<(f64, f64)> {
 fn implausible(c: &Candidate<'_>) -> Option<String> {
     let floor = floor(c.member_losses)?;
     let (lowest, highest) = range(c.member_losses)?;
-    let losses = [(c.loss, "selection data"), (c.judged, c.split)];
+    let losses = [(c.loss, Split::Selection), (c.judged, c.split)];
     let (loss, split) =
         losses.into_iter().find_map(|(l, split)| l.filter(|l| *l < floor).map(|l| (l, split)))?;
     Some(format!(
@@ -245,7 +262,7 @@ mod tests {
     ) -> Candidate<'a> {
         let newest_step = inputs.iter().filter_map(|i| i.step).max();
         let published = last.and_then(|l| l.loss);
-        let split = "selection data";
+        let split = Split::Selection;
         Candidate { inputs, loss, judged: loss, published, split, newest_step, member_losses: &[] }
     }
 
@@ -407,7 +424,7 @@ mod tests {
         let acc = Candidate {
             judged: Some(-5.0),
             published: Some(0.3),
-            split: "acceptance data",
+            split: Split::Acceptance,
             ..with(2.0, l)
         };
         let v = decide(BEST, l, &acc, THERE);
@@ -426,7 +443,7 @@ mod tests {
         let c = Candidate {
             judged: Some(0.40),
             published: Some(0.30),
-            split: "acceptance data",
+            split: Split::Acceptance,
             ..cand(&b, Some(0.05), l)
         };
         let why = skip(BEST, l, &c).expect("worse on the acceptance data");
@@ -434,5 +451,12 @@ mod tests {
         // Worse on the selection data, better on the acceptance data: published.
         let c = Candidate { loss: Some(0.5), judged: Some(0.20), ..c };
         assert_eq!(decide(BEST, l, &c, THERE), Verdict::publish(None));
+    }
+
+    /// The reasons name the split in the words the log and status always used.
+    #[test]
+    fn splits_are_named_as_before() {
+        assert_eq!(Split::Selection.to_string(), "selection data");
+        assert_eq!(Split::Acceptance.to_string(), "acceptance data");
     }
 }

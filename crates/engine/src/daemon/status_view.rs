@@ -2,7 +2,8 @@
 //! weight in the published average and in the last selection, the published members (those
 //! that left the window too), whether the file version sewa holds is still on disk and how
 //! many bytes sewa keeps allocated for it once deleted. Built when the status is written (one
-//! `stat` per member, one `fstat` per held file); the pipeline decides what goes in.
+//! `stat` per member, one per weight file of a directory member, one `fstat` per held file);
+//! the pipeline decides what goes in.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

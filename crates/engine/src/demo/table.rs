@@ -18,6 +18,7 @@ use sewa_checkpoint::Checkpoint;
 /// One line of the table (also the `--json` record).
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// The row's label: a method with its setting ("sewa 5 (direct)", "random 5 (10 seeds)").
     pub method: String,
     /// Members averaged (mean over seeds for `random`).
     pub size: f64,

@@ -12,7 +12,7 @@ use super::side::SideFiles;
 use super::{TensorWriter, finish, hidden_prefix, parent_dir, swap_in, sync_dir, write_new};
 use crate::error::{Result, WithPath};
 use crate::layout::FileLayout;
-use crate::manifest::{FileRecord, Manifest};
+use crate::manifest::{FileRecord, Manifest, OutputLayout};
 use sewa_checkpoint::Checkpoint;
 
 /// What goes into a directory output.
@@ -52,7 +52,7 @@ impl DirOutput<'_> {
             side.write_into(dir, manifest)?;
         }
         let adapter = self.side.is_some_and(|s| s.adapter);
-        manifest.layout = if adapter { "adapter" } else { "dir" }.into();
+        manifest.layout = if adapter { OutputLayout::Adapter } else { OutputLayout::Dir }.into();
         finish(manifest, self.clock);
         let json = manifest.to_json()?;
         write_new(&dir.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;

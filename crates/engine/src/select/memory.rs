@@ -50,8 +50,8 @@ pub struct MemberLosses {
 
 impl Memory {
     /// Each member's own loss: from this selection's oracle cache (free), from an earlier
-    /// selection (then put in the oracle's cache), or computed now. Afterwards only the current members are remembered, so the
-    /// memory stays the size of the window.
+    /// selection (then put in the oracle's cache), or computed now. Afterwards only the
+    /// current members are remembered, so the memory stays the size of the window.
     pub fn member_losses(
         &mut self,
         oracle: &mut Oracle,

@@ -1,7 +1,7 @@
 //! Selectors: given the window, decide which members to average and with what weights.
 //! Fixed rules (uniform, lawa, ema, best-metric) need only a summary of the window; model-based
-//! ones (greedy, exhaustive, random, sewa) also read the members' weights and call an
-//! `Objective`. Selectors never touch files other than through `Checkpoint` views.
+//! ones (greedy, exhaustive, random, sewa, soup, twa) also read the members' weights and call
+//! an `Objective`. Selectors never touch files other than through `Checkpoint` views.
 
 use std::path::PathBuf;
 
@@ -18,7 +18,7 @@ pub struct MemberSummary {
 /// non-negative, summing to 1.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Selection {
-    pub method: String,
+    pub method: Method,
     pub weights: Vec<f64>,
     /// Human-readable reason, e.g. "last 5 of 20 by step".
     pub why: String,
@@ -55,7 +55,7 @@ pub use config::{SoupConfig, TwaConfig};
 pub use details::{Details, MemberRecord};
 pub use memory::Memory;
 pub use sewa::{SewaConfig, Strategy};
-pub use warm::SewaState;
+pub use warm::{MemberKey, SewaState};
 
 use crate::error::{Error, Result};
 use crate::objective::Objective;
@@ -91,9 +91,10 @@ pub fn model_based(name: &str) -> Result<Method> {
     })
 }
 
-/// Run a model-based selector (`sewa`, `greedy`, `exhaustive`, `random`) once over the window
-/// `members` (ordered by step) with `objective`. `k` is clamped to the window size. `warm` is the
-/// state a previous SeWA run returned; the returned state is `Some` only for `sewa`.
+/// Run a model-based selector (`MODEL_BASED`: sewa, greedy, exhaustive, random, soup, twa)
+/// once over the window `members` (ordered by step) with `objective`. `k` is clamped to the
+/// window size. `warm` is the state a previous SeWA run returned; the returned state is `Some`
+/// only for `sewa`.
 /// Every member is first checked against the objective (errors name the member).
 pub fn run_model_based(
     method: Method,
@@ -160,7 +161,7 @@ pub fn run_configured(
     }
     let cfg = opts.sewa;
     let started = std::time::Instant::now();
-    let keys: Vec<String> = members.iter().map(|m| member_key(m)).collect();
+    let keys: Vec<MemberKey> = members.iter().map(|m| member_key(m)).collect();
     let mut oracle = oracle::Oracle::new(blend::Blend::new(members)?, objective);
     let surrogate = method == Method::Sewa && cfg.strategy == Strategy::Surrogate;
     // The surrogate takes the guard's calls as data, with gradients when it can use them.
@@ -201,8 +202,7 @@ pub fn run_configured(
     let (found, verdict) = guard::judge(found, &checked);
     let wall = started.elapsed().as_secs_f64();
     let calls = oracle.calls;
-    let mut selection =
-        to_selection(method.name(), members, &found, calls, wall, &oracle.describe());
+    let mut selection = to_selection(method, members, &found, calls, wall, &oracle.describe());
     if let Some(v) = verdict {
         if v.winner != "method" {
             tracing::info!(
@@ -234,12 +234,12 @@ pub fn run_configured(
 }
 
 /// Identity of a member across windows (warm starts): its path and step.
-pub fn member_key(c: &Checkpoint) -> String {
-    format!("{}@{}", c.path().display(), c.step().map_or("?".into(), |s| s.to_string()))
+pub fn member_key(c: &Checkpoint) -> MemberKey {
+    MemberKey { path: c.path().to_path_buf(), step: c.step() }
 }
 
 fn to_selection(
-    method: &str,
+    method: Method,
     members: &[&Checkpoint],
     found: &search::Found,
     calls: usize,
@@ -270,7 +270,7 @@ fn to_selection(
         .map(|&i| members[i].step().map_or(format!("#{i}"), |s| format!("step {s}")))
         .collect();
     Selection {
-        method: method.to_string(),
+        method,
         weights,
         why: format!(
             "{method}: {} of {} ({}), loss {:.5}, {calls} oracle calls, {:.2}s",
@@ -345,5 +345,20 @@ mod tests {
             let text = e.to_string();
             assert!(text.contains("sewa") && text.contains("random"), "lists the methods: {text}");
         }
+    }
+
+    /// Two members whose non-UTF-8 names print alike are different members for warm starts.
+    #[test]
+    fn member_keys_tell_apart_names_that_print_alike() {
+        use std::os::unix::ffi::OsStringExt;
+        let name = |b: &[u8]| std::path::PathBuf::from(std::ffi::OsString::from_vec(b.to_vec()));
+        let (a, b) = (name(b"runs/step_\xff"), name(b"runs/step_\xfe"));
+        assert_eq!(a.display().to_string(), b.display().to_string());
+        let ckpt = |p: &std::path::Path| {
+            let w = ("w".to_string(), sewa_checkpoint::DType::F32, vec![1], vec![0u8; 4]);
+            Checkpoint::from_memory(p, Some(5), vec![w]).unwrap()
+        };
+        assert_ne!(member_key(&ckpt(&a)), member_key(&ckpt(&b)));
+        assert_eq!(member_key(&ckpt(&a)), member_key(&ckpt(&a)));
     }
 }

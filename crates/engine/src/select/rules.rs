@@ -5,8 +5,8 @@
 
 use serde_json::json;
 
-use super::MetricMode;
 use super::{Details, MemberSummary, Selection};
+use super::{Method, MetricMode};
 use crate::error::{Error, Result};
 
 fn empty(method: &str) -> Error {
@@ -20,7 +20,7 @@ pub fn uniform(members: &[MemberSummary]) -> Result<Selection> {
         return Err(empty("uniform"));
     }
     Ok(Selection {
-        method: "uniform".into(),
+        method: Method::Uniform,
         weights: vec![1.0 / n as f64; n],
         why: format!("all {n} window members, equal weights"),
         loss: None,
@@ -38,7 +38,7 @@ pub fn lawa(members: &[MemberSummary], k: usize) -> Result<Selection> {
     let mut weights = vec![0.0; n];
     weights[n - take..].iter_mut().for_each(|w| *w = 1.0 / take as f64);
     Ok(Selection {
-        method: "lawa".into(),
+        method: Method::Lawa,
         weights,
         why: format!("last {take} of {n} by step (k = {k})"),
         loss: None,
@@ -56,7 +56,7 @@ pub fn ema(members: &[MemberSummary], decay: f64) -> Result<Selection> {
     let raw: Vec<f64> = (0..n).map(|i| decay.powi((n - 1 - i) as i32)).collect();
     let total: f64 = raw.iter().sum();
     Ok(Selection {
-        method: "ema".into(),
+        method: Method::Ema,
         weights: raw.iter().map(|w| w / total).collect(),
         why: format!("EMA over {n} members, decay {decay} per checkpoint"),
         loss: None,
@@ -96,7 +96,7 @@ pub fn best_metric(
     }
     let chosen: Vec<f64> = scored.iter().map(|(_, v)| *v).collect();
     Ok(Selection {
-        method: "best-metric".into(),
+        method: Method::BestMetric,
         weights,
         why: format!(
             "{} best of {} by {metric} ({})",

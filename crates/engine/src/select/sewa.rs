@@ -79,7 +79,7 @@ fn reinforce_grad(
 /// it is abandoned and the selection restarts cold. Its calls still count in `oracle_calls`.
 pub fn run(
     oracle: &mut Oracle,
-    keys: &[String],
+    keys: &[super::warm::MemberKey],
     k: usize,
     cfg: &SewaConfig,
     warm: Option<&SewaState>,

@@ -164,7 +164,7 @@ struct Setting<'c> {
 /// the calls already made on this window (the guard's rules), in the oracle's terms.
 pub fn run(
     oracle: &mut Oracle,
-    keys: &[String],
+    keys: &[super::warm::MemberKey],
     k: usize,
     cfg: &SewaConfig,
     warm_state: Option<&SewaState>,

@@ -1,6 +1,9 @@
 //! SeWA's warm starts: the state one selection leaves for the next (θ per member, keyed by
-//! identity, and how many warm selections ran since the last cold one), where the next window's
-//! logits start, and whether it starts cold instead. Pure: no oracle calls, no files.
+//! path and step, and how many warm selections ran since the last cold one), where the next
+//! window's logits start, and whether it starts cold instead. Pure: no oracle calls, no files.
+//! The state lives in memory only (the daemon's `select::Memory`); nothing here is persisted.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,11 +19,20 @@ const POINTS_PER_MEMBER: usize = 4;
 /// (≈0 at −4 for τ ≤ 0.5), so a member rejected in earlier windows could never come back.
 pub const THETA_BAND: f64 = 3.0;
 
+/// A window member's identity across selections: its path (compared as bytes, so two
+/// non-UTF-8 names that print alike stay apart) and its step.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemberKey {
+    #[serde(with = "crate::path_json")]
+    pub path: PathBuf,
+    pub step: Option<u64>,
+}
+
 /// What survives between selections for a warm start.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SewaState {
     /// Member identities (`select::member_key`), in window order.
-    pub keys: Vec<String>,
+    pub keys: Vec<MemberKey>,
     /// Final logits θ, one per key.
     pub theta: Vec<f64>,
     /// Warm selections since the last cold one (for `cold_every`).
@@ -52,7 +64,7 @@ impl SewaState {
 
     /// The points that apply to the window `keys`: those mixing only survivors, re-indexed;
     /// a newcomer's gradient component is unknown.
-    pub fn carried(&self, keys: &[String]) -> Vec<Point> {
+    pub fn carried(&self, keys: &[MemberKey]) -> Vec<Point> {
         let to_new: Vec<Option<usize>> =
             self.keys.iter().map(|o| keys.iter().position(|k| k == o)).collect();
         let map = |p: &Point| -> Option<Point> {
@@ -96,7 +108,7 @@ pub fn flat(n: usize, k: usize) -> Vec<f64> {
 /// survivors and `cold_every` does not call for a cold start; else flat. Survivors keep their
 /// logits (clamped to `THETA_BAND` around the k-th largest); newcomers start *at* the k-th
 /// largest, on the boundary of the top k, where the gradient can move them either way.
-pub fn start(keys: &[String], k: usize, cfg: &SewaConfig, warm: Option<&SewaState>) -> Start {
+pub fn start(keys: &[MemberKey], k: usize, cfg: &SewaConfig, warm: Option<&SewaState>) -> Start {
     let n = keys.len();
     let cold = |why: &str| Start { theta: flat(n, k), cold: Some(why.to_string()) };
     let Some(w) = warm else { return cold("no previous selection") };
@@ -126,8 +138,8 @@ pub fn start(keys: &[String], k: usize, cfg: &SewaConfig, warm: Option<&SewaStat
 mod tests {
     use super::*;
 
-    fn keys(names: &[&str]) -> Vec<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn keys(names: &[&str]) -> Vec<MemberKey> {
+        names.iter().map(|s| MemberKey { path: s.into(), step: None }).collect()
     }
 
     fn state(names: &[&str], theta: Vec<f64>, warm_runs: usize) -> SewaState {

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::objective::Objective;
 use crate::select::Memory;
-use crate::status::{QuarantineStatus, Status};
+use crate::status::{QuarantineStatus, State, Status};
 use crate::watch::Settled;
 use crate::window::{Event, Window};
 use sewa_checkpoint::{self as checkpoint, Checkpoint};
@@ -98,11 +98,11 @@ impl Pipeline {
         let status = Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
-            state: "starting".into(),
+            state: State::Starting,
             started_at: crate::timestamp::now(),
             dir: cfg.watch.dir.clone(),
             out: cfg.publish.out.clone(),
-            method: cfg.select.method.name().into(),
+            method: cfg.select.method.into(),
             ..Status::default()
         };
         let stall = stall_bound(&cfg);
@@ -276,15 +276,25 @@ impl Pipeline {
         self.write_status();
     }
 
-    pub fn set_state(&mut self, state: &str) {
-        self.status.state = state.into();
+    pub fn set_state(&mut self, state: State) {
+        self.status.state = state;
         self.write_status();
+    }
+
+    /// A shutdown: the status says "stopping" while the evaluators (selection and acceptance)
+    /// are stopped — each a process group given its grace period, which can take seconds —
+    /// then "stopped".
+    pub fn stop(&mut self) {
+        self.set_state(State::Stopping);
+        self.objective = None;
+        self.acceptance.reset();
+        self.set_state(State::Stopped);
     }
 
     /// The pipeline cannot go on (a panic outside one checkpoint's work): say so in the status.
     pub fn record_failure(&mut self, msg: &str) {
         self.status.push_error(msg);
-        self.set_state("failed");
+        self.set_state(State::Failed);
     }
 
     /// How long the next unit of work (over about `bytes` of checkpoint data) may take.
@@ -351,6 +361,58 @@ mod tests {
         assert!(retryable(&evaluator));
         assert!(retryable(&Error::io("/out", std::io::Error::from_raw_os_error(28))));
         assert!(!retryable(&Error::Selection("no member has metric eval_loss".into())));
+    }
+
+    /// An objective that, when dropped (its evaluator stopped), notes the state the status
+    /// file holds at that moment.
+    struct Observer {
+        status_file: PathBuf,
+        seen: Arc<std::sync::Mutex<Option<State>>>,
+    }
+
+    impl Objective for Observer {
+        fn evaluate(
+            &mut self,
+            _: &crate::objective::Params,
+            _: bool,
+        ) -> crate::error::Result<crate::objective::Evaluation> {
+            Err(Error::Internal("not evaluated in this test".into()))
+        }
+        fn supports_grad(&self) -> bool {
+            false
+        }
+        fn describe(&self) -> String {
+            "observer".into()
+        }
+    }
+
+    impl Drop for Observer {
+        fn drop(&mut self) {
+            let state = Status::read(&self.status_file).map(|s| s.state).ok();
+            if let Ok(mut seen) = self.seen.lock() {
+                *seen = state;
+            }
+        }
+    }
+
+    /// The documented "stopping" is what the status file says while the evaluators are being
+    /// stopped at shutdown; "stopped" once they are.
+    #[test]
+    fn the_status_says_stopping_while_the_evaluators_stop_then_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out/model.safetensors");
+        let text = format!("[watch]\ndir = {:?}\n[publish]\nout = {out:?}\n", dir.path());
+        let cfg = Config::parse(&text, &dir.path().join("sewa.toml")).unwrap();
+        let mut p = Pipeline::new(cfg);
+        let status_file = p.cfg.status_file();
+        std::fs::create_dir_all(status_file.parent().unwrap()).unwrap();
+        p.set_state(State::Watching);
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        p.objective =
+            Some(Box::new(Observer { status_file: status_file.clone(), seen: seen.clone() }));
+        p.stop();
+        assert_eq!(*seen.lock().unwrap(), Some(State::Stopping));
+        assert_eq!(Status::read(&status_file).unwrap().state, State::Stopped);
     }
 }
 

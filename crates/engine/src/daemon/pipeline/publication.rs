@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::super::accept;
 use super::super::output::{self, LastPublished, PublishedInput};
-use super::super::policy::{self, Candidate, Rules, Verdict};
+use super::super::policy::{self, Candidate, Rules, Split, Verdict};
 use super::super::progress::Beating;
 use super::{Pipeline, trusted};
 use crate::average::running::{RunningAverage, UpdateReport};
@@ -99,7 +99,7 @@ impl Pipeline {
                 if let Some(note) = &note {
                     info!(why = %selection.why, %note, "publishing");
                 }
-                Ok(Some(Go { note, acceptance: judged.filter(|_| split == ACCEPTANCE) }))
+                Ok(Some(Go { note, acceptance: judged.filter(|_| split == Split::Acceptance) }))
             }
         }
     }
@@ -113,8 +113,8 @@ impl Pipeline {
         selection: &mut Selection,
         refs: &[&Checkpoint],
         inputs: &[PublishedInput],
-    ) -> Result<(Option<f64>, Option<f64>, &'static str)> {
-        let plain = (selection.loss, self.last.as_ref().and_then(|l| l.loss), "selection data");
+    ) -> Result<(Option<f64>, Option<f64>, Split)> {
+        let plain = (selection.loss, self.last.as_ref().and_then(|l| l.loss), Split::Selection);
         let same = self.last.as_ref().is_some_and(|l| l.same_as(inputs));
         if self.cfg.publish.policy != Policy::Best || same {
             return Ok(plain);
@@ -135,7 +135,7 @@ impl Pipeline {
         d.acceptance_loss = Some(j.candidate);
         d.acceptance_published_loss = j.published;
         d.oracle_calls_acceptance = Some(j.calls);
-        Ok((Some(j.candidate), j.published, ACCEPTANCE))
+        Ok((Some(j.candidate), j.published, Split::Acceptance))
     }
 
     /// Average `members` (in the running average when it fits the budget, else streamed from
@@ -204,7 +204,7 @@ impl Pipeline {
         self.last = Some(LastPublished {
             inputs,
             loss: selection.loss,
-            method: selection.method,
+            method: selection.method.into(),
             why: selection.why,
             at: crate::timestamp::now(),
         });
@@ -260,7 +260,7 @@ impl Pipeline {
     fn record_selection(&mut self, sel: &Selection, published: bool, outcome: String) {
         let summary = SelectionSummary {
             at: crate::timestamp::now(),
-            method: sel.method.clone(),
+            method: sel.method.into(),
             why: sel.why.clone(),
             loss: sel.loss,
             acceptance_loss: sel.details.acceptance_loss,
@@ -307,9 +307,6 @@ fn published_inputs(
         })
         .collect()
 }
-
-/// The split `judge` names when it judged on `[objective] acceptance_data`.
-const ACCEPTANCE: &str = "acceptance data";
 
 fn missing(path: &Path) -> Error {
     Error::Internal(format!("{}: window member has no open checkpoint", path.display()))
