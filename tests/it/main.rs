@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod dcp;
 mod deepspeed;
+mod docs;
 mod evaluator;
 mod faults;
 mod imports;

@@ -1,8 +1,8 @@
 """sewa evaluator client: serve a loss (and its gradient) to sewa over the evaluator protocol.
 
 sewa starts this process once and keeps it. It sends JSON lines on stdin and reads JSON lines
-from stdout (the protocol is in sewa's README, "The protocol"). Your code only writes the loss
-function:
+from stdout (the protocol is in sewa's docs/evaluator.md, "The protocol"). Your code only
+writes the loss function:
 
     import torch
     from sewa_evaluator import serve
