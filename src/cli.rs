@@ -92,7 +92,7 @@ pub struct AverageArgs {
     pub deepspeed_weights: DeepSpeedWeights,
     /// PEFT adapters: `adapters` averages the adapters' A and B tensors (an adapter
     /// directory out); `merge-delta` averages the merged deltas (alpha/r)·B·A and adds them to
-    /// --base (a full model out). avg(B)·avg(A) is not avg(B·A): see the README.
+    /// --base (a full model out). avg(B)·avg(A) is not avg(B·A): see docs/average.md.
     #[arg(long, value_enum, default_value_t = LoraMode::Adapters, value_name = "MODE")]
     pub lora: LoraMode,
     /// The base model (an HF directory or safetensors file) for --lora merge-delta.

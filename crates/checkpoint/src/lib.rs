@@ -260,7 +260,7 @@ impl Checkpoint {
     }
     /// String metadata: safetensors `__metadata__` (first file), plus for HF directories
     /// `metric` (from trainer_state.json) and for Lightning files `epoch` and `global_step`.
-    /// See "Training step and metric" in README.md for the keys.
+    /// See "Training step and metric" in docs/formats.md for the keys.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }

@@ -1,7 +1,7 @@
-//! The evaluator protocol's messages (README, "The protocol"): versions 1 (candidate and
-//! gradient files) and 2 (the evaluator holds the window's members and receives mixing
-//! weights), the hello that picks between them, and the checks on what comes back. Pure: no
-//! process, no files.
+//! The evaluator protocol's messages (docs/evaluator.md, "The protocol"): versions 1
+//! (candidate and gradient files) and 2 (the evaluator holds the window's members and receives
+//! mixing weights), the hello that picks between them, and the checks on what comes back.
+//! Pure: no process, no files.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
