@@ -357,6 +357,27 @@ fn show(m: &ModPath) -> String {
     if m.is_empty() { "(root)".into() } else { m.join("::") }
 }
 
+/// The top-level modules by layer (a module's layer is one above the highest it uses), when
+/// there is no circle among them: what docs/architecture.md's layer tables show.
+fn layers(nodes: &BTreeSet<ModPath>, edges: &BTreeSet<(ModPath, ModPath)>) -> Vec<Vec<String>> {
+    let mut layer: BTreeMap<&ModPath, usize> = BTreeMap::new();
+    for _ in 0..=nodes.len() {
+        for n in nodes {
+            let above =
+                edges.iter().filter(|(a, _)| a == n).map(|(_, b)| layer.get(b).map(|l| l + 1));
+            let l = above.fold(Some(0), |acc, l| Some(acc?.max(l?)));
+            if let Some(l) = l {
+                layer.insert(n, l);
+            }
+        }
+    }
+    let mut out = vec![Vec::new(); layer.values().max().map_or(0, |m| m + 1)];
+    for (n, l) in layer {
+        out[l].push(show(n));
+    }
+    out
+}
+
 /// Checks one crate; returns (files, folders, circle descriptions).
 fn check(src: &Path) -> (usize, usize, Vec<String>) {
     let krate = Crate::read(src);
@@ -384,6 +405,11 @@ fn check(src: &Path) -> (usize, usize, Vec<String>) {
         for c in circles(&nodes, &lifted) {
             let names: Vec<String> = c.iter().map(|m| m.last().unwrap().clone()).collect();
             found.push(format!("folder {}: {}", show(folder), names.join(" ↔ ")));
+        }
+        if folder.is_empty() && found.is_empty() {
+            for (i, l) in layers(&nodes, &lifted).iter().enumerate() {
+                println!("  layer {i}: {}", l.join(", "));
+            }
         }
     }
     (files.len(), folders.len(), found)
