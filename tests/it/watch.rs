@@ -404,6 +404,50 @@ fn sighup_reloads_config_and_keeps_the_window() {
     assert!(d.log().contains("reload failed"), "{}", d.log());
 }
 
+/// Issue 20: a reload applies `[watch] rescan_s` (the timer was built once, at start) and names
+/// the changed keys that wait for a restart (`[runtime] threads`). Events are off here (a poll
+/// watcher that looks once an hour), so a checkpoint written after the reload's own rescan is
+/// found only by the periodic rescan: with the old 1-hour period, never within the deadline.
+#[test]
+fn sighup_applies_rescan_s_and_names_the_keys_that_need_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let out = runs.join("averaged/model.safetensors");
+    let config = tmp.path().join("sewa.toml");
+    let text = |rescan_s: u64, threads: u64| {
+        format!(
+            "[watch]\ndir = {runs:?}\nquiet_ms = 200\npoll_interval_ms = 3600000\n\
+             rescan_s = {rescan_s}\n[select]\nmethod = \"uniform\"\n[publish]\nout = {out:?}\n\
+             [runtime]\nthreads = {threads}\n"
+        )
+    };
+    std::fs::write(&config, text(3600, 1)).unwrap();
+    let mut d = Daemon::spawn(tmp, runs, out, config);
+    let wait_log = |d: &mut Daemon, what: &str| {
+        let start = Instant::now();
+        while !d.log().contains(what) {
+            assert!(d.alive(), "sewa exited:\n{}", d.log());
+            assert!(start.elapsed() < DEADLINE, "no {what:?} in the log:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_log(&mut d, "watching");
+    std::fs::write(&d.config, text(1, 2)).unwrap();
+    Command::new("kill").args(["-HUP", &d.child.id().to_string()]).status().unwrap();
+    // The reload's own rescan is done: from here on only the periodic one finds a new file.
+    wait_log(&mut d, "why=config reload");
+    let log = d.log();
+    let warned = log.lines().filter(|l| l.contains("apply only after a restart")).collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("WARN") && warned[0].contains("[runtime] threads"), "{log}");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1", "--chunk-ms", "5"]);
+    d.wait_published(&[1]);
+    let status = d.status().unwrap();
+    assert!(status["counters"]["rescans"].as_u64().unwrap() >= 3, "{status}");
+    check_final(&d);
+}
+
 #[test]
 fn restart_rebuilds_the_window_without_republishing() {
     let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
