@@ -415,7 +415,9 @@ fn sighup_applies_rescan_s_and_names_the_keys_that_need_a_restart() {
     std::fs::create_dir(&runs).unwrap();
     let out = runs.join("averaged/model.safetensors");
     let config = tmp.path().join("sewa.toml");
-    let text = |rescan_s: u64, threads: u64| {
+    let (r, o) = (runs.clone(), out.clone());
+    let text = move |rescan_s: u64, threads: u64| {
+        let (runs, out) = (&r, &o);
         format!(
             "[watch]\ndir = {runs:?}\nquiet_ms = 200\npoll_interval_ms = 3600000\n\
              rescan_s = {rescan_s}\n[select]\nmethod = \"uniform\"\n[publish]\nout = {out:?}\n\
@@ -443,9 +445,20 @@ fn sighup_applies_rescan_s_and_names_the_keys_that_need_a_restart() {
     assert!(warned[0].contains("WARN") && warned[0].contains("[runtime] threads"), "{log}");
     write(&d.runs, &["--style", "st-rename", "--steps", "1", "--chunk-ms", "5"]);
     d.wait_published(&[1]);
-    let status = d.status().unwrap();
-    assert!(status["counters"]["rescans"].as_u64().unwrap() >= 3, "{status}");
     check_final(&d);
+    // Start-up, the reload's, then the periodic one that found it (the status file is written
+    // after the publication: polled).
+    let start = Instant::now();
+    loop {
+        let status = d.status().unwrap_or_default();
+        let counters = &status["counters"];
+        if counters["publishes"].as_u64() == Some(1) {
+            assert!(counters["rescans"].as_u64().unwrap() >= 3, "{status}");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
