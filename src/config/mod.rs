@@ -281,9 +281,8 @@ fn read_text(path: &Path) -> Result<String> {
 /// The file's tables and its `[objective]` (by its kind), each value checked on its own; errors
 /// carry the file's line and column.
 fn parse_tables(text: &str, path: &Path) -> Result<(Tables, Option<ObjectiveConfig>)> {
-    let bad = |e: toml::de::Error| {
-        Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end()))
-    };
+    let bad =
+        |e: toml::de::Error| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end()));
     let tables: Tables = toml::from_str(text).map_err(bad)?;
     let objective = ObjectiveConfig::from_config_text(text).map_err(bad)?;
     Ok((tables, objective))

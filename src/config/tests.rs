@@ -246,7 +246,8 @@ fn daemon_and_one_shot_selection_read_the_file_through_one_parse() {
     let s = Config::load_selection(&only).unwrap();
     assert_eq!((s.select.sewa.seed, s.int_policy), (4, None));
     assert_eq!(s.base_dir, std::path::absolute(dir.path()).unwrap());
-    let full = write("full.toml", &format!("{MIN}int_policy = \"first\"\n[objective]\ndata = \"s\"\n"));
+    let full =
+        write("full.toml", &format!("{MIN}int_policy = \"first\"\n[objective]\ndata = \"s\"\n"));
     let s = Config::load_selection(&full).unwrap();
     assert_eq!(s.int_policy, Some(crate::average::IntPolicy::First));
     assert_eq!(s.objective.int_policy, crate::average::IntPolicy::First);
@@ -256,7 +257,8 @@ fn daemon_and_one_shot_selection_read_the_file_through_one_parse() {
     let none = write("none.toml", "[select.sewa]\nseed = 4\n");
     let err = Config::load_selection(&none).unwrap_err().to_string();
     assert!(err.contains("no [objective] table"), "{err}");
-    let daemon_rule = write("rule.toml", &format!("{MIN}[objective]\ndata = \"s\"\nacceptance_data = \"a\"\n"));
+    let daemon_rule =
+        write("rule.toml", &format!("{MIN}[objective]\ndata = \"s\"\nacceptance_data = \"a\"\n"));
     let err = Config::load_selection(&daemon_rule).unwrap_err().to_string();
     assert!(err.contains("policy = \"best\""), "{err}");
 }

@@ -85,7 +85,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
     let started = off_worker(move || start_pipeline(cfg), &mut shutdown).await?;
     let Some(started) = started else { return Ok(()) };
-    // Held for the life of the process (a reload locks its new output too).
+    // Held for the life of the process.
     let (_lock, mut pipeline) = started?;
     // Fed from its own task: a long batch keeps the service alive, a stuck one does not.
     let _watchdog = watchdog_period(opts.systemd).map(|period| {
@@ -111,7 +111,8 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
         return stopped(pipeline).await;
     };
     front = f;
-    // The start-up scan's candidates wait out their quiet period before any batch.
+    // What the start-up scan counted and found wrong reaches the pipeline (the status file)
+    // with the first trip's report; its candidates wait out their quiet period in the settler.
     let mut carried = report;
     info!(dir = %front.filter.dir().display(), "watching");
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
@@ -387,7 +388,9 @@ async fn rebuild(
     match off_worker(work, shutdown).await {
         Ok(Some(built)) => Some(built),
         Ok(None) => None,
-        Err(e) => Some(Err(Error::Internal(format!("the configuration could not be rebuilt: {e}")))),
+        Err(e) => {
+            Some(Err(Error::Internal(format!("the configuration could not be rebuilt: {e}"))))
+        }
     }
 }
 

@@ -675,10 +675,7 @@ fn average_select_reports_what_the_config_parse_refuses() {
         // A typo outside `[objective]`, ignored before.
         ("[objective]\ndata = \"selection.safetensors\"\n[select]\nmethdo = \"sewa\"\n", "methdo"),
         // A key of the other kind, at its line.
-        (
-            "[objective]\nkind = \"command\"\ncommand = [\"python3\"]\ndevice = \"cpu\"\n",
-            "line 4",
-        ),
+        ("[objective]\nkind = \"command\"\ncommand = [\"python3\"]\ndevice = \"cpu\"\n", "line 4"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let config = dir.path().join(format!("bad{i}.toml"));
