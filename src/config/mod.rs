@@ -1,7 +1,10 @@
 //! The daemon's TOML configuration: raw text → validated `Config`. Unknown keys are rejected,
 //! values that can be wrong on their own (zero sizes, decays outside (0, 1)) reject themselves
 //! during deserialisation so the error carries a line and column, and one `check()` does the
-//! cross-field rules. This module does not watch, select or publish anything.
+//! cross-field rules. Every command reads its file once, here: `Config::load` (the daemon,
+//! `check-config`, `status`) or `Config::load_selection` (`average --select`, `report
+//! --config`), both through the same parse. This module does not watch, select or publish
+//! anything.
 //!
 //! The `[select]` (with `[select.sewa]`) and `[objective]` tables are typed by their owners
 //! (`select::config`, `objective::config`) but parsed here, in the same pass, so their errors carry a line and column
@@ -62,7 +65,7 @@ struct Tables {
 }
 
 /// What a one-shot selection (`sewa average --select`, `sewa report --config`) takes from a
-/// config file, read by the same `Config::parse_selection` pass as the daemon's (a file with
+/// config file, read by the same parse as the daemon's (`Config::load_selection`) (a file with
 /// `[watch]` and `[publish]` passes every daemon rule too).
 #[derive(Clone, Debug)]
 pub struct SelectionConfig {

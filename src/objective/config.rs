@@ -1,6 +1,7 @@
 //! `[objective]` table: which loss oracle to build and from what data. Its type and cross-field
-//! checks (the config file is parsed in one pass by `config`, so errors keep their line);
-//! builds the `Objective`. It does not evaluate anything itself.
+//! checks; the table as written is read by the type of its `kind` (`BuiltinTable`,
+//! `CommandTable`: the other kind's keys are errors at their line), from the whole config text
+//! so errors keep the file's line; builds the `Objective`. It does not evaluate anything itself.
 
 use std::path::{Path, PathBuf};
 
