@@ -45,9 +45,9 @@ pub fn watch(args: &WatchArgs, loaded: Config) -> Result<()> {
 }
 
 /// The daemon's configuration: `cfg` (as read from `file`) with the command-line overrides
-/// (`--dir`) applied and checked, every start-up check passed (`startup`, the same as `check-config`'s), the output's
-/// and state's directories created. A watched directory that does not exist yet is waited for
-/// by the daemon.
+/// (`--dir`) applied and checked, every start-up check passed (`startup`, the same as
+/// `check-config`'s), the output's and state's directories created. A watched directory that
+/// does not exist yet is waited for by the daemon.
 fn configure(mut cfg: Config, file: &Path, dir: Option<&Path>) -> Result<Config> {
     if let Some(dir) = dir {
         cfg.watch.dir = dir.to_path_buf();

@@ -150,7 +150,8 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
                 }
                 Ok((new, Ok(started))) => {
                     let source = new.source.as_deref().unwrap_or(std::path::Path::new("?"));
-                    info!(config = %source.display(), dir = %new.watch.dir.display(), "configuration reloaded");
+                    let dir = new.watch.dir.display();
+                    info!(config = %source.display(), %dir, "configuration reloaded");
                     let waiting = restart::needs_restart(&pipeline.cfg, &new);
                     if !waiting.is_empty() {
                         let keys = waiting.join(", ");
