@@ -67,9 +67,9 @@ pub struct AverageArgs {
     #[arg(long, default_value_t = OutDType::Keep, value_name = "DTYPE")]
     pub dtype: OutDType,
     /// Integer/bool tensors (step counters, num_batches_tracked): copy from the latest input,
-    /// the first, or refuse them (error).
-    #[arg(long, default_value_t = IntPolicy::Latest, value_name = "POLICY")]
-    pub int_policy: IntPolicy,
+    /// the first, or refuse them (error). Default: --config's [publish] int_policy, else latest.
+    #[arg(long, value_name = "POLICY")]
+    pub int_policy: Option<IntPolicy>,
     /// Averages beyond a narrower --dtype's range (f16 above 65504): refuse them (error) or
     /// clamp them to the dtype's largest finite value (saturate).
     #[arg(long, default_value_t = DtypeOverflow::Error, value_name = "POLICY")]

@@ -17,7 +17,14 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Watch(_)) {
         default_hangups();
     }
-    cap_threads(thread_cap(&cli.command));
+    // `sewa watch` reads its config here, once, while the process is single-threaded: the
+    // thread cap comes from it, and the command runs with it (its errors are reported below,
+    // once logging is up).
+    let mut config = match &cli.command {
+        Command::Watch(a) => Some(sewa_engine::config::Config::load(&a.config)),
+        _ => None,
+    };
+    cap_threads(thread_cap(&cli.command, config.as_ref()));
     // The demo prints its own summary; its in-process watcher's per-checkpoint lines would bury it.
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
     init_logging(cli.log_format, default_level);
@@ -26,7 +33,10 @@ fn main() -> ExitCode {
             println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
         }),
         Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
-        Command::Watch(args) => commands::watch::watch(args),
+        Command::Watch(args) => config
+            .take()
+            .unwrap_or_else(|| Err(sewa_engine::Error::Internal("the config was not read".into())))
+            .and_then(|cfg| commands::watch::watch(args, cfg)),
         Command::Status(args) => commands::watch::status(args).map(|text| print!("{text}")),
         Command::CheckConfig(args) => commands::check::run(args).map(|text| println!("{text}")),
         Command::ExampleConfig => {
@@ -71,14 +81,15 @@ fn init_logging(format: LogFormat, default_level: &str) {
 /// Threads sewa may use for compute: the command's own cap (the sidecar must not compete with
 /// the trainer for cores). The demo's model is tiny: a second thread costs more than it saves
 /// (measured: SeWA over 20 checkpoints 0.5 s on one thread vs 2.0 s on two, busy 2-core machine).
-fn thread_cap(command: &Command) -> usize {
-    match command {
-        Command::Average(a) => a.threads,
-        // The config is read again (and its errors reported) by the command itself; a reload
-        // cannot resize pools that are already running.
-        Command::Watch(a) => {
-            sewa_engine::config::Config::load(&a.config).map_or(1, |c| c.runtime.threads.get())
-        }
+/// `sewa watch` takes `[runtime] threads` from its config (`loaded`; a reload cannot resize
+/// these pools once they run: the daemon says so when the key changes).
+fn thread_cap(
+    command: &Command,
+    loaded: Option<&sewa_engine::error::Result<sewa_engine::config::Config>>,
+) -> usize {
+    match (command, loaded) {
+        (Command::Average(a), _) => a.threads,
+        (Command::Watch(_), Some(Ok(c))) => c.runtime.threads.get(),
         _ => 1,
     }
 }

@@ -27,6 +27,17 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     for done in publish::recover(&lock) {
         tracing::warn!(%done, "cleaned up after an interrupted publish");
     }
+    // Read before any input is opened: a bad config fails fast.
+    let selection = match &args.select {
+        Some(_) => Some(super::select::load(args.config.as_deref())?),
+        None => None,
+    };
+    // Integer buffers: the command line's policy, else the config's `[publish] int_policy`;
+    // the evaluator mixes them the way the published average will.
+    let int_policy = args
+        .int_policy
+        .or_else(|| selection.as_ref().and_then(|s| s.int_policy))
+        .unwrap_or_default();
     let opts =
         super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let opened = super::open_all(&args.inputs, &opts)?;
@@ -36,16 +47,17 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     }
     let opts = AverageOptions {
         dtype: args.dtype,
-        int_policy: args.int_policy,
+        int_policy,
         overflow: args.dtype_overflow,
         threads: args.threads,
     };
-    let (weights, provenance) = match &args.select {
-        Some(method) => {
-            let sel = select_with_config(args, method, &chosen)?;
+    let (weights, provenance) = match (&args.select, selection) {
+        (Some(method), Some(mut cfg)) => {
+            cfg.objective.int_policy = int_policy;
+            let sel = super::select::run(&cfg, method, args.k, &chosen)?;
             (Some(sel.weights.clone()), Provenance::from(&sel))
         }
-        None => (args.weights.clone(), provenance(args, opened.len(), chosen.len())),
+        _ => (args.weights.clone(), provenance(args, opened.len(), chosen.len())),
     };
     let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
     if args.lora == LoraMode::MergeDelta {
@@ -114,17 +126,6 @@ pub fn choose_last(all: &[Checkpoint], last: Option<usize>) -> Result<Vec<&Check
         tracing::warn!("--last {n} but only {} inputs: averaging all of them", chosen.len());
     }
     Ok(chosen.split_off(chosen.len().saturating_sub(n)))
-}
-
-/// `--select METHOD --config FILE`: run a model-based selector with the config's objective.
-fn select_with_config(
-    args: &AverageArgs,
-    method: &str,
-    chosen: &[&Checkpoint],
-) -> Result<sewa_engine::select::Selection> {
-    let path =
-        args.config.as_deref().ok_or_else(|| Error::Usage("--select needs --config".into()))?;
-    super::select::run(path, method, args.k, chosen)
 }
 
 fn provenance(args: &AverageArgs, given: usize, used: usize) -> Provenance {

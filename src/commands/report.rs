@@ -13,7 +13,8 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             let opened = super::open_all(&args.inputs, &OpenOptions::default())?;
             let mut members: Vec<&Checkpoint> = opened.iter().collect();
             members.sort_by_key(|c| c.step());
-            let sel = super::select::run(config, &args.select, args.k, &members)?;
+            let cfg = super::select::load(Some(config))?;
+            let sel = super::select::run(&cfg, &args.select, args.k, &members)?;
             (serde_json::to_value(&sel).map_err(|e| Error::Internal(e.to_string()))?, config)
         }
         None => {

@@ -9,15 +9,16 @@ use sewa_engine::daemon::{self, RunOptions};
 use sewa_engine::error::{Error, Result};
 use sewa_engine::status::{self, Status};
 
-/// Run the daemon until SIGTERM/SIGINT.
-pub fn watch(args: &WatchArgs) -> Result<()> {
+/// Run the daemon until SIGTERM/SIGINT, with `loaded`: `args.config` as `main` read it (once:
+/// it also sizes the thread pools).
+pub fn watch(args: &WatchArgs, loaded: Config) -> Result<()> {
     // Every window member's files stay open: take the descriptors the hard limit allows.
     let (limit, failed) = daemon::descriptors::raise();
     match failed {
         Some(why) => tracing::warn!(soft = limit.soft, hard = limit.hard, "{why}"),
         None => tracing::debug!(soft = limit.soft, hard = limit.hard, "limit on open files"),
     }
-    let cfg = configure(&args.config, args.dir.as_deref())?;
+    let cfg = configure(loaded, &args.config, args.dir.as_deref())?;
     let blocking = cfg.runtime.threads.get() + 1;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -27,7 +28,8 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
         .map_err(|e| Error::Internal(format!("cannot start the runtime: {e}")))?;
     // SIGHUP builds the configuration the same way: the command line's overrides survive.
     let (file, dir): (PathBuf, Option<PathBuf>) = (args.config.clone(), args.dir.clone());
-    let reload: daemon::Reload = std::sync::Arc::new(move || configure(&file, dir.as_deref()));
+    let reload: daemon::Reload =
+        std::sync::Arc::new(move || configure(Config::load(&file)?, &file, dir.as_deref()));
     let opts = RunOptions { reload: Some(reload), systemd: true };
     let result = rt.block_on(async {
         let stop = daemon::termination()?; // before anything is logged: see `termination`
@@ -42,12 +44,11 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     result
 }
 
-/// The daemon's configuration: `file` with the command-line overrides (`--dir`) applied and
-/// checked, every start-up check passed (`startup`, the same as `check-config`'s), the output's
-/// and state's directories created. A watched directory that does not exist yet is waited for
-/// by the daemon.
-fn configure(file: &Path, dir: Option<&Path>) -> Result<Config> {
-    let mut cfg = Config::load(file)?;
+/// The daemon's configuration: `cfg` (as read from `file`) with the command-line overrides
+/// (`--dir`) applied and checked, every start-up check passed (`startup`, the same as
+/// `check-config`'s), the output's and state's directories created. A watched directory that
+/// does not exist yet is waited for by the daemon.
+fn configure(mut cfg: Config, file: &Path, dir: Option<&Path>) -> Result<Config> {
     if let Some(dir) = dir {
         cfg.watch.dir = dir.to_path_buf();
         cfg.check().map_err(|msg| Error::config(file, msg))?;

@@ -286,7 +286,7 @@ fn objective_table_with_kind_command_starts_the_evaluator() {
         "kind = \"command\"\ncommand = [\"python3\", {:?}, \"selection.safetensors\"]\ntimeout_s = 30\n",
         script.display().to_string()
     );
-    let cfg: ObjectiveConfig = toml::from_str(&text).unwrap();
+    let cfg = ObjectiveConfig::from_table_text(&text).unwrap();
     cfg.check(&dir.path().join("sewa.toml")).unwrap();
     // cwd defaults to the config file's directory, so the relative data path resolves there.
     let mut obj = cfg.build(dir.path()).unwrap();
@@ -294,7 +294,7 @@ fn objective_table_with_kind_command_starts_the_evaluator() {
     let direct = builtin(&data).evaluate(&mlp_params(9), false).unwrap().loss;
     assert!((obj.evaluate(&mlp_params(9), false).unwrap().loss - direct).abs() < 1e-5);
 
-    let missing: ObjectiveConfig = toml::from_str("kind = \"command\"").unwrap();
+    let missing = ObjectiveConfig::from_table_text("kind = \"command\"").unwrap();
     let err = missing.check(Path::new("sewa.toml")).unwrap_err();
     assert!(err.to_string().contains("command must name a program"), "{err}");
 }

@@ -363,9 +363,9 @@ fn layers(nodes: &BTreeSet<ModPath>, edges: &BTreeSet<(ModPath, ModPath)>) -> Ve
     let mut layer: BTreeMap<&ModPath, usize> = BTreeMap::new();
     for _ in 0..=nodes.len() {
         for n in nodes {
-            let above =
+            let mut above =
                 edges.iter().filter(|(a, _)| a == n).map(|(_, b)| layer.get(b).map(|l| l + 1));
-            let l = above.fold(Some(0), |acc, l| Some(acc?.max(l?)));
+            let l = above.try_fold(0, |acc, l| Some(acc.max(l?)));
             if let Some(l) = l {
                 layer.insert(n, l);
             }

@@ -582,3 +582,115 @@ fn protocol_1_candidates_travel_in_the_members_dtype_when_the_evaluator_reads_it
     let back = p1.traffic().staged_written - f32_bytes - f16_bytes;
     assert_eq!(back, f32_bytes, "mixed or f32 members: f32 again");
 }
+
+// ---- `sewa average --select` with a protocol 2 evaluator from the config file -------------
+
+/// Three members `step_{100,200,300}.safetensors` on disk: the MLP layout plus an integer
+/// buffer `steps` of 1e6 · (i + 1), so a loss counting integers (mode `count-ints`) says whose
+/// buffers a mixture carried.
+pub(crate) fn members_with_int_buffers(dir: &Path) -> Vec<PathBuf> {
+    (0..3u64)
+        .map(|i| {
+            let path = dir.join(format!("step_{}.safetensors", 100 * (i + 1)));
+            let p = mlp_params(10 * i + 3);
+            let mut bytes: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = p
+                .iter()
+                .map(|t| {
+                    let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (t.name.clone(), safetensors::Dtype::F32, t.shape.clone(), b)
+                })
+                .collect();
+            let steps = (1_000_000 * (i as i64 + 1)).to_le_bytes().to_vec();
+            bytes.push(("steps".into(), safetensors::Dtype::I64, vec![1], steps));
+            let views = bytes.iter().map(|(n, d, s, b)| {
+                (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
+            });
+            safetensors::serialize_to_file(views, None, &path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Issue 20: `average --select` read the config its own way and never handed `[publish]
+/// int_policy` to the objective, so a protocol 2 evaluator mixed integer buffers by `latest`
+/// while the published average took them from the first member. Now the evaluator is told the
+/// policy the average uses: the selection's loss counts the integers of the oldest chosen
+/// member, and the published model carries the same member's.
+#[test]
+fn average_select_tells_a_protocol_2_evaluator_the_configs_int_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    write_data(dir.path());
+    let inputs = members_with_int_buffers(dir.path());
+    let script = repo().join("tests/evaluators/mlp_numpy.py");
+    let config = dir.path().join("sewa.toml");
+    let text = format!(
+        "[watch]\ndir = \"runs\"\n[publish]\nout = \"published/model.safetensors\"\n\
+         int_policy = \"first\"\n[objective]\nkind = \"command\"\n\
+         command = [\"python3\", {:?}, \"selection.safetensors\", \"--mode\", \"count-ints\"]\n\
+         timeout_s = 60\n",
+        script.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = dir.path().join("avg.safetensors");
+    let run = Command::new(env!("CARGO_BIN_EXE_sewa"))
+        .args(["average", "--config"])
+        .arg(&config)
+        .args(["--select", "exhaustive", "--k", "2", "--out"])
+        .arg(&out)
+        .args(&inputs)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let m = dir.path().join("avg.safetensors.manifest.json");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    assert_eq!(m["int_policy"], "first", "{m}");
+    let weights: Vec<f64> =
+        m["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+    let chosen: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+    assert!(chosen.len() >= 2, "first and latest differ only with two members: {m}");
+    let oldest = 1e6 * (chosen[0] as f64 + 1.0);
+    let loss = m["selection"]["loss"].as_f64().unwrap();
+    // The true loss is a few units; the integers are millions apart.
+    assert!((loss - oldest).abs() < 1e3, "loss {loss}: not the oldest member's integers: {m}");
+    let published = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&published).unwrap();
+    let steps = st.tensor("steps").unwrap();
+    let steps = i64::from_le_bytes(steps.data().try_into().unwrap());
+    assert_eq!(steps as f64, oldest, "the average took the same member's integers");
+}
+
+/// Issue 20: `average --select` used to skip the daemon's cross-checks and unknown keys
+/// outside `[objective]`; it now reads the file through the same parse.
+#[test]
+fn average_select_reports_what_the_config_parse_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    write_data(dir.path());
+    let inputs = members_with_int_buffers(dir.path());
+    let cases = [
+        // A cross-check: the acceptance split is for `policy = "best"` only.
+        (
+            "[objective]\ndata = \"selection.safetensors\"\nacceptance_data = \"a.safetensors\"\n",
+            "policy = \"best\"",
+        ),
+        // A typo outside `[objective]`, ignored before.
+        ("[objective]\ndata = \"selection.safetensors\"\n[select]\nmethdo = \"sewa\"\n", "methdo"),
+        // A key of the other kind, at its line.
+        ("[objective]\nkind = \"command\"\ncommand = [\"python3\"]\ndevice = \"cpu\"\n", "line 4"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let config = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let run = Command::new(env!("CARGO_BIN_EXE_sewa"))
+            .args(["average", "--config"])
+            .arg(&config)
+            .args(["--select", "greedy", "--k", "2", "--out"])
+            .arg(dir.path().join("avg.safetensors"))
+            .args(&inputs)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(78), "case {i}: {err}");
+        assert!(err.contains(want) && err.contains(&format!("bad{i}.toml")), "case {i}: {err}");
+    }
+    assert!(!dir.path().join("avg.safetensors").exists());
+}

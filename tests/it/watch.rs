@@ -96,6 +96,16 @@ impl Daemon {
         std::fs::read_to_string(self.tmp.path().join("sewa.log")).unwrap_or_default()
     }
 
+    /// Poll until the log contains `what`.
+    pub(crate) fn wait_log(&mut self, what: &str) {
+        let start = Instant::now();
+        while !self.log().contains(what) {
+            assert!(self.alive(), "sewa exited:\n{}", self.log());
+            assert!(start.elapsed() < DEADLINE, "no {what:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -402,6 +412,93 @@ fn sighup_reloads_config_and_keeps_the_window() {
     write(&d.runs, &["--style", "st-rename", "--steps", "5", "--chunk-ms", "5"]);
     d.wait_published(&[4, 5]);
     assert!(d.log().contains("reload failed"), "{}", d.log());
+}
+
+/// Issue 20: a reload applies `[watch] rescan_s` (the timer was built once, at start) and names
+/// the changed keys that wait for a restart (`[runtime] threads`). Events are off here (a poll
+/// watcher that looks once an hour), so a checkpoint written after the reload's own rescan is
+/// found only by the periodic rescan: with the old 1-hour period, never within the deadline.
+#[test]
+fn sighup_applies_rescan_s_and_names_the_keys_that_need_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let out = runs.join("averaged/model.safetensors");
+    let config = tmp.path().join("sewa.toml");
+    let (r, o) = (runs.clone(), out.clone());
+    let text = move |rescan_s: u64, threads: u64| {
+        let (runs, out) = (&r, &o);
+        format!(
+            "[watch]\ndir = {runs:?}\nquiet_ms = 200\npoll_interval_ms = 3600000\n\
+             rescan_s = {rescan_s}\n[select]\nmethod = \"uniform\"\n[publish]\nout = {out:?}\n\
+             [runtime]\nthreads = {threads}\n"
+        )
+    };
+    std::fs::write(&config, text(3600, 1)).unwrap();
+    let mut d = Daemon::spawn(tmp, runs, out, config);
+    d.wait_log("watching");
+    std::fs::write(&d.config, text(1, 2)).unwrap();
+    Command::new("kill").args(["-HUP", &d.child.id().to_string()]).status().unwrap();
+    // The reload's own rescan is done: from here on only the periodic one finds a new file.
+    d.wait_log("why=config reload");
+    let log = d.log();
+    let warned =
+        log.lines().filter(|l| l.contains("apply only after a restart")).collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("WARN") && warned[0].contains("[runtime] threads"), "{log}");
+    write(&d.runs, &["--style", "st-rename", "--steps", "1", "--chunk-ms", "5"]);
+    d.wait_published(&[1]);
+    check_final(&d);
+    // Start-up, the reload's, then the periodic one that found it (the status file is written
+    // after the publication: polled).
+    let start = Instant::now();
+    loop {
+        let status = d.status().unwrap_or_default();
+        let counters = &status["counters"];
+        if counters["publishes"].as_u64() == Some(1) {
+            assert!(counters["rescans"].as_u64().unwrap() >= 3, "{status}");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 20: `sewa watch` reads its config file once (`main` used to read it for the thread
+/// cap, then the command again). Counted with inotify: the file's opens until the daemon
+/// watches, in order before a sentinel file the test creates afterwards in the same directory.
+#[test]
+fn watch_reads_its_config_file_once() {
+    use notify::Watcher;
+    use notify::event::{AccessKind, EventKind};
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let etc = tmp.path().join("etc");
+    std::fs::create_dir(&runs).unwrap();
+    std::fs::create_dir(&etc).unwrap();
+    let out = runs.join("averaged/model.safetensors");
+    let config = etc.join("sewa.toml");
+    let text =
+        format!("[watch]\ndir = {runs:?}\n[publish]\nout = {out:?}\n[runtime]\nthreads = 2\n");
+    std::fs::write(&config, text).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(tx).unwrap();
+    watcher.watch(&etc, notify::RecursiveMode::NonRecursive).unwrap();
+    let mut d = Daemon::spawn(tmp, runs, out, config);
+    d.wait_log("watching");
+    std::fs::write(etc.join("sentinel"), b"").unwrap();
+    let mut opens = 0;
+    loop {
+        let event = rx.recv_timeout(DEADLINE).expect("the sentinel's event").unwrap();
+        if event.paths.iter().any(|p| p.ends_with("sentinel")) {
+            break;
+        }
+        let config = event.paths.iter().any(|p| p.ends_with("sewa.toml"));
+        if config && matches!(event.kind, EventKind::Access(AccessKind::Open(_))) {
+            opens += 1;
+        }
+    }
+    assert_eq!(opens, 1, "the config file was opened {opens} times\n{}", d.log());
 }
 
 #[test]

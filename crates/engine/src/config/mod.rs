@@ -1,7 +1,10 @@
 //! The daemon's TOML configuration: raw text → validated `Config`. Unknown keys are rejected,
 //! values that can be wrong on their own (zero sizes, decays outside (0, 1)) reject themselves
 //! during deserialisation so the error carries a line and column, and one `check()` does the
-//! cross-field rules. This module does not watch, select or publish anything.
+//! cross-field rules. Every command reads its file once, here: `Config::load` (the daemon,
+//! `check-config`, `status`) or `Config::load_selection` (`average --select`, `report
+//! --config`), both through the same parse. This module does not watch, select or publish
+//! anything.
 //!
 //! The `[select]` (with `[select.sewa]`) and `[objective]` tables are typed by their owners
 //! (`select::config`, `objective::config`) but parsed here, in the same pass, so their errors carry a line and column
@@ -25,27 +28,55 @@ const HINT: &str = "(`sewa example-config` prints a config that documents every 
 /// sewa (`cargo install`, which copies no data files) can still print it.
 pub const EXAMPLE: &str = include_str!("../../../../config/sewa.toml");
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// The daemon's configuration (`sewa watch`, `check-config`, `status`): every table, checked.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub watch: WatchConfig,
-    #[serde(default)]
     pub window: WindowConfig,
-    #[serde(default)]
     pub select: SelectConfig,
     pub publish: PublishConfig,
-    #[serde(default)]
     pub runtime: RuntimeConfig,
     /// Loss oracle for model-based selectors (the type is `objective`'s).
-    #[serde(default)]
     pub objective: Option<ObjectiveConfig>,
     /// The file this was read from (relative objective data paths start at its directory).
-    #[serde(skip)]
     pub source: Option<PathBuf>,
     /// Facts about the file worth a warning that do not make it wrong (a key the chosen
     /// method ignores): printed by `check-config`, logged by `watch`.
-    #[serde(skip)]
     pub notes: Vec<String>,
+}
+
+/// The file's tables as written. `[watch]` and `[publish]` are optional here: a one-shot
+/// selection (`average --select`, `report --config`) may take a file with only `[objective]`
+/// and `[select]`; the daemon requires both (`Config::parse`). `[objective]` is read by its own
+/// pass (its type depends on its `kind`), so it is only skipped here.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    watch: Option<WatchConfig>,
+    #[serde(default)]
+    window: WindowConfig,
+    #[serde(default)]
+    select: SelectConfig,
+    publish: Option<PublishConfig>,
+    #[serde(default)]
+    runtime: RuntimeConfig,
+    #[serde(default, rename = "objective")]
+    _objective: Option<serde::de::IgnoredAny>,
+}
+
+/// What a one-shot selection (`sewa average --select`, `sewa report --config`) takes from a
+/// config file, read by the same parse as the daemon's (`Config::load_selection`) (a file with
+/// `[watch]` and `[publish]` passes every daemon rule too).
+#[derive(Clone, Debug)]
+pub struct SelectionConfig {
+    pub select: SelectConfig,
+    /// Its `int_policy` is `[publish] int_policy` (default `latest`) until the command sets
+    /// the one its average uses.
+    pub objective: ObjectiveConfig,
+    /// `[publish] int_policy`, when the file has a `[publish]` table.
+    pub int_policy: Option<IntPolicy>,
+    /// The file's directory: relative objective paths start there.
+    pub base_dir: PathBuf,
 }
 
 /// Most `[runtime] threads`: far above any machine sewa shares with a trainer, low enough
@@ -243,15 +274,40 @@ pub fn config_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// The config file's text (`file::read_small`: a regular file of at most `MAX_CONFIG_BYTES`).
+fn read_text(path: &Path) -> Result<String> {
+    let bytes =
+        file::read_small(path, file::MAX_CONFIG_BYTES).map_err(|why| Error::config(path, why))?;
+    String::from_utf8(bytes).map_err(|e| Error::config(path, format!("is not UTF-8 text: {e}")))
+}
+
+/// The file's tables and its `[objective]` (by its kind), each value checked on its own; errors
+/// carry the file's line and column.
+fn parse_tables(text: &str, path: &Path) -> Result<(Tables, Option<ObjectiveConfig>)> {
+    let bad =
+        |e: toml::de::Error| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end()));
+    let tables: Tables = toml::from_str(text).map_err(bad)?;
+    let objective = ObjectiveConfig::from_config_text(text).map_err(bad)?;
+    Ok((tables, objective))
+}
+
+/// A separate acceptance split judges whether a selection replaces the published model: only
+/// `policy = "best"` does that.
+fn check_acceptance(o: Option<&ObjectiveConfig>, policy: Policy, path: &Path) -> Result<()> {
+    if o.is_some_and(|o| o.has_acceptance()) && policy != Policy::Best {
+        let msg = "[objective] acceptance_data / acceptance_command are only used with \
+                   [publish] policy = \"best\" (they judge whether a selection replaces the \
+                   published model)";
+        return Err(Error::config(path, format!("{msg}\n{HINT}")));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Read (`file::read_small`: a regular file of at most `MAX_CONFIG_BYTES`), parse and check
     /// a config file.
     pub fn load(path: &Path) -> Result<Config> {
-        let bytes = file::read_small(path, file::MAX_CONFIG_BYTES)
-            .map_err(|why| Error::config(path, why))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| Error::config(path, format!("is not UTF-8 text: {e}")))?;
-        let mut cfg = Config::parse(&text, path)?;
+        let mut cfg = Config::parse(&read_text(path)?, path)?;
         cfg.resolve_relative_paths(&config_dir(path));
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
@@ -273,8 +329,24 @@ impl Config {
 
     /// Parse and check config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| Error::config(path, format!("{}\n{HINT}", e.to_string().trim_end())))?;
+        let (tables, objective) = parse_tables(text, path)?;
+        let missing = |table: &str, example: &str| {
+            let msg = format!("no [{table}] table: `sewa watch` needs one ({example})");
+            Error::config(path, format!("{msg}\n{HINT}"))
+        };
+        let watch = tables.watch.ok_or_else(|| missing("watch", "dir = \"checkpoints\""))?;
+        let publish =
+            tables.publish.ok_or_else(|| missing("publish", "out = \"avg/model.safetensors\""))?;
+        let mut cfg = Config {
+            watch,
+            window: tables.window,
+            select: tables.select,
+            publish,
+            runtime: tables.runtime,
+            objective,
+            source: None,
+            notes: Vec::new(),
+        };
         if let Some(o) = cfg.objective.as_mut() {
             o.int_policy = cfg.publish.int_policy; // evaluators mix integer buffers by it
         }
@@ -283,15 +355,36 @@ impl Config {
         // The owners' cross-field rules (their single values rejected themselves above).
         cfg.select.sewa.check(path)?;
         cfg.objective.as_ref().map(|o| o.check(path)).transpose()?;
-        if cfg.objective.as_ref().is_some_and(|o| o.has_acceptance())
-            && cfg.publish.policy != Policy::Best
-        {
-            let msg = "[objective] acceptance_data / acceptance_command are only used with \
-                       [publish] policy = \"best\" (they judge whether a selection replaces the \
-                       published model)";
-            return Err(Error::config(path, format!("{msg}\n{HINT}")));
-        }
+        check_acceptance(cfg.objective.as_ref(), cfg.publish.policy, path)?;
         Ok(cfg)
+    }
+
+    /// Read and check a config file for a one-shot selection: the same parse as
+    /// [`load`](Self::load); a file with `[watch]` and `[publish]` is a daemon config and
+    /// passes all of its rules; one without them needs an `[objective]` table and passes the
+    /// rules among the tables it has.
+    pub fn load_selection(path: &Path) -> Result<SelectionConfig> {
+        let text = read_text(path)?;
+        let base_dir = config_dir(path);
+        let (has_watch, has_publish) = {
+            let raw: toml::Table = toml::from_str(&text).unwrap_or_default();
+            (raw.contains_key("watch"), raw.contains_key("publish"))
+        };
+        let (select, objective, int_policy) = if has_watch || has_publish {
+            let cfg = Config::parse(&text, path)?;
+            (cfg.select, cfg.objective, Some(cfg.publish.int_policy))
+        } else {
+            let (tables, objective) = parse_tables(&text, path)?;
+            tables.select.sewa.check(path)?;
+            objective.as_ref().map(|o| o.check(path)).transpose()?;
+            check_acceptance(objective.as_ref(), Policy::Latest, path)?;
+            (tables.select, objective, None)
+        };
+        let mut objective = objective.ok_or_else(|| {
+            Error::config(path, "no [objective] table: model-based selection needs one")
+        })?;
+        objective.int_policy = int_policy.unwrap_or_default();
+        Ok(SelectionConfig { select, objective, int_policy, base_dir })
     }
 
     /// Directory relative objective paths start from: the config file's.

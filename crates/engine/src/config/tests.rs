@@ -209,3 +209,56 @@ fn min_free_bytes_takes_bytes_or_a_size() {
     let err = at("\"plenty\"").unwrap_err().to_string();
     assert!(err.contains("line 6") && err.contains("plenty"), "{err}");
 }
+
+/// Issue 20: `[objective]` is read by the type of its kind inside the config file too: a key
+/// of the other kind is an error at the file's own line and column.
+#[test]
+fn objective_keys_of_the_other_kind_are_refused_at_the_files_line() {
+    let text = format!(
+        "{MIN}[select]\nmethod = \"sewa\"\n[objective]\nkind = \"command\"\ncommand = [\"e\"]\n\
+         data = \"sel.safetensors\"\n"
+    );
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("data is only used with kind = \"builtin\""), "{err}");
+    assert!(err.contains("line 10, column"), "{err}");
+    let text = format!("{MIN}[objective]\ndata = \"sel\"\nstaging_dir = \"/tmp\"\n");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("staging_dir is only used") && err.contains("line 7"), "{err}");
+    // `[publish] int_policy` reaches the objective.
+    let text = format!("{MIN}int_policy = \"first\"\n[objective]\ndata = \"sel\"\n");
+    let c = parse(&text).unwrap();
+    assert_eq!(c.objective.unwrap().int_policy, crate::average::IntPolicy::First);
+}
+
+/// The daemon needs `[watch]` and `[publish]`; a one-shot selection's file may have neither,
+/// and is read through the same parse (unknown keys refused, the same cross-checks).
+#[test]
+fn daemon_and_one_shot_selection_read_the_file_through_one_parse() {
+    let err = parse("[publish]\nout = \"a.safetensors\"\n").unwrap_err().to_string();
+    assert!(err.contains("no [watch] table"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let only = write("sel.toml", "[objective]\ndata = \"sel\"\n[select.sewa]\nseed = 4\n");
+    let s = Config::load_selection(&only).unwrap();
+    assert_eq!((s.select.sewa.seed, s.int_policy), (4, None));
+    assert_eq!(s.base_dir, std::path::absolute(dir.path()).unwrap());
+    let full =
+        write("full.toml", &format!("{MIN}int_policy = \"first\"\n[objective]\ndata = \"s\"\n"));
+    let s = Config::load_selection(&full).unwrap();
+    assert_eq!(s.int_policy, Some(crate::average::IntPolicy::First));
+    assert_eq!(s.objective.int_policy, crate::average::IntPolicy::First);
+    let typo = write("typo.toml", "[objective]\ndata = \"sel\"\n[select]\nmetod = \"sewa\"\n");
+    let err = Config::load_selection(&typo).unwrap_err().to_string();
+    assert!(err.contains("metod") && err.contains("line 4"), "{err}");
+    let none = write("none.toml", "[select.sewa]\nseed = 4\n");
+    let err = Config::load_selection(&none).unwrap_err().to_string();
+    assert!(err.contains("no [objective] table"), "{err}");
+    let daemon_rule =
+        write("rule.toml", &format!("{MIN}[objective]\ndata = \"s\"\nacceptance_data = \"a\"\n"));
+    let err = Config::load_selection(&daemon_rule).unwrap_err().to_string();
+    assert!(err.contains("policy = \"best\""), "{err}");
+}

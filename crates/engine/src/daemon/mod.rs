@@ -19,6 +19,7 @@ mod panics;
 mod pipeline;
 mod policy;
 mod progress;
+mod restart;
 mod sides;
 mod status_view;
 
@@ -74,115 +75,276 @@ pub struct RunOptions {
 
 /// Watch, select and publish until `shutdown` resolves. Errors only for fatal problems
 /// (the watcher cannot start, the pipeline panicked); bad checkpoints never stop it.
+///
+/// The async worker only waits: every file-system call (the output's lock, stats of
+/// candidates, rescans, starting a watcher, status writes) runs on the blocking pool, so a
+/// hung `stat` on a network file system never holds signals (SIGTERM is answered at once,
+/// abandoning the stuck call) and the watchdog is fed only while work finishes.
 pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
-    let lock = hold_output(&cfg)?;
     let mut sighup = hangup_stream(opts.reload.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
-    let mut pipeline = Pipeline::new(cfg);
-    // Before anything slow (cleaning up after an interrupted publish, starting the watcher,
-    // the first scan): `sewa status` answers "starting" from here on, not "no status file".
-    pipeline.write_status();
-    if recover_output(&lock) {
-        pipeline.reread_published(); // the recovery may have completed the output's manifest
-    }
+    let started = off_worker(move || start_pipeline(cfg), &mut shutdown).await?;
+    let Some(started) = started else { return Ok(()) };
+    // Held for the life of the process.
+    let (_lock, mut pipeline) = started?;
     // Fed from its own task: a long batch keeps the service alive, a stuck one does not.
     let _watchdog = watchdog_period(opts.systemd).map(|period| {
         Aborting(tokio::spawn(progress::feed_watchdog(pipeline.progress.clone(), period)))
     });
-    if !wait_for_dir(&mut pipeline, opts.systemd, &mut shutdown).await? {
-        pipeline.set_state(State::Stopped);
+    let Some(p) = wait_for_dir(pipeline, opts.systemd, &mut shutdown).await? else {
         return Ok(());
-    }
-    let mut front = Front::start(&pipeline.cfg, tx)?;
-    let mut rescan_every = interval(Duration::from_secs(pipeline.cfg.watch.rescan_s.0));
-    pipeline.set_state(State::Watching);
-    front.rescan(&mut pipeline, "start-up");
+    };
+    pipeline = p;
+    let start = {
+        let cfg = pipeline.cfg.clone();
+        off_worker(move || Front::start(&cfg, tx), &mut shutdown).await?
+    };
+    let Some(start) = start else { return stopped(pipeline).await };
+    let mut front = start?;
+    let mut rescan_every = interval(rescan_period(&pipeline.cfg));
+    let Some(p) = run_job(pipeline, |p| p.set_state(State::Watching), &mut shutdown).await? else {
+        return Ok(());
+    };
+    pipeline = p;
+    let mut work = Work { rescans: vec!["start-up".into()], ..Work::default() };
+    let Some((f, report)) = front_job(front, work, &mut shutdown).await? else {
+        return stopped(pipeline).await;
+    };
+    front = f;
+    // What the start-up scan counted and found wrong reaches the pipeline (the status file)
+    // with the first trip's report; its candidates wait out their quiet period in the settler.
+    let mut carried = report;
     info!(dir = %front.filter.dir().display(), "watching");
     notify(opts.systemd, &[sd_notify::NotifyState::Ready]);
     loop {
         pipeline.alive();
+        work = Work::default();
         let next = [front.settler.next_deadline(), pipeline.retry_at()].into_iter().flatten().min();
         let wake = next.map(Instant::from_std);
         let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         let mut hangup = false;
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(hint) = rx.recv() => front.on_hint(hint, &mut pipeline),
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = rescan_every.tick() => front.rescan(&mut pipeline, "periodic"),
-            Some(()) = sighup.recv() => hangup = true,
+        if carried.is_empty() {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(hint) = rx.recv() => {
+                    work.hints.push(hint);
+                    while work.hints.len() < HINT_BATCH && let Ok(h) = rx.try_recv() {
+                        work.hints.push(h);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = rescan_every.tick() => work.rescans.push("periodic".into()),
+                Some(()) = sighup.recv() => hangup = true,
+            }
         }
         if hangup && let Some(reload) = opts.reload.as_ref() {
-            let Some(built) = rebuild(reload, &mut shutdown).await else { break };
-            if let Some(new) = front.reload(built, &mut pipeline) {
-                // Selection, evaluator start-up and publishing run on the blocking side, as
-                // batches do.
-                let Some(p) = run_job(pipeline, move |p| p.reload(new), &mut shutdown).await?
-                else {
-                    return Ok(()); // stopped mid-reload; the output is old or new
-                };
-                pipeline = p;
-                front.rescan(&mut pipeline, "config reload");
+            let Some(built) = rebuild(reload, front.tx.clone(), &mut shutdown).await else { break };
+            match built {
+                Err(e) => {
+                    error!(error = %e, "reload failed; keeping the running configuration");
+                    carried.errors.push(format!("reload failed: {e}"));
+                }
+                Ok((_, Err(e))) => {
+                    error!(error = %e, "reload refused; keeping the running configuration");
+                    carried.errors.push(format!("reload refused: {e}"));
+                }
+                Ok((new, Ok(started))) => {
+                    let source = new.source.as_deref().unwrap_or(std::path::Path::new("?"));
+                    let dir = new.watch.dir.display();
+                    info!(config = %source.display(), %dir, "configuration reloaded");
+                    let waiting = restart::needs_restart(&pipeline.cfg, &new);
+                    if !waiting.is_empty() {
+                        let keys = waiting.join(", ");
+                        warn!(keys = %keys, "changed keys that apply only after a restart: {keys}");
+                    }
+                    if new.watch.rescan_s != pipeline.cfg.watch.rescan_s {
+                        rescan_every = interval(rescan_period(&new));
+                    }
+                    // The old watcher stops as it is dropped: on the blocking pool, as its
+                    // thread is joined.
+                    let old = std::mem::replace(&mut front, started);
+                    drop(tokio::task::spawn_blocking(move || drop(old)));
+                    // Selection, evaluator start-up and publishing run on the blocking side,
+                    // as batches do.
+                    let Some(p) = run_job(pipeline, move |p| p.reload(new), &mut shutdown).await?
+                    else {
+                        return Ok(()); // stopped mid-reload; the output is old or new
+                    };
+                    pipeline = p;
+                    work.rescans.push("config reload".into());
+                }
             }
         }
         if front.watch.overflowed.swap(false, Ordering::Relaxed) {
-            front.rescan(&mut pipeline, "hint queue full");
+            work.rescans.push("hint queue full".into());
         }
-        let batch = front.settler.poll(std::time::Instant::now(), Identity::stat);
+        let Some((f, report)) = front_job(front, work, &mut shutdown).await? else { break };
+        front = f;
+        carried.absorb(report);
+        let done = std::mem::take(&mut carried);
+        pipeline.status.counters.rescans += done.rescans;
         // A selection that failed for a passing reason (the evaluator) is tried again once its
         // backoff is over, whether or not a new checkpoint came.
-        if batch.is_empty() && !pipeline.retry_due(std::time::Instant::now()) {
+        let step = !done.batch.is_empty() || pipeline.retry_due(std::time::Instant::now());
+        if !step && done.errors.is_empty() {
             continue;
         }
-        pipeline = match run_job(pipeline, move |p| p.step(batch), &mut shutdown).await? {
+        let job = move |p: &mut Pipeline| {
+            for e in done.errors {
+                p.note_error(e);
+            }
+            if step {
+                p.step(done.batch);
+            }
+        };
+        pipeline = match run_job(pipeline, job, &mut shutdown).await? {
             Some(p) => p,
             None => return Ok(()), // stopped mid-batch; the output is old or new
         };
-        let members = pipeline.window.members().len();
-        let status = format!("{members} members, {} published", pipeline.status.counters.publishes);
-        notify(opts.systemd, &[sd_notify::NotifyState::Status(&status)]);
+        if step {
+            let members = pipeline.window.members().len();
+            let publishes = pipeline.status.counters.publishes;
+            let status = format!("{members} members, {publishes} published");
+            notify(opts.systemd, &[sd_notify::NotifyState::Status(&status)]);
+        }
     }
     info!("stopping");
     notify(opts.systemd, &[sd_notify::NotifyState::Stopping]);
-    pipeline.stop();
+    stopped(pipeline).await
+}
+
+/// Hints taken from the queue at once, for one trip to the blocking pool.
+const HINT_BATCH: usize = 256;
+
+/// The output's lock, then the pipeline (it reads the published manifest) with its first
+/// status file — `sewa status` answers "starting" from here on, not "no status file" — and the
+/// clean-up after an interrupted publish. On the blocking pool: all of it touches files.
+fn start_pipeline(cfg: Config) -> Result<(crate::publish::OutputLock, Pipeline)> {
+    let lock = hold_output(&cfg)?;
+    let mut pipeline = Pipeline::new(cfg);
+    pipeline.write_status();
+    if recover_output(&lock) {
+        pipeline.reread_published(); // the recovery may have completed the output's manifest
+    }
+    Ok((lock, pipeline))
+}
+
+/// The status file says "stopping" while the pipeline's evaluators stop, then "stopped" (on the
+/// blocking pool, waited for at most `SHUTDOWN_GRACE`: a hung file system or evaluator must not
+/// hold the exit; evaluators still running then are ended at exit).
+async fn stopped(mut pipeline: Pipeline) -> Result<()> {
+    let write = tokio::task::spawn_blocking(move || pipeline.stop());
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, write).await;
     Ok(())
+}
+
+/// `[watch] rescan_s` as the timer's period.
+fn rescan_period(cfg: &Config) -> Duration {
+    Duration::from_secs(cfg.watch.rescan_s.0)
+}
+
+/// Run blocking file-system `work` on the blocking pool. `None`: a shutdown came first (the
+/// work, if stuck, is left behind; it changes nothing the daemon still needs).
+async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<T>> {
+    let task = tokio::task::spawn_blocking(work);
+    tokio::select! {
+        done = task => done.map(Some).map_err(panicked),
+        _ = shutdown.as_mut() => Ok(None),
+    }
+}
+
+/// What the front end does in one trip to the blocking pool, in this order: hints as they
+/// came, rescans, then the settler's poll (which stats candidates whose quiet period is over).
+#[derive(Default)]
+struct Work {
+    hints: Vec<Hint>,
+    rescans: Vec<String>,
+}
+
+/// What that trip found, for the pipeline: rescans done, errors for the status file, settled
+/// candidates.
+#[derive(Default)]
+struct Report {
+    rescans: u64,
+    errors: Vec<String>,
+    batch: Vec<watch::Settled>,
+}
+
+impl Report {
+    fn is_empty(&self) -> bool {
+        self.rescans == 0 && self.errors.is_empty() && self.batch.is_empty()
+    }
+
+    fn absorb(&mut self, other: Report) {
+        self.rescans += other.rescans;
+        self.errors.extend(other.errors);
+        self.batch.extend(other.batch);
+    }
+}
+
+/// Run `work` with the front end on the blocking pool and hand both back; `None` on shutdown.
+async fn front_job(
+    mut front: Front,
+    work: Work,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<(Front, Report)>> {
+    off_worker(
+        move || {
+            let report = front.run(work);
+            (front, report)
+        },
+        shutdown,
+    )
+    .await
 }
 
 /// Wait for `[watch] dir` to exist: the sidecar may start before the trainer creates it.
 /// Logged once; the status file and systemd (READY, so a start timeout does not kill the wait)
 /// say so, the watchdog stays fed. A SIGHUP meanwhile is applied once the wait is over.
-/// `false`: shutdown came first.
+/// `None`: shutdown came first. The directory is looked at on the blocking pool.
 async fn wait_for_dir(
-    p: &mut Pipeline,
+    p: Pipeline,
     systemd: bool,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
-) -> Result<bool> {
+) -> Result<Option<Pipeline>> {
     let dir = p.cfg.watch.dir.clone();
-    if dir.is_dir() {
-        return Ok(true);
+    let look = |dir: &std::path::Path| {
+        let dir = dir.to_path_buf();
+        move || std::fs::metadata(&dir).map(|m| m.is_dir())
+    };
+    match off_worker(look(&dir), shutdown).await? {
+        None => return Ok(None),
+        Some(Ok(true)) => return Ok(Some(p)),
+        Some(_) => {}
     }
     info!(dir = %dir.display(), "waiting for the watched directory to appear");
-    p.set_state(State::WaitingForDir);
+    let Some(p) = run_job(p, |p| p.set_state(State::WaitingForDir), shutdown).await? else {
+        return Ok(None);
+    };
     let status = format!("waiting for {}", dir.display());
     notify(systemd, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     let mut pause = DIR_POLL_FIRST;
     loop {
         p.alive();
         tokio::select! {
-            _ = shutdown.as_mut() => return Ok(false),
+            _ = shutdown.as_mut() => return stopped(p).await.map(|()| None),
             _ = tokio::time::sleep(pause) => {}
         }
-        match std::fs::metadata(&dir) {
-            Ok(m) if m.is_dir() => {
+        match off_worker(look(&dir), shutdown).await? {
+            None => return stopped(p).await.map(|()| None),
+            Some(Ok(true)) => {
                 info!(dir = %dir.display(), "the watched directory appeared");
-                return Ok(true);
+                return Ok(Some(p));
             }
-            Ok(_) => {
+            Some(Ok(false)) => {
                 let msg = format!("[watch] dir {} appeared but is not a directory", dir.display());
                 return Err(Error::config(p.cfg.source.as_deref().unwrap_or(&dir), msg));
             }
-            Err(_) => pause = (pause * 2).min(DIR_POLL_MAX),
+            Some(Err(_)) => pause = (pause * 2).min(DIR_POLL_MAX),
         }
     }
 }
@@ -207,21 +369,29 @@ fn recover_output(lock: &crate::publish::OutputLock) -> bool {
     !done.is_empty()
 }
 
-/// SIGHUP: build the configuration again on a blocking thread — it reads the config file and
-/// runs the start-up checks on disk, and a slow file (NFS, a FIFO swapped in) must not hold
-/// the async worker, which answers SIGTERM. `None`: a shutdown came first (the build, if
-/// stuck, is left behind; it changes nothing).
+/// SIGHUP: build the configuration again, and start its watcher (a new watcher must start
+/// before anything changes), on a blocking thread — it reads the config file and runs the
+/// start-up checks on disk, and a slow file (NFS, a FIFO swapped in) must not hold the async
+/// worker, which answers SIGTERM. `None`: a shutdown came first (the build, if stuck, is left
+/// behind; it changes nothing).
 async fn rebuild(
     reload: &Reload,
+    tx: mpsc::Sender<Hint>,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
-) -> Option<Result<Config>> {
+) -> Option<Result<(Config, Result<Front>)>> {
     let build = reload.clone();
-    let task = tokio::task::spawn_blocking(move || build());
-    tokio::select! {
-        built = task => Some(built.unwrap_or_else(|e| {
-            Err(Error::Internal(format!("the configuration could not be rebuilt: {e}")))
-        })),
-        _ = shutdown.as_mut() => None,
+    let work = move || {
+        build().map(|cfg| {
+            let front = Front::start(&cfg, tx);
+            (cfg, front)
+        })
+    };
+    match off_worker(work, shutdown).await {
+        Ok(Some(built)) => Some(built),
+        Ok(None) => None,
+        Err(e) => {
+            Some(Err(Error::Internal(format!("the configuration could not be rebuilt: {e}"))))
+        }
     }
 }
 
@@ -288,7 +458,20 @@ impl Front {
         Ok(Front { filter, watch, settler, tx })
     }
 
-    fn on_hint(&mut self, hint: Hint, p: &mut Pipeline) {
+    /// One trip's work, in order (see [`Work`]); runs on the blocking pool.
+    fn run(&mut self, work: Work) -> Report {
+        let mut report = Report::default();
+        for hint in work.hints {
+            self.on_hint(hint, &mut report);
+        }
+        for why in work.rescans {
+            self.rescan(&mut report, &why);
+        }
+        report.batch = self.settler.poll(std::time::Instant::now(), Identity::stat);
+        report
+    }
+
+    fn on_hint(&mut self, hint: Hint, report: &mut Report) {
         match hint {
             Hint::Candidate(path) => {
                 self.follow(&path);
@@ -297,15 +480,15 @@ impl Front {
             }
             Hint::Rescan(why) => {
                 warn!(%why, "rescanning");
-                p.note_error(why.clone());
-                self.rescan(p, &why);
+                report.errors.push(why.clone());
+                self.rescan(report, &why);
             }
         }
     }
 
     /// Hint every current candidate (the settler waits out the quiet period for each).
-    fn rescan(&mut self, p: &mut Pipeline, why: &str) {
-        p.status.counters.rescans += 1;
+    fn rescan(&mut self, report: &mut Report, why: &str) {
+        report.rescans += 1;
         match self.filter.scan() {
             Ok(paths) => {
                 self.watch.prune(&paths);
@@ -319,7 +502,7 @@ impl Front {
             }
             Err(e) => {
                 error!(error = %e, %why, "rescan failed");
-                p.note_error(e.to_string());
+                report.errors.push(e.to_string());
             }
         }
     }
@@ -328,32 +511,6 @@ impl Front {
     fn follow(&mut self, path: &std::path::Path) {
         if let Err(e) = self.watch.follow(path) {
             warn!(error = %e, "candidate directory not watched; rescans will see its files");
-        }
-    }
-
-    /// SIGHUP, with the configuration built again: a new watcher must start before anything
-    /// changes. Returns the configuration for the pipeline to take on.
-    fn reload(&mut self, built: Result<Config>, p: &mut Pipeline) -> Option<Config> {
-        let new = match built {
-            Ok(new) => new,
-            Err(e) => {
-                error!(error = %e, "reload failed; keeping the running configuration");
-                p.note_error(format!("reload failed: {e}"));
-                return None;
-            }
-        };
-        let source = new.source.as_deref().unwrap_or(std::path::Path::new("?"));
-        info!(config = %source.display(), dir = %new.watch.dir.display(), "configuration reloaded");
-        match Front::start(&new, self.tx.clone()) {
-            Ok(front) => {
-                *self = front;
-                Some(new)
-            }
-            Err(e) => {
-                error!(error = %e, "reload refused; keeping the running configuration");
-                p.note_error(format!("reload refused: {e}"));
-                None
-            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `[objective]` table: which loss oracle to build and from what data. Its type and cross-field
-//! checks (the config file is parsed in one pass by `config`, so errors keep their line);
-//! builds the `Objective`. It does not evaluate anything itself.
+//! checks; the table as written is read by the type of its `kind` (`BuiltinTable`,
+//! `CommandTable`: the other kind's keys are errors at their line), from the whole config text
+//! so errors keep the file's line; builds the `Objective`. It does not evaluate anything itself.
 
 use std::path::{Path, PathBuf};
 
@@ -125,58 +126,227 @@ pub enum LossKind {
     Mse,
 }
 
-/// The `[objective]` table. Defaults: `kind = "builtin"`, `model = "mlp"`,
-/// `activation = "relu"`, `loss = "cross_entropy"`, `batch` = all rows.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The `[objective]` table, as the rest of sewa reads it. Defaults: `kind = "builtin"`,
+/// `model = "mlp"`, `activation = "relu"`, `loss = "cross_entropy"`, `batch` = all rows. The
+/// file is read through [`BuiltinTable`] or [`CommandTable`] (by `kind`), so the keys of the
+/// other kind are left at their defaults here: they are errors in the file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ObjectiveConfig {
-    #[serde(default)]
     pub kind: ObjectiveKind,
-    #[serde(default)]
     pub model: ModelKind,
     /// safetensors file with `inputs` (f32 [N, D]) and `targets`; relative to the config file.
     /// Required for `kind = "builtin"`.
-    #[serde(default)]
     pub data: PathBuf,
-    #[serde(default)]
     pub activation: Activation,
-    #[serde(default)]
     pub loss: LossKind,
     /// `kind = "builtin"`: where the model is evaluated (`"cpu"`, `"cuda"`, `"cuda:N"`).
-    #[serde(default)]
     pub device: DeviceSpec,
     /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
-    #[serde(default, deserialize_with = "crate::checked::de::opt_at_least_one")]
     pub batch: Option<usize>,
     /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
-    #[serde(default)]
     pub command: Vec<String>,
-    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
     pub timeout_s: Option<f64>,
-    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
     pub startup_timeout_s: Option<f64>,
-    #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
     /// Working directory of the evaluator, relative to the config file.
-    #[serde(default)]
     pub cwd: Option<PathBuf>,
     /// `kind = "command"`: where protocol 1's candidate and gradient files and protocol 2's
     /// member copies are exchanged (default: /dev/shm, else the temp dir).
-    #[serde(default)]
     pub staging_dir: Option<PathBuf>,
     /// `kind = "builtin"`, `policy = "best"`: a second held-out file (same layout as `data`) on
     /// which a selection is compared with the published model, so that acceptance is not judged
     /// on the split the selection optimised. Without it the selection's own loss is compared.
-    #[serde(default)]
     pub acceptance_data: Option<PathBuf>,
     /// `kind = "command"`, `policy = "best"`: the same, as a second evaluator process (same
     /// protocol and settings as `command`) that computes the loss on the other split.
-    #[serde(default)]
     pub acceptance_command: Vec<String>,
-    /// `[publish] int_policy`, copied here by `Config::parse` (not a key of this table): a
-    /// protocol 2 evaluator is told which member's integer buffers a mixture carries.
+    /// The integer policy of the average this objective selects for (`[publish] int_policy`,
+    /// or `sewa average --int-policy`), set by whoever builds the config (not a key of this
+    /// table): a protocol 2 evaluator is told which member's integer buffers a mixture carries.
     #[serde(skip)]
     pub int_policy: crate::average::IntPolicy,
+}
+
+/// A key of the other kind: refused where it is written (serde reports the value's line and
+/// column), naming the kind that takes it, instead of being accepted and ignored.
+macro_rules! refuse {
+    ($($f:ident: $msg:expr;)*) => {$(
+        fn $f<'de, D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Option<()>, D::Error> {
+            Err(serde::de::Error::custom($msg))
+        }
+    )*};
+}
+
+const ONLY_COMMAND: &str = "is only used with kind = \"command\" (this [objective] is \
+                            kind = \"builtin\", the default)";
+const ONLY_BUILTIN: &str = "is only used with kind = \"builtin\" (this [objective] is \
+                            kind = \"command\")";
+
+refuse! {
+    no_command: format!("[objective] command {ONLY_COMMAND}");
+    no_timeout_s: format!("[objective] timeout_s {ONLY_COMMAND}");
+    no_startup_timeout_s: format!("[objective] startup_timeout_s {ONLY_COMMAND}");
+    no_env: format!("[objective] env {ONLY_COMMAND}");
+    no_cwd: format!("[objective] cwd {ONLY_COMMAND}");
+    no_staging_dir: format!("[objective] staging_dir {ONLY_COMMAND}");
+    no_acceptance_command: "[objective] acceptance_command is for kind = \"command\"; with the \
+        builtin objective name the file: acceptance_data = \"acceptance.safetensors\"";
+    no_model: format!("[objective] model {ONLY_BUILTIN}");
+    no_data: format!("[objective] data {ONLY_BUILTIN}: the evaluator reads its own data");
+    no_activation: format!("[objective] activation {ONLY_BUILTIN}");
+    no_loss: format!("[objective] loss {ONLY_BUILTIN}");
+    no_device: format!("[objective] device {ONLY_BUILTIN}: the evaluator picks its own");
+    no_batch: format!("[objective] batch {ONLY_BUILTIN}");
+    no_acceptance_data: "[objective] acceptance_data is not supported with kind = \"command\" \
+        (sewa never tells an evaluator which data to use); start a second evaluator on the \
+        other split instead: acceptance_command = [\"python3\", \"eval.py\", \
+        \"acceptance.safetensors\"]";
+}
+
+/// `[objective]` with `kind = "builtin"` (or no `kind`) as written: its own keys, and the
+/// command kind's refused at their line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the other kind's keys are read only to be refused
+struct BuiltinTable {
+    #[serde(default)]
+    kind: ObjectiveKind,
+    #[serde(default)]
+    model: ModelKind,
+    #[serde(default)]
+    data: PathBuf,
+    #[serde(default)]
+    activation: Activation,
+    #[serde(default)]
+    loss: LossKind,
+    #[serde(default)]
+    device: DeviceSpec,
+    #[serde(default, deserialize_with = "crate::checked::de::opt_at_least_one")]
+    batch: Option<usize>,
+    #[serde(default)]
+    acceptance_data: Option<PathBuf>,
+    #[serde(default, deserialize_with = "no_command")]
+    command: Option<()>,
+    #[serde(default, deserialize_with = "no_timeout_s")]
+    timeout_s: Option<()>,
+    #[serde(default, deserialize_with = "no_startup_timeout_s")]
+    startup_timeout_s: Option<()>,
+    #[serde(default, deserialize_with = "no_env")]
+    env: Option<()>,
+    #[serde(default, deserialize_with = "no_cwd")]
+    cwd: Option<()>,
+    #[serde(default, deserialize_with = "no_staging_dir")]
+    staging_dir: Option<()>,
+    #[serde(default, deserialize_with = "no_acceptance_command")]
+    acceptance_command: Option<()>,
+}
+
+/// `[objective]` with `kind = "command"` as written: its own keys, and the builtin kind's
+/// refused at their line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the other kind's keys are read only to be refused
+struct CommandTable {
+    kind: ObjectiveKind,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
+    timeout_s: Option<f64>,
+    #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
+    startup_timeout_s: Option<f64>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    staging_dir: Option<PathBuf>,
+    #[serde(default)]
+    acceptance_command: Vec<String>,
+    #[serde(default, deserialize_with = "no_model")]
+    model: Option<()>,
+    #[serde(default, deserialize_with = "no_data")]
+    data: Option<()>,
+    #[serde(default, deserialize_with = "no_activation")]
+    activation: Option<()>,
+    #[serde(default, deserialize_with = "no_loss")]
+    loss: Option<()>,
+    #[serde(default, deserialize_with = "no_device")]
+    device: Option<()>,
+    #[serde(default, deserialize_with = "no_batch")]
+    batch: Option<()>,
+    #[serde(default, deserialize_with = "no_acceptance_data")]
+    acceptance_data: Option<()>,
+}
+
+impl From<BuiltinTable> for ObjectiveConfig {
+    fn from(t: BuiltinTable) -> Self {
+        let BuiltinTable { kind, model, data, activation, loss, device, batch, .. } = t;
+        let acceptance_data = t.acceptance_data; // (the refused keys are all `None` here)
+        ObjectiveConfig {
+            kind,
+            model,
+            data,
+            activation,
+            loss,
+            device,
+            batch,
+            acceptance_data,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<CommandTable> for ObjectiveConfig {
+    fn from(t: CommandTable) -> Self {
+        ObjectiveConfig {
+            kind: t.kind,
+            command: t.command,
+            timeout_s: t.timeout_s,
+            startup_timeout_s: t.startup_timeout_s,
+            env: t.env,
+            cwd: t.cwd,
+            staging_dir: t.staging_dir,
+            acceptance_command: t.acceptance_command,
+            ..Default::default()
+        }
+    }
+}
+
+/// A document whose only table read here is `[objective]` (the others are `config`'s).
+#[derive(Deserialize)]
+struct Nested<T> {
+    objective: Option<T>,
+}
+
+impl ObjectiveConfig {
+    /// The `[objective]` table of config `text` (`None`: the file has none), read by the type
+    /// of its `kind`. `text` is deserialised again as a whole (not the table cut out of it), so
+    /// an error's line and column are the file's.
+    pub fn from_config_text(text: &str) -> std::result::Result<Option<Self>, toml::de::Error> {
+        let raw: toml::Table = toml::from_str(text)?;
+        let Some(table) = raw.get("objective") else { return Ok(None) };
+        if is_command(table) {
+            Ok(toml::from_str::<Nested<CommandTable>>(text)?.objective.map(Self::from))
+        } else {
+            Ok(toml::from_str::<Nested<BuiltinTable>>(text)?.objective.map(Self::from))
+        }
+    }
+
+    /// `text` is the table itself (no `[objective]` header): for tests and tools.
+    pub fn from_table_text(text: &str) -> std::result::Result<Self, toml::de::Error> {
+        let raw: toml::Value = toml::from_str(text)?;
+        if is_command(&raw) {
+            toml::from_str::<CommandTable>(text).map(Self::from)
+        } else {
+            toml::from_str::<BuiltinTable>(text).map(Self::from)
+        }
+    }
+}
+
+/// Which table type reads `table`: `kind = "command"`, else builtin (whose `kind` field then
+/// reports any other value, with its position).
+fn is_command(table: &toml::Value) -> bool {
+    table.get("kind").and_then(toml::Value::as_str) == Some("command")
 }
 
 impl ObjectiveConfig {
@@ -297,20 +467,20 @@ mod tests {
 
     #[test]
     fn defaults_and_unknown_keys() {
-        let c: ObjectiveConfig = toml::from_str("data = \"sel.safetensors\"").unwrap();
+        let c = ObjectiveConfig::from_table_text("data = \"sel.safetensors\"").unwrap();
         c.check(Path::new("c.toml")).unwrap();
         assert_eq!(c.activation, Activation::Relu);
         assert_eq!(c.loss, LossKind::CrossEntropy);
         assert_eq!(c.batch, None);
-        let e = toml::from_str::<ObjectiveConfig>("data = \"x\"\nlr = 1").unwrap_err();
+        let e = ObjectiveConfig::from_table_text("data = \"x\"\nlr = 1").unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
-        assert!(toml::from_str::<ObjectiveConfig>("data = \"x\"\nactivation = \"swish\"").is_err());
+        assert!(ObjectiveConfig::from_table_text("data = \"x\"\nactivation = \"swish\"").is_err());
     }
 
     #[test]
     fn acceptance_split_is_named_the_way_each_kind_takes_data() {
         let parse = |text: &str| {
-            let c: ObjectiveConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            let c = ObjectiveConfig::from_table_text(text).map_err(|e| e.to_string())?;
             c.check(Path::new("c.toml")).map(|()| c).map_err(|e| e.to_string())
         };
         let c = parse("data = \"sel\"\nacceptance_data = \"acc\"").unwrap();
@@ -324,11 +494,39 @@ mod tests {
         assert!(c.unwrap().has_acceptance());
     }
 
+    /// Issue 20: `[objective]` is read by the type of its `kind`, so a key of the other kind
+    /// (accepted and ignored before) is an error at its line, naming the key and the kind that
+    /// takes it, wherever `kind` is written in the table.
+    #[test]
+    fn a_key_of_the_other_kind_is_refused_at_its_line() {
+        let cases = [
+            ("kind = \"command\"\ncommand = [\"e\"]\ndevice = \"cpu\"\n", "device", 3),
+            ("data = \"x\"\nkind = \"command\"\ncommand = [\"e\"]\n", "data", 1),
+            ("data = \"x\"\nenv = { A = \"1\" }\n", "env", 2),
+            ("kind = \"builtin\"\ndata = \"x\"\ntimeout_s = 5\n", "timeout_s", 3),
+            ("data = \"x\"\ncwd = \"/tmp\"\n", "cwd", 2),
+        ];
+        for (text, key, line) in cases {
+            let e = ObjectiveConfig::from_table_text(text).unwrap_err().to_string();
+            let at = format!("line {line}");
+            assert!(e.contains(&format!("[objective] {key} is only used")), "{text}: {e}");
+            assert!(e.contains(&at) && e.contains("column"), "{text}: {e}");
+        }
+        let e = ObjectiveConfig::from_table_text("kind = \"shell\"\n").unwrap_err().to_string();
+        assert!(e.contains("shell") && e.contains("command") && e.contains("line 1"), "{e}");
+        // Each kind's own keys still parse, `kind` absent meaning builtin.
+        let c = ObjectiveConfig::from_table_text("data = \"x\"\ndevice = \"cpu\"\n").unwrap();
+        assert_eq!((c.kind, c.device), (ObjectiveKind::Builtin, DeviceSpec::Cpu));
+        let text = "kind = \"command\"\ncommand = [\"e\"]\ntimeout_s = 5\ncwd = \"w\"\n";
+        let c = ObjectiveConfig::from_table_text(text).unwrap();
+        assert_eq!((c.kind, c.timeout_s), (ObjectiveKind::Command, Some(5.0)));
+    }
+
     /// The `cuda` feature is real: `device` picks where the builtin objective computes. Without
     /// the feature, asking for CUDA is a config error naming the key's position and the fix.
     #[test]
     fn device_is_parsed_with_its_position_and_cuda_needs_the_feature() {
-        let parse = |text: &str| toml::from_str::<ObjectiveConfig>(text).map_err(|e| e.to_string());
+        let parse = |text: &str| ObjectiveConfig::from_table_text(text).map_err(|e| e.to_string());
         assert_eq!(parse("data = \"x\"").unwrap().device, DeviceSpec::Cpu);
         assert_eq!(parse("data = \"x\"\ndevice = \"cpu\"").unwrap().device, DeviceSpec::Cpu);
         let e = parse("data = \"x\"\ndevice = \"gpu\"").unwrap_err();
