@@ -125,7 +125,7 @@ fn main() {
     let p = params(0);
     let mb = p.iter().map(|t| t.data.len() * 4).sum::<usize>() as f64 / 1e6;
 
-    let cfg = ObjectiveConfig { data: data.clone(), ..Default::default() };
+    let cfg = ObjectiveConfig::builtin(data.clone());
     let mut candle = cfg.build(dir.path()).unwrap();
     candle.evaluate(&p, true).unwrap(); // warm-up
     let fwd_bwd = median_ms(|| drop(candle.evaluate(&p, true).unwrap()));

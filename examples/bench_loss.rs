@@ -131,7 +131,7 @@ fn main() {
     let members: Vec<Checkpoint> =
         paths.iter().map(|p| Checkpoint::open(p, &OpenOptions::default()).unwrap()).collect();
     let refs: Vec<&Checkpoint> = members.iter().collect();
-    let cfg = ObjectiveConfig { data: data.clone(), ..Default::default() };
+    let cfg = ObjectiveConfig::builtin(data.clone());
     let mut objective = cfg.build(dir.path()).unwrap();
 
     let reps = 41;

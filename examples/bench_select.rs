@@ -176,7 +176,7 @@ fn trajectory(name: &str, seed: u64, dir: &Path) -> (Vec<Checkpoint>, Box<dyn Ob
         .collect();
     paths.sort();
     let ckpts = paths.iter().map(|p| Checkpoint::open(p, &OpenOptions::default()).unwrap());
-    let cfg = ObjectiveConfig { data: sel, ..Default::default() };
+    let cfg = ObjectiveConfig::builtin(sel);
     (ckpts.collect(), cfg.build(dir).unwrap())
 }
 

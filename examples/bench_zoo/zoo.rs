@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use sewa_checkpoint::{Checkpoint, DType, OpenOptions};
+use sewa_engine::objective::config::Kind;
 use sewa_engine::objective::{
-    Activation, LossKind, NamedTensor, Objective, ObjectiveConfig, Params,
+    Activation, BuiltinConfig, LossKind, NamedTensor, Objective, ObjectiveConfig, Params,
 };
 
 /// `zoo.json`: one split of the zoo.
@@ -159,12 +160,13 @@ impl Window {
 
     /// A builtin objective on one of the window's data files (`select` or `test`).
     pub fn objective(&self, data: &str) -> Result<Box<dyn Objective>, String> {
-        let cfg = ObjectiveConfig {
+        let b = BuiltinConfig {
             data: data.into(),
             activation: self.entry.activation,
             loss: self.entry.loss,
             ..Default::default()
         };
+        let cfg = ObjectiveConfig { kind: Kind::Builtin(b), ..Default::default() };
         cfg.build(&self.dir).map_err(|e| e.to_string())
     }
 }

@@ -11,7 +11,8 @@ use sewa_checkpoint::{Checkpoint, OpenOptions};
 use sewa_engine::config::Config;
 use sewa_engine::error::{Error, Result};
 use sewa_engine::objective::ObjectiveConfig;
-use sewa_engine::objective::config::{ObjectiveKind, build_objective};
+use sewa_engine::objective::build_objective;
+use sewa_engine::objective::config::Kind;
 use sewa_engine::select::Method;
 use sewa_engine::select::blend::Blend;
 use sewa_engine::select::oracle::Oracle;
@@ -77,9 +78,9 @@ pub fn summary(c: &Config) -> String {
 }
 
 fn describe(o: &ObjectiveConfig) -> String {
-    match o.kind {
-        ObjectiveKind::Builtin => format!("builtin {}", o.data.display()),
-        ObjectiveKind::Command => format!("command {:?}", o.command.join(" ")),
+    match &o.kind {
+        Kind::Builtin(b) => format!("builtin {}", b.data.display()),
+        Kind::Command(e) => format!("command {:?}", e.command.join(" ")),
     }
 }
 

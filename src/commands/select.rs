@@ -9,7 +9,7 @@ use std::path::Path;
 use sewa_checkpoint::Checkpoint;
 use sewa_engine::config::{Config, SelectionConfig};
 use sewa_engine::error::{Error, Result};
-use sewa_engine::objective::config::build_objective;
+use sewa_engine::objective::build_objective;
 use sewa_engine::select::{Options, Selection, model_based, run_model_based_with};
 
 /// The config file named by `--config`, read for a selection (`--select` needs one).

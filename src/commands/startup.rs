@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use sewa_engine::config::Config;
 use sewa_engine::error::{Error, Result};
-use sewa_engine::objective::config::ObjectiveKind;
+use sewa_engine::objective::config::Kind;
 
 /// Run every start-up check on `cfg`, read from `file` (named in errors, all of them config
 /// errors: exit 78). Returns notes for people: facts that are fine but worth saying.
@@ -30,23 +30,23 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     let used = cfg.objective.as_ref().filter(|_| cfg.select.method.needs_objective());
     if let Some(oc) = used {
         let base = cfg.base_dir();
-        match oc.kind {
-            ObjectiveKind::Builtin => {
-                notes.extend(data_file(&oc.data_path(&base)));
-                if let Some(acc) = &oc.acceptance_data {
+        match &oc.kind {
+            Kind::Builtin(b) => {
+                notes.extend(data_file(&b.data_path(&base)));
+                if let Some(acc) = &b.acceptance_data {
                     let path = if acc.is_absolute() { acc.clone() } else { base.join(acc) };
                     notes
                         .extend(data_file(&path).map(|n| n.replacen("data", "acceptance_data", 1)));
                 }
             }
-            ObjectiveKind::Command => {
-                let c = oc.command_config(&base);
+            Kind::Command(e) => {
+                let c = e.command_config(&base);
                 if let Some(dir) = &c.staging_dir {
                     staging_dir(dir).map_err(|m| Error::config(file, m))?;
                 }
                 let cwd = c.cwd.unwrap_or(base);
                 // The acceptance evaluator starts the same way, with its own program.
-                let programs = [c.command.first(), oc.acceptance_command.first()];
+                let programs = [c.command.first(), e.acceptance_command.first()];
                 for program in programs.into_iter().flatten() {
                     evaluator_program(program, &cwd, c.env.get("PATH"))
                         .map_err(|m| Error::config(file, m))?;

@@ -200,7 +200,7 @@ fn missing_program_is_a_clear_error() {
 }
 
 fn builtin(data: &Path) -> Box<dyn Objective> {
-    let cfg = ObjectiveConfig { data: data.to_path_buf(), ..Default::default() };
+    let cfg = ObjectiveConfig::builtin(data.to_path_buf());
     cfg.build(Path::new(".")).unwrap()
 }
 

@@ -4,8 +4,11 @@
 use std::path::Path;
 
 use sewa_checkpoint::{Checkpoint, DType};
+use sewa_engine::objective::config::Kind;
 use sewa_engine::objective::data::{Targets, write_dataset};
-use sewa_engine::objective::{Activation, LossKind, NamedTensor, ObjectiveConfig, Params};
+use sewa_engine::objective::{
+    Activation, BuiltinConfig, LossKind, NamedTensor, ObjectiveConfig, Params,
+};
 
 fn cfg(
     data: &Path,
@@ -13,7 +16,9 @@ fn cfg(
     loss: LossKind,
     batch: Option<usize>,
 ) -> ObjectiveConfig {
-    ObjectiveConfig { data: data.to_path_buf(), activation, loss, batch, ..Default::default() }
+    let b =
+        BuiltinConfig { data: data.to_path_buf(), activation, loss, batch, ..Default::default() };
+    ObjectiveConfig { kind: Kind::Builtin(b), ..Default::default() }
 }
 
 fn wave(n: usize, phase: f32) -> Vec<f32> {

@@ -85,7 +85,7 @@ fn reserved_tables_parse() {
     );
     let c = parse(&text).unwrap();
     assert_eq!(c.select.sewa.samples, 8);
-    assert_eq!(c.objective.unwrap().data, PathBuf::from("sel.safetensors"));
+    assert_eq!(c.objective.unwrap().as_builtin().unwrap().data, PathBuf::from("sel.safetensors"));
 }
 
 /// The model-based tables used to be kept raw and parsed again later, which lost the

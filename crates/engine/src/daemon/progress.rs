@@ -16,7 +16,7 @@ use tracing::{error, info};
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::objective::config::ObjectiveKind;
+use crate::objective::config::{Kind, ObjectiveConfig};
 use crate::objective::{Evaluation, MixEvaluation, Objective, Params};
 use sewa_checkpoint::Checkpoint;
 
@@ -87,8 +87,8 @@ pub fn stall_bound(cfg: &Config) -> Duration {
         return Duration::from_secs(s.0);
     }
     let evaluator = match &cfg.objective {
-        Some(oc) if oc.kind == ObjectiveKind::Command => {
-            let c = oc.command_config(Path::new("."));
+        Some(ObjectiveConfig { kind: Kind::Command(e), .. }) => {
+            let c = e.command_config(Path::new("."));
             Duration::try_from_secs_f64(c.timeout_s.max(c.startup_timeout_s))
                 .unwrap_or(Duration::MAX)
         }

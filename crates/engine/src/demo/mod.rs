@@ -71,7 +71,7 @@ pub fn run_with(args: &DemoOptions, spec: &task::TaskSpec) -> Result<Outcome> {
     let (x, y) = (&data.selection.x, Targets::Classes(&data.selection.y));
     write_dataset(&sel_path, x, spec.features, y)?;
     let (history, config_path) = train_watched(&dir, &ckpt_dir, args, spec, &data)?;
-    let cfg = ObjectiveConfig { data: sel_path, ..Default::default() };
+    let cfg = ObjectiveConfig::builtin(sel_path);
     let mut objective = cfg.build(&dir)?;
     let test_x = Tensor::from_slice(&data.test.x, (data.test.y.len(), spec.features), &Device::Cpu)
         .map_err(|e| Error::Internal(format!("candle: {e}")))?;

@@ -1,16 +1,17 @@
-//! `[objective]` table: which loss oracle to build and from what data. Its type and cross-field
-//! checks; the table as written is read by the type of its `kind` (`BuiltinTable`,
-//! `CommandTable`: the other kind's keys are errors at their line), from the whole config text
-//! so errors keep the file's line; builds the `Objective`. It does not evaluate anything itself.
+//! `[objective]` table: which loss oracle to build and from what data, by `kind`
+//! (`ObjectiveConfig::kind`: a builtin model or an external evaluator, each with its own keys).
+//! The table as written is read by the type of its `kind` (`BuiltinTable`, `CommandTable`: the
+//! other kind's keys are errors at their line), from the whole config text so errors keep the
+//! file's line; then its cross-field checks. Building the objective is `build`'s; this module
+//! evaluates nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::Objective;
-use super::command::{CommandConfig, CommandObjective};
-use super::data::Dataset;
-use super::mlp::MlpObjective;
+use super::command::{CommandConfig, default_startup_timeout_s, default_timeout_s};
+use crate::average::IntPolicy;
 use crate::error::{Error, Result};
 
 /// Where the loss is computed: in-process candle models, or an external evaluator process.
@@ -22,19 +23,91 @@ pub enum ObjectiveKind {
     Command,
 }
 
-/// Build the objective an `[objective]` table describes: `kind = "builtin"` (default) or
-/// `kind = "command"` (external evaluator). Relative paths resolve against `base_dir` (the
-/// config file's directory). For one-shot commands: an evaluator failure ends the command, so
-/// nothing is restarted.
-pub fn build_objective(cfg: &ObjectiveConfig, base_dir: &Path) -> Result<Box<dyn Objective>> {
-    cfg.build_as(base_dir, Lifetime::OneShot)
+/// The `[objective]` table, as the rest of sewa reads it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ObjectiveConfig {
+    /// What computes the loss, with the keys of that kind only.
+    #[serde(flatten)]
+    pub kind: Kind,
+    /// The integer policy of the average this objective selects for (`[publish] int_policy`,
+    /// or `sewa average --int-policy`), set by whoever builds the config (not a key of this
+    /// table): a protocol 2 evaluator is told which member's integer buffers a mixture carries.
+    #[serde(skip)]
+    pub int_policy: IntPolicy,
 }
 
-/// Whether the objective serves one command or a daemon that restarts failed evaluators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lifetime {
-    OneShot,
-    Daemon,
+/// `[objective]`'s keys, by `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Kind {
+    Builtin(BuiltinConfig),
+    Command(EvaluatorConfig),
+}
+
+impl Default for Kind {
+    fn default() -> Self {
+        Kind::Builtin(BuiltinConfig::default())
+    }
+}
+
+/// `kind = "builtin"` (the default). Defaults: `model = "mlp"`, `activation = "relu"`,
+/// `loss = "cross_entropy"`, `batch` = all rows, `device = "cpu"`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BuiltinConfig {
+    pub model: ModelKind,
+    /// safetensors file with `inputs` (f32 [N, D]) and `targets`; relative to the config file.
+    /// Required.
+    pub data: PathBuf,
+    pub activation: Activation,
+    pub loss: LossKind,
+    /// Where the model is evaluated (`"cpu"`, `"cuda"`, `"cuda:N"`).
+    pub device: DeviceSpec,
+    /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
+    pub batch: Option<usize>,
+    /// `policy = "best"`: a second held-out file (same layout as `data`) on which a selection
+    /// is compared with the published model, so that acceptance is not judged on the split the
+    /// selection optimised. Without it the selection's own loss is compared.
+    pub acceptance_data: Option<PathBuf>,
+}
+
+impl BuiltinConfig {
+    /// The data path, resolved against the directory of the config file.
+    pub fn data_path(&self, base_dir: &Path) -> PathBuf {
+        if self.data.is_absolute() { self.data.clone() } else { base_dir.join(&self.data) }
+    }
+}
+
+/// `kind = "command"`: an external evaluator process (see `command::CommandConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EvaluatorConfig {
+    /// The evaluator's program and arguments.
+    pub command: Vec<String>,
+    pub timeout_s: Option<f64>,
+    pub startup_timeout_s: Option<f64>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the evaluator, relative to the config file.
+    pub cwd: Option<PathBuf>,
+    /// Where protocol 1's candidate and gradient files and protocol 2's member copies are
+    /// exchanged (default: /dev/shm, else the temp dir).
+    pub staging_dir: Option<PathBuf>,
+    /// `policy = "best"`: a second evaluator process (same protocol and settings as
+    /// `command`) that computes the loss on the other split.
+    pub acceptance_command: Vec<String>,
+}
+
+impl EvaluatorConfig {
+    /// The evaluator's settings, `cwd` resolved against `base_dir`.
+    pub fn command_config(&self, base_dir: &Path) -> CommandConfig {
+        CommandConfig {
+            command: self.command.clone(),
+            timeout_s: self.timeout_s.unwrap_or_else(default_timeout_s),
+            startup_timeout_s: self.startup_timeout_s.unwrap_or_else(default_startup_timeout_s),
+            env: self.env.clone(),
+            cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
+            staging_dir: self.staging_dir.as_ref().map(|d| base_dir.join(d)),
+            one_shot: false,
+        }
+    }
 }
 
 /// Which builtin model to infer from the checkpoint.
@@ -126,47 +199,6 @@ pub enum LossKind {
     Mse,
 }
 
-/// The `[objective]` table, as the rest of sewa reads it. Defaults: `kind = "builtin"`,
-/// `model = "mlp"`, `activation = "relu"`, `loss = "cross_entropy"`, `batch` = all rows. The
-/// file is read through [`BuiltinTable`] or [`CommandTable`] (by `kind`), so the keys of the
-/// other kind are left at their defaults here: they are errors in the file.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct ObjectiveConfig {
-    pub kind: ObjectiveKind,
-    pub model: ModelKind,
-    /// safetensors file with `inputs` (f32 [N, D]) and `targets`; relative to the config file.
-    /// Required for `kind = "builtin"`.
-    pub data: PathBuf,
-    pub activation: Activation,
-    pub loss: LossKind,
-    /// `kind = "builtin"`: where the model is evaluated (`"cpu"`, `"cuda"`, `"cuda:N"`).
-    pub device: DeviceSpec,
-    /// Rows per forward/backward chunk. The loss is always over all rows; this bounds memory.
-    pub batch: Option<usize>,
-    /// `kind = "command"`: the evaluator's program and arguments (see `command::CommandConfig`).
-    pub command: Vec<String>,
-    pub timeout_s: Option<f64>,
-    pub startup_timeout_s: Option<f64>,
-    pub env: std::collections::BTreeMap<String, String>,
-    /// Working directory of the evaluator, relative to the config file.
-    pub cwd: Option<PathBuf>,
-    /// `kind = "command"`: where protocol 1's candidate and gradient files and protocol 2's
-    /// member copies are exchanged (default: /dev/shm, else the temp dir).
-    pub staging_dir: Option<PathBuf>,
-    /// `kind = "builtin"`, `policy = "best"`: a second held-out file (same layout as `data`) on
-    /// which a selection is compared with the published model, so that acceptance is not judged
-    /// on the split the selection optimised. Without it the selection's own loss is compared.
-    pub acceptance_data: Option<PathBuf>,
-    /// `kind = "command"`, `policy = "best"`: the same, as a second evaluator process (same
-    /// protocol and settings as `command`) that computes the loss on the other split.
-    pub acceptance_command: Vec<String>,
-    /// The integer policy of the average this objective selects for (`[publish] int_policy`,
-    /// or `sewa average --int-policy`), set by whoever builds the config (not a key of this
-    /// table): a protocol 2 evaluator is told which member's integer buffers a mixture carries.
-    #[serde(skip)]
-    pub int_policy: crate::average::IntPolicy,
-}
-
 /// A key of the other kind: refused where it is written (serde reports the value's line and
 /// column), naming the kind that takes it, instead of being accepted and ignored.
 macro_rules! refuse {
@@ -255,7 +287,7 @@ struct CommandTable {
     #[serde(default, deserialize_with = "super::command::opt_timeout_s")]
     startup_timeout_s: Option<f64>,
     #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
     #[serde(default)]
     cwd: Option<PathBuf>,
     #[serde(default)]
@@ -280,26 +312,15 @@ struct CommandTable {
 
 impl From<BuiltinTable> for ObjectiveConfig {
     fn from(t: BuiltinTable) -> Self {
-        let BuiltinTable { kind, model, data, activation, loss, device, batch, .. } = t;
-        let acceptance_data = t.acceptance_data; // (the refused keys are all `None` here)
-        ObjectiveConfig {
-            kind,
-            model,
-            data,
-            activation,
-            loss,
-            device,
-            batch,
-            acceptance_data,
-            ..Default::default()
-        }
+        let BuiltinTable { model, data, activation, loss, device, batch, acceptance_data, .. } = t;
+        let b = BuiltinConfig { model, data, activation, loss, device, batch, acceptance_data };
+        ObjectiveConfig { kind: Kind::Builtin(b), ..Default::default() }
     }
 }
 
 impl From<CommandTable> for ObjectiveConfig {
     fn from(t: CommandTable) -> Self {
-        ObjectiveConfig {
-            kind: t.kind,
+        let e = EvaluatorConfig {
             command: t.command,
             timeout_s: t.timeout_s,
             startup_timeout_s: t.startup_timeout_s,
@@ -307,8 +328,8 @@ impl From<CommandTable> for ObjectiveConfig {
             cwd: t.cwd,
             staging_dir: t.staging_dir,
             acceptance_command: t.acceptance_command,
-            ..Default::default()
-        }
+        };
+        ObjectiveConfig { kind: Kind::Command(e), ..Default::default() }
     }
 }
 
@@ -350,114 +371,71 @@ fn is_command(table: &toml::Value) -> bool {
 }
 
 impl ObjectiveConfig {
+    /// A builtin objective on `data` with every other setting at its default.
+    pub fn builtin(data: impl Into<PathBuf>) -> Self {
+        let b = BuiltinConfig { data: data.into(), ..Default::default() };
+        ObjectiveConfig { kind: Kind::Builtin(b), ..Default::default() }
+    }
+
+    /// The builtin kind's keys, if this is one.
+    pub fn as_builtin(&self) -> Option<&BuiltinConfig> {
+        match &self.kind {
+            Kind::Builtin(b) => Some(b),
+            Kind::Command(_) => None,
+        }
+    }
+
+    /// The command kind's keys, if this is one.
+    pub fn as_command(&self) -> Option<&EvaluatorConfig> {
+        match &self.kind {
+            Kind::Command(e) => Some(e),
+            Kind::Builtin(_) => None,
+        }
+    }
+
+    /// Which kind, without its keys.
+    pub fn kind(&self) -> ObjectiveKind {
+        match self.kind {
+            Kind::Builtin(_) => ObjectiveKind::Builtin,
+            Kind::Command(_) => ObjectiveKind::Command,
+        }
+    }
+
     /// Cross-field checks that serde cannot express.
     pub fn check(&self, config_path: &Path) -> Result<()> {
-        if self.batch == Some(0) {
-            return Err(Error::config(config_path, "[objective] batch must be at least 1"));
-        }
-        self.check_acceptance(config_path)?;
-        match self.kind {
-            ObjectiveKind::Builtin if self.data.as_os_str().is_empty() => Err(Error::config(
-                config_path,
-                "[objective] kind = \"builtin\" needs data = \"selection.safetensors\"",
-            )),
-            ObjectiveKind::Builtin if !self.command.is_empty() => Err(Error::config(
-                config_path,
-                "[objective] command is only used with kind = \"command\"",
-            )),
-            ObjectiveKind::Builtin => Ok(()),
-            ObjectiveKind::Command => self.command_config(Path::new(".")).check(config_path),
+        let fail = |msg: &str| Err(Error::config(config_path, msg));
+        match &self.kind {
+            Kind::Builtin(b) if b.batch == Some(0) => fail("[objective] batch must be at least 1"),
+            Kind::Builtin(b) if b.data.as_os_str().is_empty() => {
+                fail("[objective] kind = \"builtin\" needs data = \"selection.safetensors\"")
+            }
+            Kind::Builtin(b)
+                if b.acceptance_data.as_ref().is_some_and(|p| p.as_os_str().is_empty()) =>
+            {
+                fail("[objective] acceptance_data is empty")
+            }
+            Kind::Builtin(_) => Ok(()),
+            Kind::Command(e) if e.acceptance_command.first().is_some_and(|c| c.is_empty()) => {
+                fail("[objective] acceptance_command must name a program")
+            }
+            Kind::Command(e) => e.command_config(Path::new(".")).check(config_path),
         }
     }
 
     /// Whether a separate acceptance split is configured.
     pub fn has_acceptance(&self) -> bool {
-        self.acceptance_data.is_some() || !self.acceptance_command.is_empty()
-    }
-
-    /// Each kind has its own way to name the acceptance split.
-    fn check_acceptance(&self, config_path: &Path) -> Result<()> {
-        let msg = match self.kind {
-            ObjectiveKind::Builtin if !self.acceptance_command.is_empty() => {
-                "[objective] acceptance_command is for kind = \"command\"; with the builtin \
-                 objective name the file: acceptance_data = \"acceptance.safetensors\""
-            }
-            ObjectiveKind::Builtin
-                if self.acceptance_data.as_ref().is_some_and(|p| p.as_os_str().is_empty()) =>
-            {
-                "[objective] acceptance_data is empty"
-            }
-            ObjectiveKind::Command if self.acceptance_data.is_some() => {
-                "[objective] acceptance_data is not supported with kind = \"command\" (sewa \
-                 never tells an evaluator which data to use); start a second evaluator on the \
-                 other split instead: acceptance_command = [\"python3\", \"eval.py\", \
-                 \"acceptance.safetensors\"]"
-            }
-            ObjectiveKind::Command
-                if self.acceptance_command.first().is_some_and(|c| c.is_empty()) =>
-            {
-                "[objective] acceptance_command must name a program"
-            }
-            _ => return Ok(()),
-        };
-        Err(Error::config(config_path, msg))
-    }
-
-    /// The data path, resolved against the directory of the config file.
-    pub fn data_path(&self, base_dir: &Path) -> PathBuf {
-        if self.data.is_absolute() { self.data.clone() } else { base_dir.join(&self.data) }
-    }
-
-    /// The evaluator settings for `kind = "command"`, `cwd` resolved against `base_dir`.
-    pub fn command_config(&self, base_dir: &Path) -> CommandConfig {
-        use super::command::{default_startup_timeout_s, default_timeout_s};
-        CommandConfig {
-            command: self.command.clone(),
-            timeout_s: self.timeout_s.unwrap_or_else(default_timeout_s),
-            startup_timeout_s: self.startup_timeout_s.unwrap_or_else(default_startup_timeout_s),
-            env: self.env.clone(),
-            cwd: Some(self.cwd.as_ref().map_or(base_dir.to_path_buf(), |c| base_dir.join(c))),
-            staging_dir: self.staging_dir.as_ref().map(|d| base_dir.join(d)),
-            one_shot: false,
+        match &self.kind {
+            Kind::Builtin(b) => b.acceptance_data.is_some(),
+            Kind::Command(e) => !e.acceptance_command.is_empty(),
         }
     }
 
-    /// Load the data and build the oracle (or start the evaluator). `base_dir` is the config
-    /// file's directory.
-    pub fn build(&self, base_dir: &Path) -> Result<Box<dyn Objective>> {
-        self.build_as(base_dir, Lifetime::Daemon)
-    }
-
-    /// [`build`](Self::build) for a daemon or a one-shot command (which never announces
-    /// evaluator restarts it will not make).
-    pub fn build_as(&self, base_dir: &Path, lifetime: Lifetime) -> Result<Box<dyn Objective>> {
-        if self.kind == ObjectiveKind::Command {
-            let mut config = self.command_config(base_dir);
-            config.one_shot = lifetime == Lifetime::OneShot;
-            let mut evaluator = CommandObjective::start(config)?;
-            evaluator.set_int_policy(self.int_policy);
-            return Ok(Box::new(evaluator));
+    /// How the evaluator is named in messages: its command line, or "objective".
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Command(e) if !e.command.is_empty() => e.command.join(" "),
+            _ => "objective".into(),
         }
-        let path = self.data_path(base_dir);
-        let data = Dataset::load(&path, self.loss)?;
-        let device = self.device.open()?;
-        let mlp = MlpObjective::new(data, self.activation, self.loss, self.batch);
-        Ok(Box::new(mlp.on(&device)?))
-    }
-
-    /// The acceptance objective (`acceptance_data` or `acceptance_command`), if configured:
-    /// the same model, loss and evaluator settings as the selection's, on the other split.
-    /// Daemon lifetime: only `sewa watch` publishes under `policy = "best"`.
-    pub fn build_acceptance(&self, base_dir: &Path) -> Result<Option<Box<dyn Objective>>> {
-        if !self.has_acceptance() {
-            return Ok(None);
-        }
-        let mut other = self.clone();
-        match self.kind {
-            ObjectiveKind::Builtin => other.data = self.acceptance_data.clone().unwrap_or_default(),
-            ObjectiveKind::Command => other.command = self.acceptance_command.clone(),
-        }
-        other.build(base_dir).map(Some)
     }
 }
 
@@ -469,6 +447,7 @@ mod tests {
     fn defaults_and_unknown_keys() {
         let c = ObjectiveConfig::from_table_text("data = \"sel.safetensors\"").unwrap();
         c.check(Path::new("c.toml")).unwrap();
+        let c = c.as_builtin().unwrap();
         assert_eq!(c.activation, Activation::Relu);
         assert_eq!(c.loss, LossKind::CrossEntropy);
         assert_eq!(c.batch, None);
@@ -516,17 +495,26 @@ mod tests {
         assert!(e.contains("shell") && e.contains("command") && e.contains("line 1"), "{e}");
         // Each kind's own keys still parse, `kind` absent meaning builtin.
         let c = ObjectiveConfig::from_table_text("data = \"x\"\ndevice = \"cpu\"\n").unwrap();
-        assert_eq!((c.kind, c.device), (ObjectiveKind::Builtin, DeviceSpec::Cpu));
+        assert_eq!(
+            (c.kind(), c.as_builtin().unwrap().device),
+            (ObjectiveKind::Builtin, DeviceSpec::Cpu)
+        );
         let text = "kind = \"command\"\ncommand = [\"e\"]\ntimeout_s = 5\ncwd = \"w\"\n";
         let c = ObjectiveConfig::from_table_text(text).unwrap();
-        assert_eq!((c.kind, c.timeout_s), (ObjectiveKind::Command, Some(5.0)));
+        assert_eq!(
+            (c.kind(), c.as_command().unwrap().timeout_s),
+            (ObjectiveKind::Command, Some(5.0))
+        );
     }
 
     /// The `cuda` feature is real: `device` picks where the builtin objective computes. Without
     /// the feature, asking for CUDA is a config error naming the key's position and the fix.
     #[test]
     fn device_is_parsed_with_its_position_and_cuda_needs_the_feature() {
-        let parse = |text: &str| ObjectiveConfig::from_table_text(text).map_err(|e| e.to_string());
+        let parse = |text: &str| {
+            let c = ObjectiveConfig::from_table_text(text).map_err(|e| e.to_string())?;
+            Ok::<_, String>(c.as_builtin().unwrap().clone())
+        };
         assert_eq!(parse("data = \"x\"").unwrap().device, DeviceSpec::Cpu);
         assert_eq!(parse("data = \"x\"\ndevice = \"cpu\"").unwrap().device, DeviceSpec::Cpu);
         let e = parse("data = \"x\"\ndevice = \"gpu\"").unwrap_err();

@@ -6,11 +6,13 @@
 //! moves; it returns one number per member instead.
 //! This module does not choose checkpoints or write outputs.
 
+pub mod build;
 pub mod config;
 pub mod data;
 pub mod mlp;
 
-pub use config::{Activation, LossKind, ObjectiveConfig};
+pub use build::{Lifetime, build_objective};
+pub use config::{Activation, BuiltinConfig, EvaluatorConfig, LossKind, ObjectiveConfig};
 pub use mlp::MlpObjective;
 
 use crate::error::Result;

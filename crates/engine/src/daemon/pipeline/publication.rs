@@ -91,8 +91,7 @@ impl Pipeline {
                 // An evaluator error: logged, counted and retried like one.
                 self.status.counters.failed_selections += 1;
                 self.record_selection(selection, false, format!("not published: {why}"));
-                let evaluator = self.cfg.objective.as_ref().map(|o| o.command.join(" "));
-                let who = evaluator.filter(|c| !c.is_empty()).unwrap_or_else(|| "objective".into());
+                let who = self.cfg.objective.as_ref().map_or("objective".into(), |o| o.describe());
                 Err(Error::Evaluator(format!("{who}: {why}")))
             }
             Verdict::Publish { note } => {
