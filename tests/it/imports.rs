@@ -378,8 +378,8 @@ fn layers(nodes: &BTreeSet<ModPath>, edges: &BTreeSet<(ModPath, ModPath)>) -> Ve
     out
 }
 
-/// Checks one crate; returns (files, folders, circle descriptions).
-fn check(src: &Path) -> (usize, usize, Vec<String>) {
+/// Checks one crate; returns (files, folders, circle descriptions, its top-level layers).
+fn check(src: &Path) -> (usize, usize, Vec<String>, Vec<Vec<String>>) {
     let krate = Crate::read(src);
     let edges = krate.edges();
     let files: BTreeSet<ModPath> = krate.files.keys().cloned().collect();
@@ -392,6 +392,7 @@ fn check(src: &Path) -> (usize, usize, Vec<String>) {
         .filter(|f| files.iter().any(|g| g.len() == f.len() + 1 && g.starts_with(f)))
         .cloned()
         .collect();
+    let mut top = Vec::new();
     for folder in &folders {
         let child = |m: &ModPath| -> Option<ModPath> {
             (m.len() > folder.len() && m.starts_with(folder)).then(|| m[..=folder.len()].to_vec())
@@ -407,12 +408,10 @@ fn check(src: &Path) -> (usize, usize, Vec<String>) {
             found.push(format!("folder {}: {}", show(folder), names.join(" ↔ ")));
         }
         if folder.is_empty() && found.is_empty() {
-            for (i, l) in layers(&nodes, &lifted).iter().enumerate() {
-                println!("  layer {i}: {}", l.join(", "));
-            }
+            top = layers(&nodes, &lifted);
         }
     }
-    (files.len(), folders.len(), found)
+    (files.len(), folders.len(), found, top)
 }
 
 #[test]
@@ -420,10 +419,13 @@ fn no_import_circles_in_any_crate_at_any_level() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut all = Vec::new();
     for src in ["src", "crates/checkpoint/src", "crates/engine/src"] {
-        let (files, folders, found) = check(&root.join(src));
+        let (files, folders, found, top) = check(&root.join(src));
         println!("{src}: {files} files, {folders} folders, {} circles", found.len());
         for f in &found {
             println!("  {f}");
+        }
+        for (i, layer) in top.iter().enumerate() {
+            println!("  layer {i}: {}", layer.join(", "));
         }
         assert!(files > 1, "{src}: no files read");
         all.extend(found.into_iter().map(|f| format!("{src}: {f}")));
@@ -446,7 +448,7 @@ fn the_circle_check_sees_a_planted_circle() {
         "use crate::a::X;\n#[cfg(test)]\nmod tests { use crate::b; }\n",
     )
     .unwrap();
-    let (files, folders, found) = check(src);
+    let (files, folders, found, _) = check(src);
     assert_eq!((files, folders), (5, 2));
     assert_eq!(found, ["files: a::x ↔ a::y", "folder a: x ↔ y"], "{found:?}");
 }

@@ -96,3 +96,46 @@ pub fn quick_check(path: &Path, marker: &str) -> Result<()> {
 pub fn quick_check_with(path: &Path, marker: &str, opts: &OpenOptions) -> Result<()> {
     detect(path, opts)?.quick_check(marker)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor safetensors file, written by hand (`w`: f32 of `values`).
+    fn safetensors(values: &[f32]) -> Vec<u8> {
+        let n = values.len() * 4;
+        let head = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{}],"data_offsets":[0,{n}]}}}}"#,
+            values.len()
+        );
+        let mut out = (head.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(head.as_bytes());
+        values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        out
+    }
+
+    /// Detected once: the check and the open read the file that was detected, and a path
+    /// renamed over in between (a trainer's next save, a half-written file) is refused as
+    /// changed, to be retried, not read as whatever the new file is.
+    #[test]
+    fn the_check_and_the_open_read_the_file_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("step_1.safetensors");
+        std::fs::write(&path, safetensors(&[1.0, 2.0])).unwrap();
+        let found = detect(&path, &OpenOptions::default()).unwrap();
+        let torn = dir.path().join("tmp");
+        std::fs::write(&torn, &safetensors(&[3.0, 4.0])[..20]).unwrap();
+        std::fs::rename(&torn, &path).unwrap();
+        // The detected file is complete, whatever the path now holds.
+        found.quick_check("").unwrap();
+        assert!(quick_check(&path, "").is_err(), "the new file is torn");
+        let e = found.open().err().expect("a path renamed over is refused").to_string();
+        assert!(e.contains("changed while being opened"), "{e}");
+        // Undisturbed, the same steps read it.
+        std::fs::write(&path, safetensors(&[5.0, 6.0])).unwrap();
+        let found = detect(&path, &OpenOptions::default()).unwrap();
+        found.quick_check("").unwrap();
+        let ckpt = found.open().unwrap();
+        assert_eq!(&ckpt.data("w").unwrap()[..4], &5.0f32.to_le_bytes());
+    }
+}
