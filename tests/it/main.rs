@@ -1,7 +1,6 @@
 //! The one integration-test target: topic modules, real files in unique temp dirs.
 
 mod average;
-mod checkpoint;
 mod cli;
 mod config;
 mod dcp;

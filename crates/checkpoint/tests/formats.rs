@@ -12,7 +12,7 @@ use sewa_checkpoint::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
 fn open(p: &Path) -> sewa_checkpoint::Result<Checkpoint> {
