@@ -51,9 +51,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // `sewa watch` and config checks speak the config file's words; other commands
+            // name a setting by its flag.
+            let config_words = matches!(cli.command, Command::Watch(_) | Command::CheckConfig(_));
+            let shown = e.to_string();
+            let shown = if config_words { shown } else { commands::flags::in_flag_words(&shown) };
             match cli.log_format {
-                LogFormat::Text => eprintln!("sewa: error: {e}"),
-                LogFormat::Json => tracing::error!("{e}"),
+                LogFormat::Text => eprintln!("sewa: error: {shown}"),
+                LogFormat::Json => tracing::error!("{shown}"),
             }
             ExitCode::from(e.exit_code() as u8)
         }

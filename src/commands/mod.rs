@@ -4,6 +4,7 @@
 pub mod average;
 pub mod check;
 pub mod demo;
+pub mod flags;
 pub mod inspect;
 pub mod interrupt;
 pub mod lora;

@@ -50,11 +50,10 @@ pub(crate) fn no_state_dict(entries: &[(String, Holds)], nested: &[&str]) -> NoS
     if let Some(first) = candidates.first() {
         let key = shown_key(first);
         let simple = key.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
-        let flag = if simple { key.clone() } else { format!("{key:?}") };
+        let _ = simple;
         return NoStateDict::UnknownKey(format!(
             "no state dict at the top level or under one of {nested:?}; top-level keys: \
-             {listing}. Name the entry that holds the model's weights: --state-key {flag} \
-             (config: [watch] state_key = {key:?})"
+             {listing}. Name the entry that holds the model's weights: state_key = {key:?}"
         ));
     }
     let optimizer = entries.iter().any(|(_, h)| *h == Holds::Optimizer);
@@ -152,7 +151,7 @@ mod tests {
         ];
         let NoStateDict::UnknownKey(msg) = no_state_dict(&e, NESTED) else { panic!() };
         assert!(msg.contains("\"net\" (dict of 4 tensors)"), "{msg}");
-        assert!(msg.contains("\"step\" (500)") && msg.contains("--state-key net"), "{msg}");
+        assert!(msg.contains("\"step\" (500)") && msg.contains("state_key = \"net\""), "{msg}");
         assert!(msg.contains("state_key = \"net\""), "{msg}");
     }
 

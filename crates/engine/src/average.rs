@@ -63,8 +63,9 @@ impl<'a> AveragePlan<'a> {
             return Err(Error::bad_input(
                 reference.path(),
                 format!(
-                    "tensor {} is {:?}, which cannot be averaged and --int-policy is error \
-                     (use --int-policy latest or first to copy it from one input)",
+                    "tensor {} is {:?}, which cannot be averaged and int_policy = \"error\" \
+                     (int_policy = \"latest\" or int_policy = \"first\" copies it from one \
+                     input)",
                     t.name, t.dtype
                 ),
             ));

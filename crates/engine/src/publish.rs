@@ -206,7 +206,7 @@ fn publish_file(
 ) -> Result<()> {
     let name = out
         .file_name()
-        .ok_or_else(|| Error::Usage(format!("--out {}: no file name", out.display())))?;
+        .ok_or_else(|| Error::Usage(format!("output {}: no file name", out.display())))?;
     let layout =
         plan_files(outputs, &name.to_string_lossy(), u64::MAX, metadata)?.into_iter().next();
     let layout = layout.ok_or_else(|| Error::Internal("no layout for a file output".into()))?;

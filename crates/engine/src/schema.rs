@@ -61,7 +61,8 @@ fn compare_meta(
     let both_float = x.dtype.is_float() && y.dtype.is_float();
     if x.dtype != y.dtype && !(mixed_floats && both_float) {
         let hint = if both_float {
-            "; give an output dtype (--dtype f32, bf16 or f16) to average mixed float dtypes"
+            "; give an output dtype (dtype = \"f32\", or bf16 or f16) to average mixed float \
+             dtypes"
         } else {
             ""
         };
@@ -91,7 +92,7 @@ fn missing(lacking: &Checkpoint, having: &str, name: &str) -> Error {
         lacking.path(),
         format!(
             "has no tensor {name}, which {} has (inputs must have the same tensor names; \
-             for torch.compile's `_orig_mod.` or another prefix use --strip-prefix)",
+             for torch.compile's `_orig_mod.` or another prefix: strip_prefix = \"PREFIX\")",
             having
         ),
     )

@@ -485,7 +485,7 @@ fn daemon_refuses_an_overflowing_f16_average_unless_told_to_saturate() {
         // w = step + i/8 ≥ 70000 overflows f16 (max 65504); b = -step/2 + i fits.
         put_member(&d.runs, 70_000, 0);
         if mode == "error" {
-            let refused = |l: &str| l.contains("tensor w") && l.contains("--dtype-overflow");
+            let refused = |l: &str| l.contains("tensor w") && l.contains("dtype_overflow = ");
             wait_line(&mut d, 0, "the overflow refusal", refused);
             assert!(d.manifest().is_none(), "an overflowing average was published");
         } else {

@@ -240,7 +240,7 @@ fn zero3_module_error(dir: &Path) -> Error {
         dir,
         "ZeRO-3 checkpoint: its module weights are placeholders of shape [0] (the parameters \
          live partitioned in the optimizer states); read the fp32 masters with \
-         --deepspeed-weights fp32 (watch: [watch] deepspeed_weights = \"fp32\")",
+         deepspeed_weights = \"fp32\"",
     )
 }
 

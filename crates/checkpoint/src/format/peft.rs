@@ -193,7 +193,7 @@ pub fn check_same_adapter(first: &Checkpoint, other: &Checkpoint) -> Result<()> 
             model.path(),
             format!(
                 "is a full model but {} is a PEFT adapter: adapters average only with adapters \
-                 (use --lora merge-delta --base DIR to merge adapters into a model)",
+                 (lora = \"merge-delta\" with base = \"DIR\" merges adapters into a model)",
                 crate::text::path(adapter.path())
             ),
         ));

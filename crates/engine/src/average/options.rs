@@ -137,7 +137,7 @@ pub fn overflow_error(tensor: &str, dtype: DType, largest: impl fmt::LowerExp, a
     Error::Usage(format!(
         "tensor {tensor}: the average reaches {largest:e} at element {at}, beyond the range of \
          {name} (±{max:e}); refusing to write inf. Write a wider dtype, or clamp to ±{max:e} \
-         with --dtype-overflow saturate (sewa watch: [publish] dtype_overflow = \"saturate\")"
+         with dtype_overflow = \"saturate\""
     ))
 }
 

@@ -257,7 +257,7 @@ fn int_policy_error_refuses_before_reading() {
     let opts = AverageOptions { int_policy: IntPolicy::Error, ..Default::default() };
     let err = AveragePlan::new(ckpts.iter().collect(), None, opts).err().unwrap();
     assert!(err.is_bad_input());
-    assert!(err.to_string().contains("count") && err.to_string().contains("--int-policy"), "{err}");
+    assert!(err.to_string().contains("count") && err.to_string().contains("int_policy"), "{err}");
 }
 
 #[test]
@@ -351,7 +351,7 @@ fn overflowing_a_narrower_dtype_is_refused_with_tensor_and_largest_value() {
         }
         let msg = got.err().unwrap().to_string();
         assert!(msg.contains("tensor w") && msg.contains(needle), "{msg}");
-        assert!(msg.contains("--dtype-overflow saturate"), "{msg}");
+        assert!(msg.contains("dtype_overflow = \"saturate\""), "{msg}");
     }
     // f64 in, f32 out.
     let wide = vec![("w".to_string(), DType::F64, vec![2], encode(&[1.0, -1.0e39], DType::F64))];

@@ -94,7 +94,7 @@ fn refuse_earlier_run(dir: &Path) -> Result<()> {
         let used = std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some());
         if used {
             return Err(Error::Usage(format!(
-                "demo: {} holds an earlier run's files; give a new --dir or remove them",
+                "demo: {} holds an earlier run's files; give a new directory or remove them",
                 path.display()
             )));
         }
@@ -261,6 +261,6 @@ mod tests {
         refuse_earlier_run(dir.path()).unwrap();
         std::fs::write(dir.path().join("checkpoints/step_000060.safetensors"), b"x").unwrap();
         let e = refuse_earlier_run(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("earlier run") && e.contains("--dir"), "{e}");
+        assert!(e.contains("earlier run") && e.contains("new directory"), "{e}");
     }
 }

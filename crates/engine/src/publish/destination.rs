@@ -11,13 +11,13 @@ use crate::error::{Error, Result, WithPath};
 /// Refuse destinations we must not replace, before anything is written.
 pub fn check_destination(out: &Path) -> Result<()> {
     let name = out.file_name().ok_or_else(|| {
-        Error::Usage(format!("--out {}: needs a file or directory name", out.display()))
+        Error::Usage(format!("output {}: needs a file or directory name", out.display()))
     })?;
     let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
     if is_file_output(out) {
         if meta.is_dir() {
             return Err(Error::Usage(format!(
-                "--out {}: is a directory, but a path ending in .safetensors is written as a \
+                "output {}: is a directory, but a path ending in .safetensors is written as a \
                  file (drop the extension to write a directory)",
                 out.display()
             )));
@@ -26,7 +26,7 @@ pub fn check_destination(out: &Path) -> Result<()> {
     }
     if !meta.is_dir() {
         return Err(Error::Usage(format!(
-            "--out {}: exists and is not a directory (a path without .safetensors is written \
+            "output {}: exists and is not a directory (a path without .safetensors is written \
              as a Hugging Face directory)",
             out.display()
         )));
@@ -34,7 +34,7 @@ pub fn check_destination(out: &Path) -> Result<()> {
     let empty = fs::read_dir(out).with_path(out)?.next().is_none();
     if !empty && !written_by_sewa(out) {
         return Err(Error::Usage(format!(
-            "--out {}: directory exists and was not written by sewa (no sewa manifest.json); \
+            "output {}: directory exists and was not written by sewa (no sewa manifest.json); \
              refusing to replace it — choose a new path such as {}-averaged",
             out.display(),
             name.to_string_lossy()
@@ -43,8 +43,8 @@ pub fn check_destination(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The directory `out` goes in must exist, or be created when `create` (`--parents`) says so:
-/// a typo in `--out` must not quietly build a directory tree. Returns the directories it
+/// The directory `out` goes in must exist, or be created when `create` says so: a typo in the
+/// output path must not quietly build a directory tree. Returns the directories it
 /// created, outermost first.
 pub fn check_parent(out: &Path, create: bool) -> Result<Vec<PathBuf>> {
     let parent = parent_dir(out);
@@ -52,7 +52,7 @@ pub fn check_parent(out: &Path, create: bool) -> Result<Vec<PathBuf>> {
         Ok(m) if m.is_dir() => return Ok(Vec::new()),
         Ok(_) => {
             return Err(Error::Usage(format!(
-                "--out {}: {} is not a directory",
+                "output {}: {} is not a directory",
                 out.display(),
                 parent.display()
             )));
@@ -62,8 +62,8 @@ pub fn check_parent(out: &Path, create: bool) -> Result<Vec<PathBuf>> {
     }
     if !create {
         return Err(Error::Usage(format!(
-            "--out {}: directory {} does not exist; create it, or pass --parents to have sewa \
-             create it",
+            "output {}: directory {} does not exist; create it, or set parents = true to have \
+             sewa create it",
             out.display(),
             parent.display()
         )));

@@ -67,7 +67,7 @@ pub(crate) fn select<'m>(
             dir,
             format!(
                 "holds only training state, no model tensors (top-level keys: {keys}); name \
-                 the model's key with --state-key"
+                 the model's key: state_key = \"KEY\""
             ),
         ),
     })

@@ -62,7 +62,7 @@ pub(crate) fn state_dict(
     if let Some(key) = state_key {
         let d = named.ok_or_else(|| missing_key(path, pk, key))?;
         let items = pk.dict_items(d).ok_or_else(|| {
-            Error::bad_input(path, format!("--state-key {key:?}: that entry is not a dict"))
+            Error::bad_input(path, format!("state_key = {key:?}: that entry is not a dict"))
         })?;
         return Ok((items.to_vec(), format, metadata));
     }
