@@ -571,14 +571,22 @@ fn status_command_prints_the_window() {
     let mut d = Daemon::start("[select]\nmethod = \"lawa\"\nk = 2\n");
     write(&d.runs, &["--style", "st-rename", "--steps", "7,8", "--chunk-ms", "5"]);
     d.wait_published(&[7, 8]);
-    let out = Command::new(env!("CARGO_BIN_EXE_sewa"))
-        .args(["status", "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("window: 2 members") && text.contains("last publish"), "{text}");
+    // The status file is rewritten after the manifest appears: polled, not read once.
+    let start = Instant::now();
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_sewa"))
+            .args(["status", "--config"])
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        if text.contains("window: 2 members") && text.contains("last publish") {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A one-layer classifier `0.weight = a·[[1, -1], [-1, 1]]`, `0.bias = 0`: larger `a` is better
@@ -728,7 +736,13 @@ fn on_publish_runs_again_for_the_latest_publication_after_a_slow_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let seen = runs(&d);
-    assert_eq!(seen.len(), 2, "one run, then one coalesced run for the latest");
+    let steps: Vec<Vec<u64>> = seen.iter().map(input_steps).collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "one run, then one coalesced run for the latest: {steps:?}\n{}",
+        d.log()
+    );
     assert_eq!(input_steps(&seen[1]), [3, 4], "the coalesced run saw the final publication");
     assert!(d.alive());
 }
