@@ -13,9 +13,9 @@ use sewa_engine::error::{Error, Result};
 use sewa_engine::objective::ObjectiveConfig;
 use sewa_engine::objective::build_objective;
 use sewa_engine::objective::config::Kind;
-use sewa_engine::select::Method;
 use sewa_engine::select::blend::Blend;
 use sewa_engine::select::oracle::Oracle;
+use sewa_engine::select::{Method, Strategy};
 
 /// The report for a valid config (exit 0); a config `watch` would refuse is an error (78).
 pub fn run(args: &CheckConfigArgs) -> Result<String> {
@@ -53,12 +53,22 @@ pub fn summary(c: &Config) -> String {
             format!("soup iterations={} lr={}{sparse}", s.soup.iterations, s.soup.lr)
         }
         Method::Twa => format!("twa iterations={} step={}", s.twa.iterations, s.twa.step),
+        // The knobs of the strategy that runs: the surrogate's call budget by default.
+        Method::Sewa if s.sewa.strategy == Strategy::Surrogate => {
+            let w = &s.sewa;
+            format!(
+                "sewa k={k} strategy=surrogate surrogate_max_calls={} surrogate_batch={} \
+                 guard={} seed={}",
+                w.surrogate_max_calls, w.surrogate_batch, w.guard, w.seed
+            )
+        }
         Method::Sewa => {
             let w = &s.sewa;
             let estimator = format!("{:?}", w.estimator).to_ascii_lowercase();
             format!(
-                "sewa k={k} estimator={estimator} samples={} iterations={} seed={}",
-                w.samples, w.iterations, w.seed
+                "sewa k={k} strategy=direct estimator={estimator} samples={} iterations={} \
+                 guard={} seed={}",
+                w.samples, w.iterations, w.guard, w.seed
             )
         }
     };
@@ -173,7 +183,16 @@ mod tests {
             ("method = \"greedy\"", "greedy, objective builtin d.safetensors", &["k="]),
             ("method = \"exhaustive\"", "exhaustive k=5 exhaustive_limit=20000", &["decay"]),
             ("method = \"random\"", "random k=5 seed=0", &["decay"]),
-            ("method = \"sewa\"\nevery = 2", "sewa k=5 estimator=auto samples=4", &["decay"]),
+            (
+                "method = \"sewa\"\nevery = 2",
+                "sewa k=5 strategy=surrogate surrogate_max_calls=",
+                &["decay", "estimator", "samples"],
+            ),
+            (
+                "method = \"sewa\"\n[select.sewa]\nstrategy = \"direct\"",
+                "sewa k=5 strategy=direct estimator=auto samples=4",
+                &["surrogate"],
+            ),
         ];
         for (select, want, absent) in cases {
             let s = summary_of(select);

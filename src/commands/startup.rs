@@ -22,7 +22,7 @@ use sewa_engine::objective::config::Kind;
 /// errors: exit 78). Returns notes for people: facts that are fine but worth saying.
 pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
     let mut notes = Vec::new();
-    notes.extend(watch_dir(&cfg.watch.dir).map_err(|m| Error::config(file, m))?);
+    notes.extend(watch_dir(&cfg.watch.dir, &cfg.publish.out).map_err(|m| Error::config(file, m))?);
     output(cfg).map_err(|m| Error::config(file, m))?;
     notes.extend(threads(cfg.runtime.threads.get()));
     notes.extend(descriptors(cfg).map_err(|m| Error::config(file, m))?);
@@ -76,7 +76,7 @@ pub fn descriptors(cfg: &Config) -> std::result::Result<Option<String>, String> 
 
 /// The watched directory: a readable directory, or missing with nothing in the way of its
 /// creation (then `watch` waits for it: the sidecar may start before the trainer).
-fn watch_dir(dir: &Path) -> std::result::Result<Option<String>, String> {
+fn watch_dir(dir: &Path, out: &Path) -> std::result::Result<Option<String>, String> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {
             std::fs::read_dir(dir).map_err(|e| format!("[watch] dir {}: {e}", dir.display()))?;
@@ -96,10 +96,21 @@ fn watch_dir(dir: &Path) -> std::result::Result<Option<String>, String> {
                     ancestor.display()
                 ));
             }
-            Ok(Some(format!(
-                "[watch] dir {} does not exist yet; `sewa watch` waits for it to appear",
-                dir.display()
-            )))
+            // `sewa watch` creates the output's missing parents at start: the dir with them.
+            let created = out.starts_with(dir);
+            Ok(Some(if created {
+                format!(
+                    "[watch] dir {} does not exist yet; `sewa watch` creates it at start, as \
+                     [publish] out ({}) lies inside it",
+                    dir.display(),
+                    out.display()
+                )
+            } else {
+                format!(
+                    "[watch] dir {} does not exist yet; `sewa watch` waits for it to appear",
+                    dir.display()
+                )
+            }))
         }
         Err(e) => Err(format!("[watch] dir {}: {e}", dir.display())),
     }
@@ -293,12 +304,19 @@ mod tests {
     #[test]
     fn a_missing_watch_dir_is_a_note_unless_it_can_never_appear() {
         let dir = tempfile::tempdir().unwrap();
-        let note = watch_dir(&dir.path().join("later/runs")).unwrap().unwrap();
+        let elsewhere = dir.path().join("out/model.safetensors");
+        let runs = dir.path().join("later/runs");
+        let note = watch_dir(&runs, &elsewhere).unwrap().unwrap();
         assert!(note.contains("waits for it"), "{note}");
+        // The output inside the watched dir: `sewa watch` creates both at start.
+        let note = watch_dir(&runs, &runs.join("averaged/model.safetensors")).unwrap().unwrap();
+        assert!(note.contains("creates it at start") && !note.contains("waits"), "{note}");
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        assert!(watch_dir(&file).unwrap_err().contains("not a directory"));
-        assert!(watch_dir(&file.join("runs")).unwrap_err().contains("can never appear"));
-        assert_eq!(watch_dir(dir.path()), Ok(None));
+        assert!(watch_dir(&file, &elsewhere).unwrap_err().contains("not a directory"));
+        assert!(
+            watch_dir(&file.join("runs"), &elsewhere).unwrap_err().contains("can never appear")
+        );
+        assert_eq!(watch_dir(dir.path(), &elsewhere), Ok(None));
     }
 }
