@@ -65,13 +65,12 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 "#;
 
-/// Write members 1..=n (alternating good and bad models) one by one, each admitted before the
-/// next.
+/// Write members 1..=n, each better than the last (so each selection differs from the
+/// published one and is published), one by one, each admitted before the next.
 fn feed(d: &mut Daemon, n: u64) {
     write_selection_data(&d.tmp.path().join("sel.safetensors"));
     for step in 1..=n {
-        let a = if step % 2 == 0 { -(step as f32) } else { step as f32 };
-        write_mlp(&d.runs, step, a);
+        write_mlp(&d.runs, step, step as f32);
         let start = Instant::now();
         while d.status().map(|s| s["members"].as_array().unwrap().len()) != Some(step as usize) {
             assert!(
@@ -145,15 +144,17 @@ fn tensorboard_reads_each_selections_scalars_at_the_newest_step() {
     let published = status["published"]["loss"].as_f64().unwrap();
     assert!(close(last("sewa/published_loss"), published), "{status}");
     let m = d.manifest().unwrap();
-    if selection["published"] == true {
-        let details = &m["selection"]["details"];
-        let own = details["member_losses"].as_array().unwrap();
-        assert!(close(last("sewa/newest_member_loss"), own.last().unwrap().as_f64().unwrap()));
-        let calls = details["oracle_calls"].as_u64().unwrap_or(0)
-            + details["oracle_calls_report"].as_u64().unwrap_or(0);
-        assert_eq!(last("sewa/oracle_calls") as u64, calls, "{m}");
-        assert_eq!(last("sewa/k") as usize, m["inputs"].as_array().unwrap().len(), "{m}");
-    }
+    // policy = "latest": the last selection is the published one, and its manifest says what
+    // the last event does.
+    assert_eq!(selection["published"], true, "{status}");
+    let details = &m["selection"]["details"];
+    let own = details["member_losses"].as_array().unwrap();
+    assert!(close(last("sewa/newest_member_loss"), own.last().unwrap().as_f64().unwrap()));
+    let calls = details["oracle_calls"].as_u64().unwrap_or(0)
+        + details["oracle_calls_report"].as_u64().unwrap_or(0);
+    assert_eq!(last("sewa/oracle_calls") as u64, calls, "{m}");
+    assert_eq!(last("sewa/k") as usize, m["inputs"].as_array().unwrap().len(), "{m}");
+    assert!(close(m["selection"]["loss"].as_f64().unwrap(), published), "{m}");
     let files: Vec<_> = std::fs::read_dir(&tb).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files.len(), 1, "one event file per daemon start: {files:?}");
     d.terminate();
