@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::watch::{DEADLINE, Daemon, write_mlp, write_selection_data};
 
 /// A model-based selector (greedy over the builtin objective), so every figure has a value.
-const GREEDY: &str = "[select]\nmethod = \"greedy\"\nk = 2\n\
+const GREEDY: &str = "[select]\nmethod = \"greedy\"\n\
                       [objective]\nkind = \"builtin\"\ndata = \"sel.safetensors\"\n";
 
 /// Why the test cannot run here: `python3` lacks `module`.

@@ -263,7 +263,7 @@ mod tests {
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
         assert_eq!(names.len(), 11);
         for l in text.lines().filter(|l| l.starts_with("# HELP")) {
-            assert_eq!(l.split(' ').count() > 3, true, "{l}");
+            assert!(l.split(' ').count() > 3, "HELP without text: {l}");
         }
     }
 
