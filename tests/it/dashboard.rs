@@ -265,3 +265,45 @@ fn a_metrics_address_off_loopback_is_refused_at_its_line() {
         assert!(text.contains(addr) && text.contains(&path.display().to_string()), "{text}");
     }
 }
+
+#[test]
+fn an_unwritable_tensorboard_dir_is_a_warning_per_selection_and_publishing_goes_on() {
+    // A regular file where the directory's parent should be: every write fails.
+    let tb = "tensorboard_dir = \"blocker/tb\"";
+    let mut d = Daemon::start_full("", "averaged/model.safetensors", tb);
+    std::fs::write(d.tmp.path().join("blocker"), b"not a directory").unwrap();
+    crate::watch::write(&d.runs, &["--style", "st-rename", "--steps", "1,2,3,4,5"]);
+    d.wait_published(&[1, 2, 3, 4, 5]);
+    let start = Instant::now();
+    let selections = loop {
+        let s = d.status().unwrap()["counters"]["selections"].as_u64().unwrap();
+        let warned = d.log().matches("tensorboard_dir: cannot write the event file").count() as u64;
+        if warned == s {
+            break s;
+        }
+        assert!(
+            start.elapsed() < DEADLINE && d.alive(),
+            "{s} selections, {warned} warnings\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(selections >= 1 && d.alive());
+    d.terminate();
+}
+
+#[test]
+fn a_metrics_port_in_use_is_an_error_in_the_status_and_the_daemon_runs_without_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let extra = format!("[runtime]\nmetrics_addr = \"{addr}\"\n");
+    let mut d = Daemon::start_full(&extra, "averaged/model.safetensors", "");
+    crate::watch::write(&d.runs, &["--style", "st-rename", "--steps", "1,2,3,4,5"]);
+    d.wait_published(&[1, 2, 3, 4, 5]);
+    let status = d.status().unwrap();
+    assert!(status["metrics_addr"].is_null(), "{status}");
+    let errors = status["errors"].to_string();
+    assert!(errors.contains("metrics_addr") && errors.contains(&addr.to_string()), "{errors}");
+    assert!(d.log().contains("cannot listen"), "{}", d.log());
+    d.terminate();
+}
