@@ -3,6 +3,7 @@
 mod average;
 mod cli;
 mod config;
+mod dashboard;
 mod dcp;
 mod deepspeed;
 mod docs;

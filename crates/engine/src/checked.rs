@@ -1,5 +1,6 @@
 //! Values that check themselves while the TOML is deserialised, so that a bad one is rejected
-//! at its own line and column: integers ≥ 1, numbers in (0, 1), entry-name globs, and the
+//! at its own line and column: integers ≥ 1, numbers in (0, 1), entry-name globs, loopback
+//! socket addresses, and the
 //! `deserialize_with` helpers the owners' tables (`[objective]`, `[select.sewa]`) use for their
 //! plain-number fields. A leaf: the config and every table's owner import it, it imports none.
 
@@ -89,6 +90,39 @@ impl<'de> Deserialize<'de> for UnitOpen {
             )));
         }
         Ok(UnitOpen(v))
+    }
+}
+
+/// A socket address on the loopback interface (`127.0.0.0/8` or `::1`), e.g. the metrics
+/// endpoint's `"127.0.0.1:9464"`; port 0 asks the system for a free port. Anything else is
+/// refused at its line: sewa serves its figures to the machine it runs on, never a network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopbackAddr(pub std::net::SocketAddr);
+
+impl LoopbackAddr {
+    /// Parse `s` as `IP:PORT` (`[::1]:PORT` for IPv6) and keep it only on loopback.
+    pub fn parse(s: &str) -> std::result::Result<LoopbackAddr, String> {
+        let addr: std::net::SocketAddr = s.parse().map_err(|_| {
+            format!(
+                "{s:?} is not an address with a port (e.g. \"127.0.0.1:9464\" or \"[::1]:9464\")"
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{s:?} is not a loopback address: the metrics endpoint is served on this machine \
+                 only (127.0.0.0/8 or ::1, e.g. \"127.0.0.1:{}\"); scrape it through a local \
+                 agent or a tunnel",
+                addr.port()
+            ));
+        }
+        Ok(LoopbackAddr(addr))
+    }
+}
+
+impl<'de> Deserialize<'de> for LoopbackAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        LoopbackAddr::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -193,6 +227,24 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("GiB").is_err());
+    }
+
+    #[test]
+    fn loopback_addresses_only() {
+        for ok in ["127.0.0.1:9464", "127.3.2.1:1", "[::1]:9464", "127.0.0.1:0"] {
+            assert!(LoopbackAddr::parse(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0:9464", "not a loopback"),
+            ("10.0.0.1:1", "not a loopback"),
+            ("[::]:9464", "not a loopback"),
+            ("[::ffff:127.0.0.1]:9464", "not a loopback"),
+            ("localhost:9464", "not an address"),
+            ("127.0.0.1", "not an address"),
+        ] {
+            let e = LoopbackAddr::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

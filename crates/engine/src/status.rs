@@ -55,6 +55,10 @@ pub struct Status {
     pub disk: Option<DiskStatus>,
     pub errors: Vec<ErrorStatus>,
     pub counters: Counters,
+    /// Where the metrics endpoint (`[runtime] metrics_addr`) listens, as bound (port 0 is
+    /// replaced by the port the system chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// What the daemon is doing, written as the strings the status file always held (monitoring
@@ -297,6 +301,9 @@ pub struct Counters {
     /// Times the run's checkpoints changed layout and the window followed them.
     #[serde(default)]
     pub relayouts: u64,
+    /// Objective calls of every selection of this run (method, report and acceptance).
+    #[serde(default)]
+    pub oracle_calls: u64,
 }
 
 impl Status {

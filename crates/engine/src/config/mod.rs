@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::average::{DtypeOverflow, IntPolicy, OutDType};
-use crate::checked::{MemoryBudget, Pattern, Positive};
+use crate::checked::{LoopbackAddr, MemoryBudget, Pattern, Positive};
 use crate::error::{Error, Result};
 use crate::objective::config::ObjectiveConfig;
 use crate::select::SelectConfig;
@@ -171,6 +171,10 @@ pub struct PublishConfig {
     /// older than the window's newest member no longer blocks a selection with a worse loss.
     #[serde(default)]
     pub max_age_steps: Option<Positive>,
+    /// TensorBoard event files: after each selection its figures are appended as scalars at
+    /// the window's newest step (`daemon::tensorboard`). Unset: nothing is written.
+    #[serde(default)]
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -198,6 +202,10 @@ pub struct RuntimeConfig {
     /// Default: 60, plus the evaluator's longer timeout with `[objective] kind = "command"`.
     #[serde(default)]
     pub stall_s: Option<Positive>,
+    /// A Prometheus text endpoint (`GET /metrics`) on this loopback address (`daemon::metrics`);
+    /// anything but loopback is refused at its line. Unset: nothing is bound.
+    #[serde(default)]
+    pub metrics_addr: Option<LoopbackAddr>,
 }
 
 impl Default for RuntimeConfig {
@@ -209,6 +217,7 @@ impl Default for RuntimeConfig {
             recompute_every: default_recompute_every(),
             memory_budget: MemoryBudget::Auto,
             stall_s: None,
+            metrics_addr: None,
         }
     }
 }
@@ -325,6 +334,7 @@ impl Config {
         resolve(&mut self.publish.out);
         self.runtime.state_dir.as_mut().map(resolve);
         self.runtime.status_file.as_mut().map(resolve);
+        self.publish.tensorboard_dir.as_mut().map(resolve);
     }
 
     /// Parse and check config text; `path` is only used in messages.
@@ -439,6 +449,9 @@ impl Config {
         }
         if self.publish.out.as_os_str().is_empty() {
             return Err("[publish] out is empty".to_string());
+        }
+        if self.publish.tensorboard_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err("[publish] tensorboard_dir is empty; remove it to write no events".into());
         }
         if self.publish.out == self.watch.dir {
             return Err("[publish] out cannot be the watched directory itself".to_string());

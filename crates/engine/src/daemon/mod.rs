@@ -14,6 +14,7 @@ mod disk;
 mod hook;
 mod load;
 mod loudness;
+mod metrics;
 mod output;
 mod panics;
 mod pipeline;
@@ -22,6 +23,7 @@ mod progress;
 mod restart;
 mod sides;
 mod status_view;
+mod tensorboard;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -84,7 +86,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: impl Future<Output = (
     tokio::pin!(shutdown);
     let mut sighup = hangup_stream(opts.reload.is_some())?;
     let (tx, mut rx) = mpsc::channel(HINT_QUEUE);
-    let started = off_worker(move || start_pipeline(cfg), &mut shutdown).await?;
+    let (endpoint, _server) = match metrics_endpoint(&cfg).await {
+        Some((endpoint, task)) => (Some(endpoint), Some(Aborting(task))),
+        None => (None, None),
+    };
+    let started = off_worker(move || start_pipeline(cfg, endpoint), &mut shutdown).await?;
     let Some(started) = started else { return Ok(()) };
     // Held for the life of the process.
     let (_lock, mut pipeline) = started?;
@@ -220,14 +226,38 @@ const HINT_BATCH: usize = 256;
 /// The output's lock, then the pipeline (it reads the published manifest) with its first
 /// status file — `sewa status` answers "starting" from here on, not "no status file" — and the
 /// clean-up after an interrupted publish. On the blocking pool: all of it touches files.
-fn start_pipeline(cfg: Config) -> Result<(crate::publish::OutputLock, Pipeline)> {
+fn start_pipeline(
+    cfg: Config,
+    metrics: Option<metrics::Endpoint>,
+) -> Result<(crate::publish::OutputLock, Pipeline)> {
     let lock = hold_output(&cfg)?;
+    let wanted = cfg.runtime.metrics_addr.map(|a| a.0);
     let mut pipeline = Pipeline::new(cfg);
+    if let (Some(addr), None) = (wanted, &metrics) {
+        pipeline.status.push_error(format!("[runtime] metrics_addr {addr}: cannot listen"));
+    }
+    pipeline.set_metrics(metrics);
     pipeline.write_status();
     if recover_output(&lock) {
         pipeline.reread_published(); // the recovery may have completed the output's manifest
     }
     Ok((lock, pipeline))
+}
+
+/// `[runtime] metrics_addr`: the endpoint bound and served (a tokio task), before the pipeline
+/// starts so the status names its address. A bind failure (the port is taken) is logged and
+/// the daemon runs without it: figures are not worth stopping the averaging for.
+async fn metrics_endpoint(
+    cfg: &Config,
+) -> Option<(metrics::Endpoint, tokio::task::JoinHandle<()>)> {
+    let addr = cfg.runtime.metrics_addr?.0;
+    match metrics::serve(addr).await {
+        Ok(served) => Some(served),
+        Err(e) => {
+            error!(error = %e, %addr, "[runtime] metrics_addr: cannot listen; no metrics endpoint");
+            None
+        }
+    }
 }
 
 /// The status file says "stopping" while the pipeline's evaluators stop, then "stopped" (on the

@@ -14,6 +14,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.runtime.threads != new.runtime.threads {
         keys.push("[runtime] threads");
     }
+    // The endpoint is bound once, before the pipeline starts (`daemon::metrics`).
+    if old.runtime.metrics_addr != new.runtime.metrics_addr {
+        keys.push("[runtime] metrics_addr");
+    }
     keys
 }
 
@@ -22,7 +26,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_threads_waits_for_a_restart() {
+    fn threads_and_the_metrics_address_wait_for_a_restart() {
         let base = "[watch]\ndir = \"runs\"\n[publish]\nout = \"avg/model.safetensors\"\n";
         let parse = |extra: &str| {
             Config::parse(&format!("{base}{extra}"), std::path::Path::new("t.toml")).unwrap()
@@ -30,6 +34,8 @@ mod tests {
         let old = parse("");
         assert!(needs_restart(&old, &old).is_empty());
         assert_eq!(needs_restart(&old, &parse("[runtime]\nthreads = 2\n")), ["[runtime] threads"]);
+        let metrics = parse("[runtime]\nmetrics_addr = \"127.0.0.1:9464\"\n");
+        assert_eq!(needs_restart(&old, &metrics), ["[runtime] metrics_addr"]);
         let applied = parse("[window]\nsize = 8\n[runtime]\nrecompute_every = 3\n");
         assert!(needs_restart(&old, &applied).is_empty());
     }

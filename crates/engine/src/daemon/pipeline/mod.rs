@@ -13,9 +13,11 @@ use tracing::{error, info, warn};
 
 use super::accept::Acceptance;
 use super::loudness::Loudness;
+use super::metrics::{Endpoint, Feed, Snapshot};
 use super::output::{self, LastPublished};
 use super::progress::{self, Progress, stall_bound};
 use super::sides::Sides;
+use super::tensorboard::Board;
 use super::{disk, panics, status_view};
 use crate::average::running::RunningAverage;
 use crate::config::Config;
@@ -58,6 +60,10 @@ pub struct Pipeline {
     loudness: Loudness,
     /// A selection that failed for a passing reason, to be tried again (see `retry_delay`).
     retry: Retry,
+    /// `[publish] tensorboard_dir`: each selection's scalars (None: off).
+    board: Option<Board>,
+    /// `[runtime] metrics_addr`: the endpoint's copy of the status figures (None: off).
+    metrics: Option<Feed>,
 }
 
 /// When a failed selection is tried again without waiting for a new checkpoint.
@@ -106,6 +112,7 @@ impl Pipeline {
             ..Status::default()
         };
         let stall = stall_bound(&cfg);
+        let board = cfg.publish.tensorboard_dir.clone().map(Board::new);
         Pipeline {
             cfg,
             window,
@@ -125,7 +132,15 @@ impl Pipeline {
             stall,
             loudness: Loudness::default(),
             retry: Retry::default(),
+            board,
+            metrics: None,
         }
+    }
+
+    /// The metrics endpoint the status figures are fed to (named in the status file).
+    pub(super) fn set_metrics(&mut self, endpoint: Option<Endpoint>) {
+        self.status.metrics_addr = endpoint.as_ref().map(|e| e.addr.to_string());
+        self.metrics = endpoint.map(|e| e.feed);
     }
 
     /// Read the published output's manifest again (after a start-up recovery completed it).
@@ -160,6 +175,9 @@ impl Pipeline {
         self.status.dir = cfg.watch.dir.clone();
         self.status.out = cfg.publish.out.clone();
         self.status.method = cfg.select.method.name().into();
+        if cfg.publish.tensorboard_dir.as_deref() != self.board.as_ref().map(|b| b.dir()) {
+            self.board = cfg.publish.tensorboard_dir.clone().map(Board::new);
+        }
         if cfg.publish != self.cfg.publish {
             self.last = output::read_last(&cfg);
             self.acceptance.now_published(None); // another output: judged again from its file
@@ -330,6 +348,11 @@ impl Pipeline {
         self.status.quarantined = q.collect();
         let held = disk::holdings(self.window.members(), &self.open, &self.running.held());
         self.status.disk = disk::status(&self.cfg.window, &self.cfg.watch.dir, &held);
+        if let Some(feed) = &self.metrics {
+            // Never blocks: the channel keeps the newest value, readers copy it out. Before
+            // the file (whose write waits on fsync): the endpoint never lags the status file.
+            feed.send_replace(Snapshot::of(&self.status));
+        }
         let path = self.cfg.status_file();
         if let Err(e) = self.status.write(&path) {
             warn!(error = %e, "cannot write the status file");

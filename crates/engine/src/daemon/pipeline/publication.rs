@@ -12,6 +12,7 @@ use super::super::accept;
 use super::super::output::{self, LastPublished, PublishedInput};
 use super::super::policy::{self, Candidate, Rules, Split, Verdict};
 use super::super::progress::Beating;
+use super::super::tensorboard::Point;
 use super::{Pipeline, trusted};
 use crate::average::running::{RunningAverage, UpdateReport};
 use crate::config::Policy;
@@ -38,9 +39,29 @@ impl Pipeline {
             self.status.counters.failed_selections += 1;
         })?;
         self.status.counters.selections += 1;
+        self.status.counters.oracle_calls += selection.details.total_calls() as u64;
         let paired = summaries.iter().map(|m| m.path.clone()).zip(selection.weights.clone());
         self.weights = paired.collect();
-        let inputs = published_inputs(&summaries, &ckpts, &selection);
+        let point = self.board.as_ref().map(|_| point(&selection, &summaries));
+        let settled = self.settle(selection, &summaries, ckpts, t0);
+        if let (Some(board), Some(mut point)) = (self.board.as_mut(), point) {
+            // The model published now: this selection's, or the one the policy kept.
+            point.published_loss = self.last.as_ref().and_then(|l| l.loss);
+            board.write(&point);
+        }
+        settled
+    }
+
+    /// A made selection's way out: the policy's verdict, then the average and its publication.
+    fn settle(
+        &mut self,
+        selection: Selection,
+        summaries: &[select::MemberSummary],
+        ckpts: Vec<Arc<Checkpoint>>,
+        t0: Instant,
+    ) -> Result<()> {
+        let refs: Vec<&Checkpoint> = ckpts.iter().map(|c| c.as_ref()).collect();
+        let inputs = published_inputs(summaries, &ckpts, &selection);
         let mut selection = selection;
         let newest = summaries.last().and_then(|m| m.step);
         let Some(go) = self.verdict(&mut selection, &refs, &inputs, newest)? else {
@@ -130,6 +151,7 @@ impl Pipeline {
             allowed: self.allowed(self.window_bytes()),
         };
         let j = self.acceptance.judge(&setting, refs, &selection.weights)?;
+        self.status.counters.oracle_calls += j.calls as u64;
         let d = &mut selection.details;
         d.acceptance_loss = Some(j.candidate);
         d.acceptance_published_loss = j.published;
@@ -265,6 +287,23 @@ impl Pipeline {
             acceptance_loss: sel.details.acceptance_loss,
         };
         self.status.last_selection = Some(SelectionStatus { summary, published, outcome });
+    }
+}
+
+/// A selection's figures for `[publish] tensorboard_dir`, at the window's newest step (the
+/// published loss is filled in once the policy has spoken).
+fn point(selection: &Selection, summaries: &[select::MemberSummary]) -> Point {
+    let newest =
+        (summaries.iter().enumerate()).max_by_key(|(_, m)| m.step).map(|(i, m)| (i, m.step));
+    let own = selection.details.member_losses.as_deref().unwrap_or_default();
+    Point {
+        step: newest.and_then(|(_, s)| s).unwrap_or(0),
+        selection_loss: selection.loss,
+        published_loss: None,
+        newest_member_loss: newest.and_then(|(i, _)| own.get(i).copied()),
+        oracle_calls: selection.details.total_calls() as u64,
+        k: selection.members().len() as u64,
+        window: summaries.len() as u64,
     }
 }
 
