@@ -8,6 +8,7 @@ mod deepspeed;
 mod docs;
 mod evaluator;
 mod faults;
+mod history;
 mod imports;
 mod layouts;
 mod memory;

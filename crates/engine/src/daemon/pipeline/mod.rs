@@ -416,5 +416,6 @@ mod tests {
     }
 }
 
+mod history;
 mod intake;
 mod publication;
