@@ -113,7 +113,7 @@ fn hostile_lines_are_skipped_and_counted() {
     assert_ne!(too_big, good);
     let lines: Vec<Vec<u8>> = vec![
         good.clone().into_bytes(),
-        good[..good.len() / 2].as_bytes().to_vec(),
+        good.as_bytes()[..good.len() / 2].to_vec(),
         non_utf8,
         huge,
         b"[1,2,3]".to_vec(),

@@ -18,6 +18,9 @@ pub const MEMBER: RGBColor = RGBColor(100, 100, 100);
 pub const PUBLISHED: RGBColor = RGBColor(220, 30, 30);
 pub const USED: RGBColor = RGBColor(30, 80, 220);
 
+/// One publication's newest step and the (step, weight) of each member it used.
+pub type Publication = (Option<u64>, Vec<(u64, f64)>);
+
 /// What the picture shows, taken from the entries.
 #[derive(Debug, Default, PartialEq)]
 pub struct Run {
@@ -27,7 +30,7 @@ pub struct Run {
     /// (step of the newest window member, loss) per publication with both.
     pub published: Vec<(u64, f64)>,
     /// Per publication, oldest first: its newest step and (step, weight) of each member used.
-    pub publications: Vec<(Option<u64>, Vec<(u64, f64)>)>,
+    pub publications: Vec<Publication>,
     /// Publications in the history before the newest `MAX_DRAWN`.
     pub left_out: usize,
 }
