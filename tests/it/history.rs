@@ -3,6 +3,7 @@
 //! loss and every publication as SVG that parses as XML (Python's `xml.etree`). Hostile history
 //! files give one clear error or skip lines, never a panic or a hang.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -177,4 +178,41 @@ fn hostile_history_files_are_skipped_or_refused_never_a_panic() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// A FIFO in the history's place while the daemon publishes: the publication stands, the
+/// failure is listed among the status file's errors, the daemon keeps publishing, and
+/// nothing blocks on the FIFO (it has no reader).
+#[test]
+fn a_fifo_in_place_of_the_history_does_not_stop_publishing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let state = runs.join("averaged/.sewa");
+    std::fs::create_dir_all(&state).unwrap();
+    let fifo = state.join("status.history.jsonl");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let out = runs.join("averaged/model.safetensors");
+    let config = tmp.path().join("sewa.toml");
+    let text = format!(
+        "[watch]\ndir = {runs:?}\nquiet_ms = 300\n[select]\nmethod = \"lawa\"\nk = 2\n\
+         [publish]\nout = {out:?}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut d = Daemon::spawn(tmp, runs, out, config);
+    crate::watch::write(&d.runs, &["--style", "st-rename", "--steps", "1,2"]);
+    d.wait_published(&[1, 2]);
+    let start = Instant::now();
+    let errors = loop {
+        let errors = d.status().map(|s| s["errors"].to_string()).unwrap_or_default();
+        if errors.contains("publication history not recorded") {
+            break errors;
+        }
+        assert!(start.elapsed() < DEADLINE && d.alive(), "no error recorded\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(errors.contains("status.history.jsonl"), "{errors}");
+    crate::watch::write(&d.runs, &["--style", "st-rename", "--steps", "3"]);
+    d.wait_published(&[2, 3]);
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "left as it was");
+    d.terminate();
 }
