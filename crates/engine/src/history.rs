@@ -160,17 +160,22 @@ pub fn append(path: &Path, entry: &Entry) -> Result<()> {
     }
     file.write_all(&line).with_path(path)?;
     file.sync_data().with_path(path)?;
-    if meta.len() + line.len() as u64 > MAX_HISTORY_BYTES {
-        cut(path)?;
+    let len = file.metadata().with_path(path)?.len();
+    if len > MAX_HISTORY_BYTES {
+        cut(path, &file, len)?;
     }
     Ok(())
 }
 
-/// Rewrite the file atomically with its newest whole lines that fit in half the bound.
-fn cut(path: &Path) -> Result<()> {
-    let bytes = crate::config::read_small(path, MAX_READ_BYTES)
-        .map_err(|why| Error::bad_input(path, why))?;
-    let kept = newest_lines(&bytes, (MAX_HISTORY_BYTES / 2) as usize);
+/// Rewrite the file atomically with its newest whole lines that fit in half the bound. Only
+/// that tail is read (and the byte before it, to tell whether it starts a line), so a file
+/// grown far past the bound by someone else is cut all the same.
+fn cut(path: &Path, file: &File, len: u64) -> Result<()> {
+    let budget = MAX_HISTORY_BYTES / 2;
+    let from = len.saturating_sub(budget + 1);
+    let mut tail = vec![0; (len - from) as usize];
+    file.read_exact_at(&mut tail, from).with_path(path)?;
+    let kept = newest_lines(&tail, budget as usize);
     crate::publish::write_atomic(path, |f, p| f.write_all(kept).with_path(p))
 }
 

@@ -91,6 +91,19 @@ fn an_oversized_window_is_recorded_without_its_losses() {
     assert_eq!(h.entries, vec![Entry { window: Vec::new(), ..entry(7, 1.0) }]);
 }
 
+/// A file grown far past the bound by something else (here 16 MiB of one unterminated line,
+/// then a publication) is cut back to whole lines under the bound; the new entry survives.
+#[test]
+fn a_file_grown_past_the_bound_by_another_writer_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.jsonl");
+    std::fs::write(&path, vec![b'x'; 16 << 20]).unwrap();
+    append(&path, &entry(9, 0.5)).unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() <= MAX_HISTORY_BYTES);
+    let h = read(&path).unwrap();
+    assert_eq!(h.entries, vec![entry(9, 0.5)]);
+}
+
 #[test]
 fn newest_lines_are_whole_lines() {
     assert_eq!(newest_lines(b"aa\nbb\ncc\n", 100), b"aa\nbb\ncc\n");
