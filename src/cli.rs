@@ -215,7 +215,7 @@ pub struct ReportArgs {
     /// Draw a whole `sewa watch` run from its publication history (the `*.history.jsonl`
     /// beside the status file): each member's loss by step, the published average's loss,
     /// the members each publication used.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["select", "k"])]
     pub history: bool,
     /// Model-based method for --config: sewa, greedy, exhaustive, random, soup or twa.
     #[arg(long, default_value = "sewa", requires = "config")]

@@ -45,7 +45,7 @@ fn run_history(args: &ReportArgs) -> Result<()> {
         (Some(config), []) => history::beside(&Config::load(config)?.status_file()),
         (None, [path]) => path.clone(),
         _ => {
-            let why = "report --history takes --config FILE or one history file, not both";
+            let why = "report --history takes either --config FILE or one history file";
             return Err(Error::Usage(why.into()));
         }
     };
