@@ -200,16 +200,23 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-/// `sewa report` flags: `sewa report MANIFEST.json`, or `sewa report --config FILE CKPT...`.
+/// `sewa report` flags: `sewa report MANIFEST.json`, `sewa report --config FILE CKPT...`, or
+/// `sewa report --history --config FILE` (or `--history HISTORY.jsonl`).
 #[derive(Clone, Debug, Args)]
 pub struct ReportArgs {
     /// A selection JSON (the demo's `selection.json`, a published manifest); with --config, the
-    /// window's checkpoints instead.
-    #[arg(required = true, value_name = "INPUT")]
+    /// window's checkpoints instead; with --history and no --config, the history file.
+    #[arg(required_unless_present = "history", value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
-    /// Run a selection now with this config's objective over the checkpoints given.
+    /// Run a selection now with this config's objective over the checkpoints given; with
+    /// --history, the `sewa watch` config whose run to draw.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Draw a whole `sewa watch` run from its publication history (the `*.history.jsonl`
+    /// beside the status file): each member's loss by step, the published average's loss,
+    /// the members each publication used.
+    #[arg(long, conflicts_with_all = ["select", "k"])]
+    pub history: bool,
     /// Model-based method for --config: sewa, greedy, exhaustive, random, soup or twa.
     #[arg(long, default_value = "sewa", requires = "config")]
     pub select: String,

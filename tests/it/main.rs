@@ -9,6 +9,7 @@ mod deepspeed;
 mod docs;
 mod evaluator;
 mod faults;
+mod history;
 mod imports;
 mod layouts;
 mod memory;

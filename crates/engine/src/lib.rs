@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod history;
 pub mod layout;
 pub mod manifest;
 pub mod meter;

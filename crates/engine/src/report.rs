@@ -3,6 +3,7 @@
 //! would rather look than read. Extracts what to draw from a parsed selection JSON (a
 //! `Selection`, or any JSON with one under `selection`, such as a manifest); draws with
 //! plotters. It reads no input file and selects nothing: `commands::report` does both.
+//! `history` draws a whole `sewa watch` run instead (`sewa report --history`).
 
 use std::path::Path;
 
@@ -11,6 +12,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::select::Details;
+
+pub mod history;
 
 /// What the picture shows, per member.
 #[derive(Debug, Default, PartialEq)]

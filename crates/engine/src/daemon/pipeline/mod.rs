@@ -439,5 +439,6 @@ mod tests {
     }
 }
 
+mod history;
 mod intake;
 mod publication;

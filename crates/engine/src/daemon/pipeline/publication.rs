@@ -210,6 +210,7 @@ impl Pipeline {
         let (reads, exact) = (report.reads, report.exact);
         info!(why = %selection.why, reads, exact, average_ms, millis, "published");
         self.status.counters.publishes += 1;
+        self.record_history(&selection);
         self.status.last_publish = Some(PublishStatus {
             at: crate::timestamp::now(),
             path: published.path,
