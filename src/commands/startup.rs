@@ -46,10 +46,11 @@ pub fn check(cfg: &Config, file: &Path) -> Result<Vec<String>> {
                 }
                 let cwd = c.cwd.unwrap_or(base);
                 // The acceptance evaluator starts the same way, with its own program.
-                let programs = [c.command.first(), e.acceptance_command.first()];
-                for program in programs.into_iter().flatten() {
+                for command in [&c.command, &e.acceptance_command] {
+                    let Some(program) = command.first() else { continue };
                     evaluator_program(program, &cwd, c.env.get("PATH"))
                         .map_err(|m| Error::config(file, m))?;
+                    evaluator_script(command, &cwd).map_err(|m| Error::config(file, m))?;
                 }
             }
         }
@@ -186,6 +187,27 @@ fn data_file(path: &Path) -> Option<String> {
     ))
 }
 
+/// A Python evaluator's script (`python3 eval.py ...`: the first argument when it is not an
+/// option) must exist where the interpreter will look, relative to the evaluator's `cwd`:
+/// otherwise the check passes and the first selection fails. `python -m module` is not a path.
+fn evaluator_script(command: &[String], cwd: &Path) -> std::result::Result<(), String> {
+    let interpreter = command.first().and_then(|p| Path::new(p).file_name());
+    let python = interpreter.is_some_and(|n| n.to_string_lossy().starts_with("python"));
+    let Some(script) = command.get(1).filter(|a| python && !a.starts_with('-')) else {
+        return Ok(());
+    };
+    let path = cwd.join(script);
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(format!(
+        "[objective] command script {script:?}: {} is not a file (a relative script is found \
+         from the evaluator's cwd, {}; an installed module runs as [\"python3\", \"-m\", ...])",
+        path.display(),
+        cwd.display()
+    ))
+}
+
 /// Where the evaluator program is, found as the operating system will find it when the
 /// evaluator starts in `cwd`: a name with a '/' relative to `cwd`, a bare name on `PATH` (the
 /// evaluator's own `env` PATH if configured, else sewa's; relative entries against `cwd`).
@@ -272,6 +294,19 @@ fn nearest_existing(path: &Path) -> (PathBuf, bool) {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_python_evaluators_script_must_exist_from_its_cwd() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("eval.py"), "").unwrap();
+        let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let cwd = dir.path();
+        assert_eq!(evaluator_script(&cmd(&["python3", "eval.py", "x.safetensors"]), cwd), Ok(()));
+        assert_eq!(evaluator_script(&cmd(&["/usr/bin/python3.11", "-m", "sewa.x"]), cwd), Ok(()));
+        assert_eq!(evaluator_script(&cmd(&["./eval.sh", "gone.py"]), cwd), Ok(()), "not python");
+        let err = evaluator_script(&cmd(&["python3", "examples/eval.py"]), cwd).unwrap_err();
+        assert!(err.contains("examples/eval.py") && err.contains("cwd"), "{err}");
+    }
 
     #[test]
     fn evaluator_programs_resolve_against_cwd_and_path_as_exec_does() {
