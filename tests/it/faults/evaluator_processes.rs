@@ -345,7 +345,7 @@ fn average_with_flood(n: u32) -> String {
         .arg("--out")
         .arg(tmp.path().join("avg.safetensors"))
         .args(&inputs)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,sewa::evaluator=debug") // progress bars are DEBUG lines
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -372,6 +372,8 @@ fn a_progress_bar_redrawn_with_carriage_returns_is_logged_as_its_last_frame() {
     let last_only = |l: &&str| l.matches("progress frame").count() == 1 && !l.contains('\r');
     assert!(frames.iter().all(last_only), "{frames:?}");
     assert!(frames.iter().all(|l| l.ends_with("progress frame 50/50")), "{frames:?}");
+    // At DEBUG: a bar per evaluation stays out of the default (INFO) log.
+    assert!(frames.iter().all(|l| l.contains("DEBUG")), "{frames:?}");
     assert!(!log.contains("suppressed"), "50 lines a request are under the limit: {log}");
 }
 

@@ -14,7 +14,25 @@ pub fn read_bounded(
     max: usize,
     last_segment: bool,
 ) -> std::io::Result<Option<(Vec<u8>, bool)>> {
-    let (mut line, mut cut, mut any) = (Vec::new(), false, false);
+    Ok(read_line(r, max, last_segment)?.map(|l| (l.bytes, l.cut)))
+}
+
+/// A line as [`read_line`] reads it.
+pub struct Line {
+    pub bytes: Vec<u8>,
+    /// Bytes past the bound were dropped.
+    pub cut: bool,
+    /// Earlier frames were redrawn over by carriage returns (a progress bar's last frame).
+    pub redrawn: bool,
+}
+
+/// [`read_bounded`], also saying whether the line was redrawn.
+pub fn read_line(
+    r: &mut impl BufRead,
+    max: usize,
+    last_segment: bool,
+) -> std::io::Result<Option<Line>> {
+    let (mut line, mut cut, mut any, mut redrawn) = (Vec::new(), false, false, false);
     // A `\r` ending the previous buffer fill: a line end if `\n` follows, else a redraw.
     let mut pending_cr = false;
     loop {
@@ -31,6 +49,7 @@ pub fn read_bounded(
             if pending_cr && !chunk.is_empty() {
                 line.clear();
                 cut = false;
+                redrawn = true;
             }
             pending_cr = false;
             if let Some(rest) = chunk.strip_suffix(b"\r") {
@@ -40,6 +59,7 @@ pub fn read_bounded(
             if let Some(i) = chunk.iter().rposition(|b| *b == b'\r') {
                 line.clear();
                 cut = false;
+                redrawn = true;
                 chunk = &chunk[i + 1..];
             }
         }
@@ -58,5 +78,5 @@ pub fn read_bounded(
     if !last_segment && line.last() == Some(&b'\r') {
         line.pop();
     }
-    Ok(Some((line, cut)))
+    Ok(Some(Line { bytes: line, cut, redrawn }))
 }

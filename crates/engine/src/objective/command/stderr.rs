@@ -1,10 +1,11 @@
 //! The evaluator's stderr relayed to sewa's log: one INFO line per line it prints (target
-//! `sewa::evaluator`), a carriage-return progress bar as its last state only, at most a burst
-//! then a steady rate of lines and bytes (`Limiter`, pure: time passed in) with a summary of
-//! what was left out, and its last lines kept whole for error messages. An evaluator printing
-//! in a loop cannot fill the journal or the disk.
+//! `sewa::evaluator`), a carriage-return progress bar as its last state only and at DEBUG (a
+//! bar per evaluation would bury the log; `RUST_LOG=sewa::evaluator=debug` shows them), at
+//! most a burst then a steady rate of lines and bytes (`Limiter`, pure: time passed in) with a
+//! summary of what was left out, and its last lines kept whole for error messages. An
+//! evaluator printing in a loop cannot fill the journal or the disk.
 
-use super::lines::read_bounded;
+use super::lines::read_line;
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -114,13 +115,15 @@ pub fn relay(stderr: std::process::ChildStderr, tail: Tail) -> Receiver<()> {
         let _eof = eof_tx; // dropped after the last line is stored
         let mut reader = std::io::BufReader::new(stderr);
         let mut limiter = Limiter::new(Instant::now());
-        while let Ok(Some((bytes, _))) = read_bounded(&mut reader, MAX_STDERR_LINE, true) {
-            let line = String::from_utf8_lossy(&bytes).into_owned();
-            let verdict = limiter.admit(Instant::now(), bytes.len());
+        while let Ok(Some(read)) = read_line(&mut reader, MAX_STDERR_LINE, true) {
+            let line = String::from_utf8_lossy(&read.bytes).into_owned();
+            let verdict = limiter.admit(Instant::now(), read.bytes.len());
             if let Some(s) = verdict.summary {
                 log_summary(s);
             }
-            if verdict.log {
+            if verdict.log && read.redrawn {
+                tracing::debug!(target: "sewa::evaluator", "{line}");
+            } else if verdict.log {
                 tracing::info!(target: "sewa::evaluator", "{line}");
             }
             if let Ok(mut t) = tail.lock() {
@@ -139,6 +142,7 @@ pub fn relay(stderr: std::process::ChildStderr, tail: Tail) -> Receiver<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::lines::read_bounded;
     use super::*;
     use std::io::BufReader;
 
@@ -147,6 +151,17 @@ mod tests {
         std::iter::from_fn(|| read_bounded(&mut r, 8, true).unwrap())
             .map(|(l, cut)| (String::from_utf8(l).unwrap(), cut))
             .collect()
+    }
+
+    #[test]
+    fn a_redrawn_line_is_told_apart_from_a_plain_one() {
+        let text = b"plain\n 10%\r 50%\r100%\na\r\n";
+        let mut r = BufReader::with_capacity(2, &text[..]);
+        let mut next = || read_line(&mut r, 64, true).unwrap().map(|l| (l.bytes, l.redrawn));
+        assert_eq!(next(), Some((b"plain".to_vec(), false)));
+        assert_eq!(next(), Some((b"100%".to_vec(), true)));
+        assert_eq!(next(), Some((b"a".to_vec(), false)), "\\r\\n is a line end, not a redraw");
+        assert_eq!(next(), None);
     }
 
     #[test]
