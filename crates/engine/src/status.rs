@@ -304,6 +304,9 @@ pub struct Counters {
     /// Objective calls of every selection of this run (method, report and acceptance).
     #[serde(default)]
     pub oracle_calls: u64,
+    /// Wall time of every selection of this run, in ms (with an evaluator, mostly its calls).
+    #[serde(default)]
+    pub selection_ms: u64,
 }
 
 impl Status {
@@ -348,6 +351,16 @@ pub fn render(s: &Status) -> String {
     render_window(&mut o, s);
     render_disk(&mut o, s.disk.as_ref());
     render_published(&mut o, s.published.as_ref());
+    let c = &s.counters;
+    let _ = writeln!(
+        o,
+        "\nthis run: {} selections ({} failed), {} publishes, {} oracle calls, {:.1} s selecting",
+        c.selections,
+        c.failed_selections,
+        c.publishes,
+        c.oracle_calls,
+        c.selection_ms as f64 / 1e3
+    );
     if let Some(sel) = &s.last_selection {
         let (why, outcome) = (text::escape(&sel.summary.why), text::escape(&sel.outcome));
         let losses = losses(&sel.summary);

@@ -199,3 +199,19 @@ fn non_utf8_paths_are_written_losslessly() {
     let back = Status::read(&path).unwrap();
     assert_eq!((back.members[0].path.clone(), back.out), (odd.clone(), odd));
 }
+
+/// `sewa status` shows the run's totals: how much selecting (an evaluator's calls) has cost.
+#[test]
+fn render_shows_the_runs_totals() {
+    let counters = Counters {
+        selections: 7,
+        failed_selections: 1,
+        publishes: 5,
+        oracle_calls: 41,
+        selection_ms: 12_345,
+        ..Counters::default()
+    };
+    let text = render(&Status { counters, ..Status::default() });
+    let want = "this run: 7 selections (1 failed), 5 publishes, 41 oracle calls, 12.3 s selecting";
+    assert!(text.contains(want), "{text}");
+}

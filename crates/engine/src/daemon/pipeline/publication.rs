@@ -34,7 +34,10 @@ impl Pipeline {
             .collect::<Result<_>>()?;
         let refs: Vec<&Checkpoint> = ckpts.iter().map(|c| c.as_ref()).collect();
         let view = WindowView { members: &summaries, checkpoints: &refs };
-        let selection = self.run_selector(&view).inspect_err(|_| {
+        let selection = self.run_selector(&view);
+        let spent = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.status.counters.selection_ms = self.status.counters.selection_ms.saturating_add(spent);
+        let selection = selection.inspect_err(|_| {
             // Nothing is published from a failed selection (e.g. a non-finite loss).
             self.status.counters.failed_selections += 1;
         })?;
