@@ -49,8 +49,6 @@ pub(crate) fn no_state_dict(entries: &[(String, Holds)], nested: &[&str]) -> NoS
         .collect();
     if let Some(first) = candidates.first() {
         let key = shown_key(first);
-        let simple = key.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
-        let _ = simple;
         return NoStateDict::UnknownKey(format!(
             "no state dict at the top level or under one of {nested:?}; top-level keys: \
              {listing}. Name the entry that holds the model's weights: state_key = {key:?}"
