@@ -6,12 +6,11 @@
 
 use crate::cli::{AverageArgs, LoraMode};
 use sewa_checkpoint::Checkpoint;
+use sewa_engine::average::PlanSource;
 use sewa_engine::average::{AverageOptions, AveragePlan};
 use sewa_engine::error::{Error, Result};
-use sewa_engine::manifest::{Provenance, SelectedBy};
-use sewa_engine::publish::{
-    self, PublishOptions, Published, check_destination, check_parent, publish,
-};
+use sewa_engine::manifest::{Manifest, Provenance, SelectedBy};
+use sewa_engine::publish::{self, PublishOptions, Published, check_destination, check_parent};
 use sewa_engine::select::Method;
 
 /// Run `sewa average`.
@@ -51,13 +50,21 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         overflow: args.dtype_overflow,
         threads: args.threads,
     };
-    let (weights, provenance) = match (&args.select, selection) {
+    let mut window_note = None;
+    let (chosen, weights, provenance) = match (&args.select, selection) {
         (Some(method), Some(mut cfg)) => {
             cfg.objective.int_policy = int_policy;
             let sel = super::select::run(&cfg, method, args.k, &chosen)?;
-            (Some(sel.weights.clone()), Provenance::from(&sel))
+            // The manifest lists the members averaged, as the daemon's does; the window the
+            // selection looked at goes in a note (and its per-member details stay whole).
+            window_note = Some(window_of(&chosen, &sel.weights));
+            let (kept, weights) = selected(&chosen, &sel.weights);
+            (kept, Some(weights), Provenance::from(&sel))
         }
-        _ => (args.weights.clone(), provenance(args, opened.len(), chosen.len())),
+        _ => {
+            let why = provenance(args, opened.len(), chosen.len());
+            (chosen, args.weights.clone(), why)
+        }
     };
     let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
     if args.lora == LoraMode::MergeDelta {
@@ -71,13 +78,36 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         plan.output_bytes(),
         "{spinner} averaging {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}",
     );
-    publish(
-        &plan,
+    let mut manifest = Manifest::new(publish::record_of(&plan), args.out.clone(), provenance);
+    manifest.notes.extend(window_note);
+    let side = publish::side_files_for(&args.out, publish::newest_side_dir(plan.inputs()))?;
+    let opts = PublishOptions { shard_bytes: args.max_shard_size };
+    publish::publish_tensors(
+        &mut PlanSource::new(&plan),
+        manifest,
+        side.as_ref(),
         &args.out,
-        provenance,
-        &PublishOptions { shard_bytes: args.max_shard_size },
+        &opts,
         &mut |done| meter.set(done),
     )
+}
+
+/// The members a selection gave a weight, with their weights (in window order).
+fn selected<'a>(window: &[&'a Checkpoint], weights: &[f64]) -> (Vec<&'a Checkpoint>, Vec<f64>) {
+    window.iter().zip(weights).filter(|(_, w)| **w > 0.0).map(|(c, w)| (*c, *w)).unzip()
+}
+
+/// The manifest's note on the window a selection chose from (the daemon writes the same).
+fn window_of(window: &[&Checkpoint], weights: &[f64]) -> String {
+    let each: Vec<String> = window
+        .iter()
+        .zip(weights)
+        .map(|(c, w)| {
+            let step = c.step().map_or_else(|| "?".to_string(), |s| s.to_string());
+            format!("{} (step {step}, weight {w:.6})", c.path().display())
+        })
+        .collect();
+    format!("sewa average --select: window of {} members: {}", window.len(), each.join(", "))
 }
 
 /// `--lora merge-delta`: the base plus the average of the adapters' merged deltas, published

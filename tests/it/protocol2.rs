@@ -644,11 +644,12 @@ fn average_select_tells_a_protocol_2_evaluator_the_configs_int_policy() {
     let m = dir.path().join("avg.safetensors.manifest.json");
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
     assert_eq!(m["int_policy"], "first", "{m}");
-    let weights: Vec<f64> =
-        m["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
-    let chosen: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
-    assert!(chosen.len() >= 2, "first and latest differ only with two members: {m}");
-    let oldest = 1e6 * (chosen[0] as f64 + 1.0);
+    // The manifest lists the k members averaged (as the daemon's does), oldest first.
+    let steps: Vec<u64> =
+        m["inputs"].as_array().unwrap().iter().map(|i| i["step"].as_u64().unwrap()).collect();
+    assert!(steps.len() >= 2, "first and latest differ only with two members: {m}");
+    assert_eq!(m["weights"].as_array().unwrap().len(), steps.len(), "{m}");
+    let oldest = 1e6 * (steps[0] / 100) as f64;
     let loss = m["selection"]["loss"].as_f64().unwrap();
     // The true loss is a few units; the integers are millions apart.
     assert!((loss - oldest).abs() < 1e3, "loss {loss}: not the oldest member's integers: {m}");

@@ -307,6 +307,10 @@ fn average_select_sewa_matches_exhaustive_on_real_checkpoints() {
     let (_, ex) = manifest("exhaustive");
     assert_eq!(sw["selection"]["method"], "sewa");
     assert_eq!(sw["weights"], ex["weights"], "sewa: {}", sw["selection"]["why"]);
+    assert_eq!(sw["inputs"], ex["inputs"], "sewa: {}", sw["selection"]["why"]);
+    // The k members averaged, as the daemon's manifest lists them; the window is in a note.
+    assert_eq!(sw["inputs"].as_array().unwrap().len(), 3, "{sw}");
+    assert!(sw["notes"].to_string().contains("window of 8 members"), "{sw}");
     assert_eq!(sw["selection"]["loss"], ex["selection"]["loss"]);
     let d = &sw["selection"]["details"];
     assert!(d["oracle_calls"].as_u64().unwrap() > 0);
