@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 venv="$(mktemp -d)/venv"
 trap 'rm -rf "$(dirname "$venv")"' EXIT
 python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check .
+MATURIN_PEP517_ARGS="${MATURIN_PEP517_ARGS:---profile dev}" "$venv/bin/pip" install --quiet --disable-pip-version-check .
 PATH="$venv/bin:$PATH"
 [ "$(command -v sewa)" = "$venv/bin/sewa" ] || { echo "sewa is not the venv's: $(command -v sewa)"; exit 1; }
 sewa --version
