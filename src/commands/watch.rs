@@ -31,6 +31,7 @@ pub fn watch(args: &WatchArgs, loaded: Config) -> Result<()> {
     let reload: daemon::Reload =
         std::sync::Arc::new(move || configure(Config::load(&file)?, &file, dir.as_deref()));
     let opts = RunOptions { reload: Some(reload), systemd: true };
+    let status_file = cfg.status_file();
     let result = rt.block_on(async {
         let stop = daemon::termination()?; // before anything is logged: see `termination`
         daemon::run(cfg, opts, stop).await
@@ -38,6 +39,7 @@ pub fn watch(args: &WatchArgs, loaded: Config) -> Result<()> {
     // Work abandoned on a blocking thread still owns its evaluators and staging copies, and
     // no destructor runs for it: stop their process groups and remove the copies here.
     sewa_engine::objective::command::stop_all();
+    daemon::settle_stopped(&status_file);
     // Do not wait for a publish still running on a blocking thread: it renames a complete
     // file or nothing, so leaving now cannot tear the output.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

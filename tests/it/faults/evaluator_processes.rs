@@ -185,6 +185,9 @@ fn sigterm_mid_selection_leaves_no_evaluator_process_and_no_staging_directory() 
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_group_gone(pgid, Duration::from_secs(1), "after sewa exited");
     assert!(staged_dirs(&staging).is_empty(), "staging left: {:?}", staged_dirs(&staging));
+    // The abandoned selection's pipeline never got to say so: the stopping daemon did.
+    let state = d.status().unwrap()["state"].clone();
+    assert_eq!(state, "stopped", "{}", d.log());
 }
 
 /// Issue 20: the status file's documented "stopping" is what it says while a SIGTERM'd daemon

@@ -434,6 +434,7 @@ async fn run_job(
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Pipeline>> {
     let progress = p.progress.clone();
+    let (gate, status_file) = (p.status_gate.clone(), p.cfg.status_file());
     let task = tokio::task::spawn_blocking(move || contain(p, job));
     tokio::pin!(task);
     tokio::select! {
@@ -441,13 +442,31 @@ async fn run_job(
         _ = shutdown.as_mut() => {
             if progress.publishing() {
                 info!("stopping: waiting for the in-flight publish");
-                if let Ok(Ok(Ok(mut p))) = tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+                if let Ok(Ok(Ok(mut p))) = tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
                     p.stop();
+                    return Ok(None);
                 }
             } else {
                 info!("stopping: abandoning the work in progress (nothing is being published)");
             }
+            // The pipeline stays on its thread, with its evaluators (the caller stops them,
+            // then calls `settle_stopped`): say "stopping" for it, and let it write no more.
+            let close = tokio::task::spawn_blocking(move || gate.close(&status_file, State::Stopping));
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, close).await;
             Ok(None)
+        }
+    }
+}
+
+/// After `run` returned and the caller stopped the evaluators an abandoned pipeline left
+/// (`objective::command::stop_all`): a status file still saying "stopping" says "stopped".
+pub fn settle_stopped(status_file: &std::path::Path) {
+    if let Ok(mut status) = crate::status::Status::read(status_file)
+        && status.state == State::Stopping
+    {
+        status.state = State::Stopped;
+        if let Err(e) = status.write(status_file) {
+            warn!(error = %e, "cannot write the status file");
         }
     }
 }

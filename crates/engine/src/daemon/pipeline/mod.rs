@@ -64,6 +64,42 @@ pub struct Pipeline {
     board: Option<Board>,
     /// `[runtime] metrics_addr`: the endpoint's copy of the status figures (None: off).
     metrics: Option<Feed>,
+    /// Closed when the daemon stops while this pipeline is still busy on an abandoned thread:
+    /// from then on only the stopping daemon writes the status file (see `StatusGate`).
+    pub status_gate: StatusGate,
+}
+
+/// Who may write the status file. A daemon that stops mid-selection leaves the pipeline on the
+/// blocking pool, where it may still write "watching" at any moment; the stopping daemon closes
+/// the gate (waiting out a write in progress) and writes "stopped" last, so the file never says
+/// a stopped daemon is watching.
+#[derive(Clone, Debug, Default)]
+pub struct StatusGate(Arc<std::sync::Mutex<bool>>);
+
+impl StatusGate {
+    /// Run `write` unless the gate is closed; writes are serialised with `close`.
+    fn write(&self, write: impl FnOnce()) {
+        let closed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !*closed {
+            write();
+        }
+    }
+
+    /// Close the gate, then record `state` in the status file at `path` (the abandoned
+    /// pipeline's last written status, with the state changed).
+    pub fn close(&self, path: &std::path::Path, state: State) {
+        let mut closed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *closed = true;
+        match Status::read(path) {
+            Ok(mut status) => {
+                status.state = state;
+                if let Err(e) = status.write(path) {
+                    warn!(error = %e, "cannot write the status file");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the status file to mark it stopped"),
+        }
+    }
 }
 
 /// When a failed selection is tried again without waiting for a new checkpoint.
@@ -129,6 +165,7 @@ impl Pipeline {
             acceptance: Acceptance::default(),
             hook: Default::default(),
             progress: Arc::new(Progress::new(stall)),
+            status_gate: StatusGate::default(),
             stall,
             loudness: Loudness::default(),
             retry: Retry::default(),
@@ -354,9 +391,11 @@ impl Pipeline {
             feed.send_replace(Snapshot::of(&self.status));
         }
         let path = self.cfg.status_file();
-        if let Err(e) = self.status.write(&path) {
-            warn!(error = %e, "cannot write the status file");
-        }
+        self.status_gate.write(|| {
+            if let Err(e) = self.status.write(&path) {
+                warn!(error = %e, "cannot write the status file");
+            }
+        });
     }
 }
 
