@@ -1,9 +1,10 @@
 //! `sewa average`: take the output's lock, open inputs, choose them (--last), weigh them
 //! (--weights, a fixed rule: --method wsm orders them oldest first and takes Megatron-LM's WSM
-//! coefficients, or a model-based --select), check everything, then publish the average atomically with a progress bar on a terminal. Nothing is written
-//! when an input or a flag is bad: every check runs before the publisher creates its first
-//! file. Another sewa process publishing to the same output is refused before any input is
-//! opened; the lock is held until this process exits.
+//! coefficients, or a model-based --select), check everything, then publish the average
+//! atomically with a progress bar on a terminal. Nothing is written when an input or a flag is
+//! bad: every check runs before the publisher creates its first file. Another sewa process
+//! publishing to the same output is refused before any input is opened; the lock is held until
+//! this process exits.
 
 use crate::cli::{AverageArgs, AverageMethod, LoraMode};
 use sewa_checkpoint::Checkpoint;

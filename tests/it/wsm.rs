@@ -212,6 +212,35 @@ fn watch_publishes_wsm_and_configured_weights() {
             assert_close(&d.model_file(), &fixtures().join("expected/minus-sqrt.safetensors"));
             let want = coefficients(WsmShape::MinusSqrt, 5);
             assert!(weights.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-15), "{weights:?}");
+            // The window slides: every member's weight changes (the daemon's running average
+            // must not keep the old ones). Step 600 holds step 100's tensors.
+            let staged = d.tmp.path().join("step_600.safetensors");
+            std::fs::copy(fixtures().join("inputs/step_100.safetensors"), &staged).unwrap();
+            std::fs::rename(&staged, d.runs.join("step_600.safetensors")).unwrap();
+            let m = d.wait_published(&[200, 300, 400, 500, 600]);
+            let got: Vec<f64> = m["inputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["weight"].as_f64().unwrap())
+                .collect();
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-15), "{got:?}");
+            let members: Vec<_> = [200, 300, 400, 500, 100]
+                .iter()
+                .map(|s| values(&fixtures().join(format!("inputs/step_{s}.safetensors"))))
+                .collect();
+            for (t, (name, dtype, out)) in values(&d.model_file()).into_iter().enumerate() {
+                let scale = members.iter().flat_map(|m| &m[t].2).fold(0f32, |a, x| a.max(x.abs()));
+                for (i, v) in out.iter().enumerate() {
+                    let exact: f64 =
+                        members.iter().zip(&want).map(|(m, w)| w * m[t].2[i] as f64).sum();
+                    let tol = match dtype {
+                        safetensors::Dtype::BF16 => exact.abs() / 128.0,
+                        _ => 8.0 * f32::EPSILON as f64 * scale as f64,
+                    };
+                    assert!((*v as f64 - exact).abs() <= tol, "{name}[{i}]: {v} vs {exact}");
+                }
+            }
         } else {
             assert_eq!(weights, [0.25, 0.75]);
         }
