@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sewa_checkpoint::DeepSpeedWeights;
 use sewa_engine::average::{DtypeOverflow, IntPolicy, OutDType};
 use sewa_engine::checked::parse_size;
+use sewa_engine::select::WsmShape;
 
 #[derive(Debug, Parser)]
 #[command(name = "sewa", version, about = "Selective Weight Averaging of training checkpoints")]
@@ -59,6 +60,15 @@ pub struct AverageArgs {
     /// Default: uniform.
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_name = "W,W,...")]
     pub weights: Option<Vec<f64>>,
+    /// A fixed rule for the weights instead of --weights: uniform (the default) or wsm
+    /// (Megatron-LM's decay-shaped merge weights, see --wsm-shape; inputs ordered oldest first
+    /// by training step when every input has one, else in the order given).
+    #[arg(long, value_enum, value_name = "RULE", conflicts_with_all = ["weights", "select"])]
+    pub method: Option<AverageMethod>,
+    /// --method wsm: the decay shape turned into merge weights: linear (equal weights, the
+    /// default as in Megatron's tool), cosine, exponential or minus-sqrt.
+    #[arg(long, value_name = "SHAPE", requires = "method")]
+    pub wsm_shape: Option<WsmShape>,
     /// Average only the last N inputs (by training step when every input has one, else in the
     /// order given).
     #[arg(long, value_name = "N")]
@@ -118,6 +128,13 @@ pub struct AverageArgs {
     /// torch.distributed.checkpoint (DCP) dir, DeepSpeed checkpoint dir, PEFT adapter dir.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
+}
+
+/// `sewa average --method`: the fixed rules that need nothing but the inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AverageMethod {
+    Uniform,
+    Wsm,
 }
 
 /// How `sewa average` combines PEFT adapters.

@@ -1,17 +1,19 @@
-//! `sewa average`: take the output's lock, open inputs, choose them (--last), check everything,
-//! then publish the average atomically with a progress bar on a terminal. Nothing is written
-//! when an input or a flag is bad: every check runs before the publisher creates its first
-//! file. Another sewa process publishing to the same output is refused before any input is
-//! opened; the lock is held until this process exits.
+//! `sewa average`: take the output's lock, open inputs, choose them (--last), weigh them
+//! (--weights, a fixed rule: --method wsm orders them oldest first and takes Megatron-LM's WSM
+//! coefficients, or a model-based --select), check everything, then publish the average
+//! atomically with a progress bar on a terminal. Nothing is written when an input or a flag is
+//! bad: every check runs before the publisher creates its first file. Another sewa process
+//! publishing to the same output is refused before any input is opened; the lock is held until
+//! this process exits.
 
-use crate::cli::{AverageArgs, LoraMode};
+use crate::cli::{AverageArgs, AverageMethod, LoraMode};
 use sewa_checkpoint::Checkpoint;
 use sewa_engine::average::PlanSource;
 use sewa_engine::average::{AverageOptions, AveragePlan};
 use sewa_engine::error::{Error, Result};
 use sewa_engine::manifest::{Manifest, Provenance, SelectedBy};
 use sewa_engine::publish::{self, PublishOptions, Published, check_destination, check_parent};
-use sewa_engine::select::Method;
+use sewa_engine::select::{MemberSummary, Method, WsmShape, rules};
 
 /// Run `sewa average`.
 pub fn run(args: &AverageArgs) -> Result<Published> {
@@ -40,7 +42,11 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     let opts =
         super::open_options(&args.strip_prefix, args.state_key.as_deref(), args.deepspeed_weights);
     let opened = super::open_all(&args.inputs, &opts)?;
-    let chosen = choose_last(&opened, args.last)?;
+    let mut chosen = choose_last(&opened, args.last)?;
+    let wsm = wsm_shape(args)?;
+    if wsm.is_some() && chosen.iter().all(|c| c.step().is_some()) {
+        chosen.sort_by_key(|c| c.step()); // oldest first; stable: equal steps keep their order
+    }
     for c in chosen.iter().skip(1) {
         sewa_checkpoint::check_same_adapter(chosen[0], c)?;
     }
@@ -61,10 +67,16 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
             let (kept, weights) = selected(&chosen, &sel.weights);
             (kept, Some(weights), Provenance::from(&sel))
         }
-        _ => {
-            let why = provenance(args, opened.len(), chosen.len());
-            (chosen, args.weights.clone(), why)
-        }
+        _ => match wsm {
+            Some(shape) => {
+                let (w, why) = wsm_weights(&chosen, shape, args, opened.len())?;
+                (chosen, Some(w), why)
+            }
+            None => {
+                let why = provenance(args, opened.len(), chosen.len());
+                (chosen, args.weights.clone(), why)
+            }
+        },
     };
     let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
     if args.lora == LoraMode::MergeDelta {
@@ -140,6 +152,46 @@ fn merge_delta(args: &AverageArgs, plan: &AveragePlan<'_>, why: Provenance) -> R
     publish::publish_tensors(&mut source, manifest, side.as_ref(), &args.out, &opts, &mut |done| {
         meter.set(done)
     })
+}
+
+/// The shape `--method wsm` weighs with (`--wsm-shape`, by default linear as in Megatron's
+/// tool); `None` for the other rules, which take no shape.
+fn wsm_shape(args: &AverageArgs) -> Result<Option<WsmShape>> {
+    match (args.method, args.wsm_shape) {
+        (Some(AverageMethod::Wsm), shape) => Ok(Some(shape.unwrap_or(WsmShape::Linear))),
+        (_, Some(_)) => Err(Error::Usage("--wsm-shape is for --method wsm".into())),
+        (_, None) => Ok(None),
+    }
+}
+
+/// `--method wsm`: Megatron-LM's merge coefficients for `shape` over every chosen input
+/// (already oldest first), recorded as the selection that chose them.
+fn wsm_weights(
+    chosen: &[&Checkpoint],
+    shape: WsmShape,
+    args: &AverageArgs,
+    given: usize,
+) -> Result<(Vec<f64>, Provenance)> {
+    let members: Vec<MemberSummary> = chosen
+        .iter()
+        .map(|c| MemberSummary { path: c.path().to_path_buf(), step: c.step(), metric: None })
+        .collect();
+    let sel = rules::wsm(&members, members.len(), shape)?;
+    let mut why = Provenance::from(&sel);
+    let order = if chosen.iter().all(|c| c.step().is_some()) {
+        "oldest first by step"
+    } else {
+        "oldest first as given (an input has no step)"
+    };
+    let scope = match args.last {
+        Some(_) => format!("the last {} of {given} inputs", chosen.len()),
+        None => format!("{} inputs", chosen.len()),
+    };
+    why.why = format!("WSM {shape} weights over {scope}, {order}");
+    if let Some(d) = why.details.as_object_mut() {
+        d.insert("command".into(), serde_json::json!("sewa average"));
+    }
+    Ok((sel.weights, why))
 }
 
 /// The inputs to average: all, or the last `n` by step (by order given if a step is unknown).

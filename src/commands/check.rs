@@ -40,6 +40,8 @@ pub fn summary(c: &Config) -> String {
         Method::Uniform | Method::Greedy => s.method.name().to_string(),
         Method::Lawa => format!("lawa k={k}"),
         Method::Ema => format!("ema ema_decay={}", s.ema_decay.0),
+        Method::Wsm => format!("wsm k={k} wsm_shape={}", s.wsm_shape),
+        Method::Weights => format!("weights {:?}", s.weights.as_deref().unwrap_or_default()),
         Method::BestMetric => {
             let mode = format!("{:?}", s.metric_mode).to_ascii_lowercase();
             format!("best-metric k={k} metric={:?} metric_mode={mode}", s.metric)
@@ -175,6 +177,12 @@ mod tests {
             ("method = \"uniform\"", ", uniform,", &["k=", "decay", "metric"][..]),
             ("method = \"lawa\"", "lawa k=5,", &["decay", "metric"]),
             ("method = \"ema\"", "ema ema_decay=0.9,", &["k=", "metric"]),
+            (
+                "method = \"wsm\"\nwsm_shape = \"minus-sqrt\"",
+                "wsm k=5 wsm_shape=minus-sqrt,",
+                &["decay"],
+            ),
+            ("method = \"weights\"\nweights = [1, 3]", "weights [1.0, 3.0],", &["k=", "decay"]),
             (
                 "method = \"best-metric\"\nk = 3",
                 "best-metric k=3 metric=\"eval_loss\" metric_mode=min",

@@ -19,3 +19,4 @@ mod protocol2;
 mod publish;
 mod sewa;
 mod watch;
+mod wsm;

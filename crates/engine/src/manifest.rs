@@ -100,7 +100,11 @@ impl Default for SelectedBy {
 
 impl From<Method> for SelectedBy {
     fn from(m: Method) -> Self {
-        SelectedBy::Method(m)
+        match m {
+            // `[select] method = "weights"` is the user's weights, as `--weights` is: one name.
+            Method::Weights => SelectedBy::Weights,
+            m => SelectedBy::Method(m),
+        }
     }
 }
 
@@ -108,8 +112,7 @@ impl From<String> for SelectedBy {
     fn from(s: String) -> Self {
         let known = serde_json::from_value::<Method>(serde_json::Value::String(s.clone()));
         match known {
-            Ok(m) => SelectedBy::Method(m),
-            Err(_) if s == "weights" => SelectedBy::Weights,
+            Ok(m) => SelectedBy::from(m), // "weights" too: `Method::Weights`
             Err(_) => SelectedBy::Other(s),
         }
     }
@@ -376,6 +379,7 @@ mod tests {
         assert_eq!(json(Named::from(DtypeOverflow::Saturate)), r#""saturate""#);
         assert_eq!(json(SelectedBy::from(Method::BestMetric)), r#""best-metric""#);
         assert_eq!(json(SelectedBy::Weights), r#""weights""#);
+        assert_eq!(SelectedBy::from(Method::Weights), SelectedBy::Weights, "one name, one value");
         for m in crate::select::MODEL_BASED {
             assert_eq!(json(SelectedBy::from(m)), format!("{:?}", m.name()));
         }

@@ -19,7 +19,7 @@ use crate::average::{DtypeOverflow, IntPolicy, OutDType};
 use crate::checked::{LoopbackAddr, MemoryBudget, Pattern, Positive};
 use crate::error::{Error, Result};
 use crate::objective::config::ObjectiveConfig;
-use crate::select::SelectConfig;
+use crate::select::{Method, SelectConfig};
 
 /// Appended to every config error: where to look for a working example.
 const HINT: &str = "(`sewa example-config` prints a config that documents every key)";
@@ -261,16 +261,26 @@ fn default_recompute_every() -> Positive {
 /// window).
 fn ignored_keys(cfg: &Config, text: &str) -> Vec<String> {
     let raw: toml::Table = toml::from_str(text).unwrap_or_default();
-    let given = raw.get("select").and_then(|s| s.get("k")).is_some();
+    let given = |key: &str| raw.get("select").and_then(|s| s.get(key)).is_some();
     let method = cfg.select.method;
-    if !given || method.uses_k() {
-        return Vec::new();
+    let mut notes = Vec::new();
+    if given("k") && !method.uses_k() {
+        notes.push(format!(
+            "[select] k = {} is ignored: method {:?} does not average a fixed number of members",
+            cfg.select.k.get(),
+            method.name()
+        ));
     }
-    vec![format!(
-        "[select] k = {} is ignored: method {:?} does not average a fixed number of members",
-        cfg.select.k.get(),
-        method.name()
-    )]
+    for (key, user) in [("wsm_shape", Method::Wsm), ("weights", Method::Weights)] {
+        if given(key) && method != user {
+            notes.push(format!(
+                "[select] {key} is ignored: only method = {:?} reads it (method is {:?})",
+                user.name(),
+                method.name()
+            ));
+        }
+    }
+    notes
 }
 
 /// The directory relative paths in the config file `path` start from: the file's own
@@ -437,6 +447,7 @@ impl Config {
         if self.publish.max_age_steps.is_some() && self.publish.policy != Policy::Best {
             return Err("[publish] max_age_steps is only used with policy = \"best\"".to_string());
         }
+        self.select.check_weights(size)?;
         let min = self.select.min_members();
         if min > size {
             return Err(format!(

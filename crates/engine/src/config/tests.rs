@@ -262,3 +262,70 @@ fn daemon_and_one_shot_selection_read_the_file_through_one_parse() {
     let err = Config::load_selection(&daemon_rule).unwrap_err().to_string();
     assert!(err.contains("policy = \"best\""), "{err}");
 }
+
+/// Issue 22 item 4: `method = "wsm"` and `method = "weights"`; every bad value is one error
+/// naming the key, the file and (for a single value) its line.
+#[test]
+fn wsm_and_weights_parse_and_bad_values_name_the_key_and_the_file() {
+    let c = parse(&format!("{MIN}[select]\nmethod = \"wsm\"\nwsm_shape = \"minus-sqrt\"\nk = 8\n"));
+    let c = c.unwrap();
+    assert_eq!(
+        (c.select.method, c.select.wsm_shape),
+        (Method::Wsm, crate::select::WsmShape::MinusSqrt)
+    );
+    assert_eq!(c.select.min_members(), 8, "wsm averages the last k: waits for k");
+    assert!(c.notes.is_empty(), "{:?}", c.notes);
+    let d = parse(&format!("{MIN}[select]\nmethod = \"wsm\"\n")).unwrap();
+    assert_eq!(d.select.wsm_shape, crate::select::WsmShape::Linear, "Megatron's default");
+
+    let err =
+        parse(&format!("{MIN}[select]\nmethod = \"wsm\"\nwsm_shape = \"inverse-square-root\"\n"));
+    let err = err.unwrap_err().to_string();
+    for want in ["t.toml", "wsm_shape", "line 7", "minus-sqrt", "cosine"] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    let err = parse(&format!("{MIN}[window]\nsize = 4\n[select]\nmethod = \"wsm\"\nk = 5\n"));
+    assert!(err.unwrap_err().to_string().contains("larger than [window] size"));
+
+    let w = parse(&format!("{MIN}[select]\nmethod = \"weights\"\nweights = [1, 2, 3.5]\n"));
+    let w = w.unwrap();
+    assert_eq!(w.select.weights.as_deref(), Some(&[1.0, 2.0, 3.5][..]));
+    assert_eq!(w.select.min_members(), 3, "one member per weight");
+    for (bad, want) in [
+        ("weights = [1, -2]", "entry 2 is -2"),
+        ("weights = [0, 0.0]", "all zero"),
+        ("weights = []", "empty"),
+        ("weights = [1, nan]", "finite"),
+        ("weights = \"1,2\"", "weights"),
+    ] {
+        let err = parse(&format!("{MIN}[select]\nmethod = \"weights\"\n{bad}\n"));
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains(want) && err.contains("t.toml") && err.contains("line 7"),
+            "{bad}: {err}"
+        );
+    }
+    let cross = [
+        (
+            "[window]\nsize = 2\n[select]\nmethod = \"weights\"\nweights = [1, 2, 3]\n",
+            "[window] size = 2",
+        ),
+        ("[select]\nmethod = \"weights\"\n", "needs `weights = [..]`"),
+        (
+            "[select]\nmethod = \"weights\"\nweights = [1, 2, 3]\nmin_members = 2\n",
+            "min_members = 2",
+        ),
+    ];
+    for (text, want) in cross {
+        let err = parse(&format!("{MIN}{text}")).unwrap_err();
+        assert_eq!(err.exit_code(), 78);
+        let err = err.to_string();
+        assert!(err.contains(want) && err.contains("t.toml"), "{want}: {err}");
+    }
+    let n = parse(&format!(
+        "{MIN}[select]\nmethod = \"lawa\"\nwsm_shape = \"cosine\"\nweights = [1]\n"
+    ));
+    let notes = n.unwrap().notes;
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes[0].contains("wsm_shape is ignored") && notes[1].contains("weights is ignored"));
+}

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::wsm::WsmShape;
 use crate::checked::{Positive, UnitOpen};
 use crate::error::{Error, Result};
 
@@ -17,6 +18,8 @@ pub enum Method {
     Lawa,
     Ema,
     BestMetric,
+    Wsm,
+    Weights,
     Greedy,
     Exhaustive,
     Random,
@@ -39,12 +42,17 @@ impl Method {
         )
     }
     /// Selectors that read `[select] k`, the number of members they average. The others
-    /// average the whole window (uniform, ema), grow their own set (greedy) or learn weights
-    /// (soup, whose sparse k is `[select.soup]`'s; twa).
+    /// average the whole window (uniform, ema), grow their own set (greedy), learn weights
+    /// (soup, whose sparse k is `[select.soup]`'s; twa) or take one per weight (weights).
     pub fn uses_k(self) -> bool {
         matches!(
             self,
-            Method::Lawa | Method::BestMetric | Method::Exhaustive | Method::Random | Method::Sewa
+            Method::Lawa
+                | Method::BestMetric
+                | Method::Wsm
+                | Method::Exhaustive
+                | Method::Random
+                | Method::Sewa
         )
     }
     pub fn name(self) -> &'static str {
@@ -53,6 +61,8 @@ impl Method {
             Method::Lawa => "lawa",
             Method::Ema => "ema",
             Method::BestMetric => "best-metric",
+            Method::Wsm => "wsm",
+            Method::Weights => "weights",
             Method::Greedy => "greedy",
             Method::Exhaustive => "exhaustive",
             Method::Random => "random",
@@ -90,6 +100,13 @@ pub struct SelectConfig {
     /// EMA decay per checkpoint, newest weight 1, the one before `decay`, ...
     #[serde(default = "default_ema_decay")]
     pub ema_decay: UnitOpen,
+    /// `wsm`: the decay shape whose Megatron-LM merge coefficients weigh the last k members.
+    #[serde(default = "default_wsm_shape")]
+    pub wsm_shape: WsmShape,
+    /// `weights`: one weight per member of the newest `weights.len()`, oldest first; checked
+    /// (finite, ≥ 0, not all zero) at its line, normalised when used.
+    #[serde(default, deserialize_with = "super::wsm::de_weights")]
+    pub weights: Option<Vec<f64>>,
     /// Metric key for best-metric: safetensors `__metadata__` key or trainer_state.json field.
     #[serde(default = "default_metric")]
     pub metric: String,
@@ -117,6 +134,8 @@ impl Default for SelectConfig {
             k: default_k(),
             every: default_every(),
             ema_decay: default_ema_decay(),
+            wsm_shape: default_wsm_shape(),
+            weights: None,
             metric: default_metric(),
             metric_mode: default_metric_mode(),
             min_members: None,
@@ -132,12 +151,45 @@ impl SelectConfig {
     /// for the methods that average k members (lawa, best-metric, sewa, exhaustive, random: an
     /// "average of the last 5" made of 1 checkpoint is that checkpoint under a false name) and 1
     /// for those that average whatever the window holds (uniform, ema, soup, twa: a sparse
-    /// soup's k only bounds how many it keeps) or grow their own set (greedy).
+    /// soup's k only bounds how many it keeps) or grow their own set (greedy); for `weights`,
+    /// one member per weight.
     pub fn min_members(&self) -> usize {
         if let Some(n) = self.min_members {
             return n.get();
         }
-        if self.method.uses_k() { self.k.get() } else { 1 }
+        match (self.method, &self.weights) {
+            (Method::Weights, Some(w)) => w.len(),
+            _ if self.method.uses_k() => self.k.get(),
+            _ => 1,
+        }
+    }
+
+    /// The cross-key rules of `method = "weights"` against a window of `window_size`
+    /// members (the config file's `Config::check` names the file).
+    pub fn check_weights(&self, window_size: usize) -> std::result::Result<(), String> {
+        if self.method != Method::Weights {
+            return Ok(());
+        }
+        let Some(w) = &self.weights else {
+            return Err("[select] method = \"weights\" needs `weights = [..]`: one weight per \
+                        member, oldest first (e.g. weights = [1, 2, 3, 4] for the newest 4)"
+                .into());
+        };
+        let n = w.len();
+        if n > window_size {
+            return Err(format!(
+                "[select] weights has {n} entries but [window] size = {window_size}: give at \
+                 most one weight per window member, or raise size"
+            ));
+        }
+        if let Some(m) = self.min_members.filter(|m| m.get() < n) {
+            return Err(format!(
+                "[select] min_members = {} is fewer than the {n} members `weights` weighs: \
+                 remove min_members or make it at least {n}",
+                m.get()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -152,6 +204,10 @@ fn default_every() -> Positive {
 }
 fn default_ema_decay() -> UnitOpen {
     UnitOpen(0.9)
+}
+fn default_wsm_shape() -> WsmShape {
+    // Megatron's weighted_merge.py `--merge-style` default.
+    WsmShape::Linear
 }
 fn default_metric() -> String {
     "eval_loss".to_string()

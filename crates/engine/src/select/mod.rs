@@ -1,5 +1,5 @@
 //! Selectors: given the window, decide which members to average and with what weights.
-//! Fixed rules (uniform, lawa, ema, best-metric) need only a summary of the window; model-based
+//! Fixed rules (uniform, lawa, ema, best-metric, wsm, weights) need only a summary of the window; model-based
 //! ones (greedy, exhaustive, random, sewa, soup, twa) also read the members' weights and call
 //! an `Objective`. Selectors never touch files other than through `Checkpoint` views.
 
@@ -49,6 +49,7 @@ pub mod soup;
 pub mod surrogate;
 pub mod twa;
 pub mod warm;
+pub mod wsm;
 
 pub use config::{Method, MetricMode, SelectConfig};
 pub use config::{SoupConfig, TwaConfig};
@@ -56,6 +57,7 @@ pub use details::{Details, MemberRecord};
 pub use memory::Memory;
 pub use sewa::{SewaConfig, Strategy};
 pub use warm::{MemberKey, SewaState};
+pub use wsm::WsmShape;
 
 use crate::error::{Error, Result};
 use crate::objective::Objective;
@@ -195,7 +197,12 @@ pub fn run_configured(
         Method::Random => search::random(&mut oracle, k, cfg.seed)?,
         Method::Soup => soup::run(&mut oracle, opts.soup)?,
         Method::Twa => twa::run(&mut oracle, opts.twa)?,
-        Method::Uniform | Method::Lawa | Method::Ema | Method::BestMetric => {
+        Method::Uniform
+        | Method::Lawa
+        | Method::Ema
+        | Method::BestMetric
+        | Method::Wsm
+        | Method::Weights => {
             unreachable!("rule-based methods were refused above")
         }
     };
@@ -314,6 +321,13 @@ pub fn run(
         Method::Lawa => rules::lawa(view.members, k),
         Method::Ema => rules::ema(view.members, cfg.ema_decay.0),
         Method::BestMetric => rules::best_metric(view.members, k, &cfg.metric, cfg.metric_mode),
+        Method::Wsm => rules::wsm(view.members, k, cfg.wsm_shape),
+        Method::Weights => {
+            let given = cfg.weights.as_deref().ok_or_else(|| {
+                Error::Internal("method \"weights\" without [select] weights".into())
+            })?;
+            rules::weights(view.members, given)
+        }
         Method::Greedy
         | Method::Exhaustive
         | Method::Random

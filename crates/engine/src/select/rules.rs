@@ -1,10 +1,13 @@
 //! Fixed selection rules that need no model: `uniform`, `lawa` (last k), `ema` (exponential
-//! decay over the window) and `best-metric` (k best by a metric stored with the checkpoint).
+//! decay over the window), `best-metric` (k best by a metric stored with the checkpoint),
+//! `wsm` (Megatron-LM's decay-shaped merge coefficients over the last k, `wsm.rs`) and
+//! `weights` (the user's own weights over the newest members).
 //! Pure: the window summary (sorted by step, oldest first) in, a `Selection` out.
 //! Model-based selectors live beside this file and are reached through `select::run`.
 
 use serde_json::json;
 
+use super::wsm::{self, WsmShape};
 use super::{Details, MemberSummary, Selection};
 use super::{Method, MetricMode};
 use crate::error::{Error, Result};
@@ -61,6 +64,54 @@ pub fn ema(members: &[MemberSummary], decay: f64) -> Result<Selection> {
         why: format!("EMA over {n} members, decay {decay} per checkpoint"),
         loss: None,
         details: Details::extra(json!({ "decay": decay })),
+    })
+}
+
+/// Warmup-stable-merge: the last `k` members by step weighted, oldest first, by Megatron-LM's
+/// merge coefficients for `shape` (`wsm::coefficients`, its values kept bit for bit).
+pub fn wsm(members: &[MemberSummary], k: usize, shape: WsmShape) -> Result<Selection> {
+    let n = members.len();
+    if n == 0 {
+        return Err(empty("wsm"));
+    }
+    let take = k.min(n);
+    let coefficients = wsm::coefficients(shape, take);
+    let mut weights = vec![0.0; n];
+    weights[n - take..].copy_from_slice(&coefficients);
+    Ok(Selection {
+        method: Method::Wsm,
+        weights,
+        why: format!("WSM {shape} weights over the last {take} of {n} by step (k = {k})"),
+        loss: None,
+        details: Details::extra(json!({
+            "k": k,
+            "shape": shape,
+            "coefficients": coefficients,
+            "source": wsm::SOURCE,
+        })),
+    })
+}
+
+/// The user's weights over the newest `weights.len()` members, oldest first (normalised);
+/// an error when the window holds fewer members than weights or the weights are bad.
+pub fn weights(members: &[MemberSummary], given: &[f64]) -> Result<Selection> {
+    let (n, m) = (members.len(), given.len());
+    wsm::check_weights(given).map_err(|why| Error::Selection(format!("weights {why}")))?;
+    if m > n {
+        return Err(Error::Selection(format!(
+            "weights: {m} weights but the window holds {n} member{}: one weight per member",
+            if n == 1 { "" } else { "s" }
+        )));
+    }
+    let total: f64 = given.iter().sum();
+    let mut w = vec![0.0; n];
+    w[n - m..].iter_mut().zip(given).for_each(|(w, g)| *w = g / total);
+    Ok(Selection {
+        method: Method::Weights,
+        weights: w,
+        why: format!("the configured weights over the newest {m} of {n} by step"),
+        loss: None,
+        details: Details::extra(json!({ "weights": given })),
     })
 }
 
@@ -142,6 +193,31 @@ mod tests {
         for (a, b) in s.weights.iter().zip(expect) {
             assert!((a - b).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn wsm_weighs_the_last_k_and_records_its_shape() {
+        let w = window(&[None; 5]);
+        let s = wsm(&w, 3, WsmShape::MinusSqrt).unwrap();
+        assert_eq!(s.members(), vec![2, 3, 4]);
+        assert_eq!(&s.weights[2..], wsm::coefficients(WsmShape::MinusSqrt, 3).as_slice());
+        assert!(s.weights[2] > s.weights[4], "older members weigh more: {:?}", s.weights);
+        let d = s.details.json();
+        assert_eq!(d["shape"], "minus-sqrt");
+        assert_eq!(d["k"], 3);
+        assert_eq!(wsm(&w, 9, WsmShape::Linear).unwrap().members().len(), 5);
+        assert!(wsm(&[], 2, WsmShape::Linear).is_err());
+    }
+
+    #[test]
+    fn weights_apply_to_the_newest_members_and_refuse_bad_counts() {
+        let w = window(&[None; 4]);
+        let s = weights(&w, &[1.0, 3.0]).unwrap();
+        assert_eq!(s.weights, vec![0.0, 0.0, 0.25, 0.75]);
+        let e = weights(&w[..1], &[1.0, 3.0]).unwrap_err().to_string();
+        assert!(e.contains("2 weights") && e.contains("1 member"), "{e}");
+        assert!(weights(&w, &[0.0, 0.0]).unwrap_err().to_string().contains("all zero"));
+        assert!(weights(&w, &[1.0, -1.0]).is_err());
     }
 
     #[test]
