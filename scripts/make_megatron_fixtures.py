@@ -22,6 +22,10 @@ read from them (`expected/`).
 Directories:
   run/iter_0000010/, run/iter_0000020/, run/latest_checkpointed_iteration.txt
                         two saves of the same run (weights and Adam moments differ)
+  errors/escape.metadata   iter_0000010's .metadata with one chunk of a model tensor at
+                        relative_path ../escape.distcp
+  errors/huge.metadata     iter_0000010's .metadata claiming decoder.final_layernorm.weight
+                        (and its one chunk) holds 2^40 elements
 Expected values (safetensors, computed by torch from the files, not from memory):
   expected/iter_0000010.safetensors  the model's tensors of iter_0000010, as
                         torch.distributed.checkpoint reads them back (`dcp.load` of every
@@ -167,12 +171,45 @@ def expected():
         print(f"{k}: {v.dtype} {list(v.shape)}")
 
 
+def errors():
+    """Hostile `.metadata` files: iter_0000010's, unpickled by torch, one thing changed. The
+    tests copy iter_0000010 and put one of these in place of its `.metadata`."""
+    import pickle
+
+    out = os.path.join(ROOT, "errors")
+    os.makedirs(out, exist_ok=True)
+
+    def edited(name, edit):
+        with open(os.path.join(iter_dir(10), ".metadata"), "rb") as f:
+            md = pickle.load(f)
+        edit(md)
+        with open(os.path.join(out, name), "wb") as f:
+            pickle.dump(md, f)
+
+    def escape(md):  # one chunk of a model tensor read from outside the directory
+        key = next(k for k in sorted(md.storage_data, key=lambda k: (k.fqn, k.index or 0))
+                   if k.fqn == "decoder.final_layernorm.weight")
+        md.storage_data[key].relative_path = "../escape.distcp"
+
+    def huge(md):  # a model tensor claimed to be 2^40 elements, its one chunk too
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        item = md.state_dict_metadata["decoder.final_layernorm.weight"]
+        item.size = torch.Size([1 << 40])
+        c = item.chunks[0]
+        item.chunks[0] = ChunkStorageMetadata(offsets=c.offsets, sizes=torch.Size([1 << 40]))
+
+    edited("escape.metadata", escape)
+    edited("huge.metadata", huge)
+
+
 def main():
     if os.environ.get("WORLD_SIZE"):
         distributed()
         return
-    if sys.argv[1:] == ["--expected"]:
+    if sys.argv[1:] == ["--derived"]:  # expected/ and errors/ again, from the saved run
         expected()
+        errors()
         return
     shutil.rmtree(ROOT, ignore_errors=True)
     os.makedirs(RUN)
@@ -180,6 +217,7 @@ def main():
                 "--master_port", "29517", os.path.abspath(__file__)]
     subprocess.run(torchrun, check=True)
     expected()
+    errors()
 
 
 if __name__ == "__main__":

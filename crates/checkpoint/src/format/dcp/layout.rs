@@ -144,3 +144,33 @@ fn top_keys(md: &Metadata, keys: Keys) -> String {
     let listed = counts.iter().take(12).map(|(k, n)| format!("{k:?} ({n} tensors)"));
     listed.collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::megatron_optimizer;
+
+    /// megatron-core's optimizer keys (`optim_state_to_sharding_state`, the distributed
+    /// optimizer's `optimizer.distributed.*`, ChainedOptimizer's `chained_N.` prefix) and
+    /// model keys that merely contain the word.
+    #[test]
+    fn megatron_optimizer_keys() {
+        for key in [
+            "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight",
+            "optimizer.state.fp32_param.embedding.word_embeddings.weight",
+            "optimizer.distributed.dp_group_idx_0.param_state",
+            "chained_0.optimizer.state.exp_avg_sq.output_layer.weight",
+            "chained_12.optimizer.distributed.dp_group_idx_1.exp_avg",
+        ] {
+            assert!(megatron_optimizer(key), "{key}");
+        }
+        for key in [
+            "decoder.layers.self_attention.linear_qkv.weight",
+            "optimizer_head.weight",
+            "chained_x.optimizer.state.w",
+            "chained_.optimizer.state.w",
+            "decoder.optimizer.w",
+        ] {
+            assert!(!megatron_optimizer(key), "{key}");
+        }
+    }
+}
