@@ -547,8 +547,15 @@ fn megatron_torch_dist_reads_the_models_keys_as_torch_does() {
     }
     assert!(ck.tensors().iter().all(|t| !t.name.starts_with("optimizer.")));
     assert_eq!(ck.metadata()["megatron_backend"], "torch_dist 1");
-    let dcp = open(&fixture("dcp/torchtitan/step-10")).unwrap();
-    assert_eq!(dcp.format(), Format::Dcp);
+    // Another tool's metadata.json beside a plain DCP checkpoint does not make it Megatron.
+    let titan = tmp.path().join("step-10");
+    fs::create_dir(&titan).unwrap();
+    for e in fs::read_dir(fixture("dcp/torchtitan/step-10")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), titan.join(e.file_name())).unwrap();
+    }
+    fs::write(titan.join("metadata.json"), br#"{"format": "dcp", "step": 10}"#).unwrap();
+    assert_eq!(open(&titan).unwrap().format(), Format::Dcp);
     // Unfinished: megatron-core writes metadata.json last.
     fs::remove_file(dir.join("metadata.json")).unwrap();
     let err = quick_check(&dir, "").unwrap_err().to_string();

@@ -33,8 +33,9 @@ const TORCH_DIST: &str = "torch_dist";
 /// Largest `metadata.json` read: megatron-core writes about 120 bytes.
 const CONFIG_CAP: u64 = 64 << 10;
 
-/// A directory holding `common.pt` or `metadata.json` (Megatron's own files); `detect` tries
-/// it before plain DCP.
+/// A directory holding `common.pt` (megatron-core's first file) or a `metadata.json` naming a
+/// `sharded_backend` (its last); `detect` tries it before plain DCP, so another tool's
+/// `metadata.json` beside a DCP or HF checkpoint leaves it to them.
 pub(crate) const FORMAT: FormatSpec =
     FormatSpec { detect: claim, weight_file: dcp::weight_file, endings: &[] };
 
@@ -43,7 +44,7 @@ fn claim(probe: &Probe<'_>) -> Claim {
         return Ok(None);
     }
     let dir = probe.path;
-    if !(files::has_file(dir, Path::new(COMMON))? || files::has_file(dir, Path::new(CONFIG))?) {
+    if !(files::has_file(dir, Path::new(COMMON))? || names_a_backend(dir)?) {
         return Ok(None);
     }
     Ok(Some(Box::new(FoundMegatron {
@@ -104,6 +105,22 @@ fn finished(dir: &Path) -> Result<Config> {
     parse(&path, &bytes)
 }
 
+/// Is there a `metadata.json` whose JSON is an object with a `sharded_backend` key?
+fn names_a_backend(dir: &Path) -> Result<bool> {
+    if !files::has_file(dir, Path::new(CONFIG))? {
+        return Ok(false);
+    }
+    let path = dir.join(CONFIG);
+    let bytes = files::read_capped(&path, files::open_in_dir(dir, Path::new(CONFIG))?, CONFIG_CAP)?;
+    Ok(has_backend_key(&bytes))
+}
+
+/// Pure half of [`names_a_backend`].
+fn has_backend_key(bytes: &[u8]) -> bool {
+    let json = serde_json::from_slice::<serde_json::Value>(bytes);
+    json.is_ok_and(|v| v.get("sharded_backend").is_some())
+}
+
 /// Decode `metadata.json` (its bytes; `path` names it in errors). Pure.
 fn parse(path: &Path, bytes: &[u8]) -> Result<Config> {
     let config: Config = serde_json::from_slice(bytes).map_err(|e| {
@@ -148,6 +165,10 @@ mod tests {
         }
         let zarr = parsed(r#"{"sharded_backend": "zarr", "sharded_backend_version": 1}"#);
         assert!(zarr.unwrap_err().contains("\"zarr\"; sewa reads"));
+        assert!(has_backend_key(real.as_bytes()) && has_backend_key(b"{\"sharded_backend\": 3}"));
+        assert!(
+            !has_backend_key(b"{\"format\": \"pt\"}") && !has_backend_key(&real.as_bytes()[..9])
+        );
         for other in ["[]", "{\"sharded_backend\": 3}", "{}", "\u{0}\u{0}"] {
             let err = parsed(other).unwrap_err();
             assert!(err.contains("not megatron-core's checkpoint config"), "{other}: {err}");
