@@ -132,6 +132,10 @@ fn unfinished_and_hostile_megatron_directories_are_refused_naming_the_file() {
     let zarr = case("zarr");
     fs::write(zarr.join("metadata.json"), br#"{"sharded_backend": "zarr"}"#).unwrap();
     refused(&zarr, "metadata.json", "\"zarr\"");
+    let big = case("big");
+    let f = fs::OpenOptions::new().write(true).open(big.join("metadata.json")).unwrap();
+    f.set_len(64 << 20).unwrap(); // sparse: refused by its size, not read
+    refused(&big, "metadata.json", "larger than");
     // A rank file cut short (the model's chunks come first in each file).
     let short = case("short");
     let f = fs::OpenOptions::new().write(true).open(short.join("__0_0.distcp")).unwrap();
