@@ -12,8 +12,8 @@
 //! and outside the directory, adds nothing and is not a candidate (a `.txt`). Megatron uses no
 //! temporary name for the directory.
 //!
-//! The model's tensors are every ShardedTensor not under `optimizer.` (`dcp::Keys::Megatron`),
-//! under their own keys. `common.pt` is never read: it holds no weights, and unpickling it
+//! The model's tensors are every ShardedTensor not under `optimizer.` or `chained_N.optimizer.`
+//! (`dcp::Keys::Megatron`), under their own keys. `common.pt` is never read: it holds no weights, and unpickling it
 //! would need classes (`argparse.Namespace`) that sewa does not decode.
 
 use std::path::{Path, PathBuf};
