@@ -12,6 +12,7 @@ mod faults;
 mod history;
 mod imports;
 mod layouts;
+mod megatron;
 mod memory;
 mod objective;
 mod peft;

@@ -76,6 +76,8 @@ pub enum Format {
     Lightning,
     /// torch.distributed.checkpoint directory (`.metadata` + `*.distcp`).
     Dcp,
+    /// Megatron-LM `torch_dist` directory (`iter_NNNNNNN/`: DCP plus `common.pt`, `metadata.json`).
+    Megatron,
     /// DeepSpeed `global_stepN/` directory (ZeRO model and optimizer states).
     #[serde(rename = "deepspeed")]
     DeepSpeed,

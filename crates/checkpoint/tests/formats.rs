@@ -506,6 +506,7 @@ fn step_and_temp_names_of_real_writers() {
         ("step_0000500.safetensors", Some(500)), // custom loops
         ("model_500.safetensors", Some(500)),
         ("global_step500", Some(500)), // DeepSpeed
+        ("iter_0000500", Some(500)),   // Megatron-LM
         ("last.ckpt", None),
         ("model-00001-of-00003.safetensors", None),
     ];
@@ -517,4 +518,47 @@ fn step_and_temp_names_of_real_writers() {
         assert!(is_temp_name(name), "{name}");
     }
     assert!(!is_temp_name("checkpoint-500") && !is_temp_name("epoch=3-step=500.ckpt"));
+}
+
+/// Megatron-LM `torch_dist` (`iter_NNNNNNN/`, written by megatron-core itself: see
+/// `scripts/make_megatron_fixtures.py`): the model's ShardedTensor keys, with the bytes torch
+/// read back from the same files; Adam's moments (`optimizer.state.*`) skipped; `common.pt`
+/// (pickled args) never read. A DCP directory without megatron-core's files stays DCP.
+#[test]
+fn megatron_torch_dist_reads_the_models_keys_as_torch_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("iter_0000010");
+    fs::create_dir(&dir).unwrap();
+    for e in fs::read_dir(fixture("megatron/run/iter_0000010")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    // Whatever common.pt holds, it is not opened: here, not even a pickle.
+    fs::write(dir.join("common.pt"), b"\x80\x04not a pickle").unwrap();
+    let ck = open(&dir).unwrap();
+    assert_eq!(ck.format(), Format::Megatron);
+    assert_eq!(parse_step("iter_0000010"), Some(10));
+    let want = open(&fixture("megatron/expected/iter_0000010.safetensors")).unwrap();
+    let mut got: Vec<_> = ck.tensors().to_vec();
+    got.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(got, want.tensors());
+    for t in want.tensors() {
+        assert_eq!(ck.data(&t.name).unwrap(), want.data(&t.name).unwrap(), "{}", t.name);
+    }
+    assert!(ck.tensors().iter().all(|t| !t.name.starts_with("optimizer.")));
+    assert_eq!(ck.metadata()["megatron_backend"], "torch_dist 1");
+    // Another tool's metadata.json beside a plain DCP checkpoint does not make it Megatron.
+    let titan = tmp.path().join("step-10");
+    fs::create_dir(&titan).unwrap();
+    for e in fs::read_dir(fixture("dcp/torchtitan/step-10")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), titan.join(e.file_name())).unwrap();
+    }
+    fs::write(titan.join("metadata.json"), br#"{"format": "dcp", "step": 10}"#).unwrap();
+    assert_eq!(open(&titan).unwrap().format(), Format::Dcp);
+    // Unfinished: megatron-core writes metadata.json last.
+    fs::remove_file(dir.join("metadata.json")).unwrap();
+    let err = quick_check(&dir, "").unwrap_err().to_string();
+    assert!(err.contains("metadata.json") && err.contains("not there yet"), "{err}");
+    assert!(open_err(&dir).contains("not there yet"));
 }

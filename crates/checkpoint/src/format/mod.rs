@@ -7,13 +7,15 @@
 //! `open` (validate and index it, holding its files: a `Loaded`). So a path is detected once
 //! for both. `magic` tells files apart by their first bytes.
 //! Lightning `.ckpt` files are torch files whose tensors sit under a key (`torch`); a
-//! directory with `.metadata` is a torch.distributed.checkpoint (`dcp`); DeepSpeed and PEFT
+//! directory with `.metadata` is a torch.distributed.checkpoint (`dcp`), and with megatron-core's
+//! `common.pt` / `metadata.json` beside it a Megatron `torch_dist` one (`megatron`); DeepSpeed and PEFT
 //! directories are built on the torch and safetensors readers.
 
 pub(crate) mod dcp;
 pub(crate) mod deepspeed;
 pub(crate) mod hf_dir;
 pub(crate) mod magic;
+pub(crate) mod megatron;
 pub(crate) mod peft;
 pub(crate) mod safetensors;
 pub(crate) mod sharded;
@@ -28,9 +30,10 @@ use crate::storage::Loaded;
 use magic::Magic;
 
 /// Every format, in the order their `detect` is tried: the first to claim a path reads it.
-/// Directories: DCP, DeepSpeed, PEFT, then any other directory is an HF checkpoint. Files:
+/// Directories: Megatron (DCP with megatron-core's files), DCP, DeepSpeed, PEFT, then any other directory is an HF checkpoint. Files:
 /// a shard index by its name, then by first bytes torch zips, then safetensors.
 pub(crate) const FORMATS: &[FormatSpec] = &[
+    megatron::FORMAT,
     dcp::FORMAT,
     deepspeed::FORMAT,
     peft::FORMAT,

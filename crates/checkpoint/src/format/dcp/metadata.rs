@@ -18,6 +18,9 @@ const METADATA: &str = "torch.distributed.checkpoint.metadata";
 /// Where torch < 2.4 kept `TensorProperties` (and its memory-format enum).
 const OLD_PROPERTIES: &str = "torch.distributed._shard.sharded_tensor.metadata";
 const FILESYSTEM: &str = "torch.distributed.checkpoint.filesystem";
+/// megatron-core's `torch_dist` keeps every rank's `SavePlan` in `Metadata.all_local_plans`
+/// (to reuse the plan on the next save); sewa decodes none of it.
+const PLANNER: &str = "torch.distributed.checkpoint.planner";
 const PATHS: &[&str] = &["PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"];
 
 /// dtype names as torch pickles them (`torch.float32` → `torch float32`); the first ones
@@ -80,6 +83,7 @@ fn allowed(module: &str, name: &str) -> bool {
         ),
         OLD_PROPERTIES => matches!(name, "TensorProperties" | "MEM_FORMAT_ENCODING"),
         FILESYSTEM => name == "_StorageInfo",
+        PLANNER => matches!(name, "SavePlan" | "WriteItem" | "WriteItemType" | "TensorWriteData"),
         "torch" => TORCH.contains(&name) || DTYPES.iter().any(|(d, _)| *d == name),
         // `torch.serialization._get_layout("torch.strided")`: how layouts are pickled.
         "torch.serialization" => name == "_get_layout",
@@ -93,6 +97,8 @@ fn allowed(module: &str, name: &str) -> bool {
 /// See the module header: the classes a real `.metadata` holds.
 pub(crate) const ALLOWED: &str = "torch.distributed.checkpoint.metadata.*, \
     torch.distributed.checkpoint.filesystem._StorageInfo, \
+    torch.distributed.checkpoint.planner's SavePlan, WriteItem, WriteItemType, TensorWriteData \
+    (megatron-core's all_local_plans), \
     torch.distributed._shard.sharded_tensor.metadata.TensorProperties, torch.Size, torch \
     dtypes, layouts and memory formats, collections.OrderedDict, pathlib paths";
 

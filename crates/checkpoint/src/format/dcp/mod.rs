@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::storage::Loaded;
 use crate::{DType, Format, InputIo, TensorMeta, files};
+pub(crate) use layout::Keys;
 use metadata::{Metadata, StorageInfo};
 pub(crate) use store::DcpStore;
 use store::{DcpChunk, DcpTensor, LazyFile};
@@ -64,13 +65,13 @@ pub(crate) fn quick_check(dir: &Path) -> Result<()> {
     stat_files(dir, md.storage.iter()).map(|_| ())
 }
 
-/// Open a DCP directory: decode `.metadata`, pick the model's tensors (`state_key` names the
-/// top-level entry explicitly), and check the files their chunks live in. No data file is
-/// held open: `store` opens each the first time one of its chunks is read.
-pub(crate) fn open(dir: &Path, state_key: Option<&str>) -> Result<Loaded> {
+/// Open a DCP directory: decode `.metadata`, pick the model's tensors by the naming `keys`
+/// follow (`state_key` names the entry explicitly), and check the files their chunks live in.
+/// No data file is held open: `store` opens each the first time one of its chunks is read.
+pub(crate) fn open(dir: &Path, state_key: Option<&str>, keys: Keys) -> Result<Loaded> {
     let md = read_metadata(dir)?;
     let mpath = dir.join(METADATA);
-    let picked = layout::select(dir, &md, state_key)?;
+    let picked = layout::select(dir, &md, state_key, keys)?;
     let dtypes = (picked.iter().map(|(_, t)| readable(&mpath, t))).collect::<Result<Vec<_>>>()?;
     let used = picked.iter().flat_map(|(_, t)| t.chunks.iter().map(|c| &c.storage));
     let lazies = stat_files(dir, used)?;
@@ -259,7 +260,7 @@ pub(crate) fn rank_of(rel: &str) -> Option<u32> {
 /// inside an HF Trainer checkpoint).
 pub(crate) const FORMAT: FormatSpec = FormatSpec { detect: claim, weight_file, endings: &[] };
 
-fn weight_file(name: &str) -> bool {
+pub(crate) fn weight_file(name: &str) -> bool {
     name.ends_with(".distcp") || name == METADATA
 }
 
@@ -291,7 +292,7 @@ impl Found for FoundDcp {
     }
 
     fn open(self: Box<Self>) -> Result<Loaded> {
-        let mut loaded = open(&self.dir, self.state_key.as_deref())?;
+        let mut loaded = open(&self.dir, self.state_key.as_deref(), Keys::Dcp)?;
         // An HF Trainer checkpoint around Accelerate's DCP: config, tokenizer beside it.
         loaded.side_dir = self.nested.then_some(self.outer);
         Ok(loaded)

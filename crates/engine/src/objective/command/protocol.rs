@@ -75,7 +75,8 @@ pub fn hello() -> serde_json::Value {
 /// The name a member's format has on the wire, for formats a client may load itself.
 /// `torch` covers torch.save zips and Lightning files (tensors at the top level or under
 /// `state_dict`); `hf-dir` is a directory holding model.safetensors, a shard index or
-/// pytorch_model.bin. DCP, DeepSpeed and PEFT members are staged as safetensors copies.
+/// pytorch_model.bin. DCP, Megatron, DeepSpeed and PEFT members are staged as safetensors
+/// copies.
 pub fn wire_format(format: Format) -> Option<&'static str> {
     match format {
         Format::Safetensors => Some("safetensors"),
@@ -84,7 +85,11 @@ pub fn wire_format(format: Format) -> Option<&'static str> {
         Format::TorchZip | Format::Lightning => Some("torch"),
         // Sharded, partitioned or adapter layouts the client does not assemble: sewa hands
         // over a safetensors copy of what it reads.
-        Format::Memory | Format::Dcp | Format::DeepSpeed | Format::PeftAdapter => None,
+        Format::Memory
+        | Format::Dcp
+        | Format::Megatron
+        | Format::DeepSpeed
+        | Format::PeftAdapter => None,
     }
 }
 
