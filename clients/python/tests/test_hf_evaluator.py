@@ -250,13 +250,17 @@ def test_text_mode_tokenizes_the_whole_file_in_context_blocks(tmp_path):
     assert_matches(r, reference("gpt2", members, {"0": 0.5, "1": 0.5}, want))
 
 
-def test_text_mode_jsonl_documents_and_max_tokens_over_the_context(tmp_path):
+def jsonl_setup(tmp_path):
     members = checkpoints(tmp_path, "gpt2", n=1)
     tok = tokenizer_dir(tmp_path)
     text = tmp_path / "heldout.jsonl"
     text.write_text("\n".join(json.dumps({"body": " ".join(f"w{i}" for i in range(n))})
                               for n in (40, 3)) + "\n")
-    args = ["--text", str(text), "--tokenizer", tok, "--text-key", "body"]
+    return members, ["--text", str(text), "--tokenizer", tok, "--text-key", "body"]
+
+
+def test_text_mode_jsonl_documents_in_max_tokens_blocks(tmp_path):
+    members, args = jsonl_setup(tmp_path)
     with Evaluator(MODULE + args + ["--max-tokens", "16"]) as ev:
         ev.hello()
         assert ev.members(members)["type"] == "ready"
@@ -264,6 +268,10 @@ def test_text_mode_jsonl_documents_and_max_tokens_over_the_context(tmp_path):
         err = ev.stderr()
     # 40 tokens -> 16, 16, 8; 3 tokens -> 3: one document never runs into the next.
     assert "2 documents, 43 tokens in 4 blocks of at most 16 tokens (--max-tokens)" in err, err
+
+
+def test_text_mode_max_tokens_over_the_context_is_refused(tmp_path):
+    members, args = jsonl_setup(tmp_path)
     with Evaluator(MODULE + args + ["--max-tokens", "64"]) as ev:
         ev.hello()
         r = ev.members(members)
@@ -292,4 +300,9 @@ def test_sewa_average_select_runs_the_module_end_to_end(tmp_path):
     assert out.is_file()
     assert "sewa.evaluators.hf" in p.stderr and "built GPT2LMHeadModel" in p.stderr, p.stderr
     manifest = json.loads((tmp_path / "avg.safetensors.manifest.json").read_text())
-    assert manifest.get("selection"), manifest
+    sel = manifest["selection"]
+    chosen = sel["details"]["chosen"]
+    assert sel["method"] == "sewa" and len(chosen) == 2, sel
+    # The loss sewa recorded is the module's loss of the chosen members' uniform average.
+    loss, _ = reference("gpt2", members, {str(i): 0.5 for i in chosen}, lm_batches())
+    assert math.isclose(sel["loss"], loss, rel_tol=1e-4), (sel, loss)

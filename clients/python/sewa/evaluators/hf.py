@@ -347,11 +347,16 @@ class HF:
 
 
 def main(argv=None):
+    """Run the evaluator; a bad flag, file or config exits 2 with one line naming it."""
     args = parse_args(argv)
-    threads = _common.set_threads(args.threads)
-    log(f"torch intra-op threads: {threads} of {_common.cpu_count()} cores"
-        + (" (--threads)" if args.threads is not None else " (default: a quarter)"))
-    ev = HF(args)
+    try:
+        threads = _common.set_threads(args.threads)
+        log(f"torch intra-op threads: {threads} of {_common.cpu_count()} cores"
+            + (" (--threads)" if args.threads is not None else " (default: a quarter)"))
+        ev = HF(args)
+    except (ValueError, OSError) as e:
+        print(f"{PREFIX}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     import sewa_evaluator
 
     sewa_evaluator.serve(ev.loss_fn, device=str(ev.device), members_on=args.members_on,
@@ -359,8 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{PREFIX}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main()
