@@ -145,6 +145,26 @@ def test_protocol_loss_and_dots_match_torch(tmp_path, kind):
     assert "torch intra-op threads: 1" in err and err.count("built ") == 1, err
 
 
+def test_bf16_members_are_evaluated_in_their_dtype(tmp_path):
+    # A bf16 checkpoint (its config says so): the model is built in bf16, the mixture stays
+    # bf16 (the client mixes in float32 and casts back), rotary tables stay float32.
+    members = []
+    for i in range(2):
+        torch.manual_seed(i)
+        d = tmp_path / f"checkpoint-{i}"
+        CLASSES["llama"](llama_config()).to(torch.bfloat16).save_pretrained(d)
+        members.append((str(i), str(d), "hf-dir"))
+    batches = lm_batches(2)
+    bfile = str(tmp_path / "heldout.pt")
+    _batches.save(bfile, batches)
+    with Evaluator(MODULE + ["--batches", bfile]) as ev:
+        ev.hello()
+        assert ev.members(members)["type"] == "ready"
+        r = ev.evaluate({"0": 0.5, "1": 0.5})
+    # The reference computes in float32 on the bf16 weights: bf16 arithmetic is ~1e-2 off.
+    assert_matches(r, reference("llama", members, {"0": 0.5, "1": 0.5}, batches), rtol=5e-2)
+
+
 def test_staged_copy_takes_config_dir_and_rebuilds_on_a_new_config(tmp_path):
     # sewa's staged copies are bare safetensors files in its private dir: --config-dir gives
     # the model. A member with another config (here: a Llama) rebuilds the model once.

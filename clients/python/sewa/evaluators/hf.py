@@ -219,8 +219,16 @@ class HF:
             config = cls.config_class.from_dict(cfg)
         except Exception as e:
             raise ValueError(f"{cfg_path}: not a {cls.config_class.__name__}: {e}") from e
-        model = cls._from_config(config)
-        model.eval().to(self.device)
+        # Built on the device in the config's dtype: its own weights are never used (every
+        # parameter and persistent buffer comes from the members), so no float32 CPU copy of a
+        # large model first. Non-persistent buffers (rotary tables) stay as transformers makes
+        # them, whatever the members' dtype.
+        torch = self.torch
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}.get(cfg.get("dtype") or cfg.get("torch_dtype"))
+        with torch.device(self.device):
+            model = cls._from_config(config, **({"dtype": dtype} if dtype else {}))
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         self.model, self.arch, self.cfg_path = model, arch, cfg_path
@@ -328,11 +336,6 @@ class HF:
             raise RuntimeError("no model: no member's config.json has been read yet")
         keep = fit_report(weights, self.state, self.arch, self.cfg_path)
         params = {n: weights[n] for n in keep}
-        dtype = next((t.dtype for t in params.values() if t.is_floating_point()), None)
-        current = next((p.dtype for p in self.model.parameters()), None)
-        if dtype is not None and current is not None and dtype != current:
-            # The members' dtype (bf16 checkpoints): the model's own buffers follow it.
-            self.model.to(dtype)
         total = float(self.total)
 
         def terms():
