@@ -145,6 +145,27 @@ def test_protocol_loss_and_dots_match_torch(tmp_path, kind):
     assert "torch intra-op threads: 1" in err and err.count("built ") == 1, err
 
 
+def test_torchrun_ranks_are_weighted_by_their_tokens(tmp_path):
+    # Two ranks of two batches each, 44 and 21 predicted tokens: each rank's loss is its token
+    # mean, weighted by its share of the tokens (not of the batches), so the sum is the global
+    # token mean.
+    if not os.path.exists(os.path.join(os.path.dirname(PYTHON), "torchrun")):
+        pytest.skip("no torchrun beside this Python")
+    members = checkpoints(tmp_path, "gpt2", n=2)
+    batches = lm_batches() + lm_batches(5)[:1]
+    bfile = str(tmp_path / "heldout.pt")
+    _batches.save(bfile, batches)
+    argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "sewa.evaluators.hf", "--batches", bfile, "--threads", "1"]
+    with Evaluator(argv) as ev:
+        ev.hello()
+        assert ev.members(members)["type"] == "ready"
+        r = ev.evaluate({"0": 0.25, "1": 0.75})
+        err = ev.stderr()
+    assert err.count("in 2 batches on cpu") == 2, err  # each rank its half
+    assert_matches(r, reference("gpt2", members, {"0": 0.25, "1": 0.75}, batches))
+
+
 def test_bf16_members_are_evaluated_in_their_dtype(tmp_path):
     # A bf16 checkpoint (its config says so): the model is built in bf16, the mixture stays
     # bf16 (the client mixes in float32 and casts back), rotary tables stay float32.
