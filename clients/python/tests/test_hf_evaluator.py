@@ -347,3 +347,15 @@ def test_sewa_average_select_runs_the_module_end_to_end(tmp_path):
     # The loss sewa recorded is the module's loss of the chosen members' uniform average.
     loss, _ = reference("gpt2", members, {str(i): 0.5 for i in chosen}, lm_batches())
     assert math.isclose(sel["loss"], loss, rel_tol=1e-4), (sel, loss)
+
+
+def test_a_bad_batches_file_is_one_line_at_start(tmp_path):
+    bad = tmp_path / "heldout.pt"
+    bad.write_bytes(b"not a torch file at all\n")
+    p = subprocess.run(MODULE + ["--batches", str(bad)], capture_output=True, text=True,
+                       timeout=120, env=env(), stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"sewa.evaluators.hf: error: --batches {bad}: not a sewa batches file "
+        "(UnpicklingError; it is read with weights_only=True)"), p.stderr
+    assert "Traceback" not in p.stderr, p.stderr

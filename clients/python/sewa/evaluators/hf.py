@@ -73,6 +73,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.text is not None and args.tokenizer is None:
         ap.error("--text needs --tokenizer DIR")
+    if args.text is None and (args.tokenizer is not None or args.max_tokens is not None):
+        ap.error("--tokenizer and --max-tokens are for --text (--batches are already cut)")
     if args.batch < 1:
         ap.error("--batch must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -180,7 +182,16 @@ class HF:
         if args.batches is not None:
             from . import _batches
 
-            batches, meta = _batches.load(args.batches)
+            try:
+                batches, _meta = _batches.load(args.batches)
+            except OSError as e:
+                raise ValueError(f"--batches {args.batches}: {e.strerror or e}") from None
+            except ValueError:
+                raise
+            except Exception as e:  # torch.load's unpickler refusing it: never load it unsafely
+                raise ValueError(f"--batches {args.batches}: not a sewa batches file "
+                                 f"({type(e).__name__}; it is read with weights_only=True)"
+                                 ) from None
             for i, b in enumerate(batches):
                 if not isinstance(b, dict):
                     raise ValueError(f"{args.batches}: batch {i} is a {type(b).__name__}, not "
@@ -190,10 +201,15 @@ class HF:
         else:
             self.source = None
         if args.config_dir is not None:
+            if not os.path.isdir(args.config_dir):
+                raise FileNotFoundError(f"--config-dir {args.config_dir}: no such directory")
             p = os.path.join(args.config_dir, "config.json")
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"--config-dir {args.config_dir}: no config.json in it")
-            self.build(_common.read_config(p), p)
+            if os.path.isfile(p):
+                self.build(_common.read_config(p), p)
+            else:
+                # The callback may write it later; members' own configs come first anyway.
+                log(f"--config-dir {args.config_dir} holds no config.json yet: the model is "
+                    f"built from the first member's")
 
     # model --------------------------------------------------------------------------------
     def on_members(self, added):
