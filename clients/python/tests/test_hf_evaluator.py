@@ -250,6 +250,23 @@ def test_an_unknown_architecture_is_refused_naming_the_config(tmp_path):
     assert "names no model class" in r["message"], r
 
 
+def test_a_config_far_larger_than_the_member_is_refused_before_allocating(tmp_path):
+    members = checkpoints(tmp_path, "gpt2", n=1)
+    cfg_path = os.path.join(members[0][1], "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(n_layer=8, n_embd=256)  # ~25 MB of weights beside a 0.4 MB member
+    json.dump(cfg, open(cfg_path, "w"))
+    bfile = str(tmp_path / "heldout.pt")
+    _batches.save(bfile, lm_batches())
+    with Evaluator(MODULE + ["--batches", bfile]) as ev:
+        ev.hello()
+        r = ev.members(members)
+    assert r["type"] == "error", r
+    assert f"{cfg_path}: describes a GPT2LMHeadModel of " in r["message"], r
+    assert "but the member 0 holds" in r["message"] and "not this member's config" \
+        in r["message"], r
+
+
 def tokenizer_dir(root):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

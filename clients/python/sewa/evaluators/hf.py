@@ -178,7 +178,6 @@ class HF:
         self.device = torch.device(_common.resolve_device(args.device))
         self.model = self.cfg_key = self.cfg_path = self.arch = None
         self.state, self.data, self.total, self.mode = None, [], 0, None
-        self.max_tokens = None
         if args.batches is not None:
             from . import _batches
 
@@ -203,23 +202,24 @@ class HF:
         if args.config_dir is not None:
             if not os.path.isdir(args.config_dir):
                 raise FileNotFoundError(f"--config-dir {args.config_dir}: no such directory")
-            p = os.path.join(args.config_dir, "config.json")
-            if os.path.isfile(p):
-                self.build(_common.read_config(p), p)
-            else:
+            if not os.path.isfile(os.path.join(args.config_dir, "config.json")):
                 # The callback may write it later; members' own configs come first anyway.
-                log(f"--config-dir {args.config_dir} holds no config.json yet: the model is "
-                    f"built from the first member's")
+                log(f"--config-dir {args.config_dir} holds no config.json yet")
 
     # model --------------------------------------------------------------------------------
     def on_members(self, added):
+        """Build (or rebuild) the model from each added member's config, when it differs."""
+        from sewa_evaluator._members import files_of
+
         for mid, path, fmt in added:
             p = _common.find_config(path, fmt, self.args.config_dir)
             cfg = _common.read_config(p)
             if _common.config_key(cfg) != self.cfg_key:
-                self.build(cfg, p, why=f"member {mid}")
+                stored = sum(os.path.getsize(f) for _, f in files_of(path, fmt))
+                self.build(cfg, p, f"member {mid}", stored)
 
-    def build(self, cfg, cfg_path, why=None):
+    def model_class(self, cfg, cfg_path):
+        """(class, config object) for a config dict: transformers' own classes only."""
         import transformers
 
         archs = cfg.get("architectures")
@@ -235,15 +235,32 @@ class HF:
             config = cls.config_class.from_dict(cfg)
         except Exception as e:
             raise ValueError(f"{cfg_path}: not a {cls.config_class.__name__}: {e}") from e
+        return arch, cls, config
+
+    def build(self, cfg, cfg_path, why, stored_bytes):
+        """The model `cfg` describes, checked on the meta device first: a config describing a
+        model far larger than the member's files (a wrong or hostile config.json) is refused
+        before anything is allocated."""
+        torch = self.torch
+        arch, cls, config = self.model_class(cfg, cfg_path)
+        name = cfg.get("dtype") or cfg.get("torch_dtype")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}.get(name if isinstance(name, str) else None)
+        kw = {"dtype": dtype} if dtype else {}
+        with torch.device("meta"):
+            shape = cls._from_config(config, **kw)
+        need = sum(t.numel() * t.element_size()
+                   for t in {id(t): t for t in shape.state_dict(keep_vars=True).values()}.values())
+        del shape
+        if need > 2 * stored_bytes + (16 << 20):
+            raise ValueError(f"{cfg_path}: describes a {arch} of {need} bytes of weights, but "
+                             f"the {why} holds {stored_bytes} bytes: not this member's config")
         # Built on the device in the config's dtype: its own weights are never used (every
         # parameter and persistent buffer comes from the members), so no float32 CPU copy of a
         # large model first. Non-persistent buffers (rotary tables) stay as transformers makes
         # them, whatever the members' dtype.
-        torch = self.torch
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}.get(cfg.get("dtype") or cfg.get("torch_dtype"))
         with torch.device(self.device):
-            model = cls._from_config(config, **({"dtype": dtype} if dtype else {}))
+            model = cls._from_config(config, **kw)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -252,8 +269,7 @@ class HF:
         # Tied names share one Parameter object here (keep_vars), which fit_report relies on.
         self.state = dict(model.state_dict(keep_vars=True))
         n = sum(p.numel() for p in model.parameters())
-        log(f"built {arch} ({n} parameters) from {cfg_path}"
-            + (f" for {why}" if why else ""))
+        log(f"built {arch} ({n} parameters) from {cfg_path} for {why}")
         mode = self.args.loss_weight
         if mode == "auto":
             mode = auto_loss_weight(arch)
