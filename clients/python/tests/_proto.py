@@ -15,9 +15,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT = os.path.dirname(HERE)  # clients/python: sewa and sewa_evaluator
 
 
+def _from_checkout():
+    """Whether this test process imports the client from the checkout (PYTHONPATH) rather than
+    an installed package (scripts/test_python.sh tests the installed one): children follow."""
+    import sewa_evaluator
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(sewa_evaluator.__file__))) == CLIENT
+
+
+def pythonpath():
+    """The PYTHONPATH a child evaluator needs to import the same client as the tests."""
+    p = os.environ.get("PYTHONPATH", "")
+    if _from_checkout():
+        p = CLIENT + (os.pathsep + p if p else "")
+    return p
+
+
 def env(extra=None):
     e = dict(os.environ)
-    e["PYTHONPATH"] = CLIENT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    if pythonpath():
+        e["PYTHONPATH"] = pythonpath()
     e.setdefault("OMP_NUM_THREADS", "1")
     e.update(extra or {})
     return e

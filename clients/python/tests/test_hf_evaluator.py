@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from _proto import CLIENT, PYTHON, Evaluator, env  # noqa: E402
+from _proto import PYTHON, Evaluator, env, pythonpath  # noqa: E402
 
 from sewa.evaluators import _batches  # noqa: E402
 
@@ -348,7 +348,7 @@ def test_sewa_average_select_runs_the_module_end_to_end(tmp_path):
     cfg.write_text(
         "[objective]\nkind = \"command\"\n"
         f"command = {json.dumps(MODULE + ['--batches', bfile, '--threads', '1'])}\n"
-        f"env = {{ PYTHONPATH = {json.dumps(CLIENT)} }}\n"
+        f"env = {{ PYTHONPATH = {json.dumps(pythonpath())} }}\n"
         "timeout_s = 120\nstartup_timeout_s = 120\n")
     out = tmp_path / "avg.safetensors"
     p = subprocess.run([sewa, "average", "--config", str(cfg), "--select", "sewa", "--k", "2",
