@@ -88,7 +88,9 @@ class Torch:
     def _evaluate_terms(self, terms, weights, want_grad):
         torch = self.torch
         names, inputs = self._leaves(weights) if want_grad else ([], [])
-        loss, count, acc = 0.0, 0, [None] * len(names)
+        for t in inputs:
+            t.grad = None
+        loss, count = 0.0, 0
         for term in terms:
             count += 1
             if not isinstance(term, torch.Tensor):
@@ -101,30 +103,24 @@ class Torch:
                 raise ValueError(f"term {count} of loss_fn has shape {tuple(term.shape)}, "
                                  f"not a scalar")
             loss += float(term.detach())
-            if not want_grad:
-                continue
-            if not term.requires_grad:
-                # A term that does not depend on any weight (a constant) adds nothing to ∇F;
-                # if no term does, the check below says why.
+            if not want_grad or not term.requires_grad:
+                # A term that depends on no weight adds nothing to ∇F; if no term does, the
+                # check in _finish says why.
                 continue
             if not names:
                 raise RuntimeError(NO_GRADIENT)
-            # autograd.grad frees this term's graph; gradients accumulate in float32 (a bf16
-            # sum over many batches would lose the small ones).
-            for i, g in enumerate(torch.autograd.grad(term, inputs, allow_unused=True)):
-                if g is None:
-                    continue
-                if acc[i] is None:
-                    acc[i] = g if g.dtype == torch.float32 or g.dtype == torch.float64 \
-                        else g.float()
-                else:
-                    acc[i].add_(g)
+            # Accumulates into each weight's .grad as the engine produces it (in place, one
+            # gradient's worth of memory) and frees this term's graph.
+            torch.autograd.backward(term.reshape(()), inputs=inputs)
             del term
         if count == 0:
             raise ValueError("loss_fn yielded no terms (is the held-out data empty?)")
         if not want_grad:
             return loss, None
-        return loss, self._finish(dict(zip(names, acc)), weights)
+        grads = {n: t.grad for n, t in zip(names, inputs)}
+        for t in inputs:
+            t.grad = None
+        return loss, self._finish(grads, weights)
 
     def _finish(self, grads, weights):
         torch = self.torch

@@ -5,7 +5,7 @@ a gradient request; summed into one scalar first, it grows by every batch's.
 The figure is the child's own VmHWM (peak RSS, /proc/PID/status) read before and after one
 gradient request. 24 batches of 256 rows through a 4096-wide hidden layer: each batch keeps
 ~8-12 MB of activations for backward, so the summed form needs ~200-300 MB more than the
-iterable form."""
+iterable form (measured here: ~210-300 MB against ~4-35 MB)."""
 
 import os
 
@@ -53,7 +53,7 @@ def test_per_batch_backward_bounds_peak_memory(tmp_path):
     print(f"peak RSS growth during one gradient request, {BATCHES} batches: summed {summed} KiB, "
           f"per-batch {per_batch} KiB")
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
-    # One batch's activations (~8-12 MB plus a gradient) against all 24 batches'.
-    assert per_batch < 80 * 1024, (summed, per_batch)
-    assert summed > 150 * 1024, (summed, per_batch)
+    # One batch's activations (~8-12 MB) against all 24 batches' (~200-300 MB).
+    assert per_batch < 48 * 1024, (summed, per_batch)
+    assert summed > 120 * 1024, (summed, per_batch)
     assert summed > 4 * per_batch, (summed, per_batch)
