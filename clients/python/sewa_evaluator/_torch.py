@@ -82,7 +82,9 @@ class Torch:
         if not out.requires_grad:
             raise RuntimeError(NO_GRADIENT)
         names, inputs = self._leaves(weights)
-        grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True))) if names else {}
+        grads = {}
+        if names:
+            grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True)))
         return loss, self._finish(grads, weights)
 
     def _evaluate_terms(self, terms, weights, want_grad):

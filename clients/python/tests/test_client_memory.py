@@ -17,7 +17,8 @@ from _proto import HERE, PYTHON, Evaluator
 SCRIPT = os.path.join(HERE, "mlp_eval.py")
 # SEWA_TEST_MEM_BATCHES changes the batch count, to measure how the figures scale.
 BATCHES = int(os.environ.get("SEWA_TEST_MEM_BATCHES", "24"))
-SHAPE = ["--batches", str(BATCHES), "--rows", "256", "--dim", "32", "--hidden", "4096", "--classes", "8"]
+SHAPE = ["--batches", str(BATCHES), "--rows", "256", "--dim", "32", "--hidden", "4096",
+         "--classes", "8"]
 
 
 def member(tmp_path):
