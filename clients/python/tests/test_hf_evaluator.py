@@ -186,6 +186,28 @@ def test_bf16_members_are_evaluated_in_their_dtype(tmp_path):
     assert_matches(r, reference("llama", members, {"0": 0.5, "1": 0.5}, batches), rtol=5e-2)
 
 
+def test_loss_weight_rows_overrides_the_token_mean(tmp_path):
+    # --loss-weight rows on a causal LM: each batch's own (token-mean) loss weighted by its
+    # rows, which differs from the token mean on these unevenly padded batches.
+    members = checkpoints(tmp_path, "gpt2", n=1)
+    batches = lm_batches()
+    bfile = str(tmp_path / "heldout.pt")
+    _batches.save(bfile, batches)
+    with Evaluator(MODULE + ["--batches", bfile, "--loss-weight", "rows"]) as ev:
+        ev.hello()
+        assert ev.members(members)["type"] == "ready"
+        r = ev.evaluate({"0": 1.0}, grad=False)
+    _, mixed = mixture(members, {"0": 1.0})
+    model = CLASSES["gpt2"](gpt2_config()).eval()
+    with torch.no_grad():
+        per = [(float(torch.func.functional_call(model, mixed, args=(), kwargs=b).loss),
+                len(b["input_ids"])) for b in batches]
+    want = sum(loss * n for loss, n in per) / sum(n for _, n in per)
+    token_mean, _ = reference("gpt2", members, {"0": 1.0}, batches)
+    assert not math.isclose(want, token_mean, rel_tol=1e-3)
+    assert math.isclose(r["loss"], want, rel_tol=1e-5), (r, want, token_mean)
+
+
 def test_staged_copy_takes_config_dir_and_rebuilds_on_a_new_config(tmp_path):
     # sewa's staged copies are bare safetensors files in its private dir: --config-dir gives
     # the model. A member with another config (here: a Llama) rebuilds the model once.
