@@ -37,6 +37,9 @@ class Numpy:
             return float(loss), {
                 n: np.zeros_like(weights[n]) if g is None else g for n, g in grads.items()
             }
+        if not isinstance(out, (int, float)) and not hasattr(out, "__float__"):
+            raise TypeError(f"with numpy, loss_fn returns a float or (loss, {{name: gradient}}), "
+                            f"not a {type(out).__name__} (per-batch terms are for torch)")
         return float(out), None
 
     def save(self, grads, path):

@@ -1,5 +1,6 @@
-"""The torch backend: loss_fn gets {name: tensor} on `device` and returns a scalar tensor; the
-gradient comes from autograd.
+"""The torch backend: loss_fn gets {name: tensor} on `device` and returns a scalar tensor, or an
+iterable of scalar tensor terms whose sum is the loss (one per batch: each is back-propagated as
+it comes, so one batch's autograd graph is alive at a time); the gradient comes from autograd.
 
 Protocol 2: each member is loaded once (safetensors with safe_open, torch zips with
 torch.load(weights_only=True, mmap=True): no code is executed) and kept on the device or in
@@ -9,6 +10,14 @@ members' own dtype (bf16 stays bf16), autograd gives ∇F, and the K dot product
 are accumulated in float64 on the device."""
 
 from ._common import NO_GRADIENT, require_gradient
+
+
+def _iterable(x):
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
 from ._members import state_dict_of
 
 # float32 bytes mixed per foreach call.
@@ -42,11 +51,27 @@ class Torch:
         return weights
 
     def evaluate(self, loss_fn, weights, want_grad):
+        """(loss, {name: gradient} or None). `loss_fn` returns a scalar tensor, or an iterable
+        (a generator, a list) of scalar tensor terms whose sum is the loss: each term is
+        differentiated as soon as it is produced and its graph freed, so only one term's
+        activations are alive at a time (per-batch backward)."""
         torch = self.torch
         with torch.enable_grad() if want_grad else torch.no_grad():
             out = loss_fn(weights)
-        if isinstance(out, tuple):
-            raise TypeError("with torch, return a scalar tensor (the client computes gradients)")
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+                raise TypeError("with torch, return a scalar tensor or an iterable of scalar "
+                                "tensor terms (the client computes gradients)")
+            if isinstance(out, torch.Tensor) or not _iterable(out):
+                return self._evaluate_scalar(out, weights, want_grad)
+            return self._evaluate_terms(out, weights, want_grad)
+
+    def _leaves(self, weights):
+        torch = self.torch
+        names = [n for n, t in weights.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+        return names, [weights[n] for n in names]
+
+    def _evaluate_scalar(self, out, weights, want_grad):
+        torch = self.torch
         if not isinstance(out, torch.Tensor):
             if want_grad:
                 raise RuntimeError(NO_GRADIENT + " (loss_fn returned a number, not a tensor)")
@@ -56,14 +81,56 @@ class Torch:
             return loss, None
         if not out.requires_grad:
             raise RuntimeError(NO_GRADIENT)
-        names = [n for n, t in weights.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-        inputs = [weights[n] for n in names]
-        grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True))) if names else {}
-        # The load_state_dict case: `out` needs grad (through the model's own parameters), yet
-        # every weight sewa sent comes back None.
+        names, inputs = self._leaves(weights)
+        grads = {}
+        if names:
+            grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True)))
+        return loss, self._finish(grads, weights)
+
+    def _evaluate_terms(self, terms, weights, want_grad):
+        torch = self.torch
+        names, inputs = self._leaves(weights) if want_grad else ([], [])
+        for t in inputs:
+            t.grad = None
+        loss, count = 0.0, 0
+        for term in terms:
+            count += 1
+            if not isinstance(term, torch.Tensor):
+                if want_grad:
+                    raise RuntimeError(NO_GRADIENT + f" (term {count} of loss_fn is a "
+                                       f"{type(term).__name__}, not a tensor)")
+                loss += float(term)
+                continue
+            if term.numel() != 1:
+                raise ValueError(f"term {count} of loss_fn has shape {tuple(term.shape)}, "
+                                 f"not a scalar")
+            loss += float(term.detach())
+            if not want_grad or not term.requires_grad:
+                # A term that depends on no weight adds nothing to ∇F; if no term does, the
+                # check in _finish says why.
+                continue
+            if not names:
+                raise RuntimeError(NO_GRADIENT)
+            # Accumulates into each weight's .grad as the engine produces it (in place, one
+            # gradient's worth of memory) and frees this term's graph.
+            torch.autograd.backward(term.reshape(()), inputs=inputs)
+            del term
+        if count == 0:
+            raise ValueError("loss_fn yielded no terms (is the held-out data empty?)")
+        if not want_grad:
+            return loss, None
+        grads = {n: t.grad for n, t in zip(names, inputs)}
+        for t in inputs:
+            t.grad = None
+        return loss, self._finish(grads, weights)
+
+    def _finish(self, grads, weights):
+        torch = self.torch
+        # The load_state_dict case: the loss needs grad (through the model's own parameters),
+        # yet every weight sewa sent comes back None.
         require_gradient(grads)
         # Weights the loss does not use (frozen or unused modules) get zeros.
-        return loss, {
+        return {
             n: (g if g is not None else torch.zeros_like(weights[n])).detach()
             for n, g in grads.items()
         }
