@@ -93,6 +93,18 @@ def heldout_batches(trainer, max_batches):
         yield batch
 
 
+def save_config(model, config_dir):
+    """`model.config` saved to `config_dir`, naming the model's class in `architectures` (a
+    model built from a config has none until `save_pretrained`; the evaluator builds the class
+    it names)."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    config.save_pretrained(config_dir)
+
+
 def load_average(model, path):
     """Load the published average at `path` (an HF-layout directory or a safetensors file) into
     `model`, strictly: every key the model has must come from the file except weights tied to a
@@ -234,7 +246,7 @@ class SewaCallback(TrainerCallback):
                                 "batch_size": int(args.per_device_eval_batch_size)},
                           max_batches=self.max_eval_batches)
         config_dir = os.path.join(work_dir, "model-config")
-        model.config.save_pretrained(config_dir)
+        save_config(model, config_dir)
         threads = self._threads()
         command = self.evaluator + [
             "--batches", batches_path, "--config-dir", config_dir, "--device", self.device,
