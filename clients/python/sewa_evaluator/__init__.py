@@ -16,6 +16,20 @@ writes the loss function:
 
     serve(loss_fn, device="cuda")              # gradients by autograd
 
+Per-batch backward: `loss_fn` may instead return an iterable of scalar tensor terms whose sum is
+the loss (e.g. be a generator yielding one term per batch, each the batch's share of the mean).
+The client back-propagates each term as it comes and frees its graph, so only one batch's
+activations are alive at a time instead of the whole held-out set's:
+
+    def loss_fn(weights):
+        for x, y in batches:
+            out = torch.func.functional_call(model, weights, (x,))
+            yield torch.nn.functional.cross_entropy(out, y, reduction="sum") / n_rows
+
+`serve(..., on_members=hook)` calls `hook(added)` with [(id, path, format)] for each `members`
+message that adds members, before they are loaded (e.g. to rebuild a model from the config.json
+beside a member); if it raises, the message is refused with its error and nothing changes.
+
 Protocol 2 (the default when sewa offers it): the client loads each window member once from
 the path sewa names and receives only mixing weights; it mixes the members on `device`, calls
 `loss_fn` on the mixture and answers the loss and one number per member. Protocol 1: sewa
@@ -44,7 +58,7 @@ import sys
 import traceback
 
 from ._common import NO_GRADIENT  # noqa: F401 (part of the public surface before 0.2)
-from ._members import Members
+from ._members import Members, decode_path
 
 # The highest protocol version this client speaks (tests lower it to check negotiation).
 PROTOCOL = 2
@@ -60,14 +74,21 @@ def _rank_world():
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def shard(dataset):
+def shard(dataset, weight=None):
     """This rank's contiguous share of `dataset` (anything with len() and slicing) under
     torchrun; the whole dataset otherwise. The share's fraction of the rows weights this
-    rank's loss and gradient in the sums across ranks, so loss_fn returns its shard's mean."""
+    rank's loss and gradient in the sums across ranks, so loss_fn returns its shard's mean.
+    `weight(item)`, if given, is an item's weight instead of 1 (e.g. the tokens of a batch, for
+    a loss that is a mean over tokens): the share is then its fraction of the total weight."""
     rank, world = _rank_world()
     n = len(dataset)
     start, end = rank * n // world, (rank + 1) * n // world
-    _shard_weight["w"] = (end - start) / n if n else 0.0
+    if weight is None:
+        _shard_weight["w"] = (end - start) / n if n else 0.0
+    else:
+        ws = [float(weight(dataset[i])) for i in range(n)]
+        total = sum(ws)
+        _shard_weight["w"] = sum(ws[start:end]) / total if total > 0 else 0.0
     if world == 1:
         return dataset
     return dataset[start:end]
@@ -102,8 +123,9 @@ def _backend(framework, device, members_on):
 class _Server:
     """One rank's state: the backend, the members held, the negotiated version."""
 
-    def __init__(self, loss_fn, backend, grad, name, protocol, dist):
+    def __init__(self, loss_fn, backend, grad, name, protocol, dist, on_members=None):
         self.loss_fn, self.backend, self.grad = loss_fn, backend, bool(grad)
+        self.on_members = on_members
         self.name, self.protocol, self.dist = name, protocol, dist
         self.members = Members()
         self.version = 1
@@ -127,6 +149,9 @@ class _Server:
         return reply
 
     def members_msg(self, req):
+        if self.on_members is not None and req.get("add"):
+            self.on_members([(str(a["id"]), decode_path(a["path"]), a["format"])
+                             for a in req["add"]])
         held = self.members.change(self.backend, req)
         added = [str(a["id"]) for a in req.get("add", [])]
         removed = [str(r) for r in req.get("remove", [])]
@@ -205,14 +230,19 @@ def _dispatch(server, req):
 
 
 def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
-          members_on="device", protocol=None):
+          members_on="device", protocol=None, on_members=None):
     """Answer sewa's requests until stdin closes (or sewa says shutdown).
 
-    loss_fn(weights) -> scalar. `grad=False` declares the evaluator forward-only.
+    loss_fn(weights) -> a scalar, or (torch) an iterable of scalar tensor terms whose sum is the
+    loss, back-propagated one by one (per-batch backward: one term's graph alive at a time).
+    `grad=False` declares the evaluator forward-only.
     `framework` is "torch" or "numpy"; `device` is "cpu", "cuda" or "cuda:N" (torch; under
     torchrun "cuda" means this rank's local GPU); `members_on` keeps the window's members on
     the device ("device") or in pinned host memory ("cpu"). `name` is shown in sewa's logs.
     `protocol` caps the version spoken (default: the highest both sides speak).
+    `on_members(added)`: called with [(id, path, format)] before a `members` message's added
+    members are loaded (protocol 2; paths decoded, as sewa sent them); raising refuses the
+    message with that error and changes nothing.
     """
     from . import _dist
 
@@ -221,7 +251,7 @@ def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
         device = f"cuda:{dist.local_rank}"
     backend = _backend(framework, device, members_on)
     cap = PROTOCOL if protocol is None else min(int(protocol), PROTOCOL)
-    server = _Server(loss_fn, backend, grad, name, cap, dist)
+    server = _Server(loss_fn, backend, grad, name, cap, dist, on_members)
     # Every rank's prints go to stderr (under torchrun all ranks share sewa's stdout pipe);
     # only rank 0 writes protocol lines.
     proto = _protocol_stream()

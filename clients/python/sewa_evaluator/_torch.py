@@ -1,5 +1,6 @@
-"""The torch backend: loss_fn gets {name: tensor} on `device` and returns a scalar tensor; the
-gradient comes from autograd.
+"""The torch backend: loss_fn gets {name: tensor} on `device` and returns a scalar tensor, or an
+iterable of scalar tensor terms whose sum is the loss (one per batch: each is back-propagated as
+it comes, so one batch's autograd graph is alive at a time); the gradient comes from autograd.
 
 Protocol 2: each member is loaded once (safetensors with safe_open, torch zips with
 torch.load(weights_only=True, mmap=True): no code is executed) and kept on the device or in
@@ -9,6 +10,14 @@ members' own dtype (bf16 stays bf16), autograd gives ∇F, and the K dot product
 are accumulated in float64 on the device."""
 
 from ._common import NO_GRADIENT, require_gradient
+
+
+def _iterable(x):
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
 from ._members import state_dict_of
 
 # float32 bytes mixed per foreach call.
@@ -42,11 +51,27 @@ class Torch:
         return weights
 
     def evaluate(self, loss_fn, weights, want_grad):
+        """(loss, {name: gradient} or None). `loss_fn` returns a scalar tensor, or an iterable
+        (a generator, a list) of scalar tensor terms whose sum is the loss: each term is
+        differentiated as soon as it is produced and its graph freed, so only one term's
+        activations are alive at a time (per-batch backward)."""
         torch = self.torch
         with torch.enable_grad() if want_grad else torch.no_grad():
             out = loss_fn(weights)
-        if isinstance(out, tuple):
-            raise TypeError("with torch, return a scalar tensor (the client computes gradients)")
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+                raise TypeError("with torch, return a scalar tensor or an iterable of scalar "
+                                "tensor terms (the client computes gradients)")
+            if isinstance(out, torch.Tensor) or not _iterable(out):
+                return self._evaluate_scalar(out, weights, want_grad)
+            return self._evaluate_terms(out, weights, want_grad)
+
+    def _leaves(self, weights):
+        torch = self.torch
+        names = [n for n, t in weights.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+        return names, [weights[n] for n in names]
+
+    def _evaluate_scalar(self, out, weights, want_grad):
+        torch = self.torch
         if not isinstance(out, torch.Tensor):
             if want_grad:
                 raise RuntimeError(NO_GRADIENT + " (loss_fn returned a number, not a tensor)")
@@ -56,14 +81,58 @@ class Torch:
             return loss, None
         if not out.requires_grad:
             raise RuntimeError(NO_GRADIENT)
-        names = [n for n, t in weights.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-        inputs = [weights[n] for n in names]
+        names, inputs = self._leaves(weights)
         grads = dict(zip(names, torch.autograd.grad(out, inputs, allow_unused=True))) if names else {}
-        # The load_state_dict case: `out` needs grad (through the model's own parameters), yet
-        # every weight sewa sent comes back None.
+        return loss, self._finish(grads, weights)
+
+    def _evaluate_terms(self, terms, weights, want_grad):
+        torch = self.torch
+        names, inputs = self._leaves(weights) if want_grad else ([], [])
+        loss, count, acc = 0.0, 0, [None] * len(names)
+        for term in terms:
+            count += 1
+            if not isinstance(term, torch.Tensor):
+                if want_grad:
+                    raise RuntimeError(NO_GRADIENT + f" (term {count} of loss_fn is a "
+                                       f"{type(term).__name__}, not a tensor)")
+                loss += float(term)
+                continue
+            if term.numel() != 1:
+                raise ValueError(f"term {count} of loss_fn has shape {tuple(term.shape)}, "
+                                 f"not a scalar")
+            loss += float(term.detach())
+            if not want_grad:
+                continue
+            if not term.requires_grad:
+                # A term that does not depend on any weight (a constant) adds nothing to ∇F;
+                # if no term does, the check below says why.
+                continue
+            if not names:
+                raise RuntimeError(NO_GRADIENT)
+            # autograd.grad frees this term's graph; gradients accumulate in float32 (a bf16
+            # sum over many batches would lose the small ones).
+            for i, g in enumerate(torch.autograd.grad(term, inputs, allow_unused=True)):
+                if g is None:
+                    continue
+                if acc[i] is None:
+                    acc[i] = g if g.dtype == torch.float32 or g.dtype == torch.float64 \
+                        else g.float()
+                else:
+                    acc[i].add_(g)
+            del term
+        if count == 0:
+            raise ValueError("loss_fn yielded no terms (is the held-out data empty?)")
+        if not want_grad:
+            return loss, None
+        return loss, self._finish(dict(zip(names, acc)), weights)
+
+    def _finish(self, grads, weights):
+        torch = self.torch
+        # The load_state_dict case: the loss needs grad (through the model's own parameters),
+        # yet every weight sewa sent comes back None.
         require_gradient(grads)
         # Weights the loss does not use (frozen or unused modules) get zeros.
-        return loss, {
+        return {
             n: (g if g is not None else torch.zeros_like(weights[n])).detach()
             for n, g in grads.items()
         }
