@@ -9,6 +9,7 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -67,9 +68,11 @@ class Evaluator:
     """The evaluator process, spoken to as sewa does (JSON lines), every read bounded."""
 
     def __init__(self, *args):
+        # stderr to a file: a pipe nobody reads could fill and block the evaluator
+        self.err = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sewa.evaluators.lightning", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env(),
             text=True)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -88,7 +91,8 @@ class Evaluator:
 
     def stderr(self):
         self.close()
-        return self.proc.stderr.read()
+        self.err.seek(0)
+        return self.err.read()
 
     def close(self):
         if self.proc.poll() is None:
@@ -178,7 +182,7 @@ def test_evaluator_matches_in_process(run, loss):
                                                       else "mse")[0], rel=1e-5)
     finally:
         e.close()
-    assert e.proc.returncode == 0, e.proc.stderr.read()
+    assert e.proc.returncode == 0, e.stderr()
 
 
 def test_sewa_average_select_with_the_evaluator(run, tmp_path):
@@ -273,7 +277,25 @@ def test_script_module_rebuilt_without_running_its_main_block(tmp_path):
     # Its validation_step returns nothing: the error says what to do.
     loss = ev.make_loss_fn(module, [torch.zeros(2, 3)])
     with pytest.raises(TypeError, match="return the loss.*loss_fn"):
-        loss({n: t for n, t in module.state_dict().items()})
+        list(loss({n: t for n, t in module.state_dict().items()}))
+
+
+def test_one_term_per_batch(run):
+    """The loss comes as one term per batch (the client back-propagates each as it comes, so
+    one batch's graph is alive at a time); the terms sum to the rows-weighted mean."""
+    module = tiny.TinyMLP(hidden=24).eval()
+    batches = list(run["val"])
+    terms = list(ev.make_loss_fn(module, batches)(dict(module.state_dict())))
+    assert len(terms) == len(batches) == 4
+    want = val_mean(module, batches)
+    assert float(sum(t.detach() for t in terms)) == pytest.approx(want, rel=1e-6)
+
+
+def val_mean(module, batches):
+    total = sum(len(y) for _, y in batches)
+    with torch.no_grad():
+        return float(sum(torch.nn.functional.cross_entropy(module(x), y) * len(y)
+                         for x, y in batches) / total)
 
 
 def test_state_dict_mismatch_is_named(run):
@@ -283,7 +305,7 @@ def test_state_dict_mismatch_is_named(run):
     sd["extra.weight"] = torch.zeros(1)
     del sd["net.0.bias"]
     with pytest.raises(KeyError, match=r"unknown \['extra.weight'\], missing \['net.0.bias'\]"):
-        loss(sd)
+        list(loss(sd))
 
 
 def test_batch_rows():

@@ -21,9 +21,8 @@ Each request's weights are the window's `.ckpt` `state_dict` tensors mixed by th
 carries the gradient back to them. The loss is the mean over the saved batches weighted by
 each batch's rows (the first tensor's first dimension). Buffers (batch norm's running
 statistics) are mixed too but enter detached: torch cannot differentiate through them, so
-their share of the gradient is zero. The batches' graphs are summed before
-one backward, so the whole held-out set's activations are alive at once (keep the saved set
-small: `max_eval_batches`).
+their share of the gradient is zero. Each batch's term is back-propagated as it comes
+(the client's per-batch backward), so one batch's activations are alive at a time.
 
 This module also holds the spec's format (`describe`, `write_spec`, `read_spec`, `resolve`),
 which the callback uses; it imports neither torch nor Lightning until they are needed.
@@ -306,28 +305,19 @@ def make_loss_fn(module, batches, loss_fn=None):
         checked.append(True)
 
     def loss(weights):
+        # One term per batch, each its share of the mean: the client back-propagates each as it
+        # comes, so one batch's graph is alive at a time (per-batch backward).
         if not checked:
             check(weights.keys())
         named = {f"module.{k}": (v.detach() if k in buffers else v) for k, v in weights.items()}
-        acc = None
         for i, (b, n) in enumerate(zip(batches, rows)):
-            part = torch.func.functional_call(step, named, (b, i)) * (n / total)
-            acc = part if acc is None else acc + part
-        return acc
+            yield torch.func.functional_call(step, named, (b, i)) * (n / total)
 
     return loss
 
 
 # ----------------------------------------------------------------------------------------
 # The process.
-
-def default_threads():
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 4)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -345,11 +335,10 @@ def parse_args(argv=None):
 
 def setup(args):
     """(module, batches, loss_fn for serve) from the parsed arguments."""
-    import torch
+    from . import _batches, _common
 
-    from . import _batches
-
-    torch.set_num_threads(max(1, args.threads or default_threads()))
+    _common.set_threads(args.threads)
+    args.device = _common.resolve_device(args.device)
     spec = read_spec(args.spec)
     module = build(spec)
     module.to(args.device)

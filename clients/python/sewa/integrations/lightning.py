@@ -27,6 +27,7 @@ from fnmatch import fnmatch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..evaluators import _common
 from ..evaluators import lightning as evaluator
 
 __all__ = ["SewaCallback", "checkpoint_pattern"]
@@ -245,7 +246,7 @@ class SewaCallback(Callback):
         return os.path.abspath(os.path.join(trainer.log_dir or trainer.default_root_dir, "sewa"))
 
     def _command(self, spec_path, batches_path):
-        threads = self.threads or evaluator.default_threads()
+        threads = self.threads or _common.default_threads()
         return [sys.executable, "-m", "sewa.evaluators.lightning", "--spec", spec_path,
                 "--batches", batches_path, "--device", self.device,
                 "--members-on", self.members_on, "--threads", str(threads)]
