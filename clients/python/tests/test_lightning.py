@@ -22,6 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 import test_lightning_model as tiny  # noqa: E402
 from sewa.evaluators import _batches  # noqa: E402
 from sewa.integrations.lightning import SewaCallback, checkpoint_pattern  # noqa: E402
+from sewa.integrations.lightning import _val_loader  # noqa: E402
 
 # The daemon settles a checkpoint after this quiet period (the default 2 s only slows the test).
 FAST = {"watch": {"quiet_ms": 300}}
@@ -184,6 +185,51 @@ def test_refused_at_fit_start_before_any_daemon(tmp_path):
     with pytest.raises(ValueError, match="needs validation data"):
         trainer(tmp_path, [ckpt, cb], max_steps=2, logger=False).fit(tiny.TinyMLP(), train)
     assert cb.sidecar is None
+
+
+class Probe(lightning.Callback):
+    """Records, at fit start (where SewaCallback looks), the validation loader it would save."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.loader = _val_loader(trainer)
+        raise Boom("stop here: nothing else to run")
+
+
+class WithValHook(tiny.TinyMLP):
+    def val_dataloader(self):
+        return VAL_HOOK
+
+
+class DataModule(lightning.LightningDataModule):
+    def train_dataloader(self):
+        return tiny.loaders()[0]
+
+    def val_dataloader(self):
+        return VAL_DM
+
+
+VAL_HOOK = tiny.loaders(batch=7)[1]
+VAL_DM = tiny.loaders(batch=9)[1]
+
+
+@pytest.mark.parametrize("source", ["fit argument", "module hook", "datamodule", "a list"])
+def test_validation_data_found_where_the_user_gave_it(tmp_path, source):
+    train, val = tiny.loaders()
+    probe = Probe()
+    t = lightning.Trainer(accelerator="cpu", max_steps=1, callbacks=[probe], logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          default_root_dir=str(tmp_path))
+    with pytest.raises(Boom):
+        if source == "fit argument":
+            t.fit(tiny.TinyMLP(), train, val)
+        elif source == "a list":
+            t.fit(tiny.TinyMLP(), train, [val, VAL_DM])
+        elif source == "module hook":
+            t.fit(WithValHook(), train)
+        else:
+            t.fit(tiny.TinyMLP(), datamodule=DataModule())
+    want = {"fit argument": val, "a list": val, "module hook": VAL_HOOK, "datamodule": VAL_DM}
+    assert probe.loader is want[source]
 
 
 def test_warns_about_a_checkpoint_history_sewa_cannot_see():

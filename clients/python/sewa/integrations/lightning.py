@@ -258,6 +258,8 @@ class SewaCallback(Callback):
         return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
 
     def on_fit_start(self, trainer, pl_module):
+        # Every rank asks: trainer.log_dir is a broadcast under DDP.
+        work = self._work_dir(trainer)
         if not trainer.is_global_zero:
             return
         from ._sidecar import Sidecar
@@ -270,7 +272,6 @@ class SewaCallback(Callback):
             pattern, warning = checkpoint_pattern(ckpt)
             if warning:
                 rank_zero_warn(f"SewaCallback: {warning}")
-        work = self._work_dir(trainer)
         os.makedirs(work, exist_ok=True)
         os.makedirs(watch, exist_ok=True)
         spec_path = os.path.join(work, "lightning_module.json")
