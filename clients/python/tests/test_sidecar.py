@@ -236,3 +236,18 @@ def test_no_daemon_outlives_its_trainer(tmp_path, evaluator, how):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_a_failed_selection_over_the_last_checkpoint_ends_the_wait(tmp_path):
+    # an evaluator that exits at once: every selection fails (and sewa would retry in 60 s)
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nprint('no held-out data here', file=sys.stderr)\nsys.exit(3)\n")
+    write_steps(tmp_path / "ck", [1, 2, 3])
+    s = make(tmp_path, [sys.executable, str(bad)])
+    s.start()
+    t0 = time.monotonic()
+    r = s.finish(newest_step=3, timeout_s=120)
+    assert time.monotonic() - t0 < 60
+    assert not r["timed_out"] and r["published"] is None
+    assert "failed" in r["error"] and "no held-out data here" in r["error"], r["error"]
+    assert not alive(s.pid)

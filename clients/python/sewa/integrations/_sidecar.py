@@ -444,18 +444,18 @@ class Sidecar:
         steps = last.get("window_steps") or last.get("selected_steps") or []
         return any(s >= newest_step for s in steps)
 
-    def _selection_failed(self, newest_step, seen_in_window_at):
-        """An error string when a selection over a window holding `newest_step` ended without a
-        publication, else None."""
+    def _selection_failed(self, baseline):
+        """An error string when a selection failed after the window came to hold the newest
+        step (`baseline`: the run's failed selections at that moment), else None."""
         status = self._status or {}
-        if newest_step is None or seen_in_window_at is None:
+        counters = status.get("counters") if isinstance(status.get("counters"), dict) else {}
+        failed = counters.get("failed_selections")
+        if baseline is None or not isinstance(failed, int) or failed <= baseline:
             return None
-        sel = status.get("last_selection") if isinstance(status.get("last_selection"),
-                                                         dict) else None
-        if sel is None or sel.get("published") or sel.get("at") == seen_in_window_at:
-            return None
-        return f"the selection over step {newest_step} was not published: {sel.get('outcome')}" \
-               f" ({sel.get('why')})"
+        errors = status.get("errors") or []
+        last = errors[-1] if errors else {}
+        msg = last.get("message") if isinstance(last, dict) else str(last)
+        return f"the selection over the last checkpoint failed: {msg or 'see ' + self.log_path}"
 
     def finish(self, newest_step=None, timeout_s=600.0):
         """Wait (at most `timeout_s`) until a publication's window holds `newest_step` (with
@@ -464,7 +464,7 @@ class Sidecar:
         deadline = time.monotonic() + max(0.0, float(timeout_s))
         timed_out = False
         error = None
-        seen_at = None  # last_selection.at when newest_step was first seen in the window
+        baseline = None  # failed selections when newest_step was first seen in the window
         if self.proc is None:
             error = "the sidecar was never started"
         else:
@@ -481,13 +481,13 @@ class Sidecar:
                         error = f"sewa watch failed: {errs[-1] if errs else 'see ' + self.log_path}"
                         break
                     members = status.get("members") or []
-                    if seen_at is None and newest_step is not None and any(
+                    if baseline is None and newest_step is not None and any(
                             isinstance(m, dict) and m.get("step") == newest_step
                             for m in members):
-                        sel = status.get("last_selection") or {}
-                        seen_at = sel.get("at") if isinstance(sel, dict) else None
-                        seen_at = seen_at or ""
-                    error = self._selection_failed(newest_step, seen_at)
+                        counters = status.get("counters")
+                        baseline = (counters or {}).get("failed_selections", 0) if isinstance(
+                            counters, dict) else 0
+                    error = self._selection_failed(baseline)
                     if error is not None:
                         break
                     left = deadline - time.monotonic()
