@@ -263,3 +263,6 @@ def test_arguments_checked_when_built():
         SewaCallback(members_on="gpu")
     with pytest.raises(ValueError, match="threads"):
         SewaCallback(threads=0)
+    with pytest.raises(ValueError, match="max_eval_batches"):
+        SewaCallback(max_eval_batches=0)
+    assert SewaCallback(max_eval_batches=None).max_eval_batches is None

@@ -187,7 +187,7 @@ class SewaCallback(Callback):
     computes (default "cpu", so it never takes training's GPU memory) and keeps the window's
     members ("device" or pinned "cpu"). load_average_at_end: load the published average into
     the module at train end. timeout_s: how long train end waits for the final selection.
-    max_eval_batches: validation batches saved for the evaluator. threads: the evaluator's
+    max_eval_batches: validation batches saved for the evaluator (None: all). threads: the evaluator's
     torch threads (default max(1, cpus // 4)). work_dir: sewa's config, log, status and
     published average (default `<trainer.log_dir>/sewa`). extra: {table: {key: value}} merged
     over the generated sewa.toml. loss_fn: a function `loss_fn(module, batch) -> scalar
@@ -197,11 +197,13 @@ class SewaCallback(Callback):
     pattern (default: from ModelCheckpoint's filename). binary: the sewa binary."""
 
     def __init__(self, k=5, window=20, *, device="cpu", members_on="device",
-                 load_average_at_end=True, timeout_s=600.0, max_eval_batches=64, threads=None,
+                 load_average_at_end=True, timeout_s=600.0, max_eval_batches=32, threads=None,
                  work_dir=None, extra=None, loss_fn=None, build_module=None, pattern=None,
                  binary=None):
         super().__init__()
         for name, value in (("k", k), ("window", window), ("max_eval_batches", max_eval_batches)):
+            if name == "max_eval_batches" and value is None:
+                continue  # every batch of the validation set
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SewaCallback({name}={value!r}): a positive integer")
         if k > window:
