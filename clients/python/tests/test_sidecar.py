@@ -207,6 +207,7 @@ CHILD = textwrap.dedent("""
                 window=4, pattern="step_*.safetensors")
     s.start()
     print(s.pid, flush=True)
+    sys.stdin.readline()  # the test has seen the daemon alive
     if sys.argv[4] == "raise":
         raise RuntimeError("the training loop failed")
     time.sleep(600)  # killed by the test
@@ -221,10 +222,13 @@ def test_no_daemon_outlives_its_trainer(tmp_path, evaluator, how):
     env = dict(os.environ, PYTHONPATH=PKG_ROOT)
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"),
                               str(tmp_path / "work"), evaluator[1], how],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, text=True)
     try:
         pid = int(child.stdout.readline())
         assert alive(pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
         if how != "raise":
             child.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         child.wait(timeout=60)

@@ -7,8 +7,9 @@ background thread reads the daemon's status file and, when a publication appears
 `poll()` only hands over what that thread already parsed, so a training step never waits on the
 daemon. `finish()` waits, bounded, for the publication over the last checkpoint, then stops the
 daemon. `stop()` is idempotent, runs at interpreter exit, and the daemon is told by the kernel
-(PR_SET_PDEATHSIG) to stop when the process that started it dies (a trainer killed by SIGTERM
-or SIGKILL runs no atexit handler).
+(PR_SET_PDEATHSIG) to stop when the thread that started it ends, which for a trainer's main
+thread is when its process dies (a trainer killed by SIGTERM or SIGKILL runs no atexit
+handler); so call `start()` from a thread that lives as long as the daemon should.
 
 Layout of `work_dir`: `sewa.toml`, `sewa.log`, `status.json` (with `status.history.jsonl`
 beside it), `.sewa/` (the daemon's private state) and `average/`, the published average as an
