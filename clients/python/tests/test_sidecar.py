@@ -255,3 +255,32 @@ def test_a_failed_selection_over_the_last_checkpoint_ends_the_wait(tmp_path):
     assert not r["timed_out"] and r["published"] is None
     assert "failed" in r["error"] and "no held-out data here" in r["error"], r["error"]
     assert not alive(s.pid)
+
+
+def test_the_daemon_and_its_evaluator_run_niced(tmp_path, evaluator):
+    write_steps(tmp_path / "ck", [1, 2, 3])
+    s = make(tmp_path, evaluator)
+    s.start()
+    try:
+        def nice_of(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[16])
+        base = os.nice(0)
+        assert nice_of(s.pid) == min(19, base + 10)
+
+        def evaluator_pids():
+            out = []
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        with open(f"/proc/{d}/stat") as f:
+                            if int(f.read().rsplit(")", 1)[1].split()[1]) == s.pid:
+                                out.append(int(d))
+                    except (OSError, ValueError, IndexError):
+                        pass
+            return out
+
+        wait_for(lambda: evaluator_pids(), what="the evaluator process")
+        assert all(nice_of(p) == min(19, base + 10) for p in evaluator_pids())
+    finally:
+        s.stop()

@@ -232,17 +232,26 @@ def log_tail(path, lines=LOG_TAIL_LINES):
 # ---------------------------------------------------------------------------------------------
 # The daemon
 
-def _pdeathsig():
-    """A preexec_fn that asks the kernel to SIGTERM the child when its parent thread dies
-    (Linux); None elsewhere. Resolved before the fork so the child only makes one call."""
+def _preexec(nice):
+    """A preexec_fn that lowers the child's CPU priority by `nice` (inherited by the evaluator
+    it starts, so that on shared cores the trainer's steps come first) and, on Linux, asks the
+    kernel to SIGTERM the child when its parent thread dies. Resolved before the fork so the
+    child only makes system calls."""
+    def lower():
+        if nice:
+            try:
+                os.nice(nice)
+            except OSError:
+                pass
+
     if not sys.platform.startswith("linux"):
-        return None
+        return lower if nice else None
     try:
         import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        return lower if nice else None
     pr_set_pdeathsig = 1
     sigterm = int(signal.SIGTERM)
     prctl.restype = ctypes.c_int
@@ -251,6 +260,7 @@ def _pdeathsig():
 
     def preexec():
         prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        lower()
 
     return preexec
 
@@ -265,7 +275,8 @@ class Sidecar:
     """One `sewa watch` daemon beside a training run, started and stopped by a callback."""
 
     def __init__(self, watch_dir, work_dir, *, evaluator_command, k=5, window=20,
-                 pattern="*", keep_deleted=None, env=None, binary=None, extra=None):
+                 pattern="*", keep_deleted=None, env=None, binary=None, extra=None,
+                 nice=10):
         if not evaluator_command or not all(isinstance(a, (str, os.PathLike))
                                             for a in evaluator_command):
             raise ValueError("evaluator_command must be a non-empty list of strings")
@@ -283,6 +294,8 @@ class Sidecar:
         self.env = dict(env or {})
         self.binary = binary
         self.extra = extra or {}
+        # CPU priority of the daemon and its evaluator below the trainer's (0: the same)
+        self.nice = max(0, int(nice))
         self.config_path = os.path.join(self.work_dir, "sewa.toml")
         self.log_path = os.path.join(self.work_dir, "sewa.log")
         self.status_path = os.path.join(self.work_dir, "status.json")
@@ -358,7 +371,7 @@ class Sidecar:
         self.proc = subprocess.Popen(
             [exe, "watch", "--config", self.config_path], stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=self._log_file, cwd=self.work_dir,
-            start_new_session=True, preexec_fn=_pdeathsig(), close_fds=True)
+            start_new_session=True, preexec_fn=_preexec(self.nice), close_fds=True)
         atexit.register(_stop_at_exit, weakref.ref(self))
         self._thread = threading.Thread(target=self._watch, name="sewa-sidecar", daemon=True)
         self._thread.start()
