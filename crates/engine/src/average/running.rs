@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::kernel::{Acc, Stored};
-use super::{DtypeOverflow, IntPolicy, OutDType, TensorSource, overflow_error};
+use super::{DtypeOverflow, IntPolicy, OutDType, TensorSource, WINDOW, overflow_error};
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 use sewa_checkpoint::dtype::first_non_finite;
@@ -229,9 +229,52 @@ impl TensorSource for RunningSource<'_> {
         }
         Ok(&self.bytes)
     }
+
+    fn write_tensor(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        match self.avg.schema[index].dtype.is_float() {
+            true => self.write_float(index, sink),
+            false => sink(self.tensor_bytes(index)?),
+        }
+    }
 }
 
 impl RunningSource<'_> {
+    /// Tensor `index` handed to `sink` a window at a time (the sums are kept anyway; this
+    /// avoids two more tensor-sized buffers): the bytes of `tensor_bytes`, bit for bit.
+    fn write_float(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let meta = &self.avg.schema[index];
+        let target = self.outputs[index].dtype;
+        let (total, sum) = (self.avg.total, &self.avg.sums[index]);
+        let scale = |s: f32| (s as f64 / total) as f32;
+        let saturate = self.out.overflow == DtypeOverflow::Saturate;
+        let mut overflow = false;
+        for part in sum.chunks(WINDOW) {
+            self.scaled.clear();
+            self.scaled.extend(part.iter().map(|s| scale(*s)));
+            self.bytes.resize(part.len() * target.size(), 0);
+            let stored: Stored = f32::store_block(&self.scaled, &mut self.bytes, target, saturate);
+            overflow |= stored.overflow && !saturate;
+            if !overflow {
+                sink(&self.bytes)?;
+            }
+        }
+        if overflow {
+            let at =
+                (0..sum.len()).max_by(|&i, &j| scale(sum[i]).abs().total_cmp(&scale(sum[j]).abs()));
+            let at = at.unwrap_or(0);
+            return Err(overflow_error(&meta.name, target, scale(sum[at]), at));
+        }
+        Ok(())
+    }
+
     fn int_tensor(&mut self, index: usize) -> Result<&[u8]> {
         let meta = &self.avg.schema[index];
         let policy = self.out.int_policy;
