@@ -510,4 +510,48 @@ mod tests {
         let kept = output(&acc, OutDType::F32, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
         assert_eq!(f32s(&kept[0].3), vec![1.0e5, 2.0, -3.0e5], "f32 holds them");
     }
+
+    #[test]
+    fn written_in_windows_equals_whole_tensor_bytes() {
+        // A tensor one window and a bit long: the pieces the publisher writes are the whole
+        // tensor's bytes, in every output dtype; an overflow is refused with the same message.
+        let n = WINDOW + 5;
+        let t = |seed: f32, big: f32| {
+            let mut v: Vec<f32> = (0..n).map(|i| seed + (i % 977) as f32 * 0.013).collect();
+            (v[3], v[WINDOW + 2]) = (big * 0.5, big);
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = vec![("a".to_string(), DType::F32, vec![n], bytes)];
+            Arc::new(Checkpoint::from_memory(format!("s{seed}.safetensors"), Some(1), t).unwrap())
+        };
+        for big in [7.0, 3.0e5] {
+            let mut acc = RunningAverage::new(4);
+            acc.update(&[(t(1.0, big), 0.25), (t(-2.0, big), 0.75)], |_| true).unwrap();
+            for dtype in [OutDType::Keep, OutDType::BF16, OutDType::F16] {
+                let opts = OutputOptions {
+                    dtype,
+                    int_policy: IntPolicy::Latest,
+                    overflow: DtypeOverflow::Error,
+                };
+                let mut src = acc.source(opts).unwrap();
+                let whole = src.tensor_bytes(0).map(<[u8]>::to_vec).map_err(|e| e.to_string());
+                let (mut got, mut pieces) = (Vec::new(), 0);
+                let streamed = src.write_tensor(0, &mut |b| {
+                    got.extend_from_slice(b);
+                    pieces += 1;
+                    Ok(())
+                });
+                match whole {
+                    Ok(whole) => {
+                        streamed.unwrap();
+                        assert_eq!(pieces, 2, "{dtype:?}");
+                        assert!(got == whole, "{dtype:?}: bytes differ");
+                    }
+                    Err(msg) => {
+                        assert_eq!(dtype, OutDType::F16, "only f16 overflows: {msg}");
+                        assert_eq!(streamed.unwrap_err().to_string(), msg);
+                    }
+                }
+            }
+        }
+    }
 }
