@@ -219,6 +219,8 @@ impl<'a> AveragePlan<'a> {
             inputs.push(Input { reader, weight, dtype });
         }
         let n = in_meta.numel();
+        // Windows start on slab boundaries: the reader thread reads ahead on that grid.
+        debug_assert_eq!(how.window % kernel::SLAB, 0);
         let window = how.window.min(n);
         let Workspace { acc32, acc64, out, slabs } = ws;
         let acc = A::pick(acc32, acc64);

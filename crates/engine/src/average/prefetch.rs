@@ -21,10 +21,17 @@ const DEPTH: usize = 8;
 
 /// The sweep's end: filled buffers in read order, and the way back for emptied ones.
 pub(super) struct Feed {
-    filled: Receiver<Result<Vec<u64>>>,
+    filled: Receiver<Result<Filled>>,
     emptied: SyncSender<Vec<u64>>,
     /// The buffer whose bytes the sweep is folding in; returned at the next fetch.
     held: Option<Vec<u64>>,
+}
+
+/// A filled buffer and what it holds: which reader (by address) and from which byte.
+struct Filled {
+    reader: usize,
+    at: usize,
+    buf: Vec<u64>,
 }
 
 /// Start the reader thread in `scope` for elements `0..n` of `inputs` (those not in memory),
@@ -52,7 +59,9 @@ pub(super) fn start<'scope, 'env, A: Sync>(
                 let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..(hi - lo) * size];
                 let read = input.reader.read_into(lo * size, bytes).map_err(Error::from);
                 let failed = read.is_err();
-                if filled_tx.send(read.map(|()| buf)).is_err() || failed {
+                let reader = &input.reader as *const TensorReader<'_> as usize;
+                let filled = read.map(|()| Filled { reader, at: lo * size, buf });
+                if filled_tx.send(filled).is_err() || failed {
                     return;
                 }
             }
@@ -74,10 +83,18 @@ impl Fetch for Feed {
             // The reader may have stopped (it read every slab); a lost buffer costs nothing.
             let _ = self.emptied.send(done);
         }
-        let buf = self.filled.recv().map_err(|_| {
+        let filled = self.filled.recv().map_err(|_| {
             Error::Internal("the kernel's reader thread stopped before the last slab".into())
         })??;
-        let bytes = bytemuck::cast_slice::<u64, u8>(self.held.insert(buf));
+        // The sweep and the reader walk the same order; a mismatch is a bug, never data.
+        let reader = input as *const TensorReader<'_> as usize;
+        if (filled.reader, filled.at) != (reader, range.start) {
+            return Err(Error::Internal(format!(
+                "the kernel's reader thread read byte {} where the sweep wanted {}",
+                filled.at, range.start
+            )));
+        }
+        let bytes = bytemuck::cast_slice::<u64, u8>(self.held.insert(filled.buf));
         bytes.get(..range.len()).ok_or_else(|| out_of_range(&range, bytes.len()))
     }
 }
