@@ -1,14 +1,18 @@
 //! Streaming weighted average over checkpoints' byte views, one tensor at a time.
 //!
-//! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
-//! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
-//! for f64 inputs) slab by slab, each input in turn streaming its slab through the
-//! cache-resident accumulator slab (read with a positioned read into a per-thread buffer, or
-//! in place when in memory; see `kernel`), so every input byte is read once and RSS does not
-//! grow with the number or size of the inputs; integer/bool tensors are copied from one input
-//! chosen by [`IntPolicy`]. Values beyond a narrower output dtype's range are refused or
-//! saturated ([`DtypeOverflow`]). This module does not open files or write outputs (see
-//! `publish`); a slow f64 twin lives in the tests.
+//! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then streams each
+//! output tensor's bytes, a window at a time, to a sink ([`AveragePlan::stream_tensor`], what
+//! the publisher uses): float tensors are accumulated in f32 (f64 for f64 inputs) slab by slab,
+//! each input in turn streaming its slab through the cache-resident accumulator slab (read
+//! with a positioned read, by a reader thread ahead of the arithmetic with one kernel thread
+//! (`prefetch`), or in place when in memory; see `kernel`), so every input byte is read once
+//! and RSS grows with neither the number nor the size of the inputs nor of their tensors;
+//! integer/bool tensors are copied from one input chosen by [`IntPolicy`]. Values beyond a
+//! narrower output dtype's range are refused or saturated ([`DtypeOverflow`]).
+//! [`AveragePlan::average_tensor`] is the whole-tensor path (a tensor-sized accumulator and
+//! output), kept for callers that want a tensor's bytes at once and as the reference the
+//! streamed bytes are tested against, bit for bit. This module does not open files or write
+//! outputs (see `publish`); a slow f64 twin lives in the tests.
 
 use crate::error::{Error, Result};
 use crate::schema::check_schema_with;
@@ -40,8 +44,9 @@ pub struct AveragePlan<'a> {
     int_source: usize,
 }
 
-/// Reused buffers: one accumulator and one output buffer, grown to the largest tensor once,
-/// and one slab-sized read buffer per kernel thread.
+/// Reused buffers: one accumulator and one output buffer (a window's when streaming, grown
+/// to the largest tensor by the whole-tensor path), and one slab-sized read buffer per kernel
+/// thread.
 #[derive(Default)]
 pub struct Workspace {
     acc32: Vec<f32>,
