@@ -220,9 +220,11 @@ fn kernel_vs_read(paths: &[PathBuf], threads: usize, runs: usize) {
     let n = plan.outputs().len();
     let (mut ws, mut buf) = (Workspace::default(), Vec::new());
     read_floor(&ckpts, &mut buf); // warm the page cache
-    let (mut ratios, mut kernel, mut floor) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let k = timed(|| {
+    // Three interleaved: the kernel as `sewa average` runs it, with the reader thread, floor.
+    let ahead = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap().with_read_ahead(true);
+    let (mut ratios, mut ahead_ratios, mut kernel, mut floor) = (vec![], vec![], vec![], vec![]);
+    let mut run = |plan: &AveragePlan<'_>| {
+        timed(|| {
             for i in 0..n {
                 let sink = &mut |b: &[u8]| {
                     std::hint::black_box(b);
@@ -230,20 +232,32 @@ fn kernel_vs_read(paths: &[PathBuf], threads: usize, runs: usize) {
                 };
                 plan.stream_tensor(i, &mut ws, sink).unwrap();
             }
-        });
+        })
+    };
+    for _ in 0..runs {
+        let k = run(&plan);
+        let a = run(&ahead);
         let f = read_floor(&ckpts, &mut buf);
         ratios.push(f.as_secs_f64() / k.as_secs_f64());
+        ahead_ratios.push(f.as_secs_f64() / a.as_secs_f64());
         kernel.push(gbps(bytes, k));
         floor.push(gbps(bytes, f));
     }
     let (r, k, f) = (spread(&mut ratios), spread(&mut kernel), spread(&mut floor));
+    let a = spread(&mut ahead_ratios);
     println!("kernel: {:.2} GB/s median ({:.2}-{:.2}), {bytes} input bytes", k.0, k.1, k.2);
     println!("pread floor: {:.2} GB/s median ({:.2}-{:.2})", f.0, f.1, f.2);
     println!(
-        "kernel / floor: {:.0} % median, {:.0} % worst, {:.0} % best (of {runs} interleaved pairs)",
+        "kernel / floor: {:.0} % median, {:.0} % worst, {:.0} % best (of {runs} interleaved runs)",
         100.0 * r.0,
         100.0 * r.1,
         100.0 * r.2
+    );
+    println!(
+        "with a reader thread (with_read_ahead, threads 1): {:.0} % median, {:.0} % worst, {:.0} % best",
+        100.0 * a.0,
+        100.0 * a.1,
+        100.0 * a.2
     );
 }
 

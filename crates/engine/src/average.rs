@@ -4,8 +4,8 @@
 //! output tensor's bytes, a window at a time, to a sink ([`AveragePlan::stream_tensor`], what
 //! the publisher uses): float tensors are accumulated in f32 (f64 for f64 inputs) slab by slab,
 //! each input in turn streaming its slab through the cache-resident accumulator slab (read
-//! with a positioned read, by a reader thread ahead of the arithmetic with one kernel thread
-//! (`prefetch`), or in place when in memory; see `kernel`), so every input byte is read once
+//! with a positioned read, optionally by a reader thread ahead of the arithmetic (`prefetch`),
+//! or in place when in memory; see `kernel`), so every input byte is read once
 //! and RSS grows with neither the number nor the size of the inputs nor of their tensors;
 //! integer/bool tensors are copied from one input chosen by [`IntPolicy`]. Values beyond a
 //! narrower output dtype's range are refused or saturated ([`DtypeOverflow`]).
@@ -42,6 +42,7 @@ pub struct AveragePlan<'a> {
     opts: AverageOptions,
     outputs: Vec<TensorMeta>,
     int_source: usize,
+    read_ahead: bool,
 }
 
 /// Reused buffers: one accumulator and one output buffer (a window's when streaming, grown
@@ -88,7 +89,16 @@ impl<'a> AveragePlan<'a> {
             .map(|t| TensorMeta { dtype: opts.dtype.resolve(t.dtype), ..t.clone() })
             .collect();
         let opts = AverageOptions { threads: opts.threads.max(1), ..opts };
-        Ok(AveragePlan { inputs, weights, opts, outputs, int_source })
+        Ok(AveragePlan { inputs, weights, opts, outputs, int_source, read_ahead: false })
+    }
+
+    /// With one kernel thread, let a reader thread read the inputs' slabs ahead of the
+    /// arithmetic (`prefetch`) when streaming. Off by default: on the shared 2-core machine
+    /// this was measured on (docs/performance.md) the second thread found no idle core and
+    /// cost more than the overlap saved; the benchmark measures both.
+    pub fn with_read_ahead(mut self, on: bool) -> Self {
+        self.read_ahead = on;
+        self
     }
 
     pub fn inputs(&self) -> &[&'a Checkpoint] {
@@ -146,8 +156,8 @@ impl<'a> AveragePlan<'a> {
     /// Average output tensor `index` and hand its little-endian bytes to `sink` in order, a
     /// window of [`WINDOW`] elements at a time: the bytes [`average_tensor`](Self::average_tensor)
     /// returns, bit for bit, while holding only a window's accumulator and output bytes (plus
-    /// the slab buffers) whatever the tensor's size. With one thread and inputs on file, a
-    /// reader thread reads ahead of the arithmetic (`prefetch`). Nothing is handed to `sink`
+    /// the slab buffers) whatever the tensor's size. With one thread, inputs on file and
+    /// [`with_read_ahead`](Self::with_read_ahead), a reader thread reads ahead (`prefetch`). Nothing is handed to `sink`
     /// after a window that makes the tensor fail (NaN/Inf, a refused overflow); the error
     /// then is the one `average_tensor` gives. Inputs decoded whole in memory (some pickle
     /// tensors) already cost a copy of the tensor each: they take the whole-tensor path.
@@ -157,7 +167,8 @@ impl<'a> AveragePlan<'a> {
         ws: &mut Workspace,
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
-        self.stream_with(Streaming::DEFAULT, index, ws, sink)
+        let how = Streaming { read_ahead: self.read_ahead, ..Streaming::DEFAULT };
+        self.stream_with(how, index, ws, sink)
     }
 
     fn stream_with(
@@ -238,7 +249,7 @@ impl<'a> AveragePlan<'a> {
             * n
             * in_meta.dtype.size();
         let mut windows = Windows { n, acc, out, out_dtype, overflow: self.opts.overflow };
-        let found = if threads == 1 && file_bytes >= how.prefetch_min {
+        let found = if how.read_ahead && threads == 1 && file_bytes >= how.prefetch_min {
             std::thread::scope(|s| {
                 let mut feed = prefetch::start(s, &inputs, n, sweep.slab_bytes(n));
                 windows.drive(sink, |at, a, o| sweep.range(at, a, o, out_dtype, &mut feed))
@@ -354,16 +365,19 @@ impl<'a> AveragePlan<'a> {
     }
 }
 
-/// How a tensor is streamed: elements per window (a multiple of the kernel's slab), and the
-/// file bytes from which a reader thread reads ahead. Tests make both small.
+/// How a tensor is streamed: elements per window (a multiple of the kernel's slab), whether a
+/// reader thread reads ahead (one kernel thread only), and the file bytes from which it does.
+/// Tests make the sizes small.
 #[derive(Clone, Copy, Debug)]
 struct Streaming {
     window: usize,
+    read_ahead: bool,
     prefetch_min: usize,
 }
 
 impl Streaming {
-    const DEFAULT: Streaming = Streaming { window: WINDOW, prefetch_min: PREFETCH_MIN };
+    const DEFAULT: Streaming =
+        Streaming { window: WINDOW, read_ahead: false, prefetch_min: PREFETCH_MIN };
 }
 
 /// A tensor's elements a window at a time through one reused accumulator and output buffer.

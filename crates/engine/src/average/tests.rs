@@ -427,9 +427,9 @@ fn dtype_overflow_names_parse() {
 
 // ---- streaming: window by window, bit for bit the whole-tensor path ---------------------
 
-/// A small window (two slabs) and a reader thread for any tensor on file, so that small
+/// A small window (two slabs) and read-ahead for any tensor on file, so that small
 /// tensors take every path the default streaming takes on large ones.
-const SMALL: Streaming = Streaming { window: 2 * SLAB, prefetch_min: 0 };
+const SMALL: Streaming = Streaming { window: 2 * SLAB, read_ahead: true, prefetch_min: 0 };
 /// Shorthand for the window the streaming tests use.
 const WINDOW_T: usize = SMALL.window;
 /// Elements of a tensor spanning one whole window, a slab more and a partial slab.
@@ -437,8 +437,12 @@ const STREAMED: usize = WINDOW_T + SLAB + 17;
 
 /// The bytes `stream_tensor` hands on, concatenated, and how many pieces it handed.
 fn streamed(plan: &AveragePlan<'_>, index: usize) -> Result<(Vec<u8>, usize)> {
+    streamed_with(plan, index, SMALL)
+}
+
+fn streamed_with(plan: &AveragePlan<'_>, index: usize, how: Streaming) -> Result<(Vec<u8>, usize)> {
     let (mut out, mut pieces) = (Vec::new(), 0);
-    plan.stream_with(SMALL, index, &mut Workspace::default(), &mut |b| {
+    plan.stream_with(how, index, &mut Workspace::default(), &mut |b| {
         out.extend_from_slice(b);
         pieces += 1;
         Ok(())
@@ -470,7 +474,7 @@ fn stream_input(dir: &Path, i: usize, dtype: DType, n: usize) -> (Checkpoint, Ch
 #[test]
 fn streamed_output_equals_whole_tensor_output_bit_for_bit() {
     // Every dtype the averager writes (keep, and each explicit output dtype), inputs in memory
-    // (read in place), on file (one thread: the reader thread reads ahead; two threads:
+    // (read in place), on file (one thread, with and without the reader thread; two threads:
     // positioned reads on each) and both mixed, weighted, with a zero-weight input skipped.
     let dir = tempfile::tempdir().unwrap();
     let weights = [0.5, 2.0, 0.0, 1.25];
@@ -491,9 +495,13 @@ fn streamed_output_equals_whole_tensor_output_bit_for_bit() {
             let opts = AverageOptions { threads, dtype: out, ..Default::default() };
             let plan = AveragePlan::new(inputs, Some(&weights), opts).unwrap();
             let whole = plan.average_tensor(0, &mut Workspace::default()).unwrap().to_vec();
-            let (got, pieces) = streamed(&plan, 0).unwrap();
-            assert_eq!(pieces, 2, "{dtype:?}: one whole window and the rest");
-            assert!(got == whole, "{dtype:?} {threads} thread(s) as {out:?}: bytes differ");
+            for read_ahead in [true, false] {
+                let how = Streaming { read_ahead, ..SMALL };
+                let (got, pieces) = streamed_with(&plan, 0, how).unwrap();
+                assert_eq!(pieces, 2, "{dtype:?}: one whole window and the rest");
+                let case = format!("{dtype:?} {threads} thread(s) as {out:?}, {how:?}");
+                assert!(got == whole, "{case}: bytes differ");
+            }
         }
     }
 }
