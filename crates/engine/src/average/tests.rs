@@ -581,3 +581,52 @@ fn streamed_refusals_are_the_whole_tensors_and_stop_the_bytes() {
         assert_eq!(streamed(&plan, 0).err().unwrap().to_string(), whole);
     }
 }
+
+#[test]
+fn fast_bf16_store_writes_what_half_writes() {
+    // Every kind of f32: random bit patterns, and the edges (±0, subnormals, ties, the
+    // largest values that round to bf16::MAX or overflow to inf, infinities, NaNs).
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let mut values: Vec<f32> = (0..200_000).map(|_| f32::from_bits(rng.random())).collect();
+    let edges = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-40,
+        f32::MAX,
+        f32::MIN,
+        3.3895e38,
+        3.3896e38,
+        3.3961e38,
+        -3.3961e38,
+        3.4e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7F80_0001),
+        f32::from_bits(0xFFFF_FFFF),
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x3F80_8001),
+        f32::from_bits(0x7F7F_8000),
+    ];
+    values.extend(edges);
+    for chunk in values.chunks(1000) {
+        for saturate in [false, true] {
+            let (mut fast, mut slow) = (vec![0u8; 2 * chunk.len() + 1], vec![0u8; 2 * chunk.len()]);
+            let want = super::kernel::store_narrow(chunk, &mut slow, saturate, |a: f32| {
+                (half::bf16::from_f32(a), a.is_finite(), a > 0.0)
+            });
+            // Aligned (the fast path) and shifted by a byte (the fallback).
+            for at in [0, 1] {
+                let got =
+                    f32::store_block(chunk, &mut fast[at..at + slow.len()], DType::BF16, saturate);
+                assert_eq!(got, want, "saturate {saturate}");
+                assert!(fast[at..at + slow.len()] == slow[..], "saturate {saturate}, offset {at}");
+            }
+        }
+    }
+}
