@@ -1,11 +1,13 @@
 //! A reader thread that reads a tensor's file-backed inputs ahead of the arithmetic: it makes
 //! the same positioned reads, in the same order (slab by slab, input by input), that a
-//! one-thread [`Sweep`](super::kernel::Sweep) would make, into a small pool of slab buffers,
-//! and hands each filled buffer over a channel; the sweep folds one buffer in while the next
-//! ones are being read, so copying out of the page cache and the arithmetic overlap (measured
-//! against the `pread` floor in docs/performance.md). The pool bounds both memory and how far
-//! ahead it reads; inputs held in memory are not read here (the sweep reads them in place).
-//! If the sweep stops (an error, a refused output), dropping its [`Feed`] ends the thread.
+//! one-thread [`Sweep`](super::kernel::Sweep) would make, into a small pool of 2 MiB buffers,
+//! and hands each filled buffer (a batch of reads) over a channel; the sweep folds one batch
+//! in while the next is being read, so copying out of the page cache and the arithmetic can
+//! overlap. Opt-in (`AveragePlan::with_read_ahead`): it needs an idle core, and on the shared
+//! machine it was measured on it cost more than it saved for few inputs (docs/performance.md).
+//! The pool bounds both memory and how far ahead it reads; inputs held in memory are not read
+//! here (the sweep reads them in place). If the sweep stops (an error, a refused output),
+//! dropping its [`Feed`] ends the thread.
 
 use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
