@@ -1,18 +1,22 @@
 //! Streaming weighted average over checkpoints' byte views, one tensor at a time.
 //!
-//! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then yields each
-//! output tensor's bytes into a reused [`Workspace`]: float tensors are accumulated in f32 (f64
-//! for f64 inputs) slab by slab, each input in turn streaming its slab through the
-//! cache-resident accumulator slab (read with a positioned read into a per-thread buffer, or
-//! in place when in memory; see `kernel`), so every input byte is read once and RSS does not
-//! grow with the number or size of the inputs; integer/bool tensors are copied from one input
-//! chosen by [`IntPolicy`]. Values beyond a narrower output dtype's range are refused or
-//! saturated ([`DtypeOverflow`]). This module does not open files or write outputs (see
-//! `publish`); a slow f64 twin lives in the tests.
+//! An [`AveragePlan`] is checked once (schema, weights, integer policy) and then streams each
+//! output tensor's bytes, a window at a time, to a sink ([`AveragePlan::stream_tensor`], what
+//! the publisher uses): float tensors are accumulated in f32 (f64 for f64 inputs) slab by slab,
+//! each input in turn streaming its slab through the cache-resident accumulator slab (read
+//! with a positioned read, optionally by a reader thread ahead of the arithmetic (`prefetch`),
+//! or in place when in memory; see `kernel`), so every input byte is read once
+//! and RSS grows with neither the number nor the size of the inputs nor of their tensors;
+//! integer/bool tensors are copied from one input chosen by [`IntPolicy`]. Values beyond a
+//! narrower output dtype's range are refused or saturated ([`DtypeOverflow`]).
+//! [`AveragePlan::average_tensor`] is the whole-tensor path (a tensor-sized accumulator and
+//! output), kept for callers that want a tensor's bytes at once and as the reference the
+//! streamed bytes are tested against, bit for bit. This module does not open files or write
+//! outputs (see `publish`); a slow f64 twin lives in the tests.
 
 use crate::error::{Error, Result};
 use crate::schema::check_schema_with;
-use kernel::{Acc, Pass, Stored};
+use kernel::{Acc, Input, Pass, Stored, Sweep};
 use sewa_checkpoint::dtype::first_non_finite;
 use sewa_checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
 
@@ -21,6 +25,13 @@ use sewa_checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
 const COPY_BUDGET: usize = 32 << 20;
 /// Bytes read at a time when scanning an input for the NaN/Inf that spoiled an average.
 const SCAN_CHUNK: usize = 1 << 20;
+/// Elements averaged before their bytes are handed on when streaming: the accumulator and
+/// output bytes held (4 MiB of f32 accumulator, at most 8 MiB of output), a multiple of the
+/// kernel's slab and thread block.
+pub const WINDOW: usize = 1 << 20;
+/// File bytes of a tensor from which a reader thread reads ahead (below, starting a thread
+/// costs more than the overlap saves).
+const PREFETCH_MIN: usize = 4 << 20;
 
 /// A checked average: every input has the same tensors, the weights are valid and normalised.
 /// Build it before creating any output file; running it can then only fail on tensor contents
@@ -31,10 +42,12 @@ pub struct AveragePlan<'a> {
     opts: AverageOptions,
     outputs: Vec<TensorMeta>,
     int_source: usize,
+    read_ahead: bool,
 }
 
-/// Reused buffers: one accumulator and one output buffer, grown to the largest tensor once,
-/// and one slab-sized read buffer per kernel thread.
+/// Reused buffers: one accumulator and one output buffer (a window's when streaming, grown
+/// to the largest tensor by the whole-tensor path), and one slab-sized read buffer per kernel
+/// thread.
 #[derive(Default)]
 pub struct Workspace {
     acc32: Vec<f32>,
@@ -76,7 +89,16 @@ impl<'a> AveragePlan<'a> {
             .map(|t| TensorMeta { dtype: opts.dtype.resolve(t.dtype), ..t.clone() })
             .collect();
         let opts = AverageOptions { threads: opts.threads.max(1), ..opts };
-        Ok(AveragePlan { inputs, weights, opts, outputs, int_source })
+        Ok(AveragePlan { inputs, weights, opts, outputs, int_source, read_ahead: false })
+    }
+
+    /// With one kernel thread, let a reader thread read the inputs' slabs ahead of the
+    /// arithmetic (`prefetch`) when streaming. Off by default: on the shared 2-core machine
+    /// this was measured on (docs/performance.md) the second thread found no idle core and
+    /// cost more than the overlap saved; the benchmark measures both.
+    pub fn with_read_ahead(mut self, on: bool) -> Self {
+        self.read_ahead = on;
+        self
     }
 
     pub fn inputs(&self) -> &[&'a Checkpoint] {
@@ -129,6 +151,119 @@ impl<'a> AveragePlan<'a> {
             _ => self.copy_int(index, ws)?,
         }
         Ok(&ws.out[..meta.nbytes()])
+    }
+
+    /// Average output tensor `index` and hand its little-endian bytes to `sink` in order, a
+    /// window of [`WINDOW`] elements at a time: the bytes [`average_tensor`](Self::average_tensor)
+    /// returns, bit for bit, while holding only a window's accumulator and output bytes (plus
+    /// the slab buffers) whatever the tensor's size. With one thread, inputs on file and
+    /// [`with_read_ahead`](Self::with_read_ahead), a reader thread reads ahead (`prefetch`). Nothing is handed to `sink`
+    /// after a window that makes the tensor fail (NaN/Inf, a refused overflow); the error
+    /// then is the one `average_tensor` gives. Inputs decoded whole in memory (some pickle
+    /// tensors) already cost a copy of the tensor each: they take the whole-tensor path.
+    pub fn stream_tensor(
+        &self,
+        index: usize,
+        ws: &mut Workspace,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let how = Streaming { read_ahead: self.read_ahead, ..Streaming::DEFAULT };
+        self.stream_with(how, index, ws, sink)
+    }
+
+    fn stream_with(
+        &self,
+        how: Streaming,
+        index: usize,
+        ws: &mut Workspace,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let dtype_of = |c: &&Checkpoint| c.tensors()[index].dtype;
+        match self.inputs[0].tensors()[index].dtype {
+            _ if self.inputs.iter().any(|c| dtype_of(c) == DType::F64) => {
+                self.stream_float::<f64>(how, index, ws, sink)
+            }
+            d if d.is_float() => self.stream_float::<f32>(how, index, ws, sink),
+            _ => self.stream_int(how, index, ws, sink),
+        }
+    }
+
+    fn stream_int(
+        &self,
+        how: Streaming,
+        index: usize,
+        ws: &mut Workspace,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let source = self.inputs[self.int_source];
+        let reader = source.reader(&source.tensors()[index].name)?;
+        if let Some(bytes) = reader.in_memory() {
+            return sink(bytes);
+        }
+        let chunk = how.window.min(reader.len());
+        ws.out.resize(ws.out.len().max(chunk), 0);
+        for at in (0..reader.len()).step_by(chunk.max(1)) {
+            let bytes = &mut ws.out[..chunk.min(reader.len() - at)];
+            reader.read_into(at, bytes)?;
+            sink(bytes)?;
+        }
+        Ok(())
+    }
+
+    fn stream_float<A: Acc>(
+        &self,
+        how: Streaming,
+        index: usize,
+        ws: &mut Workspace,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let in_meta = &self.inputs[0].tensors()[index];
+        let out_dtype = self.outputs[index].dtype;
+        let active: Vec<(usize, A)> = (self.weights.iter().enumerate())
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(i, w)| (i, A::weight(*w)))
+            .collect();
+        let mut inputs = Vec::with_capacity(active.len());
+        for &(i, weight) in &active {
+            let reader = self.inputs[i].reader(&in_meta.name)?;
+            if reader.is_copy() {
+                drop((reader, inputs));
+                let bytes = self.average_tensor(index, ws)?;
+                return sink(bytes);
+            }
+            let dtype = self.inputs[i].tensors()[index].dtype;
+            inputs.push(Input { reader, weight, dtype });
+        }
+        let n = in_meta.numel();
+        // Windows start on slab boundaries: the reader thread reads ahead on that grid.
+        debug_assert_eq!(how.window % kernel::SLAB, 0);
+        let window = how.window.min(n);
+        let Workspace { acc32, acc64, out, slabs } = ws;
+        let acc = A::pick(acc32, acc64);
+        acc.resize(acc.len().max(window), A::default());
+        out.resize(out.len().max(window * out_dtype.size()), 0);
+        let (acc, out) = (&mut acc[..window], &mut out[..window * out_dtype.size()]);
+        let sweep = Sweep { inputs: &inputs, overflow: self.opts.overflow };
+        let threads = self.opts.threads;
+        let file_bytes = inputs.iter().filter(|i| i.reader.in_memory().is_none()).count()
+            * n
+            * in_meta.dtype.size();
+        let mut windows = Windows { n, acc, out, out_dtype, overflow: self.opts.overflow };
+        let found = if how.read_ahead && threads == 1 && file_bytes >= how.prefetch_min {
+            std::thread::scope(|s| {
+                let mut feed = prefetch::start(s, &inputs, n, sweep.slab_bytes(n));
+                windows.drive(sink, |at, a, o| sweep.range(at, a, o, out_dtype, &mut feed))
+            })?
+        } else {
+            windows.drive(sink, |at, a, o| sweep.window(at, a, o, out_dtype, slabs, threads))?
+        };
+        if found.non_finite {
+            return Err(self.blame_non_finite(in_meta, &active));
+        }
+        match found.largest {
+            Some((value, at)) => Err(overflow_error(&in_meta.name, out_dtype, value, at)),
+            None => Ok(()),
+        }
     }
 
     fn copy_int(&self, index: usize, ws: &mut Workspace) -> Result<()> {
@@ -230,6 +365,71 @@ impl<'a> AveragePlan<'a> {
     }
 }
 
+/// How a tensor is streamed: elements per window (a multiple of the kernel's slab), whether a
+/// reader thread reads ahead (one kernel thread only), and the file bytes from which it does.
+/// Tests make the sizes small.
+#[derive(Clone, Copy, Debug)]
+struct Streaming {
+    window: usize,
+    read_ahead: bool,
+    prefetch_min: usize,
+}
+
+impl Streaming {
+    const DEFAULT: Streaming =
+        Streaming { window: WINDOW, read_ahead: false, prefetch_min: PREFETCH_MIN };
+}
+
+/// A tensor's elements a window at a time through one reused accumulator and output buffer.
+struct Windows<'w, A> {
+    n: usize,
+    acc: &'w mut [A],
+    out: &'w mut [u8],
+    out_dtype: DType,
+    overflow: DtypeOverflow,
+}
+
+/// What the windows of a tensor found that refuses it.
+struct Found<A> {
+    non_finite: bool,
+    /// With `dtype_overflow = "error"`: the largest magnitude among the overflowing windows
+    /// (so of the tensor) and its element, the last of equals as `max_by` picks on the whole.
+    largest: Option<(A, usize)>,
+}
+
+impl<A: Acc> Windows<'_, A> {
+    /// Compute every window with `compute(first element, acc, out)` and hand its bytes to
+    /// `sink` until one finds a reason to refuse the tensor; the rest are still computed (a
+    /// read error later wins, as on the whole-tensor path) but not handed on.
+    fn drive(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+        mut compute: impl FnMut(usize, &mut [A], &mut [u8]) -> Result<Stored>,
+    ) -> Result<Found<A>> {
+        let (window, osize) = (self.acc.len().max(1), self.out_dtype.size());
+        let mut found = Found { non_finite: false, largest: None };
+        for start in (0..self.n).step_by(window) {
+            let len = window.min(self.n - start);
+            let (acc, out) = (&mut self.acc[..len], &mut self.out[..len * osize]);
+            let stored = compute(start, acc, out)?;
+            found.non_finite |= stored.non_finite;
+            if stored.overflow && self.overflow == DtypeOverflow::Error {
+                let at =
+                    (0..len).max_by(|&i, &j| acc[i].magnitude().total_cmp(&acc[j].magnitude()));
+                let at = at.unwrap_or(0);
+                let beats = |(v, _): &(A, usize)| acc[at].magnitude() >= v.magnitude();
+                if found.largest.as_ref().is_none_or(beats) {
+                    found.largest = Some((acc[at], start + at));
+                }
+            }
+            if !found.non_finite && found.largest.is_none() {
+                sink(out)?;
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Element index of the first NaN/Inf in `input`'s tensor `meta`, read chunk by chunk.
 fn find_non_finite(
     input: &Checkpoint,
@@ -295,6 +495,7 @@ fn pick_int_source(inputs: &[&Checkpoint], weights: &[f64], policy: IntPolicy) -
 
 mod kernel;
 mod options;
+mod prefetch;
 pub mod running;
 mod source;
 

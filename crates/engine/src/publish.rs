@@ -278,11 +278,15 @@ struct TensorWriter<'s> {
 impl TensorWriter<'_> {
     fn write(&mut self, file: &mut File, path: &Path, layout: &FileLayout) -> Result<()> {
         file.write_all(&layout.header).with_path(path)?;
+        let (done, progress) = (&mut self.done, &mut self.progress);
         for &i in &layout.tensors {
-            let bytes = self.source.tensor_bytes(i)?;
-            file.write_all(bytes).with_path(path)?;
-            self.done += bytes.len() as u64;
-            (self.progress)(self.done);
+            // Piece by piece as the source produces them: no tensor-sized buffer is needed.
+            self.source.write_tensor(i, &mut |bytes| {
+                file.write_all(bytes).with_path(path)?;
+                *done += bytes.len() as u64;
+                progress(*done);
+                Ok(())
+            })?;
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! bytes are read (`pread`) slab by slab into a per-thread buffer that stays in L2 beside the
 //! accumulator slab. No checkpoints, no allocation beyond those reused buffers.
 
-use std::ops::{Add, BitOr, Mul};
+use std::ops::{Add, BitOr, Mul, Range};
 
 use super::DtypeOverflow;
 use crate::error::Result;
@@ -15,7 +15,7 @@ use sewa_checkpoint::{DType, TensorReader};
 pub(super) const BLOCK: usize = 8192;
 /// Elements per slab: the accumulator slab (256 KiB of f32) and one input's slab (read into
 /// the thread's buffer) stay in L2 while the inputs stream through in turn.
-const SLAB: usize = 1 << 16;
+pub(super) const SLAB: usize = 1 << 16;
 /// Below this many elements a tensor is not worth spawning threads for.
 pub(super) const MIN_PARALLEL: usize = 1 << 16;
 
@@ -115,6 +115,117 @@ impl<A: Acc> Pass<'_, '_, A> {
     }
 }
 
+/// One input of a [`Sweep`]: its reader, its weight, and the dtype its bytes are decoded from
+/// (inputs may differ in float dtype when an output dtype is given).
+pub(super) struct Input<'a, A> {
+    pub(super) reader: TensorReader<'a>,
+    pub(super) weight: A,
+    pub(super) dtype: DType,
+}
+
+/// Where a sweep gets an input's bytes: read in place when in memory, else read (`Direct`)
+/// or handed over by the reader thread that read them ahead (`prefetch::Feed`).
+pub(super) trait Fetch {
+    fn fetch<'s>(
+        &'s mut self,
+        input: &'s TensorReader<'_>,
+        range: Range<usize>,
+    ) -> Result<&'s [u8]>;
+}
+
+/// Positioned reads into one slab buffer, on the calling thread.
+pub(super) struct Direct<'b>(pub(super) &'b mut [u8]);
+
+impl Fetch for Direct<'_> {
+    fn fetch<'s>(
+        &'s mut self,
+        input: &'s TensorReader<'_>,
+        range: Range<usize>,
+    ) -> Result<&'s [u8]> {
+        Ok(input.bytes(range, self.0)?)
+    }
+}
+
+/// All inputs of a tensor swept over a window of its elements at a time, slab by slab: every
+/// element sums `w * x` over the inputs in their order (the first overwrites), exactly as the
+/// passes of [`Pass`] do, so the output bytes are the same; the window's slabs are stored as
+/// they finish. Only a window's accumulator and output bytes are held, whatever the tensor.
+pub(super) struct Sweep<'v, 'a, A> {
+    pub(super) inputs: &'v [Input<'a, A>],
+    pub(super) overflow: DtypeOverflow,
+}
+
+impl<A: Acc> Sweep<'_, '_, A> {
+    /// Elements `start..start + acc.len()` on up to `threads` threads (contiguous ranges, each
+    /// with its own slab buffer from `slabs`, reading on its own thread).
+    pub(super) fn window(
+        &self,
+        start: usize,
+        acc: &mut [A],
+        out: &mut [u8],
+        out_dtype: DType,
+        slabs: &mut Vec<Vec<u64>>,
+        threads: usize,
+    ) -> Result<Stored> {
+        let n = acc.len();
+        let osize = out_dtype.size();
+        let single = threads <= 1 || n < MIN_PARALLEL;
+        let part = if single { n.max(1) } else { n.div_ceil(threads).next_multiple_of(BLOCK) };
+        let bufs = slab_buffers(slabs, n.div_ceil(part).max(1), self.slab_bytes(n));
+        if single {
+            let mut bufs = bufs;
+            return self.range(start, acc, out, out_dtype, &mut Direct(&mut bufs[0][..]));
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
+                .zip(bufs)
+                .enumerate()
+                .map(|(k, ((a, o), buf))| {
+                    let at = start + k * part;
+                    s.spawn(move || self.range(at, a, o, out_dtype, &mut Direct(&mut buf[..])))
+                })
+                .collect();
+            let results = handles.into_iter().map(|h| h.join().expect("kernel thread panicked"));
+            results
+                .collect::<Result<Vec<Stored>>>()
+                .map(|v| v.into_iter().fold(Stored::default(), BitOr::bitor))
+        })
+    }
+
+    /// Bytes of the largest slab any input not in memory reads for a window of `n` elements.
+    pub(super) fn slab_bytes(&self, n: usize) -> usize {
+        let file = self.inputs.iter().filter(|i| i.reader.in_memory().is_none());
+        file.map(|i| SLAB.min(n) * i.dtype.size()).max().unwrap_or(0)
+    }
+
+    /// Elements `start..start + acc.len()`, slab by slab (slabs start at multiples of
+    /// [`SLAB`] from `start`): each input in turn streams one slab through the cache-resident
+    /// accumulator slab, which is then stored as output bytes.
+    pub(super) fn range(
+        &self,
+        start: usize,
+        acc: &mut [A],
+        out: &mut [u8],
+        out_dtype: DType,
+        fetch: &mut impl Fetch,
+    ) -> Result<Stored> {
+        let saturate = self.overflow == DtypeOverflow::Saturate;
+        let mut stored = Stored::default();
+        for (k, (acc_s, out_s)) in
+            acc.chunks_mut(SLAB).zip(out.chunks_mut(SLAB * out_dtype.size())).enumerate()
+        {
+            let (lo, hi) = (start + k * SLAB, start + k * SLAB + acc_s.len());
+            for (j, input) in self.inputs.iter().enumerate() {
+                let size = input.dtype.size();
+                let bytes = fetch.fetch(&input.reader, lo * size..hi * size)?;
+                A::add_block(acc_s, bytes, input.dtype, input.weight, j == 0);
+            }
+            stored = stored | A::store_block(acc_s, out_s, out_dtype, saturate);
+        }
+        Ok(stored)
+    }
+}
+
 /// The first `parts` buffers of `slabs`, each at least `bytes` long (8-byte aligned, so the
 /// aligned fast paths apply to what is read into them).
 fn slab_buffers(slabs: &mut Vec<Vec<u64>>, parts: usize, bytes: usize) -> Vec<&mut [u8]> {
@@ -157,7 +268,7 @@ fn axpy<A: Acc>(acc: &mut [A], xs: impl Iterator<Item = A>, w: A, init: bool) {
 }
 
 /// A 16-bit float type the accumulator can be narrowed to.
-trait Narrow: Copy {
+pub(super) trait Narrow: Copy {
     const MAX: Self;
     const MIN: Self;
     fn is_infinite(self) -> bool;
@@ -197,7 +308,7 @@ fn fit<H: Narrow>(narrowed: H, finite: bool, positive: bool, saturate: bool, s: 
 
 /// Store `acc` as a 16-bit float type.
 #[inline(always)]
-fn store_narrow<A: Copy, H: Narrow>(
+pub(super) fn store_narrow<A: Copy, H: Narrow>(
     acc: &[A],
     out: &mut [u8],
     saturate: bool,
@@ -209,6 +320,44 @@ fn store_narrow<A: Copy, H: Narrow>(
         o.copy_from_slice(&fit(h, finite, positive, saturate, &mut s).bits().to_le_bytes());
     });
     s
+}
+
+/// `x`'s bits rounded to bf16 exactly as `half::bf16::from_f32` does (a NaN stays a quiet
+/// NaN; otherwise round to nearest, ties to even), without branches, so the loop vectorises.
+#[inline(always)]
+fn bf16_bits(x: u32) -> u16 {
+    let nan = x & 0x7FFF_FFFF > 0x7F80_0000;
+    let up = (x & 0x8000 != 0 && x & 0x1_7FFF != 0) as u32;
+    // No carry out of 16 bits: 0xFFFF above would be a NaN, taken by the select.
+    if nan { ((x >> 16) | 0x0040) as u16 } else { ((x >> 16) + up) as u16 }
+}
+
+/// Store an f32 accumulator as bf16: what `store_narrow` with `half::bf16::from_f32` writes
+/// (a test compares them on every kind of value), in a loop that vectorises; the generic one
+/// took most of a bf16 average's time.
+fn store_bf16(acc: &[f32], out: &mut [u8], saturate: bool) -> Stored {
+    let (mut non_finite, mut overflow) = (false, false);
+    let mut one = |a: f32| {
+        let x = a.to_bits();
+        let finite = x & 0x7F80_0000 != 0x7F80_0000;
+        let h = bf16_bits(x);
+        let over = finite && h & 0x7FFF == 0x7F80;
+        non_finite |= !finite;
+        overflow |= over;
+        match over && saturate {
+            true if x >> 31 == 0 => half::bf16::MAX.to_bits(),
+            true => half::bf16::MIN.to_bits(),
+            false => h,
+        }
+    };
+    match bytemuck::try_cast_slice_mut::<u8, u16>(out) {
+        Ok(o) if cfg!(target_endian = "little") => {
+            o.iter_mut().zip(acc).for_each(|(o, a)| *o = one(*a));
+        }
+        _ => (out.chunks_exact_mut(2).zip(acc))
+            .for_each(|(o, a)| o.copy_from_slice(&one(*a).to_le_bytes())),
+    }
+    Stored { non_finite, overflow }
 }
 
 impl Acc for f32 {
@@ -255,10 +404,7 @@ impl Acc for f32 {
                 let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
                 Stored { non_finite: !finite, overflow: false }
             }
-            DType::BF16 => store_narrow(acc, out, saturate, |a| {
-                let (finite, positive) = parts(a);
-                (half::bf16::from_f32(a), finite, positive)
-            }),
+            DType::BF16 => store_bf16(acc, out, saturate),
             DType::F16 => store_narrow(acc, out, saturate, |a| {
                 let (finite, positive) = parts(a);
                 (half::f16::from_f32(a), finite, positive)

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::kernel::{Acc, Stored};
-use super::{DtypeOverflow, IntPolicy, OutDType, TensorSource, overflow_error};
+use super::{DtypeOverflow, IntPolicy, OutDType, TensorSource, WINDOW, overflow_error};
 use crate::error::{Error, Result};
 use crate::schema::check_against;
 use sewa_checkpoint::dtype::first_non_finite;
@@ -229,9 +229,52 @@ impl TensorSource for RunningSource<'_> {
         }
         Ok(&self.bytes)
     }
+
+    fn write_tensor(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        match self.avg.schema[index].dtype.is_float() {
+            true => self.write_float(index, sink),
+            false => sink(self.tensor_bytes(index)?),
+        }
+    }
 }
 
 impl RunningSource<'_> {
+    /// Tensor `index` handed to `sink` a window at a time (the sums are kept anyway; this
+    /// avoids two more tensor-sized buffers): the bytes of `tensor_bytes`, bit for bit.
+    fn write_float(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let meta = &self.avg.schema[index];
+        let target = self.outputs[index].dtype;
+        let (total, sum) = (self.avg.total, &self.avg.sums[index]);
+        let scale = |s: f32| (s as f64 / total) as f32;
+        let saturate = self.out.overflow == DtypeOverflow::Saturate;
+        let mut overflow = false;
+        for part in sum.chunks(WINDOW) {
+            self.scaled.clear();
+            self.scaled.extend(part.iter().map(|s| scale(*s)));
+            self.bytes.resize(part.len() * target.size(), 0);
+            let stored: Stored = f32::store_block(&self.scaled, &mut self.bytes, target, saturate);
+            overflow |= stored.overflow && !saturate;
+            if !overflow {
+                sink(&self.bytes)?;
+            }
+        }
+        if overflow {
+            let at =
+                (0..sum.len()).max_by(|&i, &j| scale(sum[i]).abs().total_cmp(&scale(sum[j]).abs()));
+            let at = at.unwrap_or(0);
+            return Err(overflow_error(&meta.name, target, scale(sum[at]), at));
+        }
+        Ok(())
+    }
+
     fn int_tensor(&mut self, index: usize) -> Result<&[u8]> {
         let meta = &self.avg.schema[index];
         let policy = self.out.int_policy;
@@ -466,5 +509,49 @@ mod tests {
         assert_eq!(got, vec![65504.0, 2.0, -65504.0]);
         let kept = output(&acc, OutDType::F32, IntPolicy::Latest, DtypeOverflow::Error).unwrap();
         assert_eq!(f32s(&kept[0].3), vec![1.0e5, 2.0, -3.0e5], "f32 holds them");
+    }
+
+    #[test]
+    fn written_in_windows_equals_whole_tensor_bytes() {
+        // A tensor one window and a bit long: the pieces the publisher writes are the whole
+        // tensor's bytes, in every output dtype; an overflow is refused with the same message.
+        let n = WINDOW + 5;
+        let t = |seed: f32, big: f32| {
+            let mut v: Vec<f32> = (0..n).map(|i| seed + (i % 977) as f32 * 0.013).collect();
+            (v[3], v[WINDOW + 2]) = (big * 0.5, big);
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = vec![("a".to_string(), DType::F32, vec![n], bytes)];
+            Arc::new(Checkpoint::from_memory(format!("s{seed}.safetensors"), Some(1), t).unwrap())
+        };
+        for big in [7.0, 3.0e5] {
+            let mut acc = RunningAverage::new(4);
+            acc.update(&[(t(1.0, big), 0.25), (t(-2.0, big), 0.75)], |_| true).unwrap();
+            for dtype in [OutDType::Keep, OutDType::BF16, OutDType::F16] {
+                let opts = OutputOptions {
+                    dtype,
+                    int_policy: IntPolicy::Latest,
+                    overflow: DtypeOverflow::Error,
+                };
+                let mut src = acc.source(opts).unwrap();
+                let whole = src.tensor_bytes(0).map(<[u8]>::to_vec).map_err(|e| e.to_string());
+                let (mut got, mut pieces) = (Vec::new(), 0);
+                let streamed = src.write_tensor(0, &mut |b| {
+                    got.extend_from_slice(b);
+                    pieces += 1;
+                    Ok(())
+                });
+                match whole {
+                    Ok(whole) => {
+                        streamed.unwrap();
+                        assert_eq!(pieces, 2, "{dtype:?}");
+                        assert!(got == whole, "{dtype:?}: bytes differ");
+                    }
+                    Err(msg) => {
+                        assert_eq!(dtype, OutDType::F16, "only f16 overflows: {msg}");
+                        assert_eq!(streamed.unwrap_err().to_string(), msg);
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! What the publisher consumes: output tensors by index ([`TensorSource`]), and the streamed
-//! average of a plan as one ([`PlanSource`]); the daemon's running average is the other.
+//! What the publisher consumes: output tensors by index ([`TensorSource`]), whole or in pieces,
+//! and the streamed average of a plan as one ([`PlanSource`]); the daemon's running average is
+//! the other.
 
 use super::{AveragePlan, Workspace};
 use crate::error::Result;
@@ -12,9 +13,20 @@ pub trait TensorSource {
     fn tensors(&self) -> &[TensorMeta];
     /// Little-endian bytes of tensor `index`, valid until the next call.
     fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]>;
+    /// The same bytes handed to `sink` in order, in pieces, so a producer that can need not
+    /// hold the whole tensor (the publisher writes this way); by default, in one piece.
+    fn write_tensor(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let bytes = self.tensor_bytes(index)?;
+        sink(bytes)
+    }
 }
 
-/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace.
+/// An [`AveragePlan`] as a [`TensorSource`], with its reused workspace: written a window at a
+/// time ([`AveragePlan::stream_tensor`]), so publishing holds no tensor-sized buffer.
 pub struct PlanSource<'p, 'a> {
     plan: &'p AveragePlan<'a>,
     ws: Workspace,
@@ -32,5 +44,12 @@ impl TensorSource for PlanSource<'_, '_> {
     }
     fn tensor_bytes(&mut self, index: usize) -> Result<&[u8]> {
         self.plan.average_tensor(index, &mut self.ws)
+    }
+    fn write_tensor(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.plan.stream_tensor(index, &mut self.ws, sink)
     }
 }

@@ -3,8 +3,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::kernel::{BLOCK, MIN_PARALLEL, Stored};
+use super::kernel::{BLOCK, MIN_PARALLEL, SLAB, Stored};
 use super::*;
+use std::path::Path;
 
 /// Encode f64 values as little-endian `dtype` bytes.
 fn encode(values: &[f64], dtype: DType) -> Vec<u8> {
@@ -422,4 +423,210 @@ fn dtype_overflow_names_parse() {
     assert_eq!("Saturate".parse::<DtypeOverflow>(), Ok(DtypeOverflow::Saturate));
     assert_eq!(DtypeOverflow::default().to_string(), "error");
     assert!("clamp".parse::<DtypeOverflow>().is_err());
+}
+
+// ---- streaming: window by window, bit for bit the whole-tensor path ---------------------
+
+/// A small window (two slabs) and read-ahead for any tensor on file, so that small
+/// tensors take every path the default streaming takes on large ones.
+const SMALL: Streaming = Streaming { window: 2 * SLAB, read_ahead: true, prefetch_min: 0 };
+/// Shorthand for the window the streaming tests use.
+const WINDOW_T: usize = SMALL.window;
+/// Elements of a tensor spanning one whole window, a slab more and a partial slab.
+const STREAMED: usize = WINDOW_T + SLAB + 17;
+
+/// The bytes `stream_tensor` hands on, concatenated, and how many pieces it handed.
+fn streamed(plan: &AveragePlan<'_>, index: usize) -> Result<(Vec<u8>, usize)> {
+    streamed_with(plan, index, SMALL)
+}
+
+fn streamed_with(plan: &AveragePlan<'_>, index: usize, how: Streaming) -> Result<(Vec<u8>, usize)> {
+    let (mut out, mut pieces) = (Vec::new(), 0);
+    plan.stream_with(how, index, &mut Workspace::default(), &mut |b| {
+        out.extend_from_slice(b);
+        pieces += 1;
+        Ok(())
+    })?;
+    Ok((out, pieces))
+}
+
+/// Input `i` of the streaming tests: `n` values in `dtype`, also written to `dir` as a
+/// safetensors file (so the same values can be averaged from memory and from files).
+fn stream_input(dir: &Path, i: usize, dtype: DType, n: usize) -> (Checkpoint, Checkpoint) {
+    let mut rng = ChaCha8Rng::seed_from_u64(100 + i as u64);
+    let bytes = encode(&random(&mut rng, n), dtype);
+    let st_dtype = match dtype {
+        DType::F64 => safetensors::Dtype::F64,
+        DType::F32 => safetensors::Dtype::F32,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F16 => safetensors::Dtype::F16,
+        other => panic!("{other:?}"),
+    };
+    let path = dir.join(format!("in{i}.safetensors"));
+    let view = safetensors::tensor::TensorView::new(st_dtype, vec![n], &bytes).unwrap();
+    safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+    let file = Checkpoint::open(&path, &Default::default()).unwrap();
+    let t = vec![("w".to_string(), dtype, vec![n], bytes)];
+    let mem = Checkpoint::from_memory(format!("in{i}.safetensors"), Some(i as u64), t).unwrap();
+    (mem, file)
+}
+
+#[test]
+fn streamed_output_equals_whole_tensor_output_bit_for_bit() {
+    // Every dtype the averager writes (keep, and each explicit output dtype), inputs in memory
+    // (read in place), on file (one thread, with and without the reader thread; two threads:
+    // positioned reads on each) and both mixed, weighted, with a zero-weight input skipped.
+    let dir = tempfile::tempdir().unwrap();
+    let weights = [0.5, 2.0, 0.0, 1.25];
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let (mem, file): (Vec<_>, Vec<_>) =
+            (0..4).map(|i| stream_input(dir.path(), i, dtype, STREAMED)).unzip();
+        let mixed = vec![&mem[0], &file[1], &mem[2], &file[3]];
+        let outs = [OutDType::Keep, OutDType::F32, OutDType::BF16, OutDType::F16];
+        for (inputs, threads, out) in [
+            (mem.iter().collect::<Vec<_>>(), 1, OutDType::Keep),
+            (file.iter().collect(), 1, OutDType::Keep),
+            (file.iter().collect(), 2, OutDType::Keep),
+            (mixed.clone(), 1, OutDType::Keep),
+        ]
+        .into_iter()
+        .chain(outs.into_iter().map(|o| (mixed.clone(), 1, o)))
+        {
+            let opts = AverageOptions { threads, dtype: out, ..Default::default() };
+            let plan = AveragePlan::new(inputs, Some(&weights), opts).unwrap();
+            let whole = plan.average_tensor(0, &mut Workspace::default()).unwrap().to_vec();
+            for read_ahead in [true, false] {
+                let how = Streaming { read_ahead, ..SMALL };
+                let (got, pieces) = streamed_with(&plan, 0, how).unwrap();
+                assert_eq!(pieces, 2, "{dtype:?}: one whole window and the rest");
+                let case = format!("{dtype:?} {threads} thread(s) as {out:?}, {how:?}");
+                assert!(got == whole, "{case}: bytes differ");
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_mixed_input_dtypes_equal_whole_tensor() {
+    // An f16 export beside f32 checkpoints (f32 accumulator), and beside an f64 one (f64).
+    let dir = tempfile::tempdir().unwrap();
+    for wide in [DType::F32, DType::F64] {
+        let a = stream_input(dir.path(), 0, DType::F16, STREAMED).1;
+        let b = stream_input(dir.path(), 1, wide, STREAMED).1;
+        let c = stream_input(dir.path(), 2, DType::BF16, STREAMED).0;
+        let opts = AverageOptions { dtype: OutDType::BF16, ..Default::default() };
+        let plan = AveragePlan::new(vec![&a, &b, &c], None, opts).unwrap();
+        let whole = plan.average_tensor(0, &mut Workspace::default()).unwrap().to_vec();
+        assert!(streamed(&plan, 0).unwrap().0 == whole, "f16 + {wide:?} + bf16");
+    }
+}
+
+#[test]
+fn streamed_int_tensor_equals_whole_tensor() {
+    let values: Vec<f64> = (0..WINDOW_T / 4 + 3).map(|i| i as f64).collect(); // > one window of bytes
+    let t = |k: f64| {
+        let v: Vec<f64> = values.iter().map(|x| x + k).collect();
+        vec![("n".to_string(), DType::I64, vec![v.len()], encode(&v, DType::I64))]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("step_2.safetensors");
+    let bytes = encode(&values.iter().map(|x| x + 2.0).collect::<Vec<_>>(), DType::I64);
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![values.len()], &bytes);
+    safetensors::serialize_to_file([("n", view.unwrap())], None, &path).unwrap();
+    let a = Checkpoint::from_memory("step_1.safetensors", Some(1), t(1.0)).unwrap();
+    let b = Checkpoint::open(&path, &Default::default()).unwrap();
+    for policy in [IntPolicy::First, IntPolicy::Latest] {
+        let opts = AverageOptions { int_policy: policy, ..Default::default() };
+        let plan = AveragePlan::new(vec![&a, &b], None, opts).unwrap();
+        let whole = plan.average_tensor(0, &mut Workspace::default()).unwrap().to_vec();
+        assert!(streamed(&plan, 0).unwrap().0 == whole, "{policy:?}");
+    }
+}
+
+#[test]
+fn streamed_refusals_are_the_whole_tensors_and_stop_the_bytes() {
+    // A NaN in the second window: the same error, and the window holding it is never handed
+    // on. An overflow in both windows, the larger in the second: the same largest value and
+    // element as the whole-tensor path reports.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good) = stream_input(dir.path(), 0, DType::F32, STREAMED);
+    let mut values = vec![1.0; STREAMED];
+    values[WINDOW_T + 5] = f64::NAN;
+    let path = dir.path().join("bad.safetensors");
+    let bytes = encode(&values, DType::F32);
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![STREAMED], &bytes);
+    safetensors::serialize_to_file([("w", view.unwrap())], None, &path).unwrap();
+    let bad = Checkpoint::open(&path, &Default::default()).unwrap();
+    let plan = AveragePlan::new(vec![&good, &bad], None, Default::default()).unwrap();
+    let whole = plan.average_tensor(0, &mut Workspace::default()).err().unwrap().to_string();
+    let mut handed = 0;
+    let err = plan.stream_with(SMALL, 0, &mut Workspace::default(), &mut |b| {
+        handed += b.len();
+        Ok(())
+    });
+    assert_eq!(err.err().unwrap().to_string(), whole);
+    assert!(whole.contains(&format!("element {}", WINDOW_T + 5)), "{whole}");
+    assert_eq!(handed, WINDOW_T * 4, "only the clean first window");
+
+    let mut values = vec![1.0; STREAMED];
+    (values[7], values[WINDOW_T + 9], values[WINDOW_T + 11]) = (7e4, 9e4, 9e4);
+    let ckpts = equal_inputs(&values);
+    for threads in [1, 2] {
+        let opts = AverageOptions { dtype: OutDType::F16, threads, ..Default::default() };
+        let plan = AveragePlan::new(ckpts.iter().collect(), None, opts).unwrap();
+        let whole = plan.average_tensor(0, &mut Workspace::default()).err().unwrap().to_string();
+        assert!(whole.contains(&format!("at element {}", WINDOW_T + 11)), "{whole}");
+        assert_eq!(streamed(&plan, 0).err().unwrap().to_string(), whole);
+    }
+}
+
+#[test]
+fn fast_bf16_store_writes_what_half_writes() {
+    // Every kind of f32: random bit patterns, and the edges (±0, subnormals, ties, the
+    // largest values that round to bf16::MAX or overflow to inf, infinities, NaNs).
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let mut values: Vec<f32> = (0..200_000).map(|_| f32::from_bits(rng.random())).collect();
+    let edges = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-40,
+        f32::MAX,
+        f32::MIN,
+        3.3895e38,
+        3.3896e38,
+        3.3961e38,
+        -3.3961e38,
+        3.4e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7F80_0001),
+        f32::from_bits(0xFFFF_FFFF),
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x3F80_8001),
+        f32::from_bits(0x7F7F_8000),
+    ];
+    values.extend(edges);
+    for chunk in values.chunks(1000) {
+        for saturate in [false, true] {
+            let (mut fast, mut slow) = (vec![0u8; 2 * chunk.len() + 1], vec![0u8; 2 * chunk.len()]);
+            let want = super::kernel::store_narrow(chunk, &mut slow, saturate, |a: f32| {
+                (half::bf16::from_f32(a), a.is_finite(), a > 0.0)
+            });
+            // Aligned (the fast path) and shifted by a byte (the fallback).
+            for at in [0, 1] {
+                let got =
+                    f32::store_block(chunk, &mut fast[at..at + slow.len()], DType::BF16, saturate);
+                assert_eq!(got, want, "saturate {saturate}");
+                assert!(fast[at..at + slow.len()] == slow[..], "saturate {saturate}, offset {at}");
+            }
+        }
+    }
 }
