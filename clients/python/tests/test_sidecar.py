@@ -23,7 +23,9 @@ from sewa.integrations import _sidecar  # noqa: E402
 from sewa.integrations._sidecar import Sidecar  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PKG_ROOT = os.path.dirname(HERE)
+# Where `sewa` is imported from: the checkout's clients/python (PYTHONPATH), or site-packages
+# when the tests run against the installed wheel (scripts/test_python.sh).
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_sidecar.__file__))))
 
 # An evaluator: the loss is the squared distance of the weights from 1, so the
 # checkpoints below (weights s/3 and s/4 for step s) have distinct losses and an average beats
