@@ -30,7 +30,7 @@ def members(tmp, args):
     from sewa.evaluators import _batches
 
     cfg = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=8, vocab_size=8192,
-                     n_positions=args.seq)
+                     n_positions=args.seq, bos_token_id=0, eos_token_id=0)
     paths = []
     for i in range(args.members):
         torch.manual_seed(i)
