@@ -112,7 +112,13 @@ def _send(proto, msg):
     proto.flush()
 
 
-def _backend(framework, device, members_on, shard_members=False, dist=None):
+def _backend(framework, device, members_on, shard_members=False, dist=None, module=None):
+    if module is not None:
+        if framework != "torch":
+            raise ValueError("module= (an FSDP2 module) needs framework=\"torch\"")
+        from ._fsdp import FsdpTorch
+
+        return FsdpTorch(device, members_on, dist, module)
     if shard_members:
         if framework != "torch":
             raise ValueError("shard_members=True needs framework=\"torch\"")
@@ -243,7 +249,8 @@ def _dispatch(server, req):
 
 
 def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
-          members_on="device", protocol=None, on_members=None, shard_members=False):
+          members_on="device", protocol=None, on_members=None, shard_members=False,
+          module=None):
     """Answer sewa's requests until stdin closes (or sewa says shutdown).
 
     loss_fn(weights) -> a scalar, or (torch) an iterable of scalar tensor terms whose sum is the
@@ -259,13 +266,16 @@ def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
     `shard_members=True` (torch, protocol 2): under torchrun each rank holds a 1/W slice of
     every member (memory per rank ~K/W members); the mixture is gathered whole for `loss_fn`
     and the dot products are summed over the slices. See docs/evaluator.md, "Sharded members".
+    `module=m`, an FSDP2 module (`fully_shard`): each rank holds, of every member, the local
+    shards of m's parameters; a request writes the mixture into them and `loss_fn` runs m
+    (FSDP gathers in forward, gradients come back sharded).
     """
     from . import _dist
 
     dist = _dist.start(framework, device)
     if dist is not None and device == "cuda":
         device = f"cuda:{dist.local_rank}"
-    backend = _backend(framework, device, members_on, shard_members, dist)
+    backend = _backend(framework, device, members_on, shard_members, dist, module)
     cap = PROTOCOL if protocol is None else min(int(protocol), PROTOCOL)
     server = _Server(loss_fn, backend, grad, name, cap, dist, on_members)
     # Every rank's prints go to stderr (under torchrun all ranks share sewa's stdout pipe);

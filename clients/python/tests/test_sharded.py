@@ -129,3 +129,49 @@ def test_a_rank_that_fails_gives_one_error_and_the_ranks_keep_serving(tmp_path):
     res, err = run(torchrun(2) + [str(script)], mem, ALPHAS[:2])
     assert res[0]["type"] == "error", (res, err)
     assert res[1]["type"] == "result" and len(res[1]["dots"]) == 3, (res, err)
+
+
+FSDP_EVAL = """
+import torch, torch.distributed as dist, sewa_evaluator
+from torch.distributed.fsdp import fully_shard
+
+# mlp_eval.py's held-out data (--uneven, 4 batches): the same generator calls in the same order.
+g = torch.Generator().manual_seed(1234)
+data = []
+for i in range(4):
+    n = 16 * (i % 3 + 1)
+    data.append((torch.randn(n, 8, generator=g), torch.randint(0, CLASSES, (n,), generator=g)))
+data = sewa_evaluator.shard(data, weight=lambda b: len(b[1]))
+rows = sum(len(y) for _, y in data)
+dist.init_process_group("gloo")
+model = torch.nn.Sequential(torch.nn.Linear(8, HIDDEN), torch.nn.ReLU(),
+                            torch.nn.Linear(HIDDEN, CLASSES))
+fully_shard(model[0])
+fully_shard(model[2])
+fully_shard(model)
+
+def loss_fn(weights):  # the module's own (mixed) parameters: weights is not needed
+    for x, y in data:
+        yield torch.nn.functional.cross_entropy(model(x), y, reduction="sum") / rows
+
+sewa_evaluator.serve(loss_fn, module=model)
+"""
+
+
+def test_fsdp2_module_shards_answer_what_one_whole_process_answers(tmp_path):
+    mem, total = members(tmp_path)
+    script = tmp_path / "fsdp_eval.py"
+    script.write_text(f"HIDDEN, CLASSES = {HIDDEN}, {CLASSES}\n" + FSDP_EVAL)
+    one, _ = run([PYTHON, SCRIPT, "--uneven", "--batches", "4", "--hidden", str(HIDDEN),
+                  "--classes", str(CLASSES), "--form", "scalar"], mem, ALPHAS, remove_then=["0"])
+    two, err = run(torchrun(2) + [str(script)], mem, ALPHAS, remove_then=["0"])
+    for a, b in zip(one, two):
+        close(a, b)
+    # FSDP2 chunks dim 0: rank 0 holds ceil(rows / 2) rows of each parameter, rank 1 the rest.
+    per_rank = held_bytes(err)
+    assert set(per_rank) == {0, 1}, err
+    ints = 3 * 8
+    assert sum(per_rank.values()) == (total - ints) + 2 * ints, (per_rank, total)
+    for b in per_rank.values():
+        assert b <= (total - ints) * 0.6 + ints, (per_rank, total)
+    print(f"FSDP2 held bytes: one process {total}; per rank with 2 ranks {per_rank}")
