@@ -1,6 +1,7 @@
-"""Members held sharded across ranks (`serve(..., shard_members=True)`), driven over the
-protocol by real child processes: a 2-rank gloo torchrun on CPU answers the losses and dots that
-one process holding whole members answers, and each rank holds ~1/2 of the members' bytes."""
+"""Members held sharded across ranks, driven over the protocol by real child processes: a 2-rank
+gloo torchrun on CPU, with plain per-rank slices (`serve(..., shard_members=True)`) or an FSDP2
+module's shards (`serve(..., module=m)`), answers the losses and dots that one process holding
+whole members answers, and each rank holds ~1/2 of the members' bytes."""
 
 import math
 import os
