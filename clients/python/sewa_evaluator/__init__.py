@@ -48,6 +48,10 @@ Under `torchrun --nproc_per_node N`, the same `serve()` runs on every rank: rank
 protocol and broadcasts each request, every rank evaluates its share of the held-out data
 (`shard(dataset)`), and losses and dot products are summed across ranks weighted by rows.
 
+`serve(..., shard_members=True)` holds each member sharded across the torchrun ranks (a 1/W
+slice of every floating tensor per rank, so ~K/W members of memory per rank); `loss_fn` still
+gets the whole mixture (gathered once per request) and the answers are the same.
+
 Needs only `safetensors` and either `torch` or `numpy`.
 """
 
@@ -108,7 +112,19 @@ def _send(proto, msg):
     proto.flush()
 
 
-def _backend(framework, device, members_on):
+def _backend(framework, device, members_on, shard_members=False, dist=None, module=None):
+    if module is not None:
+        if framework != "torch":
+            raise ValueError("module= (an FSDP2 module) needs framework=\"torch\"")
+        from ._fsdp import FsdpTorch
+
+        return FsdpTorch(device, members_on, dist, module)
+    if shard_members:
+        if framework != "torch":
+            raise ValueError("shard_members=True needs framework=\"torch\"")
+        from ._sharded import ShardedTorch
+
+        return ShardedTorch(device, members_on, dist)
     if framework == "torch":
         from ._torch import Torch
 
@@ -155,8 +171,9 @@ class _Server:
         held = self.members.change(self.backend, req)
         added = [str(a["id"]) for a in req.get("add", [])]
         removed = [str(r) for r in req.get("remove", [])]
-        print(f"sewa_evaluator: members added {added} removed {removed}, holding {held}",
-              file=sys.stderr, flush=True)
+        where = f" on rank {self.dist.rank}" if self.dist is not None else ""
+        print(f"sewa_evaluator: members added {added} removed {removed}, holding {held} "
+              f"({self.members.nbytes()} bytes{where})", file=sys.stderr, flush=True)
         return {"type": "ready", "members": held}
 
     def evaluate(self, req):
@@ -185,8 +202,10 @@ class _Server:
         ints = str(req.get("ints") or next(reversed(weights)))
         loss, dots = self.backend.evaluate_mix(self.loss_fn, self.members, weights, ints, want_grad)
         if self.dist is not None:
-            self.dist.agree(True)
-            loss, dots = self.dist.reduce(loss, dots, list(self.members.held))
+            if not self.dist.agreed:
+                self.dist.agree(True)
+            loss, dots = self.dist.reduce(loss, dots, list(self.members.held),
+                                          getattr(self.backend, "sum_dots", False))
         reply = _result(req["id"], loss)
         if dots is not None:
             reply["dots"] = {k: (v if math.isfinite(v) else None) for k, v in dots.items()}
@@ -230,7 +249,8 @@ def _dispatch(server, req):
 
 
 def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
-          members_on="device", protocol=None, on_members=None):
+          members_on="device", protocol=None, on_members=None, shard_members=False,
+          module=None):
     """Answer sewa's requests until stdin closes (or sewa says shutdown).
 
     loss_fn(weights) -> a scalar, or (torch) an iterable of scalar tensor terms whose sum is the
@@ -243,13 +263,19 @@ def serve(loss_fn, *, grad=True, framework="torch", name=None, device="cpu",
     `on_members(added)`: called with [(id, path, format)] before a `members` message's added
     members are loaded (protocol 2; paths decoded, as sewa sent them); raising refuses the
     message with that error and changes nothing.
+    `shard_members=True` (torch, protocol 2): under torchrun each rank holds a 1/W slice of
+    every member (memory per rank ~K/W members); the mixture is gathered whole for `loss_fn`
+    and the dot products are summed over the slices. See docs/evaluator.md, "Sharded members".
+    `module=m`, an FSDP2 module (`fully_shard`): each rank holds, of every member, the local
+    shards of m's parameters; a request writes the mixture into them and `loss_fn` runs m
+    (FSDP gathers in forward, gradients come back sharded).
     """
     from . import _dist
 
     dist = _dist.start(framework, device)
     if dist is not None and device == "cuda":
         device = f"cuda:{dist.local_rank}"
-    backend = _backend(framework, device, members_on)
+    backend = _backend(framework, device, members_on, shard_members, dist, module)
     cap = PROTOCOL if protocol is None else min(int(protocol), PROTOCOL)
     server = _Server(loss_fn, backend, grad, name, cap, dist, on_members)
     # Every rank's prints go to stderr (under torchrun all ranks share sewa's stdout pipe);

@@ -49,14 +49,16 @@ class _Dist:
         if ok and t.item() > 0:
             raise RuntimeError("another rank failed on this request (see its stderr)")
 
-    def reduce(self, loss, dots, ids):
-        """Row-weighted sums of the loss and of the dots across ranks."""
+    def reduce(self, loss, dots, ids, sum_dots=False):
+        """Row-weighted sums of the loss and of the dots across ranks; with `sum_dots` the dots
+        are plain sums (per-slice parts of one dot product, members held sharded)."""
         from . import _shard_weight
 
         torch = self.torch
         w = _shard_weight["w"]
         w = 1.0 / self.world if w is None else w
-        vals = [w * loss] + ([w * dots[i] for i in ids] if dots is not None else [])
+        dw = 1.0 if sum_dots else w
+        vals = [w * loss] + ([dw * dots[i] for i in ids] if dots is not None else [])
         t = torch.tensor(vals, dtype=torch.float64, device=self.device)
         self.dist.all_reduce(t)
         out = t.tolist()

@@ -93,3 +93,7 @@ class Members:
         """Names of the floating tensors (the mixed ones), from the first member."""
         first = next(iter(self.held.values()))
         return sorted(n for n, t in first.items() if backend.is_float(t))
+
+    def nbytes(self):
+        """Bytes of the tensors held (on this rank: its slices when members are sharded)."""
+        return sum(t.numel() * t.element_size() for m in self.held.values() for t in m.values())

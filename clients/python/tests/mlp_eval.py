@@ -3,8 +3,9 @@ from a seed, served either as one scalar (every batch's graph alive until the on
 as an iterable of per-batch terms (per-batch backward).
 
 usage: mlp_eval.py --form scalar|iter|list [--batches N] [--rows R] [--dim D] [--hidden H]
-                   [--classes C] [--uneven] [--grad|--no-grad]
+                   [--classes C] [--uneven] [--grad|--no-grad] [--shard-members]
 --uneven gives batch i (i % 3 + 1) * R rows, so a mean over batches is not a mean over rows.
+--shard-members serves with shard_members=True (each rank holds a slice of every member).
 Under torchrun each rank takes its share of the batches (sewa_evaluator.shard, weighted by rows).
 """
 
@@ -25,6 +26,7 @@ def main():
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--uneven", action="store_true")
     ap.add_argument("--no-grad", dest="grad", action="store_false")
+    ap.add_argument("--shard-members", action="store_true")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(1234)
     data = []
@@ -47,7 +49,8 @@ def main():
             return [term(w, x, y) for x, y in data]
         return (term(w, x, y) for x, y in data)
 
-    sewa_evaluator.serve(loss_fn, grad=args.grad, name=f"mlp_eval {args.form}")
+    sewa_evaluator.serve(loss_fn, grad=args.grad, name=f"mlp_eval {args.form}",
+                         shard_members=args.shard_members)
 
 
 if __name__ == "__main__":
