@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import test_lightning_model as tiny  # noqa: E402
+from _proto import alive  # noqa: E402
 from sewa.evaluators import _batches  # noqa: E402
 from sewa.integrations.lightning import SewaCallback, checkpoint_pattern  # noqa: E402
 from sewa.integrations.lightning import _val_loader  # noqa: E402
@@ -36,13 +37,6 @@ def sewa_binary(monkeypatch):
         monkeypatch.setenv("SEWA_BIN", sewa.binary())
 
 
-def alive(pid):
-    """Whether `pid` is a live process (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def processes_mentioning(text):

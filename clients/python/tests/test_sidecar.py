@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from _proto import alive, wait_for  # noqa: E402
 from sewa.integrations import _sidecar  # noqa: E402
 from sewa.integrations._sidecar import Sidecar  # noqa: E402
 
@@ -40,23 +41,8 @@ EVALUATOR = textwrap.dedent("""
 """)
 
 
-def alive(pid):
-    """Whether `pid` is a live process (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def write_steps(d, steps):

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
+from _proto import alive, wait_for  # noqa: E402
 from sewa.integrations import transformers as sewa_hf  # noqa: E402
 from sewa.integrations.transformers import SewaCallback  # noqa: E402
 
@@ -38,22 +39,8 @@ def evaluator():
     return [sys.executable, os.path.join(HERE, "_hf_eval_standin.py")]
 
 
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Tokens(torch.utils.data.Dataset):
