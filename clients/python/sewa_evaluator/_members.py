@@ -96,4 +96,5 @@ class Members:
 
     def nbytes(self):
         """Bytes of the tensors held (on this rank: its slices when members are sharded)."""
-        return sum(t.numel() * t.element_size() for m in self.held.values() for t in m.values())
+        # `.nbytes`: numpy arrays and torch tensors both have it (the numpy backend holds arrays)
+        return sum(int(t.nbytes) for m in self.held.values() for t in m.values())
