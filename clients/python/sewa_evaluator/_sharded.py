@@ -13,6 +13,7 @@ into whole tensors (the mixed model once, not K members) for `loss_fn`, which st
 across ranks (all_reduce) and this rank keeps its slice; ⟨∇F, w_i⟩ on the slice, summed across
 ranks by the caller (`sum_dots`), is the dot product over the whole tensor."""
 
+from ._common import buckets
 from ._torch import BUCKET_BYTES, Torch
 
 
@@ -58,15 +59,8 @@ class ShardedTorch(Torch):
 
     def _buckets(self, members, names):
         # Bounded by the whole tensors' float32 bytes: that is what a gather materialises.
-        bucket, size = [], 0
-        for n in names:
-            bucket.append(n)
-            size += self._chunk(_numel(self.shapes[n])) * self.world * 4
-            if size >= BUCKET_BYTES:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
+        return buckets(names, lambda n: self._chunk(_numel(self.shapes[n])) * self.world * 4,
+                       BUCKET_BYTES)
 
     def _gather(self, flat):
         """[W, len] float32: every rank's `flat`, rank r in row r."""

@@ -9,7 +9,7 @@ buckets so no full float32 copy of the model is made at once; the mixed weights 
 members' own dtype (bf16 stays bf16), autograd gives ∇F, and the K dot products ⟨∇F, w_i⟩
 are accumulated in float64 on the device."""
 
-from ._common import NO_GRADIENT, require_gradient
+from ._common import NO_GRADIENT, buckets, require_gradient
 
 
 def _iterable(x):
@@ -169,15 +169,7 @@ class Torch:
 
     def _buckets(self, members, names):
         first = members.held[next(iter(members.held))]
-        bucket, size = [], 0
-        for n in names:
-            bucket.append(n)
-            size += first[n].numel() * 4
-            if size >= BUCKET_BYTES:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
+        return buckets(names, lambda n: first[n].numel() * 4, BUCKET_BYTES)
 
     def _on_device(self, ts):
         return [t.to(self.device, non_blocking=True) for t in ts]
@@ -206,7 +198,6 @@ class Torch:
 
     def evaluate_mix(self, loss_fn, members, weights, ints, want_grad):
         """(loss, {member id: ⟨∇F, w_i⟩} or None), the dots summed in float64 on the device."""
-        torch = self.torch
         mixed, names = self.mix(members, weights, ints, want_grad)
         loss, grads = self.evaluate(loss_fn, mixed, want_grad)
         if grads is None:
