@@ -26,11 +26,11 @@ const LIGHTNING_5: &str = "lightning/epoch=0-step=5.ckpt";
 const LIGHTNING_10: &str = "lightning/epoch=0-step=10.ckpt";
 const ACCELERATE: &str = "accelerate/checkpoint-10";
 
-fn sewa(args: &[&str], paths: &[&Path]) -> Output {
+pub(crate) fn sewa(args: &[&str], paths: &[&Path]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sewa")).args(args).args(paths).output().unwrap()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -54,7 +54,7 @@ fn copy(rel: &str, into: &Path) -> PathBuf {
 }
 
 /// `sewa average --out out inputs...`, which must succeed.
-fn average(out: &Path, inputs: &[&Path]) {
+pub(crate) fn average(out: &Path, inputs: &[&Path]) {
     let mut args = vec!["average", "--out"];
     args.push(out.to_str().unwrap());
     let o = sewa(&args, inputs);
@@ -63,11 +63,15 @@ fn average(out: &Path, inputs: &[&Path]) {
 
 /// Same names, dtypes, shapes and bytes as what torch computed.
 fn assert_same_as_torch(made: &Path, expected: &str) {
-    let want = read_tensors(&fixture("expected").join(expected));
-    let got = read_tensors(made);
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-    for (name, w) in &want {
-        assert_eq!(&got[name], w, "{name} differs from torch's {expected}");
+    assert_same_tensors(made, &fixture("expected").join(expected));
+}
+
+/// Same names, dtypes, shapes and bytes in `made` as in the safetensors file `want`.
+pub(crate) fn assert_same_tensors(made: &Path, want: &Path) {
+    let (got, expected) = (read_tensors(made), read_tensors(want));
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (name, w) in &expected {
+        assert_eq!(&got[name], w, "{name} differs from torch's {}", want.display());
     }
 }
 

@@ -7,10 +7,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::average::read_tensors;
+use crate::dcp::{assert_same_tensors, average, sewa, stderr};
 use crate::watch::Daemon;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -19,14 +19,6 @@ fn fixture(rel: &str) -> PathBuf {
 
 const ITER_10: &str = "run/iter_0000010";
 const ITER_20: &str = "run/iter_0000020";
-
-fn sewa(args: &[&str], paths: &[&Path]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sewa")).args(args).args(paths).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A copy of a fixture directory (its `.metadata` included) at `to`.
 fn copy_to(rel: &str, to: &Path) -> PathBuf {
@@ -38,20 +30,9 @@ fn copy_to(rel: &str, to: &Path) -> PathBuf {
     to.to_path_buf()
 }
 
-/// `sewa average --out out inputs...`, which must succeed.
-fn average(out: &Path, inputs: &[&Path]) {
-    let o = sewa(&["average", "--out", out.to_str().unwrap()], inputs);
-    assert!(o.status.success(), "{}", stderr(&o));
-}
-
 /// Same names, dtypes, shapes and bytes as what torch read from the same files.
 fn assert_same_as_torch(made: &Path, expected: &str) {
-    let want = read_tensors(&fixture("expected").join(expected));
-    let got = read_tensors(made);
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-    for (name, w) in &want {
-        assert_eq!(&got[name], w, "{name} differs from torch's {expected}");
-    }
+    assert_same_tensors(made, &fixture("expected").join(expected));
 }
 
 fn names(v: &serde_json::Value) -> Vec<String> {
