@@ -9,7 +9,8 @@
 //! ```text
 //! cargo build --release && cargo run --release --example bench_average -- \
 //!     [--inputs 8] [--mib 256] [--tensors 16] [--dtype f32|bf16] [--threads 1] [--runs 5] \
-//!     [--dir DIR] [--format safetensors|dcp] [--ranks 4]
+//!     [--dir DIR] [--format safetensors|dcp] [--ranks 4] [--distributed 1,2,4] \
+//!     [--read-ahead auto|on|off]
 //! ```
 //! `--mib` is one input's size. Inputs are written to a fresh temp dir under `--dir`
 //! (default `$TMPDIR`) and removed after; a safetensors input is written chunk by chunk, so a
@@ -18,6 +19,11 @@
 //! (`tests/writers/dcp.rs`, f32 only): every tensor `[numel / 256, 256]` split along dim 0
 //! over `--ranks` ranks, one `__{rank}_0.distcp` per rank, so each tensor is read from
 //! `--ranks` chunks. The binary is `target/release/sewa` (override with `SEWA_BIN`).
+//! `--distributed 1,2,4` measures only `sewa average --distributed` end to end instead: for
+//! each world size W, W processes started together (as torchrun starts them, the rank in
+//! RANK/WORLD_SIZE) writing one sharded directory, interleaved run by run across the world
+//! sizes; the wall time until the last rank exits, and each rank's peak RSS (`wait4`).
+//! `--read-ahead` is passed to the binary (default: its own default, auto).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -41,6 +47,8 @@ struct Args {
     dir: PathBuf,
     dcp: bool,
     ranks: usize,
+    worlds: Vec<usize>,
+    read_ahead: String,
 }
 
 fn parse_args() -> Args {
@@ -54,6 +62,8 @@ fn parse_args() -> Args {
         dir: std::env::temp_dir(),
         dcp: false,
         ranks: 4,
+        worlds: Vec::new(),
+        read_ahead: "auto".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -68,6 +78,13 @@ fn parse_args() -> Args {
             "--runs" => a.runs = num().max(1),
             "--dir" => a.dir = PathBuf::from(value),
             "--ranks" => a.ranks = num(),
+            "--read-ahead" => a.read_ahead = value.to_string(),
+            "--distributed" => {
+                a.worlds = value
+                    .split(',')
+                    .map(|w| w.parse().unwrap_or_else(|_| panic!("--distributed {value}: 1,2,4")))
+                    .collect()
+            }
             "--dtype" => {
                 a.bf16 = match value {
                     "bf16" => true,
@@ -117,8 +134,93 @@ fn main() {
             false => write_input(work.path(), i, args.tensors, numel, args.bf16),
         })
         .collect();
+    if !args.worlds.is_empty() {
+        return distributed(work.path(), &paths, per_input, &args);
+    }
     kernel_vs_read(&paths, args.threads, args.runs);
-    end_to_end(work.path(), &paths, per_input, args.threads, args.runs);
+    end_to_end(work.path(), &paths, per_input, &args);
+}
+
+/// `sewa average --distributed` with each world size in `args.worlds`, interleaved run by
+/// run, into one directory output (removed before each run, so every run writes it anew).
+fn distributed(dir: &Path, paths: &[PathBuf], out_bytes: u64, args: &Args) {
+    let bin = std::env::var_os("SEWA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/sewa"));
+    let ckpts: Vec<Checkpoint> =
+        paths.iter().map(|p| Checkpoint::open(p, &OpenOptions::default()).unwrap()).collect();
+    let bytes: u64 = ckpts.iter().map(|c| c.total_bytes()).sum();
+    let out = dir.join("averaged");
+    // Each world size's wall times and largest per-rank peak RSS; the job floor per run.
+    let mut walls = vec![Vec::new(); args.worlds.len()];
+    let mut peaks = vec![0u64; args.worlds.len()];
+    let (mut floors, mut buf) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        floors.push((read_floor(&ckpts, &mut buf) + fsync_time(dir, out_bytes)).as_secs_f64());
+        for (i, &world) in args.worlds.iter().enumerate() {
+            let _ = fs::remove_dir_all(&out);
+            let (wall, kib) = run_ranks(&bin, &out, paths, args, world);
+            walls[i].push(wall);
+            peaks[i] = peaks[i].max(kib);
+        }
+    }
+    let _ = fs::remove_dir_all(&out);
+    let floor = spread(&mut floors);
+    println!(
+        "job floor (read once + write + fsync, one process): {:.3} s median ({:.3}-{:.3})",
+        floor.0, floor.1, floor.2
+    );
+    println!(
+        "| ranks | wall (median, best-worst) | input GB/s | speed-up over 1 rank | wall / floor | peak RSS per rank |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let base = spread(&mut walls[0].clone()).0;
+    for (i, &world) in args.worlds.iter().enumerate() {
+        let w = spread(&mut walls[i]);
+        println!(
+            "| {world} | {:.3} s ({:.3}-{:.3}) | {:.2} | {:.2}x | {:.2}x | {:.1} MiB |",
+            w.0,
+            w.1,
+            w.2,
+            bytes as f64 / w.0 / 1e9,
+            base / w.0,
+            w.0 / floor.0,
+            peaks[i] as f64 / 1024.0
+        );
+    }
+}
+
+/// `world` ranks of `sewa average --distributed` started together under a python parent: the
+/// wall time until the last exits and the largest peak RSS of one rank in KiB (`wait4`).
+fn run_ranks(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args, world: usize) -> (f64, u64) {
+    let script = "import os, subprocess, sys, time\n\
+                  w = int(sys.argv[1]); cmd = sys.argv[2:]\n\
+                  t = time.perf_counter()\n\
+                  ps = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL,\n\
+                        env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(w))) for r in range(w)]\n\
+                  rss, bad = 0, 0\n\
+                  for p in ps:\n\
+                  \x20   _, status, ru = os.wait4(p.pid, 0)\n\
+                  \x20   rss = max(rss, ru.ru_maxrss); bad += status != 0\n\
+                  print(bad, rss, time.perf_counter() - t)";
+    let output = Command::new("python3")
+        .args(["-c", script, &world.to_string()])
+        .arg(bin)
+        .args(["average", "--distributed", "--threads", &args.threads.to_string()])
+        .args(["--read-ahead", &args.read_ahead, "--out"])
+        .arg(out)
+        .args(paths)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        words.first(),
+        Some(&"0"),
+        "a rank failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (words[2].parse().unwrap(), words[1].parse().unwrap())
 }
 
 /// `step_0000i.safetensors` with `tensors` tensors of `numel` pseudo-random f32 or bf16
@@ -270,7 +372,8 @@ fn timed(f: impl FnOnce()) -> Duration {
 /// The real binary, run by run beside the job's floor measured just before it: every input
 /// byte read once (the `pread` floor) + the output's bytes written and fsynced in the same
 /// directory. Prints the wall / floor ratios and the peak RSS.
-fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, threads: usize, runs: usize) {
+fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, args: &Args) {
+    let runs = args.runs;
     let bin = std::env::var_os("SEWA_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/sewa"));
@@ -288,7 +391,7 @@ fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, threads: usize, run
         let _ = fs::remove_file(&out);
         let _ = fs::remove_file(dir.join("averaged.safetensors.manifest.json"));
         let floor = read_floor(&ckpts, &mut buf) + fsync_time(dir, out_bytes);
-        let (wall, kib) = run_sewa(&bin, &out, paths, threads);
+        let (wall, kib) = run_sewa(&bin, &out, paths, args);
         ratios.push(wall.as_secs_f64() / floor.as_secs_f64());
         walls.push(wall.as_secs_f64());
         floors.push(floor.as_secs_f64());
@@ -310,7 +413,7 @@ fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, threads: usize, run
 
 /// One `sewa average` run under a python parent: its wall time (measured by the parent
 /// around the child alone) and its peak RSS in KiB (`ru_maxrss` of the parent's only child).
-fn run_sewa(bin: &Path, out: &Path, paths: &[PathBuf], threads: usize) -> (Duration, u64) {
+fn run_sewa(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args) -> (Duration, u64) {
     let script = "import resource, subprocess, sys, time\n\
                   t = time.perf_counter()\n\
                   r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n\
@@ -319,7 +422,8 @@ fn run_sewa(bin: &Path, out: &Path, paths: &[PathBuf], threads: usize) -> (Durat
     let output = Command::new("python3")
         .args(["-c", script])
         .arg(bin)
-        .args(["average", "--threads", &threads.to_string(), "--out"])
+        .args(["average", "--threads", &args.threads.to_string()])
+        .args(["--read-ahead", &args.read_ahead, "--out"])
         .arg(out)
         .args(paths)
         .output()

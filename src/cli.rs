@@ -87,6 +87,10 @@ pub struct AverageArgs {
     /// Worker threads for the averaging kernel.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub threads: usize,
+    /// With --threads 1, a second thread reads the inputs ahead of the arithmetic: auto (the
+    /// default) turns it on when this process may run on two or more CPUs.
+    #[arg(long, value_enum, default_value_t = ReadAhead::Auto, value_name = "WHEN")]
+    pub read_ahead: ReadAhead,
     /// Strip this key prefix from every input (repeatable; `_orig_mod.` is always stripped).
     #[arg(long = "strip-prefix", value_name = "PREFIX")]
     pub strip_prefix: Vec<String>,
@@ -124,10 +128,48 @@ pub struct AverageArgs {
     /// soup and twa learn weights, soup's optional sparse k is `[select.soup] k`).
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub k: usize,
+    /// Write the average with several processes, each averaging its share of the tensors (split
+    /// by bytes) into its own shards, committed once by rank 0 when all are complete: launch it
+    /// with `torchrun --no-python --nproc-per-node N sewa average --distributed ...` or `srun`.
+    /// The rank is --rank/--world-size, else RANK/WORLD_SIZE (torchrun), else
+    /// SLURM_PROCID/SLURM_NTASKS. Without this flag those variables are never read. --out must
+    /// be a directory on a file system every rank sees.
+    #[arg(long, conflicts_with_all = ["select", "base"])]
+    pub distributed: bool,
+    /// --distributed: this process's rank, 0 to --world-size minus 1.
+    #[arg(long, value_name = "N", requires_all = ["distributed", "world_size"])]
+    pub rank: Option<usize>,
+    /// --distributed: the number of processes.
+    #[arg(long, value_name = "N", requires_all = ["distributed", "rank"])]
+    pub world_size: Option<usize>,
+    /// --distributed: how long rank 0 waits for the other ranks' shards once its own are
+    /// written, in seconds (default 3600).
+    #[arg(long, value_name = "SECS", requires = "distributed")]
+    pub commit_timeout: Option<u64>,
     /// Input checkpoints: .safetensors, sharded index, HF checkpoint dir, .pt/.bin/.pth, .ckpt,
     /// torch.distributed.checkpoint (DCP) dir, DeepSpeed checkpoint dir, PEFT adapter dir.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
+}
+
+/// `sewa average --read-ahead`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReadAhead {
+    Auto,
+    On,
+    Off,
+}
+
+impl ReadAhead {
+    /// Whether to read ahead here: `auto` when the process may use at least two CPUs
+    /// (affinity and cgroup quota counted, as `available_parallelism` counts them).
+    pub fn enabled(self) -> bool {
+        match self {
+            ReadAhead::On => true,
+            ReadAhead::Off => false,
+            ReadAhead::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+        }
+    }
 }
 
 /// `sewa average --method`: the fixed rules that need nothing but the inputs.

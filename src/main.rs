@@ -29,9 +29,7 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
     init_logging(cli.log_format, default_level);
     let result = match &cli.command {
-        Command::Average(args) => commands::average::run(args).map(|p| {
-            println!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display());
-        }),
+        Command::Average(args) => commands::average::run(args).map(|text| println!("{text}")),
         Command::Inspect(args) => commands::inspect::run(args).map(|text| print!("{text}")),
         Command::Watch(args) => config
             .take()

@@ -4,7 +4,9 @@
 //! atomically with a progress bar on a terminal. Nothing is written when an input or a flag is
 //! bad: every check runs before the publisher creates its first file. Another sewa process
 //! publishing to the same output is refused before any input is opened; the lock is held until
-//! this process exits.
+//! this process exits. With `--distributed` this process is one rank of several (`ranks`):
+//! each writes its share of the tensors and rank 0, alone holding the lock, commits the whole
+//! output once every rank's shards are complete (`publish::publish_distributed`).
 
 use crate::cli::{AverageArgs, AverageMethod, LoraMode};
 use sewa_checkpoint::Checkpoint;
@@ -12,22 +14,44 @@ use sewa_engine::average::PlanSource;
 use sewa_engine::average::{AverageOptions, AveragePlan};
 use sewa_engine::error::{Error, Result};
 use sewa_engine::manifest::{Manifest, Provenance, SelectedBy};
-use sewa_engine::publish::{self, PublishOptions, Published, check_destination, check_parent};
+use sewa_engine::publish::{
+    self, DistributedOptions, PublishOptions, Published, RankOutcome, Ranks, check_destination,
+    check_parent, publish_distributed,
+};
 use sewa_engine::select::{MemberSummary, Method, WsmShape, rules};
+use std::time::Duration;
 
-/// Run `sewa average`.
-pub fn run(args: &AverageArgs) -> Result<Published> {
+/// Run `sewa average`; what to print on success.
+pub fn run(args: &AverageArgs) -> Result<String> {
     if args.lora == LoraMode::MergeDelta && args.select.is_some() {
         return Err(Error::Usage("--lora merge-delta takes --weights, not --select".into()));
+    }
+    // Only under --distributed are the launcher's variables read (see `ranks`).
+    let ranks = match args.distributed {
+        true => Some(super::ranks::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())?),
+        false => None,
+    };
+    if ranks.is_some() && args.lora == LoraMode::MergeDelta {
+        return Err(Error::Usage(
+            "--lora merge-delta is not distributed: drop --distributed".into(),
+        ));
     }
     check_destination(&args.out)?;
     for dir in check_parent(&args.out, args.parents)? {
         tracing::info!(dir = %dir.display(), "created (--parents)");
     }
-    let lock = publish::hold(&args.out)?;
-    for done in publish::recover(&lock) {
-        tracing::warn!(%done, "cleaned up after an interrupted publish");
-    }
+    // Rank 0 alone publishes, so it alone holds the output's lock; the other ranks write only
+    // into the plan's staging directory.
+    let _lock = match ranks {
+        Some(r) if r.rank != 0 => None,
+        _ => {
+            let lock = publish::hold(&args.out)?;
+            for done in publish::recover(&lock) {
+                tracing::warn!(%done, "cleaned up after an interrupted publish");
+            }
+            Some(lock)
+        }
+    };
     // Read before any input is opened: a bad config fails fast.
     let selection = match &args.select {
         Some(_) => Some(super::select::load(args.config.as_deref())?),
@@ -78,9 +102,10 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
             }
         },
     };
-    let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?;
+    let plan = AveragePlan::new(chosen, weights.as_deref(), opts)?
+        .with_read_ahead(args.read_ahead.enabled());
     if args.lora == LoraMode::MergeDelta {
-        return merge_delta(args, &plan, provenance);
+        return merge_delta(args, &plan, provenance).map(|p| shown(&p));
     }
     if args.base.is_some() {
         return Err(Error::Usage("--base is for --lora merge-delta".into()));
@@ -93,6 +118,18 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
     let mut manifest = Manifest::new(publish::record_of(&plan), args.out.clone(), provenance);
     manifest.notes.extend(window_note);
     let side = publish::side_files_for(&args.out, publish::newest_side_dir(plan.inputs()))?;
+    if let Some(ranks) = ranks {
+        let opts = DistributedOptions {
+            ranks,
+            shard_bytes: args.max_shard_size,
+            wait: Duration::from_secs(args.commit_timeout.unwrap_or(3600)),
+        };
+        let done =
+            publish_distributed(&plan, manifest, side.as_ref(), &args.out, &opts, &mut |d| {
+                meter.set(d)
+            })?;
+        return Ok(distributed_outcome(&done, ranks));
+    }
     let opts = PublishOptions { shard_bytes: args.max_shard_size };
     publish::publish_tensors(
         &mut PlanSource::new(&plan),
@@ -102,6 +139,31 @@ pub fn run(args: &AverageArgs) -> Result<Published> {
         &opts,
         &mut |done| meter.set(done),
     )
+    .map(|p| shown(&p))
+}
+
+/// What `sewa average` prints: the output and its manifest.
+fn shown(p: &Published) -> String {
+    format!("{}\nmanifest: {}", p.path.display(), p.manifest_path.display())
+}
+
+/// What one rank of `sewa average --distributed` prints.
+fn distributed_outcome(done: &RankOutcome, ranks: Ranks) -> String {
+    let Ranks { rank, world } = ranks;
+    match done {
+        RankOutcome::Committed(p) => shown(p),
+        RankOutcome::Written(r) => format!(
+            "rank {rank} of {world}: {} shard file(s), {} tensor bytes{}; rank 0 commits the output",
+            r.files.len(),
+            r.bytes,
+            if r.reused { " (complete from an earlier run, reused)" } else { "" },
+        ),
+        RankOutcome::AlreadyPublished(out) => format!(
+            "rank {rank} of {world}: {} already holds this average (same inputs, weights and \
+             options): nothing written",
+            out.display()
+        ),
+    }
 }
 
 /// The members a selection gave a weight, with their weights (in window order).

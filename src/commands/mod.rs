@@ -8,6 +8,7 @@ pub mod flags;
 pub mod inspect;
 pub mod interrupt;
 pub mod lora;
+pub mod ranks;
 pub mod report;
 pub mod select;
 pub mod startup;

@@ -6,6 +6,7 @@ mod config;
 mod dashboard;
 mod dcp;
 mod deepspeed;
+mod distributed;
 mod docs;
 mod evaluator;
 mod faults;

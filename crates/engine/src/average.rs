@@ -93,9 +93,10 @@ impl<'a> AveragePlan<'a> {
     }
 
     /// With one kernel thread, let a reader thread read the inputs' slabs ahead of the
-    /// arithmetic (`prefetch`) when streaming. Off by default: on the shared 2-core machine
-    /// this was measured on (docs/performance.md) the second thread found no idle core and
-    /// cost more than the overlap saved; the benchmark measures both.
+    /// arithmetic (`prefetch`) when streaming. Off unless asked: it needs an idle core. On a
+    /// quiet 2-core machine it took f32 averages from 50–72 % of the `pread` floor to 90–119 %;
+    /// on the same machine busy with other builds it lost (docs/performance.md). `sewa
+    /// average` turns it on when it may use two CPUs; the daemon, beside a trainer, does not.
     pub fn with_read_ahead(mut self, on: bool) -> Self {
         self.read_ahead = on;
         self

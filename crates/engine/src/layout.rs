@@ -52,6 +52,73 @@ pub fn plan_files(
         .collect()
 }
 
+/// Split `outputs` (sorted by name) among `world` ranks by bytes, with no communication: every
+/// rank computes the same split from the same tensor list. Rank `r` takes the contiguous run of
+/// tensors whose byte midpoint falls in the `r`-th `1/world` of the total, so no rank holds
+/// more than its share plus one tensor. A rank may get nothing (more ranks than tensors).
+pub fn partition_by_bytes(outputs: &[TensorMeta], world: usize) -> Vec<Vec<usize>> {
+    let world = world.max(1);
+    let total: u128 = outputs.iter().map(|t| t.nbytes() as u128).sum();
+    let mut parts = vec![Vec::new(); world];
+    let mut start = 0u128;
+    for (i, t) in outputs.iter().enumerate() {
+        let b = t.nbytes() as u128;
+        // Twice the midpoint, against twice the total: integers only, the same on every rank.
+        let rank = match total {
+            0 => 0,
+            _ => ((2 * start + b) * world as u128 / (2 * total)).min(world as u128 - 1) as usize,
+        };
+        parts[rank].push(i);
+        start += b;
+    }
+    parts
+}
+
+/// The files of an output written by `world` ranks: each rank's part ([`partition_by_bytes`])
+/// split into shards of at most `shard_bytes` as [`plan_files`] does, numbered across ranks in
+/// rank order, each with the rank that writes it. One file in all is named `single`.
+pub fn plan_rank_files(
+    outputs: &[TensorMeta],
+    world: usize,
+    single: &str,
+    shard_bytes: u64,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<(usize, FileLayout)>> {
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (rank, part) in partition_by_bytes(outputs, world).into_iter().enumerate() {
+        let mine: Vec<TensorMeta> = part.iter().map(|&i| outputs[i].clone()).collect();
+        let bytes: u64 = mine.iter().map(|t| t.nbytes() as u64).sum();
+        let split = if bytes <= shard_bytes {
+            vec![(0..mine.len()).collect()]
+        } else {
+            shard_groups(&mine, shard_bytes)
+        };
+        groups.extend(
+            split
+                .into_iter()
+                .filter(|g: &Vec<usize>| !g.is_empty())
+                .map(|g| (rank, g.into_iter().map(|j| part[j]).collect())),
+        );
+    }
+    if groups.is_empty() {
+        // No tensors at all: one empty file, as the single-process publisher writes.
+        groups.push((0, Vec::new()));
+    }
+    let n = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rank, group))| {
+            let name = if n == 1 {
+                single.to_string()
+            } else {
+                format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+            };
+            Ok((rank, file_layout(name, outputs, group, metadata)?))
+        })
+        .collect()
+}
+
 /// Greedy split in name order, as HF's `save_pretrained` does.
 fn shard_groups(outputs: &[TensorMeta], shard_bytes: u64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
@@ -148,6 +215,53 @@ mod tests {
         assert_eq!(st.tensor("b").unwrap().shape(), &[5]);
         let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(m.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn ranks_split_by_bytes_contiguously_and_cover_every_tensor_once() {
+        let outs: Vec<_> = [10, 10, 10, 5, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| t(&format!("w{i}"), DType::F32, n))
+            .collect();
+        let nbytes: Vec<usize> = outs.iter().map(|t| t.nbytes()).collect();
+        assert_eq!(nbytes, [40, 40, 40, 20, 20]);
+        assert_eq!(partition_by_bytes(&outs, 1), vec![vec![0, 1, 2, 3, 4]]);
+        // Midpoints 20, 60, 100, 130, 150 of 160.
+        assert_eq!(partition_by_bytes(&outs, 2), vec![vec![0, 1], vec![2, 3, 4]]);
+        assert_eq!(partition_by_bytes(&outs, 4), vec![vec![0], vec![1], vec![2], vec![3, 4]]);
+        let many = partition_by_bytes(&outs, 8);
+        assert_eq!(many.len(), 8);
+        let mut all: Vec<usize> = many.concat();
+        all.sort();
+        assert_eq!(all, [0, 1, 2, 3, 4], "each tensor on exactly one rank");
+        assert!(partition_by_bytes(&[], 3).iter().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn rank_files_are_numbered_across_ranks_and_split_by_shard_size() {
+        let outs: Vec<_> = (0..6).map(|i| t(&format!("w{i}"), DType::F32, 10)).collect();
+        let md = HashMap::new();
+        let one = plan_rank_files(&outs, 1, "model.safetensors", u64::MAX, &md).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].0, one[0].1.name.as_str()), (0, "model.safetensors"));
+        let two = plan_rank_files(&outs, 2, "model.safetensors", 80, &md).unwrap();
+        let got: Vec<(usize, &str, Vec<usize>)> =
+            two.iter().map(|(r, f)| (*r, f.name.as_str(), f.tensors.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                (0, "model-00001-of-00004.safetensors", vec![0, 1]),
+                (0, "model-00002-of-00004.safetensors", vec![2]),
+                (1, "model-00003-of-00004.safetensors", vec![3, 4]),
+                (1, "model-00004-of-00004.safetensors", vec![5]),
+            ]
+        );
+        // Headers as the single-process publisher would write the same group.
+        let same = plan_files(&outs[..2], "x", u64::MAX, &md).unwrap();
+        assert_eq!(two[0].1.header, same[0].header);
+        let empty = plan_rank_files(&[], 4, "model.safetensors", 80, &md).unwrap();
+        assert_eq!(empty.len(), 1);
     }
 
     #[test]

@@ -299,6 +299,37 @@ pub struct Manifest {
     pub finished: String,
     pub wall_time_s: f64,
     pub notes: Vec<String>,
+    /// Set when the output was written by several processes (`sewa average --distributed`):
+    /// which rank wrote which files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedRecord>,
+}
+
+/// How a distributed average was written.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DistributedRecord {
+    /// The plan's identity (inputs by path, size and mtime; weights; options; outputs; number
+    /// of ranks; shard size): equal across reruns of the same job, which reuse its shards.
+    pub plan: String,
+    pub world_size: usize,
+    /// One per rank that wrote files, in rank order.
+    pub ranks: Vec<RankRecord>,
+}
+
+/// What one rank of a distributed average wrote (also its completion marker's contents).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RankRecord {
+    pub rank: usize,
+    /// The shard files, by name in the output directory.
+    pub files: Vec<String>,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Time this rank took to average and write its shards.
+    pub seconds: f64,
+    /// True when the shards were complete from an earlier run of the same plan and not written
+    /// again.
+    #[serde(default)]
+    pub reused: bool,
 }
 
 impl Manifest {
@@ -328,6 +359,7 @@ impl Manifest {
             finished: String::new(),
             wall_time_s: 0.0,
             notes: vec![BATCHNORM_NOTE.to_string()],
+            distributed: None,
         }
     }
 

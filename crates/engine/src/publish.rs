@@ -47,16 +47,19 @@ use sewa_checkpoint::TensorMeta;
 mod atomic;
 mod destination;
 mod dir;
+mod distributed;
 pub mod lock;
 mod recover;
 mod side;
 pub use atomic::write_atomic;
 use atomic::{
-    PairError, commit_pair, hidden_prefix, parent_dir, stage, swap_in, sync_dir, write_new,
+    PairError, commit_pair, hidden_prefix, parent_dir, stage, swap_dir_in, swap_in, sync_dir,
+    write_new,
 };
 pub use destination::{check_destination, check_parent};
 use dir::DirOutput;
 pub use dir::newest_side_dir;
+pub use distributed::{DistributedOptions, RankOutcome, Ranks, publish_distributed};
 pub use lock::{OutputLock, hold};
 pub use recover::{Recovered, STALE_AGE, model_started, recover};
 pub use side::{MAX_SIDE_FILE, MAX_SIDE_TOTAL, SideFiles};

@@ -60,28 +60,11 @@ impl<A: Acc> Pass<'_, '_, A> {
         threads: usize,
     ) -> Result<Stored> {
         let n = acc.len();
-        let osize = out_dtype.size();
-        let out = &mut out[..n * osize];
-        let single = threads <= 1 || n < MIN_PARALLEL;
-        let part = if single { n.max(1) } else { n.div_ceil(threads).next_multiple_of(BLOCK) };
+        let out = &mut out[..n * out_dtype.size()];
         let all_in_memory = self.inputs.iter().all(|(r, _)| r.in_memory().is_some());
         let slab_bytes = if all_in_memory { 0 } else { SLAB.min(n) * self.in_dtype.size() };
-        let mut bufs = slab_buffers(slabs, n.div_ceil(part).max(1), slab_bytes);
-        if single {
-            return self.range(0, acc, out, out_dtype, &mut bufs[0][..]);
-        }
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
-                .zip(bufs)
-                .enumerate()
-                .map(|(k, ((a, o), buf))| {
-                    s.spawn(move || self.range(k * part, a, o, out_dtype, &mut buf[..]))
-                })
-                .collect();
-            let results = handles.into_iter().map(|h| h.join().expect("kernel thread panicked"));
-            results
-                .collect::<Result<Vec<Stored>>>()
-                .map(|v| v.into_iter().fold(Stored::default(), BitOr::bitor))
+        on_threads(acc, out, out_dtype, slabs, slab_bytes, threads, |at, a, o, buf| {
+            self.range(at, a, o, out_dtype, buf)
         })
     }
 
@@ -167,28 +150,9 @@ impl<A: Acc> Sweep<'_, '_, A> {
         slabs: &mut Vec<Vec<u64>>,
         threads: usize,
     ) -> Result<Stored> {
-        let n = acc.len();
-        let osize = out_dtype.size();
-        let single = threads <= 1 || n < MIN_PARALLEL;
-        let part = if single { n.max(1) } else { n.div_ceil(threads).next_multiple_of(BLOCK) };
-        let bufs = slab_buffers(slabs, n.div_ceil(part).max(1), self.slab_bytes(n));
-        if single {
-            let mut bufs = bufs;
-            return self.range(start, acc, out, out_dtype, &mut Direct(&mut bufs[0][..]));
-        }
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
-                .zip(bufs)
-                .enumerate()
-                .map(|(k, ((a, o), buf))| {
-                    let at = start + k * part;
-                    s.spawn(move || self.range(at, a, o, out_dtype, &mut Direct(&mut buf[..])))
-                })
-                .collect();
-            let results = handles.into_iter().map(|h| h.join().expect("kernel thread panicked"));
-            results
-                .collect::<Result<Vec<Stored>>>()
-                .map(|v| v.into_iter().fold(Stored::default(), BitOr::bitor))
+        let slab_bytes = self.slab_bytes(acc.len());
+        on_threads(acc, out, out_dtype, slabs, slab_bytes, threads, |at, a, o, buf| {
+            self.range(start + at, a, o, out_dtype, &mut Direct(buf))
         })
     }
 
@@ -224,6 +188,42 @@ impl<A: Acc> Sweep<'_, '_, A> {
         }
         Ok(stored)
     }
+}
+
+/// Run `range(offset, acc part, out part, slab buffer)` over `acc` and its output bytes on up
+/// to `threads` threads: contiguous ranges (multiples of [`BLOCK`] elements), so every element
+/// sums its inputs in the same order whatever the thread count, each range with its own slab
+/// buffer of `slab_bytes` from `slabs`; one range on the calling thread when `threads` is 1 or
+/// the tensor is small. The first error wins; what the ranges stored is or-ed together.
+fn on_threads<A: Acc>(
+    acc: &mut [A],
+    out: &mut [u8],
+    out_dtype: DType,
+    slabs: &mut Vec<Vec<u64>>,
+    slab_bytes: usize,
+    threads: usize,
+    range: impl Fn(usize, &mut [A], &mut [u8], &mut [u8]) -> Result<Stored> + Sync,
+) -> Result<Stored> {
+    let n = acc.len();
+    let osize = out_dtype.size();
+    let single = threads <= 1 || n < MIN_PARALLEL;
+    let part = if single { n.max(1) } else { n.div_ceil(threads).next_multiple_of(BLOCK) };
+    let mut bufs = slab_buffers(slabs, n.div_ceil(part).max(1), slab_bytes);
+    if single {
+        return range(0, acc, out, &mut bufs[0][..]);
+    }
+    let range = &range;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (acc.chunks_mut(part).zip(out.chunks_mut(part * osize)))
+            .zip(bufs)
+            .enumerate()
+            .map(|(k, ((a, o), buf))| s.spawn(move || range(k * part, a, o, &mut buf[..])))
+            .collect();
+        let results = handles.into_iter().map(|h| h.join().expect("kernel thread panicked"));
+        results
+            .collect::<Result<Vec<Stored>>>()
+            .map(|v| v.into_iter().fold(Stored::default(), BitOr::bitor))
+    })
 }
 
 /// The first `parts` buffers of `slabs`, each at least `bytes` long (8-byte aligned, so the
@@ -333,31 +333,46 @@ fn bf16_bits(x: u32) -> u16 {
 }
 
 /// Store an f32 accumulator as bf16: what `store_narrow` with `half::bf16::from_f32` writes
-/// (a test compares them on every kind of value), in a loop that vectorises; the generic one
-/// took most of a bf16 average's time.
+/// (a test compares them on every kind of value), in a loop that vectorises: no branch and
+/// no early exit per element, the flags gathered as integer ORs, and the rare saturation done
+/// in a second pass only when something overflowed. The generic loop took most of a bf16
+/// average's time, and a first branch-free version still ran scalar (its per-element select
+/// of the saturated value kept it so: `perf annotate`).
+#[inline(always)]
 fn store_bf16(acc: &[f32], out: &mut [u8], saturate: bool) -> Stored {
-    let (mut non_finite, mut overflow) = (false, false);
-    let mut one = |a: f32| {
+    // (non-finite, overflowed) for one value, as 0/1 words, with its bf16 bits.
+    #[inline(always)]
+    fn one(a: f32) -> (u16, u32, u32) {
         let x = a.to_bits();
-        let finite = x & 0x7F80_0000 != 0x7F80_0000;
+        let non_finite = u32::from(x & 0x7F80_0000 == 0x7F80_0000);
         let h = bf16_bits(x);
-        let over = finite && h & 0x7FFF == 0x7F80;
-        non_finite |= !finite;
-        overflow |= over;
-        match over && saturate {
-            true if x >> 31 == 0 => half::bf16::MAX.to_bits(),
-            true => half::bf16::MIN.to_bits(),
-            false => h,
-        }
-    };
+        let over = (non_finite ^ 1) & u32::from(h & 0x7FFF == 0x7F80);
+        (h, non_finite, over)
+    }
+    let (mut non_finite, mut overflow) = (0u32, 0u32);
     match bytemuck::try_cast_slice_mut::<u8, u16>(out) {
         Ok(o) if cfg!(target_endian = "little") => {
-            o.iter_mut().zip(acc).for_each(|(o, a)| *o = one(*a));
+            o.iter_mut().zip(acc).for_each(|(o, a)| {
+                let (h, n, v) = one(*a);
+                (non_finite, overflow) = (non_finite | n, overflow | v);
+                *o = h;
+            });
         }
-        _ => (out.chunks_exact_mut(2).zip(acc))
-            .for_each(|(o, a)| o.copy_from_slice(&one(*a).to_le_bytes())),
+        _ => (out.chunks_exact_mut(2).zip(acc)).for_each(|(o, a)| {
+            let (h, n, v) = one(*a);
+            (non_finite, overflow) = (non_finite | n, overflow | v);
+            o.copy_from_slice(&h.to_le_bytes());
+        }),
     }
-    Stored { non_finite, overflow }
+    if overflow != 0 && saturate {
+        for (o, a) in out.chunks_exact_mut(2).zip(acc) {
+            if one(*a).2 != 0 {
+                let h = if a.is_sign_negative() { half::bf16::MIN } else { half::bf16::MAX };
+                o.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+    }
+    Stored { non_finite: non_finite != 0, overflow: overflow != 0 }
 }
 
 impl Acc for f32 {
@@ -371,46 +386,98 @@ impl Acc for f32 {
         self.abs() as f64
     }
     fn add_block(acc: &mut [f32], bytes: &[u8], dtype: DType, w: f32, init: bool) {
-        match dtype {
-            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                // Fast path: aligned bytes are already f32 on a little-endian host.
-                Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
-                _ => axpy(
-                    acc,
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    w,
-                    init,
-                ),
-            },
-            DType::BF16 => {
-                axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init)
-            }
-            DType::F16 => {
-                axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init)
-            }
-            other => unreachable!("f32 accumulator fed {other:?}"),
-        }
+        // Compiled for the CPU's widest vectors (AVX2, AVX-512), chosen at run time. Same
+        // bytes as the baseline loop: Rust never fuses `a + w * x` into one rounding.
+        pulp::Arch::new().dispatch(AddF32 { acc, bytes, dtype, w, init })
     }
     fn store_block(acc: &[f32], out: &mut [u8], dtype: DType, saturate: bool) -> Stored {
-        let parts = |a: f32| (a.is_finite(), a > 0.0);
-        match dtype {
-            DType::F32 => {
-                // Fast path: an aligned output buffer on a little-endian host is a plain copy.
-                match bytemuck::try_cast_slice_mut::<u8, f32>(out) {
-                    Ok(o) if cfg!(target_endian = "little") => o.copy_from_slice(acc),
-                    _ => (out.chunks_exact_mut(4).zip(acc))
-                        .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes())),
-                }
-                let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
-                Stored { non_finite: !finite, overflow: false }
+        pulp::Arch::new().dispatch(StoreF32 { acc, out, dtype, saturate })
+    }
+}
+
+/// [`add_f32`]'s arguments, for `pulp` to run in each instruction set. A struct rather than a
+/// closure: a closure's body is compiled once, outside the dispatched function, for the
+/// baseline instruction set only (`perf annotate` showed SSE code under the AVX2 dispatch).
+struct AddF32<'a> {
+    acc: &'a mut [f32],
+    bytes: &'a [u8],
+    dtype: DType,
+    w: f32,
+    init: bool,
+}
+
+impl pulp::WithSimd for AddF32<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        add_f32(self.acc, self.bytes, self.dtype, self.w, self.init)
+    }
+}
+
+/// [`store_f32`]'s arguments (see [`AddF32`]).
+struct StoreF32<'a> {
+    acc: &'a [f32],
+    out: &'a mut [u8],
+    dtype: DType,
+    saturate: bool,
+}
+
+impl pulp::WithSimd for StoreF32<'_> {
+    type Output = Stored;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Stored {
+        store_f32(self.acc, self.out, self.dtype, self.saturate)
+    }
+}
+
+/// [`Acc::add_block`] for f32, inlined into each instruction set's copy.
+#[inline(always)]
+fn add_f32(acc: &mut [f32], bytes: &[u8], dtype: DType, w: f32, init: bool) {
+    match dtype {
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            // Fast path: aligned bytes are already f32 on a little-endian host.
+            Ok(xs) if cfg!(target_endian = "little") => axpy(acc, xs.iter().copied(), w, init),
+            _ => axpy(
+                acc,
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                w,
+                init,
+            ),
+        },
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            // Fast path: aligned bf16 on a little-endian host widens by a shift, a loop
+            // that vectorises (the byte-pair loop below did not).
+            Ok(xs) if cfg!(target_endian = "little") => {
+                axpy(acc, xs.iter().map(|&h| f32::from_bits(u32::from(h) << 16)), w, init)
             }
-            DType::BF16 => store_bf16(acc, out, saturate),
-            DType::F16 => store_narrow(acc, out, saturate, |a| {
-                let (finite, positive) = parts(a);
-                (half::f16::from_f32(a), finite, positive)
-            }),
-            other => unreachable!("f32 accumulator written as {other:?}"),
+            _ => axpy(acc, bytes.chunks_exact(2).map(|c| bf16_to_f32([c[0], c[1]])), w, init),
+        },
+        DType::F16 => axpy(acc, bytes.chunks_exact(2).map(|c| f16_to_f32([c[0], c[1]])), w, init),
+        other => unreachable!("f32 accumulator fed {other:?}"),
+    }
+}
+
+/// [`Acc::store_block`] for f32, inlined into each instruction set's copy.
+#[inline(always)]
+fn store_f32(acc: &[f32], out: &mut [u8], dtype: DType, saturate: bool) -> Stored {
+    let parts = |a: f32| (a.is_finite(), a > 0.0);
+    match dtype {
+        DType::F32 => {
+            // Fast path: an aligned output buffer on a little-endian host is a plain copy.
+            match bytemuck::try_cast_slice_mut::<u8, f32>(out) {
+                Ok(o) if cfg!(target_endian = "little") => o.copy_from_slice(acc),
+                _ => (out.chunks_exact_mut(4).zip(acc))
+                    .for_each(|(o, a)| o.copy_from_slice(&a.to_le_bytes())),
+            }
+            let finite = acc.iter().fold(true, |ok, a| ok & a.is_finite());
+            Stored { non_finite: !finite, overflow: false }
         }
+        DType::BF16 => store_bf16(acc, out, saturate),
+        DType::F16 => store_narrow(acc, out, saturate, |a| {
+            let (finite, positive) = parts(a);
+            (half::f16::from_f32(a), finite, positive)
+        }),
+        other => unreachable!("f32 accumulator written as {other:?}"),
     }
 }
 

@@ -12,44 +12,52 @@ use crate::error::{Error, Result, WithPath};
 
 /// Swap the finished temp directory in at `out` (see the module docs for the guarantee).
 pub(super) fn swap_in(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+    swap_dir_in(&tmp.keep(), out)
+}
+
+/// Swap the finished directory `new` (a hidden sibling of `out`) in at `out`; on failure
+/// `new` is removed and `out` is as it was.
+pub(super) fn swap_dir_in(new: &Path, out: &Path) -> Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     use rustix::io::Errno;
     let parent = parent_dir(out);
     if out.symlink_metadata().is_err() {
-        let new = tmp.keep();
-        if let Err(e) = fs::rename(&new, out) {
-            let _ = fs::remove_dir_all(&new);
+        if let Err(e) = fs::rename(new, out) {
+            let _ = fs::remove_dir_all(new);
             return Err(Error::io(out, e));
         }
         sync_renamed(parent);
         return Ok(());
     }
-    match renameat_with(CWD, tmp.path(), CWD, out, RenameFlags::EXCHANGE) {
-        // The temp path now holds the old output: kept a while for its readers.
+    match renameat_with(CWD, new, CWD, out, RenameFlags::EXCHANGE) {
+        // `new` now holds the old output: kept a while for its readers.
         Ok(()) => {
-            keep_previous(&tmp.keep(), out);
+            keep_previous(new, out);
             sync_renamed(parent);
             return Ok(());
         }
         Err(e) if ![Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP].contains(&e) => {
+            let _ = fs::remove_dir_all(new);
             return Err(Error::io(out, e.into()));
         }
         Err(_) => tracing::debug!("RENAME_EXCHANGE unsupported here; renaming the old output away"),
     }
-    swap_by_renames(tmp, out)
+    swap_by_renames(new, out)
 }
 
 /// Fallback swap: rename the old output away, the new one in, then keep the old one a while
 /// (`keep_previous`). On failure the old output is put back. A crash between the two renames
 /// leaves the old output at [`old_name`]; `recover` puts it back at start-up.
-fn swap_by_renames(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+fn swap_by_renames(new: &Path, out: &Path) -> Result<()> {
     let parent = parent_dir(out);
     let old = parent.join(old_name(out, std::process::id()));
-    fs::rename(out, &old).with_path(out)?;
-    let new = tmp.keep();
-    if let Err(e) = fs::rename(&new, out) {
+    if let Err(e) = fs::rename(out, &old) {
+        let _ = fs::remove_dir_all(new);
+        return Err(Error::io(out, e));
+    }
+    if let Err(e) = fs::rename(new, out) {
         let _ = fs::rename(&old, out);
-        let _ = fs::remove_dir_all(&new);
+        let _ = fs::remove_dir_all(new);
         return Err(Error::io(out, e));
     }
     sync_renamed(parent);
@@ -271,7 +279,7 @@ mod tests {
         let out = dir_with(root.path(), "avg", "old");
         let tmp = tempfile::Builder::new().prefix(".avg.").tempdir_in(root.path()).unwrap();
         fs::write(tmp.path().join("model.safetensors"), "new").unwrap();
-        swap_by_renames(tmp, &out).unwrap();
+        swap_by_renames(&tmp.keep(), &out).unwrap();
         assert_eq!(fs::read_to_string(out.join("model.safetensors")).unwrap(), "new");
         assert_eq!(names(root.path()), [".avg.sewa-prev", "avg"]);
         let kept = root.path().join(".avg.sewa-prev/model.safetensors");

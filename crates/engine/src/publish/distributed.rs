@@ -1,0 +1,449 @@
+//! One average written by `world` processes (ranks) on a shared file system, committed once.
+//! The ranks share nothing but files: each computes the same plan from the same inputs and
+//! options, the same split of the tensors by bytes (`layout::plan_rank_files`) and the same
+//! plan id, a digest of all of it. Then:
+//!
+//! 1. Every rank makes the staging directory `.NAME.<plan id>.sewa-dist` beside the output.
+//!    The first to arrive records the publication's start time in its `plan.json` (written
+//!    whole, then hard-linked into place, which fails for all but one rank); every rank reads
+//!    it back, so all shard headers carry the same `sewa_started`.
+//! 2. Each rank writes its shard files there (temp, fsync, rename, directory fsync), then its
+//!    completion marker `rank-N.json` the same way. A marker therefore means complete, durable
+//!    shards. A rank whose marker from an earlier run of the same plan is still there, with
+//!    its files of the planned size and header, does not write them again.
+//! 3. Rank 0, holding the output's lock, waits for every marker (up to a deadline), checks
+//!    each planned file's size and header against the plan, removes anything else (markers,
+//!    temps of a killed rank, leftovers), writes the index, side files and manifest, fsyncs,
+//!    and swaps the directory in at the output as the single-process publisher does.
+//!
+//! A rank killed at any point leaves the previous output as it was: nothing is renamed into
+//! the output until every shard is verified, and the swap is one `renameat2`. A rerun of the
+//! same job finds the staging directory, reuses the complete shards and rewrites the rest.
+//! Staging directories of other plans for the same output are removed after a commit.
+//! Nothing here is trusted: markers are read bounded and without following links, and every
+//! planned file is checked by `lstat` and by its header bytes before it is published.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::side::SideFiles;
+use super::{
+    Published, TensorWriter, check_destination, finish, hidden_prefix, is_file_output,
+    manifest_path, parent_dir, provenance_metadata, swap_dir_in, sync_dir, write_atomic,
+};
+use crate::average::{AveragePlan, PlanSource};
+use crate::error::{Error, Result, WithPath};
+use crate::layout::{FileLayout, index_json, plan_rank_files};
+use crate::manifest::{DistributedRecord, FileRecord, Manifest, OutputLayout, RankRecord};
+
+/// Suffix of a distributed publication's staging directory.
+pub(super) const DIST_SUFFIX: &str = ".sewa-dist";
+/// Markers and `plan.json` are a few hundred bytes; anything bigger is not ours.
+const MAX_MARKER: u64 = 1 << 20;
+const PLAN_FILE: &str = "plan.json";
+
+/// Which process of how many this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ranks {
+    pub rank: usize,
+    pub world: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct DistributedOptions {
+    pub ranks: Ranks,
+    /// Each rank's part is split into shard files of at most this many tensor bytes.
+    pub shard_bytes: u64,
+    /// How long rank 0 waits for the other ranks' markers once its own shards are written.
+    pub wait: Duration,
+}
+
+/// What this rank did.
+#[derive(Debug)]
+pub enum RankOutcome {
+    /// Rank 0: the output is published.
+    Committed(Box<Published>),
+    /// Any other rank: its shards are complete; rank 0 commits them.
+    Written(RankRecord),
+    /// The output already holds this plan's publication: nothing was written.
+    AlreadyPublished(PathBuf),
+}
+
+/// Average this rank's part of `plan` and, on rank 0, commit the whole output at `out` (a
+/// directory) with `manifest` (see the module docs). `progress` gets this rank's bytes.
+pub fn publish_distributed(
+    plan: &AveragePlan<'_>,
+    mut manifest: Manifest,
+    side: Option<&SideFiles>,
+    out: &Path,
+    opts: &DistributedOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<RankOutcome> {
+    let Ranks { rank, world } = opts.ranks;
+    if world == 0 || rank >= world {
+        return Err(Error::Usage(format!("rank {rank} of world size {world}: no such rank")));
+    }
+    if is_file_output(out) {
+        return Err(Error::Usage(format!(
+            "{}: a distributed average writes a directory (Hugging Face shards and their \
+             index), not one .safetensors file",
+            out.display()
+        )));
+    }
+    check_destination(out)?;
+    let clock = Instant::now();
+    manifest.output = crate::manifest::absolute(out);
+    let id = plan_id(plan, &manifest, opts);
+    if published_plan(out).as_deref() == Some(id.as_str()) {
+        return Ok(RankOutcome::AlreadyPublished(out.to_path_buf()));
+    }
+    let parent = parent_dir(out);
+    let staging = parent.join(staging_name(out, &id));
+    fs::create_dir_all(&staging).with_path(&staging)?;
+    fs::set_permissions(&staging, Permissions::from_mode(0o755)).with_path(&staging)?;
+    manifest.started = agree_started(&staging, &id, &manifest.started)?;
+    let metadata = provenance_metadata(&manifest);
+    let files =
+        plan_rank_files(plan.outputs(), world, "model.safetensors", opts.shard_bytes, &metadata)?;
+    let mine: Vec<&FileLayout> = files.iter().filter(|(r, _)| *r == rank).map(|(_, f)| f).collect();
+
+    let marker = staging.join(marker_name(rank));
+    let record = match read_marker(&marker, &id) {
+        Some(r)
+            if r.files.len() == mine.len() && mine.iter().all(|f| verify(&staging, f).is_ok()) =>
+        {
+            tracing::info!(rank, staging = %staging.display(), "shards complete from an earlier run of this plan: reused");
+            RankRecord { reused: true, ..r }
+        }
+        _ => {
+            let started = Instant::now();
+            let mut source = PlanSource::new(plan);
+            let mut writer = TensorWriter { source: &mut source, done: 0, progress };
+            for f in &mine {
+                write_atomic(&staging.join(&f.name), |file, p| writer.write(file, p, f))?;
+            }
+            let record = RankRecord {
+                rank,
+                files: mine.iter().map(|f| f.name.clone()).collect(),
+                bytes: writer.done,
+                seconds: started.elapsed().as_secs_f64(),
+                reused: false,
+            };
+            let json = marker_json(&id, &record)?;
+            write_atomic(&marker, |f, p| f.write_all(&json).with_path(p))?;
+            record
+        }
+    };
+    if rank != 0 {
+        return Ok(RankOutcome::Written(record));
+    }
+
+    let mut records = wait_for_ranks(&staging, &id, &files, world, opts.wait, record)?;
+    for (_, f) in &files {
+        verify(&staging, f)?;
+    }
+    prune(&staging, &files)?;
+    if files.len() > 1 {
+        let layouts: Vec<FileLayout> = files.iter().map(|(_, f)| f.clone()).collect();
+        let index = index_json(&layouts, plan.outputs())?;
+        write_atomic(&staging.join("model.safetensors.index.json"), |f, p| {
+            f.write_all(&index).with_path(p)
+        })?;
+        manifest.files.extend(
+            files.iter().map(|(_, f)| FileRecord { name: (&f.name).into(), bytes: f.size }),
+        );
+        manifest.files.push(FileRecord {
+            name: "model.safetensors.index.json".into(),
+            bytes: index.len() as u64,
+        });
+    } else {
+        manifest.files.extend(
+            files.iter().map(|(_, f)| FileRecord { name: (&f.name).into(), bytes: f.size }),
+        );
+    }
+    if let Some(side) = side {
+        side.write_into(&staging, &mut manifest)?;
+    }
+    records.sort_by_key(|r| r.rank);
+    manifest.layout = OutputLayout::Dir.into();
+    manifest.distributed =
+        Some(DistributedRecord { plan: id.clone(), world_size: world, ranks: records });
+    finish(&mut manifest, clock);
+    let json = manifest.to_json()?;
+    write_atomic(&staging.join("manifest.json"), |f, p| f.write_all(&json).with_path(p))?;
+    sync_dir(&staging)?;
+    swap_dir_in(&staging, out)?;
+    remove_other_stagings(out, &id);
+    Ok(RankOutcome::Committed(Box::new(Published {
+        path: out.to_path_buf(),
+        manifest_path: manifest_path(out),
+        manifest,
+    })))
+}
+
+/// The plan's identity, the same on every rank of one job and across reruns of it: XXH3-128
+/// over the output's provenance metadata (version, method, steps, weights, dtype, integer
+/// policy; not its start time), every input's path as given with its size and newest mtime
+/// (not device or inode numbers, which differ between the nodes of a network file system),
+/// the output tensors, the overflow policy, the number of ranks and the shard size.
+fn plan_id(plan: &AveragePlan<'_>, manifest: &Manifest, opts: &DistributedOptions) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    let mut put = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    put(b"sewa-distributed-1");
+    let mut meta: Vec<(String, String)> =
+        provenance_metadata(manifest).into_iter().filter(|(k, _)| k != "sewa_started").collect();
+    meta.sort();
+    for (k, v) in &meta {
+        put(k.as_bytes());
+        put(v.as_bytes());
+    }
+    for c in plan.inputs() {
+        put(c.path().as_os_str().as_bytes());
+        let id = c.identity();
+        put(&id.size.to_le_bytes());
+        put(&id.mtime_ns.to_le_bytes());
+    }
+    for t in plan.outputs() {
+        put(t.name.as_bytes());
+        put(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+    }
+    put(format!("{:?}", plan.options().overflow).as_bytes());
+    put(&(opts.ranks.world as u64).to_le_bytes());
+    put(&opts.shard_bytes.to_le_bytes());
+    format!("{:032x}", h.digest128())
+}
+
+/// `.NAME.<id>.sewa-dist`: hidden, beside the output, never one of `recover`'s names.
+fn staging_name(out: &Path, id: &str) -> std::ffi::OsString {
+    let mut s = hidden_prefix(out);
+    s.push(format!("{id}{DIST_SUFFIX}"));
+    s
+}
+
+fn marker_name(rank: usize) -> String {
+    format!("rank-{rank}.json")
+}
+
+/// The plan id in the output's manifest, if the output is a distributed publication.
+fn published_plan(out: &Path) -> Option<String> {
+    let bytes = read_small(&manifest_path(out)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("distributed")?.get("plan")?.as_str().map(str::to_string)
+}
+
+/// The start time every rank puts in its headers: the one in `plan.json`, written by the
+/// first rank to get there (`now` if that is us).
+fn agree_started(staging: &Path, id: &str, now: &str) -> Result<String> {
+    let path = staging.join(PLAN_FILE);
+    if path.symlink_metadata().is_err() {
+        let json = serde_json::to_vec(&serde_json::json!({ "plan": id, "started": now }))
+            .map_err(|e| Error::Internal(format!("plan.json: {e}")))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".plan.")
+            .suffix(super::atomic::TEMP_SUFFIX)
+            .tempfile_in(staging)
+            .with_path(staging)?;
+        tmp.as_file().write_all(&json).with_path(tmp.path())?;
+        tmp.as_file().sync_all().with_path(tmp.path())?;
+        // A hard link fails if the name exists: exactly one rank's start time is kept.
+        match fs::hard_link(tmp.path(), &path) {
+            Ok(()) => sync_dir(staging)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    let bad = |msg: &str| Error::Internal(format!("{}: {msg}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_slice(&read_small(&path)?).map_err(|e| bad(&format!("not JSON: {e}")))?;
+    if v.get("plan").and_then(|p| p.as_str()) != Some(id) {
+        return Err(bad("belongs to another plan (remove the directory)"));
+    }
+    match v.get("started").and_then(|s| s.as_str()) {
+        Some(s) if humantime::parse_rfc3339(s).is_ok() => Ok(s.to_string()),
+        _ => Err(bad("no valid \"started\" time (remove the directory)")),
+    }
+}
+
+fn marker_json(id: &str, record: &RankRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(&serde_json::json!({ "plan": id, "record": record }))
+        .map_err(|e| Error::Internal(format!("rank marker: {e}")))
+}
+
+/// The record in a rank's marker, if it is a regular file of plan `id`.
+fn read_marker(path: &Path, id: &str) -> Option<RankRecord> {
+    let bytes = read_small(path).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    if v.get("plan")?.as_str()? != id {
+        return None;
+    }
+    serde_json::from_value(v.get("record")?.clone()).ok()
+}
+
+/// A small regular file's bytes: not through a link, at most [`MAX_MARKER`].
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let file =
+        fs::OpenOptions::new().read(true).custom_flags(o_nofollow()).open(path).with_path(path)?;
+    let meta = file.metadata().with_path(path)?;
+    if !meta.is_file() || meta.len() > MAX_MARKER {
+        return Err(Error::Internal(format!("{}: not a small regular file", path.display())));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MARKER).read_to_end(&mut bytes).with_path(path)?;
+    Ok(bytes)
+}
+
+fn o_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Poll for the marker of every rank that owns files until `wait` has passed; the records of
+/// all of them (`own` for rank 0).
+fn wait_for_ranks(
+    staging: &Path,
+    id: &str,
+    files: &[(usize, FileLayout)],
+    world: usize,
+    wait: Duration,
+    own: RankRecord,
+) -> Result<Vec<RankRecord>> {
+    let owners: BTreeSet<usize> = files.iter().map(|(r, _)| *r).filter(|&r| r != 0).collect();
+    let deadline = Instant::now() + wait;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let mut found = vec![own.clone()];
+        let mut missing = Vec::new();
+        for &r in &owners {
+            match read_marker(&staging.join(marker_name(r)), id) {
+                Some(rec) if rec.rank == r => found.push(rec),
+                _ => missing.push(r),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::io(
+                staging,
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "rank 0 of {world}: after {:.0} s, no completion marker from rank{} \
+                         {}; the output is unchanged. Rerun the job: complete shards are \
+                         reused.{}",
+                        wait.as_secs_f64(),
+                        if missing.len() > 1 { "s" } else { "" },
+                        join(&missing),
+                        other_plans_hint(staging, id),
+                    ),
+                ),
+            ));
+        }
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+fn join(ranks: &[usize]) -> String {
+    ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// When ranks disagree on the plan (other inputs, weights or options on another rank), they
+/// write other staging directories: say so.
+fn other_plans_hint(staging: &Path, id: &str) -> String {
+    let (Some(parent), Some(name)) = (staging.parent(), staging.file_name()) else {
+        return String::new();
+    };
+    let ours = name.to_string_lossy();
+    let Some(prefix) = ours.strip_suffix(&format!("{id}{DIST_SUFFIX}")) else {
+        return String::new();
+    };
+    let others = fs::read_dir(parent).into_iter().flatten().flatten().filter(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        n != ours && n.starts_with(prefix) && n.ends_with(DIST_SUFFIX)
+    });
+    match others.count() {
+        0 => String::new(),
+        n => format!(
+            " {n} staging director{} of other plans for this output exist{}: do all ranks \
+             run the same command on the same inputs?",
+            if n == 1 { "y" } else { "ies" },
+            if n == 1 { "s" } else { "" },
+        ),
+    }
+}
+
+/// A planned file is complete: a regular file of the planned size starting with the planned
+/// header (which names every tensor, its dtype, shape and offsets, and the start time).
+fn verify(staging: &Path, f: &FileLayout) -> Result<()> {
+    let path = staging.join(&f.name);
+    let bad = |msg: String| Error::Internal(format!("{}: {msg}", path.display()));
+    let meta = path.symlink_metadata().map_err(|e| bad(format!("missing: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() != f.size {
+        return Err(bad(format!("{} bytes where {} are planned", meta.len(), f.size)));
+    }
+    let mut head = vec![0u8; f.header.len()];
+    File::open(&path).and_then(|mut file| file.read_exact(&mut head)).with_path(&path)?;
+    // Compared as JSON: each process orders `__metadata__` (a hash map) its own way.
+    let json = |h: &[u8]| serde_json::from_slice::<serde_json::Value>(h.get(8..)?).ok();
+    if head[..8] != f.header[..8] || json(&head).is_none() || json(&head) != json(&f.header) {
+        return Err(bad("its header is not the planned one".into()));
+    }
+    Ok(())
+}
+
+/// Remove from the staging directory everything but the planned files.
+fn prune(staging: &Path, files: &[(usize, FileLayout)]) -> Result<()> {
+    let keep: BTreeSet<&str> = files.iter().map(|(_, f)| f.name.as_str()).collect();
+    for entry in fs::read_dir(staging).with_path(staging)? {
+        let entry = entry.with_path(staging)?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| keep.contains(n)) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        gone.with_path(&path)?;
+    }
+    Ok(())
+}
+
+/// After a commit: staging directories of other plans for this output are dead (their plan
+/// was superseded); remove them. Failures are logged.
+fn remove_other_stagings(out: &Path, id: &str) {
+    let parent = parent_dir(out);
+    let prefix = hidden_prefix(out);
+    let prefix = prefix.as_bytes();
+    let ours = staging_name(out, id);
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let b = name.as_bytes();
+        let stem = b.strip_prefix(prefix).and_then(|r| r.strip_suffix(DIST_SUFFIX.as_bytes()));
+        let is_plan = stem.is_some_and(|s| s.len() == 32 && s.iter().all(u8::is_ascii_hexdigit));
+        if is_plan && name != ours {
+            let path = parent.join(&name);
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed the staging directory of a superseded plan")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "could not remove a stale staging directory: {e}")
+                }
+            }
+        }
+    }
+}
