@@ -147,7 +147,8 @@ fn one_two_and_four_ranks_write_the_single_process_tensors_bit_for_bit() {
     assert!(o.status.success(), "{}", text(&o));
     let want = dir_tensors(&single);
     assert_eq!(want.len(), 11);
-    for world in [1, 2, 4] {
+    // 13 ranks for 11 tensors: two ranks have nothing to write.
+    for world in [1, 2, 4, 13] {
         let out = root.path().join(format!("w{world}"));
         let outs = run_ranks(&out, &ins, world, &["--weights", "1,2,3,4"]);
         all_succeed(&outs);
@@ -155,12 +156,17 @@ fn one_two_and_four_ranks_write_the_single_process_tensors_bit_for_bit() {
         let m = manifest(&out);
         assert_eq!(m["distributed"]["world_size"], world);
         let ranks = m["distributed"]["ranks"].as_array().unwrap();
-        assert_eq!(ranks.len(), world, "every rank owns files here");
+        // Ranks that own files; with more ranks than tensors some have none.
+        match world {
+            13 => assert!((1..=11).contains(&ranks.len()), "{ranks:?}"),
+            _ => assert_eq!(ranks.len(), world, "every rank owns files"),
+        }
         assert_eq!(m["inputs"].as_array().unwrap().len(), 4, "the manifest lists every input");
         let files: Vec<&str> =
             m["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
         let shards = files.iter().filter(|f| f.ends_with(".safetensors")).count();
-        assert!(shards > world, "{world} ranks, shards of 40 KiB: {files:?}");
+        assert!(shards >= ranks.len(), "{world} ranks, shards of 40 KiB: {files:?}");
+        assert!(world > 2 || shards > world, "split into shards of 40 KiB: {files:?}");
         assert_eq!(fs::read(out.join("config.json")).unwrap(), b"{\"model_type\": \"toy\"}");
         for (r, o) in outs.iter().enumerate().skip(1) {
             assert!(text(o).contains(&format!("rank {r} of {world}")), "{}", text(o));
@@ -347,6 +353,30 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("no completion marker from rank 1"), "{}", text(&o));
     assert!(!out2.exists());
+
+    // A link planted as the staging directory is refused, and nothing is written through it.
+    let out4 = root.path().join("avg4");
+    let w = ["--weights", "5,1", "--commit-timeout", "1"];
+    let o = spawn_rank(&out4, &ins, 0, 2, &w).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let planted = fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_string_lossy().contains(".avg4.") && p.to_string_lossy().ends_with(".sewa-dist")
+        })
+        .unwrap();
+    fs::remove_dir_all(&planted).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), &planted).unwrap();
+    let o = spawn_rank(&out4, &ins, 1, 2, &w).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is a link or not a directory"), "{}", text(&o));
+    assert_eq!(
+        fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
 
     // Ranks given other weights write other plans: rank 0 says so when it gives up.
     let out3 = root.path().join("avg3");

@@ -105,6 +105,14 @@ pub fn publish_distributed(
     let parent = parent_dir(out);
     let staging = parent.join(staging_name(out, &id));
     fs::create_dir_all(&staging).with_path(&staging)?;
+    // Ours only if it is a directory itself: a link planted under its name would send every
+    // shard, and then the swap, somewhere else.
+    if !staging.symlink_metadata().with_path(&staging)?.is_dir() {
+        return Err(Error::Internal(format!(
+            "{}: the staging directory of this average is a link or not a directory; remove it",
+            staging.display()
+        )));
+    }
     fs::set_permissions(&staging, Permissions::from_mode(0o755)).with_path(&staging)?;
     manifest.started = agree_started(&staging, &id, &manifest.started)?;
     let metadata = provenance_metadata(&manifest);
