@@ -152,11 +152,11 @@ fn distributed_outcome(done: &RankOutcome, ranks: Ranks) -> String {
     let Ranks { rank, world } = ranks;
     match done {
         RankOutcome::Committed(p) => shown(p),
-        RankOutcome::Written(r) => format!(
-            "rank {rank} of {world}: {} shard file(s), {} tensor bytes{}; rank 0 commits the output",
+        RankOutcome::Written { record: r, reused } => format!(
+            "rank {rank} of {world}: {} shard file(s), {} tensor bytes{}; published by rank 0",
             r.files.len(),
             r.bytes,
-            if r.reused { " (complete from an earlier run, reused)" } else { "" },
+            if *reused { " (complete from an earlier run, reused)" } else { "" },
         ),
         RankOutcome::AlreadyPublished(out) => format!(
             "rank {rank} of {world}: {} already holds this average (same inputs, weights and \

@@ -121,7 +121,7 @@ fn leftovers(root: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".sewa-dist") || n.ends_with(".sewa-tmp"))
+        .filter(|n| [".sewa-dist", ".sewa-commit", ".sewa-tmp"].iter().any(|s| n.ends_with(s)))
         .collect();
     v.sort();
     v
@@ -286,18 +286,43 @@ fn a_rerun_reuses_complete_shards_and_a_finished_plan_is_not_redone() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("no completion marker from rank 1"), "{}", text(&o));
     assert!(!out.exists(), "nothing published");
-    // Rank 1 now, then rank 0 again: rank 0's shards are reused.
-    all_succeed(&[spawn_rank(&out, &ins, 1, 2, &short).wait_with_output().unwrap()]);
-    all_succeed(&[spawn_rank(&out, &ins, 0, 2, &short).wait_with_output().unwrap()]);
+    // Both again: rank 0's shards are reused, rank 1 waits for the commit and says so.
+    let outs = run_ranks(&out, &ins, 2, &short);
+    all_succeed(&outs);
+    assert!(text(&outs[1]).contains("published by rank 0"), "{}", text(&outs[1]));
     let m = manifest(&out);
-    assert_eq!(m["distributed"]["ranks"][0]["reused"], true);
-    assert_eq!(m["distributed"]["ranks"][1]["reused"], false);
+    assert!(text(&outs[0]).contains("earlier run of this plan: reused"), "{}", text(&outs[0]));
+    assert!(!text(&outs[1]).contains("reused"), "{}", text(&outs[1]));
+    let written = |r: usize| m["distributed"]["ranks"][r]["written"].as_str().unwrap().to_string();
+    assert!(written(0) < written(1), "rank 0's shards are the first run's");
     let before = snapshot(&out);
     let outs = run_ranks(&out, &ins, 2, &short);
     all_succeed(&outs);
     for o in &outs {
         assert!(text(o).contains("already holds this average"), "{}", text(o));
     }
+    assert_eq!(snapshot(&out), before);
+
+    // A rank 0 killed while committing leaves the staging directory renamed to
+    // `.sewa-commit` (here made by hand from rank 1's finished part): the rerun's rank 0 takes
+    // it back, and rank 1's shards are reused.
+    let w = ["--weights", "1,4", "--commit-timeout", "2"];
+    let o = spawn_rank(&out, &ins, 1, 2, &w).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let dir = staging(root.path());
+    let marker: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("rank-1.json")).unwrap()).unwrap();
+    let commit = PathBuf::from(dir.to_string_lossy().replace(".sewa-dist", ".sewa-commit"));
+    fs::rename(&dir, &commit).unwrap();
+    let outs = run_ranks(&out, &ins, 2, &w);
+    all_succeed(&outs);
+    // Rank 1 reused its shards, or found them already published by a rank 0 that was quicker.
+    let said = text(&outs[1]);
+    assert!(said.contains("reused") || said.contains("already holds"), "{said}");
+    let m = manifest(&out);
+    assert_eq!(m["distributed"]["ranks"][1]["written"], marker["record"]["written"]);
+    assert!(!commit.exists() && leftovers(root.path()).is_empty(), "{:?}", leftovers(root.path()));
+    let before = snapshot(&out);
     assert_eq!(snapshot(&out), before);
     assert!(leftovers(root.path()).is_empty(), "{:?}", leftovers(root.path()));
 }
@@ -318,8 +343,11 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     let ins = inputs(root.path(), 2, 1);
     let out = root.path().join("avg");
     let short = ["--commit-timeout", "1"];
+    // Rank 1 alone: its shards are complete, nobody publishes them, and it says so.
+    let o = spawn_rank(&out, &ins, 1, 2, &short).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("rank 0 did not publish this average within 1 s"), "{}", text(&o));
     // A shard cut short after its rank finished: rank 0 names it and publishes nothing.
-    all_succeed(&[spawn_rank(&out, &ins, 1, 2, &short).wait_with_output().unwrap()]);
     let dir = staging(root.path());
     let marker: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("rank-1.json")).unwrap()).unwrap();
@@ -334,10 +362,10 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
         text(&o)
     );
     assert!(!out.exists());
-    // Rank 1's rerun sees its shard is not whole and writes it again; then rank 0 commits.
-    let o = spawn_rank(&out, &ins, 1, 2, &short).wait_with_output().unwrap();
-    assert!(!text(&o).contains("reused"), "{}", text(&o));
-    all_succeed(&[spawn_rank(&out, &ins, 0, 2, &short).wait_with_output().unwrap()]);
+    // The rerun: rank 1 sees its shard is not whole and writes it again; rank 0 commits.
+    let outs = run_ranks(&out, &ins, 2, &short);
+    all_succeed(&outs);
+    assert!(!text(&outs[1]).contains("reused"), "{}", text(&outs[1]));
     let single = root.path().join("single");
     all_succeed(&[command(&single, &ins, &[]).output().unwrap()]);
     assert_eq!(dir_tensors(&out), dir_tensors(&single));
@@ -345,7 +373,8 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     // A marker planted as a link (to a genuine marker) is not a marker.
     let out2 = root.path().join("avg2");
     let w = ["--weights", "2,1", "--commit-timeout", "1"];
-    all_succeed(&[spawn_rank(&out2, &ins, 1, 2, &w).wait_with_output().unwrap()]);
+    let o = spawn_rank(&out2, &ins, 1, 2, &w).wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let dir = staging(root.path());
     fs::rename(dir.join("rank-1.json"), root.path().join("genuine.json")).unwrap();
     std::os::unix::fs::symlink(root.path().join("genuine.json"), dir.join("rank-1.json")).unwrap();
@@ -380,12 +409,10 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
 
     // Ranks given other weights write other plans: rank 0 says so when it gives up.
     let out3 = root.path().join("avg3");
-    all_succeed(&[spawn_rank(&out3, &ins, 1, 2, &["--weights", "1,3"])
-        .wait_with_output()
-        .unwrap()]);
-    let o = spawn_rank(&out3, &ins, 0, 2, &["--weights", "3,1", "--commit-timeout", "1"])
-        .wait_with_output()
-        .unwrap();
+    let one = spawn_rank(&out3, &ins, 1, 2, &["--weights", "1,3", "--commit-timeout", "1"]);
+    let zero = spawn_rank(&out3, &ins, 0, 2, &["--weights", "3,1", "--commit-timeout", "1"]);
+    let (o, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    assert_eq!(one.status.code(), Some(1), "{}", text(&one));
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("other plans for this output"), "{}", text(&o));
     assert!(!out3.exists());

@@ -326,10 +326,9 @@ pub struct RankRecord {
     pub bytes: u64,
     /// Time this rank took to average and write its shards.
     pub seconds: f64,
-    /// True when the shards were complete from an earlier run of the same plan and not written
-    /// again.
-    #[serde(default)]
-    pub reused: bool,
+    /// When this rank's shards were complete (RFC 3339 UTC): before this manifest's `started`
+    /// run when a rerun reused them.
+    pub written: String,
 }
 
 impl Manifest {

@@ -12,16 +12,24 @@
 //!    shards. A rank whose marker from an earlier run of the same plan is still there, with
 //!    its files of the planned size and header, does not write them again.
 //! 3. Rank 0, holding the output's lock, waits for every marker (up to a deadline), checks
-//!    each planned file's size and header against the plan, removes anything else (markers,
-//!    temps of a killed rank, leftovers), writes the index, side files and manifest, fsyncs,
-//!    and swaps the directory in at the output as the single-process publisher does.
+//!    each planned file's size and header against the plan, then renames the staging
+//!    directory to `.NAME.<plan id>.sewa-commit`: from then on no rank writes into it. There it
+//!    removes anything unplanned (markers, temps of a killed rank, leftovers), writes the
+//!    index, side files and manifest, fsyncs, and swaps the directory in at the output as the
+//!    single-process publisher does.
+//! 4. The other ranks wait until the output's manifest names their plan (or a deadline), so
+//!    every rank's exit status says whether the average was published. A rank that starts
+//!    late (rank 0 may commit with markers left by an earlier run of the same plan) finds the
+//!    plan published, or waits out the commit, and writes nothing; a staging directory it made
+//!    meanwhile is removed once the plan is published.
 //!
 //! A rank killed at any point leaves the previous output as it was: nothing is renamed into
 //! the output until every shard is verified, and the swap is one `renameat2`. A rerun of the
-//! same job finds the staging directory, reuses the complete shards and rewrites the rest.
-//! Staging directories of other plans for the same output are removed after a commit.
-//! Nothing here is trusted: markers are read bounded and without following links, and every
-//! planned file is checked by `lstat` and by its header bytes before it is published.
+//! same job finds the staging directory (rank 0 first renames back a commit directory that a
+//! killed rank 0 left), reuses the complete shards and rewrites the rest. Staging directories
+//! of other plans for the same output are removed after a commit. Nothing here is trusted:
+//! markers are read bounded and without following links, and every planned file is checked by
+//! `lstat` and by its header bytes before it is published.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, Permissions};
@@ -43,9 +51,14 @@ use crate::manifest::{DistributedRecord, FileRecord, Manifest, OutputLayout, Ran
 
 /// Suffix of a distributed publication's staging directory.
 pub(super) const DIST_SUFFIX: &str = ".sewa-dist";
+/// Suffix of the staging directory once rank 0 has taken it to commit.
+const COMMIT_SUFFIX: &str = ".sewa-commit";
 /// Markers and `plan.json` are a few hundred bytes; anything bigger is not ours.
 const MAX_MARKER: u64 = 1 << 20;
 const PLAN_FILE: &str = "plan.json";
+
+/// Every file of the output, with the rank that writes it.
+type RankFiles = Vec<(usize, FileLayout)>;
 
 /// Which process of how many this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +72,8 @@ pub struct DistributedOptions {
     pub ranks: Ranks,
     /// Each rank's part is split into shard files of at most this many tensor bytes.
     pub shard_bytes: u64,
-    /// How long rank 0 waits for the other ranks' markers once its own shards are written.
+    /// How long rank 0 waits for the other ranks' markers once its own shards are written,
+    /// and the other ranks for rank 0's commit once theirs are.
     pub wait: Duration,
 }
 
@@ -68,8 +82,9 @@ pub struct DistributedOptions {
 pub enum RankOutcome {
     /// Rank 0: the output is published.
     Committed(Box<Published>),
-    /// Any other rank: its shards are complete; rank 0 commits them.
-    Written(RankRecord),
+    /// Any other rank: its shards are complete (`reused`: from an earlier run of the same
+    /// plan) and rank 0 has published the output.
+    Written { record: RankRecord, reused: bool },
     /// The output already holds this plan's publication: nothing was written.
     AlreadyPublished(PathBuf),
 }
@@ -99,80 +114,54 @@ pub fn publish_distributed(
     let clock = Instant::now();
     manifest.output = crate::manifest::absolute(out);
     let id = plan_id(plan, &manifest, opts);
+    let parent = parent_dir(out);
+    let staging = parent.join(staging_name(out, &id, DIST_SUFFIX));
+    let committing = parent.join(staging_name(out, &id, COMMIT_SUFFIX));
+    if rank == 0 {
+        // We hold the lock: a commit directory is a killed rank 0's; its shards are verified.
+        take_back(&committing, &staging)?;
+    } else if wait_out_commit(out, &id, &committing, opts.wait)? {
+        return Ok(RankOutcome::AlreadyPublished(out.to_path_buf()));
+    }
     if published_plan(out).as_deref() == Some(id.as_str()) {
         return Ok(RankOutcome::AlreadyPublished(out.to_path_buf()));
     }
-    let parent = parent_dir(out);
-    let staging = parent.join(staging_name(out, &id));
-    fs::create_dir_all(&staging).with_path(&staging)?;
-    // Ours only if it is a directory itself: a link planted under its name would send every
-    // shard, and then the swap, somewhere else.
-    if !staging.symlink_metadata().with_path(&staging)?.is_dir() {
-        return Err(Error::Internal(format!(
-            "{}: the staging directory of this average is a link or not a directory; remove it",
-            staging.display()
-        )));
-    }
-    fs::set_permissions(&staging, Permissions::from_mode(0o755)).with_path(&staging)?;
-    manifest.started = agree_started(&staging, &id, &manifest.started)?;
-    let metadata = provenance_metadata(&manifest);
-    let files =
-        plan_rank_files(plan.outputs(), world, "model.safetensors", opts.shard_bytes, &metadata)?;
-    let mine: Vec<&FileLayout> = files.iter().filter(|(r, _)| *r == rank).map(|(_, f)| f).collect();
-
-    let marker = staging.join(marker_name(rank));
-    let record = match read_marker(&marker, &id) {
-        Some(r)
-            if r.files.len() == mine.len() && mine.iter().all(|f| verify(&staging, f).is_ok()) =>
-        {
-            tracing::info!(rank, staging = %staging.display(), "shards complete from an earlier run of this plan: reused");
-            RankRecord { reused: true, ..r }
-        }
-        _ => {
-            let started = Instant::now();
-            let mut source = PlanSource::new(plan);
-            let mut writer = TensorWriter { source: &mut source, done: 0, progress };
-            for f in &mine {
-                write_atomic(&staging.join(&f.name), |file, p| writer.write(file, p, f))?;
-            }
-            let record = RankRecord {
-                rank,
-                files: mine.iter().map(|f| f.name.clone()).collect(),
-                bytes: writer.done,
-                seconds: started.elapsed().as_secs_f64(),
-                reused: false,
+    let part = write_part(plan, &mut manifest, &staging, &id, opts, progress);
+    let (files, record, reused) = match part {
+        Ok(done) => done,
+        // A late rank whose staging directory rank 0 took to commit under it (with this
+        // rank's shards of an earlier run): the commit decides.
+        Err(e) if rank != 0 => {
+            let published = wait_out_commit(out, &id, &committing, opts.wait).unwrap_or(false)
+                || published_plan(out).as_deref() == Some(id.as_str());
+            return match published {
+                true => Ok(RankOutcome::AlreadyPublished(out.to_path_buf())),
+                false => Err(e),
             };
-            let json = marker_json(&id, &record)?;
-            write_atomic(&marker, |f, p| f.write_all(&json).with_path(p))?;
-            record
         }
+        Err(e) => return Err(e),
     };
     if rank != 0 {
-        return Ok(RankOutcome::Written(record));
+        tracing::info!(rank, world, "shards complete; waiting for rank 0 to publish the average");
+        wait_for_commit(out, &id, &staging, opts)?;
+        return Ok(RankOutcome::Written { record, reused });
     }
 
+    // Every other rank's files are verified there; rank 0's own were just written or verified.
     let mut records = wait_for_ranks(&staging, &id, &files, world, opts.wait, record)?;
-    for (_, f) in &files {
-        verify(&staging, f)?;
-    }
+    // Taken out of the other ranks' reach: a late rank now makes a new staging directory.
+    fs::rename(&staging, &committing).with_path(&staging)?;
+    let staging = committing;
     prune(&staging, &files)?;
+    manifest
+        .files
+        .extend(files.iter().map(|(_, f)| FileRecord { name: (&f.name).into(), bytes: f.size }));
     if files.len() > 1 {
         let layouts: Vec<FileLayout> = files.iter().map(|(_, f)| f.clone()).collect();
         let index = index_json(&layouts, plan.outputs())?;
-        write_atomic(&staging.join("model.safetensors.index.json"), |f, p| {
-            f.write_all(&index).with_path(p)
-        })?;
-        manifest.files.extend(
-            files.iter().map(|(_, f)| FileRecord { name: (&f.name).into(), bytes: f.size }),
-        );
-        manifest.files.push(FileRecord {
-            name: "model.safetensors.index.json".into(),
-            bytes: index.len() as u64,
-        });
-    } else {
-        manifest.files.extend(
-            files.iter().map(|(_, f)| FileRecord { name: (&f.name).into(), bytes: f.size }),
-        );
+        let name = "model.safetensors.index.json";
+        write_atomic(&staging.join(name), |f, p| f.write_all(&index).with_path(p))?;
+        manifest.files.push(FileRecord { name: name.into(), bytes: index.len() as u64 });
     }
     if let Some(side) = side {
         side.write_into(&staging, &mut manifest)?;
@@ -192,6 +181,68 @@ pub fn publish_distributed(
         manifest_path: manifest_path(out),
         manifest,
     })))
+}
+
+/// Steps 1 and 2 for this rank (see the module docs): the staging directory, the agreed start
+/// time (set in `manifest`), every rank's files, and this rank's shards and marker; the files,
+/// this rank's record, and whether its shards were reused from an earlier run.
+fn write_part(
+    plan: &AveragePlan<'_>,
+    manifest: &mut Manifest,
+    staging: &Path,
+    id: &str,
+    opts: &DistributedOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(RankFiles, RankRecord, bool)> {
+    let Ranks { rank, world } = opts.ranks;
+    fs::create_dir_all(staging).with_path(staging)?;
+    // Ours only if it is a directory itself: a link planted under its name would send every
+    // shard, and then the swap, somewhere else.
+    if !staging.symlink_metadata().with_path(staging)?.is_dir() {
+        return Err(Error::Internal(format!(
+            "{}: the staging directory of this average is a link or not a directory; remove it",
+            staging.display()
+        )));
+    }
+    fs::set_permissions(staging, Permissions::from_mode(0o755)).with_path(staging)?;
+    manifest.started = agree_started(staging, id, &manifest.started)?;
+    let metadata = provenance_metadata(manifest);
+    let files =
+        plan_rank_files(plan.outputs(), world, "model.safetensors", opts.shard_bytes, &metadata)?;
+    let mine: Vec<&FileLayout> = files.iter().filter(|(r, _)| *r == rank).map(|(_, f)| f).collect();
+
+    let marker = staging.join(marker_name(rank));
+    let (record, reused) = match read_marker(&marker, id) {
+        Some(r)
+            if r.files.len() == mine.len() && mine.iter().all(|f| verify(staging, f).is_ok()) =>
+        {
+            tracing::info!(rank, staging = %staging.display(), "shards complete from an earlier run of this plan: reused");
+            (r, true)
+        }
+        stale => {
+            if stale.is_some() {
+                // Not vouching any more for shards about to be replaced (rank 0 waits).
+                fs::remove_file(&marker).with_path(&marker)?;
+            }
+            let started = Instant::now();
+            let mut source = PlanSource::new(plan);
+            let mut writer = TensorWriter { source: &mut source, done: 0, progress };
+            for f in &mine {
+                write_atomic(&staging.join(&f.name), |file, p| writer.write(file, p, f))?;
+            }
+            let record = RankRecord {
+                rank,
+                files: mine.iter().map(|f| f.name.clone()).collect(),
+                bytes: writer.done,
+                seconds: started.elapsed().as_secs_f64(),
+                written: crate::timestamp::now(),
+            };
+            let json = marker_json(id, &record)?;
+            write_atomic(&marker, |f, p| f.write_all(&json).with_path(p))?;
+            (record, false)
+        }
+    };
+    Ok((files, record, reused))
 }
 
 /// The plan's identity, the same on every rank of one job and across reruns of it: XXH3-128
@@ -229,11 +280,71 @@ fn plan_id(plan: &AveragePlan<'_>, manifest: &Manifest, opts: &DistributedOption
     format!("{:032x}", h.digest128())
 }
 
-/// `.NAME.<id>.sewa-dist`: hidden, beside the output, never one of `recover`'s names.
-fn staging_name(out: &Path, id: &str) -> std::ffi::OsString {
+/// `.NAME.<id><suffix>`: hidden, beside the output, never one of `recover`'s names.
+fn staging_name(out: &Path, id: &str, suffix: &str) -> std::ffi::OsString {
     let mut s = hidden_prefix(out);
-    s.push(format!("{id}{DIST_SUFFIX}"));
+    s.push(format!("{id}{suffix}"));
     s
+}
+
+/// Rank 0 at start: a commit directory left by a killed rank 0 goes back to being the staging
+/// directory (replacing one a late rank may have made since), so this run reuses its shards.
+fn take_back(committing: &Path, staging: &Path) -> Result<()> {
+    match committing.symlink_metadata() {
+        Ok(m) if m.is_dir() => {
+            if staging.symlink_metadata().is_ok() {
+                fs::remove_dir_all(staging).with_path(staging)?;
+            }
+            fs::rename(committing, staging).with_path(committing)?;
+            tracing::info!(path = %staging.display(), "took back the shards of an interrupted commit");
+            Ok(())
+        }
+        Ok(_) => fs::remove_file(committing).with_path(committing),
+        Err(_) => Ok(()),
+    }
+}
+
+/// A rank other than 0 at start: while rank 0 is committing this plan, wait. True when the
+/// plan is then published (nothing left to do).
+fn wait_out_commit(out: &Path, id: &str, committing: &Path, wait: Duration) -> Result<bool> {
+    match poll(wait, || committing.symlink_metadata().is_err().then_some(())) {
+        Some(()) => Ok(published_plan(out).as_deref() == Some(id)),
+        None => Err(timed_out(
+            committing,
+            format!("rank 0 has been committing this average for {:.0} s", wait.as_secs_f64()),
+        )),
+    }
+}
+
+/// A rank other than 0, its shards complete: wait until the output's manifest names this plan.
+fn wait_for_commit(out: &Path, id: &str, staging: &Path, opts: &DistributedOptions) -> Result<()> {
+    if poll(opts.wait, || (published_plan(out).as_deref() == Some(id)).then_some(())).is_none() {
+        return Err(timed_out(
+            out,
+            format!(
+                "rank {} of {}: rank 0 did not publish this average within {:.0} s; this \
+                 rank's shards are complete in {} and a rerun reuses them",
+                opts.ranks.rank,
+                opts.ranks.world,
+                opts.wait.as_secs_f64(),
+                staging.display()
+            ),
+        ));
+    }
+    // Rank 0 committed: a staging directory of this plan now is a late rank's, and garbage.
+    remove_late_staging(staging);
+    Ok(())
+}
+
+/// Remove a staging directory of a plan already published (made by a rank that started after
+/// rank 0 took the staging directory to commit). Failures are logged.
+fn remove_late_staging(staging: &Path) {
+    if staging.symlink_metadata().is_ok_and(|m| m.is_dir())
+        && let Err(e) = fs::remove_dir_all(staging)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %staging.display(), "could not remove a staging directory of a published plan: {e}");
+    }
 }
 
 fn marker_name(rank: usize) -> String {
@@ -323,40 +434,75 @@ fn wait_for_ranks(
     own: RankRecord,
 ) -> Result<Vec<RankRecord>> {
     let owners: BTreeSet<usize> = files.iter().map(|(r, _)| *r).filter(|&r| r != 0).collect();
-    let deadline = Instant::now() + wait;
-    let mut pause = Duration::from_millis(20);
-    loop {
+    // What the last look found missing, and a damaged shard a marker still vouched for.
+    let (mut missing, mut damaged) = (Vec::new(), None);
+    let looked = poll(wait, || {
         let mut found = vec![own.clone()];
-        let mut missing = Vec::new();
+        (missing, damaged) = (Vec::new(), None);
         for &r in &owners {
-            match read_marker(&staging.join(marker_name(r)), id) {
-                Some(rec) if rec.rank == r => found.push(rec),
+            let marker = staging.join(marker_name(r));
+            match read_marker(&marker, id) {
+                Some(rec) if rec.rank == r => {
+                    let planned: Vec<&FileLayout> =
+                        files.iter().filter(|(o, _)| *o == r).map(|(_, f)| f).collect();
+                    match planned.iter().try_for_each(|f| verify(staging, f)) {
+                        // The files are the plan's, whatever a marker says.
+                        Ok(()) => found.push(RankRecord {
+                            files: planned.iter().map(|f| f.name.clone()).collect(),
+                            ..rec
+                        }),
+                        // A rank that finds its shards damaged removes its marker, then
+                        // writes them again: wait for it. A marker that still vouches for a
+                        // damaged shard at the deadline is the error reported.
+                        Err(e) => {
+                            missing.push(r);
+                            damaged.get_or_insert(e);
+                        }
+                    }
+                }
                 _ => missing.push(r),
             }
         }
-        if missing.is_empty() {
-            return Ok(found);
+        missing.is_empty().then_some(found)
+    });
+    match (looked, damaged) {
+        (Some(found), _) => Ok(found),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(timed_out(
+            staging,
+            format!(
+                "rank 0 of {world}: after {:.0} s, no completion marker from rank{} {}; the \
+                 output is unchanged. Rerun the job: complete shards are reused.{}",
+                wait.as_secs_f64(),
+                if missing.len() > 1 { "s" } else { "" },
+                join(&missing),
+                other_plans_hint(staging, id),
+            ),
+        )),
+    }
+}
+
+/// Call `look` until it finds something, with pauses growing from 20 ms to 0.5 s, for at
+/// most `wait`; `None` when it found nothing in time.
+fn poll<T>(wait: Duration, mut look: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + wait;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(found) = look() {
+            return Some(found);
         }
-        if Instant::now() >= deadline {
-            return Err(Error::io(
-                staging,
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "rank 0 of {world}: after {:.0} s, no completion marker from rank{} \
-                         {}; the output is unchanged. Rerun the job: complete shards are \
-                         reused.{}",
-                        wait.as_secs_f64(),
-                        if missing.len() > 1 { "s" } else { "" },
-                        join(&missing),
-                        other_plans_hint(staging, id),
-                    ),
-                ),
-            ));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
         }
-        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(pause.min(left));
         pause = (pause * 2).min(Duration::from_millis(500));
     }
+}
+
+/// A wait that ran out, as an error about `path`.
+fn timed_out(path: &Path, msg: String) -> Error {
+    Error::io(path, std::io::Error::new(std::io::ErrorKind::TimedOut, msg))
 }
 
 fn join(ranks: &[usize]) -> String {
@@ -435,14 +581,16 @@ fn remove_other_stagings(out: &Path, id: &str) {
     let parent = parent_dir(out);
     let prefix = hidden_prefix(out);
     let prefix = prefix.as_bytes();
-    let ours = staging_name(out, id);
     let Ok(entries) = fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
         let b = name.as_bytes();
-        let stem = b.strip_prefix(prefix).and_then(|r| r.strip_suffix(DIST_SUFFIX.as_bytes()));
+        let stem = b.strip_prefix(prefix).and_then(|r| {
+            r.strip_suffix(DIST_SUFFIX.as_bytes())
+                .or_else(|| r.strip_suffix(COMMIT_SUFFIX.as_bytes()))
+        });
         let is_plan = stem.is_some_and(|s| s.len() == 32 && s.iter().all(u8::is_ascii_hexdigit));
-        if is_plan && name != ours {
+        if is_plan && stem != Some(id.as_bytes()) {
             let path = parent.join(&name);
             match fs::remove_dir_all(&path) {
                 Ok(()) => {
