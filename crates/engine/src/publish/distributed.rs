@@ -56,6 +56,9 @@ const COMMIT_SUFFIX: &str = ".sewa-commit";
 /// Markers and `plan.json` are a few hundred bytes; anything bigger is not ours.
 const MAX_MARKER: u64 = 1 << 20;
 const PLAN_FILE: &str = "plan.json";
+/// The longest pause between two looks at the staging directory or the output: a look is a
+/// few small reads, and a rank should not exit long after the commit it waits for.
+const MAX_PAUSE: Duration = Duration::from_millis(100);
 
 /// Every file of the output, with the rank that writes it.
 type RankFiles = Vec<(usize, FileLayout)>;
@@ -482,11 +485,11 @@ fn wait_for_ranks(
     }
 }
 
-/// Call `look` until it finds something, with pauses growing from 20 ms to 0.5 s, for at
-/// most `wait`; `None` when it found nothing in time.
+/// Call `look` until it finds something, with pauses growing from 10 ms to [`MAX_PAUSE`], for
+/// at most `wait`; `None` when it found nothing in time.
 fn poll<T>(wait: Duration, mut look: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + wait;
-    let mut pause = Duration::from_millis(20);
+    let mut pause = Duration::from_millis(10);
     loop {
         if let Some(found) = look() {
             return Some(found);
@@ -496,7 +499,7 @@ fn poll<T>(wait: Duration, mut look: impl FnMut() -> Option<T>) -> Option<T> {
             return None;
         }
         std::thread::sleep(pause.min(left));
-        pause = (pause * 2).min(Duration::from_millis(500));
+        pause = (pause * 2).min(MAX_PAUSE);
     }
 }
 
