@@ -417,3 +417,29 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     assert!(text(&o).contains("other plans for this output"), "{}", text(&o));
     assert!(!out3.exists());
 }
+
+/// The trainers' own formats as inputs: Megatron-LM `torch_dist` iterations written by
+/// megatron-core, torchtitan DCP steps written by torch, DeepSpeed ZeRO-2 steps written by
+/// DeepSpeed. Two ranks write the single process's tensors, bit for bit.
+#[test]
+fn checkpoints_of_megatron_dcp_and_deepspeed_average_the_same_on_two_ranks() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let root = tempfile::tempdir().unwrap();
+    for (name, dirs) in [
+        ("megatron", ["megatron/run/iter_0000010", "megatron/run/iter_0000020"]),
+        ("torchtitan", ["dcp/torchtitan/step-10", "dcp/torchtitan/step-20"]),
+        ("deepspeed", ["deepspeed/z2/global_step2", "deepspeed/z2/global_step4"]),
+    ] {
+        let ins: Vec<PathBuf> = dirs.iter().map(|d| fixtures.join(d)).collect();
+        let single = root.path().join(format!("{name}-single"));
+        let o = command(&single, &ins, &[]).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let out = root.path().join(name);
+        all_succeed(&run_ranks(&out, &ins, 2, &[]));
+        let want = dir_tensors(&single);
+        assert!(!want.is_empty());
+        assert_eq!(dir_tensors(&out), want, "{name}");
+        let ranks = manifest(&out)["distributed"]["ranks"].as_array().unwrap().len();
+        assert_eq!(ranks, 2, "{name}: both ranks wrote shards");
+    }
+}

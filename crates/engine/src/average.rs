@@ -25,10 +25,12 @@ use sewa_checkpoint::{Checkpoint, DType, TensorMeta, TensorReader};
 const COPY_BUDGET: usize = 32 << 20;
 /// Bytes read at a time when scanning an input for the NaN/Inf that spoiled an average.
 const SCAN_CHUNK: usize = 1 << 20;
-/// Elements averaged before their bytes are handed on when streaming: the accumulator and
-/// output bytes held (4 MiB of f32 accumulator, at most 8 MiB of output), a multiple of the
-/// kernel's slab and thread block.
+/// Elements averaged before their bytes are handed on when streaming with several kernel
+/// threads: the accumulator and output bytes held (4 MiB of f32 accumulator, at most 8 MiB of
+/// output), a multiple of the kernel's slab and thread block.
 pub const WINDOW: usize = 1 << 20;
+/// The window with one kernel thread (see `stream_tensor`).
+const SINGLE_THREAD_WINDOW: usize = 4 * kernel::SLAB;
 /// File bytes of a tensor from which a reader thread reads ahead (below, starting a thread
 /// costs more than the overlap saves).
 const PREFETCH_MIN: usize = 4 << 20;
@@ -155,7 +157,7 @@ impl<'a> AveragePlan<'a> {
     }
 
     /// Average output tensor `index` and hand its little-endian bytes to `sink` in order, a
-    /// window of [`WINDOW`] elements at a time: the bytes [`average_tensor`](Self::average_tensor)
+    /// window at a time ([`WINDOW`] elements, fewer with one thread): the bytes [`average_tensor`](Self::average_tensor)
     /// returns, bit for bit, while holding only a window's accumulator and output bytes (plus
     /// the slab buffers) whatever the tensor's size. With one thread, inputs on file and
     /// [`with_read_ahead`](Self::with_read_ahead), a reader thread reads ahead (`prefetch`). Nothing is handed to `sink`
@@ -238,7 +240,17 @@ impl<'a> AveragePlan<'a> {
         let n = in_meta.numel();
         // Windows start on slab boundaries: the reader thread reads ahead on that grid.
         debug_assert_eq!(how.window % kernel::SLAB, 0);
-        let window = how.window.min(n);
+        // One thread: windows of 4 slabs (1 MiB of f32 sums, at most as much output), so they
+        // stay in L2 until the sink takes them; the 4 MiB window's output went out to memory
+        // and back, with two inputs as many bytes as the inputs' own. One slab per window was
+        // faster still in the kernel but slower end to end (more, smaller writes). Measured in
+        // docs/performance.md. Several threads: the wide window, split between them (they are
+        // started per window).
+        let window = match self.opts.threads {
+            1 => how.window.min(SINGLE_THREAD_WINDOW),
+            _ => how.window,
+        }
+        .min(n);
         let Workspace { acc32, acc64, out, slabs } = ws;
         let acc = A::pick(acc32, acc64);
         acc.resize(acc.len().max(window), A::default());
