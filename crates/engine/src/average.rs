@@ -96,7 +96,7 @@ impl<'a> AveragePlan<'a> {
 
     /// With one kernel thread, let a reader thread read the inputs' slabs ahead of the
     /// arithmetic (`prefetch`) when streaming. Off unless asked: it needs an idle core. On a
-    /// quiet 2-core machine it took f32 averages from 50–72 % of the `pread` floor to 90–119 %;
+    /// quiet 2-core machine it took f32 averages from 62–77 % of the `pread` floor to 92–108 %;
     /// on the same machine busy with other builds it lost (docs/performance.md). `sewa
     /// average` turns it on when it may use two CPUs; the daemon, beside a trainer, does not.
     pub fn with_read_ahead(mut self, on: bool) -> Self {
