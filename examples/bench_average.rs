@@ -193,6 +193,21 @@ fn distributed(dir: &Path, paths: &[PathBuf], out_bytes: u64, args: &Args) {
 /// `world` ranks of `sewa average --distributed` started together under a python parent: the
 /// wall time until the last exits and the largest peak RSS of one rank in KiB (`wait4`).
 fn run_ranks(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args, world: usize) -> (f64, u64) {
+    run_children(bin, &["--distributed"], out, paths, args, world)
+}
+
+/// `world` processes of `sewa average EXTRA` started together under a small python parent
+/// (ranks in RANK/WORLD_SIZE, which only `--distributed` reads), timed by the parent from the
+/// first start to the last exit: that time in seconds and the largest peak RSS of one child in
+/// KiB (`wait4`, never /proc sampling). Panics when a child fails.
+fn run_children(
+    bin: &Path,
+    extra: &[&str],
+    out: &Path,
+    paths: &[PathBuf],
+    args: &Args,
+    world: usize,
+) -> (f64, u64) {
     let script = "import os, subprocess, sys, time\n\
                   w = int(sys.argv[1]); cmd = sys.argv[2:]\n\
                   t = time.perf_counter()\n\
@@ -206,7 +221,9 @@ fn run_ranks(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args, world: usiz
     let output = Command::new("python3")
         .args(["-c", script, &world.to_string()])
         .arg(bin)
-        .args(["average", "--distributed", "--threads", &args.threads.to_string()])
+        .arg("average")
+        .args(extra)
+        .args(["--threads", &args.threads.to_string()])
         .args(["--read-ahead", &args.read_ahead, "--out"])
         .arg(out)
         .args(paths)
@@ -217,7 +234,7 @@ fn run_ranks(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args, world: usiz
     assert_eq!(
         words.first(),
         Some(&"0"),
-        "a rank failed: {text}{}",
+        "sewa average failed: {text}{}",
         String::from_utf8_lossy(&output.stderr)
     );
     (words[2].parse().unwrap(), words[1].parse().unwrap())
@@ -406,33 +423,16 @@ fn end_to_end(dir: &Path, paths: &[PathBuf], out_bytes: u64, args: &Args) {
         r.0, r.1, r.2
     );
     println!(
-        "peak RSS: {:.1} MiB (largest of {runs} runs; getrusage of the parent of sewa average)",
+        "peak RSS: {:.1} MiB (largest of {runs} runs; wait4 of sewa average by its parent)",
         peak_kib as f64 / 1024.0
     );
 }
 
 /// One `sewa average` run under a python parent: its wall time (measured by the parent
-/// around the child alone) and its peak RSS in KiB (`ru_maxrss` of the parent's only child).
+/// around the child alone) and its peak RSS in KiB.
 fn run_sewa(bin: &Path, out: &Path, paths: &[PathBuf], args: &Args) -> (Duration, u64) {
-    let script = "import resource, subprocess, sys, time\n\
-                  t = time.perf_counter()\n\
-                  r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n\
-                  t = time.perf_counter() - t\n\
-                  print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t)";
-    let output = Command::new("python3")
-        .args(["-c", script])
-        .arg(bin)
-        .args(["average", "--threads", &args.threads.to_string()])
-        .args(["--read-ahead", &args.read_ahead, "--out"])
-        .arg(out)
-        .args(paths)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    assert_eq!(words.first(), Some(&"0"), "sewa average failed: {text}");
-    let kib = words[1].parse().unwrap();
-    (Duration::from_secs_f64(words[2].parse().unwrap()), kib)
+    let (wall, kib) = run_children(bin, &[], out, paths, args, 1);
+    (Duration::from_secs_f64(wall), kib)
 }
 
 /// Time to write and fsync `bytes` into a new file in `dir` (16 MiB writes, as a file

@@ -177,8 +177,8 @@ fn watch_publishes_the_average_of_dcp_directories_once_their_metadata_lands() {
     d.terminate();
 }
 
-/// Exit 2 and the file named, for `inspect` and `average`.
-fn refused(path: &Path, names: &str, says: &str) {
+/// Exit 2 and the file named, for `inspect` and `average`; no panic, no output written.
+pub(crate) fn refused(path: &Path, names: &str, says: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("never.safetensors");
     for args in [vec!["inspect"], vec!["average", "--out", out.to_str().unwrap()]] {
@@ -189,7 +189,9 @@ fn refused(path: &Path, names: &str, says: &str) {
             err.contains(names) && err.contains(says),
             "{args:?}: want {names:?} and {says:?} in: {err}"
         );
+        assert!(!err.contains("panicked"), "{err}");
     }
+    assert!(!out.exists());
 }
 
 #[test]

@@ -80,6 +80,12 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// Exit status 1, with `says` in what the process printed.
+fn failed(o: &Output, says: &str) {
+    assert_eq!(o.status.code(), Some(1), "{}", text(o));
+    assert!(text(o).contains(says), "want {says:?} in: {}", text(o));
+}
+
 fn all_succeed(outs: &[Output]) {
     for (r, o) in outs.iter().enumerate() {
         assert!(o.status.success(), "rank {r}: {}", text(o));
@@ -283,8 +289,7 @@ fn a_rerun_reuses_complete_shards_and_a_finished_plan_is_not_redone() {
     let short = ["--commit-timeout", "1"];
     // Rank 0 alone: its shards are written, rank 1's never come.
     let o = spawn_rank(&out, &ins, 0, 2, &short).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("no completion marker from rank 1"), "{}", text(&o));
+    failed(&o, "no completion marker from rank 1");
     assert!(!out.exists(), "nothing published");
     // Both again: rank 0's shards are reused, rank 1 waits for the commit and says so.
     let outs = run_ranks(&out, &ins, 2, &short);
@@ -308,8 +313,8 @@ fn a_rerun_reuses_complete_shards_and_a_finished_plan_is_not_redone() {
     // it back, and rank 1's shards are reused.
     let w = ["--weights", "1,4", "--commit-timeout", "2"];
     let o = spawn_rank(&out, &ins, 1, 2, &w).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let dir = staging(root.path());
+    failed(&o, "");
+    let dir = staging(root.path(), "avg");
     let marker: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("rank-1.json")).unwrap()).unwrap();
     let commit = PathBuf::from(dir.to_string_lossy().replace(".sewa-dist", ".sewa-commit"));
@@ -327,11 +332,16 @@ fn a_rerun_reuses_complete_shards_and_a_finished_plan_is_not_redone() {
     assert!(leftovers(root.path()).is_empty(), "{:?}", leftovers(root.path()));
 }
 
-fn staging(root: &Path) -> PathBuf {
+/// The one staging directory of output `name` in `root`.
+fn staging(root: &Path, name: &str) -> PathBuf {
+    let prefix = format!(".{name}.");
     let found: Vec<PathBuf> = fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".sewa-dist"))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&prefix) && n.ends_with(".sewa-dist")
+        })
         .collect();
     assert_eq!(found.len(), 1, "{found:?}");
     found[0].clone()
@@ -345,22 +355,16 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     let short = ["--commit-timeout", "1"];
     // Rank 1 alone: its shards are complete, nobody publishes them, and it says so.
     let o = spawn_rank(&out, &ins, 1, 2, &short).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("rank 0 did not publish this average within 1 s"), "{}", text(&o));
+    failed(&o, "rank 0 did not publish this average within 1 s");
     // A shard cut short after its rank finished: rank 0 names it and publishes nothing.
-    let dir = staging(root.path());
+    let dir = staging(root.path(), "avg");
     let marker: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("rank-1.json")).unwrap()).unwrap();
     let shard = dir.join(marker["record"]["files"][0].as_str().unwrap());
     let len = fs::metadata(&shard).unwrap().len();
     fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 8).unwrap();
     let o = spawn_rank(&out, &ins, 0, 2, &short).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o).contains(&format!("{} bytes where {len} are planned", len - 8)),
-        "{}",
-        text(&o)
-    );
+    failed(&o, &format!("{} bytes where {len} are planned", len - 8));
     assert!(!out.exists());
     // The rerun: rank 1 sees its shard is not whole and writes it again; rank 0 commits.
     let outs = run_ranks(&out, &ins, 2, &short);
@@ -374,33 +378,25 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     let out2 = root.path().join("avg2");
     let w = ["--weights", "2,1", "--commit-timeout", "1"];
     let o = spawn_rank(&out2, &ins, 1, 2, &w).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let dir = staging(root.path());
+    failed(&o, "");
+    let dir = staging(root.path(), "avg2");
     fs::rename(dir.join("rank-1.json"), root.path().join("genuine.json")).unwrap();
     std::os::unix::fs::symlink(root.path().join("genuine.json"), dir.join("rank-1.json")).unwrap();
     let o = spawn_rank(&out2, &ins, 0, 2, &w).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("no completion marker from rank 1"), "{}", text(&o));
+    failed(&o, "no completion marker from rank 1");
     assert!(!out2.exists());
 
     // A link planted as the staging directory is refused, and nothing is written through it.
     let out4 = root.path().join("avg4");
     let w = ["--weights", "5,1", "--commit-timeout", "1"];
     let o = spawn_rank(&out4, &ins, 0, 2, &w).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let planted = fs::read_dir(root.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.to_string_lossy().contains(".avg4.") && p.to_string_lossy().ends_with(".sewa-dist")
-        })
-        .unwrap();
+    failed(&o, "");
+    let planted = staging(root.path(), "avg4");
     fs::remove_dir_all(&planted).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(elsewhere.path(), &planted).unwrap();
     let o = spawn_rank(&out4, &ins, 1, 2, &w).wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("is a link or not a directory"), "{}", text(&o));
+    failed(&o, "is a link or not a directory");
     assert_eq!(
         fs::read_dir(elsewhere.path()).unwrap().count(),
         0,
@@ -412,9 +408,8 @@ fn damaged_shards_planted_links_and_disagreeing_ranks_are_refused_naming_what() 
     let one = spawn_rank(&out3, &ins, 1, 2, &["--weights", "1,3", "--commit-timeout", "1"]);
     let zero = spawn_rank(&out3, &ins, 0, 2, &["--weights", "3,1", "--commit-timeout", "1"]);
     let (o, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
-    assert_eq!(one.status.code(), Some(1), "{}", text(&one));
-    assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("other plans for this output"), "{}", text(&o));
+    failed(&one, "");
+    failed(&o, "other plans for this output");
     assert!(!out3.exists());
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::average::read_tensors;
-use crate::dcp::{assert_same_tensors, average, sewa, stderr};
+use crate::dcp::{assert_same_tensors, average, refused, sewa, stderr};
 use crate::watch::Daemon;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -80,23 +80,6 @@ fn averages_of_megatron_checkpoints_match_torch_reading_the_same_files() {
     let one = tmp.path().join("iter10.safetensors");
     average(&one, &[&fixture(ITER_10)]);
     assert_same_as_torch(&one, "iter_0000010.safetensors");
-}
-
-/// Exit 2 and the file named, for `inspect` and `average`.
-fn refused(path: &Path, names: &str, says: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("never.safetensors");
-    for args in [vec!["inspect"], vec!["average", "--out", out.to_str().unwrap()]] {
-        let o = sewa(&args, &[path]);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert!(
-            err.contains(names) && err.contains(says),
-            "{args:?}: want {names:?} and {says:?} in: {err}"
-        );
-        assert!(!err.contains("panicked"), "{err}");
-    }
-    assert!(!out.exists());
 }
 
 #[test]

@@ -170,7 +170,14 @@ impl<'a> AveragePlan<'a> {
         ws: &mut Workspace,
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
-        let how = Streaming { read_ahead: self.read_ahead, ..Streaming::DEFAULT };
+        // One thread: windows of 4 slabs (1 MiB of f32 sums, at most as much output), so they
+        // stay in L2 until the sink takes them; the 4 MiB window's output went out to memory
+        // and back, with two inputs as many bytes as the inputs' own. One slab per window was
+        // faster still in the kernel but slower end to end (more, smaller writes). Measured in
+        // docs/performance.md. Several threads: the wide window, split between them (they are
+        // started per window).
+        let window = if self.opts.threads == 1 { SINGLE_THREAD_WINDOW } else { WINDOW };
+        let how = Streaming { read_ahead: self.read_ahead, window, ..Streaming::DEFAULT };
         self.stream_with(how, index, ws, sink)
     }
 
@@ -240,17 +247,7 @@ impl<'a> AveragePlan<'a> {
         let n = in_meta.numel();
         // Windows start on slab boundaries: the reader thread reads ahead on that grid.
         debug_assert_eq!(how.window % kernel::SLAB, 0);
-        // One thread: windows of 4 slabs (1 MiB of f32 sums, at most as much output), so they
-        // stay in L2 until the sink takes them; the 4 MiB window's output went out to memory
-        // and back, with two inputs as many bytes as the inputs' own. One slab per window was
-        // faster still in the kernel but slower end to end (more, smaller writes). Measured in
-        // docs/performance.md. Several threads: the wide window, split between them (they are
-        // started per window).
-        let window = match self.opts.threads {
-            1 => how.window.min(SINGLE_THREAD_WINDOW),
-            _ => how.window,
-        }
-        .min(n);
+        let window = how.window.min(n);
         let Workspace { acc32, acc64, out, slabs } = ws;
         let acc = A::pick(acc32, acc64);
         acc.resize(acc.len().max(window), A::default());

@@ -541,7 +541,12 @@ fn other_plans_hint(staging: &Path, id: &str) -> String {
 /// header (which names every tensor, its dtype, shape and offsets, and the start time).
 fn verify(staging: &Path, f: &FileLayout) -> Result<()> {
     let path = staging.join(&f.name);
-    let bad = |msg: String| Error::Internal(format!("{}: {msg}", path.display()));
+    let bad = |msg: String| {
+        Error::Internal(format!(
+            "{}: {msg}; rerun the job: the rank that writes it checks it and writes it again",
+            path.display()
+        ))
+    };
     let meta = path.symlink_metadata().map_err(|e| bad(format!("missing: {e}")))?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
